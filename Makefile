@@ -1,0 +1,56 @@
+# The front door. `make run` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= examples/cruzflow.toml
+PROTO := proto/cruzflow/v1/workflows.proto
+GEN := clients/python
+
+.PHONY: run test lint proto proto-check bench breaking install clean
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e clients/python -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/cruzflow serve --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP) proto-check
+	$(BIN)/ruff check server tests bench examples
+	$(BIN)/ruff format --check server tests bench examples
+	$(BIN)/mypy server/cruzflow examples tests bench
+	$(BIN)/buf lint
+	$(BIN)/buf format -d --exit-code
+
+# Regenerate the checked-in stubs from proto/.
+proto: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto \
+	  --python_out=$(GEN) --grpc_python_out=$(GEN) \
+	  --mypy_out=$(GEN) --mypy_grpc_out=$(GEN) $(PROTO)
+	touch $(GEN)/cruzflow/v1/__init__.py $(GEN)/cruzflow/v1/py.typed
+
+# Fails when the checked-in stubs differ from what proto/ generates.
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d) && \
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto \
+	  --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTO) >/dev/null && \
+	for f in workflows_pb2.py workflows_pb2.pyi workflows_pb2_grpc.py workflows_pb2_grpc.pyi; do \
+	  cmp -s $$tmp/cruzflow/v1/$$f $(GEN)/cruzflow/v1/$$f || { echo "stale generated code: $(GEN)/cruzflow/v1/$$f; run 'make proto'"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.bench $(BENCH_ARGS)
+
+breaking: $(STAMP)
+	$(BIN)/buf breaking --against '.git#branch=main'
+
+clean:
+	rm -rf $(VENV) examples/data .pytest_cache .mypy_cache .ruff_cache

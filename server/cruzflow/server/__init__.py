@@ -1,0 +1,1 @@
+"""The cruzflow server: engine, checkpoint store and gRPC transport."""

@@ -1,0 +1,97 @@
+"""Assembles the service: config -> store -> engine -> gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cruzflow.server.bindings import Env, SqliteDatabase
+from cruzflow.server.config import Config
+from cruzflow.server.engine.runtime import Engine
+from cruzflow.server.store.sqlite import SqliteStore
+from cruzflow.server.transport.servicer import WorkflowServicer
+from cruzflow.v1 import workflows_pb2 as pb
+from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cruzflow")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name
+
+
+class Service:
+    """The running service. ``start`` returns the bound port; ``stop`` drains it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = SqliteStore(config.store_path, synchronous=config.file.store.synchronous)
+        values: dict[str, Any] = dict(config.file.vars)
+        for binding, path in config.database_paths().items():
+            values[binding] = SqliteDatabase(path)
+        self.env = Env(values)
+        self.engine = Engine(self.store, config.workflows, self.env, config.limits)
+        self.health = health.aio.HealthServicer()
+        limit = config.limits.max_payload_bytes
+        self.server = grpc.aio.server(options=[
+            # Room for a full payload plus its envelope; larger is refused by gRPC.
+            ("grpc.max_receive_message_length", 2 * limit + 64 * 1024),
+            ("grpc.max_send_message_length", 64 * limit),
+            # A burst of thousands of creates queues instead of being cancelled.
+            ("grpc.server.max_pending_requests", 20_000),
+        ])
+        self.port = 0
+
+    async def start(self) -> int:
+        await self.store.open()
+        await self.engine.start()
+        pb_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(self.engine), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise OSError(f"{self.config.listen}: cannot listen there (in use, or not an address here)")
+        await self.server.start()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self.health.set("", serving)
+        await self.health.set(SERVICE_NAME, serving)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight attempts finish within ``grace``, close."""
+        grace = self.config.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        stopping = asyncio.create_task(self.server.stop(grace))
+        await self.engine.shutdown(grace)
+        await stopping
+        await self.store.close()
+        await self.env.aclose()
+
+
+async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    service = Service(config)
+    port = await service.start()
+    host = config.listen.rpartition(":")[0]
+    log.info(
+        "%s serving %d workflow(s) on %s:%d, store %s",
+        config.name, len(config.workflows), host, port, config.store_path,
+    )
+    # A line for scripts and tests that start the server on port 0.
+    print(f"cruzflow listening on {host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down (grace %.1f s)", config.grace_period)
+    await service.stop()
+    log.info("stopped")

@@ -1,0 +1,211 @@
+"""The service's config file (the role ``wrangler.toml`` plays in the seed).
+
+Read with ``tomllib``, checked with pydantic: an unknown key or a bad value
+stops the server with the file, the key and the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cruzflow.server.engine.api import WorkflowEntrypoint
+from cruzflow.server.engine.durations import to_seconds
+from cruzflow.server.engine.runtime import Limits, WorkflowSpec
+
+
+class ConfigError(Exception):
+    """The config file cannot be used; the message names file, key and reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSection(_Strict):
+    listen: str = "127.0.0.1:50051"
+    """host:port to serve gRPC on; port 0 picks a free port."""
+    grace_period: str | int = "10 seconds"
+    """How long in-flight attempts may finish on SIGTERM before they are cut."""
+    uvloop: bool = True
+    """Run on uvloop when it is installed."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError("expected host:port, e.g. '127.0.0.1:50051'")
+        return value
+
+    @field_validator("grace_period")
+    @classmethod
+    def _grace(cls, value: str | int) -> str | int:
+        to_seconds(value, "grace_period")
+        return value
+
+
+class StoreSection(_Strict):
+    path: str = "data/cruzflow.db"
+    """SQLite file, relative to the config file's folder."""
+    synchronous: str = Field("FULL", pattern="^(FULL|EXTRA)$")
+    """SQLite synchronous mode; FULL or EXTRA keep every commit durable."""
+
+
+class LimitsSection(_Strict):
+    max_instance_id_length: int = Field(100, ge=1, le=1000)
+    max_step_name_length: int = Field(256, ge=1, le=10_000)
+    max_payload_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_steps_per_instance: int = Field(10_000, ge=1)
+    max_running_instances: int = Field(10_000, ge=1)
+
+
+class WorkflowSection(_Strict):
+    binding: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Name under which the workflow appears in ``env``, e.g. ONBOARDING_WORKFLOW."""
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+    """Name clients create instances by, e.g. onboarding-workflow."""
+    class_name: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """The class as 'package.module:Class'."""
+
+
+class SqliteDatabaseSection(_Strict):
+    binding: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Name in ``env``, e.g. DB."""
+    path: str
+    """SQLite file, relative to the config file's folder."""
+
+
+class ConfigFile(_Strict):
+    name: str = "cruzflow"
+    """The service's name (logs, health)."""
+    python_path: list[str] = ["."]
+    """Folders, relative to the config file, to import workflow modules from."""
+    server: ServerSection = ServerSection()
+    store: StoreSection = StoreSection()
+    limits: LimitsSection = LimitsSection()
+    workflows: list[WorkflowSection] = []
+    sqlite_databases: list[SqliteDatabaseSection] = []
+    vars: dict[str, str | int | float | bool] = {}
+
+
+class Config:
+    """A loaded config: the file's values with paths resolved and classes imported."""
+
+    def __init__(self, path: Path, data: ConfigFile, specs: dict[str, WorkflowSpec]) -> None:
+        self.path = path
+        self.file = data
+        self.base = path.parent
+        self.workflows = specs
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+    @property
+    def listen(self) -> str:
+        return self.file.server.listen
+
+    @property
+    def grace_period(self) -> float:
+        return to_seconds(self.file.server.grace_period, "grace_period")
+
+    @property
+    def store_path(self) -> Path:
+        return self.base / self.file.store.path
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(**self.file.limits.model_dump())
+
+    def database_paths(self) -> dict[str, Path]:
+        return {db.binding: self.base / db.path for db in self.file.sqlite_databases}
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def load_config(path: str | Path, *, listen: str | None = None) -> Config:
+    """Read, check and resolve a config file; raise ConfigError on any fault."""
+    path = Path(path)
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if listen is not None:
+        raw.setdefault("server", {})["listen"] = listen
+    try:
+        data = ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            reason = err["msg"]
+            if err["type"] == "extra_forbidden":
+                reason = "unknown key; check its spelling against the README's configuration section"
+            problems.append(f"{path}: {_where(err['loc'])}: {reason}")
+        raise ConfigError("\n".join(problems)) from None
+    _check_unique(path, data)
+    base = path.parent.resolve()
+    for folder in data.python_path:
+        entry = str((base / folder).resolve())
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    specs = {
+        wf.name: WorkflowSpec(wf.name, wf.binding, wf.class_name, _import(path, i, wf.class_name))
+        for i, wf in enumerate(data.workflows)
+    }
+    return Config(path, data, specs)
+
+
+def _check_unique(path: Path, data: ConfigFile) -> None:
+    seen: dict[str, str] = {}
+    for i, wf in enumerate(data.workflows):
+        for key, value in (("name", wf.name), ("binding", wf.binding)):
+            where = f"workflows[{i}].{key}"
+            tag = f"{key}:{value}" if key == "name" else f"binding:{value}"
+            if tag in seen:
+                raise ConfigError(f"{path}: {where}: {value!r} is used twice (also at {seen[tag]})")
+            seen[tag] = where
+    for i, db in enumerate(data.sqlite_databases):
+        tag = f"binding:{db.binding}"
+        where = f"sqlite_databases[{i}].binding"
+        if tag in seen:
+            raise ConfigError(f"{path}: {where}: {db.binding!r} is used twice (also at {seen[tag]})")
+        seen[tag] = where
+    for key in data.vars:
+        if f"binding:{key}" in seen:
+            raise ConfigError(f"{path}: vars.{key}: clashes with the binding at {seen[f'binding:{key}']}")
+
+
+def _import(path: Path, index: int, target: str) -> type[WorkflowEntrypoint[Any]]:
+    where = f"{path}: workflows[{index}].class_name"
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(
+            f"{where}: cannot import module {module_name!r}: {type(exc).__name__}: {exc} "
+            f"(python_path is {sys.path[0]!r} first)"
+        ) from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ConfigError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+    if not (inspect.isclass(cls) and issubclass(cls, WorkflowEntrypoint)):
+        raise ConfigError(f"{where}: {target} is not a subclass of cruzflow.workflows.WorkflowEntrypoint")
+    if not inspect.iscoroutinefunction(cls.run):
+        raise ConfigError(f"{where}: {target}.run must be defined with 'async def run(self, event, step)'")
+    return cls

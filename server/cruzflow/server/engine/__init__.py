@@ -1,0 +1,1 @@
+"""Step semantics, retries, replay and status: no grpc, no database driver here."""

@@ -1,0 +1,140 @@
+"""What the engine stores: instances, steps, events, and a batch of writes.
+
+The numbers of the enums are the numbers of the protobuf enums of the same
+name (a test pins that), so the transport converts them without a table.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class InstanceStatus(enum.IntEnum):
+    QUEUED = 1
+    RUNNING = 2
+    PAUSED = 3
+    WAITING = 4
+    WAITING_FOR_PAUSE = 5
+    COMPLETE = 6
+    ERRORED = 7
+    TERMINATED = 8
+    UNKNOWN = 9
+
+    @property
+    def label(self) -> str:
+        """The status as users of the model spell it: ``waitingForPause``."""
+        return _LABELS[self]
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+
+_LABELS = {
+    InstanceStatus.QUEUED: "queued",
+    InstanceStatus.RUNNING: "running",
+    InstanceStatus.PAUSED: "paused",
+    InstanceStatus.WAITING: "waiting",
+    InstanceStatus.WAITING_FOR_PAUSE: "waitingForPause",
+    InstanceStatus.COMPLETE: "complete",
+    InstanceStatus.ERRORED: "errored",
+    InstanceStatus.TERMINATED: "terminated",
+    InstanceStatus.UNKNOWN: "unknown",
+}
+FINISHED = frozenset(
+    {InstanceStatus.COMPLETE, InstanceStatus.ERRORED, InstanceStatus.TERMINATED}
+)
+UNFINISHED = tuple(s for s in InstanceStatus if s not in FINISHED and s != InstanceStatus.UNKNOWN)
+
+
+class StepStatus(enum.IntEnum):
+    RUNNING = 1
+    SUCCEEDED = 2
+    FAILED = 3
+
+
+class EventKind(enum.IntEnum):
+    STATUS_CHANGED = 1
+    STEP_STARTED = 2
+    ATTEMPT_FAILED = 3
+    STEP_SUCCEEDED = 4
+    STEP_FAILED = 5
+
+
+@dataclass(slots=True)
+class InstanceRecord:
+    id: str
+    workflow: str
+    status: InstanceStatus
+    params: bytes
+    created_at: int  # ms since the epoch
+    updated_at: int
+    output: bytes | None = None
+    error_name: str | None = None
+    error_message: str | None = None
+    ended_at: int | None = None
+    last_seq: int = 0
+
+
+@dataclass(slots=True)
+class InstanceUpdate:
+    """The new mutable fields of an existing instance."""
+
+    id: str
+    status: InstanceStatus
+    updated_at: int
+    output: bytes | None = None
+    error_name: str | None = None
+    error_message: str | None = None
+    ended_at: int | None = None
+
+
+@dataclass(slots=True)
+class StepRecord:
+    instance_id: str
+    index: int
+    name: str
+    occurrence: int
+    status: StepStatus
+    attempts: int
+    started_at: int
+    ended_at: int | None = None
+    output: bytes | None = None
+    error_name: str | None = None
+    error_message: str | None = None
+    next_attempt_at: int | None = None
+
+
+@dataclass(slots=True)
+class EventRecord:
+    """One entry of an instance's append-only event log.
+
+    ``data`` holds the small fields of the event (status, step name, attempt,
+    error, retry times); ``payload`` the JSON output it carries, if any.
+    """
+
+    instance_id: str
+    seq: int
+    at: int
+    kind: EventKind
+    data: dict[str, Any]
+    payload: bytes | None = None
+
+
+@dataclass(slots=True)
+class Batch:
+    """Writes that commit together in one transaction.
+
+    Updates of the same instance or step within one batch collapse to the
+    last one, so a batch holds at most one row write per instance and step.
+    """
+
+    new_instances: list[InstanceRecord] = field(default_factory=list)
+    instance_updates: dict[str, InstanceUpdate] = field(default_factory=dict)
+    steps: dict[tuple[str, int], StepRecord] = field(default_factory=dict)
+    events: list[EventRecord] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.new_instances or self.instance_updates or self.steps or self.events)

@@ -1,0 +1,424 @@
+"""The engine: creates instances, runs them on one event loop, resumes them.
+
+It imports neither grpc nor a database driver: it talks to a ``Store`` and
+hands its writes to the ``Journal`` (group commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cruzflow.server.engine.api import WorkflowEntrypoint, WorkflowEvent
+from cruzflow.server.engine.context import WorkflowStep
+from cruzflow.server.engine.errors import (
+    AlreadyExists,
+    FatalWorkflowError,
+    InvalidArgument,
+    NotFound,
+    StepFailedError,
+    Suspend,
+    Unavailable,
+)
+from cruzflow.server.engine.hub import Hub
+from cruzflow.server.engine.journal import Durable, Journal
+from cruzflow.server.engine.model import (
+    EventKind,
+    EventRecord,
+    InstanceRecord,
+    InstanceStatus,
+    InstanceUpdate,
+    StepRecord,
+)
+from cruzflow.server.store.base import Store
+
+log = logging.getLogger("cruzflow.engine")
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+_READ_PAGE = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds that keep one instance from hurting the others (SEMANTICS.md)."""
+
+    max_instance_id_length: int = 100
+    """Longest instance id a caller may choose."""
+    max_step_name_length: int = 256
+    """Longest step name."""
+    max_payload_bytes: int = 1024 * 1024
+    """Largest params, step result or output, as JSON bytes."""
+    max_steps_per_instance: int = 10_000
+    """Steps one run may take; past it the instance errors."""
+    max_running_instances: int = 10_000
+    """Instances that run at once; the rest wait ``queued``, oldest first."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowSpec:
+    """A workflow class the engine hosts."""
+
+    name: str
+    binding: str
+    class_name: str
+    cls: type[WorkflowEntrypoint[Any]]
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _reject_constant(value: str) -> Any:
+    raise ValueError(f"{value} is not JSON")
+
+
+def parse_json_field(text: str | bytes, field: str, limit: int) -> bytes:
+    """Check that a request field is JSON within the size limit; return its bytes."""
+    data = text.encode() if isinstance(text, str) else text
+    if not data.strip():
+        return b"null"
+    if len(data) > limit:
+        raise InvalidArgument(
+            f"{field}: {len(data):,} bytes, over the limit of {limit:,} bytes "
+            f"(limits.max_payload_bytes); pass a reference to large data instead"
+        )
+    try:
+        json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{field}: not valid JSON ({exc}); send JSON text such as {{\"a\": 1}}") from None
+    return data
+
+
+class _Run:
+    """An instance while the engine holds it in memory."""
+
+    __slots__ = (
+        "created_at", "engine", "id", "last_write", "next_index", "occurrences",
+        "params", "replay", "resumed", "seq", "spec", "status", "task",
+    )
+
+    def __init__(
+        self, engine: Engine, record: InstanceRecord, spec: WorkflowSpec, resumed: bool
+    ) -> None:
+        self.engine = engine
+        self.id = record.id
+        self.spec = spec
+        self.params = record.params
+        self.created_at = record.created_at
+        self.status = record.status
+        self.seq = record.last_seq
+        self.resumed = resumed
+        self.next_index = 0
+        self.occurrences: dict[str, int] = {}
+        self.replay: dict[int, StepRecord] | None = None
+        self.last_write: Durable | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def emit(self, kind: EventKind, data: dict[str, Any], payload: bytes | None = None) -> Durable:
+        self.seq += 1
+        fut = self.engine.journal.append(EventRecord(self.id, self.seq, _ms(), kind, data, payload))
+        self.last_write = fut
+        return fut
+
+    def put_step(self, record: StepRecord) -> None:
+        self.last_write = self.engine.journal.put_step(record)
+
+    def set_status(
+        self,
+        status: InstanceStatus,
+        output: bytes | None = None,
+        error: tuple[str, str] | None = None,
+    ) -> Durable:
+        now = _ms()
+        self.status = status
+        finished = status.finished
+        self.engine.journal.update_instance(InstanceUpdate(
+            self.id, status, now, output,
+            error[0] if error else None, error[1] if error else None,
+            now if finished else None,
+        ))
+        data: dict[str, Any] = {"status": int(status)}
+        if error:
+            data["err"] = list(error)
+        return self.emit(EventKind.STATUS_CHANGED, data, output)
+
+    async def barrier(self) -> None:
+        """Wait until every write of this instance so far is durable."""
+        fut = self.last_write
+        if fut is None or (fut.done() and fut.exception() is None):
+            return
+        try:
+            await asyncio.shield(fut)
+        except Exception as exc:
+            log.error("instance %s: checkpoint not stored (%s); it resumes after a restart", self.id, exc)
+            raise Suspend() from exc
+
+
+class Engine:
+    """Hosts workflow classes and runs their instances."""
+
+    def __init__(
+        self,
+        store: Store,
+        workflows: Mapping[str, WorkflowSpec],
+        env: Any = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.store = store
+        self.limits = limits or Limits()
+        self.env = env
+        self._workflows = dict(workflows)
+        self._hub = Hub()
+        self.journal: Journal
+        self._runs: dict[str, _Run] = {}
+        self._queue: deque[_Run] = deque()
+        self._creating: set[str] = set()
+        self._stop = asyncio.Event()
+        self.stopping = False
+
+    # ----------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Start the writer and resume every unfinished instance."""
+        self.journal = Journal(self.store, self._hub.publish)
+        self.journal.start()
+        unfinished = await self.store.claim_unfinished()
+        # Instances that were running go first, then the queue in creation order.
+        unfinished.sort(key=lambda r: r.status != InstanceStatus.RUNNING)
+        missing: dict[str, int] = {}
+        for record in unfinished:
+            spec = self._workflows.get(record.workflow)
+            if spec is None:
+                missing[record.workflow] = missing.get(record.workflow, 0) + 1
+                continue
+            self._queue.append(_Run(self, record, spec, resumed=True))
+        for name, count in missing.items():
+            log.warning(
+                "%d unfinished instance(s) of workflow %r wait: it is not in the config", count, name
+            )
+        if unfinished:
+            log.info("resuming %d unfinished instance(s)", len(self._queue))
+        self._fill_slots()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop taking work, let attempts in flight finish for ``grace`` s, then stop."""
+        self.stopping = True
+        self._stop.set()
+        tasks = [r.task for r in self._runs.values() if r.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("cancelled %d attempt(s) still running after %.1f s", len(pending), grace)
+                await asyncio.wait(pending)
+        await self.journal.close()
+        # Everything is durable and published; end the watch streams.
+        self._hub.close()
+
+    async def wait_or_suspend(self, delay: float) -> None:
+        """Sleep for a retry delay, or unwind at once if the server stops."""
+        if delay > 0:
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+            except TimeoutError:
+                pass
+        if self.stopping:
+            raise Suspend()
+
+    # -------------------------------------------------------------- create
+    def workflows(self) -> list[WorkflowSpec]:
+        return sorted(self._workflows.values(), key=lambda w: w.name)
+
+    async def create(
+        self, workflow: str, instance_id: str = "", params: str | bytes = b""
+    ) -> tuple[str, InstanceStatus]:
+        """Store a new instance durably and schedule it; returns its id and status."""
+        if self.stopping:
+            raise Unavailable("the server is shutting down; retry once it is back")
+        spec = self._workflows.get(workflow)
+        if spec is None:
+            known = ", ".join(sorted(self._workflows)) or "none"
+            raise NotFound(
+                f"workflow: {workflow!r} is not registered on this server (registered: {known}); "
+                f"see ListWorkflows"
+            )
+        params_bytes = parse_json_field(params, "params_json", self.limits.max_payload_bytes)
+        if instance_id:
+            self.check_id(instance_id)
+            if instance_id in self._creating or instance_id in self._runs:
+                raise AlreadyExists(self._exists_message(instance_id))
+            self._creating.add(instance_id)
+            try:
+                if await self.store.get_instance(instance_id) is not None:
+                    raise AlreadyExists(self._exists_message(instance_id))
+            except BaseException:
+                self._creating.discard(instance_id)
+                raise
+        else:
+            instance_id = uuid.uuid4().hex
+        try:
+            start_now = not self._queue and len(self._runs) < self.limits.max_running_instances
+            status = InstanceStatus.RUNNING if start_now else InstanceStatus.QUEUED
+            now = _ms()
+            record = InstanceRecord(instance_id, workflow, status, params_bytes, now, now)
+            run = _Run(self, record, spec, resumed=False)
+            self.journal.insert_instance(record)
+            durable = run.emit(EventKind.STATUS_CHANGED, {"status": int(status)})
+            if start_now:
+                self._start(run)
+            else:
+                self._queue.append(run)
+            try:
+                await asyncio.shield(durable)
+            except Exception as exc:
+                raise Unavailable(f"the instance could not be stored ({exc}); retry later") from exc
+        finally:
+            self._creating.discard(instance_id)
+        return instance_id, status
+
+    def check_id(self, instance_id: str) -> None:
+        if not instance_id:
+            raise InvalidArgument("instance_id: required; pass the id CreateInstance returned")
+        limit = self.limits.max_instance_id_length
+        if len(instance_id) > limit or not _ID_PATTERN.fullmatch(instance_id):
+            raise InvalidArgument(
+                f"instance_id: {instance_id[:120]!r} is not a valid id; use 1 to {limit} characters "
+                f"of A-Z, a-z, 0-9, '_' and '-', not starting with '-', or leave it empty to get a "
+                f"generated id"
+            )
+
+    @staticmethod
+    def _exists_message(instance_id: str) -> str:
+        return (
+            f"instance_id: an instance {instance_id!r} exists already; choose another id, or "
+            f"leave it empty to get a generated one"
+        )
+
+    # ------------------------------------------------------------- running
+    def _start(self, run: _Run) -> None:
+        self._runs[run.id] = run
+        run.task = asyncio.create_task(self._drive(run), name=f"instance-{run.id}")
+
+    def _fill_slots(self) -> None:
+        limit = self.limits.max_running_instances
+        while self._queue and len(self._runs) < limit and not self.stopping:
+            run = self._queue.popleft()
+            if run.status != InstanceStatus.RUNNING:
+                run.set_status(InstanceStatus.RUNNING)
+            self._start(run)
+
+    async def _drive(self, run: _Run) -> None:
+        try:
+            if run.resumed:
+                run.replay = {s.index: s for s in await self.store.get_steps(run.id)}
+            workflow = run.spec.cls(self.env)
+            event = WorkflowEvent(
+                payload=json.loads(run.params),
+                timestamp=datetime.fromtimestamp(run.created_at / 1000, UTC),
+                instance_id=run.id,
+            )
+            result = await workflow.run(event, WorkflowStep(self, run))
+            try:
+                output = json.dumps(
+                    result, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+                ).encode()
+            except (TypeError, ValueError) as exc:
+                run.set_status(InstanceStatus.ERRORED, error=(
+                    "WorkflowOutputError",
+                    f"run() returned a value that is not JSON ({exc}); return dicts, lists, "
+                    f"strings, numbers, booleans or None",
+                ))
+                return
+            if len(output) > self.limits.max_payload_bytes:
+                run.set_status(InstanceStatus.ERRORED, error=(
+                    "WorkflowOutputError",
+                    f"run() returned {len(output):,} bytes of JSON, over the limit of "
+                    f"{self.limits.max_payload_bytes:,} bytes (limits.max_payload_bytes)",
+                ))
+                return
+            run.set_status(InstanceStatus.COMPLETE, output=output)
+        except StepFailedError as exc:
+            run.set_status(InstanceStatus.ERRORED, error=(exc.error_name, exc.error_message))
+        except FatalWorkflowError as exc:
+            log.error("instance %s failed: %s", run.id, exc)
+            run.set_status(InstanceStatus.ERRORED, error=(exc.error_name, exc.error_message))
+        except (Suspend, asyncio.CancelledError):
+            pass  # left as stored; resumed after a restart
+        except (Exception, SystemExit) as exc:
+            run.set_status(InstanceStatus.ERRORED, error=(type(exc).__name__, str(exc)))
+        finally:
+            self._runs.pop(run.id, None)
+            self._fill_slots()
+
+    # --------------------------------------------------------------- reads
+    async def get(self, instance_id: str) -> tuple[InstanceRecord, list[StepRecord]]:
+        """The durable status of an instance and its steps."""
+        self.check_id(instance_id)
+        record = await self.store.get_instance(instance_id)
+        if record is None:
+            raise NotFound(f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned")
+        return record, await self.store.get_steps(instance_id)
+
+    async def watch(self, instance_id: str, after_seq: int = 0) -> AsyncIterator[EventRecord]:
+        """Every durable event of the instance after ``after_seq``, live, until its end."""
+        self.check_id(instance_id)
+        if after_seq < 0:
+            raise InvalidArgument(f"after_sequence: must be 0 or more, got {after_seq}")
+        sub = self._hub.subscribe(instance_id)
+        try:
+            record = await self.store.get_instance(instance_id)
+            if record is None:
+                raise NotFound(f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned")
+            if after_seq > record.last_seq:
+                raise InvalidArgument(
+                    f"after_sequence: {after_seq} is past the newest event ({record.last_seq}) "
+                    f"of instance {instance_id!r}; pass the last sequence you received, or 0"
+                )
+            last = after_seq
+            while True:
+                # Catch up from the store, then follow the live feed. Events are
+                # published only once durable, so the two overlap but never gap.
+                while True:
+                    events = await self.store.read_events(instance_id, last, _READ_PAGE)
+                    for event in events:
+                        yield event
+                        last = event.seq
+                        if _is_final(event):
+                            return
+                    if len(events) < _READ_PAGE:
+                        break
+                if record.status.finished and last >= record.last_seq:
+                    return
+                while not sub.lagged:
+                    event = await sub.queue.get()
+                    if event is None or sub.closed:
+                        raise Unavailable(
+                            f"the server is shutting down; watch again with after_sequence={last}"
+                        )
+                    if event.seq <= last:
+                        continue
+                    yield event
+                    last = event.seq
+                    if _is_final(event):
+                        return
+                # Fell behind the queue bound: drop it and re-read from the store.
+                sub.lagged = False
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+        finally:
+            self._hub.unsubscribe(sub)
+
+
+def _is_final(event: EventRecord) -> bool:
+    return event.kind == EventKind.STATUS_CHANGED and InstanceStatus(event.data["status"]).finished
+
+

@@ -1,0 +1,49 @@
+"""The narrow interface between the engine and a database.
+
+SQLite (``store/sqlite.py``) is the embedded default. A PostgreSQL backend
+fills the same protocol: ``apply`` is one transaction, ``claim_unfinished``
+becomes a lease over rows that several replicas compete for.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from cruzflow.server.engine.model import Batch, EventRecord, InstanceRecord, StepRecord
+
+
+class StoreError(Exception):
+    """The store could not read or write (disk full, locked, unreachable)."""
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect, apply migrations, and take what ownership the backend needs."""
+
+    async def close(self) -> None:
+        """Release connections and locks. Pending writes must be applied first."""
+
+    async def apply(self, batch: Batch) -> None:
+        """Apply every write of the batch in one transaction, durably.
+
+        Returns only when the transaction is durable; raises StoreError and
+        applies nothing if it cannot.
+        """
+
+    async def get_instance(self, instance_id: str) -> InstanceRecord | None:
+        """The instance with its ``last_seq``, or None. One indexed lookup."""
+
+    async def get_steps(self, instance_id: str) -> list[StepRecord]:
+        """The instance's steps in index order."""
+
+    async def read_events(
+        self, instance_id: str, after_seq: int, limit: int
+    ) -> list[EventRecord]:
+        """Up to ``limit`` events with ``seq > after_seq``, in order."""
+
+    async def claim_unfinished(self) -> list[InstanceRecord]:
+        """Unfinished instances to resume, oldest first, with their ``last_seq``.
+
+        On SQLite the server owns the whole file (a lock file keeps a second
+        server out), so this is every unfinished instance.
+        """

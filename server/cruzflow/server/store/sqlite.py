@@ -1,0 +1,279 @@
+"""The embedded checkpoint store: one SQLite file in WAL mode, fsynced on commit.
+
+One writer connection applies each group-committed batch in one
+``BEGIN IMMEDIATE`` transaction with one ``executemany`` per kind of row, so a
+batch costs a handful of awaits however many instances it carries. Reads go
+through a second connection, which WAL lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from cruzflow.server.engine.model import (
+    UNFINISHED,
+    Batch,
+    EventKind,
+    EventRecord,
+    InstanceRecord,
+    InstanceStatus,
+    StepRecord,
+    StepStatus,
+)
+from cruzflow.server.store.base import StoreError
+
+log = logging.getLogger("cruzflow.store")
+
+# Each entry moves the schema one version up; never edit a released one.
+MIGRATIONS: list[str] = [
+    f"""
+    CREATE TABLE instances (
+        pk INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        workflow TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        params BLOB NOT NULL,
+        output BLOB,
+        error_name TEXT,
+        error_message TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        ended_at INTEGER
+    );
+    -- Only unfinished instances are in this index: recovery reads what is
+    -- live, never the history.
+    CREATE INDEX instances_unfinished ON instances (pk)
+        WHERE status IN ({", ".join(str(int(s)) for s in UNFINISHED)});
+    CREATE TABLE steps (
+        instance_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        occurrence INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        started_at INTEGER NOT NULL,
+        ended_at INTEGER,
+        output BLOB,
+        error_name TEXT,
+        error_message TEXT,
+        next_attempt_at INTEGER,
+        PRIMARY KEY (instance_id, idx)
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        instance_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        kind INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        payload BLOB,
+        PRIMARY KEY (instance_id, seq)
+    ) WITHOUT ROWID;
+    """,
+]
+
+_INSERT_INSTANCE = (
+    "INSERT INTO instances (id, workflow, status, params, output, error_name, error_message,"
+    " created_at, updated_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPDATE_INSTANCE = (
+    "UPDATE instances SET status = ?, output = ?, error_name = ?, error_message = ?,"
+    " updated_at = ?, ended_at = ? WHERE id = ?"
+)
+_UPSERT_STEP = (
+    "INSERT INTO steps (instance_id, idx, name, occurrence, status, attempts, started_at,"
+    " ended_at, output, error_name, error_message, next_attempt_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (instance_id, idx) DO UPDATE SET status = excluded.status,"
+    " attempts = excluded.attempts, ended_at = excluded.ended_at, output = excluded.output,"
+    " error_name = excluded.error_name, error_message = excluded.error_message,"
+    " next_attempt_at = excluded.next_attempt_at"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (instance_id, seq, at, kind, data, payload) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSTANCE_COLUMNS = (
+    "i.id, i.workflow, i.status, i.params, i.created_at, i.updated_at, i.output,"
+    " i.error_name, i.error_message, i.ended_at,"
+    " (SELECT COALESCE(MAX(e.seq), 0) FROM events e WHERE e.instance_id = i.id)"
+)
+_GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.id = ?"
+_UNFINISHED = (
+    f"SELECT {_INSTANCE_COLUMNS} FROM instances i INDEXED BY instances_unfinished"
+    f" WHERE i.status IN ({', '.join(str(int(s)) for s in UNFINISHED)}) ORDER BY i.pk"
+)
+_GET_STEPS = (
+    "SELECT instance_id, idx, name, occurrence, status, attempts, started_at, ended_at, output,"
+    " error_name, error_message, next_attempt_at FROM steps WHERE instance_id = ? ORDER BY idx"
+)
+_READ_EVENTS = (
+    "SELECT instance_id, seq, at, kind, data, payload FROM events"
+    " WHERE instance_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+)
+
+# The statements on the hot path, for the query-plan test.
+HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "get_instance": (_GET_INSTANCE, ("x",)),
+    "get_steps": (_GET_STEPS, ("x",)),
+    "read_events": (_READ_EVENTS, ("x", 0, 10)),
+    "update_instance": (_UPDATE_INSTANCE, (1, None, None, None, 0, None, "x")),
+    "upsert_step": (_UPSERT_STEP, ("x", 0, "n", 1, 1, 1, 0, None, None, None, None, None)),
+    "unfinished": (_UNFINISHED, ()),
+}
+
+
+def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
+    return InstanceRecord(
+        id=row[0], workflow=row[1], status=InstanceStatus(row[2]), params=row[3],
+        created_at=row[4], updated_at=row[5], output=row[6], error_name=row[7],
+        error_message=row[8], ended_at=row[9], last_seq=row[10],
+    )
+
+
+class SqliteStore:
+    """The ``Store`` on one SQLite file. One server process owns the file."""
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self._synchronous = synchronous
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._lock_fd: int | None = None
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        try:
+            self._writer = await self._connect(isolation_level="IMMEDIATE")
+            await self._migrate(self._writer)
+            self._reader = await self._connect(isolation_level=None)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _take_lock(self) -> None:
+        # Two servers on one file would both resume the same instances and run
+        # their steps twice. The lock dies with the process, SIGKILL included.
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"{self.path}: another cruzflow server is using this store; stop it, or give "
+                f"this one another [store] path"
+            ) from None
+        self._lock_fd = fd
+
+    async def _connect(self, isolation_level: str | None) -> aiosqlite.Connection:
+        try:
+            conn = await aiosqlite.connect(self.path, isolation_level=isolation_level)
+            await conn.execute("PRAGMA busy_timeout = 5000")
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the store: {exc}") from exc
+        return conn
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        async with conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = row[0] if row else 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path}: schema version {version} is newer than this server knows "
+                f"({len(MIGRATIONS)}); run a newer cruzflow"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            await conn.executescript(
+                f"BEGIN IMMEDIATE; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;"
+            )
+            log.info("store %s migrated to schema version %d", self.path, number + 1)
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ---------------------------------------------------------------- write
+    async def apply(self, batch: Batch) -> None:
+        conn = self._writer
+        assert conn is not None, "store is not open"
+        try:
+            # isolation_level IMMEDIATE: the first statement opens BEGIN IMMEDIATE.
+            if batch.new_instances:
+                await conn.executemany(_INSERT_INSTANCE, [
+                    (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
+                     r.error_message, r.created_at, r.updated_at, r.ended_at)
+                    for r in batch.new_instances
+                ])
+            if batch.instance_updates:
+                await conn.executemany(_UPDATE_INSTANCE, [
+                    (int(u.status), u.output, u.error_name, u.error_message, u.updated_at,
+                     u.ended_at, u.id)
+                    for u in batch.instance_updates.values()
+                ])
+            if batch.steps:
+                await conn.executemany(_UPSERT_STEP, [
+                    (s.instance_id, s.index, s.name, s.occurrence, int(s.status), s.attempts,
+                     s.started_at, s.ended_at, s.output, s.error_name, s.error_message,
+                     s.next_attempt_at)
+                    for s in batch.steps.values()
+                ])
+            if batch.events:
+                dumps = json.dumps
+                await conn.executemany(_INSERT_EVENT, [
+                    (e.instance_id, e.seq, e.at, int(e.kind), dumps(e.data, separators=(",", ":")),
+                     e.payload)
+                    for e in batch.events
+                ])
+            await conn.commit()
+        except sqlite3.Error as exc:
+            try:
+                await conn.rollback()
+            except sqlite3.Error:
+                pass
+            raise StoreError(f"{self.path}: commit failed: {exc}") from exc
+
+    # ----------------------------------------------------------------- read
+    def _read(self) -> aiosqlite.Connection:
+        assert self._reader is not None, "store is not open"
+        return self._reader
+
+    async def get_instance(self, instance_id: str) -> InstanceRecord | None:
+        async with self._read().execute(_GET_INSTANCE, (instance_id,)) as cur:
+            row = await cur.fetchone()
+        return _instance(row) if row else None
+
+    async def get_steps(self, instance_id: str) -> list[StepRecord]:
+        rows = await self._read().execute_fetchall(_GET_STEPS, (instance_id,))
+        return [
+            StepRecord(
+                instance_id=r[0], index=r[1], name=r[2], occurrence=r[3], status=StepStatus(r[4]),
+                attempts=r[5], started_at=r[6], ended_at=r[7], output=r[8], error_name=r[9],
+                error_message=r[10], next_attempt_at=r[11],
+            )
+            for r in rows
+        ]
+
+    async def read_events(self, instance_id: str, after_seq: int, limit: int) -> list[EventRecord]:
+        rows = await self._read().execute_fetchall(_READ_EVENTS, (instance_id, after_seq, limit))
+        return [
+            EventRecord(r[0], r[1], r[2], EventKind(r[3]), json.loads(r[4]), r[5]) for r in rows
+        ]
+
+    async def claim_unfinished(self) -> list[InstanceRecord]:
+        rows = await self._read().execute_fetchall(_UNFINISHED)
+        return [_instance(r) for r in rows]

@@ -1,0 +1,1 @@
+"""gRPC transport: converts messages and maps errors, nothing more."""

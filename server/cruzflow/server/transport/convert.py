@@ -1,0 +1,90 @@
+"""Engine records to protobuf messages."""
+
+from __future__ import annotations
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cruzflow.server.engine.model import EventKind, EventRecord, InstanceRecord, StepRecord
+from cruzflow.v1 import workflows_pb2 as pb
+
+
+def _ts(ms: int | None) -> Timestamp | None:
+    if ms is None:
+        return None
+    return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def _text(data: bytes | None) -> str:
+    return data.decode() if data is not None else ""
+
+
+def _error(name: str | None, message: str | None) -> pb.Error | None:
+    if name is None:
+        return None
+    return pb.Error(name=name, message=message or "")
+
+
+def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
+    return pb.Instance(
+        instance_id=record.id,
+        workflow=record.workflow,
+        status=pb.InstanceStatus.ValueType(int(record.status)),
+        params_json=_text(record.params),
+        output_json=_text(record.output),
+        error=_error(record.error_name, record.error_message),
+        create_time=_ts(record.created_at),
+        update_time=_ts(record.updated_at),
+        end_time=_ts(record.ended_at),
+        steps=[step(s) for s in steps],
+        last_sequence=record.last_seq,
+    )
+
+
+def step(record: StepRecord) -> pb.Step:
+    return pb.Step(
+        name=record.name,
+        occurrence=record.occurrence,
+        index=record.index,
+        status=pb.StepStatus.ValueType(int(record.status)),
+        attempts=record.attempts,
+        start_time=_ts(record.started_at),
+        end_time=_ts(record.ended_at),
+        output_json=_text(record.output),
+        error=_error(record.error_name, record.error_message),
+        next_attempt_time=_ts(record.next_attempt_at),
+    )
+
+
+def event(record: EventRecord) -> pb.WatchInstanceResponse:
+    d = record.data
+    msg = pb.WatchInstanceResponse(
+        instance_id=record.instance_id, sequence=record.seq, time=_ts(record.at)
+    )
+    kind = record.kind
+    if kind == EventKind.STATUS_CHANGED:
+        err = d.get("err")
+        msg.status_changed.CopyFrom(pb.StatusChanged(
+            status=pb.InstanceStatus.ValueType(d["status"]),
+            output_json=_text(record.payload),
+            error=_error(err[0], err[1]) if err else None,
+        ))
+        return msg
+    ref = pb.StepRef(name=d["name"], occurrence=d["occ"], index=d["idx"])
+    attempt = d["att"]
+    if kind == EventKind.STEP_STARTED:
+        msg.step_started.CopyFrom(pb.StepStarted(step=ref, attempt=attempt))
+    elif kind == EventKind.STEP_SUCCEEDED:
+        msg.step_succeeded.CopyFrom(
+            pb.StepSucceeded(step=ref, attempt=attempt, output_json=_text(record.payload))
+        )
+    elif kind == EventKind.ATTEMPT_FAILED:
+        delay_ms = d["delay"]
+        msg.attempt_failed.CopyFrom(pb.AttemptFailed(
+            step=ref, attempt=attempt, error=_error(*d["err"]),
+            next_attempt_time=_ts(d["next"]),
+            retry_delay=Duration(seconds=delay_ms // 1000, nanos=(delay_ms % 1000) * 1_000_000),
+        ))
+    elif kind == EventKind.STEP_FAILED:
+        msg.step_failed.CopyFrom(pb.StepFailed(step=ref, attempt=attempt, error=_error(*d["err"])))
+    return msg

@@ -1,0 +1,98 @@
+"""The WorkflowService servicer: request in, engine call, response out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from cruzflow.server.engine import errors
+from cruzflow.server.engine.runtime import Engine
+from cruzflow.server.store.base import StoreError
+from cruzflow.server.transport import convert
+from cruzflow.v1 import workflows_pb2 as pb
+from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cruzflow.transport")
+
+_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
+]
+
+R = TypeVar("R")
+
+
+async def _abort(context: grpc.aio.ServicerContext[object, object], exc: Exception) -> NoReturn:
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            await context.abort(code, str(exc))
+    log.exception("internal error", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+async def _call(
+    context: grpc.aio.ServicerContext[object, object], fn: Callable[[], Awaitable[R]]
+) -> R:
+    try:
+        return await fn()
+    except (errors.ServiceError, StoreError) as exc:
+        await _abort(context, exc)
+
+
+class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def CreateInstance(  # noqa: N802 - generated name
+        self,
+        request: pb.CreateInstanceRequest,
+        context: grpc.aio.ServicerContext[pb.CreateInstanceRequest, pb.CreateInstanceResponse],
+    ) -> pb.CreateInstanceResponse:
+        if not request.workflow:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "workflow: required; name a registered workflow (see ListWorkflows)",
+            )
+        instance_id, status = await _call(context, lambda: self._engine.create(
+            request.workflow, request.instance_id, request.params_json
+        ))
+        return pb.CreateInstanceResponse(
+            instance_id=instance_id, status=pb.InstanceStatus.ValueType(int(status))
+        )
+
+    async def GetStatus(  # noqa: N802
+        self,
+        request: pb.GetStatusRequest,
+        context: grpc.aio.ServicerContext[pb.GetStatusRequest, pb.GetStatusResponse],
+    ) -> pb.GetStatusResponse:
+        record, steps = await _call(context, lambda: self._engine.get(request.instance_id))
+        return pb.GetStatusResponse(instance=convert.instance(record, steps))
+
+    async def WatchInstance(  # noqa: N802
+        self,
+        request: pb.WatchInstanceRequest,
+        context: grpc.aio.ServicerContext[pb.WatchInstanceRequest, pb.WatchInstanceResponse],
+    ) -> AsyncIterator[pb.WatchInstanceResponse]:
+        try:
+            async for record in self._engine.watch(request.instance_id, request.after_sequence):
+                yield convert.event(record)
+        except (errors.ServiceError, StoreError) as exc:
+            await _abort(context, exc)
+
+    async def ListWorkflows(  # noqa: N802
+        self,
+        request: pb.ListWorkflowsRequest,
+        context: grpc.aio.ServicerContext[pb.ListWorkflowsRequest, pb.ListWorkflowsResponse],
+    ) -> pb.ListWorkflowsResponse:
+        return pb.ListWorkflowsResponse(workflows=[
+            pb.Workflow(name=w.name, binding=w.binding, class_name=w.class_name)
+            for w in self._engine.workflows()
+        ])
