@@ -56,7 +56,11 @@ class OnboardingWorkflow(WorkflowEntrypoint[OnboardingParams]):
         )
 
         async def send_welcome_email() -> dict[str, Any]:
-            message = {"to": email, "subject": "Welcome!", "html": "<h1>Welcome to our platform</h1>"}
+            message = {
+                "to": email,
+                "subject": "Welcome!",
+                "html": "<h1>Welcome to our platform</h1>",
+            }
             return await send_email(self.env, message)
 
         await step.do(

@@ -1,11 +1,11 @@
 """Everything a workflow author imports.
 
-    from cruzflow.workflows import WorkflowEntrypoint, NonRetryableError
+from cruzflow.workflows import WorkflowEntrypoint, NonRetryableError
 
-    class Onboarding(WorkflowEntrypoint):
-        async def run(self, event, step):
-            user = await step.do("create-user", create_user)
-            ...
+class Onboarding(WorkflowEntrypoint):
+    async def run(self, event, step):
+        user = await step.do("create-user", create_user)
+        ...
 """
 
 from cruzflow.server.bindings import Env, SqliteDatabase

@@ -8,9 +8,6 @@ import signal
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from cruzflow.server.bindings import Env, SqliteDatabase
 from cruzflow.server.config import Config
 from cruzflow.server.engine.runtime import Engine
@@ -18,6 +15,8 @@ from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.server.transport.servicer import WorkflowServicer
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger("cruzflow")
 
@@ -37,13 +36,15 @@ class Service:
         self.engine = Engine(self.store, config.workflows, self.env, config.limits)
         self.health = health.aio.HealthServicer()
         limit = config.limits.max_payload_bytes
-        self.server = grpc.aio.server(options=[
-            # Room for a full payload plus its envelope; larger is refused by gRPC.
-            ("grpc.max_receive_message_length", 2 * limit + 64 * 1024),
-            ("grpc.max_send_message_length", 64 * limit),
-            # A burst of thousands of creates queues instead of being cancelled.
-            ("grpc.server.max_pending_requests", 20_000),
-        ])
+        self.server = grpc.aio.server(
+            options=[
+                # Room for a full payload plus its envelope; larger is refused by gRPC.
+                ("grpc.max_receive_message_length", 2 * limit + 64 * 1024),
+                ("grpc.max_send_message_length", 64 * limit),
+                # A burst of thousands of creates queues instead of being cancelled.
+                ("grpc.server.max_pending_requests", 20_000),
+            ]
+        )
         self.port = 0
 
     async def start(self) -> int:
@@ -56,7 +57,9 @@ class Service:
         )
         self.port = self.server.add_insecure_port(self.config.listen)
         if self.port == 0:
-            raise OSError(f"{self.config.listen}: cannot listen there (in use, or not an address here)")
+            raise OSError(
+                f"{self.config.listen}: cannot listen there (in use, or not an address here)"
+            )
         await self.server.start()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
@@ -81,7 +84,11 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     host = config.listen.rpartition(":")[0]
     log.info(
         "%s serving %d workflow(s) on %s:%d, store %s",
-        config.name, len(config.workflows), host, port, config.store_path,
+        config.name,
+        len(config.workflows),
+        host,
+        port,
+        config.store_path,
     )
     # A line for scripts and tests that start the server on port 0.
     print(f"cruzflow listening on {host}:{port}", flush=True)

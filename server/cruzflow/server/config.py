@@ -13,11 +13,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from cruzflow.server.engine.api import WorkflowEntrypoint
 from cruzflow.server.engine.durations import to_seconds
 from cruzflow.server.engine.runtime import Limits, WorkflowSpec
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(Exception):
@@ -155,7 +154,9 @@ def load_config(path: str | Path, *, listen: str | None = None) -> Config:
         for err in exc.errors():
             reason = err["msg"]
             if err["type"] == "extra_forbidden":
-                reason = "unknown key; check its spelling against the README's configuration section"
+                reason = (
+                    "unknown key; check its spelling against the README's configuration section"
+                )
             problems.append(f"{path}: {_where(err['loc'])}: {reason}")
         raise ConfigError("\n".join(problems)) from None
     _check_unique(path, data)
@@ -184,11 +185,15 @@ def _check_unique(path: Path, data: ConfigFile) -> None:
         tag = f"binding:{db.binding}"
         where = f"sqlite_databases[{i}].binding"
         if tag in seen:
-            raise ConfigError(f"{path}: {where}: {db.binding!r} is used twice (also at {seen[tag]})")
+            raise ConfigError(
+                f"{path}: {where}: {db.binding!r} is used twice (also at {seen[tag]})"
+            )
         seen[tag] = where
     for key in data.vars:
         if f"binding:{key}" in seen:
-            raise ConfigError(f"{path}: vars.{key}: clashes with the binding at {seen[f'binding:{key}']}")
+            raise ConfigError(
+                f"{path}: vars.{key}: clashes with the binding at {seen[f'binding:{key}']}"
+            )
 
 
 def _import(path: Path, index: int, target: str) -> type[WorkflowEntrypoint[Any]]:
@@ -205,7 +210,11 @@ def _import(path: Path, index: int, target: str) -> type[WorkflowEntrypoint[Any]
     if cls is None:
         raise ConfigError(f"{where}: module {module_name!r} has no attribute {attr!r}")
     if not (inspect.isclass(cls) and issubclass(cls, WorkflowEntrypoint)):
-        raise ConfigError(f"{where}: {target} is not a subclass of cruzflow.workflows.WorkflowEntrypoint")
+        raise ConfigError(
+            f"{where}: {target} is not a subclass of cruzflow.workflows.WorkflowEntrypoint"
+        )
     if not inspect.iscoroutinefunction(cls.run):
-        raise ConfigError(f"{where}: {target}.run must be defined with 'async def run(self, event, step)'")
+        raise ConfigError(
+            f"{where}: {target}.run must be defined with 'async def run(self, event, step)'"
+        )
     return cls

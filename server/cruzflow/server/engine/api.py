@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic
+
+from typing_extensions import TypeVar
 
 if TYPE_CHECKING:
     from cruzflow.server.engine.context import WorkflowStep
 
-P = TypeVar("P")
+# Payload type; a bare WorkflowEntrypoint means WorkflowEntrypoint[Any].
+P = TypeVar("P", default=Any)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,4 +55,6 @@ class WorkflowEntrypoint(Generic[P]):
 
     async def run(self, event: WorkflowEvent[P], step: WorkflowStep) -> Any:
         """The workflow's body. Its return value (JSON) is the instance's output."""
-        raise NotImplementedError(f"{type(self).__name__} must define async def run(self, event, step)")
+        raise NotImplementedError(
+            f"{type(self).__name__} must define async def run(self, event, step)"
+        )

@@ -20,7 +20,13 @@ from cruzflow.server.engine.errors import (
     Suspend,
 )
 from cruzflow.server.engine.model import EventKind, StepRecord, StepStatus
-from cruzflow.server.engine.retries import DEFAULT_POLICY, RetryConfig, StepConfig, StepPolicy, resolve
+from cruzflow.server.engine.retries import (
+    DEFAULT_POLICY,
+    RetryConfig,
+    StepConfig,
+    StepPolicy,
+    resolve,
+)
 
 if TYPE_CHECKING:
     from cruzflow.server.engine.runtime import Engine, _Run
@@ -80,8 +86,28 @@ class WorkflowStep:
     async def do(
         self,
         name: str,
+        fn: Callable[..., T],
+        /,
+        *,
+        retries: RetryConfig | Mapping[str, Any] | None = None,
+        timeout: Duration | None = None,
+    ) -> T: ...
+
+    @overload
+    async def do(
+        self,
+        name: str,
         config: StepConfig | Mapping[str, Any],
         fn: Callable[..., Awaitable[T]],
+        /,
+    ) -> T: ...
+
+    @overload
+    async def do(
+        self,
+        name: str,
+        config: StepConfig | Mapping[str, Any],
+        fn: Callable[..., T],
         /,
     ) -> T: ...
 
@@ -108,7 +134,9 @@ class WorkflowStep:
         else:
             config = config_or_fn
         if not callable(fn):
-            raise TypeError(f"step.do({name!r}): the step body must be a callable, got {type(fn).__name__}")
+            raise TypeError(
+                f"step.do({name!r}): the step body must be a callable, got {type(fn).__name__}"
+            )
         run = self._run
         engine = self._engine
         limits = engine.limits
@@ -148,7 +176,11 @@ class WorkflowStep:
                 return json.loads(stored.output) if stored.output is not None else None
             if stored.status is StepStatus.FAILED:
                 raise StepFailedError(name, stored.error_name or "", stored.error_message or "")
-            attempt, started_at, next_at = stored.attempts, stored.started_at, stored.next_attempt_at
+            attempt, started_at, next_at = (
+                stored.attempts,
+                stored.started_at,
+                stored.next_attempt_at,
+            )
 
         # Everything before this step must be durable before it starts.
         await run.barrier()
@@ -156,7 +188,12 @@ class WorkflowStep:
         if stored is not None and next_at is None and attempt >= policy.max_attempts:
             # The last allowed attempt was cut short by a restart.
             return await self._fail(
-                run, name, occurrence, index, attempt, started_at,
+                run,
+                name,
+                occurrence,
+                index,
+                attempt,
+                started_at,
                 "StepInterruptedError",
                 f"attempt {attempt} was interrupted by a server restart and no retries are "
                 f"left (retries.limit={policy.max_attempts - 1})",
@@ -164,11 +201,21 @@ class WorkflowStep:
         if next_at is not None:
             await engine.wait_or_suspend((next_at - _ms()) / 1000.0)
         elif stored is not None:
-            run.emit(EventKind.ATTEMPT_FAILED, {
-                "name": name, "occ": occurrence, "idx": index, "att": attempt,
-                "err": ["StepInterruptedError", f"attempt {attempt} was interrupted by a server restart"],
-                "next": _ms(), "delay": 0,
-            })
+            run.emit(
+                EventKind.ATTEMPT_FAILED,
+                {
+                    "name": name,
+                    "occ": occurrence,
+                    "idx": index,
+                    "att": attempt,
+                    "err": [
+                        "StepInterruptedError",
+                        f"attempt {attempt} was interrupted by a server restart",
+                    ],
+                    "next": _ms(),
+                    "delay": 0,
+                },
+            )
 
         while True:
             if engine.stopping:
@@ -177,17 +224,31 @@ class WorkflowStep:
             now = _ms()
             if not started_at:
                 started_at = now
-            run.put_step(StepRecord(run.id, index, name, occurrence, StepStatus.RUNNING, attempt, started_at))
-            run.emit(EventKind.STEP_STARTED, {"name": name, "occ": occurrence, "idx": index, "att": attempt})
+            run.put_step(
+                StepRecord(run.id, index, name, occurrence, StepStatus.RUNNING, attempt, started_at)
+            )
+            run.emit(
+                EventKind.STEP_STARTED,
+                {"name": name, "occ": occurrence, "idx": index, "att": attempt},
+            )
 
             output, error_name, error_message, retryable = await self._attempt(
                 run, name, fn, attempt, policy
             )
             if output is not None:
-                run.put_step(StepRecord(
-                    run.id, index, name, occurrence, StepStatus.SUCCEEDED, attempt, started_at,
-                    ended_at=_ms(), output=output,
-                ))
+                run.put_step(
+                    StepRecord(
+                        run.id,
+                        index,
+                        name,
+                        occurrence,
+                        StepStatus.SUCCEEDED,
+                        attempt,
+                        started_at,
+                        ended_at=_ms(),
+                        output=output,
+                    )
+                )
                 run.emit(
                     EventKind.STEP_SUCCEEDED,
                     {"name": name, "occ": occurrence, "idx": index, "att": attempt},
@@ -201,14 +262,32 @@ class WorkflowStep:
                 )
             delay = policy.retry_delay(attempt)
             due = _ms() + int(delay * 1000)
-            run.put_step(StepRecord(
-                run.id, index, name, occurrence, StepStatus.RUNNING, attempt, started_at,
-                error_name=error_name, error_message=error_message, next_attempt_at=due,
-            ))
-            run.emit(EventKind.ATTEMPT_FAILED, {
-                "name": name, "occ": occurrence, "idx": index, "att": attempt,
-                "err": [error_name, error_message], "next": due, "delay": int(delay * 1000),
-            })
+            run.put_step(
+                StepRecord(
+                    run.id,
+                    index,
+                    name,
+                    occurrence,
+                    StepStatus.RUNNING,
+                    attempt,
+                    started_at,
+                    error_name=error_name,
+                    error_message=error_message,
+                    next_attempt_at=due,
+                )
+            )
+            run.emit(
+                EventKind.ATTEMPT_FAILED,
+                {
+                    "name": name,
+                    "occ": occurrence,
+                    "idx": index,
+                    "att": attempt,
+                    "err": [error_name, error_message],
+                    "next": due,
+                    "delay": int(delay * 1000),
+                },
+            )
             await engine.wait_or_suspend(delay)
 
     async def _attempt(
@@ -261,17 +340,40 @@ class WorkflowStep:
         return output, "", "", True
 
     async def _fail(
-        self, run: _Run, name: str, occurrence: int, index: int, attempt: int,
-        started_at: int, error_name: str, error_message: str,
+        self,
+        run: _Run,
+        name: str,
+        occurrence: int,
+        index: int,
+        attempt: int,
+        started_at: int,
+        error_name: str,
+        error_message: str,
     ) -> Any:
-        run.put_step(StepRecord(
-            run.id, index, name, occurrence, StepStatus.FAILED, attempt, started_at,
-            ended_at=_ms(), error_name=error_name, error_message=error_message,
-        ))
-        run.emit(EventKind.STEP_FAILED, {
-            "name": name, "occ": occurrence, "idx": index, "att": attempt,
-            "err": [error_name, error_message],
-        })
+        run.put_step(
+            StepRecord(
+                run.id,
+                index,
+                name,
+                occurrence,
+                StepStatus.FAILED,
+                attempt,
+                started_at,
+                ended_at=_ms(),
+                error_name=error_name,
+                error_message=error_message,
+            )
+        )
+        run.emit(
+            EventKind.STEP_FAILED,
+            {
+                "name": name,
+                "occ": occurrence,
+                "idx": index,
+                "att": attempt,
+                "err": [error_name, error_message],
+            },
+        )
         # The failure is a recorded result: durable before run sees it.
         await run.barrier()
         raise StepFailedError(name, error_name, error_message)

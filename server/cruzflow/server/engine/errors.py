@@ -95,5 +95,5 @@ class NonDeterminismError(FatalWorkflowError):
         super().__init__("NonDeterminismError", message)
 
 
-class Suspend(BaseException):  # noqa: N818 - a signal, not an error
+class Suspend(BaseException):
     """Unwinds ``run`` without recording anything (the server is stopping)."""

@@ -43,9 +43,7 @@ _LABELS = {
     InstanceStatus.TERMINATED: "terminated",
     InstanceStatus.UNKNOWN: "unknown",
 }
-FINISHED = frozenset(
-    {InstanceStatus.COMPLETE, InstanceStatus.ERRORED, InstanceStatus.TERMINATED}
-)
+FINISHED = frozenset({InstanceStatus.COMPLETE, InstanceStatus.ERRORED, InstanceStatus.TERMINATED})
 UNFINISHED = tuple(s for s in InstanceStatus if s not in FINISHED and s != InstanceStatus.UNKNOWN)
 
 

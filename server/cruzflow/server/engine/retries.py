@@ -49,7 +49,7 @@ class StepPolicy:
             return self.delay_s
         if self.backoff == "linear":
             return self.delay_s * failed_attempt
-        return self.delay_s * (2 ** (failed_attempt - 1))
+        return self.delay_s * float(2 ** (failed_attempt - 1))
 
 
 def _retry_from(value: RetryConfig | Mapping[str, Any] | None) -> RetryConfig:
@@ -90,7 +90,9 @@ def resolve(
     elif isinstance(config, Mapping):
         unknown = set(config) - {"retries", "timeout"}
         if unknown:
-            raise TypeError(f"step config: unknown option(s) {sorted(unknown)}; use retries, timeout")
+            raise TypeError(
+                f"step config: unknown option(s) {sorted(unknown)}; use retries, timeout"
+            )
         retry = _retry_from(config.get("retries"))
         tmo = config.get("timeout", StepConfig().timeout)
     else:

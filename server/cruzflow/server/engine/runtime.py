@@ -7,13 +7,14 @@ hands its writes to the ``Journal`` (group commit).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -94,7 +95,9 @@ def parse_json_field(text: str | bytes, field: str, limit: int) -> bytes:
     try:
         json.loads(data, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{field}: not valid JSON ({exc}); send JSON text such as {{\"a\": 1}}") from None
+        raise InvalidArgument(
+            f'{field}: not valid JSON ({exc}); send JSON text such as {{"a": 1}}'
+        ) from None
     return data
 
 
@@ -102,8 +105,19 @@ class _Run:
     """An instance while the engine holds it in memory."""
 
     __slots__ = (
-        "created_at", "engine", "id", "last_write", "next_index", "occurrences",
-        "params", "replay", "resumed", "seq", "spec", "status", "task",
+        "created_at",
+        "engine",
+        "id",
+        "last_write",
+        "next_index",
+        "occurrences",
+        "params",
+        "replay",
+        "resumed",
+        "seq",
+        "spec",
+        "status",
+        "task",
     )
 
     def __init__(
@@ -141,11 +155,17 @@ class _Run:
         now = _ms()
         self.status = status
         finished = status.finished
-        self.engine.journal.update_instance(InstanceUpdate(
-            self.id, status, now, output,
-            error[0] if error else None, error[1] if error else None,
-            now if finished else None,
-        ))
+        self.engine.journal.update_instance(
+            InstanceUpdate(
+                self.id,
+                status,
+                now,
+                output,
+                error[0] if error else None,
+                error[1] if error else None,
+                now if finished else None,
+            )
+        )
         data: dict[str, Any] = {"status": int(status)}
         if error:
             data["err"] = list(error)
@@ -159,7 +179,9 @@ class _Run:
         try:
             await asyncio.shield(fut)
         except Exception as exc:
-            log.error("instance %s: checkpoint not stored (%s); it resumes after a restart", self.id, exc)
+            log.error(
+                "instance %s: checkpoint not stored (%s); it resumes after a restart", self.id, exc
+            )
             raise Suspend() from exc
 
 
@@ -202,7 +224,9 @@ class Engine:
             self._queue.append(_Run(self, record, spec, resumed=True))
         for name, count in missing.items():
             log.warning(
-                "%d unfinished instance(s) of workflow %r wait: it is not in the config", count, name
+                "%d unfinished instance(s) of workflow %r wait: it is not in the config",
+                count,
+                name,
             )
         if unfinished:
             log.info("resuming %d unfinished instance(s)", len(self._queue))
@@ -218,7 +242,9 @@ class Engine:
             for task in pending:
                 task.cancel()
             if pending:
-                log.warning("cancelled %d attempt(s) still running after %.1f s", len(pending), grace)
+                log.warning(
+                    "cancelled %d attempt(s) still running after %.1f s", len(pending), grace
+                )
                 await asyncio.wait(pending)
         await self.journal.close()
         # Everything is durable and published; end the watch streams.
@@ -227,10 +253,8 @@ class Engine:
     async def wait_or_suspend(self, delay: float) -> None:
         """Sleep for a retry delay, or unwind at once if the server stops."""
         if delay > 0:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
-            except TimeoutError:
-                pass
         if self.stopping:
             raise Suspend()
 
@@ -332,18 +356,24 @@ class Engine:
                     result, separators=(",", ":"), ensure_ascii=False, allow_nan=False
                 ).encode()
             except (TypeError, ValueError) as exc:
-                run.set_status(InstanceStatus.ERRORED, error=(
-                    "WorkflowOutputError",
-                    f"run() returned a value that is not JSON ({exc}); return dicts, lists, "
-                    f"strings, numbers, booleans or None",
-                ))
+                run.set_status(
+                    InstanceStatus.ERRORED,
+                    error=(
+                        "WorkflowOutputError",
+                        f"run() returned a value that is not JSON ({exc}); return dicts, lists, "
+                        f"strings, numbers, booleans or None",
+                    ),
+                )
                 return
             if len(output) > self.limits.max_payload_bytes:
-                run.set_status(InstanceStatus.ERRORED, error=(
-                    "WorkflowOutputError",
-                    f"run() returned {len(output):,} bytes of JSON, over the limit of "
-                    f"{self.limits.max_payload_bytes:,} bytes (limits.max_payload_bytes)",
-                ))
+                run.set_status(
+                    InstanceStatus.ERRORED,
+                    error=(
+                        "WorkflowOutputError",
+                        f"run() returned {len(output):,} bytes of JSON, over the limit of "
+                        f"{self.limits.max_payload_bytes:,} bytes (limits.max_payload_bytes)",
+                    ),
+                )
                 return
             run.set_status(InstanceStatus.COMPLETE, output=output)
         except StepFailedError as exc:
@@ -365,7 +395,9 @@ class Engine:
         self.check_id(instance_id)
         record = await self.store.get_instance(instance_id)
         if record is None:
-            raise NotFound(f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned")
+            raise NotFound(
+                f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned"
+            )
         return record, await self.store.get_steps(instance_id)
 
     async def watch(self, instance_id: str, after_seq: int = 0) -> AsyncIterator[EventRecord]:
@@ -377,7 +409,9 @@ class Engine:
         try:
             record = await self.store.get_instance(instance_id)
             if record is None:
-                raise NotFound(f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned")
+                raise NotFound(
+                    f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned"
+                )
             if after_seq > record.last_seq:
                 raise InvalidArgument(
                     f"after_sequence: {after_seq} is past the newest event ({record.last_seq}) "
@@ -399,16 +433,16 @@ class Engine:
                 if record.status.finished and last >= record.last_seq:
                     return
                 while not sub.lagged:
-                    event = await sub.queue.get()
-                    if event is None or sub.closed:
+                    live = await sub.queue.get()
+                    if live is None or sub.closed:
                         raise Unavailable(
                             f"the server is shutting down; watch again with after_sequence={last}"
                         )
-                    if event.seq <= last:
+                    if live.seq <= last:
                         continue
-                    yield event
-                    last = event.seq
-                    if _is_final(event):
+                    yield live
+                    last = live.seq
+                    if _is_final(live):
                         return
                 # Fell behind the queue bound: drop it and re-read from the store.
                 sub.lagged = False
@@ -420,5 +454,3 @@ class Engine:
 
 def _is_final(event: EventRecord) -> bool:
     return event.kind == EventKind.STATUS_CHANGED and InstanceStatus(event.data["status"]).finished
-
-

@@ -36,9 +36,7 @@ class Store(Protocol):
     async def get_steps(self, instance_id: str) -> list[StepRecord]:
         """The instance's steps in index order."""
 
-    async def read_events(
-        self, instance_id: str, after_seq: int, limit: int
-    ) -> list[EventRecord]:
+    async def read_events(self, instance_id: str, after_seq: int, limit: int) -> list[EventRecord]:
         """Up to ``limit`` events with ``seq > after_seq``, in order."""
 
     async def claim_unfinished(self) -> list[InstanceRecord]:

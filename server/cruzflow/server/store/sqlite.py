@@ -8,6 +8,7 @@ through a second connection, which WAL lets run beside the writer.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-
 from cruzflow.server.engine.model import (
     UNFINISHED,
     Batch,
@@ -131,9 +131,17 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
 
 def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
     return InstanceRecord(
-        id=row[0], workflow=row[1], status=InstanceStatus(row[2]), params=row[3],
-        created_at=row[4], updated_at=row[5], output=row[6], error_name=row[7],
-        error_message=row[8], ended_at=row[9], last_seq=row[10],
+        id=row[0],
+        workflow=row[1],
+        status=InstanceStatus(row[2]),
+        params=row[3],
+        created_at=row[4],
+        updated_at=row[5],
+        output=row[6],
+        error_name=row[7],
+        error_message=row[8],
+        ended_at=row[9],
+        last_seq=row[10],
     )
 
 
@@ -214,37 +222,81 @@ class SqliteStore:
         try:
             # isolation_level IMMEDIATE: the first statement opens BEGIN IMMEDIATE.
             if batch.new_instances:
-                await conn.executemany(_INSERT_INSTANCE, [
-                    (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
-                     r.error_message, r.created_at, r.updated_at, r.ended_at)
-                    for r in batch.new_instances
-                ])
+                await conn.executemany(
+                    _INSERT_INSTANCE,
+                    [
+                        (
+                            r.id,
+                            r.workflow,
+                            int(r.status),
+                            r.params,
+                            r.output,
+                            r.error_name,
+                            r.error_message,
+                            r.created_at,
+                            r.updated_at,
+                            r.ended_at,
+                        )
+                        for r in batch.new_instances
+                    ],
+                )
             if batch.instance_updates:
-                await conn.executemany(_UPDATE_INSTANCE, [
-                    (int(u.status), u.output, u.error_name, u.error_message, u.updated_at,
-                     u.ended_at, u.id)
-                    for u in batch.instance_updates.values()
-                ])
+                await conn.executemany(
+                    _UPDATE_INSTANCE,
+                    [
+                        (
+                            int(u.status),
+                            u.output,
+                            u.error_name,
+                            u.error_message,
+                            u.updated_at,
+                            u.ended_at,
+                            u.id,
+                        )
+                        for u in batch.instance_updates.values()
+                    ],
+                )
             if batch.steps:
-                await conn.executemany(_UPSERT_STEP, [
-                    (s.instance_id, s.index, s.name, s.occurrence, int(s.status), s.attempts,
-                     s.started_at, s.ended_at, s.output, s.error_name, s.error_message,
-                     s.next_attempt_at)
-                    for s in batch.steps.values()
-                ])
+                await conn.executemany(
+                    _UPSERT_STEP,
+                    [
+                        (
+                            s.instance_id,
+                            s.index,
+                            s.name,
+                            s.occurrence,
+                            int(s.status),
+                            s.attempts,
+                            s.started_at,
+                            s.ended_at,
+                            s.output,
+                            s.error_name,
+                            s.error_message,
+                            s.next_attempt_at,
+                        )
+                        for s in batch.steps.values()
+                    ],
+                )
             if batch.events:
                 dumps = json.dumps
-                await conn.executemany(_INSERT_EVENT, [
-                    (e.instance_id, e.seq, e.at, int(e.kind), dumps(e.data, separators=(",", ":")),
-                     e.payload)
-                    for e in batch.events
-                ])
+                await conn.executemany(
+                    _INSERT_EVENT,
+                    [
+                        (
+                            e.instance_id,
+                            e.seq,
+                            e.at,
+                            int(e.kind),
+                            dumps(e.data, separators=(",", ":")),
+                            e.payload,
+                        )
+                        for e in batch.events
+                    ],
+                )
             await conn.commit()
         except sqlite3.Error as exc:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 await conn.rollback()
-            except sqlite3.Error:
-                pass
             raise StoreError(f"{self.path}: commit failed: {exc}") from exc
 
     # ----------------------------------------------------------------- read
@@ -261,9 +313,18 @@ class SqliteStore:
         rows = await self._read().execute_fetchall(_GET_STEPS, (instance_id,))
         return [
             StepRecord(
-                instance_id=r[0], index=r[1], name=r[2], occurrence=r[3], status=StepStatus(r[4]),
-                attempts=r[5], started_at=r[6], ended_at=r[7], output=r[8], error_name=r[9],
-                error_message=r[10], next_attempt_at=r[11],
+                instance_id=r[0],
+                index=r[1],
+                name=r[2],
+                occurrence=r[3],
+                status=StepStatus(r[4]),
+                attempts=r[5],
+                started_at=r[6],
+                ended_at=r[7],
+                output=r[8],
+                error_name=r[9],
+                error_message=r[10],
+                next_attempt_at=r[11],
             )
             for r in rows
         ]

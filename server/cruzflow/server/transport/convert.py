@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from cruzflow.server.engine.model import EventKind, EventRecord, InstanceRecord, StepRecord
 from cruzflow.v1 import workflows_pb2 as pb
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 
 def _ts(ms: int | None) -> Timestamp | None:
@@ -64,11 +63,13 @@ def event(record: EventRecord) -> pb.WatchInstanceResponse:
     kind = record.kind
     if kind == EventKind.STATUS_CHANGED:
         err = d.get("err")
-        msg.status_changed.CopyFrom(pb.StatusChanged(
-            status=pb.InstanceStatus.ValueType(d["status"]),
-            output_json=_text(record.payload),
-            error=_error(err[0], err[1]) if err else None,
-        ))
+        msg.status_changed.CopyFrom(
+            pb.StatusChanged(
+                status=pb.InstanceStatus.ValueType(d["status"]),
+                output_json=_text(record.payload),
+                error=_error(err[0], err[1]) if err else None,
+            )
+        )
         return msg
     ref = pb.StepRef(name=d["name"], occurrence=d["occ"], index=d["idx"])
     attempt = d["att"]
@@ -80,11 +81,15 @@ def event(record: EventRecord) -> pb.WatchInstanceResponse:
         )
     elif kind == EventKind.ATTEMPT_FAILED:
         delay_ms = d["delay"]
-        msg.attempt_failed.CopyFrom(pb.AttemptFailed(
-            step=ref, attempt=attempt, error=_error(*d["err"]),
-            next_attempt_time=_ts(d["next"]),
-            retry_delay=Duration(seconds=delay_ms // 1000, nanos=(delay_ms % 1000) * 1_000_000),
-        ))
+        msg.attempt_failed.CopyFrom(
+            pb.AttemptFailed(
+                step=ref,
+                attempt=attempt,
+                error=_error(*d["err"]),
+                next_attempt_time=_ts(d["next"]),
+                retry_delay=Duration(seconds=delay_ms // 1000, nanos=(delay_ms % 1000) * 1_000_000),
+            )
+        )
     elif kind == EventKind.STEP_FAILED:
         msg.step_failed.CopyFrom(pb.StepFailed(step=ref, attempt=attempt, error=_error(*d["err"])))
     return msg

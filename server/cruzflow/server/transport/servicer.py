@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
-
 from cruzflow.server.engine import errors
 from cruzflow.server.engine.runtime import Engine
 from cruzflow.server.store.base import StoreError
@@ -30,7 +29,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
 R = TypeVar("R")
 
 
-async def _abort(context: grpc.aio.ServicerContext[object, object], exc: Exception) -> NoReturn:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> NoReturn:
     for kind, code in _CODES:
         if isinstance(exc, kind):
             await context.abort(code, str(exc))
@@ -38,9 +37,7 @@ async def _abort(context: grpc.aio.ServicerContext[object, object], exc: Excepti
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
-async def _call(
-    context: grpc.aio.ServicerContext[object, object], fn: Callable[[], Awaitable[R]]
-) -> R:
+async def _call(context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Awaitable[R]]) -> R:
     try:
         return await fn()
     except (errors.ServiceError, StoreError) as exc:
@@ -51,7 +48,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    async def CreateInstance(  # noqa: N802 - generated name
+    async def CreateInstance(
         self,
         request: pb.CreateInstanceRequest,
         context: grpc.aio.ServicerContext[pb.CreateInstanceRequest, pb.CreateInstanceResponse],
@@ -61,14 +58,15 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "workflow: required; name a registered workflow (see ListWorkflows)",
             )
-        instance_id, status = await _call(context, lambda: self._engine.create(
-            request.workflow, request.instance_id, request.params_json
-        ))
+        instance_id, status = await _call(
+            context,
+            lambda: self._engine.create(request.workflow, request.instance_id, request.params_json),
+        )
         return pb.CreateInstanceResponse(
             instance_id=instance_id, status=pb.InstanceStatus.ValueType(int(status))
         )
 
-    async def GetStatus(  # noqa: N802
+    async def GetStatus(
         self,
         request: pb.GetStatusRequest,
         context: grpc.aio.ServicerContext[pb.GetStatusRequest, pb.GetStatusResponse],
@@ -76,7 +74,7 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         record, steps = await _call(context, lambda: self._engine.get(request.instance_id))
         return pb.GetStatusResponse(instance=convert.instance(record, steps))
 
-    async def WatchInstance(  # noqa: N802
+    async def WatchInstance(
         self,
         request: pb.WatchInstanceRequest,
         context: grpc.aio.ServicerContext[pb.WatchInstanceRequest, pb.WatchInstanceResponse],
@@ -87,12 +85,14 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         except (errors.ServiceError, StoreError) as exc:
             await _abort(context, exc)
 
-    async def ListWorkflows(  # noqa: N802
+    async def ListWorkflows(
         self,
         request: pb.ListWorkflowsRequest,
         context: grpc.aio.ServicerContext[pb.ListWorkflowsRequest, pb.ListWorkflowsResponse],
     ) -> pb.ListWorkflowsResponse:
-        return pb.ListWorkflowsResponse(workflows=[
-            pb.Workflow(name=w.name, binding=w.binding, class_name=w.class_name)
-            for w in self._engine.workflows()
-        ])
+        return pb.ListWorkflowsResponse(
+            workflows=[
+                pb.Workflow(name=w.name, binding=w.binding, class_name=w.class_name)
+                for w in self._engine.workflows()
+            ]
+        )

@@ -1,0 +1,155 @@
+"""Shared fixtures: a real SQLite file per test, a real gRPC server on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cruzflow.server.app import Service
+from cruzflow.server.config import load_config
+from cruzflow.server.engine.runtime import Engine, Limits, WorkflowSpec
+from cruzflow.server.store.sqlite import SqliteStore
+from cruzflow.v1 import workflows_pb2 as pb
+from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
+
+from tests import workflows as wf
+from tests.procs import write_config
+
+ALL_WORKFLOWS: dict[str, str] = {
+    "three-steps": "tests.workflows:ThreeSteps",
+    "sleepy": "tests.workflows:Sleepy",
+    "flaky": "tests.workflows:Flaky",
+    "catches": "tests.workflows:CatchesFailure",
+    "raises": "tests.workflows:Raises",
+    "raises-outside": "tests.workflows:RaisesOutsideStep",
+    "hangs": "tests.workflows:Hangs",
+    "not-json": "tests.workflows:NotJson",
+    "too-big": "tests.workflows:TooBig",
+    "output-not-json": "tests.workflows:OutputNotJson",
+    "repeats": "tests.workflows:Repeats",
+    "blocks": "tests.workflows:Blocks",
+    "uses-env": "tests.workflows:UsesEnv",
+    "versioned": "tests.workflows:Versioned",
+}
+
+
+def specs() -> dict[str, WorkflowSpec]:
+    out = {}
+    for name, target in ALL_WORKFLOWS.items():
+        cls = getattr(wf, target.split(":")[1])
+        out[name] = WorkflowSpec(name, name.upper().replace("-", "_"), target, cls)
+    return out
+
+
+@pytest.fixture
+def side_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "side.txt"
+    monkeypatch.setenv("CRUZFLOW_TEST_SIDE_FILE", str(path))
+    return path
+
+
+EngineFactory = Callable[..., Awaitable[Engine]]
+
+
+@pytest.fixture
+async def make_engine(tmp_path: Path) -> AsyncIterator[EngineFactory]:
+    """Start engines on a real SQLite file under tmp_path; all are shut down after."""
+    started: list[tuple[Engine, SqliteStore]] = []
+
+    async def make(db: str = "store.db", env: Any = None, **limits: int) -> Engine:
+        store = SqliteStore(tmp_path / db)
+        await store.open()
+        engine = Engine(store, specs(), env, Limits(**limits))
+        await engine.start()
+        started.append((engine, store))
+        return engine
+
+    yield make
+    for engine, store in reversed(started):
+        if not engine.stopping:
+            await engine.shutdown(0.1)
+            await store.close()
+
+
+async def finished(engine: Engine, instance_id: str, timeout: float = 30.0) -> Any:
+    """Follow the watch stream to the end and return the instance's record."""
+    async with asyncio.timeout(timeout):
+        async for _ in engine.watch(instance_id):
+            pass
+    record, _ = await engine.get(instance_id)
+    return record
+
+
+class Server:
+    """An in-process service on a loopback port, with a stub on a channel."""
+
+    def __init__(self, service: Service, channel: grpc.aio.Channel) -> None:
+        self.service = service
+        self.channel = channel
+        self.stub = pb_grpc.WorkflowServiceStub(channel)
+        self.address = f"127.0.0.1:{service.port}"
+
+    async def run(self, workflow: str, params: str = "", instance_id: str = "") -> pb.Instance:
+        created = await self.stub.CreateInstance(
+            pb.CreateInstanceRequest(workflow=workflow, params_json=params, instance_id=instance_id)
+        )
+        async for _ in self.stub.WatchInstance(
+            pb.WatchInstanceRequest(instance_id=created.instance_id)
+        ):
+            pass
+        status = await self.stub.GetStatus(pb.GetStatusRequest(instance_id=created.instance_id))
+        return status.instance
+
+
+ServerFactory = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    running: list[Server] = []
+
+    async def make(
+        limits: Mapping[str, int] | None = None,
+        vars: Mapping[str, str] | None = None,
+        databases: Mapping[str, str] | None = None,
+    ) -> Server:
+        directory = tmp_path / f"server{len(running)}"
+        directory.mkdir()
+        path = write_config(directory, ALL_WORKFLOWS, limits=limits, vars=vars, databases=databases)
+        service = Service(load_config(path))
+        await service.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+        server = Server(service, channel)
+        running.append(server)
+        return server
+
+    yield make
+    for server in running:
+        await server.channel.close()
+        await server.service.stop(0.1)
+
+
+@pytest.fixture
+async def server(make_server: ServerFactory) -> Server:
+    return await make_server()
+
+
+async def eventually(condition: Callable[[], Awaitable[Any]], timeout: float = 30.0) -> Any:
+    """Poll an async condition until truthy; fail clearly at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+os.environ.setdefault("CRUZFLOW_TEST", "1")

@@ -1,0 +1,118 @@
+"""Real server processes for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(
+    directory: Path,
+    workflows: Mapping[str, str],
+    *,
+    limits: Mapping[str, int] | None = None,
+    vars: Mapping[str, str] | None = None,
+    databases: Mapping[str, str] | None = None,
+    grace: str = "5 seconds",
+    listen: str = "127.0.0.1:0",
+    store: str = "store.db",
+) -> Path:
+    """A config file in ``directory`` hosting ``{name: "module:Class"}``."""
+    lines = [
+        'name = "cruzflow-test"',
+        f"python_path = [{str(ROOT)!r}]",
+        "[server]",
+        f'listen = "{listen}"',
+        f'grace_period = "{grace}"',
+        "[store]",
+        f'path = "{store}"',
+        "[limits]",
+    ]
+    lines += [f"{k} = {v}" for k, v in (limits or {}).items()]
+    for name, target in workflows.items():
+        binding = name.upper().replace("-", "_")
+        lines += [
+            "[[workflows]]",
+            f'binding = "{binding}"',
+            f'name = "{name}"',
+            f'class_name = "{target}"',
+        ]
+    for binding, path in (databases or {}).items():
+        lines += ["[[sqlite_databases]]", f'binding = "{binding}"', f'path = "{path}"']
+    lines.append("[vars]")
+    lines += [f'{k} = "{v}"' for k, v in (vars or {}).items()]
+    config = directory / "cruzflow.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+class ServerProcess:
+    """``cruzflow serve`` in a child process; ``address`` once it listens."""
+
+    def __init__(self, config: Path, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.address = ""
+        self.log_path = config.parent / "server.log"
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        log = open(self.log_path, "a")  # noqa: SIM115 - the child keeps writing to it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cruzflow.server.cli", "serve", "--config", str(self.config)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=self.env,
+            cwd=self.config.parent,
+        )
+        log.close()
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith("cruzflow listening on "):
+                self.address = line.split()[-1]
+                return self
+            if not line and self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"server did not start; its log:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind runs."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
+    """Poll until ``condition()`` is truthy; fail with a clear message at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {condition}")
+        time.sleep(interval)

@@ -1,0 +1,203 @@
+"""Workflow classes the tests run, in-process and in real server processes.
+
+Steps that must be counted append a line to the file named by the
+CRUZFLOW_TEST_SIDE_FILE variable, so a test can tell how often a step's body
+really ran, across server processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from cruzflow.workflows import (
+    NonRetryableError,
+    StepContext,
+    StepFailedError,
+    WorkflowEntrypoint,
+    WorkflowEvent,
+    WorkflowStep,
+)
+
+
+def mark(name: str) -> None:
+    path = os.environ.get("CRUZFLOW_TEST_SIDE_FILE")
+    if path:
+        with open(path, "a") as side:
+            side.write(name + "\n")
+            side.flush()
+            os.fsync(side.fileno())
+
+
+def count(path: str, name: str) -> int:
+    try:
+        with open(path) as side:
+            return sum(1 for line in side if line.strip() == name)
+    except FileNotFoundError:
+        return 0
+
+
+class ThreeSteps(WorkflowEntrypoint):
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        a = await step.do("one", lambda: {"n": 1})
+        b = await step.do("two", lambda: {"n": a["n"] + 1})
+        c = await step.do("three", lambda: {"n": b["n"] + 1})
+        return {"sum": a["n"] + b["n"] + c["n"], "params": event.payload}
+
+
+class Sleepy(WorkflowEntrypoint):
+    """Step "slow" sleeps params.seconds (default 2); every body marks the side file."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        seconds = (event.payload or {}).get("seconds", 2)
+        tag = (event.payload or {}).get("tag", event.instance_id)
+
+        async def before() -> str:
+            mark(f"{tag}:before")
+            return "ok"
+
+        async def slow(ctx: StepContext) -> int:
+            mark(f"{tag}:slow:{ctx.attempt}")
+            await asyncio.sleep(seconds)
+            mark(f"{tag}:slow-done")
+            return ctx.attempt
+
+        async def after() -> str:
+            mark(f"{tag}:after")
+            return "done"
+
+        await step.do("before", before)
+        attempt = await step.do("slow", {"retries": {"limit": 3, "delay": 0}}, slow)
+        await step.do("after", after)
+        return {"slow_attempt": attempt, "tag": tag}
+
+
+class Flaky(WorkflowEntrypoint):
+    """Fails its step params.failures times, then succeeds."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        failures = event.payload["failures"]
+
+        async def flaky(ctx: StepContext) -> int:
+            if ctx.attempt <= failures:
+                raise ConnectionError(f"attempt {ctx.attempt} failed")
+            return ctx.attempt
+
+        backoff = event.payload.get("backoff", "constant")
+        retries = {"limit": event.payload.get("limit", 5), "delay": 1, "backoff": backoff}
+        return await step.do("flaky", flaky, retries=retries)
+
+
+class CatchesFailure(WorkflowEntrypoint):
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        async def boom() -> None:
+            raise NonRetryableError("card declined")
+
+        try:
+            await step.do("charge", boom)
+        except StepFailedError as exc:
+            await step.do("refund", lambda: "refunded")
+            return {"caught": exc.error_name, "message": exc.error_message}
+        return {"caught": None}
+
+
+class Raises(WorkflowEntrypoint):
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        await step.do("fine", lambda: 1)
+
+        async def boom() -> None:
+            raise ValueError("bad input row 7")
+
+        await step.do("boom", boom, retries={"limit": 1, "delay": 0})
+        return "unreachable"
+
+
+class RaisesOutsideStep(WorkflowEntrypoint):
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        raise KeyError("missing-key")
+
+
+class Hangs(WorkflowEntrypoint):
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        async def hang() -> None:
+            await asyncio.sleep(3600)
+
+        await step.do("hang", {"retries": {"limit": 1, "delay": 0}, "timeout": 50}, hang)
+
+
+class NotJson(WorkflowEntrypoint):
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        await step.do("set", lambda: {1, 2, 3})
+
+
+class TooBig(WorkflowEntrypoint):
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        await step.do("big", lambda: "x" * (event.payload["size"]))
+
+
+class OutputNotJson(WorkflowEntrypoint):
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        return object()
+
+
+class Repeats(WorkflowEntrypoint):
+    """The same step name three times: three separate steps."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        out = []
+        for i in range(3):
+            out.append(await step.do("poll", lambda i=i: i * 10))
+        return out
+
+
+class Blocks(WorkflowEntrypoint):
+    """Waits in its step until the test sets the event on the class."""
+
+    gate: asyncio.Event | None = None
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        async def wait() -> str:
+            gate = type(self).gate
+            assert gate is not None
+            await gate.wait()
+            return "released"
+
+        return await step.do("wait", wait)
+
+
+class UsesEnv(WorkflowEntrypoint):
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        greeting = self.env.GREETING
+
+        async def write() -> int:
+            await self.env.DB.execute("CREATE TABLE IF NOT EXISTS t (v TEXT)")
+            await self.env.DB.execute("INSERT INTO t VALUES (?)", (greeting,))
+            rows = await self.env.DB.execute("SELECT count(*) FROM t")
+            return int(rows[0][0])
+
+        return {"greeting": greeting, "rows": await step.do("write", write)}
+
+
+class Versioned(WorkflowEntrypoint):
+    """Runs step names taken from params.names, so a test can 'change the code'.
+
+    The names come from the side file's 'names' when it exists, else params.
+    """
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        names = event.payload["names"]
+        override = os.environ.get("CRUZFLOW_TEST_STEP_NAMES")
+        if override:
+            names = override.split(",")
+        out = []
+        for name in names:
+
+            async def body(name: str = name) -> str:
+                mark(f"versioned:{name}")
+                if name == "block":
+                    await asyncio.sleep(3600)
+                return name
+
+            out.append(await step.do(name, body))
+        return out
