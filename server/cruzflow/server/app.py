@@ -8,6 +8,9 @@ import signal
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from cruzflow.server.bindings import Env, SqliteDatabase
 from cruzflow.server.config import Config
 from cruzflow.server.engine.runtime import Engine
@@ -15,8 +18,6 @@ from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.server.transport.servicer import WorkflowServicer
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger("cruzflow")
 

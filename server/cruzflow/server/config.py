@@ -13,10 +13,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from cruzflow.server.engine.api import WorkflowEntrypoint
 from cruzflow.server.engine.durations import to_seconds
 from cruzflow.server.engine.runtime import Limits, WorkflowSpec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(Exception):

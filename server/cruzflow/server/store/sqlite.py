@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
 from cruzflow.server.engine.model import (
     UNFINISHED,
     Batch,
@@ -102,7 +103,8 @@ _INSERT_EVENT = (
 _INSTANCE_COLUMNS = (
     "i.id, i.workflow, i.status, i.params, i.created_at, i.updated_at, i.output,"
     " i.error_name, i.error_message, i.ended_at,"
-    " (SELECT COALESCE(MAX(e.seq), 0) FROM events e WHERE e.instance_id = i.id)"
+    " COALESCE((SELECT e.seq FROM events e WHERE e.instance_id = i.id"
+    " ORDER BY e.seq DESC LIMIT 1), 0)"
 )
 _GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.id = ?"
 _UNFINISHED = (

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from cruzflow.server.engine.model import EventKind, EventRecord, InstanceRecord, StepRecord
-from cruzflow.v1 import workflows_pb2 as pb
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from cruzflow.server.engine.model import EventKind, EventRecord, InstanceRecord, StepRecord
+from cruzflow.v1 import workflows_pb2 as pb
 
 
 def _ts(ms: int | None) -> Timestamp | None:

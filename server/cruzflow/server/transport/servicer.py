@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+
 from cruzflow.server.engine import errors
 from cruzflow.server.engine.runtime import Engine
 from cruzflow.server.store.base import StoreError
