@@ -320,3 +320,19 @@ async def test_env_bindings_reach_the_workflow(tmp_path: Path, make_engine: Engi
     record = await finished(engine, (await engine.create("uses-env"))[0])
     assert json.loads(record.output) == {"greeting": "hello", "rows": 1}
     await env.aclose()
+
+
+async def test_journal_close_during_a_commit_returns(make_engine: EngineFactory) -> None:
+    from cruzflow.server.engine.model import EventRecord
+
+    engine = await make_engine()
+    journal = engine.journal
+    durable = journal.append(EventRecord("x", 1, 0, EventKind.STATUS_CHANGED, {"status": 2}))
+    await asyncio.sleep(0)  # the writer takes the batch and starts applying it
+    assert not journal._batch
+    async with asyncio.timeout(30):  # a hang guard, not a speed bound
+        await journal.close()
+    assert durable.done() and durable.exception() is None
+    assert [e.seq for e in await engine.store.read_events("x", 0, 10)] == [1]
+    engine.stopping = True  # the journal is closed; skip the fixture's shutdown
+    await engine.store.close()

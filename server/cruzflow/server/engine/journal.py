@@ -66,13 +66,13 @@ class Journal:
 
     async def _run(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, future = self._batch, self._future
-            if not batch:
+            if not self._batch:
                 if self._closing:
                     return
+                await self._wake.wait()
+                self._wake.clear()
                 continue
+            batch, future = self._batch, self._future
             self._batch, self._future = Batch(), self._loop.create_future()
             try:
                 await self._store.apply(batch)
