@@ -11,13 +11,13 @@ from typing import Any
 
 import grpc
 import pytest
+
 from cruzflow.server.app import Service
 from cruzflow.server.config import load_config
 from cruzflow.server.engine.runtime import Engine, Limits, WorkflowSpec
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
-
 from tests import workflows as wf
 from tests.procs import write_config
 

@@ -201,3 +201,25 @@ class Versioned(WorkflowEntrypoint):
 
             out.append(await step.do(name, body))
         return out
+
+
+class LongFirstAttempt(WorkflowEntrypoint):
+    """Step "work" sleeps params.first seconds on attempt 1, params.later (0) after.
+
+    Marks "TAG:work:ATTEMPT" when an attempt starts and "TAG:work-done" when one ends,
+    so a test can cut a long attempt short and see a short retry finish.
+    """
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        tag = event.payload.get("tag", event.instance_id)
+        first = event.payload.get("first", 3600)
+        later = event.payload.get("later", 0)
+
+        async def work(ctx: StepContext) -> int:
+            mark(f"{tag}:work:{ctx.attempt}")
+            await asyncio.sleep(first if ctx.attempt == 1 else later)
+            mark(f"{tag}:work-done")
+            return ctx.attempt
+
+        attempt = await step.do("work", {"retries": {"limit": 3, "delay": 0}}, work)
+        return {"work_attempt": attempt, "tag": tag}

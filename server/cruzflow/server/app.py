@@ -71,9 +71,10 @@ class Service:
         """Refuse new calls, let in-flight attempts finish within ``grace``, close."""
         grace = self.config.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        stopping = asyncio.create_task(self.server.stop(grace))
+        # Keep listening while the engine drains: new creates get UNAVAILABLE
+        # (which clients retry) rather than the CANCELLED of a closing server.
         await self.engine.shutdown(grace)
-        await stopping
+        await self.server.stop(1.0)
         await self.store.close()
         await self.env.aclose()
 

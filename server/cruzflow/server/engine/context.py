@@ -58,6 +58,11 @@ def _takes_context(fn: Callable[..., Any]) -> bool:
     return wants
 
 
+def to_json(value: Any) -> bytes:
+    """Compact JSON bytes; TypeError, ValueError or RecursionError if it isn't JSON."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
 def _ms() -> int:
     return int(time.time() * 1000)
 
@@ -317,8 +322,8 @@ class WorkflowStep:
         except Exception as exc:
             return None, type(exc).__name__, str(exc), True
         try:
-            text = json.dumps(result, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+            output = to_json(result)
+        except (TypeError, ValueError, RecursionError) as exc:
             return (
                 None,
                 "StepResultError",
@@ -326,7 +331,6 @@ class WorkflowStep:
                 f"strings, numbers, booleans or None",
                 False,
             )
-        output = text.encode()
         limit = self._engine.limits.max_payload_bytes
         if len(output) > limit:
             return (

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -20,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cruzflow.server.engine.api import WorkflowEntrypoint, WorkflowEvent
-from cruzflow.server.engine.context import WorkflowStep
+from cruzflow.server.engine.context import WorkflowStep, to_json
 from cruzflow.server.engine.errors import (
     AlreadyExists,
     FatalWorkflowError,
@@ -82,6 +83,13 @@ def _reject_constant(value: str) -> Any:
     raise ValueError(f"{value} is not JSON")
 
 
+def _finite(value: str) -> float:
+    number = float(value)
+    if math.isinf(number):
+        raise ValueError(f"{value} is too large for a 64-bit float")
+    return number
+
+
 def parse_json_field(text: str | bytes, field: str, limit: int) -> bytes:
     """Check that a request field is JSON within the size limit; return its bytes."""
     data = text.encode() if isinstance(text, str) else text
@@ -93,8 +101,10 @@ def parse_json_field(text: str | bytes, field: str, limit: int) -> bytes:
             f"(limits.max_payload_bytes); pass a reference to large data instead"
         )
     try:
-        json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+        json.loads(data, parse_constant=_reject_constant, parse_float=_finite)
+    except RecursionError:
+        raise InvalidArgument(f"{field}: nested too deeply; flatten the structure") from None
+    except ValueError as exc:
         raise InvalidArgument(
             f'{field}: not valid JSON ({exc}); send JSON text such as {{"a": 1}}'
         ) from None
@@ -277,7 +287,7 @@ class Engine:
             )
         params_bytes = parse_json_field(params, "params_json", self.limits.max_payload_bytes)
         if instance_id:
-            self.check_id(instance_id)
+            self.check_id(instance_id, creating=True)
             if instance_id in self._creating or instance_id in self._runs:
                 raise AlreadyExists(self._exists_message(instance_id))
             self._creating.add(instance_id)
@@ -309,15 +319,15 @@ class Engine:
             self._creating.discard(instance_id)
         return instance_id, status
 
-    def check_id(self, instance_id: str) -> None:
+    def check_id(self, instance_id: str, creating: bool = False) -> None:
         if not instance_id:
             raise InvalidArgument("instance_id: required; pass the id CreateInstance returned")
         limit = self.limits.max_instance_id_length
         if len(instance_id) > limit or not _ID_PATTERN.fullmatch(instance_id):
+            hint = ", or leave it empty to get a generated id" if creating else ""
             raise InvalidArgument(
                 f"instance_id: {instance_id[:120]!r} is not a valid id; use 1 to {limit} characters "
-                f"of A-Z, a-z, 0-9, '_' and '-', not starting with '-', or leave it empty to get a "
-                f"generated id"
+                f"of A-Z, a-z, 0-9, '_' and '-', not starting with '-'{hint}"
             )
 
     @staticmethod
@@ -352,10 +362,8 @@ class Engine:
             )
             result = await workflow.run(event, WorkflowStep(self, run))
             try:
-                output = json.dumps(
-                    result, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-                ).encode()
-            except (TypeError, ValueError) as exc:
+                output = to_json(result)
+            except (TypeError, ValueError, RecursionError) as exc:
                 run.set_status(
                     InstanceStatus.ERRORED,
                     error=(

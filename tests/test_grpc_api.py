@@ -1,0 +1,728 @@
+"""The gRPC API through a real server: CreateInstance, GetStatus, WatchInstance,
+ListWorkflows and the health service, with the error statuses and messages a
+caller gets for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cruzflow.server.app import Service
+from cruzflow.server.config import load_config
+from cruzflow.v1 import workflows_pb2 as pb
+from cruzflow.workflows import StepFailedError, WorkflowEntrypoint, WorkflowEvent, WorkflowStep
+from tests.conftest import ALL_WORKFLOWS, Server, ServerFactory, eventually
+from tests.procs import write_config
+from tests.workflows import Blocks
+
+RUNNING = pb.INSTANCE_STATUS_RUNNING
+QUEUED = pb.INSTANCE_STATUS_QUEUED
+COMPLETE = pb.INSTANCE_STATUS_COMPLETE
+ERRORED = pb.INSTANCE_STATUS_ERRORED
+STEP_RUNNING = pb.STEP_STATUS_RUNNING
+SUCCEEDED = pb.STEP_STATUS_SUCCEEDED
+FAILED = pb.STEP_STATUS_FAILED
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS
+
+TIMEOUT = 20.0
+
+
+# ---------------------------------------------------------------- helpers
+async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    """Await a unary call that must fail; return its error."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async with asyncio.timeout(TIMEOUT):
+            await call
+    return info.value
+
+
+async def watch(server: Server, instance_id: str, after: int = 0) -> list[pb.WatchInstanceResponse]:
+    """The whole watch stream of an instance from ``after``, until it ends."""
+    request = pb.WatchInstanceRequest(instance_id=instance_id, after_sequence=after)
+    async with asyncio.timeout(TIMEOUT):
+        return [event async for event in server.stub.WatchInstance(request)]
+
+
+async def watch_error(server: Server, instance_id: str, after: int = 0) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await watch(server, instance_id, after)
+    return info.value
+
+
+async def create(
+    server: Server, workflow: str, params: str = "", instance_id: str = ""
+) -> pb.CreateInstanceResponse:
+    return await server.stub.CreateInstance(
+        pb.CreateInstanceRequest(workflow=workflow, params_json=params, instance_id=instance_id),
+        timeout=TIMEOUT,
+    )
+
+
+async def status(server: Server, instance_id: str) -> pb.Instance:
+    response = await server.stub.GetStatus(
+        pb.GetStatusRequest(instance_id=instance_id), timeout=TIMEOUT
+    )
+    return response.instance
+
+
+async def run(
+    server: Server, workflow: str, params: str = "", instance_id: str = ""
+) -> pb.Instance:
+    async with asyncio.timeout(TIMEOUT):
+        return await server.run(workflow, params, instance_id)
+
+
+def kinds(events: list[pb.WatchInstanceResponse]) -> list[str]:
+    """Each event as a short string: "status:RUNNING", "step_started:one#1", ..."""
+    out = []
+    for event in events:
+        kind = event.WhichOneof("event")
+        assert kind is not None
+        if kind == "status_changed":
+            out.append(f"status:{pb.InstanceStatus.Name(event.status_changed.status)[16:]}")
+        else:
+            detail = getattr(event, kind)
+            out.append(f"{kind}:{detail.step.name}#{detail.attempt}")
+    return out
+
+
+def stored_instances(server: Server) -> list[str]:
+    """The ids in the server's SQLite store, read from the file itself."""
+    path = server.service.config.store_path
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        return [row[0] for row in db.execute("SELECT id FROM instances ORDER BY pk")]
+
+
+def assert_names_field(error: grpc.aio.AioRpcError, code: grpc.StatusCode, field: str) -> None:
+    assert error.code() == code, error.details()
+    details = error.details() or ""
+    assert details.startswith(f"{field}: "), details
+
+
+@pytest.fixture
+async def gate() -> AsyncIterator[asyncio.Event]:
+    """Holds every "blocks" step until set (tests may swap in a new gate)."""
+    Blocks.gate = asyncio.Event()
+    yield Blocks.gate
+    if Blocks.gate is not None:
+        Blocks.gate.set()
+    Blocks.gate = None
+
+
+# ------------------------------------------------------------ CreateInstance
+async def test_create_generates_distinct_ids(server: Server) -> None:
+    first = await create(server, "three-steps", '{"a": 1}')
+    second = await create(server, "three-steps", '{"a": 2}')
+    assert first.instance_id and second.instance_id
+    assert first.instance_id != second.instance_id
+    # A generated id is itself a valid id a caller could have chosen.
+    for response in (first, second):
+        assert len(response.instance_id) <= 100
+        assert response.instance_id.replace("-", "").replace("_", "").isalnum()
+        assert response.status in (RUNNING, QUEUED)
+    done = await run(server, "three-steps", '{"a": 3}')
+    assert done.status == COMPLETE
+    for response, a in ((first, 1), (second, 2)):
+        instance = await status(server, response.instance_id)
+        assert instance.instance_id == response.instance_id
+        assert instance.workflow == "three-steps"
+        assert json.loads(instance.params_json) == {"a": a}
+
+
+async def test_create_with_given_id(server: Server) -> None:
+    response = await create(server, "three-steps", '{"user": "ada"}', "order-42_A")
+    assert response.instance_id == "order-42_A"
+    assert response.status == RUNNING
+    events = await watch(server, "order-42_A")
+    assert events[-1].status_changed.status == COMPLETE
+    instance = await status(server, "order-42_A")
+    assert json.loads(instance.output_json) == {"sum": 6, "params": {"user": "ada"}}
+
+
+@pytest.mark.parametrize("instance_id", ["x" * 100, "_leading_underscore", "a", "9-", "A_b-C"])
+async def test_create_accepts_valid_ids(server: Server, instance_id: str) -> None:
+    done = await run(server, "three-steps", "", instance_id)
+    assert done.instance_id == instance_id
+    assert done.status == COMPLETE
+
+
+@pytest.mark.parametrize("params", ["", "   ", "null"])
+async def test_empty_params_mean_null(server: Server, params: str) -> None:
+    done = await run(server, "three-steps", params)
+    assert done.params_json == "null"
+    assert json.loads(done.output_json) == {"sum": 6, "params": None}
+
+
+async def test_duplicate_id_is_already_exists_and_changes_nothing(server: Server) -> None:
+    await create(server, "three-steps", '{"v": 1}', "dup")
+    # While the first may still be running, and again once it has finished.
+    error = await rpc_error(create(server, "three-steps", '{"v": 2}', "dup"))
+    assert_names_field(error, ALREADY_EXISTS, "instance_id")
+    assert "'dup'" in (error.details() or "")
+    events = await watch(server, "dup")
+    assert events[-1].status_changed.status == COMPLETE
+    for workflow in ("three-steps", "repeats"):
+        error = await rpc_error(create(server, workflow, '{"v": 3}', "dup"))
+        assert error.code() == ALREADY_EXISTS
+    instance = await status(server, "dup")
+    assert instance.workflow == "three-steps"
+    assert json.loads(instance.params_json) == {"v": 1}
+    assert instance.status == COMPLETE
+    assert json.loads(instance.output_json) == {"sum": 6, "params": {"v": 1}}
+    # The rejected creates added no events to the first instance.
+    assert await watch(server, "dup") == events
+    assert stored_instances(server) == ["dup"]
+
+
+async def test_unknown_workflow_is_not_found(server: Server) -> None:
+    error = await rpc_error(create(server, "no-such-flow", "{}", "orphan"))
+    assert error.code() == NOT_FOUND
+    details = error.details() or ""
+    assert details.startswith("workflow: 'no-such-flow' is not registered"), details
+    for name in ALL_WORKFLOWS:
+        assert name in details
+    assert (await rpc_error(status(server, "orphan"))).code() == NOT_FOUND
+
+
+BIG = 2048  # max_payload_bytes of the servers in the tests below
+
+
+@pytest.mark.parametrize(
+    ("workflow", "instance_id", "params", "field"),
+    [
+        pytest.param("", "rej", "{}", "workflow", id="empty-workflow"),
+        pytest.param("three-steps", "rej", "{not json", "params_json", id="not-json"),
+        pytest.param("three-steps", "rej", "{'a': 1}", "params_json", id="single-quotes"),
+        pytest.param("three-steps", "rej", '{"a": 1} x', "params_json", id="trailing-garbage"),
+        pytest.param("three-steps", "rej", "NaN", "params_json", id="nan"),
+        pytest.param("three-steps", "rej", '{"x": NaN}', "params_json", id="nested-nan"),
+        pytest.param("three-steps", "rej", "[-Infinity]", "params_json", id="infinity"),
+        pytest.param("three-steps", "rej", '{"x": 1e999}', "params_json", id="float-overflow"),
+        pytest.param(
+            "three-steps", "rej", '"' + "a" * (BIG - 1) + '"', "params_json", id="over-limit"
+        ),
+        pytest.param(
+            "three-steps", "rej", '"' + "é" * (BIG // 2) + '"', "params_json", id="over-limit-utf8"
+        ),
+        pytest.param(
+            "three-steps",
+            "rej",
+            "[" * 1000 + "]" * 1000,
+            "params_json",
+            id="deeply-nested",
+        ),
+        pytest.param("three-steps", "x" * 101, "{}", "instance_id", id="id-101-chars"),
+        pytest.param("three-steps", "a b", "{}", "instance_id", id="id-space"),
+        pytest.param("three-steps", "-x", "{}", "instance_id", id="id-leading-dash"),
+        pytest.param("three-steps", "é", "{}", "instance_id", id="id-non-ascii"),
+        pytest.param("three-steps", "a/b", "{}", "instance_id", id="id-slash"),
+        pytest.param("three-steps", "a\n", "{}", "instance_id", id="id-trailing-newline"),
+    ],
+)
+async def test_invalid_create_is_rejected_and_stores_nothing(
+    make_server: ServerFactory, workflow: str, instance_id: str, params: str, field: str
+) -> None:
+    server = await make_server(limits={"max_payload_bytes": BIG})
+    error = await rpc_error(create(server, workflow, params, instance_id))
+    assert_names_field(error, INVALID, field)
+    details = error.details() or ""
+    if len(params.encode()) > BIG:
+        assert "over the limit of 2,048 bytes" in details, details
+        assert "max_payload_bytes" in details, details
+    # Nothing was stored under the id, or under any id.
+    lookup = await rpc_error(status(server, instance_id))
+    if field == "instance_id":
+        assert lookup.code() == INVALID
+    else:
+        assert lookup.code() == NOT_FOUND
+    # A later good create goes through; once it is durable, it is the only one.
+    await run(server, "three-steps", "{}", "good")
+    assert stored_instances(server) == ["good"]
+
+
+async def test_message_past_the_grpc_cap_is_refused(make_server: ServerFactory) -> None:
+    # The server takes messages up to about 2 x max_payload_bytes + 64 KiB.
+    server = await make_server(limits={"max_payload_bytes": BIG})
+    params = '"' + "a" * 200_000 + '"'
+    error = await rpc_error(create(server, "three-steps", params, "huge"))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await rpc_error(status(server, "huge"))).code() == NOT_FOUND
+    assert stored_instances(server) == []
+
+
+async def test_params_at_the_limit_are_accepted(make_server: ServerFactory) -> None:
+    server = await make_server(limits={"max_payload_bytes": BIG})
+    params = '"' + "a" * (BIG - 2) + '"'
+    assert len(params.encode()) == BIG
+    await create(server, "repeats", params, "at-limit")
+    instance = await status(server, "at-limit")
+    assert instance.params_json == params
+
+
+async def test_concurrent_creates_of_one_id_make_one_instance(server: Server) -> None:
+    results = await asyncio.gather(
+        *(create(server, "three-steps", json.dumps({"n": n}), "same") for n in range(20)),
+        return_exceptions=True,
+    )
+    winners = [n for n, r in enumerate(results) if isinstance(r, pb.CreateInstanceResponse)]
+    losers = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(winners) == 1, results
+    assert len(losers) == 19, results
+    assert {e.code() for e in losers} == {ALREADY_EXISTS}
+    events = await watch(server, "same")
+    assert kinds(events).count("status:RUNNING") == 1
+    assert events[-1].status_changed.status == COMPLETE
+    instance = await status(server, "same")
+    assert json.loads(instance.params_json) == {"n": winners[0]}
+    assert stored_instances(server) == ["same"]
+
+
+async def test_concurrent_creates_of_distinct_ids_all_succeed(server: Server) -> None:
+    ids = [f"many-{n}" for n in range(30)]
+    responses = await asyncio.gather(*(create(server, "three-steps", "", i) for i in ids))
+    assert [r.instance_id for r in responses] == ids
+    for instance_id in ids:
+        events = await watch(server, instance_id)
+        assert events[-1].status_changed.status == COMPLETE
+    assert sorted(stored_instances(server)) == sorted(ids)
+
+
+# ---------------------------------------------------------------- GetStatus
+async def test_status_of_a_completed_instance(server: Server) -> None:
+    done = await run(server, "three-steps", '{"k": [1, 2]}', "full")
+    assert done.instance_id == "full"
+    assert done.workflow == "three-steps"
+    assert done.status == COMPLETE
+    assert json.loads(done.params_json) == {"k": [1, 2]}
+    assert json.loads(done.output_json) == {"sum": 6, "params": {"k": [1, 2]}}
+    assert not done.HasField("error")
+    for field in ("create_time", "update_time", "end_time"):
+        assert done.HasField(field), field
+    assert done.create_time.ToNanoseconds() <= done.end_time.ToNanoseconds()
+    assert done.end_time == done.update_time
+    assert [s.name for s in done.steps] == ["one", "two", "three"]
+    for index, step in enumerate(done.steps):
+        assert step.index == index
+        assert step.occurrence == 1
+        assert step.attempts == 1
+        assert step.status == SUCCEEDED
+        assert json.loads(step.output_json) == {"n": index + 1}
+        assert step.HasField("start_time") and step.HasField("end_time")
+        assert step.start_time.ToNanoseconds() <= step.end_time.ToNanoseconds()
+        assert not step.HasField("error")
+        assert not step.HasField("next_attempt_time")
+    # Events: status RUNNING, 3 x (started, succeeded), status COMPLETE.
+    assert done.last_sequence == 8
+
+
+async def test_repeated_step_names_are_separate_steps(server: Server) -> None:
+    done = await run(server, "repeats")
+    assert done.status == COMPLETE
+    assert json.loads(done.output_json) == [0, 10, 20]
+    assert [(s.name, s.occurrence, s.index) for s in done.steps] == [
+        ("poll", 1, 0),
+        ("poll", 2, 1),
+        ("poll", 3, 2),
+    ]
+    assert [json.loads(s.output_json) for s in done.steps] == [0, 10, 20]
+    events = await watch(server, done.instance_id)
+    refs = [e.step_succeeded.step for e in events if e.HasField("step_succeeded")]
+    assert refs == [pb.StepRef(name="poll", occurrence=n, index=n - 1) for n in (1, 2, 3)]
+
+
+async def test_status_of_unknown_and_bad_ids(server: Server) -> None:
+    error = await rpc_error(status(server, "nobody-home"))
+    assert_names_field(error, NOT_FOUND, "instance_id")
+    assert "'nobody-home'" in (error.details() or "")
+    for bad in ("", "a b", "-x", "x" * 101):
+        assert_names_field(await rpc_error(status(server, bad)), INVALID, "instance_id")
+
+
+# ----------------------------------------------------------------- failures
+async def test_step_that_raises_errors_the_instance(server: Server) -> None:
+    done = await run(server, "raises")
+    assert done.status == ERRORED
+    assert (done.error.name, done.error.message) == ("ValueError", "bad input row 7")
+    assert done.output_json == ""
+    assert done.HasField("end_time")
+    fine, boom = done.steps
+    assert (fine.name, fine.status, fine.attempts) == ("fine", SUCCEEDED, 1)
+    assert (boom.name, boom.status, boom.attempts) == ("boom", FAILED, 2)
+    assert (boom.error.name, boom.error.message) == ("ValueError", "bad input row 7")
+    assert boom.HasField("end_time")
+    assert not boom.HasField("next_attempt_time")
+    events = await watch(server, done.instance_id)
+    assert kinds(events)[-4:] == [
+        "attempt_failed:boom#1",
+        "step_started:boom#2",
+        "step_failed:boom#2",
+        "status:ERRORED",
+    ]
+    assert events[-1].status_changed.error == done.error
+
+
+async def test_caught_non_retryable_failure_completes(server: Server) -> None:
+    done = await run(server, "catches")
+    assert done.status == COMPLETE
+    assert json.loads(done.output_json) == {
+        "caught": "NonRetryableError",
+        "message": "card declined",
+    }
+    charge, refund = done.steps
+    assert (charge.name, charge.status, charge.attempts) == ("charge", FAILED, 1)
+    assert (charge.error.name, charge.error.message) == ("NonRetryableError", "card declined")
+    assert (refund.name, refund.status, refund.output_json) == ("refund", SUCCEEDED, '"refunded"')
+    assert not done.HasField("error")
+
+
+async def test_error_outside_a_step(server: Server) -> None:
+    done = await run(server, "raises-outside")
+    assert done.status == ERRORED
+    assert done.error.name == "KeyError"
+    assert "missing-key" in done.error.message
+    assert list(done.steps) == []
+
+
+async def test_hanging_step_times_out_per_attempt(server: Server) -> None:
+    done = await run(server, "hangs")
+    assert done.status == ERRORED
+    assert done.error.name == "StepTimeoutError"
+    assert "timed out" in done.error.message
+    (hang,) = done.steps
+    assert (hang.status, hang.attempts, hang.error.name) == (FAILED, 2, "StepTimeoutError")
+
+
+async def test_step_result_not_json(server: Server) -> None:
+    done = await run(server, "not-json")
+    assert done.status == ERRORED
+    assert done.error.name == "StepResultError"
+    assert "'set'" in done.error.message and "not JSON" in done.error.message
+    (step,) = done.steps
+    # Not retryable: the same code would return the same value again.
+    assert (step.status, step.attempts) == (FAILED, 1)
+
+
+@pytest.mark.parametrize(("size", "ok"), [(BIG - 2, True), (BIG - 1, False), (3 * BIG, False)])
+async def test_step_result_over_the_limit(make_server: ServerFactory, size: int, ok: bool) -> None:
+    server = await make_server(limits={"max_payload_bytes": BIG})
+    done = await run(server, "too-big", json.dumps({"size": size}))
+    (step,) = done.steps
+    if ok:
+        assert done.status == COMPLETE
+        assert len(step.output_json.encode()) == BIG
+        return
+    assert done.status == ERRORED
+    assert done.error.name == "StepResultError"
+    assert "2,048 bytes" in done.error.message
+    assert "max_payload_bytes" in done.error.message
+    assert (step.status, step.attempts) == (FAILED, 1)
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class BadResult(WorkflowEntrypoint[str]):
+    """A step whose result json.dumps accepts as a type but cannot store.
+
+    Hosted only by ``bad_result_server``: tests/workflows.py has no such case.
+    """
+
+    async def run(self, event: WorkflowEvent[str], step: WorkflowStep) -> Any:
+        values: dict[str, Any] = {"lone-surrogate": "\ud800", "too-deep": _nested(5000)}
+        try:
+            await step.do("bad", lambda: values[event.payload])
+        except StepFailedError as exc:
+            return {"caught": exc.error_name}
+        return "unreachable"
+
+
+@pytest.fixture
+async def bad_result_server(tmp_path: Path) -> AsyncIterator[Server]:
+    config = write_config(tmp_path, {"bad-result": f"{__name__}:BadResult"})
+    service = Service(load_config(config))
+    await service.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+    yield Server(service, channel)
+    await channel.close()
+    await service.stop(0.1)
+
+
+@pytest.mark.parametrize("case", ["lone-surrogate", "too-deep"])
+async def test_step_result_that_cannot_be_encoded(bad_result_server: Server, case: str) -> None:
+    done = await run(bad_result_server, "bad-result", json.dumps(case))
+    (step,) = done.steps
+    assert (step.status, step.attempts, step.error.name) == (FAILED, 1, "StepResultError")
+    assert done.status == COMPLETE
+    assert json.loads(done.output_json) == {"caught": "StepResultError"}
+
+
+async def test_workflow_output_not_json(server: Server) -> None:
+    done = await run(server, "output-not-json")
+    assert done.status == ERRORED
+    assert done.error.name == "WorkflowOutputError"
+    assert "not JSON" in done.error.message
+    assert done.output_json == ""
+
+
+async def test_flaky_step_retries_with_constant_backoff(server: Server) -> None:
+    done = await run(server, "flaky", '{"failures": 2, "limit": 5}')
+    assert done.status == COMPLETE
+    assert done.output_json == "3"
+    (step,) = done.steps
+    assert (step.name, step.status, step.attempts) == ("flaky", SUCCEEDED, 3)
+    events = await watch(server, done.instance_id)
+    assert kinds(events) == [
+        "status:RUNNING",
+        "step_started:flaky#1",
+        "attempt_failed:flaky#1",
+        "step_started:flaky#2",
+        "attempt_failed:flaky#2",
+        "step_started:flaky#3",
+        "step_succeeded:flaky#3",
+        "status:COMPLETE",
+    ]
+    failed = [e for e in events if e.HasField("attempt_failed")]
+    for number, event in enumerate(failed, start=1):
+        attempt_failed = event.attempt_failed
+        assert attempt_failed.error.name == "ConnectionError"
+        assert attempt_failed.error.message == f"attempt {number} failed"
+        assert attempt_failed.retry_delay.ToMilliseconds() == 1
+        assert attempt_failed.HasField("next_attempt_time")
+        started = events[event.sequence - 2]
+        assert started.HasField("step_started")
+        assert (
+            attempt_failed.next_attempt_time.ToMilliseconds() >= started.time.ToMilliseconds() + 1
+        )
+    assert events[-1].status_changed.output_json == "3"
+
+
+async def test_retries_exhausted_on_flaky(server: Server) -> None:
+    done = await run(server, "flaky", '{"failures": 5, "limit": 2}')
+    assert done.status == ERRORED
+    assert (done.error.name, done.error.message) == ("ConnectionError", "attempt 3 failed")
+    assert done.steps[0].attempts == 3
+
+
+async def test_bad_workflows_do_not_disturb_others(server: Server) -> None:
+    bad = ["raises", "raises-outside", "hangs", "not-json", "output-not-json"]
+    results = await asyncio.gather(
+        *(run(server, name) for name in bad),
+        *(run(server, "three-steps", json.dumps({"n": n})) for n in range(5)),
+    )
+    assert [r.status for r in results[: len(bad)]] == [ERRORED] * len(bad)
+    for n, good in enumerate(results[len(bad) :]):
+        assert good.status == COMPLETE
+        assert json.loads(good.output_json) == {"sum": 6, "params": {"n": n}}
+    after = await run(server, "three-steps")
+    assert after.status == COMPLETE
+    health = health_pb2_grpc.HealthStub(server.channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# ------------------------------------------------------------ WatchInstance
+async def test_watch_streams_every_event_in_order(server: Server) -> None:
+    created = await create(server, "three-steps", '{"w": 1}')
+    events = await watch(server, created.instance_id)
+    assert kinds(events) == [
+        "status:RUNNING",
+        "step_started:one#1",
+        "step_succeeded:one#1",
+        "step_started:two#1",
+        "step_succeeded:two#1",
+        "step_started:three#1",
+        "step_succeeded:three#1",
+        "status:COMPLETE",
+    ]
+    assert [e.sequence for e in events] == list(range(1, 9))
+    assert {e.instance_id for e in events} == {created.instance_id}
+    assert all(e.HasField("time") for e in events)
+    for index, name in enumerate(["one", "two", "three"]):
+        started, succeeded = events[1 + 2 * index], events[2 + 2 * index]
+        assert started.step_started.step == pb.StepRef(name=name, occurrence=1, index=index)
+        assert succeeded.step_succeeded.step == started.step_started.step
+        assert json.loads(succeeded.step_succeeded.output_json) == {"n": index + 1}
+    final = events[-1].status_changed
+    instance = await status(server, created.instance_id)
+    assert final.output_json == instance.output_json
+    assert json.loads(final.output_json) == {"sum": 6, "params": {"w": 1}}
+    assert instance.last_sequence == events[-1].sequence
+
+
+async def test_watch_resumes_exactly_after_a_sequence(server: Server) -> None:
+    done = await run(server, "three-steps")
+    full = await watch(server, done.instance_id)
+    assert len(full) == done.last_sequence == 8
+    for after in range(len(full) + 1):
+        assert await watch(server, done.instance_id, after) == full[after:], after
+
+
+async def test_watch_of_a_finished_instance_replays_and_ends(server: Server) -> None:
+    done = await run(server, "raises")
+    first = await watch(server, done.instance_id)
+    second = await watch(server, done.instance_id)
+    assert first == second
+    assert first[-1].status_changed.status == ERRORED
+    assert first[-1].status_changed.error.name == "ValueError"
+
+
+async def test_watch_bad_requests(server: Server) -> None:
+    done = await run(server, "three-steps")
+    error = await watch_error(server, done.instance_id, done.last_sequence + 1)
+    assert_names_field(error, INVALID, "after_sequence")
+    assert f"({done.last_sequence})" in (error.details() or "")
+    error = await watch_error(server, done.instance_id, 10**12)
+    assert_names_field(error, INVALID, "after_sequence")
+    error = await watch_error(server, done.instance_id, -1)
+    assert_names_field(error, INVALID, "after_sequence")
+    error = await watch_error(server, "no-such-instance")
+    assert_names_field(error, NOT_FOUND, "instance_id")
+    for bad in ("", "a b", "x" * 101):
+        assert_names_field(await watch_error(server, bad), INVALID, "instance_id")
+
+
+async def test_concurrent_watchers_each_get_every_event(
+    server: Server, gate: asyncio.Event
+) -> None:
+    created = await create(server, "blocks", "", "blocked")
+    streams: list[list[pb.WatchInstanceResponse]] = [[], [], []]
+
+    async def follow(into: list[pb.WatchInstanceResponse], after: int) -> None:
+        request = pb.WatchInstanceRequest(instance_id=created.instance_id, after_sequence=after)
+        async for event in server.stub.WatchInstance(request):
+            into.append(event)
+
+    # Wait until the step is running and blocked on the gate.
+    async def blocked() -> bool:
+        instance = await status(server, "blocked")
+        return len(instance.steps) == 1 and instance.last_sequence == 2
+
+    await eventually(blocked, TIMEOUT)
+    running = await status(server, "blocked")
+    assert running.status == RUNNING
+    assert running.output_json == ""
+    assert not running.HasField("end_time")
+    (step,) = running.steps
+    assert (step.name, step.status, step.attempts) == ("wait", STEP_RUNNING, 1)
+    assert not step.HasField("end_time")
+
+    tasks = [asyncio.create_task(follow(stream, 0)) for stream in streams]
+    resumed: list[pb.WatchInstanceResponse] = []
+    tasks.append(asyncio.create_task(follow(resumed, 1)))
+    # Every watcher is live (has caught up with the stored events) before the release.
+    await eventually(
+        lambda: asyncio.sleep(0, all(len(s) == 2 for s in streams) and len(resumed) == 1),
+        TIMEOUT,
+    )
+    assert all(not t.done() for t in tasks)
+    gate.set()
+    async with asyncio.timeout(TIMEOUT):
+        await asyncio.gather(*tasks)
+
+    expected = [
+        "status:RUNNING",
+        "step_started:wait#1",
+        "step_succeeded:wait#1",
+        "status:COMPLETE",
+    ]
+    for stream in streams:
+        assert kinds(stream) == expected
+        assert [e.sequence for e in stream] == [1, 2, 3, 4]
+        assert stream == streams[0]
+    assert resumed == streams[0][1:]
+    assert streams[0][-1].status_changed.output_json == '"released"'
+
+
+# ------------------------------------------------------------ concurrency bound
+async def test_running_instances_are_bounded_and_queue_in_order(
+    make_server: ServerFactory, gate: asyncio.Event
+) -> None:
+    server = await make_server(limits={"max_running_instances": 2})
+    # Creation order is not the ids' sort order, so a FIFO queue is told apart.
+    ids = ["q-e", "q-d", "q-c", "q-b", "q-a"]
+    created = [await create(server, "blocks", "", i) for i in ids]
+    assert [c.status for c in created] == [RUNNING, RUNNING, QUEUED, QUEUED, QUEUED]
+
+    async def statuses() -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for instance_id in ids:
+            instance = await status(server, instance_id)
+            out.append((instance.status, len(instance.steps)))
+        return out
+
+    async def settled(expected: list[tuple[int, int]]) -> bool:
+        return await statuses() == expected
+
+    blocked, queued, done = (RUNNING, 1), (QUEUED, 0), (COMPLETE, 1)
+    await eventually(lambda: settled([blocked, blocked, queued, queued, queued]), TIMEOUT)
+    # Stable: still two running, three queued, after the instances had time to move.
+    for _ in range(5):
+        await asyncio.sleep(0.02)
+        assert await statuses() == [blocked, blocked, queued, queued, queued]
+
+    # Release the running two only: the next two in creation order take their slots.
+    first, second = gate, asyncio.Event()
+    Blocks.gate = second
+    first.set()
+    await eventually(lambda: settled([done, done, blocked, blocked, queued]), TIMEOUT)
+    third = asyncio.Event()
+    Blocks.gate = third
+    second.set()
+    await eventually(lambda: settled([done, done, done, done, blocked]), TIMEOUT)
+    third.set()
+    for instance_id in ids:
+        events = await watch(server, instance_id)
+        assert events[-1].status_changed.status == COMPLETE
+    instances = [await status(server, i) for i in ids]
+    assert [i.status for i in instances] == [COMPLETE] * 5
+    # Each queued instance was RUNNING only after a slot was freed.
+    for instance_id in ids[2:]:
+        assert kinds(await watch(server, instance_id)) == [
+            "status:QUEUED",
+            "status:RUNNING",
+            "step_started:wait#1",
+            "step_succeeded:wait#1",
+            "status:COMPLETE",
+        ]
+    starts = [i.steps[0].start_time.ToMilliseconds() for i in instances]
+    ends = [i.steps[0].end_time.ToMilliseconds() for i in instances]
+    assert max(ends[:2]) <= min(starts[2:4])
+    assert max(ends[2:4]) <= starts[4]
+
+
+# ---------------------------------------------------- ListWorkflows, health
+async def test_list_workflows(server: Server) -> None:
+    response = await server.stub.ListWorkflows(pb.ListWorkflowsRequest(), timeout=TIMEOUT)
+    listed = {(w.name, w.binding, w.class_name) for w in response.workflows}
+    assert listed == {
+        (name, name.upper().replace("-", "_"), target) for name, target in ALL_WORKFLOWS.items()
+    }
+    names = [w.name for w in response.workflows]
+    assert names == sorted(names)
+
+
+async def test_health_check(server: Server) -> None:
+    health = health_pb2_grpc.HealthStub(server.channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for service in ("", "cruzflow.v1.WorkflowService"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+        assert reply.status == serving, service
+    error = await rpc_error(
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=TIMEOUT)
+    )
+    assert error.code() == NOT_FOUND
