@@ -41,7 +41,7 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	@tmp=$$(mktemp -d) && \
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto \
-	  --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTO) >/dev/null && \
+	  --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTO) >/dev/null 2>&1 && \
 	for f in workflows_pb2.py workflows_pb2.pyi workflows_pb2_grpc.py workflows_pb2_grpc.pyi; do \
 	  cmp -s $$tmp/cruzflow/v1/$$f $(GEN)/cruzflow/v1/$$f || { echo "stale generated code: $(GEN)/cruzflow/v1/$$f; run 'make proto'"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp
