@@ -726,3 +726,21 @@ async def test_health_check(server: Server) -> None:
         health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=TIMEOUT)
     )
     assert error.code() == NOT_FOUND
+
+
+async def test_many_create_and_watch_at_once_see_every_event(server: Server) -> None:
+    """Watches racing fresh creates must read a current snapshot: no NOT_FOUND, no gaps."""
+
+    async def one() -> list[int]:
+        created = await server.stub.CreateInstance(
+            pb.CreateInstanceRequest(workflow="three-steps", params_json="{}")
+        )
+        stream = server.stub.WatchInstance(
+            pb.WatchInstanceRequest(instance_id=created.instance_id), timeout=60
+        )
+        return [event.sequence async for event in stream]
+
+    results = await asyncio.gather(*[one() for _ in range(400)])
+    assert all(seqs == list(range(1, 9)) for seqs in results), [
+        s for s in results if s != list(range(1, 9))
+    ][:3]

@@ -448,6 +448,8 @@ class Engine:
                         )
                     if live.seq <= last:
                         continue
+                    if live.seq > last + 1:
+                        break  # a gap: the store has what we missed
                     yield live
                     last = live.seq
                     if _is_final(live):

@@ -306,10 +306,12 @@ class SqliteStore:
         assert self._reader is not None, "store is not open"
         return self._reader
 
+    # Every read is one execute_fetchall: a cursor left open across awaits
+    # would hold its WAL snapshot while other reads share the connection, and
+    # they would all see an old state.
     async def get_instance(self, instance_id: str) -> InstanceRecord | None:
-        async with self._read().execute(_GET_INSTANCE, (instance_id,)) as cur:
-            row = await cur.fetchone()
-        return _instance(row) if row else None
+        rows = list(await self._read().execute_fetchall(_GET_INSTANCE, (instance_id,)))
+        return _instance(rows[0]) if rows else None
 
     async def get_steps(self, instance_id: str) -> list[StepRecord]:
         rows = await self._read().execute_fetchall(_GET_STEPS, (instance_id,))
