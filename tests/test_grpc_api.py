@@ -744,3 +744,47 @@ async def test_many_create_and_watch_at_once_see_every_event(server: Server) -> 
     assert all(seqs == list(range(1, 9)) for seqs in results), [
         s for s in results if s != list(range(1, 9))
     ][:3]
+
+
+async def test_wait_instance_long_polls_until_final(server: Server, gate: asyncio.Event) -> None:
+    from google.protobuf.duration_pb2 import Duration
+
+    created = await server.stub.CreateInstance(pb.CreateInstanceRequest(workflow="blocks"))
+    instance_id = created.instance_id
+    early = await server.stub.WaitInstance(
+        pb.WaitInstanceRequest(instance_id=instance_id, timeout=Duration(nanos=50_000_000))
+    )
+    assert early.instance.status == pb.INSTANCE_STATUS_RUNNING
+    assert not early.instance.steps
+    waiting = asyncio.ensure_future(
+        server.stub.WaitInstance(
+            pb.WaitInstanceRequest(instance_id=instance_id, include_steps=True)
+        )
+    )
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    gate.set()
+    final = (await waiting).instance
+    assert final.status == pb.INSTANCE_STATUS_COMPLETE
+    assert json.loads(final.output_json) == "released"
+    assert [s.name for s in final.steps] == ["wait"]
+    again = await server.stub.WaitInstance(pb.WaitInstanceRequest(instance_id=instance_id))
+    assert again.instance.status == pb.INSTANCE_STATUS_COMPLETE
+
+
+async def test_wait_instance_rejects_bad_requests(server: Server) -> None:
+    from google.protobuf.duration_pb2 import Duration
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await server.stub.WaitInstance(pb.WaitInstanceRequest(instance_id="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await server.stub.WaitInstance(pb.WaitInstanceRequest(instance_id=""))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    created = await server.stub.CreateInstance(pb.CreateInstanceRequest(workflow="three-steps"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await server.stub.WaitInstance(
+            pb.WaitInstanceRequest(instance_id=created.instance_id, timeout=Duration(seconds=-1))
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "timeout" in (info.value.details() or "")

@@ -97,7 +97,8 @@ async def test_list_services(server: Server) -> None:
     code, out, err = await grpcurl(server, "list", SERVICE)
     assert code == 0, err
     assert out.split() == [
-        f"{SERVICE}.{m}" for m in ("CreateInstance", "GetStatus", "ListWorkflows", "WatchInstance")
+        f"{SERVICE}.{m}"
+        for m in ("CreateInstance", "GetStatus", "ListWorkflows", "WaitInstance", "WatchInstance")
     ]
 
 
@@ -110,6 +111,7 @@ async def test_describe(server: Server) -> None:
         ("GetStatus", ".cruzflow.v1.GetStatusResponse"),
         ("ListWorkflows", ".cruzflow.v1.ListWorkflowsResponse"),
         ("WatchInstance", "stream .cruzflow.v1.WatchInstanceResponse"),
+        ("WaitInstance", ".cruzflow.v1.WaitInstanceResponse"),
     ]:
         line = f"rpc {method} ( .cruzflow.v1.{method}Request ) returns ( {returns} );"
         assert line in out, out
@@ -283,3 +285,14 @@ async def test_duplicate_create_exits_with_already_exists(server: Server) -> Non
     assert exit_code != 0
     assert "Code: AlreadyExists" in err, err
     assert "Message: instance_id: an instance 'twice' exists already" in err, err
+
+
+async def test_wait_instance(server: Server) -> None:
+    created = await call(server, "CreateInstance", '{"workflow": "three-steps"}')
+    waited = await call(
+        server,
+        "WaitInstance",
+        json.dumps({"instance_id": created["instance_id"], "timeout": "30s"}),
+    )
+    assert waited["instance"]["status"] == "INSTANCE_STATUS_COMPLETE"
+    assert json.loads(waited["instance"]["output_json"])["sum"] == 6

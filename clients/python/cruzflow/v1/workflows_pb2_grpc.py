@@ -54,6 +54,11 @@ class WorkflowServiceStub:
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.WatchInstanceRequest.SerializeToString,
                 response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.WatchInstanceResponse.FromString,
                 _registered_method=True)
+        self.WaitInstance = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/WaitInstance',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceResponse.FromString,
+                _registered_method=True)
         self.ListWorkflows = channel.unary_unary(
                 '/cruzflow.v1.WorkflowService/ListWorkflows',
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.ListWorkflowsRequest.SerializeToString,
@@ -92,6 +97,15 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WaitInstance(self, request, context):
+        """WaitInstance answers once the instance has reached a final status
+        (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
+        its status at that moment: the long-poll form of GetStatus.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWorkflows(self, request, context):
         """ListWorkflows lists the workflow classes this server hosts.
         """
@@ -116,6 +130,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.WatchInstance,
                     request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.WatchInstanceRequest.FromString,
                     response_serializer=cruzflow_dot_v1_dot_workflows__pb2.WatchInstanceResponse.SerializeToString,
+            ),
+            'WaitInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitInstance,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceResponse.SerializeToString,
             ),
             'ListWorkflows': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkflows,
@@ -209,6 +228,33 @@ class WorkflowService:
             '/cruzflow.v1.WorkflowService/WatchInstance',
             cruzflow_dot_v1_dot_workflows__pb2.WatchInstanceRequest.SerializeToString,
             cruzflow_dot_v1_dot_workflows__pb2.WatchInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/WaitInstance',
+            cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

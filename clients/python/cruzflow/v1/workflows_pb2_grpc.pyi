@@ -48,6 +48,11 @@ class WorkflowServiceStub:
     """WatchInstance streams every durable change of an instance in order, from
     just after `after_sequence`, and ends after the instance's terminal event.
     """
+    WaitInstance: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.WaitInstanceRequest, _workflows_pb2.WaitInstanceResponse]
+    """WaitInstance answers once the instance has reached a final status
+    (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
+    its status at that moment: the long-poll form of GetStatus.
+    """
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.ListWorkflowsRequest, _workflows_pb2.ListWorkflowsResponse]
     """ListWorkflows lists the workflow classes this server hosts."""
 
@@ -70,6 +75,11 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     WatchInstance: _aio.UnaryStreamMultiCallable[_workflows_pb2.WatchInstanceRequest, _workflows_pb2.WatchInstanceResponse]  # type: ignore[assignment]
     """WatchInstance streams every durable change of an instance in order, from
     just after `after_sequence`, and ends after the instance's terminal event.
+    """
+    WaitInstance: _aio.UnaryUnaryMultiCallable[_workflows_pb2.WaitInstanceRequest, _workflows_pb2.WaitInstanceResponse]  # type: ignore[assignment]
+    """WaitInstance answers once the instance has reached a final status
+    (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
+    its status at that moment: the long-poll form of GetStatus.
     """
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_workflows_pb2.ListWorkflowsRequest, _workflows_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
     """ListWorkflows lists the workflow classes this server hosts."""
@@ -108,6 +118,17 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_workflows_pb2.WatchInstanceResponse], _abc.AsyncIterator[_workflows_pb2.WatchInstanceResponse]]:
         """WatchInstance streams every durable change of an instance in order, from
         just after `after_sequence`, and ends after the instance's terminal event.
+        """
+
+    @_abc_1.abstractmethod
+    def WaitInstance(
+        self,
+        request: _workflows_pb2.WaitInstanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.WaitInstanceResponse, _abc.Awaitable[_workflows_pb2.WaitInstanceResponse]]:
+        """WaitInstance answers once the instance has reached a final status
+        (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
+        its status at that moment: the long-poll form of GetStatus.
         """
 
     @_abc_1.abstractmethod

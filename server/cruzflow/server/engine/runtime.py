@@ -408,6 +408,40 @@ class Engine:
             )
         return record, await self.store.get_steps(instance_id)
 
+    async def wait(
+        self, instance_id: str, timeout: float | None = None, include_steps: bool = False
+    ) -> tuple[InstanceRecord, list[StepRecord]]:
+        """The instance once it is final, or as it is when ``timeout`` s have passed."""
+        self.check_id(instance_id)
+        if timeout is not None and timeout < 0:
+            raise InvalidArgument(f"timeout: must not be negative, got {timeout:g} s")
+        sub = self._hub.subscribe(instance_id)
+        try:
+            record = await self.store.get_instance(instance_id)
+            if record is None:
+                raise NotFound(
+                    f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned"
+                )
+            try:
+                async with asyncio.timeout(timeout):
+                    while not record.status.finished:
+                        event = await sub.queue.get()
+                        if event is None:
+                            raise Unavailable(
+                                "the server is shutting down; wait again once it is back"
+                            )
+                        if sub.lagged or _is_final(event):
+                            sub.lagged = False
+                            while not sub.queue.empty():
+                                sub.queue.get_nowait()
+                            record = await self.store.get_instance(instance_id) or record
+            except TimeoutError:
+                record = await self.store.get_instance(instance_id) or record
+        finally:
+            self._hub.unsubscribe(sub)
+        steps = await self.store.get_steps(instance_id) if include_steps else []
+        return record, steps
+
     async def watch(self, instance_id: str, after_seq: int = 0) -> AsyncIterator[EventRecord]:
         """Every durable event of the instance after ``after_seq``, live, until its end."""
         self.check_id(instance_id)

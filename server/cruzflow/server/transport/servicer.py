@@ -86,6 +86,20 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         except (errors.ServiceError, StoreError) as exc:
             await _abort(context, exc)
 
+    async def WaitInstance(
+        self,
+        request: pb.WaitInstanceRequest,
+        context: grpc.aio.ServicerContext[pb.WaitInstanceRequest, pb.WaitInstanceResponse],
+    ) -> pb.WaitInstanceResponse:
+        timeout = (
+            request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
+        )
+        record, steps = await _call(
+            context,
+            lambda: self._engine.wait(request.instance_id, timeout, request.include_steps),
+        )
+        return pb.WaitInstanceResponse(instance=convert.instance(record, steps))
+
     async def ListWorkflows(
         self,
         request: pb.ListWorkflowsRequest,

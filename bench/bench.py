@@ -1,0 +1,879 @@
+"""``make bench``: throughput (W1) and latency (W2) through the public gRPC API.
+
+Starts the real server (``cruzflow serve``) on a throw-away store, drives it
+with grpc.aio clients, prints one JSON line on stdout and a short summary on
+stderr, then stops the server with SIGTERM. See PERFORMANCE.md for the work
+and the targets: one workflow is three trivial steps.
+
+    make bench                       # W1: 2,000 at once; W2: 300 one at a time
+    make bench BENCH_ARGS=--quick    # a few seconds, to check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import queue
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import grpc
+
+from cruzflow.v1 import workflows_pb2 as pb
+from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    Stub = pb_grpc.WorkflowServiceAsyncStub
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW = "bench-three-steps"
+STEPS_PER_WORKFLOW = 3
+TARGET_W1_PER_S = 1500.0
+TARGET_W2_P50_MS = 3.5
+LISTENING = "cruzflow listening on "
+# The start lines of fsync-like calls; strace splits a call that another thread
+# interrupts into "<unfinished ...>" and "<... resumed>", and only the first
+# names the call with its parenthesis.
+_FSYNC_LINE = re.compile(rb"\b(?:fsync|fdatasync)\(")
+_QUOTED = re.compile(r"'[^']*'")
+_PERF_EVENTS = "syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    n: int
+    concurrency: int
+    m: int
+    warmup: int
+    channels: int
+    rpc_timeout: float
+    budget: float
+    client_uvloop: bool
+    server_uvloop: bool
+    fsync_method: str
+    profile: Path | None
+    profile_format: str
+    keep: bool
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench",
+        description="Benchmark a real cruzflow server through its gRPC API (W1, W2).",
+    )
+    parser.add_argument("--n", type=int, default=2000, help="W1: workflows (default 2000)")
+    parser.add_argument(
+        "--concurrency", type=int, default=1000, help="W1: workflows in flight (default 1000)"
+    )
+    parser.add_argument("--m", type=int, default=300, help="W2: workflows one at a time (300)")
+    parser.add_argument("--warmup", type=int, default=50, help="workflows before each phase (50)")
+    parser.add_argument("--channels", type=int, default=4, help="W1: client channels (4)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny run: n=200, m=30, warmup=10 (overrides those)"
+    )
+    parser.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of each RPC, s")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=90.0,
+        help="seconds for all the client's work, warm-ups included; what is left is cut (90)",
+    )
+    parser.add_argument("--no-uvloop", action="store_true", help="client on asyncio's loop")
+    parser.add_argument(
+        "--no-server-uvloop", action="store_true", help="[server] uvloop = false in the config"
+    )
+    parser.add_argument(
+        "--fsync-method",
+        choices=("auto", "perf", "strace", "none"),
+        default="auto",
+        help="how to count the server's fsyncs: perf tracepoints (auto: if usable), or "
+        "strace, which stops the server on every fsync and so slows every commit",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record the server with py-spy during each phase into DIR/w1.*, DIR/w2.*",
+    )
+    parser.add_argument(
+        "--profile-format",
+        choices=("flamegraph", "raw", "speedscope"),
+        default="flamegraph",
+        help="py-spy's output: an SVG flame graph, collapsed stacks (text), or speedscope JSON",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+    n, m, warmup = args.n, args.m, args.warmup
+    if args.quick:
+        n, m, warmup = 200, 30, 10
+    for name, value in (("--n", n), ("--m", m), ("--channels", args.channels)):
+        if value < 1:
+            parser.error(f"{name} must be at least 1")
+    if args.concurrency < 1 or warmup < 0:
+        parser.error("--concurrency must be at least 1 and --warmup at least 0")
+    return Options(
+        n=n,
+        concurrency=args.concurrency,
+        m=m,
+        warmup=warmup,
+        channels=args.channels,
+        rpc_timeout=args.rpc_timeout,
+        budget=args.budget,
+        client_uvloop=not args.no_uvloop and _has_uvloop(),
+        server_uvloop=not args.no_server_uvloop,
+        fsync_method=args.fsync_method,
+        profile=args.profile,
+        profile_format=args.profile_format,
+        keep=args.keep,
+    )
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ server
+def write_config(directory: Path, *, uvloop: bool) -> Path:
+    # python_path is relative to the config's folder, which is a temp folder
+    # here, so the repository root goes in as an absolute path found at runtime.
+    lines = [
+        'name = "cruzflow-bench"',
+        f"python_path = [{json.dumps(str(ROOT))}]",
+        "[server]",
+        'listen = "127.0.0.1:0"',
+        'grace_period = "5 seconds"',
+        f"uvloop = {'true' if uvloop else 'false'}",
+        "[store]",
+        'path = "store.db"',
+        "[limits]",
+        "max_running_instances = 10000",
+        "[[workflows]]",
+        'binding = "THREE_STEPS"',
+        f'name = "{WORKFLOW}"',
+        'class_name = "bench.workflows:ThreeSteps"',
+        "[[workflows]]",
+        'binding = "SLOW_STEP"',
+        'name = "bench-slow-step"',
+        'class_name = "bench.workflows:SlowStep"',
+    ]
+    path = directory / "cruzflow.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _works(command: list[str]) -> bool:
+    if shutil.which(command[0]) is None:
+        return False
+    try:
+        probe = subprocess.run(command, capture_output=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0 and b"not supported" not in probe.stderr
+
+
+def perf_works() -> bool:
+    """Whether perf may count syscall tracepoints here (root or a low perf_event_paranoid)."""
+    return _works(["perf", "stat", "-x", ",", "-e", _PERF_EVENTS, "--", "true"])
+
+
+def strace_works() -> bool:
+    """Whether strace can trace a child here (containers often forbid ptrace)."""
+    return _works(
+        ["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=fsync", "-o", os.devnull, "true"]
+    )
+
+
+class Server:
+    """``cruzflow serve`` in a child process, optionally under strace.
+
+    Under strace, ``--seccomp-bpf`` stops the server only on fsync and
+    fdatasync, and strace writes one line per call, read between phases.
+    """
+
+    def __init__(self, config: Path, *, strace: bool) -> None:
+        self.config = config
+        self.folder = config.parent
+        self.trace_path = self.folder / "fsync.trace" if strace else None
+        self.log_path = self.folder / "server.log"
+        self.address = ""
+        self.pid = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lines: queue.Queue[bytes] = queue.Queue()
+
+    def start(self, timeout: float = 30.0) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "cruzflow.server.cli",
+            "serve",
+            "--config",
+            str(self.config),
+        ]
+        if self.trace_path is not None:
+            command = [
+                "strace",
+                "-f",
+                "--seccomp-bpf",
+                "-qq",
+                "-e",
+                "trace=fsync,fdatasync",
+                "-e",
+                "signal=none",
+                "-o",
+                str(self.trace_path),
+                *command,
+            ]
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=log, cwd=self.folder
+            )
+        assert self._proc.stdout is not None
+        # A thread keeps the pipe drained, so the server never blocks on a full
+        # stdout, and lets the wait for the first line have a deadline.
+        threading.Thread(target=self._drain, args=(self._proc.stdout,), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not self.address:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"the server did not start:\n{self.log_tail()}")
+            with contextlib.suppress(queue.Empty):
+                line = self._lines.get(timeout=min(left, 0.5)).decode(errors="replace")
+                if line.startswith(LISTENING):
+                    self.address = line[len(LISTENING) :].strip()
+        self.pid = self._server_pid()
+
+    def _drain(self, stream: IO[bytes]) -> None:
+        for line in stream:
+            self._lines.put(line)
+
+    def _server_pid(self) -> int:
+        assert self._proc is not None
+        if self.trace_path is None:
+            return self._proc.pid
+        # Under strace the server is strace's only child.
+        children = Path(f"/proc/{self._proc.pid}/task/{self._proc.pid}/children")
+        pids = children.read_text().split()
+        if len(pids) != 1:
+            raise RuntimeError(f"expected one child of strace, found {pids}")
+        return int(pids[0])
+
+    def cpu_seconds(self, *, loop_only: bool = False) -> float:
+        """User plus system CPU of the server so far: all threads, or the main one.
+
+        The main thread runs the event loop, so its share tells whether the
+        loop is the bound; the others are aiosqlite's and gRPC's threads.
+        """
+        where = f"/proc/{self.pid}/task/{self.pid}/stat" if loop_only else f"/proc/{self.pid}/stat"
+        stat = Path(where).read_text()
+        # Fields after the command name, which may hold spaces, start at field 3.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def traced_fsyncs(self) -> int:
+        assert self.trace_path is not None
+        return len(_FSYNC_LINE.findall(self.trace_path.read_bytes()))
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait for the graceful stop; SIGKILL past ``timeout``."""
+        proc = self._proc
+        if proc is None:
+            return None
+        self._proc = None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid or proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                for pid in {self.pid, proc.pid} - {0}:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                proc.wait(10)
+        return proc.returncode
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+
+# ------------------------------------------------------------- side tools
+def _interrupt(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bytes:
+    """SIGINT (how perf and py-spy finish and write out), then wait; its stderr."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err or b""
+
+
+class FsyncCounter:
+    """Counts the server's fsync and fdatasync calls during one phase.
+
+    perf counts the syscall tracepoints in the kernel: nothing stops the
+    server. It starts with its counters off and turns them on and off through
+    its control FIFO, which acknowledges each command, so the count covers
+    exactly the phase and not perf's own start-up.
+    """
+
+    def __init__(self, method: str, server: Server) -> None:
+        self.method = method
+        self._server = server
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ctl = self._ack = -1
+        self._start = 0
+        self._out = server.folder / "perf.csv"
+
+    def begin(self) -> None:
+        if self.method == "strace":
+            self._start = self._server.traced_fsyncs()
+        elif self.method == "perf":
+            self._begin_perf()
+
+    def end(self) -> int | None:
+        if self.method == "strace":
+            return self._server.traced_fsyncs() - self._start
+        if self.method == "perf" and self._proc is not None:
+            return self._end_perf()
+        return None
+
+    def _begin_perf(self) -> None:
+        folder = Path(tempfile.mkdtemp(dir=self._server.folder))
+        ctl, ack = folder / "ctl", folder / "ack"
+        os.mkfifo(ctl)
+        os.mkfifo(ack)
+        self._out.unlink(missing_ok=True)
+        self._proc = subprocess.Popen(
+            [
+                "perf",
+                "stat",
+                "-D",
+                "-1",
+                "--control",
+                f"fifo:{ctl},{ack}",
+                "-x",
+                ",",
+                "-e",
+                _PERF_EVENTS,
+                "-p",
+                str(self._server.pid),
+                "-o",
+                str(self._out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self._ack = os.open(ack, os.O_RDONLY | os.O_NONBLOCK)
+        deadline = time.monotonic() + 10
+        # Opening a FIFO to write fails until its reader, perf, has it open.
+        while self._ctl < 0:
+            try:
+                self._ctl = os.open(ctl, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                if time.monotonic() > deadline or self._proc.poll() is not None:
+                    raise RuntimeError(f"perf did not start: {_interrupt(self._proc)!r}") from None
+                time.sleep(0.01)
+        self._command(b"enable")
+
+    def _command(self, word: bytes) -> None:
+        os.write(self._ctl, word + b"\n")
+        ready, _, _ = select.select([self._ack], [], [], 10)
+        if not ready or not os.read(self._ack, 16).startswith(b"ack"):
+            raise RuntimeError(f"perf did not acknowledge {word.decode()!r}")
+
+    def _end_perf(self) -> int:
+        assert self._proc is not None
+        self._command(b"disable")
+        err = _interrupt(self._proc)
+        self._proc = None
+        for fd in (self._ctl, self._ack):
+            os.close(fd)
+        self._ctl = self._ack = -1
+        total = 0
+        for line in self._out.read_text().splitlines():
+            value, _, rest = line.partition(",")
+            if "syscalls:sys_enter_" in rest:
+                if not value.isdigit():
+                    raise RuntimeError(f"perf could not count: {line!r} {err!r}")
+                total += int(value)
+        return total
+
+
+class Profiler:
+    """py-spy on the server during one phase, when asked for and installed."""
+
+    def __init__(self, folder: Path | None, fmt: str, pid: int) -> None:
+        self._folder = folder
+        self._format = fmt
+        self._pid = pid
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._exe = shutil.which("py-spy") or shutil.which(
+            "py-spy", path=str(Path(sys.executable).parent)
+        )
+        self.notes: list[str] = []
+        if folder is not None and self._exe is None:
+            self.notes.append("py-spy not installed (.venv/bin/pip install py-spy)")
+
+    def begin(self, name: str) -> None:
+        if self._folder is None or self._exe is None:
+            return
+        self._folder.mkdir(parents=True, exist_ok=True)
+        suffix = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}[self._format]
+        out = self._folder / f"{name.lower()}.{suffix}"
+        # --nonblocking: sampling never pauses the server. py-spy still takes
+        # CPU from the same two cores, so a profiled run is slower.
+        self._proc = subprocess.Popen(
+            [
+                self._exe,
+                "record",
+                "--pid",
+                str(self._pid),
+                "--nonblocking",
+                "--rate",
+                "250",
+                "--format",
+                self._format,
+                "--output",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.notes.append(str(out))
+
+    def end(self) -> None:
+        if self._proc is None:
+            return
+        err = _interrupt(self._proc, timeout=60)
+        if self._proc.returncode != 0:
+            self.notes[-1] += f": py-spy failed: {err.decode(errors='replace').strip()[-300:]}"
+        self._proc = None
+
+
+# ------------------------------------------------------------------ client
+@dataclass(slots=True)
+class Tally:
+    """Outcomes of one phase."""
+
+    ok: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def fail(self, reason: str) -> None:
+        # Quoted values are mostly instance ids; without them equal faults group.
+        reason = _QUOTED.sub("'...'", reason)[:200]
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
+
+
+async def one_workflow(stub: Stub, number: int, timeout: float, watch: bool) -> str | None:
+    """Create one instance and wait for its end (WaitInstance, or a WatchInstance
+    stream when ``watch``); None when it COMPLETEd."""
+    try:
+        created = await stub.CreateInstance(
+            pb.CreateInstanceRequest(workflow=WORKFLOW, params_json=f'{{"n":{number}}}'),
+            timeout=timeout,
+        )
+        if not watch:
+            waited = await stub.WaitInstance(
+                pb.WaitInstanceRequest(instance_id=created.instance_id), timeout=timeout
+            )
+            status = waited.instance.status
+            if status != pb.INSTANCE_STATUS_COMPLETE:
+                return f"ended {pb.InstanceStatus.Name(status)}"
+            if json.loads(waited.instance.output_json)["params"].get("n") != number:
+                return "wrong output"
+            return None
+        succeeded = 0
+        final = pb.INSTANCE_STATUS_UNSPECIFIED
+        call = stub.WatchInstance(
+            pb.WatchInstanceRequest(instance_id=created.instance_id), timeout=timeout
+        )
+        async for event in call:
+            kind = event.WhichOneof("event")
+            if kind == "step_succeeded":
+                succeeded += 1
+            elif kind == "status_changed":
+                final = event.status_changed.status
+    except grpc.aio.AioRpcError as exc:
+        return f"{exc.code().name}: {exc.details()}"
+    if final != pb.INSTANCE_STATUS_COMPLETE:
+        return f"ended {pb.InstanceStatus.Name(final)}"
+    if succeeded != STEPS_PER_WORKFLOW:
+        return f"{succeeded} steps succeeded"
+    return None
+
+
+async def run_many(
+    stubs: Sequence[Stub],
+    count: int,
+    concurrency: int,
+    first: int,
+    timeout: float,
+    tally: Tally,
+    watch: bool = False,
+) -> None:
+    """``count`` workflows, at most ``concurrency`` in flight, round-robin over ``stubs``."""
+    issued = 0
+
+    async def worker() -> None:
+        nonlocal issued
+        while issued < count:
+            number = first + issued
+            issued += 1
+            problem = await one_workflow(stubs[number % len(stubs)], number, timeout, watch)
+            if problem is None:
+                tally.ok += 1
+            else:
+                tally.fail(problem)
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, count))))
+
+
+async def run_sequential(
+    stub: Stub, count: int, first: int, timeout: float, tally: Tally, latencies_ms: list[float]
+) -> None:
+    for number in range(first, first + count):
+        start = time.perf_counter()
+        problem = await one_workflow(stub, number, timeout, False)
+        elapsed = time.perf_counter() - start
+        if problem is None:
+            tally.ok += 1
+            latencies_ms.append(elapsed * 1000)
+        else:
+            tally.fail(problem)
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile: a value that was measured, never interpolated."""
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _per(value: float | None, count: float, scale: float = 1.0) -> float | None:
+    return None if value is None or count <= 0 else round(value * scale / count, 3)
+
+
+class Bench:
+    """The phases, run against one server."""
+
+    def __init__(self, server: Server, stubs: list[Stub], opts: Options, fsync_method: str):
+        self.server = server
+        self.stubs = stubs
+        self.opts = opts
+        self.fsyncs = FsyncCounter(fsync_method, server)
+        self.profiler = Profiler(opts.profile, opts.profile_format, server.pid)
+        self.warm = Tally()
+        self.tallies = [self.warm]
+        self.cut: list[str] = []
+        self.numbered = 0  # workflows issued so far, so each gets its own number
+        self.deadline = asyncio.get_running_loop().time() + opts.budget
+
+    def _take(self, count: int) -> int:
+        first = self.numbered
+        self.numbered += count
+        return first
+
+    async def bounded(self, name: str, work: Awaitable[None]) -> None:
+        """Run ``work`` until the run's time budget is spent, then cut it."""
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                await work
+        except TimeoutError:
+            self.cut.append(f"{name} cut: the {self.opts.budget:g} s budget ran out")
+
+    async def measured(self, name: str, tally: Tally, work: Awaitable[None]) -> dict[str, Any]:
+        """Run one phase within the budget; its wall time and costs."""
+        self.fsyncs.begin()
+        self.profiler.begin(name)
+        cpu, loop = self.server.cpu_seconds(), self.server.cpu_seconds(loop_only=True)
+        client, wall = time.process_time(), time.perf_counter()
+        await self.bounded(name, work)
+        wall = time.perf_counter() - wall
+        client = time.process_time() - client
+        cpu = self.server.cpu_seconds() - cpu
+        loop = self.server.cpu_seconds(loop_only=True) - loop
+        self.profiler.end()
+        fsyncs = self.fsyncs.end()
+        done = tally.ok
+        return {
+            "completed": done,
+            "failed": tally.failed,
+            "wall_s": round(wall, 3),
+            "fsyncs": fsyncs,
+            "fsyncs_per_wf": _per(fsyncs, done),
+            "server_cpu_s": round(cpu, 3),
+            "server_cpu_ms_per_wf": _per(cpu, done, 1000),
+            "server_cpu_util": _per(cpu, wall),
+            "server_loop_cpu_ms_per_wf": _per(loop, done, 1000),
+            "server_loop_util": _per(loop, wall),
+            "client_cpu_ms_per_wf": _per(client, done, 1000),
+        }
+
+    async def w1(self, watch: bool = False) -> dict[str, Any]:
+        """N workflows submitted at once, a bounded number in flight."""
+        o = self.opts
+        name = "W1 watch" if watch else "W1"
+        first = self._take(o.warmup)
+        await self.bounded(
+            f"{name} warm-up",
+            run_many(self.stubs, o.warmup, o.concurrency, first, o.rpc_timeout, self.warm, watch),
+        )
+        tally = Tally()
+        self.tallies.append(tally)
+        first = self._take(o.n)
+        result = await self.measured(
+            name,
+            tally,
+            run_many(self.stubs, o.n, o.concurrency, first, o.rpc_timeout, tally, watch),
+        )
+        wall = result["wall_s"]
+        return {
+            "n": o.n,
+            "concurrency": min(o.concurrency, o.n),
+            "channels": len(self.stubs),
+            "workflows_per_s": round(tally.ok / wall, 1),
+            "steps_per_s": round(tally.ok * STEPS_PER_WORKFLOW / wall, 1),
+            **result,
+            "server_rss_mb": round(self.server.rss_mb(), 1),
+        }
+
+    async def w2(self) -> dict[str, Any]:
+        """M workflows one at a time: submit-to-result latency."""
+        o = self.opts
+        stub = self.stubs[0]
+        first = self._take(o.warmup)
+        await self.bounded(
+            "W2 warm-up", run_sequential(stub, o.warmup, first, o.rpc_timeout, self.warm, [])
+        )
+        tally = Tally()
+        self.tallies.append(tally)
+        lat: list[float] = []
+        first = self._take(o.m)
+        result = await self.measured(
+            "W2", tally, run_sequential(stub, o.m, first, o.rpc_timeout, tally, lat)
+        )
+        lat.sort()
+
+        def ms(value: float | None) -> float | None:
+            return None if value is None else round(value, 3)
+
+        return {
+            "m": o.m,
+            "p50_ms": ms(percentile(lat, 50) if lat else None),
+            "p90_ms": ms(percentile(lat, 90) if lat else None),
+            "p99_ms": ms(percentile(lat, 99) if lat else None),
+            "mean_ms": ms(sum(lat) / len(lat) if lat else None),
+            "min_ms": ms(lat[0] if lat else None),
+            "max_ms": ms(lat[-1] if lat else None),
+            **result,
+        }
+
+
+async def drive(server: Server, opts: Options, fsync_method: str) -> dict[str, Any]:
+    # A local subchannel pool gives each channel its own TCP connection;
+    # otherwise channels with equal arguments share one.
+    channels = [
+        grpc.aio.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(opts.channels)
+    ]
+    try:
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(ch.channel_ready() for ch in channels))
+        bench = Bench(
+            server, [pb_grpc.WorkflowServiceStub(ch) for ch in channels], opts, fsync_method
+        )
+        w1 = await bench.w1()
+        w1_watch = await bench.w1(watch=True)
+        w2 = await bench.w2()
+    finally:
+        await asyncio.gather(*(ch.close() for ch in channels))
+    failures: dict[str, int] = {}
+    for tally in bench.tallies:
+        for problem, count in tally.failures.items():
+            failures[problem] = failures.get(problem, 0) + count
+    return {
+        "w1": w1,
+        "w1_watch": w1_watch,
+        "w2": w2,
+        "warmup_failed": bench.warm.failed,
+        "failures": failures,
+        "cut": bench.cut,
+        "profile": bench.profiler.notes,
+    }
+
+
+# ------------------------------------------------------------------ report
+def machine(opts: Options) -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": model,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "grpcio": grpc.__version__,
+        "client_uvloop": opts.client_uvloop,
+        # The server runs on this interpreter, so it has uvloop when we do.
+        "server_uvloop": opts.server_uvloop and _has_uvloop(),
+    }
+
+
+def _pct(share: float | None) -> str:
+    return "?" if share is None else f"{share:.0%}"
+
+
+def summary(report: dict[str, Any]) -> Iterator[str]:
+    w1, w2 = report["w1"], report["w2"]
+    ok1 = w1["workflows_per_s"] >= TARGET_W1_PER_S
+    ok2 = w2["p50_ms"] is not None and w2["p50_ms"] < TARGET_W2_P50_MS
+    yield (
+        f"W1 {w1['completed']}/{w1['n']} workflows, {w1['concurrency']} in flight: "
+        f"{w1['wall_s']:.2f} s, {w1['workflows_per_s']:.0f} workflows/s, "
+        f"{w1['steps_per_s']:.0f} steps/s "
+        f"[target >= {TARGET_W1_PER_S:.0f}: {'met' if ok1 else 'MISSED'}]"
+    )
+    yield (
+        f"   server CPU {w1['server_cpu_ms_per_wf']} ms/wf ({_pct(w1['server_cpu_util'])} of a "
+        f"core; event loop thread {w1['server_loop_cpu_ms_per_wf']} ms/wf, "
+        f"{_pct(w1['server_loop_util'])} busy), client CPU {w1['client_cpu_ms_per_wf']} ms/wf, "
+        f"fsyncs {w1['fsyncs_per_wf']}/wf"
+    )
+    ww = report["w1_watch"]
+    yield (
+        f"W1 with a WatchInstance stream per workflow instead of WaitInstance: "
+        f"{ww['workflows_per_s']:.0f} workflows/s, server CPU {ww['server_cpu_ms_per_wf']} ms/wf"
+    )
+    yield (
+        f"W2 {w2['completed']}/{w2['m']} one at a time: p50 {w2['p50_ms']} ms, "
+        f"p99 {w2['p99_ms']} ms, mean {w2['mean_ms']} ms "
+        f"[target p50 < {TARGET_W2_P50_MS}: {'met' if ok2 else 'MISSED'}]"
+    )
+    yield (
+        f"   server CPU {w2['server_cpu_ms_per_wf']} ms/wf (event loop thread "
+        f"{w2['server_loop_cpu_ms_per_wf']} ms/wf), client CPU "
+        f"{w2['client_cpu_ms_per_wf']} ms/wf, fsyncs {w2['fsyncs_per_wf']}/wf"
+    )
+    m = report["machine"]
+    yield (
+        f"{m['nproc']} cores, Python {m['python']}, client uvloop "
+        f"{'on' if m['client_uvloop'] else 'off'}, server uvloop "
+        f"{'on' if m['server_uvloop'] else 'off'}, fsyncs counted by {report['fsync_method']}"
+    )
+    for problem, count in report["failures"].items():
+        yield f"FAILED {count}x: {problem}"
+    for reason in report["cut"]:
+        yield f"CUT: {reason}"
+
+
+def choose_fsync_method(wanted: str) -> str:
+    if wanted == "auto":
+        return "perf" if perf_works() else "none"
+    if wanted == "perf" and not perf_works():
+        raise SystemExit(
+            "bench: perf cannot count syscall tracepoints here; try --fsync-method strace"
+        )
+    if wanted == "strace" and not strace_works():
+        raise SystemExit("bench: strace cannot trace here; try --fsync-method perf")
+    return wanted
+
+
+_METHODS = {
+    "perf": f"perf stat -e {_PERF_EVENTS} -p SERVER (in-kernel counts, server never stopped)",
+    "strace": "strace -f --seccomp-bpf -e trace=fsync,fdatasync (server stopped on each fsync: "
+    "slower commits, larger batches, fewer fsyncs and lower throughput than untraced)",
+    "none": "none (perf not usable here; --fsync-method strace to count under strace)",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    method = choose_fsync_method(opts.fsync_method)
+    folder = Path(tempfile.mkdtemp(prefix="cruzflow-bench-"))
+    server = Server(write_config(folder, uvloop=opts.server_uvloop), strace=method == "strace")
+    started = time.perf_counter()
+    try:
+        server.start()
+        print(f"server pid {server.pid} on {server.address}, folder {folder}", file=sys.stderr)
+        # The client shares the cores with the server under test. Its cyclic GC
+        # walking thousands of live calls is CPU the server does not get, so
+        # freeze what is loaded and let the young generation grow large.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 1000)
+        with asyncio.Runner(loop_factory=_loop_factory(opts.client_uvloop)) as runner:
+            results = runner.run(drive(server, opts, method))
+    finally:
+        code = server.stop()
+        if code not in (0, None):
+            print(f"server exited with {code}:\n{server.log_tail()}", file=sys.stderr)
+        if opts.keep:
+            print(f"kept {folder}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    report: dict[str, Any] = {
+        "bench": "cruzflow",
+        "workflow": f"{STEPS_PER_WORKFLOW} trivial steps",
+        **results,
+        "fsync_method": _METHODS[method],
+        "server_exit_code": code,
+        "total_s": round(time.perf_counter() - started, 2),
+        "machine": machine(opts),
+        "targets": {"w1_workflows_per_s": TARGET_W1_PER_S, "w2_p50_ms": TARGET_W2_P50_MS},
+    }
+    print(json.dumps(report, separators=(",", ":")), flush=True)
+    for line in summary(report):
+        print(line, file=sys.stderr)
+    clean = not report["failures"] and not report["cut"] and code == 0
+    return 0 if clean else 1
+
+
+def _loop_factory(uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if not uvloop:
+        return None
+    import uvloop as uv
+
+    return uv.new_event_loop
+
+
+if __name__ == "__main__":
+    sys.exit(main())
