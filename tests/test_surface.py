@@ -117,3 +117,15 @@ def test_backoffs() -> None:
 def test_bad_step_config_is_named(config: object, message: str) -> None:
     with pytest.raises((TypeError, ValueError), match=message):
         resolve(config)  # type: ignore[arg-type]
+
+
+def test_engine_imports_neither_grpc_nor_a_database_driver() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cruzflow.server.engine.runtime;"
+        "print(sorted(m for m in ('grpc', 'aiosqlite', 'sqlite3') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
