@@ -64,6 +64,17 @@ class LimitsSection(_Strict):
     max_payload_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_steps_per_instance: int = Field(10_000, ge=1)
     max_running_instances: int = Field(10_000, ge=1)
+    max_lookup_key_length: int = Field(256, ge=1, le=10_000)
+    max_event_type_length: int = Field(100, ge=1, le=10_000)
+    max_sleep: str | int = "365 days"
+    max_batch_size: int = Field(100, ge=1, le=1000)
+    retention: str | int = "30 days"
+
+    @field_validator("max_sleep", "retention")
+    @classmethod
+    def _duration(cls, value: str | int) -> str | int:
+        to_seconds(value)
+        return value
 
 
 class WorkflowSection(_Strict):
@@ -122,7 +133,10 @@ class Config:
 
     @property
     def limits(self) -> Limits:
-        return Limits(**self.file.limits.model_dump())
+        values = self.file.limits.model_dump()
+        values["max_sleep_s"] = to_seconds(values.pop("max_sleep"))
+        values["retention_s"] = to_seconds(values.pop("retention"))
+        return Limits(**values)
 
     def database_paths(self) -> dict[str, Path]:
         return {db.binding: self.base / db.path for db in self.file.sqlite_databases}

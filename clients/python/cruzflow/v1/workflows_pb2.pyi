@@ -83,6 +83,32 @@ STEP_STATUS_FAILED: StepStatus.ValueType  # 3
 """Failed after all its attempts; the error was raised into `run`."""
 Global___StepStatus: _TypeAlias = StepStatus  # noqa: Y015
 
+class _StepKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StepKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STEP_KIND_UNSPECIFIED: _StepKind.ValueType  # 0
+    STEP_KIND_DO: _StepKind.ValueType  # 1
+    """step.do: runs a callback."""
+    STEP_KIND_SLEEP: _StepKind.ValueType  # 2
+    """step.sleep / step.sleep_until."""
+    STEP_KIND_WAIT_FOR_EVENT: _StepKind.ValueType  # 3
+    """step.wait_for_event."""
+
+class StepKind(_StepKind, metaclass=_StepKindEnumTypeWrapper):
+    """StepKind is what a step does."""
+
+STEP_KIND_UNSPECIFIED: StepKind.ValueType  # 0
+STEP_KIND_DO: StepKind.ValueType  # 1
+"""step.do: runs a callback."""
+STEP_KIND_SLEEP: StepKind.ValueType  # 2
+"""step.sleep / step.sleep_until."""
+STEP_KIND_WAIT_FOR_EVENT: StepKind.ValueType  # 3
+"""step.wait_for_event."""
+Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
+
 @_typing.final
 class Error(_message.Message):
     """Error names an error the way Python does: the exception class and its text."""
@@ -115,6 +141,7 @@ class CreateInstanceRequest(_message.Message):
     WORKFLOW_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    LOOKUP_KEY_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     """Name of a registered workflow (see ListWorkflows), e.g. "onboarding-workflow"."""
     instance_id: _builtins.str
@@ -123,16 +150,21 @@ class CreateInstanceRequest(_message.Message):
     """
     params_json: _builtins.str
     """The params given to `run` as `event.payload`: JSON text. Empty means null."""
+    lookup_key: _builtins.str
+    """Optional key of the caller's own, e.g. "user:42", to find the instance
+    by with ListInstances. Up to 256 characters; need not be unique.
+    """
     def __init__(
         self,
         *,
         workflow: _builtins.str = ...,
         instance_id: _builtins.str = ...,
         params_json: _builtins.str = ...,
+        lookup_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "params_json", b"params_json", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "lookup_key", b"lookup_key", "params_json", b"params_json", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -219,6 +251,8 @@ class Instance(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    LOOKUP_KEY_FIELD_NUMBER: _builtins.int
+    WAKE_TIME_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     workflow: _builtins.str
     status: Global___InstanceStatus.ValueType
@@ -228,6 +262,8 @@ class Instance(_message.Message):
     """The value `run` returned, as JSON text; set once COMPLETE."""
     last_sequence: _builtins.int
     """Sequence number of the newest event of this instance (see WatchInstance)."""
+    lookup_key: _builtins.str
+    """The lookup key given at creation."""
     @_builtins.property
     def error(self) -> Global___Error:
         """Set once ERRORED."""
@@ -244,6 +280,12 @@ class Instance(_message.Message):
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Step]:
         """The steps so far, in the order `run` reached them."""
 
+    @_builtins.property
+    def wake_time(self) -> _timestamp_pb2.Timestamp:
+        """While WAITING: when the instance resumes by itself (a sleep ends, or an
+        event wait times out).
+        """
+
     def __init__(
         self,
         *,
@@ -258,10 +300,12 @@ class Instance(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         steps: _abc.Iterable[Global___Step] | None = ...,
         last_sequence: _builtins.int = ...,
+        lookup_key: _builtins.str = ...,
+        wake_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "update_time", b"update_time", "wake_time", b"wake_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "output_json", b"output_json", "params_json", b"params_json", "status", b"status", "steps", b"steps", "update_time", b"update_time", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "status", b"status", "steps", b"steps", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -283,6 +327,8 @@ class Step(_message.Message):
     OUTPUT_JSON_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The step name given to step.do."""
     occurrence: _builtins.int
@@ -294,6 +340,9 @@ class Step(_message.Message):
     """Attempts started so far, including one cut short by a server restart."""
     output_json: _builtins.str
     """The step's result as JSON text; set once SUCCEEDED."""
+    kind: Global___StepKind.ValueType
+    event_type: _builtins.str
+    """For an event wait: the event type it waits for."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -306,7 +355,9 @@ class Step(_message.Message):
 
     @_builtins.property
     def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
-        """When the next attempt is due, while a retry is pending."""
+        """When the next attempt is due while a retry is pending; for a sleep, when
+        it ends; for an event wait, when it times out.
+        """
 
     def __init__(
         self,
@@ -321,10 +372,12 @@ class Step(_message.Message):
         output_json: _builtins.str = ...,
         error: Global___Error | None = ...,
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___StepKind.ValueType = ...,
+        event_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "next_attempt_time", b"next_attempt_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "end_time", b"end_time", "error", b"error", "index", b"index", "name", b"name", "next_attempt_time", b"next_attempt_time", "occurrence", b"occurrence", "output_json", b"output_json", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "end_time", b"end_time", "error", b"error", "event_type", b"event_type", "index", b"index", "kind", b"kind", "name", b"name", "next_attempt_time", b"next_attempt_time", "occurrence", b"occurrence", "output_json", b"output_json", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -564,19 +617,22 @@ class StepRef(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     OCCURRENCE_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     occurrence: _builtins.int
     index: _builtins.int
+    kind: Global___StepKind.ValueType
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         occurrence: _builtins.int = ...,
         index: _builtins.int = ...,
+        kind: Global___StepKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "name", b"name", "occurrence", b"occurrence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "kind", b"kind", "name", b"name", "occurrence", b"occurrence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -634,6 +690,324 @@ class WaitInstanceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WaitInstanceResponse: _TypeAlias = WaitInstanceResponse  # noqa: Y015
+
+@_typing.final
+class CreateInstancesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateInstanceRequest]:
+        """1 to 100 instances to create."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___CreateInstanceRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateInstancesRequest: _TypeAlias = CreateInstancesRequest  # noqa: Y015
+
+@_typing.final
+class CreateInstancesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateInstanceResponse]:
+        """One per request, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        instances: _abc.Iterable[Global___CreateInstanceResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateInstancesResponse: _TypeAlias = CreateInstancesResponse  # noqa: Y015
+
+@_typing.final
+class ListInstancesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_MIN_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_MAX_FIELD_NUMBER: _builtins.int
+    LOOKUP_KEY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    workflow: _builtins.str
+    """Only instances of this workflow."""
+    lookup_key: _builtins.str
+    """Only instances created with this lookup key."""
+    page_size: _builtins.int
+    """At most this many instances (1 to 1000; 0 means 100)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token, with the same filters."""
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___InstanceStatus.ValueType]:
+        """Only instances in one of these statuses."""
+
+    @_builtins.property
+    def create_time_min(self) -> _timestamp_pb2.Timestamp:
+        """Only instances created at or after this time."""
+
+    @_builtins.property
+    def create_time_max(self) -> _timestamp_pb2.Timestamp:
+        """Only instances created before this time."""
+
+    def __init__(
+        self,
+        *,
+        workflow: _builtins.str = ...,
+        statuses: _abc.Iterable[Global___InstanceStatus.ValueType] | None = ...,
+        create_time_min: _timestamp_pb2.Timestamp | None = ...,
+        create_time_max: _timestamp_pb2.Timestamp | None = ...,
+        lookup_key: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min", "lookup_key", b"lookup_key", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInstancesRequest: _TypeAlias = ListInstancesRequest  # noqa: Y015
+
+@_typing.final
+class ListInstancesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___Instance]:
+        """Newest first; without their steps (use GetStatus)."""
+
+    def __init__(
+        self,
+        *,
+        instances: _abc.Iterable[Global___Instance] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInstancesResponse: _TypeAlias = ListInstancesResponse  # noqa: Y015
+
+@_typing.final
+class PauseInstanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseInstanceRequest: _TypeAlias = PauseInstanceRequest  # noqa: Y015
+
+@_typing.final
+class PauseInstanceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: Global___InstanceStatus.ValueType
+    """Output only: PAUSED, or WAITING_FOR_PAUSE while a step finishes."""
+    def __init__(
+        self,
+        *,
+        status: Global___InstanceStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseInstanceResponse: _TypeAlias = PauseInstanceResponse  # noqa: Y015
+
+@_typing.final
+class ResumeInstanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeInstanceRequest: _TypeAlias = ResumeInstanceRequest  # noqa: Y015
+
+@_typing.final
+class ResumeInstanceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: Global___InstanceStatus.ValueType
+    """Output only."""
+    def __init__(
+        self,
+        *,
+        status: Global___InstanceStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeInstanceResponse: _TypeAlias = ResumeInstanceResponse  # noqa: Y015
+
+@_typing.final
+class TerminateInstanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TerminateInstanceRequest: _TypeAlias = TerminateInstanceRequest  # noqa: Y015
+
+@_typing.final
+class TerminateInstanceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: Global___InstanceStatus.ValueType
+    """Output only: TERMINATED."""
+    def __init__(
+        self,
+        *,
+        status: Global___InstanceStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TerminateInstanceResponse: _TypeAlias = TerminateInstanceResponse  # noqa: Y015
+
+@_typing.final
+class RestartInstanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartInstanceRequest: _TypeAlias = RestartInstanceRequest  # noqa: Y015
+
+@_typing.final
+class RestartInstanceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: Global___InstanceStatus.ValueType
+    """Output only: RUNNING or QUEUED."""
+    def __init__(
+        self,
+        *,
+        status: Global___InstanceStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartInstanceResponse: _TypeAlias = RestartInstanceResponse  # noqa: Y015
+
+@_typing.final
+class SendEventRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    type: _builtins.str
+    """The type a `step.wait_for_event` waits for: 1 to 100 characters."""
+    payload_json: _builtins.str
+    """The event's payload as JSON text. Empty means null."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        type: _builtins.str = ...,
+        payload_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "payload_json", b"payload_json", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendEventRequest: _TypeAlias = SendEventRequest  # noqa: Y015
+
+@_typing.final
+class SendEventResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendEventResponse: _TypeAlias = SendEventResponse  # noqa: Y015
 
 @_typing.final
 class ListWorkflowsRequest(_message.Message):

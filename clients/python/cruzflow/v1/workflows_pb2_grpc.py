@@ -44,6 +44,11 @@ class WorkflowServiceStub:
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.CreateInstanceRequest.SerializeToString,
                 response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.CreateInstanceResponse.FromString,
                 _registered_method=True)
+        self.CreateInstances = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/CreateInstances',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.CreateInstancesRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.CreateInstancesResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/cruzflow.v1.WorkflowService/GetStatus',
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.GetStatusRequest.SerializeToString,
@@ -58,6 +63,36 @@ class WorkflowServiceStub:
                 '/cruzflow.v1.WorkflowService/WaitInstance',
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceRequest.SerializeToString,
                 response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceResponse.FromString,
+                _registered_method=True)
+        self.ListInstances = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/ListInstances',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.ListInstancesRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.ListInstancesResponse.FromString,
+                _registered_method=True)
+        self.PauseInstance = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/PauseInstance',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.PauseInstanceRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.PauseInstanceResponse.FromString,
+                _registered_method=True)
+        self.ResumeInstance = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/ResumeInstance',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.ResumeInstanceRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.ResumeInstanceResponse.FromString,
+                _registered_method=True)
+        self.TerminateInstance = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/TerminateInstance',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.TerminateInstanceRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.TerminateInstanceResponse.FromString,
+                _registered_method=True)
+        self.RestartInstance = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/RestartInstance',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.RestartInstanceRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.RestartInstanceResponse.FromString,
+                _registered_method=True)
+        self.SendEvent = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/SendEvent',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.SendEventRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.SendEventResponse.FromString,
                 _registered_method=True)
         self.ListWorkflows = channel.unary_unary(
                 '/cruzflow.v1.WorkflowService/ListWorkflows',
@@ -77,6 +112,14 @@ class WorkflowServiceServicer:
     def CreateInstance(self, request, context):
         """CreateInstance starts a new instance of a workflow. It answers only once
         the instance is durably stored; the instance then runs in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateInstances(self, request, context):
+        """CreateInstances creates up to 100 instances in one transaction: all of
+        them, or (on any bad item) none, with an error naming each bad index.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +149,52 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListInstances(self, request, context):
+        """ListInstances lists instances, newest first, filtered and paginated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseInstance(self, request, context):
+        """PauseInstance stops the instance at its next step boundary: a running
+        step finishes first (WAITING_FOR_PAUSE), then it is PAUSED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeInstance(self, request, context):
+        """ResumeInstance lets a paused (or pausing) instance go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TerminateInstance(self, request, context):
+        """TerminateInstance ends the instance now as TERMINATED; an attempt in
+        flight is cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestartInstance(self, request, context):
+        """RestartInstance runs the instance again from scratch with the same id
+        and params; its step results are cleared.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendEvent(self, request, context):
+        """SendEvent delivers an event to the instance's `step.wait_for_event` of
+        that type; an event sent before the wait starts is kept for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWorkflows(self, request, context):
         """ListWorkflows lists the workflow classes this server hosts.
         """
@@ -121,6 +210,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.CreateInstanceRequest.FromString,
                     response_serializer=cruzflow_dot_v1_dot_workflows__pb2.CreateInstanceResponse.SerializeToString,
             ),
+            'CreateInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateInstances,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.CreateInstancesRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.CreateInstancesResponse.SerializeToString,
+            ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
                     request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.GetStatusRequest.FromString,
@@ -135,6 +229,36 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.WaitInstance,
                     request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceRequest.FromString,
                     response_serializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceResponse.SerializeToString,
+            ),
+            'ListInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInstances,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.ListInstancesRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.ListInstancesResponse.SerializeToString,
+            ),
+            'PauseInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseInstance,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.PauseInstanceRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.PauseInstanceResponse.SerializeToString,
+            ),
+            'ResumeInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeInstance,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.ResumeInstanceRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.ResumeInstanceResponse.SerializeToString,
+            ),
+            'TerminateInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.TerminateInstance,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.TerminateInstanceRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.TerminateInstanceResponse.SerializeToString,
+            ),
+            'RestartInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartInstance,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.RestartInstanceRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.RestartInstanceResponse.SerializeToString,
+            ),
+            'SendEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendEvent,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.SendEventRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.SendEventResponse.SerializeToString,
             ),
             'ListWorkflows': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkflows,
@@ -174,6 +298,33 @@ class WorkflowService:
             '/cruzflow.v1.WorkflowService/CreateInstance',
             cruzflow_dot_v1_dot_workflows__pb2.CreateInstanceRequest.SerializeToString,
             cruzflow_dot_v1_dot_workflows__pb2.CreateInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/CreateInstances',
+            cruzflow_dot_v1_dot_workflows__pb2.CreateInstancesRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.CreateInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -255,6 +406,168 @@ class WorkflowService:
             '/cruzflow.v1.WorkflowService/WaitInstance',
             cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceRequest.SerializeToString,
             cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/ListInstances',
+            cruzflow_dot_v1_dot_workflows__pb2.ListInstancesRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.ListInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/PauseInstance',
+            cruzflow_dot_v1_dot_workflows__pb2.PauseInstanceRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.PauseInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/ResumeInstance',
+            cruzflow_dot_v1_dot_workflows__pb2.ResumeInstanceRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.ResumeInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TerminateInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/TerminateInstance',
+            cruzflow_dot_v1_dot_workflows__pb2.TerminateInstanceRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.TerminateInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/RestartInstance',
+            cruzflow_dot_v1_dot_workflows__pb2.RestartInstanceRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.RestartInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/SendEvent',
+            cruzflow_dot_v1_dot_workflows__pb2.SendEventRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.SendEventResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,10 @@ class WorkflowServiceStub:
     """CreateInstance starts a new instance of a workflow. It answers only once
     the instance is durably stored; the instance then runs in the background.
     """
+    CreateInstances: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.CreateInstancesRequest, _workflows_pb2.CreateInstancesResponse]
+    """CreateInstances creates up to 100 instances in one transaction: all of
+    them, or (on any bad item) none, with an error naming each bad index.
+    """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.GetStatusRequest, _workflows_pb2.GetStatusResponse]
     """GetStatus returns the durable status of an instance and its steps so far."""
     WatchInstance: _grpc.UnaryStreamMultiCallable[_workflows_pb2.WatchInstanceRequest, _workflows_pb2.WatchInstanceResponse]
@@ -52,6 +56,26 @@ class WorkflowServiceStub:
     """WaitInstance answers once the instance has reached a final status
     (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
     its status at that moment: the long-poll form of GetStatus.
+    """
+    ListInstances: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.ListInstancesRequest, _workflows_pb2.ListInstancesResponse]
+    """ListInstances lists instances, newest first, filtered and paginated."""
+    PauseInstance: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.PauseInstanceRequest, _workflows_pb2.PauseInstanceResponse]
+    """PauseInstance stops the instance at its next step boundary: a running
+    step finishes first (WAITING_FOR_PAUSE), then it is PAUSED.
+    """
+    ResumeInstance: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.ResumeInstanceRequest, _workflows_pb2.ResumeInstanceResponse]
+    """ResumeInstance lets a paused (or pausing) instance go on."""
+    TerminateInstance: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.TerminateInstanceRequest, _workflows_pb2.TerminateInstanceResponse]
+    """TerminateInstance ends the instance now as TERMINATED; an attempt in
+    flight is cancelled.
+    """
+    RestartInstance: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.RestartInstanceRequest, _workflows_pb2.RestartInstanceResponse]
+    """RestartInstance runs the instance again from scratch with the same id
+    and params; its step results are cleared.
+    """
+    SendEvent: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.SendEventRequest, _workflows_pb2.SendEventResponse]
+    """SendEvent delivers an event to the instance's `step.wait_for_event` of
+    that type; an event sent before the wait starts is kept for it.
     """
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.ListWorkflowsRequest, _workflows_pb2.ListWorkflowsResponse]
     """ListWorkflows lists the workflow classes this server hosts."""
@@ -70,6 +94,10 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """CreateInstance starts a new instance of a workflow. It answers only once
     the instance is durably stored; the instance then runs in the background.
     """
+    CreateInstances: _aio.UnaryUnaryMultiCallable[_workflows_pb2.CreateInstancesRequest, _workflows_pb2.CreateInstancesResponse]  # type: ignore[assignment]
+    """CreateInstances creates up to 100 instances in one transaction: all of
+    them, or (on any bad item) none, with an error naming each bad index.
+    """
     GetStatus: _aio.UnaryUnaryMultiCallable[_workflows_pb2.GetStatusRequest, _workflows_pb2.GetStatusResponse]  # type: ignore[assignment]
     """GetStatus returns the durable status of an instance and its steps so far."""
     WatchInstance: _aio.UnaryStreamMultiCallable[_workflows_pb2.WatchInstanceRequest, _workflows_pb2.WatchInstanceResponse]  # type: ignore[assignment]
@@ -80,6 +108,26 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """WaitInstance answers once the instance has reached a final status
     (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
     its status at that moment: the long-poll form of GetStatus.
+    """
+    ListInstances: _aio.UnaryUnaryMultiCallable[_workflows_pb2.ListInstancesRequest, _workflows_pb2.ListInstancesResponse]  # type: ignore[assignment]
+    """ListInstances lists instances, newest first, filtered and paginated."""
+    PauseInstance: _aio.UnaryUnaryMultiCallable[_workflows_pb2.PauseInstanceRequest, _workflows_pb2.PauseInstanceResponse]  # type: ignore[assignment]
+    """PauseInstance stops the instance at its next step boundary: a running
+    step finishes first (WAITING_FOR_PAUSE), then it is PAUSED.
+    """
+    ResumeInstance: _aio.UnaryUnaryMultiCallable[_workflows_pb2.ResumeInstanceRequest, _workflows_pb2.ResumeInstanceResponse]  # type: ignore[assignment]
+    """ResumeInstance lets a paused (or pausing) instance go on."""
+    TerminateInstance: _aio.UnaryUnaryMultiCallable[_workflows_pb2.TerminateInstanceRequest, _workflows_pb2.TerminateInstanceResponse]  # type: ignore[assignment]
+    """TerminateInstance ends the instance now as TERMINATED; an attempt in
+    flight is cancelled.
+    """
+    RestartInstance: _aio.UnaryUnaryMultiCallable[_workflows_pb2.RestartInstanceRequest, _workflows_pb2.RestartInstanceResponse]  # type: ignore[assignment]
+    """RestartInstance runs the instance again from scratch with the same id
+    and params; its step results are cleared.
+    """
+    SendEvent: _aio.UnaryUnaryMultiCallable[_workflows_pb2.SendEventRequest, _workflows_pb2.SendEventResponse]  # type: ignore[assignment]
+    """SendEvent delivers an event to the instance's `step.wait_for_event` of
+    that type; an event sent before the wait starts is kept for it.
     """
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_workflows_pb2.ListWorkflowsRequest, _workflows_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
     """ListWorkflows lists the workflow classes this server hosts."""
@@ -100,6 +148,16 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_workflows_pb2.CreateInstanceResponse, _abc.Awaitable[_workflows_pb2.CreateInstanceResponse]]:
         """CreateInstance starts a new instance of a workflow. It answers only once
         the instance is durably stored; the instance then runs in the background.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateInstances(
+        self,
+        request: _workflows_pb2.CreateInstancesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.CreateInstancesResponse, _abc.Awaitable[_workflows_pb2.CreateInstancesResponse]]:
+        """CreateInstances creates up to 100 instances in one transaction: all of
+        them, or (on any bad item) none, with an error naming each bad index.
         """
 
     @_abc_1.abstractmethod
@@ -129,6 +187,62 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         """WaitInstance answers once the instance has reached a final status
         (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
         its status at that moment: the long-poll form of GetStatus.
+        """
+
+    @_abc_1.abstractmethod
+    def ListInstances(
+        self,
+        request: _workflows_pb2.ListInstancesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.ListInstancesResponse, _abc.Awaitable[_workflows_pb2.ListInstancesResponse]]:
+        """ListInstances lists instances, newest first, filtered and paginated."""
+
+    @_abc_1.abstractmethod
+    def PauseInstance(
+        self,
+        request: _workflows_pb2.PauseInstanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.PauseInstanceResponse, _abc.Awaitable[_workflows_pb2.PauseInstanceResponse]]:
+        """PauseInstance stops the instance at its next step boundary: a running
+        step finishes first (WAITING_FOR_PAUSE), then it is PAUSED.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeInstance(
+        self,
+        request: _workflows_pb2.ResumeInstanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.ResumeInstanceResponse, _abc.Awaitable[_workflows_pb2.ResumeInstanceResponse]]:
+        """ResumeInstance lets a paused (or pausing) instance go on."""
+
+    @_abc_1.abstractmethod
+    def TerminateInstance(
+        self,
+        request: _workflows_pb2.TerminateInstanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.TerminateInstanceResponse, _abc.Awaitable[_workflows_pb2.TerminateInstanceResponse]]:
+        """TerminateInstance ends the instance now as TERMINATED; an attempt in
+        flight is cancelled.
+        """
+
+    @_abc_1.abstractmethod
+    def RestartInstance(
+        self,
+        request: _workflows_pb2.RestartInstanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.RestartInstanceResponse, _abc.Awaitable[_workflows_pb2.RestartInstanceResponse]]:
+        """RestartInstance runs the instance again from scratch with the same id
+        and params; its step results are cleared.
+        """
+
+    @_abc_1.abstractmethod
+    def SendEvent(
+        self,
+        request: _workflows_pb2.SendEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.SendEventResponse, _abc.Awaitable[_workflows_pb2.SendEventResponse]]:
+        """SendEvent delivers an event to the instance's `step.wait_for_event` of
+        that type; an event sent before the wait starts is kept for it.
         """
 
     @_abc_1.abstractmethod

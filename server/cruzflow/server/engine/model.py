@@ -53,6 +53,12 @@ class StepStatus(enum.IntEnum):
     FAILED = 3
 
 
+class StepKind(enum.IntEnum):
+    DO = 1
+    SLEEP = 2
+    WAIT_FOR_EVENT = 3
+
+
 class EventKind(enum.IntEnum):
     STATUS_CHANGED = 1
     STEP_STARTED = 2
@@ -74,6 +80,8 @@ class InstanceRecord:
     error_message: str | None = None
     ended_at: int | None = None
     last_seq: int = 0
+    lookup_key: str | None = None
+    wake_at: int | None = None
 
 
 @dataclass(slots=True)
@@ -87,6 +95,7 @@ class InstanceUpdate:
     error_name: str | None = None
     error_message: str | None = None
     ended_at: int | None = None
+    wake_at: int | None = None
 
 
 @dataclass(slots=True)
@@ -103,6 +112,19 @@ class StepRecord:
     error_name: str | None = None
     error_message: str | None = None
     next_attempt_at: int | None = None
+    kind: StepKind = StepKind.DO
+    event_type: str | None = None
+
+
+@dataclass(slots=True)
+class InboxEvent:
+    """An event sent to an instance; ``id`` is set once stored."""
+
+    instance_id: str
+    type: str
+    payload: bytes
+    at: int
+    id: int = 0
 
 
 @dataclass(slots=True)
@@ -133,6 +155,19 @@ class Batch:
     instance_updates: dict[str, InstanceUpdate] = field(default_factory=dict)
     steps: dict[tuple[str, int], StepRecord] = field(default_factory=dict)
     events: list[EventRecord] = field(default_factory=list)
+    # Restart: the instance's steps are deleted before this batch's steps land.
+    cleared_steps: set[str] = field(default_factory=set)
+    inbox: list[InboxEvent] = field(default_factory=list)
+    # Inbox event id -> the step index that took it.
+    consumed: dict[int, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.new_instances or self.instance_updates or self.steps or self.events)
+        return bool(
+            self.new_instances
+            or self.instance_updates
+            or self.steps
+            or self.events
+            or self.cleared_steps
+            or self.inbox
+            or self.consumed
+        )

@@ -63,6 +63,16 @@ class Limits:
     """Steps one run may take; past it the instance errors."""
     max_running_instances: int = 10_000
     """Instances that run at once; the rest wait ``queued``, oldest first."""
+    max_lookup_key_length: int = 256
+    """Longest lookup key given at creation."""
+    max_event_type_length: int = 100
+    """Longest event type (SendEvent, wait_for_event)."""
+    max_sleep_s: float = 365 * 86400.0
+    """Longest sleep or event wait, in seconds."""
+    max_batch_size: int = 100
+    """Most instances one CreateInstances may create."""
+    retention_s: float = 30 * 86400.0
+    """Finished instances older than this (by end time) are purged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +226,7 @@ class Engine:
         self._creating: set[str] = set()
         self._stop = asyncio.Event()
         self.stopping = False
+        self._background: list[asyncio.Task[None]] = []
 
     # ----------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -241,11 +252,18 @@ class Engine:
         if unfinished:
             log.info("resuming %d unfinished instance(s)", len(self._queue))
         self._fill_slots()
+        self._start_background()
+
+    def _start_background(self) -> None:
+        """Start the engine's housekeeping tasks; shutdown cancels them."""
 
     async def shutdown(self, grace: float) -> None:
         """Stop taking work, let attempts in flight finish for ``grace`` s, then stop."""
         self.stopping = True
         self._stop.set()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         tasks = [r.task for r in self._runs.values() if r.task is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -273,11 +291,33 @@ class Engine:
         return sorted(self._workflows.values(), key=lambda w: w.name)
 
     async def create(
-        self, workflow: str, instance_id: str = "", params: str | bytes = b""
+        self,
+        workflow: str,
+        instance_id: str = "",
+        params: str | bytes = b"",
+        lookup_key: str = "",
     ) -> tuple[str, InstanceStatus]:
         """Store a new instance durably and schedule it; returns its id and status."""
+        spec, params_bytes = self.check_new(workflow, instance_id, params, lookup_key)
+        if instance_id:
+            await self.reserve_ids([instance_id])
+        else:
+            instance_id = uuid.uuid4().hex
+        try:
+            status, durable = self.admit(spec, instance_id, params_bytes, lookup_key)
+            await self.durable(durable, "the instance could not be stored")
+        finally:
+            self._creating.discard(instance_id)
+        return instance_id, status
+
+    def check_new(
+        self, workflow: str, instance_id: str, params: str | bytes, lookup_key: str
+    ) -> tuple[WorkflowSpec, bytes]:
+        """Validate a new instance's fields; raises a ServiceError naming the field."""
         if self.stopping:
             raise Unavailable("the server is shutting down; retry once it is back")
+        if not workflow:
+            raise InvalidArgument("workflow: required; name a registered workflow (see ListWorkflows)")
         spec = self._workflows.get(workflow)
         if spec is None:
             known = ", ".join(sorted(self._workflows)) or "none"
@@ -288,36 +328,61 @@ class Engine:
         params_bytes = parse_json_field(params, "params_json", self.limits.max_payload_bytes)
         if instance_id:
             self.check_id(instance_id, creating=True)
+        if len(lookup_key) > self.limits.max_lookup_key_length:
+            raise InvalidArgument(
+                f"lookup_key: {len(lookup_key)} characters, over the limit of "
+                f"{self.limits.max_lookup_key_length} (limits.max_lookup_key_length)"
+            )
+        return spec, params_bytes
+
+    async def reserve_ids(self, ids: list[str]) -> None:
+        """Claim ids for creation, or raise AlreadyExists naming the first taken one.
+
+        The claim holds until the caller discards the ids from ``_creating``
+        (after the create is durable or has failed).
+        """
+        for instance_id in ids:
             if instance_id in self._creating or instance_id in self._runs:
                 raise AlreadyExists(self._exists_message(instance_id))
-            self._creating.add(instance_id)
-            try:
+        self._creating.update(ids)
+        try:
+            for instance_id in ids:
                 if await self.store.get_instance(instance_id) is not None:
                     raise AlreadyExists(self._exists_message(instance_id))
-            except BaseException:
-                self._creating.discard(instance_id)
-                raise
+        except BaseException:
+            self._creating.difference_update(ids)
+            raise
+
+    def admit(
+        self, spec: WorkflowSpec, instance_id: str, params: bytes, lookup_key: str = ""
+    ) -> tuple[InstanceStatus, Durable]:
+        """Add a validated instance to the open batch and start or queue it.
+
+        Synchronous: instances admitted with no await in between commit in
+        the same transaction.
+        """
+        start_now = not self._queue and len(self._runs) < self.limits.max_running_instances
+        status = InstanceStatus.RUNNING if start_now else InstanceStatus.QUEUED
+        now = _ms()
+        record = InstanceRecord(
+            instance_id, spec.name, status, params, now, now, lookup_key=lookup_key or None
+        )
+        run = _Run(self, record, spec, resumed=False)
+        self.journal.insert_instance(record)
+        durable = run.emit(EventKind.STATUS_CHANGED, {"status": int(status)})
+        if start_now:
+            self._start(run)
         else:
-            instance_id = uuid.uuid4().hex
+            self._queue.append(run)
+        return status, durable
+
+    @staticmethod
+    async def durable(future: Durable, what: str) -> None:
+        """Wait for a write to commit; a store failure becomes Unavailable."""
         try:
-            start_now = not self._queue and len(self._runs) < self.limits.max_running_instances
-            status = InstanceStatus.RUNNING if start_now else InstanceStatus.QUEUED
-            now = _ms()
-            record = InstanceRecord(instance_id, workflow, status, params_bytes, now, now)
-            run = _Run(self, record, spec, resumed=False)
-            self.journal.insert_instance(record)
-            durable = run.emit(EventKind.STATUS_CHANGED, {"status": int(status)})
-            if start_now:
-                self._start(run)
-            else:
-                self._queue.append(run)
-            try:
-                await asyncio.shield(durable)
-            except Exception as exc:
-                raise Unavailable(f"the instance could not be stored ({exc}); retry later") from exc
-        finally:
-            self._creating.discard(instance_id)
-        return instance_id, status
+            await asyncio.shield(future)
+        except Exception as exc:
+            raise Unavailable(f"{what} ({exc}); retry later") from exc
 
     def check_id(self, instance_id: str, creating: bool = False) -> None:
         if not instance_id:

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from cruzflow.server.engine.model import Batch, EventRecord, InstanceRecord, StepRecord
+from cruzflow.server.engine.model import (
+    Batch,
+    EventRecord,
+    InboxEvent,
+    InstanceRecord,
+    StepRecord,
+)
 
 
 class StoreError(Exception):
@@ -38,6 +44,12 @@ class Store(Protocol):
 
     async def read_events(self, instance_id: str, after_seq: int, limit: int) -> list[EventRecord]:
         """Up to ``limit`` events with ``seq > after_seq``, in order."""
+
+    async def take_events(self, instance_id: str, type: str, limit: int) -> list[InboxEvent]:
+        """Up to ``limit`` unconsumed inbox events of that type, oldest first."""
+
+    async def due_wakes(self, before: int, limit: int) -> list[tuple[str, int]]:
+        """(id, wake_at) of waiting instances due before ``before`` (ms), soonest first."""
 
     async def claim_unfinished(self) -> list[InstanceRecord]:
         """Unfinished instances to resume, oldest first, with their ``last_seq``.

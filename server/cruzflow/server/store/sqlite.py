@@ -24,8 +24,10 @@ from cruzflow.server.engine.model import (
     Batch,
     EventKind,
     EventRecord,
+    InboxEvent,
     InstanceRecord,
     InstanceStatus,
+    StepKind,
     StepRecord,
     StepStatus,
 )
@@ -78,20 +80,56 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (instance_id, seq)
     ) WITHOUT ROWID;
     """,
+    """
+    ALTER TABLE instances ADD COLUMN lookup_key TEXT;
+    -- When a WAITING instance resumes by itself (sleep end, event timeout).
+    ALTER TABLE instances ADD COLUMN wake_at INTEGER;
+    ALTER TABLE steps ADD COLUMN kind INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE steps ADD COLUMN event_type TEXT;
+    CREATE INDEX instances_waking ON instances (wake_at) WHERE wake_at IS NOT NULL;
+    -- Listing, newest first (pk order is creation order), by each filter.
+    CREATE INDEX instances_by_workflow ON instances (workflow, pk);
+    CREATE INDEX instances_by_status ON instances (status, pk);
+    CREATE INDEX instances_by_lookup ON instances (lookup_key, pk) WHERE lookup_key IS NOT NULL;
+    -- Retention: finished instances by when they ended.
+    CREATE INDEX instances_ended ON instances (ended_at) WHERE ended_at IS NOT NULL;
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY,
+        instance_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        at INTEGER NOT NULL,
+        consumed_by INTEGER
+    );
+    CREATE INDEX inbox_pending ON inbox (instance_id, type, id) WHERE consumed_by IS NULL;
+    CREATE INDEX inbox_by_instance ON inbox (instance_id);
+    """,
 ]
 
 _INSERT_INSTANCE = (
     "INSERT INTO instances (id, workflow, status, params, output, error_name, error_message,"
-    " created_at, updated_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " created_at, updated_at, ended_at, lookup_key, wake_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_INSTANCE = (
     "UPDATE instances SET status = ?, output = ?, error_name = ?, error_message = ?,"
-    " updated_at = ?, ended_at = ? WHERE id = ?"
+    " updated_at = ?, ended_at = ?, wake_at = ? WHERE id = ?"
+)
+_CLEAR_STEPS = "DELETE FROM steps WHERE instance_id = ?"
+_INSERT_INBOX = "INSERT INTO inbox (instance_id, type, payload, at) VALUES (?, ?, ?, ?)"
+_CONSUME_INBOX = "UPDATE inbox SET consumed_by = ? WHERE id = ?"
+_TAKE_INBOX = (
+    "SELECT id, instance_id, type, payload, at FROM inbox INDEXED BY inbox_pending"
+    " WHERE instance_id = ? AND type = ? AND consumed_by IS NULL ORDER BY id LIMIT ?"
+)
+_DUE_WAKES = (
+    "SELECT id, wake_at FROM instances INDEXED BY instances_waking"
+    " WHERE wake_at IS NOT NULL AND wake_at <= ? ORDER BY wake_at LIMIT ?"
 )
 _UPSERT_STEP = (
     "INSERT INTO steps (instance_id, idx, name, occurrence, status, attempts, started_at,"
-    " ended_at, output, error_name, error_message, next_attempt_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ended_at, output, error_name, error_message, next_attempt_at, kind, event_type)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (instance_id, idx) DO UPDATE SET status = excluded.status,"
     " attempts = excluded.attempts, ended_at = excluded.ended_at, output = excluded.output,"
     " error_name = excluded.error_name, error_message = excluded.error_message,"
@@ -102,7 +140,7 @@ _INSERT_EVENT = (
 )
 _INSTANCE_COLUMNS = (
     "i.id, i.workflow, i.status, i.params, i.created_at, i.updated_at, i.output,"
-    " i.error_name, i.error_message, i.ended_at,"
+    " i.error_name, i.error_message, i.ended_at, i.lookup_key, i.wake_at,"
     " COALESCE((SELECT e.seq FROM events e WHERE e.instance_id = i.id"
     " ORDER BY e.seq DESC LIMIT 1), 0)"
 )
@@ -113,7 +151,8 @@ _UNFINISHED = (
 )
 _GET_STEPS = (
     "SELECT instance_id, idx, name, occurrence, status, attempts, started_at, ended_at, output,"
-    " error_name, error_message, next_attempt_at FROM steps WHERE instance_id = ? ORDER BY idx"
+    " error_name, error_message, next_attempt_at, kind, event_type"
+    " FROM steps WHERE instance_id = ? ORDER BY idx"
 )
 _READ_EVENTS = (
     "SELECT instance_id, seq, at, kind, data, payload FROM events"
@@ -125,8 +164,15 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "get_instance": (_GET_INSTANCE, ("x",)),
     "get_steps": (_GET_STEPS, ("x",)),
     "read_events": (_READ_EVENTS, ("x", 0, 10)),
-    "update_instance": (_UPDATE_INSTANCE, (1, None, None, None, 0, None, "x")),
-    "upsert_step": (_UPSERT_STEP, ("x", 0, "n", 1, 1, 1, 0, None, None, None, None, None)),
+    "update_instance": (_UPDATE_INSTANCE, (1, None, None, None, 0, None, None, "x")),
+    "upsert_step": (
+        _UPSERT_STEP,
+        ("x", 0, "n", 1, 1, 1, 0, None, None, None, None, None, 1, None),
+    ),
+    "clear_steps": (_CLEAR_STEPS, ("x",)),
+    "take_inbox": (_TAKE_INBOX, ("x", "t", 1)),
+    "consume_inbox": (_CONSUME_INBOX, (1, 1)),
+    "due_wakes": (_DUE_WAKES, (0, 10)),
     "unfinished": (_UNFINISHED, ()),
 }
 
@@ -143,7 +189,9 @@ def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
         error_name=row[7],
         error_message=row[8],
         ended_at=row[9],
-        last_seq=row[10],
+        lookup_key=row[10],
+        wake_at=row[11],
+        last_seq=row[12],
     )
 
 
@@ -227,73 +275,50 @@ class SqliteStore:
                 await conn.executemany(
                     _INSERT_INSTANCE,
                     [
-                        (
-                            r.id,
-                            r.workflow,
-                            int(r.status),
-                            r.params,
-                            r.output,
-                            r.error_name,
-                            r.error_message,
-                            r.created_at,
-                            r.updated_at,
-                            r.ended_at,
-                        )
+                        (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
+                         r.error_message, r.created_at, r.updated_at, r.ended_at,
+                         r.lookup_key, r.wake_at)
                         for r in batch.new_instances
                     ],
-                )
+                )  # fmt: skip
             if batch.instance_updates:
                 await conn.executemany(
                     _UPDATE_INSTANCE,
                     [
-                        (
-                            int(u.status),
-                            u.output,
-                            u.error_name,
-                            u.error_message,
-                            u.updated_at,
-                            u.ended_at,
-                            u.id,
-                        )
+                        (int(u.status), u.output, u.error_name, u.error_message, u.updated_at,
+                         u.ended_at, u.wake_at, u.id)
                         for u in batch.instance_updates.values()
                     ],
-                )
+                )  # fmt: skip
+            if batch.cleared_steps:
+                await conn.executemany(_CLEAR_STEPS, [(i,) for i in batch.cleared_steps])
             if batch.steps:
                 await conn.executemany(
                     _UPSERT_STEP,
                     [
-                        (
-                            s.instance_id,
-                            s.index,
-                            s.name,
-                            s.occurrence,
-                            int(s.status),
-                            s.attempts,
-                            s.started_at,
-                            s.ended_at,
-                            s.output,
-                            s.error_name,
-                            s.error_message,
-                            s.next_attempt_at,
-                        )
+                        (s.instance_id, s.index, s.name, s.occurrence, int(s.status), s.attempts,
+                         s.started_at, s.ended_at, s.output, s.error_name, s.error_message,
+                         s.next_attempt_at, int(s.kind), s.event_type)
                         for s in batch.steps.values()
                     ],
-                )
+                )  # fmt: skip
             if batch.events:
                 dumps = json.dumps
                 await conn.executemany(
                     _INSERT_EVENT,
                     [
-                        (
-                            e.instance_id,
-                            e.seq,
-                            e.at,
-                            int(e.kind),
-                            dumps(e.data, separators=(",", ":")),
-                            e.payload,
-                        )
+                        (e.instance_id, e.seq, e.at, int(e.kind),
+                         dumps(e.data, separators=(",", ":")), e.payload)
                         for e in batch.events
                     ],
+                )  # fmt: skip
+            if batch.inbox:
+                await conn.executemany(
+                    _INSERT_INBOX, [(e.instance_id, e.type, e.payload, e.at) for e in batch.inbox]
+                )
+            if batch.consumed:
+                await conn.executemany(
+                    _CONSUME_INBOX, [(step, event) for event, step in batch.consumed.items()]
                 )
             await conn.commit()
         except sqlite3.Error as exc:
@@ -329,6 +354,8 @@ class SqliteStore:
                 error_name=r[9],
                 error_message=r[10],
                 next_attempt_at=r[11],
+                kind=StepKind(r[12]),
+                event_type=r[13],
             )
             for r in rows
         ]
@@ -338,6 +365,14 @@ class SqliteStore:
         return [
             EventRecord(r[0], r[1], r[2], EventKind(r[3]), json.loads(r[4]), r[5]) for r in rows
         ]
+
+    async def take_events(self, instance_id: str, type: str, limit: int) -> list[InboxEvent]:
+        rows = await self._read().execute_fetchall(_TAKE_INBOX, (instance_id, type, limit))
+        return [InboxEvent(r[1], r[2], r[3], r[4], r[0]) for r in rows]
+
+    async def due_wakes(self, before: int, limit: int) -> list[tuple[str, int]]:
+        rows = await self._read().execute_fetchall(_DUE_WAKES, (before, limit))
+        return [(r[0], r[1]) for r in rows]
 
     async def claim_unfinished(self) -> list[InstanceRecord]:
         rows = await self._read().execute_fetchall(_UNFINISHED)

@@ -54,14 +54,11 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         request: pb.CreateInstanceRequest,
         context: grpc.aio.ServicerContext[pb.CreateInstanceRequest, pb.CreateInstanceResponse],
     ) -> pb.CreateInstanceResponse:
-        if not request.workflow:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "workflow: required; name a registered workflow (see ListWorkflows)",
-            )
         instance_id, status = await _call(
             context,
-            lambda: self._engine.create(request.workflow, request.instance_id, request.params_json),
+            lambda: self._engine.create(
+                request.workflow, request.instance_id, request.params_json, request.lookup_key
+            ),
         )
         return pb.CreateInstanceResponse(
             instance_id=instance_id, status=pb.InstanceStatus.ValueType(int(status))
