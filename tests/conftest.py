@@ -36,6 +36,9 @@ ALL_WORKFLOWS: dict[str, str] = {
     "blocks": "tests.workflows:Blocks",
     "uses-env": "tests.workflows:UsesEnv",
     "versioned": "tests.workflows:Versioned",
+    "naps": "tests.workflows:Naps",
+    "approval": "tests.workflows:Approval",
+    "steps5": "tests.workflows:Steps5",
 }
 
 

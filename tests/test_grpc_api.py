@@ -338,7 +338,9 @@ async def test_repeated_step_names_are_separate_steps(server: Server) -> None:
     assert [json.loads(s.output_json) for s in done.steps] == [0, 10, 20]
     events = await watch(server, done.instance_id)
     refs = [e.step_succeeded.step for e in events if e.HasField("step_succeeded")]
-    assert refs == [pb.StepRef(name="poll", occurrence=n, index=n - 1) for n in (1, 2, 3)]
+    assert refs == [
+        pb.StepRef(name="poll", occurrence=n, index=n - 1, kind=pb.STEP_KIND_DO) for n in (1, 2, 3)
+    ]
 
 
 async def test_status_of_unknown_and_bad_ids(server: Server) -> None:
@@ -554,7 +556,9 @@ async def test_watch_streams_every_event_in_order(server: Server) -> None:
     assert all(e.HasField("time") for e in events)
     for index, name in enumerate(["one", "two", "three"]):
         started, succeeded = events[1 + 2 * index], events[2 + 2 * index]
-        assert started.step_started.step == pb.StepRef(name=name, occurrence=1, index=index)
+        assert started.step_started.step == pb.StepRef(
+            name=name, occurrence=1, index=index, kind=pb.STEP_KIND_DO
+        )
         assert succeeded.step_succeeded.step == started.step_started.step
         assert json.loads(succeeded.step_succeeded.output_json) == {"n": index + 1}
     final = events[-1].status_changed

@@ -98,7 +98,20 @@ async def test_list_services(server: Server) -> None:
     assert code == 0, err
     assert out.split() == [
         f"{SERVICE}.{m}"
-        for m in ("CreateInstance", "GetStatus", "ListWorkflows", "WaitInstance", "WatchInstance")
+        for m in (
+            "CreateInstance",
+            "CreateInstances",
+            "GetStatus",
+            "ListInstances",
+            "ListWorkflows",
+            "PauseInstance",
+            "RestartInstance",
+            "ResumeInstance",
+            "SendEvent",
+            "TerminateInstance",
+            "WaitInstance",
+            "WatchInstance",
+        )
     ]
 
 
@@ -140,9 +153,12 @@ async def test_create_watch_and_status(server: Server) -> None:
     assert [e["sequence"] for e in events] == [str(n) for n in range(1, 9)]
     assert {e["instance_id"] for e in events} == {"via-grpcurl"}
     assert events[0]["status_changed"] == {"status": "INSTANCE_STATUS_RUNNING"}
-    assert events[1]["step_started"] == {"step": {"name": "one", "occurrence": 1}, "attempt": 1}
+    assert events[1]["step_started"] == {
+        "step": {"name": "one", "occurrence": 1, "kind": "STEP_KIND_DO"},
+        "attempt": 1,
+    }
     assert events[4]["step_succeeded"] == {
-        "step": {"name": "two", "occurrence": 1, "index": 1},
+        "step": {"name": "two", "occurrence": 1, "index": 1, "kind": "STEP_KIND_DO"},
         "attempt": 1,
         "output_json": '{"n":2}',
     }

@@ -148,8 +148,8 @@ async def test_hot_queries_use_indexes(tmp_path: Path) -> None:
     for name, (sql, params) in HOT_QUERIES.items():
         for line in _plan(conn, sql, params):
             if line.startswith("SCAN"):
-                # Only the partial index of unfinished instances may be walked.
-                assert "USING INDEX instances_unfinished" in line, (name, line)
+                # Only the partial index of runnable instances may be walked.
+                assert "USING INDEX instances_runnable" in line, (name, line)
             else:
                 assert line.startswith(("SEARCH", "CORRELATED SCALAR SUBQUERY")), (name, line)
     conn.close()

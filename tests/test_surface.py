@@ -17,6 +17,7 @@ def test_authoring_api_is_pinned() -> None:
     assert sorted(public.__all__) == [
         "Duration",
         "Env",
+        "EventTimeoutError",
         "NonRetryableError",
         "RetryConfig",
         "SqliteDatabase",

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from cruzflow.workflows import (
+    EventTimeoutError,
     NonRetryableError,
     StepContext,
     StepFailedError,
@@ -223,3 +224,52 @@ class LongFirstAttempt(WorkflowEntrypoint):
 
         attempt = await step.do("work", {"retries": {"limit": 3, "delay": 0}}, work)
         return {"work_attempt": attempt, "tag": tag}
+
+
+class Naps(WorkflowEntrypoint):
+    """Sleeps params.ms milliseconds between two steps."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        tag = (event.payload or {}).get("tag", event.instance_id)
+
+        async def before() -> str:
+            mark(f"{tag}:nap-before")
+            return "before"
+
+        async def after() -> str:
+            mark(f"{tag}:nap-after")
+            return "after"
+
+        await step.do("before", before)
+        await step.sleep("nap", event.payload["ms"])
+        return await step.do("after", after)
+
+
+class Approval(WorkflowEntrypoint):
+    """Waits for an "approval" event (params.timeout, default 24 h) and returns it."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        timeout = (event.payload or {}).get("timeout", "24 hours")
+        await step.do("request", lambda: mark(f"{event.instance_id}:requested"))
+        try:
+            approval = await step.wait_for_event("approval", type="approval", timeout=timeout)
+        except EventTimeoutError as exc:
+            return {"timed_out": exc.error_name}
+        await step.do("apply", lambda: mark(f"{event.instance_id}:applied"))
+        return {"approved": approval["payload"], "type": approval["type"]}
+
+
+class Steps5(WorkflowEntrypoint):
+    """Five steps of params.ms milliseconds each, marking each body."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        out = []
+        for i in range(5):
+
+            async def body(i: int = i) -> int:
+                mark(f"{event.instance_id}:s{i}")
+                await asyncio.sleep(event.payload["ms"] / 1000)
+                return i
+
+            out.append(await step.do(f"s{i}", body))
+        return out

@@ -13,6 +13,7 @@ from cruzflow.server.engine.api import StepContext, WorkflowEntrypoint, Workflow
 from cruzflow.server.engine.context import WorkflowStep
 from cruzflow.server.engine.durations import Duration
 from cruzflow.server.engine.errors import (
+    EventTimeoutError,
     NonRetryableError,
     StepFailedError,
     StepTimeoutError,
@@ -23,6 +24,7 @@ from cruzflow.server.engine.retries import RetryConfig, StepConfig
 __all__ = [
     "Duration",
     "Env",
+    "EventTimeoutError",
     "NonRetryableError",
     "RetryConfig",
     "SqliteDatabase",

@@ -7,11 +7,13 @@ import inspect
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from cruzflow.server.engine.api import StepContext
-from cruzflow.server.engine.durations import Duration
+from cruzflow.server.engine.durations import Duration, to_seconds
 from cruzflow.server.engine.errors import (
+    EventTimeoutError,
     FatalWorkflowError,
     NonDeterminismError,
     NonRetryableError,
@@ -19,7 +21,7 @@ from cruzflow.server.engine.errors import (
     StepTimeoutError,
     Suspend,
 )
-from cruzflow.server.engine.model import EventKind, StepRecord, StepStatus
+from cruzflow.server.engine.model import EventKind, StepKind, StepRecord, StepStatus
 from cruzflow.server.engine.retries import (
     DEFAULT_POLICY,
     RetryConfig,
@@ -144,39 +146,16 @@ class WorkflowStep:
             )
         run = self._run
         engine = self._engine
-        limits = engine.limits
-        if not isinstance(name, str) or not name or len(name) > limits.max_step_name_length:
-            raise ValueError(
-                f"step name must be a non-empty string of at most "
-                f"{limits.max_step_name_length} characters, got {name!r:.80}"
-            )
         if config is None and retries is None and timeout is None:
             policy = DEFAULT_POLICY
         else:
             policy = resolve(config, retries, timeout)
-
-        occurrence = run.occurrences[name] = run.occurrences.get(name, 0) + 1
-        index = run.next_index
-        run.next_index = index + 1
-        if index >= limits.max_steps_per_instance:
-            raise FatalWorkflowError(
-                "StepLimitError",
-                f"the instance reached {limits.max_steps_per_instance:,} steps "
-                f"(limits.max_steps_per_instance); split the work across instances",
-            )
+        index, occurrence, stored = self._next(name, StepKind.DO)
 
         attempt = 0
         started_at = 0
         next_at: int | None = None
-        stored = run.replay.get(index) if run.replay else None
         if stored is not None:
-            if stored.name != name or stored.occurrence != occurrence:
-                raise NonDeterminismError(
-                    f"step #{index} is {name!r} (occurrence {occurrence}) in the code but was "
-                    f"recorded as {stored.name!r} (occurrence {stored.occurrence}): the workflow "
-                    f"code changed under a running instance; restart the instance or deploy the "
-                    f"change under a new workflow name"
-                )
             if stored.status is StepStatus.SUCCEEDED:
                 return json.loads(stored.output) if stored.output is not None else None
             if stored.status is StepStatus.FAILED:
@@ -187,8 +166,7 @@ class WorkflowStep:
                 stored.next_attempt_at,
             )
 
-        # Everything before this step must be durable before it starts.
-        await run.barrier()
+        await run.enter_step()
 
         if stored is not None and next_at is None and attempt >= policy.max_attempts:
             # The last allowed attempt was cut short by a restart.
@@ -294,6 +272,158 @@ class WorkflowStep:
                 },
             )
             await engine.wait_or_suspend(delay)
+
+    def _next(self, name: str, kind: StepKind) -> tuple[int, int, StepRecord | None]:
+        """Take the next step slot: (index, occurrence, what replay recorded there)."""
+        run = self._run
+        limits = self._engine.limits
+        if not isinstance(name, str) or not name or len(name) > limits.max_step_name_length:
+            raise ValueError(
+                f"step name must be a non-empty string of at most "
+                f"{limits.max_step_name_length} characters, got {name!r:.80}"
+            )
+        occurrence = run.occurrences[name] = run.occurrences.get(name, 0) + 1
+        index = run.next_index
+        run.next_index = index + 1
+        if index >= limits.max_steps_per_instance:
+            raise FatalWorkflowError(
+                "StepLimitError",
+                f"the instance reached {limits.max_steps_per_instance:,} steps "
+                f"(limits.max_steps_per_instance); split the work across instances",
+            )
+        stored = run.replay.get(index) if run.replay else None
+        if stored is not None and (
+            stored.name != name or stored.occurrence != occurrence or stored.kind != kind
+        ):
+            raise NonDeterminismError(
+                f"step #{index} is {kind.name.lower()} {name!r} (occurrence {occurrence}) in the "
+                f"code but was recorded as {stored.kind.name.lower()} {stored.name!r} (occurrence "
+                f"{stored.occurrence}): the workflow code changed under a running instance; "
+                f"restart the instance or deploy the change under a new workflow name"
+            )
+        return index, occurrence, stored
+
+    async def sleep(self, name: str, duration: Duration) -> None:
+        """Sleep durably: the instance waits (holding no coroutine) and resumes on time,
+        across server restarts. ``duration`` as for timeouts: "1 day", ms, timedelta."""
+        seconds = to_seconds(duration, "step.sleep duration")
+        await self._sleep(name, lambda: _ms() + int(seconds * 1000))
+
+    async def sleep_until(self, name: str, when: datetime | float) -> None:
+        """Sleep durably until ``when``: an aware datetime, or seconds since the epoch."""
+        if isinstance(when, datetime):
+            if when.tzinfo is None:
+                raise ValueError("step.sleep_until: give an aware datetime (with tzinfo), e.g. UTC")
+            target = when.timestamp()
+        elif isinstance(when, int | float) and not isinstance(when, bool):
+            target = float(when)
+        else:
+            raise TypeError(
+                f"step.sleep_until: expected a datetime or epoch seconds, got {type(when).__name__}"
+            )
+        await self._sleep(name, lambda: int(target * 1000))
+
+    async def _sleep(self, name: str, due_at: Callable[[], int]) -> None:
+        run = self._run
+        index, occurrence, stored = self._next(name, StepKind.SLEEP)
+        if stored is not None and stored.status is StepStatus.SUCCEEDED:
+            return
+        await run.enter_step()
+        ref = {"name": name, "occ": occurrence, "idx": index, "att": 1, "k": int(StepKind.SLEEP)}
+        if stored is not None and stored.next_attempt_at is not None:
+            due, started = stored.next_attempt_at, stored.started_at
+        else:
+            due, started = due_at(), _ms()
+            self._check_wait(due - started, "sleep")
+            run.put_step(StepRecord(
+                run.id, index, name, occurrence, StepStatus.RUNNING, 1, started,
+                next_attempt_at=due, kind=StepKind.SLEEP,
+            ))  # fmt: skip
+            run.emit(EventKind.STEP_STARTED, ref)
+        while due > _ms():
+            await run.park(due)
+        run.put_step(StepRecord(
+            run.id, index, name, occurrence, StepStatus.SUCCEEDED, 1, started,
+            ended_at=_ms(), output=b"null", next_attempt_at=due, kind=StepKind.SLEEP,
+        ))  # fmt: skip
+        run.emit(EventKind.STEP_SUCCEEDED, ref, b"null")
+
+    def _check_wait(self, wait_ms: int, what: str) -> None:
+        limit = self._engine.limits.max_sleep_s
+        if wait_ms > limit * 1000:
+            raise ValueError(
+                f"step.{what}: {wait_ms / 86_400_000:,.1f} days is longer than the limit of "
+                f"{limit / 86400:,.1f} days (limits.max_sleep)"
+            )
+
+    async def wait_for_event(
+        self, name: str, *, type: str, timeout: Duration = "24 hours"
+    ) -> dict[str, Any]:
+        """Wait durably for an event of ``type`` sent with SendEvent; return it as
+        ``{"type", "payload", "timestamp"}``. An event sent before the wait began
+        is delivered too; each event is delivered to one wait, once. Past
+        ``timeout`` it raises EventTimeoutError (a StepFailedError)."""
+        run = self._run
+        engine = self._engine
+        index, occurrence, stored = self._next(name, StepKind.WAIT_FOR_EVENT)
+        if stored is not None:
+            if stored.status is StepStatus.SUCCEEDED:
+                result: dict[str, Any] = json.loads(stored.output or b"null")
+                return result
+            if stored.status is StepStatus.FAILED:
+                raise EventTimeoutError(name, stored.error_name or "", stored.error_message or "")
+        limit = engine.limits.max_event_type_length
+        if not isinstance(type, str) or not type or len(type) > limit:
+            raise ValueError(
+                f"step.wait_for_event: type must be a string of 1 to {limit} characters, "
+                f"got {type!r:.80}"
+            )
+        await run.enter_step()
+        ref = {
+            "name": name, "occ": occurrence, "idx": index, "att": 1,
+            "k": int(StepKind.WAIT_FOR_EVENT),
+        }  # fmt: skip
+        if stored is not None and stored.next_attempt_at is not None:
+            deadline, started = stored.next_attempt_at, stored.started_at
+        else:
+            started = _ms()
+            wait_ms = int(to_seconds(timeout, "step.wait_for_event timeout") * 1000)
+            self._check_wait(wait_ms, "wait_for_event timeout")
+            deadline = started + wait_ms
+            run.put_step(StepRecord(
+                run.id, index, name, occurrence, StepStatus.RUNNING, 1, started,
+                next_attempt_at=deadline, kind=StepKind.WAIT_FOR_EVENT, event_type=type,
+            ))  # fmt: skip
+            run.emit(EventKind.STEP_STARTED, ref)
+        while True:
+            run.poked = False
+            event = await engine.take_event(run, type)
+            if event is not None:
+                output = to_json({
+                    "type": event.type,
+                    "payload": json.loads(event.payload),
+                    "timestamp": datetime.fromtimestamp(event.at / 1000, UTC).isoformat(),
+                })  # fmt: skip
+                engine.journal.consume(event.id, index)
+                run.put_step(StepRecord(
+                    run.id, index, name, occurrence, StepStatus.SUCCEEDED, 1, started,
+                    ended_at=_ms(), output=output, kind=StepKind.WAIT_FOR_EVENT, event_type=type,
+                ))  # fmt: skip
+                run.emit(EventKind.STEP_SUCCEEDED, ref, output)
+                value: dict[str, Any] = json.loads(output)
+                return value
+            if _ms() >= deadline:
+                message = f"no {type!r} event arrived within the wait's timeout"
+                run.put_step(StepRecord(
+                    run.id, index, name, occurrence, StepStatus.FAILED, 1, started,
+                    ended_at=_ms(), error_name="EventTimeoutError", error_message=message,
+                    kind=StepKind.WAIT_FOR_EVENT, event_type=type,
+                ))  # fmt: skip
+                run.emit(EventKind.STEP_FAILED, {**ref, "err": ["EventTimeoutError", message]})
+                await run.barrier()
+                raise EventTimeoutError(name, "EventTimeoutError", message)
+            if not run.poked:
+                await run.park(deadline)
 
     async def _attempt(
         self, run: _Run, name: str, fn: Callable[..., Any], attempt: int, policy: StepPolicy

@@ -39,6 +39,10 @@ class StepFailedError(WorkflowError):
         self.error_message = error_message
 
 
+class EventTimeoutError(StepFailedError):
+    """``step.wait_for_event`` timed out before an event of its type arrived."""
+
+
 class StepTimeoutError(WorkflowError):
     """An attempt of a step ran past its ``timeout``."""
 

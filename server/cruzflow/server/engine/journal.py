@@ -16,6 +16,7 @@ from collections.abc import Callable
 from cruzflow.server.engine.model import (
     Batch,
     EventRecord,
+    InboxEvent,
     InstanceRecord,
     InstanceUpdate,
     StepRecord,
@@ -54,6 +55,22 @@ class Journal:
 
     def put_step(self, record: StepRecord) -> Durable:
         self._batch.steps[(record.instance_id, record.index)] = record
+        return self._touch()
+
+    def add_inbox(self, event: InboxEvent) -> Durable:
+        self._batch.inbox.append(event)
+        return self._touch()
+
+    def consume(self, inbox_id: int, step_index: int) -> Durable:
+        self._batch.consumed[inbox_id] = step_index
+        return self._touch()
+
+    def clear_steps(self, instance_id: str) -> Durable:
+        """Delete the instance's steps; its step writes still pending go too."""
+        batch = self._batch
+        for key in [k for k in batch.steps if k[0] == instance_id]:
+            del batch.steps[key]
+        batch.cleared_steps.add(instance_id)
         return self._touch()
 
     def append(self, event: EventRecord) -> Durable:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,7 @@ from cruzflow.server.engine.api import WorkflowEntrypoint, WorkflowEvent
 from cruzflow.server.engine.context import WorkflowStep, to_json
 from cruzflow.server.engine.errors import (
     AlreadyExists,
+    FailedPrecondition,
     FatalWorkflowError,
     InvalidArgument,
     NotFound,
@@ -36,6 +38,7 @@ from cruzflow.server.engine.journal import Durable, Journal
 from cruzflow.server.engine.model import (
     EventKind,
     EventRecord,
+    InboxEvent,
     InstanceRecord,
     InstanceStatus,
     InstanceUpdate,
@@ -47,6 +50,9 @@ log = logging.getLogger("cruzflow.engine")
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 _READ_PAGE = 512
+# Wake-ups due within this horizon are kept in memory; the rest are read
+# from the store's wake index as they come into it.
+_TIMER_HORIZON_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,23 +128,14 @@ def parse_json_field(text: str | bytes, field: str, limit: int) -> bytes:
 
 
 class _Run:
-    """An instance while the engine holds it in memory."""
+    """An instance while the engine holds it in memory (running, queued, or held
+    by a control call). At most one exists per instance: see ``Engine._hold``."""
 
     __slots__ = (
-        "created_at",
-        "engine",
-        "id",
-        "last_write",
-        "next_index",
-        "occurrences",
-        "params",
-        "replay",
-        "resumed",
-        "seq",
-        "spec",
-        "status",
-        "task",
-    )
+        "claimed", "created_at", "engine", "held", "id", "last_write", "next_index",
+        "occurrences", "params", "pause_requested", "poked", "queued", "replay", "resumed",
+        "seq", "spec", "status", "task",
+    )  # fmt: skip
 
     def __init__(
         self, engine: Engine, record: InstanceRecord, spec: WorkflowSpec, resumed: bool
@@ -156,6 +153,27 @@ class _Run:
         self.replay: dict[int, StepRecord] | None = None
         self.last_write: Durable | None = None
         self.task: asyncio.Task[None] | None = None
+        # A pause asked for while running: taken at the next step boundary.
+        self.pause_requested = record.status == InstanceStatus.WAITING_FOR_PAUSE
+        # An event arrived for this instance while its run was in memory.
+        self.poked = False
+        # Inbox events this run has taken but whose taking is not yet durable.
+        self.claimed: set[int] = set()
+        self.queued = False
+        self.held = 0
+
+    @property
+    def active(self) -> bool:
+        return self.task is not None
+
+    def reset_for_replay(self) -> None:
+        """Run ``run`` from the top again, replaying what the store holds."""
+        self.resumed = True
+        self.next_index = 0
+        self.occurrences = {}
+        self.replay = None
+        self.claimed = set()
+        self.poked = False
 
     def emit(self, kind: EventKind, data: dict[str, Any], payload: bytes | None = None) -> Durable:
         self.seq += 1
@@ -171,24 +189,23 @@ class _Run:
         status: InstanceStatus,
         output: bytes | None = None,
         error: tuple[str, str] | None = None,
+        wake_at: int | None = None,
     ) -> Durable:
         now = _ms()
         self.status = status
         finished = status.finished
         self.engine.journal.update_instance(
             InstanceUpdate(
-                self.id,
-                status,
-                now,
-                output,
-                error[0] if error else None,
-                error[1] if error else None,
-                now if finished else None,
+                self.id, status, now, output,
+                error[0] if error else None, error[1] if error else None,
+                now if finished else None, wake_at,
             )
-        )
+        )  # fmt: skip
         data: dict[str, Any] = {"status": int(status)}
         if error:
             data["err"] = list(error)
+        if wake_at is not None:
+            data["wake"] = wake_at
         return self.emit(EventKind.STATUS_CHANGED, data, output)
 
     async def barrier(self) -> None:
@@ -203,6 +220,30 @@ class _Run:
                 "instance %s: checkpoint not stored (%s); it resumes after a restart", self.id, exc
             )
             raise Suspend() from exc
+
+    async def enter_step(self) -> None:
+        """A step boundary: prior writes durable, and a stop or pause taken here."""
+        await self.barrier()
+        if self.engine.stopping:
+            raise Suspend()
+        if self.pause_requested:
+            self.pause_requested = False
+            self.set_status(InstanceStatus.PAUSED)
+            await self.barrier()
+            raise Suspend()
+
+    async def park(self, wake_at: int) -> None:
+        """Leave memory until ``wake_at`` (or an event); the run replays then.
+
+        Returns instead if an event arrived meanwhile, so the caller re-checks.
+        """
+        self.set_status(InstanceStatus.WAITING, wake_at=wake_at)
+        await self.barrier()
+        if self.poked or (not self.engine.stopping and wake_at <= _ms()):
+            self.set_status(InstanceStatus.RUNNING)
+            return
+        self.engine.schedule_wake(self.id, wake_at)
+        raise Suspend()
 
 
 class Engine:
@@ -221,12 +262,21 @@ class Engine:
         self._workflows = dict(workflows)
         self._hub = Hub()
         self.journal: Journal
+        # Every instance in memory (running, queued, or held by a control
+        # call), one handle each; _runs is the running subset.
+        self._live: dict[str, _Run] = {}
         self._runs: dict[str, _Run] = {}
         self._queue: deque[_Run] = deque()
         self._creating: set[str] = set()
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._stop = asyncio.Event()
         self.stopping = False
         self._background: list[asyncio.Task[None]] = []
+        self._spawned: set[asyncio.Task[None]] = set()
+        # Wake-ups due within the timer horizon; later ones stay in the store.
+        self._timers: list[tuple[int, str]] = []
+        self._timer_due: dict[str, int] = {}
+        self._timer_kick = asyncio.Event()
 
     # ----------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -242,7 +292,10 @@ class Engine:
             if spec is None:
                 missing[record.workflow] = missing.get(record.workflow, 0) + 1
                 continue
-            self._queue.append(_Run(self, record, spec, resumed=True))
+            run = _Run(self, record, spec, resumed=True)
+            run.queued = True
+            self._live[run.id] = run
+            self._queue.append(run)
         for name, count in missing.items():
             log.warning(
                 "%d unfinished instance(s) of workflow %r wait: it is not in the config",
@@ -252,6 +305,7 @@ class Engine:
         if unfinished:
             log.info("resuming %d unfinished instance(s)", len(self._queue))
         self._fill_slots()
+        self._background.append(asyncio.create_task(self._timer_loop(), name="cruzflow-timers"))
         self._start_background()
 
     def _start_background(self) -> None:
@@ -261,9 +315,9 @@ class Engine:
         """Stop taking work, let attempts in flight finish for ``grace`` s, then stop."""
         self.stopping = True
         self._stop.set()
-        for task in self._background:
+        for task in [*self._background, *self._spawned]:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*self._background, *self._spawned, return_exceptions=True)
         tasks = [r.task for r in self._runs.values() if r.task is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -317,7 +371,9 @@ class Engine:
         if self.stopping:
             raise Unavailable("the server is shutting down; retry once it is back")
         if not workflow:
-            raise InvalidArgument("workflow: required; name a registered workflow (see ListWorkflows)")
+            raise InvalidArgument(
+                "workflow: required; name a registered workflow (see ListWorkflows)"
+            )
         spec = self._workflows.get(workflow)
         if spec is None:
             known = ", ".join(sorted(self._workflows)) or "none"
@@ -342,7 +398,7 @@ class Engine:
         (after the create is durable or has failed).
         """
         for instance_id in ids:
-            if instance_id in self._creating or instance_id in self._runs:
+            if instance_id in self._creating or instance_id in self._live:
                 raise AlreadyExists(self._exists_message(instance_id))
         self._creating.update(ids)
         try:
@@ -370,9 +426,11 @@ class Engine:
         run = _Run(self, record, spec, resumed=False)
         self.journal.insert_instance(record)
         durable = run.emit(EventKind.STATUS_CHANGED, {"status": int(status)})
+        self._live[instance_id] = run
         if start_now:
             self._start(run)
         else:
+            run.queued = True
             self._queue.append(run)
         return status, durable
 
@@ -405,6 +463,8 @@ class Engine:
     # ------------------------------------------------------------- running
     def _start(self, run: _Run) -> None:
         self._runs[run.id] = run
+        self._live[run.id] = run
+        run.queued = False
         run.task = asyncio.create_task(self._drive(run), name=f"instance-{run.id}")
 
     def _fill_slots(self) -> None:
@@ -414,6 +474,244 @@ class Engine:
             if run.status != InstanceStatus.RUNNING:
                 run.set_status(InstanceStatus.RUNNING)
             self._start(run)
+
+    def _enqueue(self, run: _Run, announce: bool = False) -> Durable | None:
+        """Start a run now if a slot is free, else queue it; record the status."""
+        start = not self._queue and len(self._runs) < self.limits.max_running_instances
+        status = InstanceStatus.RUNNING if start else InstanceStatus.QUEUED
+        durable = run.set_status(status) if announce or run.status != status else None
+        self._live[run.id] = run
+        if start:
+            self._start(run)
+        else:
+            run.queued = True
+            self._queue.append(run)
+        return durable
+
+    def _dequeue(self, run: _Run) -> None:
+        if run.queued:
+            self._queue.remove(run)
+            run.queued = False
+
+    def _release(self, run: _Run) -> None:
+        """Drop an idle handle from memory once its writes are durable.
+
+        Until then it stays, so nobody re-reads a stale sequence number.
+        """
+        if run.active or run.queued or run.held:
+            return
+        fut = run.last_write
+        if fut is None or fut.done():
+            self._forget(run)
+        else:
+            fut.add_done_callback(lambda _: self._forget(run))
+
+    def _forget(self, run: _Run) -> None:
+        if not (run.active or run.queued or run.held) and self._live.get(run.id) is run:
+            del self._live[run.id]
+
+    @contextlib.asynccontextmanager
+    async def _hold(self, instance_id: str) -> AsyncIterator[_Run]:
+        """The instance's one in-memory handle, loaded if need be, held exclusively
+        against other control calls (not against its own running task)."""
+        self.check_id(instance_id)
+        if self.stopping:
+            raise Unavailable("the server is shutting down; retry once it is back")
+        lock, users = self._locks.get(instance_id) or (asyncio.Lock(), 0)
+        self._locks[instance_id] = (lock, users + 1)
+        try:
+            async with lock:
+                run = self._live.get(instance_id)
+                if run is None:
+                    record = await self.store.get_instance(instance_id)
+                    if record is None:
+                        raise NotFound(
+                            f"instance_id: no instance {instance_id!r}; check the id "
+                            f"CreateInstance returned"
+                        )
+                    run = self._live.get(instance_id)
+                    if run is None:
+                        spec = self._workflows.get(record.workflow)
+                        if spec is None:
+                            raise FailedPrecondition(
+                                f"instance {instance_id!r} is of workflow {record.workflow!r}, "
+                                f"which this server's config does not host; add it back first"
+                            )
+                        run = _Run(self, record, spec, resumed=True)
+                        self._live[instance_id] = run
+                run.held += 1
+                try:
+                    yield run
+                finally:
+                    run.held -= 1
+                    self._release(run)
+        finally:
+            lock, users = self._locks[instance_id]
+            if users <= 1:
+                del self._locks[instance_id]
+            else:
+                self._locks[instance_id] = (lock, users - 1)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+
+    async def _stop_task(self, run: _Run) -> None:
+        """Take the run away from its task (cancelled), keeping the handle."""
+        task = run.task
+        if task is None:
+            return
+        run.task = None
+        self._runs.pop(run.id, None)
+        task.cancel()
+        _, pending = await asyncio.wait([task], timeout=5)
+        if pending:
+            log.warning("instance %s: its run ignored cancellation; it is abandoned", run.id)
+
+    # ----------------------------------------------------------- timers
+    def schedule_wake(self, instance_id: str, at: int) -> None:
+        """Remember a wake-up if it is due within the horizon (else the store has it)."""
+        if at <= _ms() + _TIMER_HORIZON_MS and self._timer_due.get(instance_id) != at:
+            self._timer_due[instance_id] = at
+            heapq.heappush(self._timers, (at, instance_id))
+            self._timer_kick.set()
+
+    async def _timer_loop(self) -> None:
+        refill_at = 0
+        while True:
+            now = _ms()
+            if now >= refill_at:
+                for instance_id, at in await self.store.due_wakes(now + _TIMER_HORIZON_MS, 100_000):
+                    self.schedule_wake(instance_id, at)
+                refill_at = now + _TIMER_HORIZON_MS // 2
+            while self._timers and self._timers[0][0] <= _ms():
+                at, instance_id = heapq.heappop(self._timers)
+                if self._timer_due.get(instance_id) == at:
+                    del self._timer_due[instance_id]
+                    self._spawn(self._wake(instance_id))
+            until = min(refill_at, self._timers[0][0]) if self._timers else refill_at
+            self._timer_kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_kick.wait(), max(until - _ms(), 0) / 1000)
+
+    async def _wake(self, instance_id: str) -> None:
+        try:
+            async with self._hold(instance_id) as run:
+                if run.active or run.queued or run.status != InstanceStatus.WAITING:
+                    return
+                run.reset_for_replay()
+                self._enqueue(run)
+        except (NotFound, FailedPrecondition, Unavailable) as exc:
+            log.debug("instance %s not woken: %s", instance_id, exc)
+
+    async def take_event(self, run: _Run, type: str) -> InboxEvent | None:
+        """The oldest event of ``type`` sent to the instance and not yet taken."""
+        events = await self.store.take_events(run.id, type, len(run.claimed) + 1)
+        for event in events:
+            if event.id not in run.claimed:
+                run.claimed.add(event.id)
+                return event
+        return None
+
+    # ---------------------------------------------------------- controls
+    def _refuse(self, verb: str, run: _Run, allowed: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"instance {run.id!r} is {run.status.label}; only {allowed} instances can be {verb}"
+        )
+
+    async def pause(self, instance_id: str) -> InstanceStatus:
+        """Pause at the next step boundary (WAITING_FOR_PAUSE until then)."""
+        async with self._hold(instance_id) as run:
+            status = run.status
+            if status == InstanceStatus.WAITING_FOR_PAUSE:
+                return status
+            if status.finished or status == InstanceStatus.PAUSED:
+                raise self._refuse("paused", run, "queued, running or waiting")
+            if run.active:
+                run.pause_requested = True
+                durable = run.set_status(InstanceStatus.WAITING_FOR_PAUSE)
+            else:
+                self._dequeue(run)
+                self._timer_due.pop(run.id, None)
+                durable = run.set_status(InstanceStatus.PAUSED)
+            await self.durable(durable, "the pause could not be stored")
+            return run.status
+
+    async def resume(self, instance_id: str) -> InstanceStatus:
+        async with self._hold(instance_id) as run:
+            status = run.status
+            if status not in (InstanceStatus.PAUSED, InstanceStatus.WAITING_FOR_PAUSE):
+                raise self._refuse("resumed", run, "paused")
+            run.pause_requested = False
+            if run.active:
+                durable: Durable | None = run.set_status(InstanceStatus.RUNNING)
+            else:
+                run.reset_for_replay()
+                durable = self._enqueue(run, announce=True)
+            if durable is not None:
+                await self.durable(durable, "the resume could not be stored")
+            return run.status
+
+    async def terminate(self, instance_id: str) -> InstanceStatus:
+        async with self._hold(instance_id) as run:
+            if run.status.finished:
+                raise self._refuse("terminated", run, "unfinished")
+            await self._stop_task(run)
+            self._dequeue(run)
+            self._timer_due.pop(run.id, None)
+            run.pause_requested = False
+            durable = run.set_status(InstanceStatus.TERMINATED)
+            await self.durable(durable, "the termination could not be stored")
+            self._fill_slots()
+            return run.status
+
+    async def restart(self, instance_id: str) -> InstanceStatus:
+        """Run again from scratch: same id and params, step results cleared."""
+        async with self._hold(instance_id) as run:
+            await self._stop_task(run)
+            self._dequeue(run)
+            self._timer_due.pop(run.id, None)
+            self.journal.clear_steps(run.id)
+            run.reset_for_replay()
+            run.resumed = False  # nothing to replay: the steps are gone
+            run.pause_requested = False
+            durable = self._enqueue(run, announce=True)
+            assert durable is not None
+            await self.durable(durable, "the restart could not be stored")
+            return run.status
+
+    async def send_event(self, instance_id: str, type: str, payload: str | bytes) -> None:
+        """Store an event for the instance's wait_for_event of that type."""
+        limit = self.limits.max_event_type_length
+        if not type or len(type) > limit:
+            raise InvalidArgument(
+                f"type: required, 1 to {limit} characters (limits.max_event_type_length)"
+            )
+        data = parse_json_field(payload, "payload_json", self.limits.max_payload_bytes)
+        async with self._hold(instance_id) as run:
+            if run.status.finished:
+                raise self._refuse("sent events", run, "unfinished")
+            durable = self.journal.add_inbox(InboxEvent(run.id, type, data, _ms()))
+            await self.durable(durable, "the event could not be stored")
+            if run.active:
+                run.poked = True
+            elif run.status == InstanceStatus.WAITING and not run.queued:
+                self._timer_due.pop(run.id, None)
+                run.reset_for_replay()
+                self._enqueue(run)
+
+    def _finish(
+        self,
+        run: _Run,
+        status: InstanceStatus,
+        output: bytes | None = None,
+        error: tuple[str, str] | None = None,
+    ) -> None:
+        # Only the run's own task may end it: after a terminate or restart
+        # took the run away, a late ending of the old task is dropped.
+        if run.task is asyncio.current_task():
+            run.set_status(status, output, error)
 
     async def _drive(self, run: _Run) -> None:
         try:
@@ -448,18 +746,30 @@ class Engine:
                     ),
                 )
                 return
-            run.set_status(InstanceStatus.COMPLETE, output=output)
+            self._finish(run, InstanceStatus.COMPLETE, output=output)
         except StepFailedError as exc:
-            run.set_status(InstanceStatus.ERRORED, error=(exc.error_name, exc.error_message))
+            self._finish(run, InstanceStatus.ERRORED, error=(exc.error_name, exc.error_message))
         except FatalWorkflowError as exc:
             log.error("instance %s failed: %s", run.id, exc)
-            run.set_status(InstanceStatus.ERRORED, error=(exc.error_name, exc.error_message))
+            self._finish(run, InstanceStatus.ERRORED, error=(exc.error_name, exc.error_message))
         except (Suspend, asyncio.CancelledError):
-            pass  # left as stored; resumed after a restart
+            pass  # left as stored; resumed after a restart or a wake-up
         except (Exception, SystemExit) as exc:
-            run.set_status(InstanceStatus.ERRORED, error=(type(exc).__name__, str(exc)))
+            self._finish(run, InstanceStatus.ERRORED, error=(type(exc).__name__, str(exc)))
         finally:
-            self._runs.pop(run.id, None)
+            if run.task is asyncio.current_task():
+                self._runs.pop(run.id, None)
+                run.task = None
+                if not run.held and not self.stopping:
+                    if run.status == InstanceStatus.WAITING_FOR_PAUSE:
+                        run.pause_requested = False
+                        run.set_status(InstanceStatus.PAUSED)
+                    elif run.poked and run.status == InstanceStatus.WAITING:
+                        # An event came while the run was leaving: go on at once.
+                        self._timer_due.pop(run.id, None)
+                        run.reset_for_replay()
+                        self._enqueue(run)
+                self._release(run)
             self._fill_slots()
 
     # --------------------------------------------------------------- reads
@@ -533,7 +843,8 @@ class Engine:
                     for event in events:
                         yield event
                         last = event.seq
-                        if _is_final(event):
+                        # A restart can follow an end: only the newest end ends the stream.
+                        if _is_final(event) and last >= record.last_seq:
                             return
                     if len(events) < _READ_PAGE:
                         break

@@ -52,7 +52,8 @@ class Store(Protocol):
         """(id, wake_at) of waiting instances due before ``before`` (ms), soonest first."""
 
     async def claim_unfinished(self) -> list[InstanceRecord]:
-        """Unfinished instances to resume, oldest first, with their ``last_seq``.
+        """Queued, running or pausing instances to resume, oldest first, with their
+        ``last_seq`` (waiting ones come back through ``due_wakes``).
 
         On SQLite the server owns the whole file (a lock file keeps a second
         server out), so this is every unfinished instance.

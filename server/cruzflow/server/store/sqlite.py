@@ -87,6 +87,9 @@ MIGRATIONS: list[str] = [
     ALTER TABLE steps ADD COLUMN kind INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE steps ADD COLUMN event_type TEXT;
     CREATE INDEX instances_waking ON instances (wake_at) WHERE wake_at IS NOT NULL;
+    -- What a starting server resumes (queued, running, pausing): not the
+    -- waiting or paused ones, however many there are.
+    CREATE INDEX instances_runnable ON instances (pk) WHERE status IN (1, 2, 5);
     -- Listing, newest first (pk order is creation order), by each filter.
     CREATE INDEX instances_by_workflow ON instances (workflow, pk);
     CREATE INDEX instances_by_status ON instances (status, pk);
@@ -145,9 +148,11 @@ _INSTANCE_COLUMNS = (
     " ORDER BY e.seq DESC LIMIT 1), 0)"
 )
 _GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.id = ?"
+# Waiting instances come back through the wake index, paused ones on resume.
+_RUNNABLE = (InstanceStatus.QUEUED, InstanceStatus.RUNNING, InstanceStatus.WAITING_FOR_PAUSE)
 _UNFINISHED = (
-    f"SELECT {_INSTANCE_COLUMNS} FROM instances i INDEXED BY instances_unfinished"
-    f" WHERE i.status IN ({', '.join(str(int(s)) for s in UNFINISHED)}) ORDER BY i.pk"
+    f"SELECT {_INSTANCE_COLUMNS} FROM instances i INDEXED BY instances_runnable"
+    f" WHERE i.status IN ({', '.join(str(int(s)) for s in _RUNNABLE)}) ORDER BY i.pk"
 )
 _GET_STEPS = (
     "SELECT instance_id, idx, name, occurrence, status, attempts, started_at, ended_at, output,"

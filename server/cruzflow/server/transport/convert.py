@@ -38,6 +38,8 @@ def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
         end_time=_ts(record.ended_at),
         steps=[step(s) for s in steps],
         last_sequence=record.last_seq,
+        lookup_key=record.lookup_key or "",
+        wake_time=_ts(record.wake_at),
     )
 
 
@@ -53,6 +55,8 @@ def step(record: StepRecord) -> pb.Step:
         output_json=_text(record.output),
         error=_error(record.error_name, record.error_message),
         next_attempt_time=_ts(record.next_attempt_at),
+        kind=pb.StepKind.ValueType(int(record.kind)),
+        event_type=record.event_type or "",
     )
 
 
@@ -72,7 +76,12 @@ def event(record: EventRecord) -> pb.WatchInstanceResponse:
             )
         )
         return msg
-    ref = pb.StepRef(name=d["name"], occurrence=d["occ"], index=d["idx"])
+    ref = pb.StepRef(
+        name=d["name"],
+        occurrence=d["occ"],
+        index=d["idx"],
+        kind=pb.StepKind.ValueType(d.get("k", 1)),
+    )
     attempt = d["att"]
     if kind == EventKind.STEP_STARTED:
         msg.step_started.CopyFrom(pb.StepStarted(step=ref, attempt=attempt))

@@ -97,6 +97,53 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         )
         return pb.WaitInstanceResponse(instance=convert.instance(record, steps))
 
+    async def PauseInstance(
+        self,
+        request: pb.PauseInstanceRequest,
+        context: grpc.aio.ServicerContext[pb.PauseInstanceRequest, pb.PauseInstanceResponse],
+    ) -> pb.PauseInstanceResponse:
+        status = await _call(context, lambda: self._engine.pause(request.instance_id))
+        return pb.PauseInstanceResponse(status=pb.InstanceStatus.ValueType(int(status)))
+
+    async def ResumeInstance(
+        self,
+        request: pb.ResumeInstanceRequest,
+        context: grpc.aio.ServicerContext[pb.ResumeInstanceRequest, pb.ResumeInstanceResponse],
+    ) -> pb.ResumeInstanceResponse:
+        status = await _call(context, lambda: self._engine.resume(request.instance_id))
+        return pb.ResumeInstanceResponse(status=pb.InstanceStatus.ValueType(int(status)))
+
+    async def TerminateInstance(
+        self,
+        request: pb.TerminateInstanceRequest,
+        context: grpc.aio.ServicerContext[
+            pb.TerminateInstanceRequest, pb.TerminateInstanceResponse
+        ],
+    ) -> pb.TerminateInstanceResponse:
+        status = await _call(context, lambda: self._engine.terminate(request.instance_id))
+        return pb.TerminateInstanceResponse(status=pb.InstanceStatus.ValueType(int(status)))
+
+    async def RestartInstance(
+        self,
+        request: pb.RestartInstanceRequest,
+        context: grpc.aio.ServicerContext[pb.RestartInstanceRequest, pb.RestartInstanceResponse],
+    ) -> pb.RestartInstanceResponse:
+        status = await _call(context, lambda: self._engine.restart(request.instance_id))
+        return pb.RestartInstanceResponse(status=pb.InstanceStatus.ValueType(int(status)))
+
+    async def SendEvent(
+        self,
+        request: pb.SendEventRequest,
+        context: grpc.aio.ServicerContext[pb.SendEventRequest, pb.SendEventResponse],
+    ) -> pb.SendEventResponse:
+        await _call(
+            context,
+            lambda: self._engine.send_event(
+                request.instance_id, request.type, request.payload_json
+            ),
+        )
+        return pb.SendEventResponse()
+
     async def ListWorkflows(
         self,
         request: pb.ListWorkflowsRequest,
