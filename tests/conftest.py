@@ -39,6 +39,7 @@ ALL_WORKFLOWS: dict[str, str] = {
     "naps": "tests.workflows:Naps",
     "approval": "tests.workflows:Approval",
     "steps5": "tests.workflows:Steps5",
+    "blocks-then-waits": "tests.workflows:BlocksThenWaits",
 }
 
 
@@ -48,6 +49,16 @@ def specs() -> dict[str, WorkflowSpec]:
         cls = getattr(wf, target.split(":")[1])
         out[name] = WorkflowSpec(name, name.upper().replace("-", "_"), target, cls)
     return out
+
+
+@pytest.fixture
+async def gate() -> AsyncIterator[asyncio.Event]:
+    """Holds every "blocks" step until set (tests may swap in a new gate)."""
+    wf.Blocks.gate = asyncio.Event()
+    yield wf.Blocks.gate
+    if wf.Blocks.gate is not None:
+        wf.Blocks.gate.set()
+    wf.Blocks.gate = None
 
 
 @pytest.fixture

@@ -110,16 +110,6 @@ def assert_names_field(error: grpc.aio.AioRpcError, code: grpc.StatusCode, field
     assert details.startswith(f"{field}: "), details
 
 
-@pytest.fixture
-async def gate() -> AsyncIterator[asyncio.Event]:
-    """Holds every "blocks" step until set (tests may swap in a new gate)."""
-    Blocks.gate = asyncio.Event()
-    yield Blocks.gate
-    if Blocks.gate is not None:
-        Blocks.gate.set()
-    Blocks.gate = None
-
-
 # ------------------------------------------------------------ CreateInstance
 async def test_create_generates_distinct_ids(server: Server) -> None:
     first = await create(server, "three-steps", '{"a": 1}')

@@ -10,14 +10,12 @@ import asyncio
 import json
 import shutil
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import ALL_WORKFLOWS, Server
-from tests.workflows import Blocks
 
 SERVICE = "cruzflow.v1.WorkflowService"
 TIMEOUT = 20.0
@@ -75,15 +73,6 @@ def json_objects(text: str) -> tuple[list[Any], str]:
         objects.append(value)
         rest = rest[end:].lstrip()
     return objects, rest
-
-
-@pytest.fixture
-async def gate() -> AsyncIterator[asyncio.Event]:
-    Blocks.gate = asyncio.Event()
-    yield Blocks.gate
-    if Blocks.gate is not None:
-        Blocks.gate.set()
-    Blocks.gate = None
 
 
 async def test_list_services(server: Server) -> None:

@@ -273,3 +273,18 @@ class Steps5(WorkflowEntrypoint):
 
             out.append(await step.do(f"s{i}", body))
         return out
+
+
+class BlocksThenWaits(WorkflowEntrypoint):
+    """Holds in its first step until Blocks.gate is set, then waits for "approval"."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        async def hold() -> str:
+            gate = Blocks.gate
+            assert gate is not None
+            await gate.wait()
+            return "held"
+
+        await step.do("hold", hold)
+        approval = await step.wait_for_event("approval", type="approval")
+        return {"approved": approval["payload"], "type": approval["type"]}
