@@ -493,6 +493,21 @@ class Engine:
             self._queue.remove(run)
             run.queued = False
 
+    def _settle(self, run: _Run) -> None:
+        """A run's task has ended and nobody holds it: finish what it left open."""
+        if run.active or run.held:
+            return
+        if not self.stopping:
+            if run.status == InstanceStatus.WAITING_FOR_PAUSE:
+                run.pause_requested = False
+                run.set_status(InstanceStatus.PAUSED)
+            elif run.poked and run.status == InstanceStatus.WAITING and not run.queued:
+                # An event came while the run was leaving: go on at once.
+                self._timer_due.pop(run.id, None)
+                run.reset_for_replay()
+                self._enqueue(run)
+        self._release(run)
+
     def _release(self, run: _Run) -> None:
         """Drop an idle handle from memory once its writes are durable.
 
@@ -544,7 +559,7 @@ class Engine:
                     yield run
                 finally:
                     run.held -= 1
-                    self._release(run)
+                    self._settle(run)
         finally:
             lock, users = self._locks[instance_id]
             if users <= 1:
@@ -760,16 +775,7 @@ class Engine:
             if run.task is asyncio.current_task():
                 self._runs.pop(run.id, None)
                 run.task = None
-                if not run.held and not self.stopping:
-                    if run.status == InstanceStatus.WAITING_FOR_PAUSE:
-                        run.pause_requested = False
-                        run.set_status(InstanceStatus.PAUSED)
-                    elif run.poked and run.status == InstanceStatus.WAITING:
-                        # An event came while the run was leaving: go on at once.
-                        self._timer_due.pop(run.id, None)
-                        run.reset_for_replay()
-                        self._enqueue(run)
-                self._release(run)
+                self._settle(run)
             self._fill_slots()
 
     # --------------------------------------------------------------- reads
