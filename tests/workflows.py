@@ -288,3 +288,26 @@ class BlocksThenWaits(WorkflowEntrypoint):
         await step.do("hold", hold)
         approval = await step.wait_for_event("approval", type="approval")
         return {"approved": approval["payload"], "type": approval["type"]}
+
+
+class SlowThenWaitsTwice(WorkflowEntrypoint):
+    """Step "slow" (params.ms per attempt, marks "ID:slow:ATTEMPT"), then two "approval" waits.
+
+    Events sent while "slow" runs arrive before either wait began: both must be
+    kept, the first wait taking the first event and the second wait the second.
+    Marks "ID:applied" once both arrived.
+    """
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        ms = event.payload["ms"]
+
+        async def slow(ctx: StepContext) -> int:
+            mark(f"{event.instance_id}:slow:{ctx.attempt}")
+            await asyncio.sleep(ms / 1000)
+            return ctx.attempt
+
+        attempt = await step.do("slow", {"retries": {"limit": 3, "delay": 0}}, slow)
+        first = await step.wait_for_event("first", type="approval")
+        second = await step.wait_for_event("second", type="approval")
+        await step.do("apply", lambda: mark(f"{event.instance_id}:applied"))
+        return {"slow_attempt": attempt, "first": first["payload"], "second": second["payload"]}
