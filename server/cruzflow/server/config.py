@@ -69,11 +69,20 @@ class LimitsSection(_Strict):
     max_sleep: str | int = "365 days"
     max_batch_size: int = Field(100, ge=1, le=1000)
     retention: str | int = "30 days"
+    purge_interval: str | int = "1 minute"
+    purge_chunk: int = Field(500, ge=1, le=100_000)
 
     @field_validator("max_sleep", "retention")
     @classmethod
     def _duration(cls, value: str | int) -> str | int:
         to_seconds(value)
+        return value
+
+    @field_validator("purge_interval")
+    @classmethod
+    def _interval(cls, value: str | int) -> str | int:
+        if to_seconds(value) <= 0:
+            raise ValueError("must be more than 0, e.g. '1 minute'")
         return value
 
 
@@ -136,6 +145,7 @@ class Config:
         values = self.file.limits.model_dump()
         values["max_sleep_s"] = to_seconds(values.pop("max_sleep"))
         values["retention_s"] = to_seconds(values.pop("retention"))
+        values["purge_interval_s"] = to_seconds(values.pop("purge_interval"))
         return Limits(**values)
 
     def database_paths(self) -> dict[str, Path]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from cruzflow.server.engine.model import (
     Batch,
@@ -40,6 +40,7 @@ class Journal:
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.rows = 0
+        self.purged = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cruzflow-journal")
@@ -77,6 +78,29 @@ class Journal:
         self._batch.events.append(event)
         return self._touch()
 
+    def purge(self, ended_before: Mapping[str, int]) -> asyncio.Future[int]:
+        """Delete finished instances with their steps, events and inbox rows, each
+        only if it still ended before its time (ms) when the batch commits.
+
+        The future gives how many instances went: all the purges of its batch.
+        """
+        batch = self._batch
+        batch.purge.update(ended_before)
+        durable = self._touch()
+        count: asyncio.Future[int] = self._loop.create_future()
+
+        def done(fut: Durable) -> None:
+            exc = fut.exception()
+            if count.done():  # its waiter was cancelled
+                return
+            if exc is not None:
+                count.set_exception(exc)
+            else:
+                count.set_result(batch.purged)
+
+        durable.add_done_callback(done)
+        return count
+
     def _touch(self) -> Durable:
         self._wake.set()
         return self._future
@@ -100,6 +124,7 @@ class Journal:
                 future.exception()
                 continue
             self.batches += 1
+            self.purged += batch.purged
             self.rows += (
                 len(batch.new_instances)
                 + len(batch.instance_updates)

@@ -160,6 +160,12 @@ class Batch:
     inbox: list[InboxEvent] = field(default_factory=list)
     # Inbox event id -> the step index that took it.
     consumed: dict[int, int] = field(default_factory=dict)
+    # Retention: instance id -> a time (ms). The instance goes, with its steps,
+    # events and inbox, if it ended before that time; applied after the
+    # batch's other writes, so one that changed meanwhile stays.
+    purge: dict[str, int] = field(default_factory=dict)
+    # Set by the store once applied: how many instances the purge removed.
+    purged: int = 0
 
     def __bool__(self) -> bool:
         return bool(
@@ -170,4 +176,24 @@ class Batch:
             or self.cleared_steps
             or self.inbox
             or self.consumed
+            or self.purge
         )
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceQuery:
+    """Which instances a listing returns, newest first; each field set narrows it."""
+
+    workflow: str | None = None
+    """Only instances of this workflow."""
+    statuses: tuple[InstanceStatus, ...] = ()
+    """Only instances in one of these statuses; empty means any."""
+    created_min: int | None = None
+    """Only instances created at or after this time (ms since the epoch)."""
+    created_max: int | None = None
+    """Only instances created before this time (ms since the epoch)."""
+    lookup_key: str | None = None
+    """Only instances created with this lookup key."""
+    older_than: int | None = None
+    """Keyset cursor: only instances stored before this position (the position
+    the store returned with the previous page's last instance)."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cruzflow.server.engine import listing
 from cruzflow.server.engine.api import WorkflowEntrypoint, WorkflowEvent
 from cruzflow.server.engine.context import WorkflowStep, to_json
 from cruzflow.server.engine.errors import (
@@ -79,6 +80,10 @@ class Limits:
     """Most instances one CreateInstances may create."""
     retention_s: float = 30 * 86400.0
     """Finished instances older than this (by end time) are purged."""
+    purge_interval_s: float = 60.0
+    """How often the retention purge looks for finished instances to delete."""
+    purge_chunk: int = 500
+    """Most instances one purge transaction deletes, so live writes wait little."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +315,7 @@ class Engine:
 
     def _start_background(self) -> None:
         """Start the engine's housekeeping tasks; shutdown cancels them."""
+        self._background.append(asyncio.create_task(self._purge_loop(), name="cruzflow-purge"))
 
     async def shutdown(self, grace: float) -> None:
         """Stop taking work, let attempts in flight finish for ``grace`` s, then stop."""
@@ -471,7 +477,8 @@ class Engine:
         limit = self.limits.max_running_instances
         while self._queue and len(self._runs) < limit and not self.stopping:
             run = self._queue.popleft()
-            if run.status != InstanceStatus.RUNNING:
+            # A pending pause stays pending: the run takes it at its next step.
+            if run.status not in (InstanceStatus.RUNNING, InstanceStatus.WAITING_FOR_PAUSE):
                 run.set_status(InstanceStatus.RUNNING)
             self._start(run)
 
@@ -876,6 +883,187 @@ class Engine:
                     sub.queue.get_nowait()
         finally:
             self._hub.unsubscribe(sub)
+
+    # -------------------------------------------------- listing and batches
+    async def list_instances(
+        self,
+        workflow: str = "",
+        statuses: list[int] | None = None,
+        created_min: int | None = None,
+        created_max: int | None = None,
+        lookup_key: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[InstanceRecord], str]:
+        """A page of instances, newest first, and the token of the next page ("" on
+        the last). Times are ms since the epoch; records come without steps."""
+        query = listing.query(
+            workflow,
+            statuses or [],
+            created_min,
+            created_max,
+            lookup_key,
+            self.limits.max_lookup_key_length,
+        )
+        size = listing.page_size(page_size)
+        if page_token:
+            query = listing.after(query, listing.decode_token(page_token, query))
+        rows = await self.store.list_instances(query, size + 1)
+        # Half the gRPC send limit the service sets (64 payloads).
+        page, last = listing.trim(rows, size, 32 * self.limits.max_payload_bytes)
+        return page, "" if last is None else listing.encode_token(query, last)
+
+    async def create_many(
+        self, requests: list[tuple[str, str, str | bytes, str]]
+    ) -> list[tuple[str, InstanceStatus]]:
+        """Store new instances in one transaction, all of them or none; returns the
+        id and status of each, in order.
+
+        ``requests`` holds (workflow, instance_id, params, lookup_key) each. A
+        refusal names every bad item: InvalidArgument if any is malformed (or
+        repeats an id of the batch), else NotFound for unknown workflows, else
+        AlreadyExists for ids taken.
+        """
+        if self.stopping:
+            raise Unavailable("the server is shutting down; retry once it is back")
+        limit = self.limits.max_batch_size
+        if not requests:
+            raise InvalidArgument(f"requests: empty; send 1 to {limit} instances to create")
+        if len(requests) > limit:
+            raise InvalidArgument(
+                f"requests: {len(requests)} instances, over the limit of {limit} per call "
+                f"(limits.max_batch_size); split them over several calls"
+            )
+        problems: list[tuple[int, InvalidArgument | NotFound | AlreadyExists]] = []
+        checked: list[tuple[WorkflowSpec, bytes] | None] = []
+        first_use: dict[str, int] = {}
+        for i, (workflow, instance_id, params, lookup_key) in enumerate(requests):
+            try:
+                checked.append(self.check_new(workflow, instance_id, params, lookup_key))
+            except (InvalidArgument, NotFound) as exc:
+                problems.append((i, exc))
+                checked.append(None)
+                continue
+            if instance_id in first_use:
+                problems.append(
+                    (
+                        i,
+                        InvalidArgument(
+                            f"instance_id: {instance_id!r} is also the id of "
+                            f"requests[{first_use[instance_id]}]; ids in one batch must differ"
+                        ),
+                    )
+                )
+            elif instance_id:
+                first_use[instance_id] = i
+        reserved: list[str] = []
+        try:
+            # Each id is claimed until the batch is durable (or refused); a
+            # taken one is one more problem to name.
+            for instance_id, i in first_use.items():
+                try:
+                    await self.reserve_ids([instance_id])
+                except AlreadyExists as exc:
+                    problems.append((i, exc))
+                    continue
+                reserved.append(instance_id)
+            if problems:
+                raise self._refusal(problems)
+            if self.stopping:
+                raise Unavailable("the server is shutting down; retry once it is back")
+            # No await from here to the last admit: one batch, one transaction.
+            created: list[tuple[str, InstanceStatus]] = []
+            durables: list[Durable] = []
+            for item, (_, instance_id, _, lookup_key) in zip(checked, requests, strict=True):
+                assert item is not None
+                new_id = instance_id or uuid.uuid4().hex
+                status, durable = self.admit(item[0], new_id, item[1], lookup_key)
+                created.append((new_id, status))
+                if durable not in durables:
+                    durables.append(durable)
+            for durable in durables:
+                await self.durable(durable, "the instances could not be stored")
+            return created
+        finally:
+            self._creating.difference_update(reserved)
+
+    @staticmethod
+    def _refusal(
+        problems: list[tuple[int, InvalidArgument | NotFound | AlreadyExists]],
+    ) -> InvalidArgument | NotFound | AlreadyExists:
+        """One error naming every bad item, of the gravest kind among them."""
+        message = "; ".join(
+            f"requests[{i}].{exc}" for i, exc in sorted(problems, key=lambda p: p[0])
+        )
+        for kind in (InvalidArgument, NotFound):
+            if any(isinstance(exc, kind) for _, exc in problems):
+                return kind(message)
+        return AlreadyExists(message)
+
+    # ----------------------------------------------------------- retention
+    async def _purge_loop(self) -> None:
+        interval = self.limits.purge_interval_s
+        while True:
+            try:
+                purged = await self.purge_finished()
+                if purged:
+                    log.info("purged %d finished instance(s) past their retention", purged)
+            except Exception as exc:  # the store said what failed; try again later
+                log.error("retention purge failed (%s); retrying in %g s", exc, interval)
+            await asyncio.sleep(interval)
+
+    @property
+    def purged(self) -> int:
+        """Finished instances purged after their retention since the engine started."""
+        return self.journal.purged
+
+    async def purge_finished(self) -> int:
+        """Delete the finished instances that ended more than ``retention_s`` ago,
+        with their steps, events and inbox; returns how many went.
+
+        One transaction per ``purge_chunk`` instances, each through the journal,
+        so live writes queue behind one bounded delete at a time.
+        """
+        chunk = self.limits.purge_chunk
+        total = 0
+        while not self.stopping:
+            before = _ms() - int(self.limits.retention_s * 1000)
+            candidates = await self.store.ended_before(before, chunk)
+            fenced = await self._fence_idle(candidates)
+            if not fenced:
+                break
+            try:
+                purged = await self.journal.purge(dict.fromkeys((i for i, _ in fenced), before))
+            finally:
+                self._unfence(fenced)
+            total += purged
+            if len(candidates) < chunk or purged == 0:
+                break
+        return total
+
+    async def _fence_idle(self, ids: list[str]) -> list[tuple[str, asyncio.Lock]]:
+        """Take the control lock (see ``_hold``) of each instance that nobody has in
+        memory, so that no control call loads one while its purge commits (it
+        gets NotFound after); skip the others, they go in a later round."""
+        fenced: list[tuple[str, asyncio.Lock]] = []
+        for instance_id in ids:
+            lock = asyncio.Lock()
+            await lock.acquire()  # a new lock: taken at once
+            # No await from this check to the entry, so no control call slips between.
+            if instance_id in self._live or instance_id in self._locks:
+                continue
+            self._locks[instance_id] = (lock, 1)
+            fenced.append((instance_id, lock))
+        return fenced
+
+    def _unfence(self, fenced: list[tuple[str, asyncio.Lock]]) -> None:
+        for instance_id, lock in fenced:
+            lock.release()
+            _, users = self._locks[instance_id]
+            if users <= 1:
+                del self._locks[instance_id]
+            else:
+                self._locks[instance_id] = (lock, users - 1)
 
 
 def _is_final(event: EventRecord) -> bool:

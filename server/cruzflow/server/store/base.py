@@ -13,6 +13,7 @@ from cruzflow.server.engine.model import (
     Batch,
     EventRecord,
     InboxEvent,
+    InstanceQuery,
     InstanceRecord,
     StepRecord,
 )
@@ -58,3 +59,17 @@ class Store(Protocol):
         On SQLite the server owns the whole file (a lock file keeps a second
         server out), so this is every unfinished instance.
         """
+
+    async def list_instances(
+        self, query: InstanceQuery, limit: int
+    ) -> list[tuple[int, InstanceRecord]]:
+        """Up to ``limit`` instances matching ``query``, newest first, each with its
+        position in creation order (the keyset cursor for the next page).
+
+        Each page starts at its cursor with an index search, so page 1000
+        costs what page 1 does. Records carry ``last_seq``.
+        """
+
+    async def ended_before(self, before: int, limit: int) -> list[str]:
+        """Ids of up to ``limit`` finished instances that ended before ``before``
+        (ms), the longest ended first: retention's candidates."""

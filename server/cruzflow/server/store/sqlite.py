@@ -25,6 +25,7 @@ from cruzflow.server.engine.model import (
     EventKind,
     EventRecord,
     InboxEvent,
+    InstanceQuery,
     InstanceRecord,
     InstanceStatus,
     StepKind,
@@ -164,6 +165,85 @@ _READ_EVENTS = (
     " WHERE instance_id = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
 
+# ---- listing: newest first, keyset-paginated on pk (creation order).
+_FAR = 2**63 - 1
+_LIST_COLUMNS = f"i.pk, {_INSTANCE_COLUMNS}"
+# The first position from which instances were created at or after ?1 (ms): a
+# bisection over the primary key, ~log2(rows) point lookups in one statement.
+# It holds because pk order is creation order and created_at follows it as
+# long as the clock does not step back; the page query still filters on
+# created_at itself, and the bounds get _CLOCK_SLACK_MS of room for a clock
+# that steps back a little.
+_CREATED_FROM = "(SELECT created_at FROM instances WHERE pk >= (lo + hi) / 2 ORDER BY pk LIMIT 1)"
+_POSITION_AT = (
+    "WITH RECURSIVE bisect(lo, hi) AS ("
+    " SELECT 0, (SELECT COALESCE(max(pk), 0) FROM instances) + 1"
+    " UNION ALL"
+    f" SELECT CASE WHEN COALESCE({_CREATED_FROM} >= ?1, 1) THEN lo ELSE (lo + hi) / 2 + 1 END,"
+    f" CASE WHEN COALESCE({_CREATED_FROM} >= ?1, 1) THEN (lo + hi) / 2 ELSE hi END"
+    " FROM bisect WHERE lo < hi"
+    ") SELECT min(hi) FROM bisect"
+)
+_CLOCK_SLACK_MS = 10_000
+_LIVE = frozenset(int(s) for s in UNFINISHED)
+
+
+def _page_query(
+    query: InstanceQuery, low: int, high: int, limit: int
+) -> tuple[str, tuple[Any, ...]]:
+    """The page statement for ``query`` over positions [low, high).
+
+    Each shape walks one index backwards from ``high``, so a page costs the
+    rows it passes over, never an offset: lookup key first (the narrowest),
+    then the status index when the statuses asked for are live ones (few,
+    however long the history), else the workflow index, else the primary key.
+    With several statuses, one index range per status merges in pk order.
+    """
+    bounds = " AND i.pk >= ? AND i.pk < ? AND i.created_at >= ? AND i.created_at < ?"
+    bound_args = (
+        low,
+        high,
+        -_FAR if query.created_min is None else query.created_min,
+        _FAR if query.created_max is None else query.created_max,
+    )
+    statuses = sorted({int(s) for s in query.statuses})
+    status_in = f" AND i.status IN ({', '.join('?' * len(statuses))})" if statuses else ""
+    by_workflow = " AND i.workflow = ?" if query.workflow is not None else ""
+    workflow_args: tuple[Any, ...] = (query.workflow,) if query.workflow is not None else ()
+    tail = " ORDER BY 1 DESC LIMIT ?"
+    select = f"SELECT {_LIST_COLUMNS} FROM instances i"
+    if query.lookup_key is not None:
+        sql = (
+            f"{select} INDEXED BY instances_by_lookup WHERE i.lookup_key = ?"
+            f"{by_workflow}{status_in}{bounds}{tail}"
+        )
+        return sql, (query.lookup_key, *workflow_args, *statuses, *bound_args, limit)
+    if statuses and (query.workflow is None or all(s in _LIVE for s in statuses)):
+        arm = f"{select} INDEXED BY instances_by_status WHERE i.status = ?{by_workflow}{bounds}"
+        args: list[Any] = []
+        for status in statuses:
+            args += [status, *workflow_args, *bound_args]
+        return " UNION ALL ".join([arm] * len(statuses)) + tail, (*args, limit)
+    if query.workflow is not None:
+        sql = f"{select} INDEXED BY instances_by_workflow WHERE i.workflow = ?{status_in}{bounds}{tail}"
+        return sql, (query.workflow, *statuses, *bound_args, limit)
+    return f"{select} WHERE 1{bounds}{tail}", (*bound_args, limit)
+
+
+# ---- retention
+_ENDED_BEFORE = (
+    "SELECT id FROM instances INDEXED BY instances_ended"
+    " WHERE ended_at IS NOT NULL AND ended_at < ? ORDER BY ended_at LIMIT ?"
+)
+# Each row is (instance id, ended-before time): an instance that no longer
+# qualifies (restarted, or ended later) keeps every row.
+_STILL_ENDED = "EXISTS (SELECT 1 FROM instances WHERE id = ?1 AND ended_at < ?2)"
+_PURGE_CHILDREN = tuple(
+    f"DELETE FROM {table} WHERE instance_id = ?1 AND {_STILL_ENDED}"
+    for table in ("steps", "events", "inbox")
+)
+_PURGE_INSTANCE = "DELETE FROM instances WHERE id = ? AND ended_at < ?"
+
 # The statements on the hot path, for the query-plan test.
 HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "get_instance": (_GET_INSTANCE, ("x",)),
@@ -179,6 +259,29 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "consume_inbox": (_CONSUME_INBOX, (1, 1)),
     "due_wakes": (_DUE_WAKES, (0, 10)),
     "unfinished": (_UNFINISHED, ()),
+    "list_all": _page_query(InstanceQuery(), 0, 10, 10),
+    "list_by_workflow": _page_query(
+        InstanceQuery(workflow="w", statuses=(InstanceStatus.COMPLETE,), created_min=1), 0, 10, 10
+    ),
+    "list_by_statuses": _page_query(
+        InstanceQuery(statuses=(InstanceStatus.RUNNING, InstanceStatus.COMPLETE)), 0, 10, 10
+    ),
+    "list_by_live_statuses_of_workflow": _page_query(
+        InstanceQuery(workflow="w", statuses=(InstanceStatus.QUEUED, InstanceStatus.RUNNING)),
+        0,
+        10,
+        10,
+    ),
+    "list_by_lookup": _page_query(
+        InstanceQuery(workflow="w", lookup_key="k", statuses=(InstanceStatus.RUNNING,)), 0, 10, 10
+    ),
+    "position_at": (_POSITION_AT, (0,)),
+    "ended_before": (_ENDED_BEFORE, (0, 10)),
+    **{
+        f"purge_{table}": (sql, ("x", 0))
+        for table, sql in zip(("steps", "events", "inbox"), _PURGE_CHILDREN, strict=True)
+    },
+    "purge_instance": (_PURGE_INSTANCE, ("x", 0)),
 }
 
 
@@ -325,7 +428,15 @@ class SqliteStore:
                 await conn.executemany(
                     _CONSUME_INBOX, [(step, event) for event, step in batch.consumed.items()]
                 )
+            purged = 0
+            if batch.purge:
+                # Last, so a write of this batch that revived an instance keeps it.
+                targets = list(batch.purge.items())
+                for sql in _PURGE_CHILDREN:
+                    await conn.executemany(sql, targets)
+                purged = (await conn.executemany(_PURGE_INSTANCE, targets)).rowcount
             await conn.commit()
+            batch.purged = purged
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 await conn.rollback()
@@ -382,3 +493,26 @@ class SqliteStore:
     async def claim_unfinished(self) -> list[InstanceRecord]:
         rows = await self._read().execute_fetchall(_UNFINISHED)
         return [_instance(r) for r in rows]
+
+    async def list_instances(
+        self, query: InstanceQuery, limit: int
+    ) -> list[tuple[int, InstanceRecord]]:
+        read = self._read()
+        low, high = 0, _FAR if query.older_than is None else query.older_than
+        if query.created_min is not None:
+            low = await self._position_at(query.created_min - _CLOCK_SLACK_MS)
+        if query.created_max is not None:
+            high = min(high, await self._position_at(query.created_max + _CLOCK_SLACK_MS))
+        if low >= high:
+            return []
+        sql, args = _page_query(query, low, high, limit)
+        rows = await read.execute_fetchall(sql, args)
+        return [(r[0], _instance(r[1:])) for r in rows]
+
+    async def _position_at(self, at: int) -> int:
+        rows = list(await self._read().execute_fetchall(_POSITION_AT, (at,)))
+        return int(rows[0][0])
+
+    async def ended_before(self, before: int, limit: int) -> list[str]:
+        rows = await self._read().execute_fetchall(_ENDED_BEFORE, (before, limit))
+        return [r[0] for r in rows]

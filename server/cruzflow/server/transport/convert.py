@@ -15,6 +15,11 @@ def _ts(ms: int | None) -> Timestamp | None:
     return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 
 
+def ms(ts: Timestamp) -> int:
+    """A request's timestamp in ms since the epoch, unchecked (the engine checks)."""
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
 def _text(data: bytes | None) -> str:
     return data.decode() if data is not None else ""
 

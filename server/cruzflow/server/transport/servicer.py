@@ -144,6 +144,46 @@ class WorkflowServicer(pb_grpc.WorkflowServiceServicer):
         )
         return pb.SendEventResponse()
 
+    async def CreateInstances(
+        self,
+        request: pb.CreateInstancesRequest,
+        context: grpc.aio.ServicerContext[pb.CreateInstancesRequest, pb.CreateInstancesResponse],
+    ) -> pb.CreateInstancesResponse:
+        items: list[tuple[str, str, str | bytes, str]] = [
+            (r.workflow, r.instance_id, r.params_json, r.lookup_key) for r in request.requests
+        ]
+        created = await _call(context, lambda: self._engine.create_many(items))
+        return pb.CreateInstancesResponse(
+            instances=[
+                pb.CreateInstanceResponse(
+                    instance_id=instance_id, status=pb.InstanceStatus.ValueType(int(status))
+                )
+                for instance_id, status in created
+            ]
+        )
+
+    async def ListInstances(
+        self,
+        request: pb.ListInstancesRequest,
+        context: grpc.aio.ServicerContext[pb.ListInstancesRequest, pb.ListInstancesResponse],
+    ) -> pb.ListInstancesResponse:
+        low, high = request.create_time_min, request.create_time_max
+        page, token = await _call(
+            context,
+            lambda: self._engine.list_instances(
+                workflow=request.workflow,
+                statuses=list(request.statuses),
+                created_min=convert.ms(low) if request.HasField("create_time_min") else None,
+                created_max=convert.ms(high) if request.HasField("create_time_max") else None,
+                lookup_key=request.lookup_key,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            ),
+        )
+        return pb.ListInstancesResponse(
+            instances=[convert.instance(record, []) for record in page], next_page_token=token
+        )
+
     async def ListWorkflows(
         self,
         request: pb.ListWorkflowsRequest,
