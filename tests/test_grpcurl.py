@@ -301,3 +301,51 @@ async def test_wait_instance(server: Server) -> None:
     )
     assert waited["instance"]["status"] == "INSTANCE_STATUS_COMPLETE"
     assert json.loads(waited["instance"]["output_json"])["sum"] == 6
+
+
+async def test_lifecycle_calls(server: Server) -> None:
+    batch = await call(
+        server,
+        "CreateInstances",
+        json.dumps(
+            {
+                "requests": [
+                    {"workflow": "approval", "instance_id": "wait-1", "lookup_key": "user:42"},
+                    {"workflow": "approval", "instance_id": "wait-2", "lookup_key": "user:7"},
+                ]
+            }
+        ),
+    )
+    assert [i["instance_id"] for i in batch["instances"]] == ["wait-1", "wait-2"]
+    listed = await call(server, "ListInstances", '{"lookup_key": "user:42", "page_size": 10}')
+    assert [i["instance_id"] for i in listed["instances"]] == ["wait-1"]
+    paused = await call(server, "PauseInstance", '{"instance_id": "wait-2"}')
+    assert paused["status"] in ("INSTANCE_STATUS_PAUSED", "INSTANCE_STATUS_WAITING_FOR_PAUSE")
+    by_status = await call(
+        server,
+        "ListInstances",
+        '{"statuses": ["INSTANCE_STATUS_PAUSED", "INSTANCE_STATUS_WAITING_FOR_PAUSE"]}',
+    )
+    assert [i["instance_id"] for i in by_status["instances"]] == ["wait-2"]
+    assert (
+        await call(
+            server,
+            "SendEvent",
+            json.dumps(
+                {"instance_id": "wait-1", "type": "approval", "payload_json": '{"ok": true}'}
+            ),
+        )
+        == {}
+    )
+    done = await call(server, "WaitInstance", '{"instance_id": "wait-1", "timeout": "30s"}')
+    assert json.loads(done["instance"]["output_json"]) == {
+        "approved": {"ok": True},
+        "type": "approval",
+    }
+    ended = await call(server, "TerminateInstance", '{"instance_id": "wait-2"}')
+    assert ended == {"status": "INSTANCE_STATUS_TERMINATED"}
+    code, _, err = await grpcurl(
+        server, f"{SERVICE}/ResumeInstance", data='{"instance_id": "wait-2"}'
+    )
+    assert code != 0
+    assert "FailedPrecondition" in err and "is terminated" in err
