@@ -50,6 +50,12 @@ async def _events(server: Server, instance_id: str) -> list[pb.WatchInstanceResp
     return [event async for event in stream]
 
 
+async def _statuses(server: Server, instance_id: str) -> list[int]:
+    """The statuses the instance went through, from its event log."""
+    events = await _events(server, instance_id)
+    return [e.status_changed.status for e in events if e.HasField("status_changed")]
+
+
 async def _refused(call: Any, code: grpc.StatusCode) -> str:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
@@ -79,11 +85,7 @@ async def test_sleep_waits_out_of_memory_and_wakes_on_time(server: Server) -> No
     )
     assert nap.end_time.ToMilliseconds() >= wake
     assert not done.HasField("wake_time")
-    statuses = [
-        e.status_changed.status
-        for e in await _events(server, instance_id)
-        if e.HasField("status_changed")
-    ]
+    statuses = await _statuses(server, instance_id)
     assert statuses == [
         S.INSTANCE_STATUS_RUNNING,
         S.INSTANCE_STATUS_WAITING,
@@ -196,11 +198,7 @@ async def test_pause_takes_effect_at_the_next_step_and_resume_goes_on(
     done = await _wait(server, instance_id)
     assert json.loads(done.output_json) == [0, 1, 2, 3, 4]
     assert [count(str(side_file), f"{instance_id}:s{i}") for i in range(5)] == [1] * 5
-    statuses = [
-        e.status_changed.status
-        for e in await _events(server, instance_id)
-        if e.HasField("status_changed")
-    ]
+    statuses = await _statuses(server, instance_id)
     assert statuses == [
         S.INSTANCE_STATUS_RUNNING,
         S.INSTANCE_STATUS_WAITING_FOR_PAUSE,

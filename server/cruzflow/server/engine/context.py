@@ -60,6 +60,16 @@ def _takes_context(fn: Callable[..., Any]) -> bool:
     return wants
 
 
+def _ref(
+    name: str, occurrence: int, index: int, attempt: int, kind: StepKind = StepKind.DO
+) -> dict[str, Any]:
+    """The fields that name a step in its events (the kind only when not DO)."""
+    ref: dict[str, Any] = {"name": name, "occ": occurrence, "idx": index, "att": attempt}
+    if kind is not StepKind.DO:
+        ref["k"] = int(kind)
+    return ref
+
+
 def to_json(value: Any) -> bytes:
     """Compact JSON bytes; TypeError, ValueError or RecursionError if it isn't JSON."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
@@ -187,10 +197,7 @@ class WorkflowStep:
             run.emit(
                 EventKind.ATTEMPT_FAILED,
                 {
-                    "name": name,
-                    "occ": occurrence,
-                    "idx": index,
-                    "att": attempt,
+                    **_ref(name, occurrence, index, attempt),
                     "err": [
                         "StepInterruptedError",
                         f"attempt {attempt} was interrupted by a server restart",
@@ -212,7 +219,7 @@ class WorkflowStep:
             )
             run.emit(
                 EventKind.STEP_STARTED,
-                {"name": name, "occ": occurrence, "idx": index, "att": attempt},
+                _ref(name, occurrence, index, attempt),
             )
 
             output, error_name, error_message, retryable = await self._attempt(
@@ -234,7 +241,7 @@ class WorkflowStep:
                 )
                 run.emit(
                     EventKind.STEP_SUCCEEDED,
-                    {"name": name, "occ": occurrence, "idx": index, "att": attempt},
+                    _ref(name, occurrence, index, attempt),
                     output,
                 )
                 # Round-trip through JSON so a replay returns exactly the same value.
@@ -262,10 +269,7 @@ class WorkflowStep:
             run.emit(
                 EventKind.ATTEMPT_FAILED,
                 {
-                    "name": name,
-                    "occ": occurrence,
-                    "idx": index,
-                    "att": attempt,
+                    **_ref(name, occurrence, index, attempt),
                     "err": [error_name, error_message],
                     "next": due,
                     "delay": int(delay * 1000),
@@ -329,7 +333,7 @@ class WorkflowStep:
         if stored is not None and stored.status is StepStatus.SUCCEEDED:
             return
         await run.enter_step()
-        ref = {"name": name, "occ": occurrence, "idx": index, "att": 1, "k": int(StepKind.SLEEP)}
+        ref = _ref(name, occurrence, index, 1, StepKind.SLEEP)
         if stored is not None and stored.next_attempt_at is not None:
             due, started = stored.next_attempt_at, stored.started_at
         else:
@@ -379,10 +383,7 @@ class WorkflowStep:
                 f"got {type!r:.80}"
             )
         await run.enter_step()
-        ref = {
-            "name": name, "occ": occurrence, "idx": index, "att": 1,
-            "k": int(StepKind.WAIT_FOR_EVENT),
-        }  # fmt: skip
+        ref = _ref(name, occurrence, index, 1, StepKind.WAIT_FOR_EVENT)
         if stored is not None and stored.next_attempt_at is not None:
             deadline, started = stored.next_attempt_at, stored.started_at
         else:
@@ -501,10 +502,7 @@ class WorkflowStep:
         run.emit(
             EventKind.STEP_FAILED,
             {
-                "name": name,
-                "occ": occurrence,
-                "idx": index,
-                "att": attempt,
+                **_ref(name, occurrence, index, attempt),
                 "err": [error_name, error_message],
             },
         )

@@ -545,12 +545,7 @@ class Engine:
             async with lock:
                 run = self._live.get(instance_id)
                 if run is None:
-                    record = await self.store.get_instance(instance_id)
-                    if record is None:
-                        raise NotFound(
-                            f"instance_id: no instance {instance_id!r}; check the id "
-                            f"CreateInstance returned"
-                        )
+                    record = await self._record(instance_id)
                     run = self._live.get(instance_id)
                     if run is None:
                         spec = self._workflows.get(record.workflow)
@@ -789,12 +784,7 @@ class Engine:
     async def get(self, instance_id: str) -> tuple[InstanceRecord, list[StepRecord]]:
         """The durable status of an instance and its steps."""
         self.check_id(instance_id)
-        record = await self.store.get_instance(instance_id)
-        if record is None:
-            raise NotFound(
-                f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned"
-            )
-        return record, await self.store.get_steps(instance_id)
+        return await self._record(instance_id), await self.store.get_steps(instance_id)
 
     async def wait(
         self, instance_id: str, timeout: float | None = None, include_steps: bool = False
@@ -805,11 +795,7 @@ class Engine:
             raise InvalidArgument(f"timeout: must not be negative, got {timeout:g} s")
         sub = self._hub.subscribe(instance_id)
         try:
-            record = await self.store.get_instance(instance_id)
-            if record is None:
-                raise NotFound(
-                    f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned"
-                )
+            record = await self._record(instance_id)
             try:
                 async with asyncio.timeout(timeout):
                     while not record.status.finished:
@@ -830,6 +816,14 @@ class Engine:
         steps = await self.store.get_steps(instance_id) if include_steps else []
         return record, steps
 
+    async def _record(self, instance_id: str) -> InstanceRecord:
+        record = await self.store.get_instance(instance_id)
+        if record is None:
+            raise NotFound(
+                f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned"
+            )
+        return record
+
     async def watch(self, instance_id: str, after_seq: int = 0) -> AsyncIterator[EventRecord]:
         """Every durable event of the instance after ``after_seq``, live, until its end."""
         self.check_id(instance_id)
@@ -837,11 +831,7 @@ class Engine:
             raise InvalidArgument(f"after_sequence: must be 0 or more, got {after_seq}")
         sub = self._hub.subscribe(instance_id)
         try:
-            record = await self.store.get_instance(instance_id)
-            if record is None:
-                raise NotFound(
-                    f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned"
-                )
+            record = await self._record(instance_id)
             if after_seq > record.last_seq:
                 raise InvalidArgument(
                     f"after_sequence: {after_seq} is past the newest event ({record.last_seq}) "
