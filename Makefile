@@ -7,7 +7,7 @@ CONFIG ?= examples/cruzflow.toml
 PROTO := proto/cruzflow/v1/workflows.proto
 GEN := clients/python
 
-.PHONY: run test lint proto proto-check bench breaking install clean
+.PHONY: run test lint proto proto-check bench bench-sleepers breaking install clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ proto-check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench $(BENCH_ARGS)
+
+# Server memory, store size and GetStatus latency with 100,000 instances asleep.
+bench-sleepers: $(STAMP)
+	$(BIN)/python -m bench.bench --sleepers 100000 $(BENCH_ARGS)
 
 breaking: $(STAMP)
 	$(BIN)/buf breaking --against '.git#branch=main'
