@@ -318,3 +318,18 @@ async def test_many_sleepers_hold_no_memory_handles(server: Server) -> None:
 
     await eventually(all_parked)
     assert not engine._runs
+
+
+async def test_wait_instance_equals_the_stored_status_for_each_ending(server: Server) -> None:
+    for workflow, params in (("raises", None), ("three-steps", {"x": 1}), ("approval", None)):
+        instance_id = await _create(server, workflow, params)
+        if workflow == "approval":
+            await _until(server, instance_id, S.INSTANCE_STATUS_WAITING)
+            waiting = asyncio.ensure_future(_wait(server, instance_id))
+            await server.stub.TerminateInstance(
+                pb.TerminateInstanceRequest(instance_id=instance_id)
+            )
+            final = await waiting
+        else:
+            final = await _wait(server, instance_id)
+        assert final == await _status(server, instance_id), workflow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import json
 import logging
@@ -804,11 +805,25 @@ class Engine:
                             raise Unavailable(
                                 "the server is shutting down; wait again once it is back"
                             )
-                        if sub.lagged or _is_final(event):
+                        if sub.lagged:
                             sub.lagged = False
                             while not sub.queue.empty():
                                 sub.queue.get_nowait()
                             record = await self.store.get_instance(instance_id) or record
+                        elif _is_final(event):
+                            # The final event carries all that changed: no re-read.
+                            err = event.data.get("err")
+                            record = dataclasses.replace(
+                                record,
+                                status=InstanceStatus(event.data["status"]),
+                                output=event.payload,
+                                error_name=err[0] if err else None,
+                                error_message=err[1] if err else None,
+                                updated_at=event.at,
+                                ended_at=event.at,
+                                wake_at=None,
+                                last_seq=event.seq,
+                            )
             except TimeoutError:
                 record = await self.store.get_instance(instance_id) or record
         finally:
