@@ -7,7 +7,10 @@ sleepers in two stages (a tenth, then the rest), lets each stage settle (the
 server's CPU goes idle, then a GetStatus of every instance shows it WAITING),
 and reads the server's memory after each. The growth between the two
 settled stages, divided by the sleepers added, is the memory a sleeper
-holds; a coroutine per sleeper would show as several KB each.
+holds; a coroutine per sleeper would show as several KB each. The growth
+includes fixed costs too (SQLite's page caches, the allocator's arenas after
+the burst of creates), so per-sleeper figures mean something only for large
+N (100,000: tens to a few hundred bytes each).
 
 It also times GetStatus of one instance (200 calls one after another) with
 almost nothing stored and again with N stored, and the server's CPU while

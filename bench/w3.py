@@ -196,13 +196,14 @@ async def _drive(
     slow_ends = [m.at for m in after if m.step == SLOW and m.phase == "end"]
     slow_begun_before = [m.at for m in before if m.step == SLOW and m.phase == "begin"]
 
+    number = {iid: i for i, iid in enumerate(ids)}
     attempts: dict[str, Counter[int]] = {name: Counter() for name in EXPECTED_ATTEMPTS}
     ends: list[float] = []
     for iid, inst in instances.items():
         if inst.status != pb.INSTANCE_STATUS_COMPLETE:
             problems[f"ended {pb.InstanceStatus.Name(inst.status)}"] += 1
             continue
-        if json.loads(inst.output_json)["params"]["n"] != ids.index(iid):
+        if json.loads(inst.output_json)["params"]["n"] != number[iid]:
             problems["wrong output"] += 1
         ends.append(_seconds(inst.end_time))
         for s in inst.steps:
@@ -213,6 +214,11 @@ async def _drive(
             problems[f"step {name!r}: {wrong} instance(s) with attempts != {want}"] += 1
     if rerun_completed:
         problems[f"{rerun_completed} completed step(s) ran again after the restart"] += 1
+    if len(slow_reruns) != n:
+        problems[f"{len(slow_reruns)} interrupted attempts ran again, not {n}"] += 1
+    ended_early = sum(m.step == SLOW and m.phase == "end" for m in before)
+    if ended_early:
+        problems[f"{ended_early} slow step(s) ended before the kill: killed too late"] += 1
 
     done = len(ends)
     latencies = sorted(answered[iid] - restarted_at for iid in answered)
@@ -229,7 +235,7 @@ async def _drive(
             "min": _r(killed_at - max(slow_begun_before)) if slow_begun_before else None,
             "max": _r(killed_at - min(slow_begun_before)) if slow_begun_before else None,
         },
-        "slow_ended_before_kill": sum(m.step == SLOW and m.phase == "end" for m in before),
+        "slow_ended_before_kill": ended_early,
         "kill_to_restart_s": _r(restarted_at - killed_at),
         # From the new process's start (Popen) on.
         "restart_to_listening_s": _r(listening_at - restarted_at),
