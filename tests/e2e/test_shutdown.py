@@ -5,34 +5,15 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
 from cruzflow.v1 import workflows_pb2 as pb
-from tests.e2e import Cluster, Watcher
+from tests.e2e import Watcher
+from tests.e2e.conftest import ClusterFactory
 from tests.procs import wait_for
-
-ClusterFactory = Callable[..., Cluster]
-
-
-@pytest.fixture
-def clusters(tmp_path: Path) -> Iterator[ClusterFactory]:
-    """Make clusters under tmp_path; every server process is stopped afterwards."""
-    made: list[Cluster] = []
-
-    def make(name: str = "cluster", **kwargs: Any) -> Cluster:
-        cluster = Cluster(tmp_path / name, **kwargs)
-        made.append(cluster)
-        return cluster
-
-    yield make
-    for cluster in made:
-        cluster.close()
 
 
 @dataclass
