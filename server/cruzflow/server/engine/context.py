@@ -7,6 +7,7 @@ import inspect
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -60,14 +61,49 @@ def _takes_context(fn: Callable[..., Any]) -> bool:
     return wants
 
 
-def _ref(
-    name: str, occurrence: int, index: int, attempt: int, kind: StepKind = StepKind.DO
-) -> dict[str, Any]:
-    """The fields that name a step in its events (the kind only when not DO)."""
-    ref: dict[str, Any] = {"name": name, "occ": occurrence, "idx": index, "att": attempt}
-    if kind is not StepKind.DO:
-        ref["k"] = int(kind)
-    return ref
+@dataclass(slots=True)
+class _Slot:
+    """One step of a run: it writes the step's row and names it in its events."""
+
+    run: _Run
+    index: int
+    name: str
+    occurrence: int
+    kind: StepKind
+    started_at: int = 0
+    event_type: str | None = None
+
+    def ref(self, attempt: int) -> dict[str, Any]:
+        ref: dict[str, Any] = {
+            "name": self.name, "occ": self.occurrence, "idx": self.index, "att": attempt,
+        }  # fmt: skip
+        if self.kind is not StepKind.DO:
+            ref["k"] = int(self.kind)
+        return ref
+
+    def record(self, status: StepStatus, attempt: int, **fields: Any) -> None:
+        self.run.put_step(StepRecord(
+            self.run.id, self.index, self.name, self.occurrence, status, attempt,
+            self.started_at, kind=self.kind, event_type=self.event_type, **fields,
+        ))  # fmt: skip
+
+    def emit(
+        self, kind: EventKind, attempt: int, payload: bytes | None = None, **extra: Any
+    ) -> None:
+        self.run.emit(kind, {**self.ref(attempt), **extra}, payload)
+
+    def succeed(self, attempt: int, output: bytes, **fields: Any) -> None:
+        self.record(StepStatus.SUCCEEDED, attempt, ended_at=_ms(), output=output, **fields)
+        self.emit(EventKind.STEP_SUCCEEDED, attempt, output)
+
+    async def fail(self, attempt: int, error_name: str, error_message: str) -> None:
+        """Record the step failed for good; durable before ``run`` is told."""
+        self.record(
+            StepStatus.FAILED, attempt, ended_at=_ms(),
+            error_name=error_name, error_message=error_message,
+        )  # fmt: skip
+        self.emit(EventKind.STEP_FAILED, attempt, err=[error_name, error_message])
+        await self.run.barrier()
 
 
 def to_json(value: Any) -> bytes:
@@ -160,17 +196,16 @@ class WorkflowStep:
             policy = DEFAULT_POLICY
         else:
             policy = resolve(config, retries, timeout)
-        index, occurrence, stored = self._next(name, StepKind.DO)
+        slot, stored = self._next(name, StepKind.DO)
 
         attempt = 0
-        started_at = 0
         next_at: int | None = None
         if stored is not None:
             if stored.status is StepStatus.SUCCEEDED:
                 return json.loads(stored.output) if stored.output is not None else None
             if stored.status is StepStatus.FAILED:
                 raise StepFailedError(name, stored.error_name or "", stored.error_message or "")
-            attempt, started_at, next_at = (
+            attempt, slot.started_at, next_at = (
                 stored.attempts,
                 stored.started_at,
                 stored.next_attempt_at,
@@ -180,105 +215,59 @@ class WorkflowStep:
 
         if stored is not None and next_at is None and attempt >= policy.max_attempts:
             # The last allowed attempt was cut short by a restart.
-            return await self._fail(
-                run,
-                name,
-                occurrence,
-                index,
-                attempt,
-                started_at,
-                "StepInterruptedError",
+            message = (
                 f"attempt {attempt} was interrupted by a server restart and no retries are "
-                f"left (retries.limit={policy.max_attempts - 1})",
+                f"left (retries.limit={policy.max_attempts - 1})"
             )
+            await slot.fail(attempt, "StepInterruptedError", message)
+            raise StepFailedError(name, "StepInterruptedError", message)
         if next_at is not None:
             await engine.wait_or_suspend((next_at - _ms()) / 1000.0)
         elif stored is not None:
-            run.emit(
+            slot.emit(
                 EventKind.ATTEMPT_FAILED,
-                {
-                    **_ref(name, occurrence, index, attempt),
-                    "err": [
-                        "StepInterruptedError",
-                        f"attempt {attempt} was interrupted by a server restart",
-                    ],
-                    "next": _ms(),
-                    "delay": 0,
-                },
+                attempt,
+                err=[
+                    "StepInterruptedError",
+                    f"attempt {attempt} was interrupted by a server restart",
+                ],
+                next=_ms(),
+                delay=0,
             )
 
         while True:
             if engine.stopping:
                 raise Suspend()
             attempt += 1
-            now = _ms()
-            if not started_at:
-                started_at = now
-            run.put_step(
-                StepRecord(run.id, index, name, occurrence, StepStatus.RUNNING, attempt, started_at)
-            )
-            run.emit(
-                EventKind.STEP_STARTED,
-                _ref(name, occurrence, index, attempt),
-            )
+            if not slot.started_at:
+                slot.started_at = _ms()
+            slot.record(StepStatus.RUNNING, attempt)
+            slot.emit(EventKind.STEP_STARTED, attempt)
 
             output, error_name, error_message, retryable = await self._attempt(
                 run, name, fn, attempt, policy
             )
             if output is not None:
-                run.put_step(
-                    StepRecord(
-                        run.id,
-                        index,
-                        name,
-                        occurrence,
-                        StepStatus.SUCCEEDED,
-                        attempt,
-                        started_at,
-                        ended_at=_ms(),
-                        output=output,
-                    )
-                )
-                run.emit(
-                    EventKind.STEP_SUCCEEDED,
-                    _ref(name, occurrence, index, attempt),
-                    output,
-                )
+                slot.succeed(attempt, output)
                 # Round-trip through JSON so a replay returns exactly the same value.
                 return json.loads(output)
             if not retryable or attempt >= policy.max_attempts:
-                return await self._fail(
-                    run, name, occurrence, index, attempt, started_at, error_name, error_message
-                )
+                await slot.fail(attempt, error_name, error_message)
+                raise StepFailedError(name, error_name, error_message)
             delay = policy.retry_delay(attempt)
             due = _ms() + int(delay * 1000)
-            run.put_step(
-                StepRecord(
-                    run.id,
-                    index,
-                    name,
-                    occurrence,
-                    StepStatus.RUNNING,
-                    attempt,
-                    started_at,
-                    error_name=error_name,
-                    error_message=error_message,
-                    next_attempt_at=due,
-                )
-            )
-            run.emit(
-                EventKind.ATTEMPT_FAILED,
-                {
-                    **_ref(name, occurrence, index, attempt),
-                    "err": [error_name, error_message],
-                    "next": due,
-                    "delay": int(delay * 1000),
-                },
-            )
+            slot.record(
+                StepStatus.RUNNING, attempt,
+                error_name=error_name, error_message=error_message, next_attempt_at=due,
+            )  # fmt: skip
+            slot.emit(
+                EventKind.ATTEMPT_FAILED, attempt,
+                err=[error_name, error_message], next=due, delay=int(delay * 1000),
+            )  # fmt: skip
             await engine.wait_or_suspend(delay)
 
-    def _next(self, name: str, kind: StepKind) -> tuple[int, int, StepRecord | None]:
-        """Take the next step slot: (index, occurrence, what replay recorded there)."""
+    def _next(self, name: str, kind: StepKind) -> tuple[_Slot, StepRecord | None]:
+        """Take the next step slot, and what replay recorded there."""
         run = self._run
         limits = self._engine.limits
         if not isinstance(name, str) or not name or len(name) > limits.max_step_name_length:
@@ -305,7 +294,7 @@ class WorkflowStep:
                 f"{stored.occurrence}): the workflow code changed under a running instance; "
                 f"restart the instance or deploy the change under a new workflow name"
             )
-        return index, occurrence, stored
+        return _Slot(run, index, name, occurrence, kind), stored
 
     async def sleep(self, name: str, duration: Duration) -> None:
         """Sleep durably: the instance waits (holding no coroutine) and resumes on time,
@@ -329,28 +318,20 @@ class WorkflowStep:
 
     async def _sleep(self, name: str, due_at: Callable[[], int]) -> None:
         run = self._run
-        index, occurrence, stored = self._next(name, StepKind.SLEEP)
+        slot, stored = self._next(name, StepKind.SLEEP)
         if stored is not None and stored.status is StepStatus.SUCCEEDED:
             return
         await run.enter_step()
-        ref = _ref(name, occurrence, index, 1, StepKind.SLEEP)
         if stored is not None and stored.next_attempt_at is not None:
-            due, started = stored.next_attempt_at, stored.started_at
+            due, slot.started_at = stored.next_attempt_at, stored.started_at
         else:
-            due, started = due_at(), _ms()
-            self._check_wait(due - started, "sleep")
-            run.put_step(StepRecord(
-                run.id, index, name, occurrence, StepStatus.RUNNING, 1, started,
-                next_attempt_at=due, kind=StepKind.SLEEP,
-            ))  # fmt: skip
-            run.emit(EventKind.STEP_STARTED, ref)
+            due, slot.started_at = due_at(), _ms()
+            self._check_wait(due - slot.started_at, "sleep")
+            slot.record(StepStatus.RUNNING, 1, next_attempt_at=due)
+            slot.emit(EventKind.STEP_STARTED, 1)
         while due > _ms():
             await run.park(due)
-        run.put_step(StepRecord(
-            run.id, index, name, occurrence, StepStatus.SUCCEEDED, 1, started,
-            ended_at=_ms(), output=b"null", next_attempt_at=due, kind=StepKind.SLEEP,
-        ))  # fmt: skip
-        run.emit(EventKind.STEP_SUCCEEDED, ref, b"null")
+        slot.succeed(1, b"null", next_attempt_at=due)
 
     def _check_wait(self, wait_ms: int, what: str) -> None:
         limit = self._engine.limits.max_sleep_s
@@ -369,7 +350,7 @@ class WorkflowStep:
         ``timeout`` it raises EventTimeoutError (a StepFailedError)."""
         run = self._run
         engine = self._engine
-        index, occurrence, stored = self._next(name, StepKind.WAIT_FOR_EVENT)
+        slot, stored = self._next(name, StepKind.WAIT_FOR_EVENT)
         if stored is not None:
             if stored.status is StepStatus.SUCCEEDED:
                 result: dict[str, Any] = json.loads(stored.output or b"null")
@@ -382,20 +363,17 @@ class WorkflowStep:
                 f"step.wait_for_event: type must be a string of 1 to {limit} characters, "
                 f"got {type!r:.80}"
             )
+        slot.event_type = type
         await run.enter_step()
-        ref = _ref(name, occurrence, index, 1, StepKind.WAIT_FOR_EVENT)
         if stored is not None and stored.next_attempt_at is not None:
-            deadline, started = stored.next_attempt_at, stored.started_at
+            deadline, slot.started_at = stored.next_attempt_at, stored.started_at
         else:
-            started = _ms()
+            slot.started_at = _ms()
             wait_ms = int(to_seconds(timeout, "step.wait_for_event timeout") * 1000)
             self._check_wait(wait_ms, "wait_for_event timeout")
-            deadline = started + wait_ms
-            run.put_step(StepRecord(
-                run.id, index, name, occurrence, StepStatus.RUNNING, 1, started,
-                next_attempt_at=deadline, kind=StepKind.WAIT_FOR_EVENT, event_type=type,
-            ))  # fmt: skip
-            run.emit(EventKind.STEP_STARTED, ref)
+            deadline = slot.started_at + wait_ms
+            slot.record(StepStatus.RUNNING, 1, next_attempt_at=deadline)
+            slot.emit(EventKind.STEP_STARTED, 1)
         while True:
             run.poked = False
             event = await engine.take_event(run, type)
@@ -405,23 +383,13 @@ class WorkflowStep:
                     "payload": json.loads(event.payload),
                     "timestamp": datetime.fromtimestamp(event.at / 1000, UTC).isoformat(),
                 })  # fmt: skip
-                engine.journal.consume(event.id, index)
-                run.put_step(StepRecord(
-                    run.id, index, name, occurrence, StepStatus.SUCCEEDED, 1, started,
-                    ended_at=_ms(), output=output, kind=StepKind.WAIT_FOR_EVENT, event_type=type,
-                ))  # fmt: skip
-                run.emit(EventKind.STEP_SUCCEEDED, ref, output)
+                engine.journal.consume(event.id, slot.index)
+                slot.succeed(1, output)
                 value: dict[str, Any] = json.loads(output)
                 return value
             if _ms() >= deadline:
                 message = f"no {type!r} event arrived within the wait's timeout"
-                run.put_step(StepRecord(
-                    run.id, index, name, occurrence, StepStatus.FAILED, 1, started,
-                    ended_at=_ms(), error_name="EventTimeoutError", error_message=message,
-                    kind=StepKind.WAIT_FOR_EVENT, event_type=type,
-                ))  # fmt: skip
-                run.emit(EventKind.STEP_FAILED, {**ref, "err": ["EventTimeoutError", message]})
-                await run.barrier()
+                await slot.fail(1, "EventTimeoutError", message)
                 raise EventTimeoutError(name, "EventTimeoutError", message)
             if not run.poked:
                 await run.park(deadline)
@@ -473,39 +441,3 @@ class WorkflowStep:
                 False,
             )
         return output, "", "", True
-
-    async def _fail(
-        self,
-        run: _Run,
-        name: str,
-        occurrence: int,
-        index: int,
-        attempt: int,
-        started_at: int,
-        error_name: str,
-        error_message: str,
-    ) -> Any:
-        run.put_step(
-            StepRecord(
-                run.id,
-                index,
-                name,
-                occurrence,
-                StepStatus.FAILED,
-                attempt,
-                started_at,
-                ended_at=_ms(),
-                error_name=error_name,
-                error_message=error_message,
-            )
-        )
-        run.emit(
-            EventKind.STEP_FAILED,
-            {
-                **_ref(name, occurrence, index, attempt),
-                "err": [error_name, error_message],
-            },
-        )
-        # The failure is a recorded result: durable before run sees it.
-        await run.barrier()
-        raise StepFailedError(name, error_name, error_message)
