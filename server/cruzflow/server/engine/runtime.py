@@ -361,7 +361,7 @@ class Engine:
         """Store a new instance durably and schedule it; returns its id and status."""
         spec, params_bytes = self.check_new(workflow, instance_id, params, lookup_key)
         if instance_id:
-            await self.reserve_ids([instance_id])
+            await self.reserve_id(instance_id)
         else:
             instance_id = uuid.uuid4().hex
         try:
@@ -398,22 +398,20 @@ class Engine:
             )
         return spec, params_bytes
 
-    async def reserve_ids(self, ids: list[str]) -> None:
-        """Claim ids for creation, or raise AlreadyExists naming the first taken one.
+    async def reserve_id(self, instance_id: str) -> None:
+        """Claim an id for creation, or raise AlreadyExists.
 
-        The claim holds until the caller discards the ids from ``_creating``
+        The claim holds until the caller discards the id from ``_creating``
         (after the create is durable or has failed).
         """
-        for instance_id in ids:
-            if instance_id in self._creating or instance_id in self._live:
-                raise AlreadyExists(self._exists_message(instance_id))
-        self._creating.update(ids)
+        if instance_id in self._creating or instance_id in self._live:
+            raise AlreadyExists(self._exists_message(instance_id))
+        self._creating.add(instance_id)
         try:
-            for instance_id in ids:
-                if await self.store.get_instance(instance_id) is not None:
-                    raise AlreadyExists(self._exists_message(instance_id))
+            if await self.store.get_instance(instance_id) is not None:
+                raise AlreadyExists(self._exists_message(instance_id))
         except BaseException:
-            self._creating.difference_update(ids)
+            self._creating.discard(instance_id)
             raise
 
     def admit(
@@ -967,7 +965,7 @@ class Engine:
             # taken one is one more problem to name.
             for instance_id, i in first_use.items():
                 try:
-                    await self.reserve_ids([instance_id])
+                    await self.reserve_id(instance_id)
                 except AlreadyExists as exc:
                     problems.append((i, exc))
                     continue
