@@ -81,6 +81,7 @@ class Options:
     w3_n: int
     sleepers: int
     sleepers_concurrency: int
+    telemetry: str = "off"
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -147,6 +148,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default="flamegraph",
         help="py-spy's output: an SVG flame graph, collapsed stacks (text), or speedscope JSON",
     )
+    parser.add_argument(
+        "--telemetry",
+        choices=("off", "otlp"),
+        default="off",
+        help="otlp: the server exports traces and metrics over OTLP/gRPC to a real receiver "
+        "(bench.otlp_sink, in a process of its own) during W1 and W2",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
     n, m, warmup = args.n, args.m, args.warmup
@@ -177,7 +185,46 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         w3_n=args.w3_n,
         sleepers=args.sleepers,
         sleepers_concurrency=args.sleepers_concurrency,
+        telemetry=args.telemetry,
     )
+
+
+class Sink:
+    """``bench.otlp_sink`` in a child process: a real OTLP receiver that counts spans."""
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.otlp_sink"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line.startswith("otlp sink listening on "):
+            raise RuntimeError(f"the OTLP sink did not start: {line!r}")
+        self.endpoint = "http://" + line.split()[-1]
+
+    def env(self) -> dict[str, str]:
+        """The server's OTEL_* settings; ones already in the environment win (e.g.
+        OTEL_TRACES_SAMPLER, or OTEL_METRICS_EXPORTER=none to measure traces alone)."""
+        defaults = {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
+            "OTEL_METRIC_EXPORT_INTERVAL": "5000",
+        }
+        return {key: os.environ.get(key, value) for key, value in defaults.items()}
+
+    def spans(self) -> int:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write("count\n")
+        self._proc.stdin.flush()
+        return int(self._proc.stdout.readline())
+
+    def close(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(10)
 
 
 # ------------------------------------------------------------------ server
@@ -677,6 +724,14 @@ def summary(report: dict[str, Any]) -> Iterator[str]:
         )
     elif w is not None:
         yield f"W3 did not finish: {w['failures']}"
+    telemetry = report.get("telemetry", {})
+    if telemetry.get("mode") == "otlp":
+        yield (
+            f"telemetry: traces and metrics exported over OTLP/gRPC to a real receiver, "
+            f"{telemetry.get('spans_received')} spans received"
+        )
+    else:
+        yield "telemetry: off (OTEL_SDK_DISABLED=true)"
     m = report["machine"]
     yield (
         f"{m['nproc']} cores, Python {m['python']}, client uvloop "
@@ -715,9 +770,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_sleepers(opts)
     method = choose_fsync_method(opts.fsync_method)
     folder = Path(tempfile.mkdtemp(prefix="cruzflow-bench-"))
-    server = Server(write_config(folder, uvloop=opts.server_uvloop), strace=method == "strace")
+    sink = Sink() if opts.telemetry == "otlp" else None
+    server = Server(
+        write_config(folder, uvloop=opts.server_uvloop),
+        strace=method == "strace",
+        env=sink.env() if sink is not None else {"OTEL_SDK_DISABLED": "true"},
+    )
     started = time.perf_counter()
     code: int | None = None
+    telemetry: dict[str, Any] = {"mode": opts.telemetry}
     try:
         server.start()
         print(f"server pid {server.pid} on {server.address}, folder {folder}", file=sys.stderr)
@@ -725,6 +786,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with asyncio.Runner(loop_factory=loop_factory(opts.client_uvloop)) as runner:
             results = runner.run(drive(server, opts, method))
             code = server.stop()
+            if sink is not None:
+                # The server flushed its exporters on the way out.
+                telemetry["spans_received"] = sink.spans()
             if opts.w3:
                 # On a server and store of its own, which it kills and restarts.
                 results["w3"] = runner.run(
@@ -740,6 +804,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = stopped if code is None else code
         if code not in (0, None):
             print(f"server exited with {code}:\n{server.log_tail()}", file=sys.stderr)
+        if sink is not None:
+            sink.close()
         if opts.keep:
             print(f"kept {folder}", file=sys.stderr)
         else:
@@ -748,6 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench": "cruzflow",
         "workflow": f"{STEPS_PER_WORKFLOW} trivial steps",
         **results,
+        "telemetry": telemetry,
         "fsync_method": _METHODS[method],
         "server_exit_code": code,
         "total_s": round(time.perf_counter() - started, 2),

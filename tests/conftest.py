@@ -40,6 +40,7 @@ ALL_WORKFLOWS: dict[str, str] = {
     "approval": "tests.workflows:Approval",
     "steps5": "tests.workflows:Steps5",
     "blocks-then-waits": "tests.workflows:BlocksThenWaits",
+    "traced": "tests.workflows:Traced",
 }
 
 

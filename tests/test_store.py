@@ -113,6 +113,38 @@ async def test_unfinished_are_claimed_oldest_first(store: Store) -> None:
     assert [r.id for r in await store.claim_unfinished()] == ["x", "z"]
 
 
+async def test_unfinished_counted_by_status(store: Store) -> None:
+    batch = Batch()
+    batch.new_instances += [
+        _instance("q", InstanceStatus.QUEUED),
+        _instance("w1", InstanceStatus.WAITING),
+        _instance("w2", InstanceStatus.WAITING),
+        _instance("p", InstanceStatus.PAUSED),
+        _instance("done", InstanceStatus.COMPLETE),
+        _instance("failed", InstanceStatus.ERRORED),
+    ]
+    await store.apply(batch)
+    assert await store.count_unfinished() == {
+        InstanceStatus.QUEUED: 1,
+        InstanceStatus.WAITING: 2,
+        InstanceStatus.PAUSED: 1,
+    }
+
+
+async def test_trace_context_is_stored_with_the_instance(store: Store) -> None:
+    batch = Batch()
+    record = _instance("t")
+    record.trace_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    batch.new_instances += [record, _instance("u")]
+    await store.apply(batch)
+    stored = await store.get_instance("t")
+    assert stored is not None and stored.trace_parent == record.trace_parent
+    other = await store.get_instance("u")
+    assert other is not None and other.trace_parent is None
+    (claimed,) = [r for r in await store.claim_unfinished() if r.id == "t"]
+    assert claimed.trace_parent == record.trace_parent
+
+
 async def test_second_server_on_one_file_is_refused(tmp_path: Path) -> None:
     first = SqliteStore(tmp_path / "one.db")
     await first.open()
@@ -209,7 +241,9 @@ def _fill(path: Path, finished: int) -> sqlite3.Connection:
     return conn
 
 
-@pytest.mark.parametrize("name", ["get_instance", "get_steps", "read_events", "unfinished"])
+@pytest.mark.parametrize(
+    "name", ["get_instance", "get_steps", "read_events", "unfinished", "count_unfinished"]
+)
 async def test_query_cost_stays_flat_with_history(tmp_path: Path, name: str) -> None:
     """Work done (SQLite VM steps) with 1,000 vs 100,000 stored instances."""
     costs = []
@@ -225,6 +259,7 @@ async def test_query_cost_stays_flat_with_history(tmp_path: Path, name: str) -> 
             "get_steps": ("live",),
             "read_events": ("live", 0, 100),
             "unfinished": (),
+            "count_unfinished": (),
         }[name]
         costs.append(_vm_steps(conn, sql, params))
         conn.close()

@@ -311,3 +311,21 @@ class SlowThenWaitsTwice(WorkflowEntrypoint):
         second = await step.wait_for_event("second", type="approval")
         await step.do("apply", lambda: mark(f"{event.instance_id}:applied"))
         return {"slow_attempt": attempt, "first": first["payload"], "second": second["payload"]}
+
+
+class Traced(WorkflowEntrypoint):
+    """Three steps, the second failing its first attempt, with a sleep of
+    params.nap_ms (default 0) before the third. Returns 1 + 2 + 3."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        first = await step.do("fetch", lambda: 1)
+
+        async def charge(ctx: StepContext) -> int:
+            if ctx.attempt == 1:
+                raise ConnectionError("the card service hung up")
+            return 2
+
+        second = await step.do("charge", charge, retries={"limit": 2, "delay": 0})
+        await step.sleep("nap", (event.payload or {}).get("nap_ms", 0))
+        third = await step.do("notify", lambda: 3)
+        return first + second + third

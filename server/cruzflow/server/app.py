@@ -16,6 +16,7 @@ from cruzflow.server.bindings import Env, SqliteDatabase
 from cruzflow.server.config import Config
 from cruzflow.server.engine.runtime import Engine
 from cruzflow.server.store.sqlite import SqliteStore
+from cruzflow.server.telemetry import Providers, configure_logging
 from cruzflow.server.transport.servicer import WorkflowServicer
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
@@ -28,24 +29,30 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name
 class Service:
     """The running service. ``start`` returns the bound port; ``stop`` drains it."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, telemetry: Providers | None = None) -> None:
         self.config = config
+        # Tests hand in providers with in-memory exporters; a server builds
+        # them from the config and the OTEL_* environment.
+        self.telemetry = telemetry if telemetry is not None else Providers(config.telemetry)
         self.store = SqliteStore(config.store_path, synchronous=config.file.store.synchronous)
         values: dict[str, Any] = dict(config.file.vars)
         for binding, path in config.database_paths().items():
             values[binding] = SqliteDatabase(path)
         self.env = Env(values)
-        self.engine = Engine(self.store, config.workflows, self.env, config.limits)
+        self.engine = Engine(
+            self.store, config.workflows, self.env, config.limits, self.telemetry.observer
+        )
         self.health = health.aio.HealthServicer()
         limit = config.limits.max_payload_bytes
         self.server = grpc.aio.server(
+            interceptors=self.telemetry.server_interceptors(),
             options=[
                 # Room for a full payload plus its envelope; larger is refused by gRPC.
                 ("grpc.max_receive_message_length", 2 * limit + 64 * 1024),
                 ("grpc.max_send_message_length", 64 * limit),
                 # A burst of thousands of creates queues instead of being cancelled.
                 ("grpc.server.max_pending_requests", 20_000),
-            ]
+            ],
         )
         self.port = 0
 
@@ -78,11 +85,15 @@ class Service:
         await self.server.stop(1.0)
         await self.store.close()
         await self.env.aclose()
+        # The exporters' flush blocks; keep it off the event loop.
+        await asyncio.to_thread(self.telemetry.shutdown)
 
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    configure_logging(config.file.telemetry.log_format)
     service = Service(config)
+    service.telemetry.install_global()
     port = await service.start()
     host = config.listen.rpartition(":")[0]
     log.info(

@@ -11,17 +11,25 @@ import inspect
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cruzflow.server.engine.api import WorkflowEntrypoint
 from cruzflow.server.engine.durations import to_seconds
 from cruzflow.server.engine.runtime import Limits, WorkflowSpec
+from cruzflow.server.telemetry import Settings as TelemetrySettings
 
 
 class ConfigError(Exception):
     """The config file cannot be used; the message names file, key and reason."""
+
+
+def _address(value: str, example: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected host:port, e.g. '{example}'")
+    return value
 
 
 class _Strict(BaseModel):
@@ -39,10 +47,7 @@ class ServerSection(_Strict):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ValueError("expected host:port, e.g. '127.0.0.1:50051'")
-        return value
+        return _address(value, "127.0.0.1:50051")
 
     @field_validator("grace_period")
     @classmethod
@@ -86,6 +91,40 @@ class LimitsSection(_Strict):
         return value
 
 
+class TelemetrySection(_Strict):
+    """OpenTelemetry. The standard OTEL_* environment variables win over these."""
+
+    traces: Literal["none", "otlp", "console"] | None = None
+    """Span exporter (OTEL_TRACES_EXPORTER); default none."""
+    metrics: Literal["none", "otlp", "console", "prometheus"] | None = None
+    """Metric exporter (OTEL_METRICS_EXPORTER); default none."""
+    otlp_endpoint: str | None = Field(None, pattern=r"^https?://[^\s/]+(:\d+)?/?$")
+    """OTLP/gRPC receiver, e.g. http://127.0.0.1:4317 (OTEL_EXPORTER_OTLP_ENDPOINT)."""
+    service_name: str | None = None
+    """service.name (OTEL_SERVICE_NAME); default the config's name."""
+    metric_interval: str | int = "60 seconds"
+    """How often metrics are pushed (OTEL_METRIC_EXPORT_INTERVAL)."""
+    prometheus_listen: str = "127.0.0.1:9464"
+    """host:port of the Prometheus scrape endpoint, with metrics = "prometheus"."""
+    new_trace_after: str | int | None = None
+    """Runs resumed this long after the instance's creation start a new trace
+    linked to the creator's; by default every run joins the creator's trace."""
+    log_format: Literal["text", "json"] = "text"
+    """Server log lines: text, or one JSON object a line."""
+
+    @field_validator("metric_interval", "new_trace_after")
+    @classmethod
+    def _positive(cls, value: str | int | None) -> str | int | None:
+        if value is not None and to_seconds(value) <= 0:
+            raise ValueError("must be more than 0, e.g. '30 seconds'")
+        return value
+
+    @field_validator("prometheus_listen")
+    @classmethod
+    def _prometheus(cls, value: str) -> str:
+        return _address(value, "127.0.0.1:9464")
+
+
 class WorkflowSection(_Strict):
     binding: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """Name under which the workflow appears in ``env``, e.g. ONBOARDING_WORKFLOW."""
@@ -110,6 +149,7 @@ class ConfigFile(_Strict):
     server: ServerSection = ServerSection()
     store: StoreSection = StoreSection()
     limits: LimitsSection = LimitsSection()
+    telemetry: TelemetrySection = TelemetrySection()
     workflows: list[WorkflowSection] = []
     sqlite_databases: list[SqliteDatabaseSection] = []
     vars: dict[str, str | int | float | bool] = {}
@@ -147,6 +187,21 @@ class Config:
         values["retention_s"] = to_seconds(values.pop("retention"))
         values["purge_interval_s"] = to_seconds(values.pop("purge_interval"))
         return Limits(**values)
+
+    @property
+    def telemetry(self) -> TelemetrySettings:
+        section = self.file.telemetry
+        return TelemetrySettings(
+            traces=section.traces,
+            metrics=section.metrics,
+            otlp_endpoint=section.otlp_endpoint,
+            service_name=section.service_name or self.name,
+            metric_interval_s=to_seconds(section.metric_interval),
+            prometheus_listen=section.prometheus_listen,
+            new_trace_after_s=(
+                None if section.new_trace_after is None else to_seconds(section.new_trace_after)
+            ),
+        )
 
     def database_paths(self) -> dict[str, Path]:
         return {db.binding: self.base / db.path for db in self.file.sqlite_databases}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from cruzflow.server.engine.runtime import Engine, _Run
 
 T = TypeVar("T")
+
+log = logging.getLogger("cruzflow.engine")
 
 _wants_context: dict[Any, bool] = {}
 
@@ -104,6 +107,11 @@ class _Slot:
         )  # fmt: skip
         self.emit(EventKind.STEP_FAILED, attempt, err=[error_name, error_message])
         await self.run.barrier()
+
+
+def _about(run: _Run, step: str, attempt: int) -> dict[str, Any]:
+    """The fields of a log record about a step (see telemetry's log formats)."""
+    return {"instance_id": run.id, "workflow": run.spec.name, "step": step, "attempt": attempt}
 
 
 def to_json(value: Any) -> bytes:
@@ -235,6 +243,7 @@ class WorkflowStep:
                 delay=0,
             )
 
+        body = fn  # hooks see the real body on every attempt, not their last stand-in
         while True:
             if engine.stopping:
                 raise Suspend()
@@ -243,18 +252,51 @@ class WorkflowStep:
                 slot.started_at = _ms()
             slot.record(StepStatus.RUNNING, attempt)
             slot.emit(EventKind.STEP_STARTED, attempt)
+            if engine.hooks is not None:
+                fn = engine.hooks.step_body(run.id, name, slot.occurrence, attempt, body)
 
-            output, error_name, error_message, retryable = await self._attempt(
-                run, name, fn, attempt, policy
-            )
+            observer = engine.observer
+            if observer is None:
+                output, error_name, error_message, retryable = await self._attempt(
+                    run, name, fn, attempt, policy
+                )
+            else:
+                span = observer.attempt_started(
+                    run.span, name, slot.occurrence, slot.index, attempt
+                )
+                try:
+                    output, error_name, error_message, retryable = await self._attempt(
+                        run, name, fn, attempt, policy, span
+                    )
+                except BaseException as exc:  # cancelled (terminate) or cut by shutdown
+                    observer.attempt_ended(span, "interrupted", (type(exc).__name__, ""), None)
+                    raise
+                if output is not None:
+                    observer.attempt_ended(span, "succeeded", None, None)
+                elif not retryable or attempt >= policy.max_attempts:
+                    observer.attempt_ended(span, "failed", (error_name, error_message), None)
+                else:
+                    observer.attempt_ended(
+                        span, "retrying", (error_name, error_message), policy.retry_delay(attempt)
+                    )
             if output is not None:
                 slot.succeed(attempt, output)
                 # Round-trip through JSON so a replay returns exactly the same value.
                 return json.loads(output)
             if not retryable or attempt >= policy.max_attempts:
+                log.warning(
+                    "step %r failed after %d attempt(s): %s: %s",
+                    name, attempt, error_name, error_message, extra=_about(run, name, attempt),
+                )  # fmt: skip
                 await slot.fail(attempt, error_name, error_message)
                 raise StepFailedError(name, error_name, error_message)
             delay = policy.retry_delay(attempt)
+            if engine.hooks is not None:
+                delay = engine.hooks.retry_delay(run.id, name, slot.occurrence, attempt, delay)
+            log.info(
+                "step %r attempt %d failed (%s: %s); retrying in %g s",
+                name, attempt, error_name, error_message, delay, extra=_about(run, name, attempt),
+            )  # fmt: skip
             due = _ms() + int(delay * 1000)
             slot.record(
                 StepStatus.RUNNING, attempt,
@@ -327,11 +369,18 @@ class WorkflowStep:
         else:
             due, slot.started_at = due_at(), _ms()
             self._check_wait(due - slot.started_at, "sleep")
+            hooks = self._engine.hooks
+            if hooks is not None:
+                due = hooks.timer_due(run.id, name, slot.occurrence, StepKind.SLEEP, due)
             slot.record(StepStatus.RUNNING, 1, next_attempt_at=due)
             slot.emit(EventKind.STEP_STARTED, 1)
         while due > _ms():
             await run.park(due)
         slot.succeed(1, b"null", next_attempt_at=due)
+        if self._engine.observer is not None:
+            self._engine.observer.waited(
+                run.span, StepKind.SLEEP, name, slot.occurrence, slot.started_at, "succeeded", None
+            )
 
     def _check_wait(self, wait_ms: int, what: str) -> None:
         limit = self._engine.limits.max_sleep_s
@@ -372,6 +421,10 @@ class WorkflowStep:
             wait_ms = int(to_seconds(timeout, "step.wait_for_event timeout") * 1000)
             self._check_wait(wait_ms, "wait_for_event timeout")
             deadline = slot.started_at + wait_ms
+            if engine.hooks is not None:
+                deadline = engine.hooks.timer_due(
+                    run.id, name, slot.occurrence, StepKind.WAIT_FOR_EVENT, deadline
+                )
             slot.record(StepStatus.RUNNING, 1, next_attempt_at=deadline)
             slot.emit(EventKind.STEP_STARTED, 1)
         while True:
@@ -385,19 +438,38 @@ class WorkflowStep:
                 })  # fmt: skip
                 engine.journal.consume(event.id, slot.index)
                 slot.succeed(1, output)
+                if engine.observer is not None:
+                    engine.observer.waited(
+                        run.span, StepKind.WAIT_FOR_EVENT, name, slot.occurrence,
+                        slot.started_at, "succeeded", type,
+                    )  # fmt: skip
                 value: dict[str, Any] = json.loads(output)
                 return value
             if _ms() >= deadline:
                 message = f"no {type!r} event arrived within the wait's timeout"
+                if engine.observer is not None:
+                    engine.observer.waited(
+                        run.span, StepKind.WAIT_FOR_EVENT, name, slot.occurrence,
+                        slot.started_at, "timed_out", type,
+                    )  # fmt: skip
                 await slot.fail(1, "EventTimeoutError", message)
                 raise EventTimeoutError(name, "EventTimeoutError", message)
             if not run.poked:
                 await run.park(deadline)
 
     async def _attempt(
-        self, run: _Run, name: str, fn: Callable[..., Any], attempt: int, policy: StepPolicy
+        self,
+        run: _Run,
+        name: str,
+        fn: Callable[..., Any],
+        attempt: int,
+        policy: StepPolicy,
+        span: Any = None,
     ) -> tuple[bytes | None, str, str, bool]:
-        """One attempt: (result JSON, ...) on success, else (None, error name, message, retryable)."""
+        """One attempt: (result JSON, ...) on success, else (None, error name, message, retryable).
+
+        ``span`` is the observer's token for the attempt, told of what the body raised.
+        """
         try:
             async with asyncio.timeout(policy.timeout_s) as scope:
                 if _takes_context(fn):
@@ -407,19 +479,15 @@ class WorkflowStep:
                     result = fn()
                 if inspect.isawaitable(result):
                     result = await result
-        except TimeoutError as exc:
-            if scope.expired():
-                return (
-                    None,
-                    StepTimeoutError.__name__,
-                    f"attempt {attempt} of step {name!r} timed out after {policy.timeout_s:g} s",
-                    True,
-                )
-            return None, type(exc).__name__, str(exc), True
-        except NonRetryableError as exc:
-            return None, type(exc).__name__, str(exc), False
         except Exception as exc:
-            return None, type(exc).__name__, str(exc), True
+            if span is not None:
+                self._engine.observer.attempt_failed(span, exc)  # type: ignore[union-attr]
+            if isinstance(exc, TimeoutError) and scope.expired():
+                message = (
+                    f"attempt {attempt} of step {name!r} timed out after {policy.timeout_s:g} s"
+                )
+                return None, StepTimeoutError.__name__, message, True
+            return None, type(exc).__name__, str(exc), not isinstance(exc, NonRetryableError)
         try:
             output = to_json(result)
         except (TypeError, ValueError, RecursionError) as exc:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from cruzflow.server.engine.model import (
     Batch,
@@ -23,14 +25,23 @@ from cruzflow.server.engine.model import (
 )
 from cruzflow.server.store.base import Store
 
+if TYPE_CHECKING:
+    from cruzflow.server.engine.observer import Observer
+
 log = logging.getLogger("cruzflow.journal")
 
 Durable = asyncio.Future[None]
 
 
 class Journal:
-    def __init__(self, store: Store, on_durable: Callable[[list[EventRecord]], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        on_durable: Callable[[list[EventRecord]], None],
+        observer: Observer | None = None,
+    ) -> None:
         self._store = store
+        self._observer = observer
         self._on_durable = on_durable
         self._loop = asyncio.get_running_loop()
         self._batch = Batch()
@@ -115,6 +126,7 @@ class Journal:
                 continue
             batch, future = self._batch, self._future
             self._batch, self._future = Batch(), self._loop.create_future()
+            began = time.perf_counter()
             try:
                 await self._store.apply(batch)
             except Exception as exc:  # the store already said what failed
@@ -123,14 +135,17 @@ class Journal:
                 # Nobody may be awaiting this batch; don't warn about that.
                 future.exception()
                 continue
-            self.batches += 1
-            self.purged += batch.purged
-            self.rows += (
+            rows = (
                 len(batch.new_instances)
                 + len(batch.instance_updates)
                 + len(batch.steps)
                 + len(batch.events)
             )
+            self.batches += 1
+            self.purged += batch.purged
+            self.rows += rows
+            if self._observer is not None:
+                self._observer.committed(time.perf_counter() - began, rows)
             if batch.events:
                 self._on_durable(batch.events)
             future.set_result(None)

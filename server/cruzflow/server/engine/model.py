@@ -82,6 +82,8 @@ class InstanceRecord:
     last_seq: int = 0
     lookup_key: str | None = None
     wake_at: int | None = None
+    trace_parent: str | None = None
+    """The creator's trace context (W3C traceparent), when telemetry is on."""
 
 
 @dataclass(slots=True)

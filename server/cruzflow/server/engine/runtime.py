@@ -35,6 +35,7 @@ from cruzflow.server.engine.errors import (
     Suspend,
     Unavailable,
 )
+from cruzflow.server.engine.hooks import EngineHooks
 from cruzflow.server.engine.hub import Hub
 from cruzflow.server.engine.journal import Durable, Journal
 from cruzflow.server.engine.model import (
@@ -46,6 +47,7 @@ from cruzflow.server.engine.model import (
     InstanceUpdate,
     StepRecord,
 )
+from cruzflow.server.engine.observer import Observer
 from cruzflow.server.store.base import Store
 
 log = logging.getLogger("cruzflow.engine")
@@ -133,14 +135,22 @@ def parse_json_field(text: str | bytes, field: str, limit: int) -> bytes:
     return data
 
 
+def _about(run: _Run, step: str | None = None) -> dict[str, Any]:
+    """The fields a log record about an instance carries (see telemetry's formats)."""
+    about = {"instance_id": run.id, "workflow": run.spec.name}
+    if step is not None:
+        about["step"] = step
+    return about
+
+
 class _Run:
     """An instance while the engine holds it in memory (running, queued, or held
     by a control call). At most one exists per instance: see ``Engine._hold``."""
 
     __slots__ = (
-        "claimed", "created_at", "engine", "held", "id", "last_write", "next_index",
+        "claimed", "created_at", "engine", "error", "held", "id", "last_write", "next_index",
         "occurrences", "params", "pause_requested", "poked", "queued", "replay", "resumed",
-        "seq", "spec", "status", "task",
+        "seq", "span", "spec", "status", "task", "trace_parent",
     )  # fmt: skip
 
     def __init__(
@@ -167,6 +177,11 @@ class _Run:
         self.claimed: set[int] = set()
         self.queued = False
         self.held = 0
+        self.trace_parent = record.trace_parent
+        # The error this run ended the instance with, for the observer.
+        self.error: tuple[str, str] | None = None
+        # The observer's token for the run in memory (its span).
+        self.span: Any = None
 
     @property
     def active(self) -> bool:
@@ -198,6 +213,11 @@ class _Run:
         wake_at: int | None = None,
     ) -> Durable:
         now = _ms()
+        observer = self.engine.observer
+        if observer is not None:
+            if status != self.status:
+                observer.status_changed(self.spec.name, self.status, status)
+            self.error = error
         self.status = status
         finished = status.finished
         self.engine.journal.update_instance(
@@ -223,7 +243,10 @@ class _Run:
             await asyncio.shield(fut)
         except Exception as exc:
             log.error(
-                "instance %s: checkpoint not stored (%s); it resumes after a restart", self.id, exc
+                "instance %s: checkpoint not stored (%s); it resumes after a restart",
+                self.id,
+                exc,
+                extra=_about(self),
             )
             raise Suspend() from exc
 
@@ -248,6 +271,8 @@ class _Run:
         if self.poked or (not self.engine.stopping and wake_at <= _ms()):
             self.set_status(InstanceStatus.RUNNING)
             return
+        if self.engine.observer is not None:
+            self.engine.observer.parked(self.span, wake_at)
         self.engine.schedule_wake(self.id, wake_at)
         raise Suspend()
 
@@ -261,9 +286,15 @@ class Engine:
         workflows: Mapping[str, WorkflowSpec],
         env: Any = None,
         limits: Limits | None = None,
+        observer: Observer | None = None,
+        hooks: EngineHooks | None = None,
     ) -> None:
         self.store = store
         self.limits = limits or Limits()
+        # Telemetry, or None: every edge it watches tests for None first.
+        self.observer = observer
+        # A test kit's seam (engine/hooks.py), or None: the step code tests for None.
+        self.hooks = hooks
         self.env = env
         self._workflows = dict(workflows)
         self._hub = Hub()
@@ -287,8 +318,11 @@ class Engine:
     # ----------------------------------------------------------- lifecycle
     async def start(self) -> None:
         """Start the writer and resume every unfinished instance."""
-        self.journal = Journal(self.store, self._hub.publish)
+        self.journal = Journal(self.store, self._hub.publish, self.observer)
         self.journal.start()
+        if self.observer is not None:
+            for status, count in (await self.store.count_unfinished()).items():
+                self.observer.census(status, count)
         unfinished = await self.store.claim_unfinished()
         # Instances that were running go first, then the queue in creation order.
         unfinished.sort(key=lambda r: r.status != InstanceStatus.RUNNING)
@@ -425,9 +459,14 @@ class Engine:
         start_now = not self._queue and len(self._runs) < self.limits.max_running_instances
         status = InstanceStatus.RUNNING if start_now else InstanceStatus.QUEUED
         now = _ms()
+        observer = self.observer
         record = InstanceRecord(
-            instance_id, spec.name, status, params, now, now, lookup_key=lookup_key or None
-        )
+            instance_id, spec.name, status, params, now, now, lookup_key=lookup_key or None,
+            trace_parent=observer.creating() if observer is not None else None,
+        )  # fmt: skip
+        if observer is not None:
+            observer.created(spec.name, 1)
+            observer.status_changed(spec.name, None, status)
         run = _Run(self, record, spec, resumed=False)
         self.journal.insert_instance(record)
         durable = run.emit(EventKind.STATUS_CHANGED, {"status": int(status)})
@@ -583,7 +622,11 @@ class Engine:
         task.cancel()
         _, pending = await asyncio.wait([task], timeout=5)
         if pending:
-            log.warning("instance %s: its run ignored cancellation; it is abandoned", run.id)
+            log.warning(
+                "instance %s: its run ignored cancellation; it is abandoned",
+                run.id,
+                extra=_about(run),
+            )
 
     # ----------------------------------------------------------- timers
     def schedule_wake(self, instance_id: str, at: int) -> None:
@@ -619,7 +662,9 @@ class Engine:
                 run.reset_for_replay()
                 self._enqueue(run)
         except (NotFound, FailedPrecondition, Unavailable) as exc:
-            log.debug("instance %s not woken: %s", instance_id, exc)
+            log.debug(
+                "instance %s not woken: %s", instance_id, exc, extra={"instance_id": instance_id}
+            )
 
     async def take_event(self, run: _Run, type: str) -> InboxEvent | None:
         """The oldest event of ``type`` sent to the instance and not yet taken."""
@@ -730,6 +775,9 @@ class Engine:
             run.set_status(status, output, error)
 
     async def _drive(self, run: _Run) -> None:
+        observer = self.observer
+        if observer is not None:
+            run.span = observer.run_started(run.spec.name, run.id, run.trace_parent, run.created_at)
         try:
             if run.resumed:
                 run.replay = {s.index: s for s in await self.store.get_steps(run.id)}
@@ -766,13 +814,16 @@ class Engine:
         except StepFailedError as exc:
             self._finish(run, InstanceStatus.ERRORED, error=(exc.error_name, exc.error_message))
         except FatalWorkflowError as exc:
-            log.error("instance %s failed: %s", run.id, exc)
+            log.error("instance %s failed: %s", run.id, exc, extra=_about(run))
             self._finish(run, InstanceStatus.ERRORED, error=(exc.error_name, exc.error_message))
         except (Suspend, asyncio.CancelledError):
             pass  # left as stored; resumed after a restart or a wake-up
         except (Exception, SystemExit) as exc:
             self._finish(run, InstanceStatus.ERRORED, error=(type(exc).__name__, str(exc)))
         finally:
+            if observer is not None:
+                observer.run_ended(run.span, run.status, len(run.replay or ()), run.error)
+                run.span = None
             if run.task is asyncio.current_task():
                 self._runs.pop(run.id, None)
                 run.task = None

@@ -15,6 +15,7 @@ from cruzflow.server.engine.model import (
     InboxEvent,
     InstanceQuery,
     InstanceRecord,
+    InstanceStatus,
     StepRecord,
 )
 
@@ -59,6 +60,10 @@ class Store(Protocol):
         On SQLite the server owns the whole file (a lock file keeps a second
         server out), so this is every unfinished instance.
         """
+
+    async def count_unfinished(self) -> dict[InstanceStatus, int]:
+        """How many instances are in each unfinished status (telemetry's
+        baseline at start; it follows the changes after that)."""
 
     async def list_instances(
         self, query: InstanceQuery, limit: int

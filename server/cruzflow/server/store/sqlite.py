@@ -108,12 +108,17 @@ MIGRATIONS: list[str] = [
     CREATE INDEX inbox_pending ON inbox (instance_id, type, id) WHERE consumed_by IS NULL;
     CREATE INDEX inbox_by_instance ON inbox (instance_id);
     """,
+    """
+    -- The trace context of the call that created the instance, so every run's
+    -- spans join the creator's trace, also after restarts and long sleeps.
+    ALTER TABLE instances ADD COLUMN trace_parent TEXT;
+    """,
 ]
 
 _INSERT_INSTANCE = (
     "INSERT INTO instances (id, workflow, status, params, output, error_name, error_message,"
-    " created_at, updated_at, ended_at, lookup_key, wake_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " created_at, updated_at, ended_at, lookup_key, wake_at, trace_parent)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_INSTANCE = (
     "UPDATE instances SET status = ?, output = ?, error_name = ?, error_message = ?,"
@@ -144,11 +149,16 @@ _INSERT_EVENT = (
 )
 _INSTANCE_COLUMNS = (
     "i.id, i.workflow, i.status, i.params, i.created_at, i.updated_at, i.output,"
-    " i.error_name, i.error_message, i.ended_at, i.lookup_key, i.wake_at,"
+    " i.error_name, i.error_message, i.ended_at, i.lookup_key, i.wake_at, i.trace_parent,"
     " COALESCE((SELECT e.seq FROM events e WHERE e.instance_id = i.id"
     " ORDER BY e.seq DESC LIMIT 1), 0)"
 )
 _GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.id = ?"
+# Walks only the unfinished part of the status index, however long the history.
+_COUNT_UNFINISHED = (
+    "SELECT status, count(*) FROM instances INDEXED BY instances_by_status"
+    f" WHERE status IN ({', '.join(str(int(s)) for s in UNFINISHED)}) GROUP BY status"
+)
 # Waiting instances come back through the wake index, paused ones on resume.
 _RUNNABLE = (InstanceStatus.QUEUED, InstanceStatus.RUNNING, InstanceStatus.WAITING_FOR_PAUSE)
 _UNFINISHED = (
@@ -258,6 +268,7 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "take_inbox": (_TAKE_INBOX, ("x", "t", 1)),
     "consume_inbox": (_CONSUME_INBOX, (1, 1)),
     "due_wakes": (_DUE_WAKES, (0, 10)),
+    "count_unfinished": (_COUNT_UNFINISHED, ()),
     "unfinished": (_UNFINISHED, ()),
     "list_all": _page_query(InstanceQuery(), 0, 10, 10),
     "list_by_workflow": _page_query(
@@ -299,7 +310,8 @@ def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
         ended_at=row[9],
         lookup_key=row[10],
         wake_at=row[11],
-        last_seq=row[12],
+        trace_parent=row[12],
+        last_seq=row[13],
     )
 
 
@@ -385,7 +397,7 @@ class SqliteStore:
                     [
                         (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
                          r.error_message, r.created_at, r.updated_at, r.ended_at,
-                         r.lookup_key, r.wake_at)
+                         r.lookup_key, r.wake_at, r.trace_parent)
                         for r in batch.new_instances
                     ],
                 )  # fmt: skip
@@ -453,6 +465,10 @@ class SqliteStore:
     async def get_instance(self, instance_id: str) -> InstanceRecord | None:
         rows = list(await self._read().execute_fetchall(_GET_INSTANCE, (instance_id,)))
         return _instance(rows[0]) if rows else None
+
+    async def count_unfinished(self) -> dict[InstanceStatus, int]:
+        rows = await self._read().execute_fetchall(_COUNT_UNFINISHED, ())
+        return {InstanceStatus(r[0]): r[1] for r in rows}
 
     async def get_steps(self, instance_id: str) -> list[StepRecord]:
         rows = await self._read().execute_fetchall(_GET_STEPS, (instance_id,))

@@ -1,0 +1,571 @@
+"""OpenTelemetry at the edges of runs and steps: spans, metrics, log fields.
+
+The engine calls the ``Observer`` methods of ``Telemetry`` (see
+``engine/observer.py``); with telemetry off it holds ``None`` and pays
+nothing. Providers, exporters and the gRPC server instrumentation are the
+OpenTelemetry SDK's own; this module only decides what to record.
+
+Traces: one span per run of ``run()`` in memory (``run <workflow>``), under it
+one span per step attempt (``step <workflow>/<step>``) and one per finished
+sleep or event wait. Every run's span sits in the trace of the call that
+created the instance: its W3C traceparent is stored with the instance, so
+runs after a restart or a long sleep join the same trace (or start a new
+trace linked to it, after ``new_trace_after``). Steps answered from their
+checkpoints make no span; the run span counts them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from cruzflow.server.engine.model import InstanceStatus, StepKind
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_SCOPE = "cruzflow"
+
+# Attribute keys, on spans, metrics and log records alike.
+WORKFLOW = "cruzflow.workflow.name"
+INSTANCE = "cruzflow.instance.id"
+STEP = "cruzflow.step.name"
+OCCURRENCE = "cruzflow.step.occurrence"
+INDEX = "cruzflow.step.index"
+ATTEMPT = "cruzflow.step.attempt"
+OUTCOME = "cruzflow.step.outcome"
+RETRY_DELAY = "cruzflow.step.retry_delay_s"
+STATUS = "cruzflow.instance.status"
+
+# Seconds: from a fast step to a slow external call.
+_STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+_ROW_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+_GAUGED = (
+    InstanceStatus.QUEUED,
+    InstanceStatus.RUNNING,
+    InstanceStatus.PAUSED,
+    InstanceStatus.WAITING,
+    InstanceStatus.WAITING_FOR_PAUSE,
+)
+
+
+@dataclass(slots=True)
+class _RunToken:
+    workflow: str
+    instance_id: str
+    span: Span | None
+    context: otel_context.Context | None
+    detach: object | None
+
+
+@dataclass(slots=True)
+class _AttemptToken:
+    run: _RunToken
+    step: str
+    began: float
+    span: Span | None
+    detach: object | None
+
+
+class Telemetry:
+    """The engine's observer: spans on ``tracer_provider``, metrics on
+    ``meter_provider``; either may be None (that signal is off)."""
+
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        *,
+        new_trace_after: float | None = None,
+    ) -> None:
+        self._tracer: Tracer | None = (
+            tracer_provider.get_tracer(_SCOPE) if tracer_provider is not None else None
+        )
+        self._new_trace_after_ms = None if new_trace_after is None else new_trace_after * 1000
+        # Instances per unfinished status, indexed by the status number: a
+        # list never resizes, so the exporter's thread may read it any time.
+        self._counts = [0] * (max(InstanceStatus) + 1)
+        self._metered = meter_provider is not None
+        if meter_provider is not None:
+            self._instruments(meter_provider.get_meter(_SCOPE))
+
+    def _instruments(self, meter: Meter) -> None:
+        self._created = meter.create_counter(
+            "cruzflow.instances.created", "{instance}", "Instances created, by workflow"
+        )
+        self._finished = meter.create_counter(
+            "cruzflow.instances.finished",
+            "{instance}",
+            "Instances that reached a final status (complete, errored, terminated)",
+        )
+        self._attempts = meter.create_counter(
+            "cruzflow.step.attempts", "{attempt}", "Step attempts, by outcome"
+        )
+        self._failures = meter.create_counter(
+            "cruzflow.step.failures", "{step}", "Steps that failed for good"
+        )
+        self._duration = meter.create_histogram(
+            "cruzflow.step.duration",
+            "s",
+            "Duration of one step attempt",
+            explicit_bucket_boundaries_advisory=_STEP_BUCKETS,
+        )
+        self._commit = meter.create_histogram(
+            "cruzflow.store.commit.duration",
+            "s",
+            "Duration of one group commit (one transaction, one fsync)",
+            explicit_bucket_boundaries_advisory=_COMMIT_BUCKETS,
+        )
+        self._rows = meter.create_histogram(
+            "cruzflow.store.commit.rows",
+            "{row}",
+            "Rows written by one group commit: the batch size",
+            explicit_bucket_boundaries_advisory=_ROW_BUCKETS,
+        )
+        meter.create_observable_gauge(
+            "cruzflow.instances",
+            callbacks=[self._observe_counts],
+            unit="{instance}",
+            description="Instances in each unfinished status",
+        )
+
+    def _observe_counts(self, options: CallbackOptions) -> Iterable[Observation]:
+        counts = self._counts
+        return [Observation(max(counts[s], 0), {STATUS: s.label}) for s in _GAUGED]
+
+    def count(self, status: InstanceStatus) -> int:
+        """How many instances are in the unfinished ``status`` now."""
+        return self._counts[status]
+
+    # ----------------------------------------------------------- instances
+    def creating(self) -> str | None:
+        tracer = self._tracer
+        if tracer is None:
+            return None
+        span = trace.get_current_span()
+        if not span.get_span_context().is_valid:
+            # No caller's trace (an in-process create): a root of its own, so
+            # that every run of the instance still shares one trace.
+            span = tracer.start_span("create", kind=SpanKind.INTERNAL)
+            span.end()
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
+        return carrier.get("traceparent")
+
+    def created(self, workflow: str, count: int) -> None:
+        if self._metered:
+            self._created.add(count, {WORKFLOW: workflow})
+
+    def census(self, status: InstanceStatus, count: int) -> None:
+        self._counts[status] += count
+
+    def status_changed(
+        self, workflow: str, old: InstanceStatus | None, new: InstanceStatus
+    ) -> None:
+        counts = self._counts
+        if old is not None and not old.finished:
+            counts[old] -= 1
+        if new.finished:
+            if self._metered:
+                self._finished.add(1, {WORKFLOW: workflow, STATUS: new.label})
+        else:
+            counts[new] += 1
+
+    # ---------------------------------------------------------------- runs
+    def run_started(
+        self, workflow: str, instance_id: str, trace_parent: str | None, created_at: int
+    ) -> _RunToken:
+        tracer = self._tracer
+        if tracer is None:
+            return _RunToken(workflow, instance_id, None, None, None)
+        parent = otel_context.Context()
+        links: Sequence[Link] = ()
+        if trace_parent:
+            creator = _PROPAGATOR.extract({"traceparent": trace_parent})
+            limit = self._new_trace_after_ms
+            if limit is not None and time.time() * 1000 - created_at > limit:
+                links = [Link(trace.get_current_span(creator).get_span_context())]
+            else:
+                parent = creator
+        span = tracer.start_span(
+            f"run {workflow}",
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            attributes={WORKFLOW: workflow, INSTANCE: instance_id},
+            links=links,
+        )
+        ctx = trace.set_span_in_context(span, parent)
+        # Current for the run's task, so user code's own spans nest in the run.
+        return _RunToken(workflow, instance_id, span, ctx, otel_context.attach(ctx))
+
+    def run_ended(
+        self,
+        token: _RunToken,
+        status: InstanceStatus,
+        replayed: int,
+        error: tuple[str, str] | None,
+    ) -> None:
+        span = token.span
+        if span is None:
+            return
+        span.set_attribute(STATUS, status.label)
+        span.set_attribute("cruzflow.run.replayed_steps", replayed)
+        if status == InstanceStatus.ERRORED and error is not None:
+            span.set_status(Status(StatusCode.ERROR, f"{error[0]}: {error[1]}"))
+        span.end()
+        _detach(token.detach)
+
+    def parked(self, token: _RunToken, wake_at: int) -> None:
+        if token.span is not None:
+            wake = datetime.fromtimestamp(wake_at / 1000, UTC).isoformat()
+            token.span.add_event("parked", {"cruzflow.wake_at": wake})
+
+    # --------------------------------------------------------------- steps
+    def attempt_started(
+        self, run: _RunToken, name: str, occurrence: int, index: int, attempt: int
+    ) -> _AttemptToken:
+        tracer = self._tracer
+        if tracer is None or run.span is None or not run.span.is_recording():
+            # Sampled out (or tracing off): the run's context stays current, and
+            # the attempt costs no span of its own.
+            return _AttemptToken(run, name, time.perf_counter(), None, None)
+        span = tracer.start_span(
+            f"step {run.workflow}/{name}",
+            context=run.context,
+            kind=SpanKind.INTERNAL,
+            attributes={
+                WORKFLOW: run.workflow,
+                INSTANCE: run.instance_id,
+                STEP: name,
+                OCCURRENCE: occurrence,
+                INDEX: index,
+                ATTEMPT: attempt,
+            },
+        )
+        detach = otel_context.attach(trace.set_span_in_context(span, run.context))
+        return _AttemptToken(run, name, time.perf_counter(), span, detach)
+
+    def attempt_failed(self, token: _AttemptToken, exc: BaseException) -> None:
+        if token.span is not None:
+            token.span.record_exception(exc)
+
+    def attempt_ended(
+        self,
+        token: _AttemptToken,
+        outcome: str,
+        error: tuple[str, str] | None,
+        retry_delay_s: float | None,
+    ) -> None:
+        span = token.span
+        if span is not None:
+            span.set_attribute(OUTCOME, outcome)
+            if retry_delay_s is not None:
+                span.set_attribute(RETRY_DELAY, retry_delay_s)
+            if error is not None:
+                span.set_status(Status(StatusCode.ERROR, f"{error[0]}: {error[1]}"))
+            span.end()
+            _detach(token.detach)
+        if self._metered:
+            labels = {WORKFLOW: token.run.workflow, STEP: token.step}
+            self._duration.record(time.perf_counter() - token.began, labels)
+            self._attempts.add(1, {**labels, OUTCOME: outcome})
+            if outcome == "failed":
+                self._failures.add(1, labels)
+
+    def waited(
+        self,
+        run: _RunToken,
+        kind: StepKind,
+        name: str,
+        occurrence: int,
+        started_at: int,
+        outcome: str,
+        detail: str | None,
+    ) -> None:
+        tracer = self._tracer
+        if tracer is None or run.span is None or not run.span.is_recording():
+            return
+        what = "sleep" if kind == StepKind.SLEEP else "wait_for_event"
+        attributes: dict[str, Any] = {
+            WORKFLOW: run.workflow,
+            INSTANCE: run.instance_id,
+            STEP: name,
+            OCCURRENCE: occurrence,
+            OUTCOME: outcome,
+        }
+        if detail is not None:
+            attributes["cruzflow.event.type"] = detail
+        # The wait may have begun in an earlier run (before a restart or a
+        # park): the span covers all of it.
+        span = tracer.start_span(
+            f"{what} {run.workflow}/{name}",
+            context=run.context,
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=started_at * 1_000_000,
+        )
+        if outcome != "succeeded":
+            span.set_status(Status(StatusCode.ERROR, f"{what} {outcome}"))
+        span.end()
+
+    # --------------------------------------------------------------- store
+    def committed(self, seconds: float, rows: int) -> None:
+        if self._metered:
+            self._commit.record(seconds)
+            self._rows.record(rows)
+
+
+def _detach(token: object | None) -> None:
+    if token is not None:
+        otel_context.detach(token)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ logs
+_RECORD_FIELDS = ("instance_id", "workflow", "step", "attempt")
+
+
+class _TraceFields(logging.Filter):
+    """Adds the current trace and span ids to every record that passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            record.trace_id = format(ctx.trace_id, "032x")
+            record.span_id = format(ctx.span_id, "016x")
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the
+    instance, workflow, step, attempt and trace ids when the record has them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in (*_RECORD_FIELDS, "trace_id", "span_id"):
+            value = getattr(record, key, None)
+            if value is not None:
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """The plain format, with ``key=value`` pairs for the instance fields."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        pairs = [
+            f"{key}={value}"
+            for key in (*_RECORD_FIELDS, "trace_id")
+            if (value := getattr(record, key, None)) is not None
+        ]
+        return f"{line} [{' '.join(pairs)}]" if pairs else line
+
+
+def configure_logging(fmt: str = "text", level: str | None = None) -> None:
+    """Log to stderr as ``text`` or ``json``, with trace ids on every record;
+    ``level`` None keeps the root logger's level."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_TraceFields())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    if level is not None:
+        root.setLevel(level.upper())
+
+
+def env_choice(name: str, configured: str | None, default: str) -> str:
+    """A standard OTEL_* variable wins over the config file, which wins over the default."""
+    value = os.environ.get(name, "").strip().lower()
+    return value or configured or default
+
+
+# ------------------------------------------------------------- providers
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the config file says; the standard OTEL_* variables win over it."""
+
+    traces: str | None = None
+    """none, otlp or console (OTEL_TRACES_EXPORTER)."""
+    metrics: str | None = None
+    """none, otlp, console or prometheus (OTEL_METRICS_EXPORTER)."""
+    otlp_endpoint: str | None = None
+    """e.g. http://127.0.0.1:4317 (OTEL_EXPORTER_OTLP_ENDPOINT)."""
+    service_name: str = "cruzflow"
+    """service.name (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES)."""
+    metric_interval_s: float = 60.0
+    """How often metrics are exported (OTEL_METRIC_EXPORT_INTERVAL, ms)."""
+    prometheus_listen: str = "127.0.0.1:9464"
+    """Where the Prometheus scrape endpoint listens (OTEL_EXPORTER_PROMETHEUS_HOST/_PORT)."""
+    new_trace_after_s: float | None = None
+    """Runs resumed this long after creation start a trace linked to the creator's."""
+
+
+class Providers:
+    """The SDK providers and exporters the settings ask for; ``observer`` is the
+    engine's ``Telemetry``, or None when traces and metrics are both off.
+
+    The SDK is imported only when a signal is on, so a server without
+    telemetry does not pay for loading it.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.tracer_provider: Any = None
+        self.meter_provider: Any = None
+        self.prometheus_address: tuple[str, int] | None = None
+        self._prometheus: Any = None
+        if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            self.observer: Telemetry | None = None
+            return
+        traces = env_choice("OTEL_TRACES_EXPORTER", settings.traces, "none")
+        metrics = env_choice("OTEL_METRICS_EXPORTER", settings.metrics, "none")
+        for name, value, allowed in (
+            ("traces", traces, ("none", "otlp", "console")),
+            ("metrics", metrics, ("none", "otlp", "console", "prometheus")),
+        ):
+            if value not in allowed:
+                raise ValueError(
+                    f"telemetry {name} exporter {value!r} is not one of {', '.join(allowed)} "
+                    f"(set by OTEL_{name.upper()}_EXPORTER or [telemetry] {name})"
+                )
+        if traces == "none" and metrics == "none":
+            self.observer = None
+            return
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+
+        resource = Resource.create()
+        if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({SERVICE_NAME: settings.service_name}))
+        endpoint = None if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else settings.otlp_endpoint
+        if traces != "none":
+            self.tracer_provider = _tracer_provider(traces, resource, endpoint)
+        if metrics != "none":
+            self.meter_provider = self._meter_provider(metrics, resource, endpoint, settings)
+        self.observer = Telemetry(
+            self.tracer_provider, self.meter_provider, new_trace_after=settings.new_trace_after_s
+        )
+
+    @classmethod
+    def of(
+        cls,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+        new_trace_after_s: float | None = None,
+    ) -> Providers:
+        """Given providers (tests: in-memory exporters), ignoring the environment."""
+        self = cls.__new__(cls)
+        self.tracer_provider, self.meter_provider = tracer_provider, meter_provider
+        self.prometheus_address = self._prometheus = None
+        self.observer = None
+        if tracer_provider is not None or meter_provider is not None:
+            self.observer = Telemetry(
+                tracer_provider, meter_provider, new_trace_after=new_trace_after_s
+            )
+        return self
+
+    def _meter_provider(
+        self, kind: str, resource: Any, endpoint: str | None, settings: Settings
+    ) -> Any:
+        from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+        from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+
+        reader: MetricReader
+        if kind == "prometheus":
+            import prometheus_client
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+            host, _, port = settings.prometheus_listen.rpartition(":")
+            host = os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", host)
+            port = os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", port)
+            reader = PrometheusMetricReader()
+            server, _ = prometheus_client.start_http_server(int(port), addr=host)
+            self._prometheus = server
+            self.prometheus_address = (host, server.server_port)
+        else:
+            if kind == "otlp":
+                from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                    OTLPMetricExporter,
+                )
+
+                exporter: Any = OTLPMetricExporter(endpoint=endpoint)
+            else:
+                from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+                exporter = ConsoleMetricExporter()
+            interval = None
+            if not os.environ.get("OTEL_METRIC_EXPORT_INTERVAL"):
+                interval = settings.metric_interval_s * 1000
+            reader = PeriodicExportingMetricReader(exporter, export_interval_millis=interval)
+        return SdkMeterProvider(resource=resource, metric_readers=[reader])
+
+    def install_global(self) -> None:
+        """Make these the process's providers, so spans and metrics of workflow
+        code and its libraries go to the same place."""
+        from opentelemetry import metrics as otel_metrics
+
+        if self.tracer_provider is not None:
+            trace.set_tracer_provider(self.tracer_provider)
+        if self.meter_provider is not None:
+            otel_metrics.set_meter_provider(self.meter_provider)
+
+    def server_interceptors(self) -> list[Any]:
+        """The standard gRPC server instrumentation (server spans, and the caller's
+        trace context made current), or none with tracing off."""
+        if self.tracer_provider is None:
+            return []
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+        quiet = filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
+        interceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
+            tracer_provider=self.tracer_provider, filter_=filters.negate(quiet)
+        )
+        return [interceptor]
+
+    def shutdown(self) -> None:
+        """Flush what is buffered and stop the exporters (blocks: run it off the loop)."""
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()
+        if self._prometheus is not None:
+            self._prometheus.shutdown()
+
+
+def _tracer_provider(kind: str, resource: Any, endpoint: str | None) -> Any:
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = SdkTracerProvider(resource=resource)
+    exporter: Any
+    if kind == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=endpoint)
+    else:
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        exporter = ConsoleSpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
