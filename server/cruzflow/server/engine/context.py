@@ -271,28 +271,30 @@ class WorkflowStep:
                 except BaseException as exc:  # cancelled (terminate) or cut by shutdown
                     observer.attempt_ended(span, "interrupted", (type(exc).__name__, ""), None)
                     raise
+            last = output is not None or not retryable or attempt >= policy.max_attempts
+            delay = 0.0
+            if not last:
+                delay = policy.retry_delay(attempt)
+                if engine.hooks is not None:
+                    delay = engine.hooks.retry_delay(run.id, name, slot.occurrence, attempt, delay)
+            if observer is not None:
                 if output is not None:
                     observer.attempt_ended(span, "succeeded", None, None)
-                elif not retryable or attempt >= policy.max_attempts:
-                    observer.attempt_ended(span, "failed", (error_name, error_message), None)
                 else:
-                    observer.attempt_ended(
-                        span, "retrying", (error_name, error_message), policy.retry_delay(attempt)
-                    )
+                    outcome = "failed" if last else "retrying"
+                    retry = None if last else delay
+                    observer.attempt_ended(span, outcome, (error_name, error_message), retry)
             if output is not None:
                 slot.succeed(attempt, output)
                 # Round-trip through JSON so a replay returns exactly the same value.
                 return json.loads(output)
-            if not retryable or attempt >= policy.max_attempts:
+            if last:
                 log.warning(
                     "step %r failed after %d attempt(s): %s: %s",
                     name, attempt, error_name, error_message, extra=_about(run, name, attempt),
                 )  # fmt: skip
                 await slot.fail(attempt, error_name, error_message)
                 raise StepFailedError(name, error_name, error_message)
-            delay = policy.retry_delay(attempt)
-            if engine.hooks is not None:
-                delay = engine.hooks.retry_delay(run.id, name, slot.occurrence, attempt, delay)
             log.info(
                 "step %r attempt %d failed (%s: %s); retrying in %g s",
                 name, attempt, error_name, error_message, delay, extra=_about(run, name, attempt),
