@@ -24,9 +24,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP) proto-check
-	$(BIN)/ruff check server tests bench examples
-	$(BIN)/ruff format --check server tests bench examples
-	$(BIN)/mypy server/cruzflow examples tests bench
+	$(BIN)/ruff check server clients/python/cruzflow/client tests bench examples
+	$(BIN)/ruff format --check server clients/python/cruzflow/client tests bench examples
+	$(BIN)/mypy server/cruzflow clients/python/cruzflow/client examples tests bench
 	$(BIN)/buf lint
 	$(BIN)/buf format -d --exit-code
 

@@ -1,0 +1,219 @@
+"""The client's domain types: what the service's messages mean, in Python terms.
+
+Payloads arrive decoded from JSON, times as aware UTC ``datetime`` objects,
+and the protobuf enums as string enums whose values are the status words the
+service documents (``"running"``, ``"waitingForPause"``, ``"complete"``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+__all__ = [
+    "ErrorInfo",
+    "EventKind",
+    "InstancePage",
+    "InstanceStatus",
+    "InstanceStatusInfo",
+    "StepInfo",
+    "StepKind",
+    "StepRef",
+    "StepStatus",
+    "WatchEvent",
+    "WorkflowInfo",
+]
+
+
+class InstanceStatus(enum.StrEnum):
+    """The lifecycle state of an instance, as the service spells it."""
+
+    QUEUED = "queued"
+    """Stored, waiting for a free slot to run."""
+    RUNNING = "running"
+    PAUSED = "paused"
+    WAITING = "waiting"
+    """In a durable sleep or waiting for an event."""
+    WAITING_FOR_PAUSE = "waitingForPause"
+    """A pause was asked for; the running step finishes first."""
+    COMPLETE = "complete"
+    ERRORED = "errored"
+    TERMINATED = "terminated"
+    UNKNOWN = "unknown"
+    """Also what a status this client does not know yet is read as."""
+
+    @property
+    def finished(self) -> bool:
+        """True for the final statuses: complete, errored and terminated."""
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({InstanceStatus.COMPLETE, InstanceStatus.ERRORED, InstanceStatus.TERMINATED})
+
+
+class StepStatus(enum.StrEnum):
+    """The state of one step of an instance."""
+
+    RUNNING = "running"
+    """An attempt is in flight, or the next attempt is scheduled."""
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    """Failed after all its attempts; the error was raised into ``run``."""
+    UNKNOWN = "unknown"
+
+
+class StepKind(enum.StrEnum):
+    """What a step does."""
+
+    DO = "do"
+    """``step.do``: runs a callback."""
+    SLEEP = "sleep"
+    """``step.sleep`` or ``step.sleep_until``."""
+    WAIT_FOR_EVENT = "waitForEvent"
+    """``step.wait_for_event``."""
+    UNKNOWN = "unknown"
+
+
+class EventKind(enum.StrEnum):
+    """The kind of a :class:`WatchEvent`, named as in the service's event log."""
+
+    STATUS_CHANGED = "status_changed"
+    STEP_STARTED = "step_started"
+    ATTEMPT_FAILED = "attempt_failed"
+    STEP_SUCCEEDED = "step_succeeded"
+    STEP_FAILED = "step_failed"
+    UNKNOWN = "unknown"
+    """An event of a kind this client does not know yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An error the way Python names it: the exception class and its text."""
+
+    name: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """One step of an instance, as ``InstanceHandle.status()`` reports it."""
+
+    name: str
+    """The name given to ``step.do`` (or ``sleep``, ``wait_for_event``)."""
+    occurrence: int
+    """1 for the first step of this name in a run, 2 for the second, ..."""
+    index: int
+    """Position among all steps of the run, from 0."""
+    kind: StepKind
+    status: StepStatus
+    attempts: int
+    """Attempts started so far, including one cut short by a server restart."""
+    start_time: datetime | None
+    end_time: datetime | None
+    output: Any
+    """The step's result, decoded from JSON; ``None`` until it succeeded."""
+    error: ErrorInfo | None
+    """The last attempt's error; final once the step failed."""
+    next_attempt_time: datetime | None
+    """When a pending retry is due; for a sleep when it ends; for an event wait
+    when it times out."""
+    event_type: str | None
+    """For an event wait: the event type it waits for."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceStatusInfo:
+    """The durable state of one instance."""
+
+    id: str
+    workflow: str
+    status: InstanceStatus
+    params: Any
+    """The params the instance was created with, decoded from JSON."""
+    output: Any
+    """What ``run`` returned, decoded from JSON; ``None`` unless complete."""
+    error: ErrorInfo | None
+    """Set once errored."""
+    create_time: datetime | None
+    update_time: datetime | None
+    end_time: datetime | None
+    """Set once the instance reached a final status."""
+    wake_time: datetime | None
+    """While waiting: when it resumes by itself (a sleep ends, an event wait times out)."""
+    lookup_key: str | None
+    last_sequence: int
+    """Sequence number of the newest event (see ``InstanceHandle.watch``)."""
+    steps: tuple[StepInfo, ...] = field(default=())
+    """The steps so far, in the order ``run`` reached them; empty in listings."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepRef:
+    """Which step a :class:`WatchEvent` is about."""
+
+    name: str
+    occurrence: int
+    index: int
+    kind: StepKind
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One event of an instance's durable event log.
+
+    Which fields are set depends on ``kind``:
+
+    * ``STATUS_CHANGED``: ``status``; ``output`` once complete, ``error`` once
+      errored. The event that brings a final status ends the watch.
+    * ``STEP_STARTED``: ``step``, ``attempt``.
+    * ``ATTEMPT_FAILED``: ``step``, ``attempt``, ``error``,
+      ``next_attempt_time``, ``retry_delay``.
+    * ``STEP_SUCCEEDED``: ``step``, ``attempt``, ``output``.
+    * ``STEP_FAILED``: ``step``, ``attempt``, ``error``.
+    """
+
+    instance_id: str
+    sequence: int
+    """Starts at 1 and grows by one for every event of the instance."""
+    time: datetime | None
+    kind: EventKind
+    status: InstanceStatus | None = None
+    step: StepRef | None = None
+    attempt: int | None = None
+    output: Any = None
+    error: ErrorInfo | None = None
+    next_attempt_time: datetime | None = None
+    retry_delay: timedelta | None = None
+
+    @property
+    def is_final(self) -> bool:
+        """True for the status change to a final status (complete, errored, terminated)."""
+        return (
+            self.kind is EventKind.STATUS_CHANGED
+            and self.status is not None
+            and self.status.finished
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowInfo:
+    """A workflow class the server hosts."""
+
+    name: str
+    """What instances are created by, e.g. ``"onboarding-workflow"``."""
+    binding: str
+    """The binding name from the server's config, e.g. ``"ONBOARDING_WORKFLOW"``."""
+    class_name: str
+    """The Python class, as ``"package.module:Class"``."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstancePage:
+    """One page of ``Client.list_instances_page``."""
+
+    instances: tuple[InstanceStatusInfo, ...]
+    """Newest first, without their steps."""
+    next_page_token: str
+    """Pass it back (with the same filters) for the next page; empty on the last."""

@@ -1,0 +1,1 @@
+"""Tests of the typed client (clients/python/cruzflow/client) against real servers."""
