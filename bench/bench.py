@@ -150,10 +150,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument(
         "--telemetry",
-        choices=("off", "otlp"),
+        choices=("off", "otlp", "otlp-writes"),
         default="off",
         help="otlp: the server exports traces and metrics over OTLP/gRPC to a real receiver "
-        "(bench.otlp_sink, in a process of its own) during W1 and W2",
+        "(bench.otlp_sink, in a process of its own) during W1 and W2; otlp-writes: the same "
+        'with [telemetry] rpc_spans = "writes" (no server spans for reads)',
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
@@ -725,9 +726,10 @@ def summary(report: dict[str, Any]) -> Iterator[str]:
     elif w is not None:
         yield f"W3 did not finish: {w['failures']}"
     telemetry = report.get("telemetry", {})
-    if telemetry.get("mode") == "otlp":
+    if telemetry.get("mode", "off") != "off":
         yield (
-            f"telemetry: traces and metrics exported over OTLP/gRPC to a real receiver, "
+            f"telemetry {telemetry['mode']}: traces and metrics exported over OTLP/gRPC to a "
+            f"real receiver, "
             f"{telemetry.get('spans_received')} spans received"
         )
     else:
@@ -770,9 +772,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return main_sleepers(opts)
     method = choose_fsync_method(opts.fsync_method)
     folder = Path(tempfile.mkdtemp(prefix="cruzflow-bench-"))
-    sink = Sink() if opts.telemetry == "otlp" else None
+    sink = Sink() if opts.telemetry != "off" else None
+    rpc_spans = "writes" if opts.telemetry == "otlp-writes" else "all"
     server = Server(
-        write_config(folder, uvloop=opts.server_uvloop),
+        write_config(folder, uvloop=opts.server_uvloop, rpc_spans=rpc_spans),
         strace=method == "strace",
         env=sink.env() if sink is not None else {"OTEL_SDK_DISABLED": "true"},
     )

@@ -61,7 +61,7 @@ def percentile(sorted_values: Sequence[float], pct: float) -> float:
     return sorted_values[rank - 1]
 
 
-def write_config(directory: Path, *, uvloop: bool) -> Path:
+def write_config(directory: Path, *, uvloop: bool, rpc_spans: str = "all") -> Path:
     # python_path is relative to the config's folder, which is a temp folder
     # here, so the repository root goes in as an absolute path found at runtime.
     lines = [
@@ -87,6 +87,8 @@ def write_config(directory: Path, *, uvloop: bool) -> Path:
         'binding = "SLEEPER"',
         f'name = "{SLEEPER_WORKFLOW}"',
         'class_name = "bench.workflows:Sleeper"',
+        "[telemetry]",
+        f'rpc_spans = "{rpc_spans}"',
     ]
     path = directory / "cruzflow.toml"
     path.write_text("\n".join(lines) + "\n")

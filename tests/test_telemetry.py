@@ -505,3 +505,26 @@ async def test_prometheus_endpoint_serves_the_metrics(
     assert created[0].endswith(" 1.0")
     assert "cruzflow_step_duration_seconds_count" in text
     assert "cruzflow_store_commit_duration_seconds_bucket" in text
+
+
+async def test_rpc_spans_writes_leaves_out_the_reads(tmp_path: Path) -> None:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    config = load_config(write_config(tmp_path, ALL_WORKFLOWS))
+    service = Service(config, Providers.of(provider, None, rpc_spans="writes"))
+    await service.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = pb_grpc.WorkflowServiceStub(channel)
+            created = await stub.CreateInstance(pb.CreateInstanceRequest(workflow="three-steps"))
+            await stub.WaitInstance(pb.WaitInstanceRequest(instance_id=created.instance_id))
+            await stub.GetStatus(pb.GetStatusRequest(instance_id=created.instance_id))
+    finally:
+        await service.stop(0.1)
+    rpcs = sorted(s.name for s in spans.get_finished_spans() if s.name.startswith("/"))
+    assert rpcs == ["/cruzflow.v1.WorkflowService/CreateInstance"]
+    # The workflow's spans still sit under the create call.
+    (server_span,) = [s for s in spans.get_finished_spans() if s.name.startswith("/")]
+    (run,) = [s for s in spans.get_finished_spans() if s.name == "run three-steps"]
+    assert run.parent is not None and run.parent.span_id == server_span.context.span_id

@@ -51,6 +51,8 @@ STATUS = "cruzflow.instance.status"
 _STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 _ROW_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+# The read RPCs, left out of server spans with rpc_spans = "writes".
+_READS = ("GetStatus", "WaitInstance", "WatchInstance", "ListInstances", "ListWorkflows")
 _GAUGED = (
     InstanceStatus.QUEUED,
     InstanceStatus.RUNNING,
@@ -421,6 +423,10 @@ class Settings:
     """Where the Prometheus scrape endpoint listens (OTEL_EXPORTER_PROMETHEUS_HOST/_PORT)."""
     new_trace_after_s: float | None = None
     """Runs resumed this long after creation start a trace linked to the creator's."""
+    rpc_spans: str = "all"
+    """Server spans for all RPCs, or only "writes" (not the reads: GetStatus,
+    WaitInstance, WatchInstance, ListInstances, ListWorkflows), which halves
+    the instrumentation's cost for clients that poll."""
 
 
 class Providers:
@@ -436,6 +442,7 @@ class Providers:
         self.meter_provider: Any = None
         self.prometheus_address: tuple[str, int] | None = None
         self._prometheus: Any = None
+        self.rpc_spans = settings.rpc_spans
         if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
             self.observer: Telemetry | None = None
             return
@@ -473,10 +480,12 @@ class Providers:
         tracer_provider: Any = None,
         meter_provider: Any = None,
         new_trace_after_s: float | None = None,
+        rpc_spans: str = "all",
     ) -> Providers:
         """Given providers (tests: in-memory exporters), ignoring the environment."""
         self = cls.__new__(cls)
         self.tracer_provider, self.meter_provider = tracer_provider, meter_provider
+        self.rpc_spans = rpc_spans
         self.prometheus_address = self._prometheus = None
         self.observer = None
         if tracer_provider is not None or meter_provider is not None:
@@ -538,6 +547,8 @@ class Providers:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
         quiet = filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
+        if self.rpc_spans == "writes":
+            quiet = filters.any_of(quiet, *(filters.method_name(m) for m in _READS))
         interceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
             tracer_provider=self.tracer_provider, filter_=filters.negate(quiet)
         )
