@@ -329,3 +329,91 @@ class Traced(WorkflowEntrypoint):
         await step.sleep("nap", (event.payload or {}).get("nap_ms", 0))
         third = await step.do("notify", lambda: 3)
         return first + second + third
+
+
+# ------------------------------------------------ workflow bindings (tests/test_bindings.py)
+
+
+class Doubles(WorkflowEntrypoint):
+    """A child: returns params.n doubled, and its own instance id."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        doubled = await step.do("double", lambda: event.payload["n"] * 2)
+        return {"doubled": doubled, "id": event.instance_id}
+
+
+class SpawnsChild(WorkflowEntrypoint):
+    """Step "spawn" creates params.count (1) children of env.CHILD_WORKFLOW with
+    {"n": params.n + i} and marks "ID:spawn:ATTEMPT:CHILD_ID" for each; with
+    params.fail_first its first attempt then fails, with params.block_first it
+    then sleeps an hour. Step "await" returns the children's results."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        params = event.payload
+        count = params.get("count", 1)
+
+        async def spawn(ctx: StepContext) -> list[str]:
+            children = self.env.CHILD_WORKFLOW
+            if count == 1:
+                handles = [await children.create({"n": params["n"]})]
+            else:
+                handles = await children.create_batch(
+                    [{"params": {"n": params["n"] + i}} for i in range(count)]
+                )
+            for handle in handles:
+                mark(f"{event.instance_id}:spawn:{ctx.attempt}:{handle.id}")
+            if ctx.attempt == 1 and params.get("fail_first"):
+                raise ConnectionError("the step failed after creating its children")
+            if ctx.attempt == 1 and params.get("block_first"):
+                await asyncio.sleep(3600)
+            return [handle.id for handle in handles]
+
+        ids = await step.do("spawn", spawn, retries={"limit": 3, "delay": 0})
+
+        async def results() -> list[Any]:
+            out = []
+            for child_id in ids:
+                child = await self.env.CHILD_WORKFLOW.get(child_id)
+                out.append(await child.result())
+            return out
+
+        return {"child_ids": ids, "children": await step.do("await", results)}
+
+
+class CallsChild(WorkflowEntrypoint):
+    """One step "call" (timeout params.step_timeout, params.limit retries without
+    delay) making one call through env[params.binding]: "create" a child, or
+    "watch" or "result" of the instance params.child_id. Returns {"output": ...},
+    or {"error": name, "message": ...} when the step failed."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        params = event.payload
+        binding = self.env[params["binding"]]
+
+        async def call(ctx: StepContext) -> Any:
+            mark(f"{event.instance_id}:call:{ctx.attempt}")
+            if params["call"] == "create":
+                return (await binding.create({"n": 1})).id
+            child = await binding.get(params["child_id"])
+            if params["call"] == "watch":
+                return [watched.sequence async for watched in child.watch()]
+            return await child.result()
+
+        try:
+            output = await step.do(
+                "call",
+                call,
+                retries={"limit": params.get("limit", 0), "delay": 0},
+                timeout=params.get("step_timeout", "10 minutes"),
+            )
+        except StepFailedError as exc:
+            return {"error": exc.error_name, "message": exc.error_message}
+        return {"output": output}
+
+
+class CreatesOutsideStep(WorkflowEntrypoint):
+    """Creates a child right in run(), outside any step: refused."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        await self.env.CHILD_WORKFLOW.create({"n": 1})
+        return "unreachable"

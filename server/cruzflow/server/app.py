@@ -12,7 +12,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cruzflow.server.bindings import Env, SqliteDatabase
+from cruzflow.server.bindings import (
+    Env,
+    ServerLink,
+    SqliteDatabase,
+    bind_workflows,
+    local_address,
+)
 from cruzflow.server.config import Config
 from cruzflow.server.engine.runtime import Engine
 from cruzflow.server.store.sqlite import SqliteStore
@@ -38,6 +44,10 @@ class Service:
         values: dict[str, Any] = dict(config.file.vars)
         for binding, path in config.database_paths().items():
             values[binding] = SqliteDatabase(path)
+        # Workflows hosted here are called through a client to this server's own
+        # address, known once it listens (see start).
+        self.own_link = ServerLink()
+        values.update(bind_workflows(config.workflow_bindings, self.own_link))
         self.env = Env(values)
         self.engine = Engine(
             self.store, config.workflows, self.env, config.limits, self.telemetry.observer
@@ -70,6 +80,7 @@ class Service:
                 f"{self.config.listen}: cannot listen there (in use, or not an address here)"
             )
         await self.server.start()
+        self.own_link.listening(local_address(self.config.listen, self.port))
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
         await self.health.set(SERVICE_NAME, serving)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cruzflow.server.bindings import TlsFiles, WorkflowTarget
 from cruzflow.server.engine.api import WorkflowEntrypoint
 from cruzflow.server.engine.durations import to_seconds
 from cruzflow.server.engine.runtime import Limits, WorkflowSpec
@@ -111,6 +113,8 @@ class TelemetrySection(_Strict):
     linked to the creator's; by default every run joins the creator's trace."""
     log_format: Literal["text", "json"] = "text"
     """Server log lines: text, or one JSON object a line."""
+    rpc_spans: Literal["all", "writes"] = "all"
+    """Server spans for every RPC, or only for the writes (creates, controls, events)."""
 
     @field_validator("metric_interval", "new_trace_after")
     @classmethod
@@ -130,8 +134,32 @@ class WorkflowSection(_Strict):
     """Name under which the workflow appears in ``env``, e.g. ONBOARDING_WORKFLOW."""
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
     """Name clients create instances by, e.g. onboarding-workflow."""
-    class_name: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    """The class as 'package.module:Class'."""
+    class_name: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """The class as 'package.module:Class': the workflow is hosted here."""
+    address: str | None = None
+    """host:port of another cruzflow server hosting the workflow (instead of class_name)."""
+    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Name of the environment variable holding the bearer token for ``address``."""
+    tls_ca_file: str | None = None
+    """PEM root certificates to check ``address``'s certificate by (relative path)."""
+    tls_cert_file: str | None = None
+    """PEM client certificate chain, with tls_key_file (relative path)."""
+    tls_key_file: str | None = None
+    """PEM private key of tls_cert_file (relative path)."""
+    timeout: str | int | None = None
+    """Default deadline of each call through the binding (default 10 seconds)."""
+
+    @field_validator("address")
+    @classmethod
+    def _remote(cls, value: str | None) -> str | None:
+        return None if value is None else _address(value, "billing.internal:50051")
+
+    @field_validator("timeout")
+    @classmethod
+    def _call_timeout(cls, value: str | int | None) -> str | int | None:
+        if value is not None and to_seconds(value) <= 0:
+            raise ValueError("must be more than 0, e.g. '30 seconds'")
+        return value
 
 
 class SqliteDatabaseSection(_Strict):
@@ -158,11 +186,20 @@ class ConfigFile(_Strict):
 class Config:
     """A loaded config: the file's values with paths resolved and classes imported."""
 
-    def __init__(self, path: Path, data: ConfigFile, specs: dict[str, WorkflowSpec]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        data: ConfigFile,
+        specs: dict[str, WorkflowSpec],
+        targets: list[WorkflowTarget] | None = None,
+    ) -> None:
         self.path = path
         self.file = data
         self.base = path.parent
         self.workflows = specs
+        """The workflows hosted here (a remote [[workflows]] entry is only bound)."""
+        self.workflow_bindings = targets or []
+        """Every [[workflows]] entry, hosted here or remote, as ``self.env`` binds it."""
 
     @property
     def name(self) -> str:
@@ -198,6 +235,7 @@ class Config:
             service_name=section.service_name or self.name,
             metric_interval_s=to_seconds(section.metric_interval),
             prometheus_listen=section.prometheus_listen,
+            rpc_spans=section.rpc_spans,
             new_trace_after_s=(
                 None if section.new_trace_after is None else to_seconds(section.new_trace_after)
             ),
@@ -239,6 +277,7 @@ def load_config(path: str | Path, *, listen: str | None = None) -> Config:
                 )
             problems.append(f"{path}: {_where(err['loc'])}: {reason}")
         raise ConfigError("\n".join(problems)) from None
+    targets = [_target(path, i, wf) for i, wf in enumerate(data.workflows)]
     _check_unique(path, data)
     base = path.parent.resolve()
     for folder in data.python_path:
@@ -248,14 +287,75 @@ def load_config(path: str | Path, *, listen: str | None = None) -> Config:
     specs = {
         wf.name: WorkflowSpec(wf.name, wf.binding, wf.class_name, _import(path, i, wf.class_name))
         for i, wf in enumerate(data.workflows)
+        if wf.class_name is not None
     }
-    return Config(path, data, specs)
+    return Config(path, data, specs, targets)
+
+
+_REMOTE_ONLY = ("token_env", "tls_ca_file", "tls_cert_file", "tls_key_file")
+
+
+def _target(path: Path, index: int, wf: WorkflowSection) -> WorkflowTarget:
+    """Check that the entry is hosted here or remote, and resolve how to call it."""
+    where = f"{path}: workflows[{index}]"
+    if wf.class_name is not None and wf.address is not None:
+        raise ConfigError(
+            f"{where}: has both class_name and address; give class_name for a workflow hosted "
+            f"here, or address for one hosted by another cruzflow server"
+        )
+    if wf.class_name is None and wf.address is None:
+        # "Field required" as pydantic words it, for a file that forgot class_name.
+        raise ConfigError(
+            f"{where}.class_name: Field required: give class_name for a workflow hosted here, "
+            f"or address (host:port) for one hosted by another cruzflow server"
+        )
+    timeout = 10.0 if wf.timeout is None else to_seconds(wf.timeout)
+    if wf.address is None:
+        for key in _REMOTE_ONLY:
+            if getattr(wf, key) is not None:
+                raise ConfigError(
+                    f"{where}.{key}: only for a workflow hosted by another server (with "
+                    f"address); this one is hosted here"
+                )
+        return WorkflowTarget(wf.binding, wf.name, None, timeout)
+    token = None
+    if wf.token_env is not None:
+        # The file names the variable, never the secret itself.
+        token = os.environ.get(wf.token_env)
+        if not token:
+            raise ConfigError(
+                f"{where}.token_env: the environment variable {wf.token_env} is not set (or "
+                f"empty); it must hold the bearer token for {wf.address}"
+            )
+    if (wf.tls_cert_file is None) != (wf.tls_key_file is None):
+        missing = "tls_key_file" if wf.tls_key_file is None else "tls_cert_file"
+        raise ConfigError(f"{where}.{missing}: tls_cert_file and tls_key_file go together")
+    tls = None
+    if wf.tls_ca_file or wf.tls_cert_file:
+        tls = TlsFiles(
+            _pem(path, where, "tls_ca_file", wf.tls_ca_file),
+            _pem(path, where, "tls_cert_file", wf.tls_cert_file),
+            _pem(path, where, "tls_key_file", wf.tls_key_file),
+        )
+    return WorkflowTarget(wf.binding, wf.name, wf.address, timeout, token, tls)
+
+
+def _pem(path: Path, where: str, key: str, name: str | None) -> bytes | None:
+    if name is None:
+        return None
+    file = path.parent / name
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where}.{key}: cannot read {file}: {exc.strerror or exc}") from None
 
 
 def _check_unique(path: Path, data: ConfigFile) -> None:
     seen: dict[str, str] = {}
     for i, wf in enumerate(data.workflows):
-        for key, value in (("name", wf.name), ("binding", wf.binding)):
+        # Only names hosted here must be unique: remote ones live on other servers.
+        keys = ("name", "binding") if wf.class_name is not None else ("binding",)
+        for key, value in ((key, getattr(wf, key)) for key in keys):
             where = f"workflows[{i}].{key}"
             tag = f"{key}:{value}" if key == "name" else f"binding:{value}"
             if tag in seen:

@@ -31,6 +31,7 @@ from cruzflow.server.engine.retries import (
     StepPolicy,
     resolve,
 )
+from cruzflow.server.engine.scope import StepScope, current_step
 
 if TYPE_CHECKING:
     from cruzflow.server.engine.runtime import Engine, _Run
@@ -258,7 +259,7 @@ class WorkflowStep:
             observer = engine.observer
             if observer is None:
                 output, error_name, error_message, retryable = await self._attempt(
-                    run, name, fn, attempt, policy
+                    run, name, fn, attempt, policy, occurrence=slot.occurrence
                 )
             else:
                 span = observer.attempt_started(
@@ -266,7 +267,7 @@ class WorkflowStep:
                 )
                 try:
                     output, error_name, error_message, retryable = await self._attempt(
-                        run, name, fn, attempt, policy, span
+                        run, name, fn, attempt, policy, span, occurrence=slot.occurrence
                     )
                 except BaseException as exc:  # cancelled (terminate) or cut by shutdown
                     observer.attempt_ended(span, "interrupted", (type(exc).__name__, ""), None)
@@ -467,11 +468,18 @@ class WorkflowStep:
         attempt: int,
         policy: StepPolicy,
         span: Any = None,
+        *,
+        occurrence: int,
     ) -> tuple[bytes | None, str, str, bool]:
         """One attempt: (result JSON, ...) on success, else (None, error name, message, retryable).
 
         ``span`` is the observer's token for the attempt, told of what the body raised.
         """
+        # Bindings called by the body read this for their deadline and idempotency keys.
+        step_token = current_step.set(
+            StepScope(run.id, run.created_at, name, occurrence, attempt,
+                      time.monotonic() + policy.timeout_s)
+        )  # fmt: skip
         try:
             async with asyncio.timeout(policy.timeout_s) as scope:
                 if _takes_context(fn):
@@ -490,6 +498,8 @@ class WorkflowStep:
                 )
                 return None, StepTimeoutError.__name__, message, True
             return None, type(exc).__name__, str(exc), not isinstance(exc, NonRetryableError)
+        finally:
+            current_step.reset(step_token)
         try:
             output = to_json(result)
         except (TypeError, ValueError, RecursionError) as exc:
