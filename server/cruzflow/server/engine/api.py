@@ -45,7 +45,7 @@ class WorkflowEntrypoint(Generic[P]):
     """Base class of a workflow: subclass it and define ``run``.
 
     ``self.env`` holds the bindings the config declares: its ``[vars]``, its
-    databases, and (later) other workflows.
+    databases, and its workflows (here or on other servers).
     """
 
     env: Any
