@@ -25,6 +25,8 @@ class Subscription:
 class Hub:
     def __init__(self) -> None:
         self._subs: dict[str, set[Subscription]] = {}
+        # Open subscriptions over all instances, for the engine's max_watchers.
+        self.count = 0
 
     def close(self) -> None:
         """Wake every watcher with None: the server is stopping."""
@@ -38,12 +40,14 @@ class Hub:
     def subscribe(self, instance_id: str) -> Subscription:
         sub = Subscription(instance_id)
         self._subs.setdefault(instance_id, set()).add(sub)
+        self.count += 1
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.instance_id)
-        if subs is not None:
+        if subs is not None and sub in subs:
             subs.discard(sub)
+            self.count -= 1
             if not subs:
                 del self._subs[sub.instance_id]
 

@@ -4,9 +4,11 @@ Pages are keyset-paginated on the store's position of each instance, which is
 creation order: a page starts just below the previous page's last instance,
 so an instance created meanwhile (a higher position) never shifts, repeats or
 enters a later page. A page token is the URL-safe base64 of a small JSON
-object holding that position and a digest of the filters; a token used with
-other filters, or not one the service issued, is refused rather than read
-as some other listing.
+object holding that position and a digest of the filters, then ``.`` and an
+HMAC-SHA256 of that text under the store's own secret (``page_token_key``),
+which is kept in the store so that tokens outlive a restart. A token altered
+or made up by a caller fails the signature, and one used with other filters
+fails the digest; either is refused rather than read as some other listing.
 """
 
 from __future__ import annotations
@@ -15,16 +17,23 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+import hmac
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from cruzflow.server.engine import validate
 from cruzflow.server.engine.errors import InvalidArgument
 from cruzflow.server.engine.model import InstanceQuery, InstanceRecord, InstanceStatus
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-_TOKEN_VERSION = 1
+# Version 1 tokens were unsigned; they are refused like any foreign token.
+_TOKEN_VERSION = 2
+# Bytes of the HMAC kept in a token: 128 bits, far past guessing.
+_MAC_BYTES = 16
+# A position is a SQLite rowid: a signed 64-bit integer.
+_MAX_POSITION = 2**63 - 1
 _MAX_TOKEN_LENGTH = 200
 _RESTART = "restart from the first page with an empty page_token"
 # google.protobuf.Timestamp's range: 0001-01-01 to 9999-12-31 (UTC).
@@ -41,6 +50,8 @@ def query(
     max_lookup_key_length: int,
 ) -> InstanceQuery:
     """The filters of a ListInstances request; raises InvalidArgument naming the field."""
+    if workflow:
+        validate.check_workflow(workflow)
     known: list[InstanceStatus] = []
     for i, value in enumerate(statuses):
         try:
@@ -69,6 +80,9 @@ def query(
             f"lookup_key: {len(lookup_key)} characters, over the limit of "
             f"{max_lookup_key_length} (limits.max_lookup_key_length); no instance can have it"
         )
+    validate.check_text(
+        lookup_key, "lookup_key", max_lookup_key_length, "max_lookup_key_length", required=False
+    )
     return InstanceQuery(
         workflow=workflow or None,
         statuses=tuple(sorted(known)),
@@ -127,22 +141,44 @@ def _digest(q: InstanceQuery) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def encode_token(q: InstanceQuery, position: int) -> str:
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(key: bytes, body: str) -> bytes:
+    return hmac.digest(key, body.encode(), hashlib.sha256)[:_MAC_BYTES]
+
+
+def encode_token(q: InstanceQuery, position: int, key: bytes) -> str:
     body = json.dumps(
         {"v": _TOKEN_VERSION, "after": position, "f": _digest(q)}, separators=(",", ":")
     )
-    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+    text = _b64(body.encode())
+    return f"{text}.{_b64(_mac(key, text))}"
 
 
-def decode_token(token: str, q: InstanceQuery) -> int:
-    """The position a token goes on from; it must come with the filters it was issued for."""
+def decode_token(token: str, q: InstanceQuery, key: bytes) -> int:
+    """The position a token goes on from; it must be signed with ``key`` and come
+    with the filters it was issued for."""
     try:
-        if len(token) > _MAX_TOKEN_LENGTH:
-            raise ValueError("too long")
-        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if len(token) > _MAX_TOKEN_LENGTH or not token.isascii():
+            raise ValueError("too long, or not base64")
+        text, _, mac = token.partition(".")
+        # Nothing of the body is read before its signature holds. Compared as
+        # text: base64 decoding ignores some bits of the last character, and a
+        # token must not have two spellings.
+        if not hmac.compare_digest(mac, _b64(_mac(key, text))):
+            raise ValueError("bad signature")
+        body = json.loads(_unb64(text))
         position = body["after"]
-        if body["v"] != _TOKEN_VERSION or type(position) is not int or position < 1:
+        if body["v"] != _TOKEN_VERSION or type(position) is not int:
             raise ValueError("bad fields")
+        if not 1 <= position <= _MAX_POSITION:
+            raise ValueError("bad position")
         digest = body["f"]
     except (ValueError, TypeError, KeyError, binascii.Error):
         raise InvalidArgument(

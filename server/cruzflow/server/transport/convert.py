@@ -5,6 +5,7 @@ from __future__ import annotations
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from cruzflow.server.engine import validate
 from cruzflow.server.engine.model import EventKind, EventRecord, InstanceRecord, StepRecord
 from cruzflow.v1 import workflows_pb2 as pb
 
@@ -15,9 +16,16 @@ def _ts(ms: int | None) -> Timestamp | None:
     return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 
 
-def ms(ts: Timestamp) -> int:
-    """A request's timestamp in ms since the epoch, unchecked (the engine checks)."""
-    return ts.seconds * 1000 + ts.nanos // 1_000_000
+def ms(ts: Timestamp, field: str) -> int:
+    """A request's timestamp in ms since the epoch; InvalidArgument naming ``field``
+    if it is not a valid Timestamp (nanos out of range, past year 9999)."""
+    return validate.timestamp_ms(ts.seconds, ts.nanos, field)
+
+
+def seconds(duration: Duration, field: str) -> float:
+    """A request's duration in seconds; InvalidArgument naming ``field`` if it is
+    not a valid Duration or is negative."""
+    return validate.duration_s(duration.seconds, duration.nanos, field)
 
 
 def _text(data: bytes | None) -> str:
