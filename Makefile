@@ -58,3 +58,17 @@ breaking: $(STAMP)
 
 clean:
 	rm -rf $(VENV) examples/data .pytest_cache .mypy_cache .ruff_cache
+
+# The long soak: thousands of workflows while the server is SIGKILLed at random
+# moments dozens of times; prints the figures. `make test` runs its short form.
+SOAK_WORKFLOWS ?= 5000
+SOAK_KILLS ?= 50
+SOAK_SECONDS ?= 150
+SOAK_WATCHERS ?= 50
+SOAK_SEED ?= 6
+.PHONY: soak
+soak: $(STAMP)
+	CRUZFLOW_SOAK_WORKFLOWS=$(SOAK_WORKFLOWS) CRUZFLOW_SOAK_KILLS=$(SOAK_KILLS) \
+	CRUZFLOW_SOAK_SECONDS=$(SOAK_SECONDS) CRUZFLOW_SOAK_WATCHERS=$(SOAK_WATCHERS) \
+	CRUZFLOW_SOAK_SEED=$(SOAK_SEED) \
+	  $(BIN)/python -m pytest -q -s tests/e2e/test_soak.py

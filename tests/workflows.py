@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from typing import Any
 
 from cruzflow.workflows import (
@@ -417,3 +418,79 @@ class CreatesOutsideStep(WorkflowEntrypoint):
     async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
         await self.env.CHILD_WORKFLOW.create({"n": 1})
         return "unreachable"
+
+
+# ---------------------------------------------------------------------- soak
+_soak_side: int | None = None
+
+
+def soak_mark(line: str) -> None:
+    """Append a line to the side file, without the fsync of ``mark``.
+
+    A SIGKILL of the server keeps what write() handed the kernel (only a
+    machine crash loses it), and the soak marks tens of thousands of steps:
+    an fsync each would stall the server's event loop. One write() on an
+    O_APPEND file lands whole and in order.
+    """
+    global _soak_side
+    if _soak_side is None:
+        path = os.environ.get("CRUZFLOW_TEST_SIDE_FILE")
+        if not path:
+            return
+        _soak_side = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(_soak_side, (line + "\n").encode())
+
+
+class Soak(WorkflowEntrypoint):
+    """The soak test's workflow: steps "a", "b", "c", shaped by params.kind.
+
+    - "plain": three steps;
+    - "retry": step "b" fails its first params.fail attempts (ConnectionError),
+      20 ms apart, then succeeds;
+    - "sleep": a durable sleep of params.ms before step "b";
+    - "event": a wait for a "go" event before step "b", which uses its
+      payload's "k".
+
+    Each body takes params.step_ms (default 0) milliseconds.
+
+    The output, {"kind", "n", "result"}, depends on the params (and the
+    event) only: "a" gives n, "b" gives 2n (the event's k for "event"), "c"
+    gives a + b. Every body marks "ID:STEP:start:ATTEMPT:TOKEN" as it begins
+    and "ID:STEP:done:ATTEMPT:TOKEN" just before it returns {"v", "token"}, so
+    the token of a stored result names the one run of the body that was
+    recorded, and the side file shows whether the body started again after it.
+    """
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        params = event.payload
+        instance_id = event.instance_id
+        kind = params["kind"]
+        n = int(params["n"])
+
+        def body(name: str, value: int, fail: int = 0) -> Any:
+            async def run_body(ctx: StepContext) -> dict[str, Any]:
+                token = uuid.uuid4().hex[:16]
+                soak_mark(f"{instance_id}:{name}:start:{ctx.attempt}:{token}")
+                # A little work, so that kills land inside bodies as well as between.
+                await asyncio.sleep(int(params.get("step_ms", 0)) / 1000)
+                if ctx.attempt <= fail:
+                    raise ConnectionError(f"attempt {ctx.attempt} of {fail} planned failures")
+                soak_mark(f"{instance_id}:{name}:done:{ctx.attempt}:{token}")
+                return {"v": value, "token": token}
+
+            return run_body
+
+        a = (await step.do("a", body("a", n)))["v"]
+        b_value = 2 * n
+        if kind == "retry":
+            retries = {"limit": 10, "delay": 20, "backoff": "constant"}
+            b = (await step.do("b", body("b", b_value, int(params["fail"])), retries=retries))["v"]
+        else:
+            if kind == "sleep":
+                await step.sleep("nap", int(params["ms"]))
+            elif kind == "event":
+                got = await step.wait_for_event("go", type="go", timeout="1 hour")
+                b_value = int(got["payload"]["k"])
+            b = (await step.do("b", body("b", b_value)))["v"]
+        c = (await step.do("c", body("c", a + b)))["v"]
+        return {"kind": kind, "n": n, "result": c}

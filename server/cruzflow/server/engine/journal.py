@@ -5,11 +5,19 @@ future of that batch. A single writer task applies the batch in one
 transaction, publishes its events to watchers, and only then resolves the
 future. While one batch commits the next one fills, so under load many
 instances share one fsync, and a lone instance pays one commit per step.
+
+A commit that fails for a passing reason (disk full, database locked or
+read-only: ``StoreError.transient``) is held, not dropped: the writer applies
+the same batch again with back-off until it lands, and no later batch
+commits before it, so writes stay in order. Meanwhile ``fault`` is set (the
+engine refuses new work, so what waits stays bounded) and the futures of the
+held writes stay pending; they resolve once the batch lands.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -23,7 +31,7 @@ from cruzflow.server.engine.model import (
     InstanceUpdate,
     StepRecord,
 )
-from cruzflow.server.store.base import Store
+from cruzflow.server.store.base import Store, StoreError
 
 if TYPE_CHECKING:
     from cruzflow.server.engine.observer import Observer
@@ -32,6 +40,12 @@ log = logging.getLogger("cruzflow.journal")
 
 Durable = asyncio.Future[None]
 
+# Back-off between attempts at a held batch: short at first, so a brief lock
+# costs little, then at most once a second (each try is cheap when the disk
+# is full; a locked store already waits its busy timeout inside the try).
+_RETRY_FIRST_S = 0.05
+_RETRY_MAX_S = 1.0
+
 
 class Journal:
     def __init__(
@@ -39,8 +53,19 @@ class Journal:
         store: Store,
         on_durable: Callable[[list[EventRecord]], None],
         observer: Observer | None = None,
+        on_fault: Callable[[StoreError | None], None] | None = None,
     ) -> None:
         self._store = store
+        # Told when the store starts failing (the error) and when it is back (None).
+        self._on_fault = on_fault
+        # The transient error the held batch last failed with, while it fails.
+        self.fault: StoreError | None = None
+        self._closed = asyncio.Event()
+        # How long close() keeps trying a held batch before giving it up.
+        self._give_up_after = 0.0
+        self._closing_at = 0.0
+        # Set once close() gave up: every later write fails too, in order.
+        self._dropping: StoreError | None = None
         self._observer = observer
         self._on_durable = on_durable
         self._loop = asyncio.get_running_loop()
@@ -126,12 +151,9 @@ class Journal:
                 continue
             batch, future = self._batch, self._future
             self._batch, self._future = Batch(), self._loop.create_future()
-            began = time.perf_counter()
-            try:
-                await self._store.apply(batch)
-            except Exception as exc:  # the store already said what failed
-                log.error("commit of %d events failed: %s", len(batch.events), exc)
-                future.set_exception(exc)
+            began = await self._commit(batch)
+            if isinstance(began, BaseException):
+                future.set_exception(began)
                 # Nobody may be awaiting this batch; don't warn about that.
                 future.exception()
                 continue
@@ -150,9 +172,88 @@ class Journal:
                 self._on_durable(batch.events)
             future.set_result(None)
 
-    async def close(self) -> None:
-        """Commit what is pending, then stop the writer."""
+    async def _commit(self, batch: Batch) -> float | BaseException:
+        """Apply ``batch``, holding and retrying it while the store's fault is
+        transient; returns when the commit began (perf_counter), or the error
+        to fail the batch's writes with."""
+        if self._dropping is not None:
+            return self._dropping
+        delay = _RETRY_FIRST_S
+        failed_at = 0.0
+        tries = 0
+        while True:
+            began = time.perf_counter()
+            tried_at = time.monotonic()
+            try:
+                await self._store.apply(batch)
+            except StoreError as exc:
+                if not exc.transient:
+                    # Retrying cannot help (a constraint, a corrupt file): fail
+                    # these writes; their instances resume after a restart.
+                    log.error("commit of %d events failed: %s", len(batch.events), exc)
+                    return exc
+                tries += 1
+                if self.fault is None:
+                    failed_at = tried_at
+                changed = self.fault is None or self.fault.cause != exc.cause
+                self.fault = exc
+                if changed:
+                    # Once per fault (and again if its cause changes), not per try.
+                    log.error(
+                        "store cannot commit: %s; holding the writes and retrying until it "
+                        "can; new instances and control calls get UNAVAILABLE meanwhile",
+                        exc,
+                    )
+                    self._set_fault(exc)
+                if self._closing and time.monotonic() - self._closing_at >= self._give_up_after:
+                    self._dropping = exc
+                    log.error(
+                        "stopping while the store still fails (%s): writes not stored are "
+                        "dropped; their instances resume from their last stored checkpoint "
+                        "at the next start",
+                        exc.cause,
+                    )
+                    return exc
+                if self._closing:
+                    await asyncio.sleep(delay)
+                else:
+                    # close() cuts the wait short, to start its countdown at once.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closed.wait(), delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+                continue
+            except Exception as exc:  # the store already said what failed
+                log.error("commit of %d events failed: %s", len(batch.events), exc)
+                return exc
+            if self.fault is not None:
+                log.warning(
+                    "store commits again after %.1f s and %d failed attempt(s) (%s); the held "
+                    "writes are stored and new work is taken again",
+                    time.monotonic() - failed_at,
+                    tries,
+                    self.fault.cause,
+                )
+                self.fault = None
+                self._set_fault(None)
+            return began
+
+    def _set_fault(self, fault: StoreError | None) -> None:
+        if self._on_fault is not None:
+            try:
+                self._on_fault(fault)
+            except Exception:  # a listener's bug must not stop the writer
+                log.exception("store fault listener failed")
+
+    async def close(self, give_up_after: float = 5.0) -> None:
+        """Commit what is pending, then stop the writer.
+
+        A batch the store keeps refusing is tried for ``give_up_after`` s
+        more, then it and every write after it fail (not stored).
+        """
         self._closing = True
+        self._closing_at = time.monotonic()
+        self._give_up_after = give_up_after
+        self._closed.set()
         self._wake.set()
         if self._task is not None:
             await self._task

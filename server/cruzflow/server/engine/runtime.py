@@ -17,12 +17,12 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from cruzflow.server.engine import listing
+from cruzflow.server.engine import listing, validate
 from cruzflow.server.engine.api import WorkflowEntrypoint, WorkflowEvent
 from cruzflow.server.engine.context import WorkflowStep, to_json
 from cruzflow.server.engine.errors import (
@@ -31,12 +31,13 @@ from cruzflow.server.engine.errors import (
     FatalWorkflowError,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     StepFailedError,
     Suspend,
     Unavailable,
 )
 from cruzflow.server.engine.hooks import EngineHooks
-from cruzflow.server.engine.hub import Hub
+from cruzflow.server.engine.hub import Hub, Subscription
 from cruzflow.server.engine.journal import Durable, Journal
 from cruzflow.server.engine.model import (
     EventKind,
@@ -48,7 +49,7 @@ from cruzflow.server.engine.model import (
     StepRecord,
 )
 from cruzflow.server.engine.observer import Observer
-from cruzflow.server.store.base import Store
+from cruzflow.server.store.base import Store, StoreError
 
 log = logging.getLogger("cruzflow.engine")
 
@@ -87,6 +88,14 @@ class Limits:
     """How often the retention purge looks for finished instances to delete."""
     purge_chunk: int = 500
     """Most instances one purge transaction deletes, so live writes wait little."""
+    max_json_depth: int = 64
+    """Deepest nesting of arrays and objects in params and event payloads."""
+    max_watchers: int = 10_000
+    """WatchInstance streams and WaitInstance calls open at once; more are refused
+    with RESOURCE_EXHAUSTED, so many watchers cannot take unbounded memory."""
+    max_concurrent_rpcs: int = 20_000
+    """RPCs the gRPC server handles at once (watchers included); past it a call
+    gets RESOURCE_EXHAUSTED at once instead of queueing without bound."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +123,9 @@ def _finite(value: str) -> float:
     return number
 
 
-def parse_json_field(text: str | bytes, field: str, limit: int) -> bytes:
-    """Check that a request field is JSON within the size limit; return its bytes."""
+def parse_json_field(text: str | bytes, field: str, limit: int, max_depth: int = 64) -> bytes:
+    """Check that a request field is JSON within the size and depth limits; return
+    its bytes."""
     data = text.encode() if isinstance(text, str) else text
     if not data.strip():
         return b"null"
@@ -124,10 +134,10 @@ def parse_json_field(text: str | bytes, field: str, limit: int) -> bytes:
             f"{field}: {len(data):,} bytes, over the limit of {limit:,} bytes "
             f"(limits.max_payload_bytes); pass a reference to large data instead"
         )
+    # Checked first, by a linear scan: the parser recurses per level.
+    validate.check_json_depth(data, field, max_depth)
     try:
         json.loads(data, parse_constant=_reject_constant, parse_float=_finite)
-    except RecursionError:
-        raise InvalidArgument(f"{field}: nested too deeply; flatten the structure") from None
     except ValueError as exc:
         raise InvalidArgument(
             f'{field}: not valid JSON ({exc}); send JSON text such as {{"a": 1}}'
@@ -242,7 +252,10 @@ class _Run:
         try:
             await asyncio.shield(fut)
         except Exception as exc:
-            log.error(
+            # The journal logged the failure once; at a stop that gave up on a
+            # failing store every instance gets here, so say it quietly then.
+            log.log(
+                logging.DEBUG if self.engine.stopping else logging.ERROR,
                 "instance %s: checkpoint not stored (%s); it resumes after a restart",
                 self.id,
                 exc,
@@ -314,11 +327,16 @@ class Engine:
         self._timers: list[tuple[int, str]] = []
         self._timer_due: dict[str, int] = {}
         self._timer_kick = asyncio.Event()
+        # Told when the store starts failing to commit (the error) and when it
+        # commits again (None); the service turns it into health.
+        self.store_listeners: list[Callable[[StoreError | None], None]] = []
 
     # ----------------------------------------------------------- lifecycle
     async def start(self) -> None:
         """Start the writer and resume every unfinished instance."""
-        self.journal = Journal(self.store, self._hub.publish, self.observer)
+        self.journal = Journal(
+            self.store, self._hub.publish, self.observer, on_fault=self._store_fault_changed
+        )
         self.journal.start()
         if self.observer is not None:
             for status, count in (await self.store.count_unfinished()).items():
@@ -385,6 +403,26 @@ class Engine:
     def workflows(self) -> list[WorkflowSpec]:
         return sorted(self._workflows.values(), key=lambda w: w.name)
 
+    @property
+    def store_fault(self) -> StoreError | None:
+        """The error the store fails commits with, while it does; else None."""
+        return self.journal.fault
+
+    def _store_fault_changed(self, fault: StoreError | None) -> None:
+        for listener in self.store_listeners:
+            listener(fault)
+
+    def _refuse_while_store_fails(self) -> None:
+        """New work waits for a store that cannot commit: refuse it instead, so
+        memory stays bounded and the caller learns why at once."""
+        fault = self.journal.fault
+        if fault is not None:
+            raise Unavailable(
+                f"the store cannot commit, so new work is refused: {fault}. The server "
+                f"retries by itself and takes work again once the store commits (its health "
+                f"turns SERVING); retry this call then"
+            )
+
     async def create(
         self,
         workflow: str,
@@ -393,6 +431,7 @@ class Engine:
         lookup_key: str = "",
     ) -> tuple[str, InstanceStatus]:
         """Store a new instance durably and schedule it; returns its id and status."""
+        self._refuse_while_store_fails()
         spec, params_bytes = self.check_new(workflow, instance_id, params, lookup_key)
         if instance_id:
             await self.reserve_id(instance_id)
@@ -415,6 +454,7 @@ class Engine:
             raise InvalidArgument(
                 "workflow: required; name a registered workflow (see ListWorkflows)"
             )
+        validate.check_workflow(workflow)
         spec = self._workflows.get(workflow)
         if spec is None:
             known = ", ".join(sorted(self._workflows)) or "none"
@@ -422,14 +462,18 @@ class Engine:
                 f"workflow: {workflow!r} is not registered on this server (registered: {known}); "
                 f"see ListWorkflows"
             )
-        params_bytes = parse_json_field(params, "params_json", self.limits.max_payload_bytes)
+        params_bytes = parse_json_field(
+            params, "params_json", self.limits.max_payload_bytes, self.limits.max_json_depth
+        )
         if instance_id:
             self.check_id(instance_id, creating=True)
-        if len(lookup_key) > self.limits.max_lookup_key_length:
-            raise InvalidArgument(
-                f"lookup_key: {len(lookup_key)} characters, over the limit of "
-                f"{self.limits.max_lookup_key_length} (limits.max_lookup_key_length)"
-            )
+        validate.check_text(
+            lookup_key,
+            "lookup_key",
+            self.limits.max_lookup_key_length,
+            "max_lookup_key_length",
+            required=False,
+        )
         return spec, params_bytes
 
     async def reserve_id(self, instance_id: str) -> None:
@@ -577,6 +621,8 @@ class Engine:
         self.check_id(instance_id)
         if self.stopping:
             raise Unavailable("the server is shutting down; retry once it is back")
+        # Every control call writes: refused like a create while the store fails.
+        self._refuse_while_store_fails()
         lock, users = self._locks.get(instance_id) or (asyncio.Lock(), 0)
         self._locks[instance_id] = (lock, users + 1)
         try:
@@ -641,9 +687,17 @@ class Engine:
         while True:
             now = _ms()
             if now >= refill_at:
-                for instance_id, at in await self.store.due_wakes(now + _TIMER_HORIZON_MS, 100_000):
+                try:
+                    due = await self.store.due_wakes(now + _TIMER_HORIZON_MS, 100_000)
+                except StoreError as exc:
+                    # A store that cannot be read now must not end the timers for good.
+                    log.warning("reading the wake-ups failed (%s); trying again in 1 s", exc)
+                    refill_at = now + 1000
+                    due = []
+                else:
+                    refill_at = now + _TIMER_HORIZON_MS // 2
+                for instance_id, at in due:
                     self.schedule_wake(instance_id, at)
-                refill_at = now + _TIMER_HORIZON_MS // 2
             while self._timers and self._timers[0][0] <= _ms():
                 at, instance_id = heapq.heappop(self._timers)
                 if self._timer_due.get(instance_id) == at:
@@ -655,6 +709,10 @@ class Engine:
                 await asyncio.wait_for(self._timer_kick.wait(), max(until - _ms(), 0) / 1000)
 
     async def _wake(self, instance_id: str) -> None:
+        if self.journal.fault is not None:
+            # Its replay could not commit anything: look again in a second.
+            self.schedule_wake(instance_id, _ms() + 1000)
+            return
         try:
             async with self._hold(instance_id) as run:
                 if run.active or run.queued or run.status != InstanceStatus.WAITING:
@@ -749,11 +807,22 @@ class Engine:
             raise InvalidArgument(
                 f"type: required, 1 to {limit} characters (limits.max_event_type_length)"
             )
-        data = parse_json_field(payload, "payload_json", self.limits.max_payload_bytes)
+        validate.check_text(type, "type", limit, "max_event_type_length", required=True)
+        data = parse_json_field(
+            payload, "payload_json", self.limits.max_payload_bytes, self.limits.max_json_depth
+        )
         async with self._hold(instance_id) as run:
             if run.status.finished:
                 raise self._refuse("sent events", run, "unfinished")
-            durable = self.journal.add_inbox(InboxEvent(run.id, type, data, _ms()))
+            now = _ms()
+            durable = self.journal.add_inbox(InboxEvent(run.id, type, data, now))
+            if run.status == InstanceStatus.WAITING:
+                # Due now, in the same commit as the event: a server killed before
+                # the run takes it wakes the instance as soon as it starts again
+                # (through the wake index), not at the wait's timeout.
+                self.journal.update_instance(
+                    InstanceUpdate(run.id, run.status, now, None, None, None, None, now)
+                )
             await self.durable(durable, "the event could not be stored")
             if run.active:
                 run.poked = True
@@ -843,7 +912,7 @@ class Engine:
         self.check_id(instance_id)
         if timeout is not None and timeout < 0:
             raise InvalidArgument(f"timeout: must not be negative, got {timeout:g} s")
-        sub = self._hub.subscribe(instance_id)
+        sub = self._subscribe(instance_id, "WaitInstance")
         try:
             record = await self._record(instance_id)
             try:
@@ -880,6 +949,18 @@ class Engine:
         steps = await self.store.get_steps(instance_id) if include_steps else []
         return record, steps
 
+    def _subscribe(self, instance_id: str, what: str) -> Subscription:
+        """The instance's live feed, unless limits.max_watchers feeds are open: each
+        holds a bounded queue, so their number is what bounds their memory."""
+        limit = self.limits.max_watchers
+        if self._hub.count >= limit:
+            raise ResourceExhausted(
+                f"{what}: {limit} WatchInstance streams and WaitInstance calls are open on "
+                f"this server, the most it serves at once (limits.max_watchers); close one "
+                f"you no longer need, or retry later with backoff"
+            )
+        return self._hub.subscribe(instance_id)
+
     async def _record(self, instance_id: str) -> InstanceRecord:
         record = await self.store.get_instance(instance_id)
         if record is None:
@@ -893,7 +974,7 @@ class Engine:
         self.check_id(instance_id)
         if after_seq < 0:
             raise InvalidArgument(f"after_sequence: must be 0 or more, got {after_seq}")
-        sub = self._hub.subscribe(instance_id)
+        sub = self._subscribe(instance_id, "WatchInstance")
         try:
             record = await self._record(instance_id)
             if after_seq > record.last_seq:
@@ -960,12 +1041,15 @@ class Engine:
             self.limits.max_lookup_key_length,
         )
         size = listing.page_size(page_size)
+        # The store's own secret: a token survives restarts, and one altered or
+        # made up by a caller fails its signature.
+        key = self.store.page_token_key()
         if page_token:
-            query = listing.after(query, listing.decode_token(page_token, query))
+            query = listing.after(query, listing.decode_token(page_token, query, key))
         rows = await self.store.list_instances(query, size + 1)
         # Half the gRPC send limit the service sets (64 payloads).
         page, last = listing.trim(rows, size, 32 * self.limits.max_payload_bytes)
-        return page, "" if last is None else listing.encode_token(query, last)
+        return page, "" if last is None else listing.encode_token(query, last, key)
 
     async def create_many(
         self, requests: list[tuple[str, str, str | bytes, str]]
@@ -980,6 +1064,7 @@ class Engine:
         """
         if self.stopping:
             raise Unavailable("the server is shutting down; retry once it is back")
+        self._refuse_while_store_fails()
         limit = self.limits.max_batch_size
         if not requests:
             raise InvalidArgument(f"requests: empty; send 1 to {limit} instances to create")
@@ -1046,9 +1131,23 @@ class Engine:
         problems: list[tuple[int, InvalidArgument | NotFound | AlreadyExists]],
     ) -> InvalidArgument | NotFound | AlreadyExists:
         """One error naming every bad item, of the gravest kind among them."""
-        message = "; ".join(
-            f"requests[{i}].{exc}" for i, exc in sorted(problems, key=lambda p: p[0])
-        )
+        ordered = sorted(problems, key=lambda p: p[0])
+        parts = [f"requests[{i}].{exc}" for i, exc in ordered]
+        message = "; ".join(parts)
+        # A status message must fit a gRPC trailer (validate.MAX_MESSAGE_BYTES):
+        # past a budget, the rest are named by index only.
+        budget = validate.MAX_MESSAGE_BYTES // 2
+        if len(message.encode()) > budget:
+            shown: list[str] = []
+            for part in parts:
+                budget -= len(part.encode()) + 2
+                if shown and budget < 0:
+                    break
+                shown.append(part)
+            rest = ", ".join(str(i) for i, _ in ordered[len(shown) :])
+            if rest:
+                shown.append(f"and requests {rest} (send again once these are mended to see why)")
+            message = "; ".join(shown)
         for kind in (InvalidArgument, NotFound):
             if any(isinstance(exc, kind) for _, exc in problems):
                 return kind(message)
@@ -1080,7 +1179,8 @@ class Engine:
         """
         chunk = self.limits.purge_chunk
         total = 0
-        while not self.stopping:
+        # A failing store would hold the purge (and its fenced instances) until it recovers.
+        while not self.stopping and self.journal.fault is None:
             before = _ms() - int(self.limits.retention_s * 1000)
             candidates = await self.store.ended_before(before, chunk)
             fenced = await self._fence_idle(candidates)

@@ -21,7 +21,20 @@ from cruzflow.server.engine.model import (
 
 
 class StoreError(Exception):
-    """The store could not read or write (disk full, locked, unreachable)."""
+    """The store could not read or write (disk full, locked, unreachable).
+
+    ``cause`` names the fault in a few words ("disk full", "database locked",
+    "read-only", ...). ``transient`` is true when nothing of the failed write
+    was applied and the same write may succeed once the fault is mended, so
+    the journal holds it and tries again instead of dropping it.
+    """
+
+    def __init__(
+        self, message: str, *, cause: str = "store error", transient: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.transient = transient
 
 
 class Store(Protocol):
@@ -31,11 +44,17 @@ class Store(Protocol):
     async def close(self) -> None:
         """Release connections and locks. Pending writes must be applied first."""
 
+    def page_token_key(self) -> bytes:
+        """A random secret made when the store was created and kept in it, that
+        signs ListInstances page tokens; the same after every restart (and, on
+        a shared database, the same for every replica). Read once by ``open``."""
+
     async def apply(self, batch: Batch) -> None:
         """Apply every write of the batch in one transaction, durably.
 
         Returns only when the transaction is durable; raises StoreError and
-        applies nothing if it cannot.
+        applies nothing if it cannot. The batch is left as it was, so the
+        journal may apply the same batch again after a transient error.
         """
 
     async def get_instance(self, instance_id: str) -> InstanceRecord | None:

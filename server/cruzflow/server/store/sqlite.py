@@ -8,11 +8,13 @@ through a second connection, which WAL lets run beside the writer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
 import logging
 import os
+import secrets
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,14 @@ MIGRATIONS: list[str] = [
     -- The trace context of the call that created the instance, so every run's
     -- spans join the creator's trace, also after restarts and long sleeps.
     ALTER TABLE instances ADD COLUMN trace_parent TEXT;
+    """,
+    """
+    -- Values the server keeps about the store itself, such as the secret
+    -- that signs page tokens (made by SqliteStore.open on first start).
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    ) WITHOUT ROWID;
     """,
 ]
 
@@ -296,6 +306,39 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
 }
 
 
+# The faults a write can hit that leave nothing applied and may pass: the
+# journal holds the batch and tries it again. Keyed by SQLite's primary result
+# code (the low byte of an extended one); the advice says what mends it.
+_TRANSIENT: dict[int, tuple[str, str]] = {
+    sqlite3.SQLITE_FULL: ("disk full", "free space on the disk that holds {folder}"),
+    sqlite3.SQLITE_BUSY: (
+        "database locked",
+        "another process holds a lock on {path}; end its transaction or stop it (only this "
+        "server may write the store)",
+    ),
+    sqlite3.SQLITE_LOCKED: (
+        "database locked",
+        "another connection holds a lock on {path}; end its transaction",
+    ),
+    sqlite3.SQLITE_READONLY: (
+        "read-only",
+        "make {path}, its -wal and -shm files and {folder} writable again (permissions, "
+        "immutable flag, read-only mount)",
+    ),
+    sqlite3.SQLITE_IOERR: ("I/O error", "check the disk and the file system that hold {path}"),
+    sqlite3.SQLITE_CANTOPEN: (
+        "cannot open the store's files",
+        "check that {folder} and the store's files exist and are writable",
+    ),
+    sqlite3.SQLITE_PROTOCOL: ("database locked", "another process is using {path}; stop it"),
+    sqlite3.SQLITE_NOMEM: ("out of memory", "free memory on this machine"),
+}
+# After these the connections may be stuck read-only: SQLite opens a file it
+# cannot write read-only and never upgrades it, and the connections of one
+# process share that read-only state (the -shm mapping) until all are closed.
+_REOPEN = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN})
+
+
 def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
     return InstanceRecord(
         id=row[0],
@@ -324,13 +367,23 @@ class SqliteStore:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
+        # Signs page tokens; read (or made) by open.
+        self._page_token_key: bytes | None = None
+        # The last write failed in a way that needs new connections: this fault.
+        self._reconnect_after: StoreError | None = None
+        # Set while both connections are being replaced: reads wait for it.
+        self._reconnected: asyncio.Event | None = None
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         try:
             self._writer = await self._connect(isolation_level="IMMEDIATE")
-            await self._migrate(self._writer)
+            try:
+                await self._migrate(self._writer)
+            except sqlite3.Error as exc:
+                raise self._fault("cannot migrate the store", exc) from exc
+            self._page_token_key = await self._secret(self._writer, "page_token_key")
             self._reader = await self._connect(isolation_level=None)
         except BaseException:
             await self.close()
@@ -352,13 +405,17 @@ class SqliteStore:
         self._lock_fd = fd
 
     async def _connect(self, isolation_level: str | None) -> aiosqlite.Connection:
+        conn: aiosqlite.Connection | None = None
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=isolation_level)
             await conn.execute("PRAGMA busy_timeout = 5000")
             await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot open the store: {exc}") from exc
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await conn.close()
+            raise self._fault("cannot open the store", exc) from exc
         return conn
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
@@ -376,6 +433,26 @@ class SqliteStore:
             )
             log.info("store %s migrated to schema version %d", self.path, number + 1)
 
+    async def _secret(self, conn: aiosqlite.Connection, name: str) -> bytes:
+        """The 32 random bytes stored under ``name``, made on first use. Run
+        before any batch: the writer connection holds no transaction yet."""
+        try:
+            await conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                (name, secrets.token_bytes(32)),
+            )
+            await conn.commit()
+            rows = list(
+                await conn.execute_fetchall("SELECT value FROM meta WHERE key = ?", (name,))
+            )
+        except sqlite3.Error as exc:
+            raise self._fault(f"cannot read or make the store's {name}", exc) from exc
+        return bytes(rows[0][0])
+
+    def page_token_key(self) -> bytes:
+        assert self._page_token_key is not None, "store is not open"
+        return self._page_token_key
+
     async def close(self) -> None:
         for conn in (self._reader, self._writer):
             if conn is not None:
@@ -387,8 +464,7 @@ class SqliteStore:
 
     # ---------------------------------------------------------------- write
     async def apply(self, batch: Batch) -> None:
-        conn = self._writer
-        assert conn is not None, "store is not open"
+        conn = await self._writable()
         try:
             # isolation_level IMMEDIATE: the first statement opens BEGIN IMMEDIATE.
             if batch.new_instances:
@@ -450,28 +526,107 @@ class SqliteStore:
             await conn.commit()
             batch.purged = purged
         except sqlite3.Error as exc:
+            # Nothing of the batch stays applied: retrying the same batch is safe.
             with contextlib.suppress(sqlite3.Error):
                 await conn.rollback()
-            raise StoreError(f"{self.path}: commit failed: {exc}") from exc
+            fault = self._fault("commit failed", exc)
+            code = getattr(exc, "sqlite_errorcode", 0)
+            if (code & 0xFF) in _REOPEN or fault.cause == "read-only":
+                self._reconnect_after = fault
+            raise fault from exc
+
+    async def _writable(self) -> aiosqlite.Connection:
+        """The writer connection; after a read-only fault, new connections once the
+        files can be written again (until then the same fault, without churn)."""
+        fault = self._reconnect_after
+        if fault is not None:
+            if self._refused_write() is not None:
+                raise StoreError(str(fault), cause=fault.cause, transient=True)
+            await self._reconnect()
+            self._reconnect_after = None
+        conn = self._writer
+        assert conn is not None, "store is not open"
+        return conn
+
+    async def _reconnect(self) -> None:
+        """Close both connections, then open both again; reads wait meanwhile."""
+        ready = self._reconnected = asyncio.Event()
+        try:
+            for conn in (self._reader, self._writer):
+                if conn is not None:
+                    # aiosqlite runs the reads already queued on it first.
+                    with contextlib.suppress(sqlite3.Error):
+                        await conn.close()
+            self._reader = self._writer = None
+            # A failure here is a transient StoreError too: the journal tries again,
+            # and reads fail with it until then.
+            self._writer = await self._connect(isolation_level="IMMEDIATE")
+            self._reader = await self._connect(isolation_level=None)
+        finally:
+            self._reconnected = None
+            ready.set()
+
+    def _fault(self, what: str, exc: sqlite3.Error) -> StoreError:
+        """A StoreError naming the cause of ``exc`` and what mends it."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        known = _TRANSIENT.get(code & 0xFF) if code is not None else None
+        if known is None:
+            return StoreError(f"{self.path}: {what}: {exc}")
+        cause, advice = known
+        refused = None
+        if cause in ("I/O error", "read-only", "cannot open the store's files"):
+            # SQLite reports a write refused by the kernel (an immutable file, a
+            # read-only mount) as an I/O error: ask the files themselves.
+            refused = self._refused_write()
+            if refused is not None:
+                cause, advice = _TRANSIENT[sqlite3.SQLITE_READONLY]
+        advice = advice.format(path=self.path, folder=self.path.parent)
+        if refused is not None:
+            advice = f"{refused}; {advice}"
+        return StoreError(
+            f"{self.path}: {what}: {cause} ({exc}); {advice}", cause=cause, transient=True
+        )
+
+    def _refused_write(self) -> str | None:
+        """Why the store's files cannot be opened for writing, or None if they can."""
+        for suffix in ("", "-wal", "-shm"):
+            target = self.path.with_name(self.path.name + suffix)
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_APPEND)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                return f"{target.name} cannot be opened for writing: {exc.strerror}"
+            os.close(fd)
+        return None
 
     # ----------------------------------------------------------------- read
-    def _read(self) -> aiosqlite.Connection:
-        assert self._reader is not None, "store is not open"
-        return self._reader
+    async def _fetch(self, sql: str, args: Any = ()) -> list[Any]:
+        ready = self._reconnected
+        if ready is not None:
+            await ready.wait()
+        reader = self._reader
+        if reader is None:
+            raise StoreError(
+                f"{self.path}: the store's connections could not be reopened; retry later",
+                cause="cannot open the store's files",
+                transient=True,
+            )
+        return list(await reader.execute_fetchall(sql, args))
 
     # Every read is one execute_fetchall: a cursor left open across awaits
     # would hold its WAL snapshot while other reads share the connection, and
     # they would all see an old state.
     async def get_instance(self, instance_id: str) -> InstanceRecord | None:
-        rows = list(await self._read().execute_fetchall(_GET_INSTANCE, (instance_id,)))
+        rows = await self._fetch(_GET_INSTANCE, (instance_id,))
         return _instance(rows[0]) if rows else None
 
     async def count_unfinished(self) -> dict[InstanceStatus, int]:
-        rows = await self._read().execute_fetchall(_COUNT_UNFINISHED, ())
+        rows = await self._fetch(_COUNT_UNFINISHED, ())
         return {InstanceStatus(r[0]): r[1] for r in rows}
 
     async def get_steps(self, instance_id: str) -> list[StepRecord]:
-        rows = await self._read().execute_fetchall(_GET_STEPS, (instance_id,))
+        rows = await self._fetch(_GET_STEPS, (instance_id,))
         return [
             StepRecord(
                 instance_id=r[0],
@@ -493,27 +648,26 @@ class SqliteStore:
         ]
 
     async def read_events(self, instance_id: str, after_seq: int, limit: int) -> list[EventRecord]:
-        rows = await self._read().execute_fetchall(_READ_EVENTS, (instance_id, after_seq, limit))
+        rows = await self._fetch(_READ_EVENTS, (instance_id, after_seq, limit))
         return [
             EventRecord(r[0], r[1], r[2], EventKind(r[3]), json.loads(r[4]), r[5]) for r in rows
         ]
 
     async def take_events(self, instance_id: str, type: str, limit: int) -> list[InboxEvent]:
-        rows = await self._read().execute_fetchall(_TAKE_INBOX, (instance_id, type, limit))
+        rows = await self._fetch(_TAKE_INBOX, (instance_id, type, limit))
         return [InboxEvent(r[1], r[2], r[3], r[4], r[0]) for r in rows]
 
     async def due_wakes(self, before: int, limit: int) -> list[tuple[str, int]]:
-        rows = await self._read().execute_fetchall(_DUE_WAKES, (before, limit))
+        rows = await self._fetch(_DUE_WAKES, (before, limit))
         return [(r[0], r[1]) for r in rows]
 
     async def claim_unfinished(self) -> list[InstanceRecord]:
-        rows = await self._read().execute_fetchall(_UNFINISHED)
+        rows = await self._fetch(_UNFINISHED)
         return [_instance(r) for r in rows]
 
     async def list_instances(
         self, query: InstanceQuery, limit: int
     ) -> list[tuple[int, InstanceRecord]]:
-        read = self._read()
         low, high = 0, _FAR if query.older_than is None else query.older_than
         if query.created_min is not None:
             low = await self._position_at(query.created_min - _CLOCK_SLACK_MS)
@@ -522,13 +676,13 @@ class SqliteStore:
         if low >= high:
             return []
         sql, args = _page_query(query, low, high, limit)
-        rows = await read.execute_fetchall(sql, args)
+        rows = await self._fetch(sql, args)
         return [(r[0], _instance(r[1:])) for r in rows]
 
     async def _position_at(self, at: int) -> int:
-        rows = list(await self._read().execute_fetchall(_POSITION_AT, (at,)))
+        rows = await self._fetch(_POSITION_AT, (at,))
         return int(rows[0][0])
 
     async def ended_before(self, before: int, limit: int) -> list[str]:
-        rows = await self._read().execute_fetchall(_ENDED_BEFORE, (before, limit))
+        rows = await self._fetch(_ENDED_BEFORE, (before, limit))
         return [r[0] for r in rows]
