@@ -45,6 +45,7 @@ def test_exports_are_pinned_and_documented() -> None:
         "WorkflowInfo",
         "WorkflowNotFound",
         "WorkflowTerminated",
+        "tls_credentials",
     ]
     assert public.__doc__
     undocumented = []

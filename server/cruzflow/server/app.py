@@ -5,27 +5,34 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import secrets
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cruzflow.server.auth import INTERNAL_NAME, AuthInterceptor, Refusal, TokenRule, digest
 from cruzflow.server.bindings import (
     Env,
     ServerLink,
     SqliteDatabase,
+    WorkflowTarget,
     bind_workflows,
     local_address,
 )
 from cruzflow.server.config import Config
+from cruzflow.server.engine.errors import InvalidArgument
 from cruzflow.server.engine.runtime import Engine
+from cruzflow.server.store.base import StoreError
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.server.telemetry import Providers, configure_logging
-from cruzflow.server.transport.servicer import WorkflowServicer
+from cruzflow.server.transport.servicer import WorkflowServicer, add_to_server
 from cruzflow.v1 import workflows_pb2 as pb
-from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
 
 log = logging.getLogger("cruzflow")
 
@@ -45,17 +52,31 @@ class Service:
         for binding, path in config.database_paths().items():
             values[binding] = SqliteDatabase(path)
         # Workflows hosted here are called through a client to this server's own
-        # address, known once it listens (see start).
-        self.own_link = ServerLink()
+        # address, known once it listens (see start). With tokens, that client
+        # holds one of its own, made anew at each start and never shown.
+        self._own_token = secrets.token_urlsafe(32) if config.tokens else None
+        self.own_link = ServerLink(
+            WorkflowTarget("", "", None, token=self._own_token) if self._own_token else None
+        )
+        self._own_socket: Path | None = None
         values.update(bind_workflows(config.workflow_bindings, self.own_link))
         self.env = Env(values)
         self.engine = Engine(
             self.store, config.workflows, self.env, config.limits, self.telemetry.observer
         )
         self.health = health.aio.HealthServicer()
+        # While the store cannot commit, new work is refused: say NOT_SERVING so
+        # that balancers and probes look elsewhere, and SERVING once it is back.
+        self._health_updates: set[asyncio.Task[None]] = set()
+        self.engine.store_listeners.append(self._store_health)
         limit = config.limits.max_payload_bytes
         self.server = grpc.aio.server(
-            interceptors=self.telemetry.server_interceptors(),
+            # Telemetry first (outermost): a call the auth interceptor refuses
+            # still gets its server span, with the status it was refused with.
+            interceptors=[*self.telemetry.server_interceptors(), *self._auth()],
+            # Calls past this many in flight (watch streams included) get
+            # RESOURCE_EXHAUSTED at once: a burst cannot grow memory without bound.
+            maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
             options=[
                 # Room for a full payload plus its envelope; larger is refused by gRPC.
                 ("grpc.max_receive_message_length", 2 * limit + 64 * 1024),
@@ -69,22 +90,81 @@ class Service:
     async def start(self) -> int:
         await self.store.open()
         await self.engine.start()
-        pb_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(self.engine), self.server)
+        # Guarded: a request that is not a valid message gets INVALID_ARGUMENT.
+        add_to_server(WorkflowServicer(self.engine), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(self.config.listen)
+        for warning in self.config.warnings:
+            log.warning("%s", warning)
+        tls = self.config.server_tls
+        if tls is None:
+            self.port = self.server.add_insecure_port(self.config.listen)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.private_key, tls.certificate_chain)],
+                root_certificates=tls.client_ca,
+                require_client_auth=tls.client_ca is not None,
+            )
+            self.port = self.server.add_secure_port(self.config.listen, credentials)
         if self.port == 0:
             raise OSError(
                 f"{self.config.listen}: cannot listen there (in use, or not an address here)"
             )
+        own = local_address(self.config.listen, self.port)
+        if tls is not None:
+            # This server's own bindings cannot pass its TLS checks (it has no
+            # client certificate, and its certificate need not name loopback):
+            # they call it on a Unix socket in a folder only this user can
+            # open, with the same interceptors (tokens) as the network port.
+            folder = Path(tempfile.mkdtemp(prefix="cruzflow-"))
+            self._own_socket = folder / "own.sock"
+            own = f"unix:{self._own_socket}"
+            if not self.server.add_insecure_port(own):
+                raise OSError(f"{own}: cannot listen there for this server's own bindings")
         await self.server.start()
-        self.own_link.listening(local_address(self.config.listen, self.port))
-        serving = health_pb2.HealthCheckResponse.SERVING
-        await self.health.set("", serving)
-        await self.health.set(SERVICE_NAME, serving)
+        self.own_link.listening(own)
+        await self._set_health(self.engine.store_fault is None)
         return self.port
+
+    def _auth(self) -> list[grpc.aio.ServerInterceptor]:
+        tokens = self.config.tokens
+        if not tokens:
+            return []
+        own = self._own_token
+        assert own is not None
+        rules = [*tokens, TokenRule(INTERNAL_NAME, digest(own))]
+        reflection_open = self.config.open_reflection
+        return [AuthInterceptor(rules, self._workflow_of, open_reflection=reflection_open)]
+
+    async def _workflow_of(self, instance_id: str) -> str | None:
+        """The workflow of an instance, for tokens limited to some workflows."""
+        try:
+            self.engine.check_id(instance_id)
+            record = await self.store.get_instance(instance_id)
+        except InvalidArgument as exc:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except StoreError as exc:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        return None if record is None else record.workflow
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        # After enter_graceful_shutdown the servicer ignores these: a stop wins.
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    def _store_health(self, fault: StoreError | None) -> None:
+        if not self.port:
+            return  # not listening yet: start() sets health from the store's state
+        task = asyncio.ensure_future(self._set_health(fault is None))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight attempts finish within ``grace``, close."""
@@ -94,6 +174,8 @@ class Service:
         # (which clients retry) rather than the CANCELLED of a closing server.
         await self.engine.shutdown(grace)
         await self.server.stop(1.0)
+        if self._own_socket is not None:
+            shutil.rmtree(self._own_socket.parent, ignore_errors=True)
         await self.store.close()
         await self.env.aclose()
         # The exporters' flush blocks; keep it off the event loop.
@@ -107,12 +189,15 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     service.telemetry.install_global()
     port = await service.start()
     host = config.listen.rpartition(":")[0]
+    tls = config.server_tls
     log.info(
-        "%s serving %d workflow(s) on %s:%d, store %s",
+        "%s serving %d workflow(s) on %s:%d (%s, %s), store %s",
         config.name,
         len(config.workflows),
         host,
         port,
+        "plaintext" if tls is None else "TLS" if tls.client_ca is None else "mTLS",
+        f"{len(config.tokens)} token(s)" if config.tokens else "no authentication",
         config.store_path,
     )
     # A line for scripts and tests that start the server on port 0.

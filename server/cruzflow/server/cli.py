@@ -22,6 +22,11 @@ exit codes:
 environment:
   CRUZFLOW_ADDRESS  server address for the client commands (default 127.0.0.1:50051)
   CRUZFLOW_TOKEN    bearer token sent with every call (never printed)
+  CRUZFLOW_TOKEN_FILE  a file holding it, instead
+  CRUZFLOW_TLS_CA, CRUZFLOW_TLS_CERT, CRUZFLOW_TLS_KEY
+                    PEM files for a server that serves TLS (and wants a
+                    client certificate); CRUZFLOW_TLS=1 for TLS with the
+                    system's roots
 
 Errors go to stderr, start with "cruzflow:" and say how to mend them;
 --json puts machine-readable output on stdout.

@@ -40,6 +40,7 @@ from cruzflow.client import (
     WatchEvent,
     WorkflowInfo,
     WorkflowNotFound,
+    tls_credentials,
 )
 from cruzflow.server import render
 from cruzflow.server.render import ErrorView, EventView, InstanceView, StepView, WorkflowView
@@ -119,7 +120,8 @@ def _positive_int(text: str) -> int:
 
 
 def add_client_options(parser: argparse.ArgumentParser, *, top_level: bool = False) -> None:
-    """``--address``, ``--token``, ``--timeout`` and ``--json``.
+    """``--address``, ``--token``, ``--token-file``, the ``--tls`` options,
+    ``--timeout`` and ``--json``.
 
     The top-level parser holds the defaults; each command's parser repeats the
     options with suppressed defaults, so that an option given after the
@@ -142,6 +144,30 @@ def add_client_options(parser: argparse.ArgumentParser, *, top_level: bool = Fal
         default=default(os.environ.get("CRUZFLOW_TOKEN") or None),
         help="bearer token sent with each call (default: $CRUZFLOW_TOKEN; prefer the variable)",
     )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=default(os.environ.get("CRUZFLOW_TOKEN_FILE") or None),
+        help="a file holding the bearer token, instead of --token (default: $CRUZFLOW_TOKEN_FILE)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(os.environ.get("CRUZFLOW_TLS", "").lower() not in ("", "0", "false", "no")),
+        help="connect with TLS, checking the server by the system's root certificates "
+        "(default: on when $CRUZFLOW_TLS is 1; any --tls-* option implies it)",
+    )
+    for flag, variable, what in (
+        ("--tls-ca", "CRUZFLOW_TLS_CA", "PEM CA certificates to check the server's by"),
+        ("--tls-cert", "CRUZFLOW_TLS_CERT", "PEM client certificate, for servers that want one"),
+        ("--tls-key", "CRUZFLOW_TLS_KEY", "PEM private key of --tls-cert"),
+    ):
+        parser.add_argument(
+            flag,
+            metavar="FILE",
+            default=default(os.environ.get(variable) or None),
+            help=f"{what} (default: ${variable})",
+        )
     parser.add_argument(
         "--timeout",
         metavar="SECONDS",
@@ -298,9 +324,43 @@ def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _connection(args: argparse.Namespace) -> tuple[str | None, Any]:
+    """The token and channel credentials the options ask for."""
+    token = args.token or None
+    if getattr(args, "token_file", None):
+        if token is not None:
+            raise UsageError(
+                "give one of --token (or CRUZFLOW_TOKEN) and --token-file (or "
+                "CRUZFLOW_TOKEN_FILE), not both"
+            )
+        try:
+            with open(args.token_file) as file:
+                token = file.read().strip()
+        except OSError as exc:
+            raise UsageError(
+                f"--token-file: cannot read {args.token_file}: {exc.strerror}; check the path"
+            ) from None
+        if not token:
+            raise UsageError(f"--token-file: {args.token_file} is empty")
+    ca, cert, key = (getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))
+    if not (getattr(args, "tls", False) or ca or cert or key):
+        return token, None
+    if bool(cert) != bool(key):
+        raise UsageError("--tls-cert and --tls-key go together (or CRUZFLOW_TLS_CERT and _KEY)")
+    try:
+        return token, tls_credentials(ca, cert_file=cert, key_file=key)
+    except InvalidArgument as exc:
+        flag = {"ca_file": "--tls-ca", "cert_file": "--tls-cert", "key_file": "--tls-key"}
+        what, _, reason = exc.details.partition(": ")
+        raise UsageError(f"{flag.get(what, what)}: {reason}") from None
+
+
 async def _run(handler: Handler, args: argparse.Namespace) -> int:
     try:
-        async with Client(args.address, timeout=args.timeout, token=args.token or None) as client:
+        token, credentials = _connection(args)
+        async with Client(
+            args.address, timeout=args.timeout, token=token, credentials=credentials
+        ) as client:
             return await handler(Context(args, client, sys.stdout))
     except UsageError as exc:
         return fail(str(exc), EXIT_USAGE)
@@ -363,7 +423,8 @@ def explain(exc: CruzflowError, args: argparse.Namespace) -> tuple[str, int]:
         )
     if isinstance(exc, Unauthenticated):
         return (
-            f"{address} wants credentials ({exc.details}); set CRUZFLOW_TOKEN",
+            f"{address} wants credentials ({exc.details}); set CRUZFLOW_TOKEN (or "
+            f"CRUZFLOW_TOKEN_FILE) to a token it accepts",
             EXIT_FAILED,
         )
     if isinstance(exc, PermissionDenied):

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import ipaddress
 import os
+import ssl
+import stat
 import sys
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cruzflow.server.auth import TokenRule, digest
 from cruzflow.server.bindings import TlsFiles, WorkflowTarget
 from cruzflow.server.engine.api import WorkflowEntrypoint
 from cruzflow.server.engine.durations import to_seconds
@@ -45,6 +50,16 @@ class ServerSection(_Strict):
     """How long in-flight attempts may finish on SIGTERM before they are cut."""
     uvloop: bool = True
     """Run on uvloop when it is installed."""
+    tls_cert_file: str | None = None
+    """PEM certificate chain the server presents (with tls_key_file): serve TLS."""
+    tls_key_file: str | None = None
+    """PEM private key of tls_cert_file."""
+    tls_client_ca_file: str | None = None
+    """PEM CA certificates: clients must present a certificate signed by one (mTLS)."""
+    allow_plaintext: bool = False
+    """Serve without TLS on an address other than loopback (a warning is logged)."""
+    allow_unauthenticated: bool = False
+    """Serve without [[auth.tokens]] on an address other than loopback (a warning is logged)."""
 
     @field_validator("listen")
     @classmethod
@@ -78,6 +93,11 @@ class LimitsSection(_Strict):
     retention: str | int = "30 days"
     purge_interval: str | int = "1 minute"
     purge_chunk: int = Field(500, ge=1, le=100_000)
+    # Below Python's recursion limit with room to spare: params deeper than
+    # this are refused before the JSON parser sees them.
+    max_json_depth: int = Field(64, ge=1, le=500)
+    max_watchers: int = Field(10_000, ge=1, le=1_000_000)
+    max_concurrent_rpcs: int = Field(20_000, ge=1, le=1_000_000)
 
     @field_validator("max_sleep", "retention")
     @classmethod
@@ -162,6 +182,30 @@ class WorkflowSection(_Strict):
         return value
 
 
+class TokenSection(_Strict):
+    """One accepted bearer token. There is deliberately no key for the token
+    itself: a secret in the config file would end up in version control."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+    """What logs and spans call the token, e.g. ci-deployer."""
+    env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The environment variable holding the token."""
+    file: str | None = None
+    """A file holding the token (surrounding whitespace is ignored), relative path."""
+    access: Literal["read", "write"]
+    """read: GetStatus, WatchInstance, WaitInstance, ListInstances, ListWorkflows only;
+    write: every method. Required, so that each token's power is stated."""
+    workflows: list[str] | None = Field(None, min_length=1)
+    """Only the instances of these workflows (hosted here); default all."""
+
+
+class AuthSection(_Strict):
+    open_reflection: bool = True
+    """Serve gRPC reflection without a token (the health service always is)."""
+    tokens: list[TokenSection] = []
+    """The accepted tokens; none means no authentication."""
+
+
 class SqliteDatabaseSection(_Strict):
     binding: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """Name in ``env``, e.g. DB."""
@@ -178,6 +222,7 @@ class ConfigFile(_Strict):
     store: StoreSection = StoreSection()
     limits: LimitsSection = LimitsSection()
     telemetry: TelemetrySection = TelemetrySection()
+    auth: AuthSection = AuthSection()
     workflows: list[WorkflowSection] = []
     sqlite_databases: list[SqliteDatabaseSection] = []
     vars: dict[str, str | int | float | bool] = {}
@@ -200,6 +245,17 @@ class Config:
         """The workflows hosted here (a remote [[workflows]] entry is only bound)."""
         self.workflow_bindings = targets or []
         """Every [[workflows]] entry, hosted here or remote, as ``self.env`` binds it."""
+        self.server_tls: ServerTls | None = None
+        """The [server] tls_* files' contents; None: plaintext."""
+        self.tokens: list[TokenRule] = []
+        """The [[auth.tokens]], resolved; empty: no authentication."""
+        self.warnings: list[str] = []
+        """What the service logs as warnings when it starts (plaintext or no
+        authentication allowed off loopback, a token file others can read)."""
+
+    @property
+    def open_reflection(self) -> bool:
+        return self.file.auth.open_reflection
 
     @property
     def name(self) -> str:
@@ -279,6 +335,9 @@ def load_config(path: str | Path, *, listen: str | None = None) -> Config:
         raise ConfigError("\n".join(problems)) from None
     targets = [_target(path, i, wf) for i, wf in enumerate(data.workflows)]
     _check_unique(path, data)
+    server_tls = _server_tls(path, data.server)
+    tokens, warnings = _tokens(path, data)
+    warnings[:0] = _exposure(path, data.server, server_tls is not None, bool(tokens))
     base = path.parent.resolve()
     for folder in data.python_path:
         entry = str((base / folder).resolve())
@@ -289,7 +348,194 @@ def load_config(path: str | Path, *, listen: str | None = None) -> Config:
         for i, wf in enumerate(data.workflows)
         if wf.class_name is not None
     }
-    return Config(path, data, specs, targets)
+    config = Config(path, data, specs, targets)
+    config.server_tls, config.tokens, config.warnings = server_tls, tokens, warnings
+    return config
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """The PEM contents of the [server] tls_* files, read when the config loads."""
+
+    certificate_chain: bytes = field(repr=False)
+    private_key: bytes = field(repr=False)
+    client_ca: bytes | None = field(default=None, repr=False)
+    """Set: clients must present a certificate signed by one of these."""
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether ``host:port`` listens only on this machine (127.0.0.0/8, ::1, localhost)."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name, or a wildcard such as 0.0.0.0 (also not loopback)
+
+
+def _server_tls(path: Path, server: ServerSection) -> ServerTls | None:
+    where = f"{path}: server"
+    if (server.tls_cert_file is None) != (server.tls_key_file is None):
+        missing = "tls_key_file" if server.tls_key_file is None else "tls_cert_file"
+        raise ConfigError(f"{where}.{missing}: tls_cert_file and tls_key_file go together")
+    if server.tls_cert_file is None or server.tls_key_file is None:
+        if server.tls_client_ca_file is not None:
+            raise ConfigError(
+                f"{where}.tls_client_ca_file: client certificates need TLS; set "
+                f"server.tls_cert_file and server.tls_key_file too"
+            )
+        return None
+    cert = _pem(path, where, "tls_cert_file", server.tls_cert_file)
+    key = _pem(path, where, "tls_key_file", server.tls_key_file)
+    ca = _pem(path, where, "tls_client_ca_file", server.tls_client_ca_file)
+    assert cert is not None and key is not None
+    # Checked now with Python's ssl module, so that a wrong file stops the
+    # server with its key rather than failing every handshake later. Its
+    # messages name the problem, never the key's content.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(
+            path.parent / server.tls_cert_file,
+            path.parent / server.tls_key_file,
+            password=_no_password,
+        )
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{where}.tls_cert_file/tls_key_file: not a PEM certificate chain and its "
+            f"unencrypted private key ({_reason(exc)})"
+        ) from None
+    if ca is not None:
+        try:
+            context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                f"{where}.tls_client_ca_file: not PEM CA certificates ({_reason(exc)})"
+            ) from None
+    return ServerTls(cert, key, ca)
+
+
+def _no_password() -> str:
+    raise ValueError("the key is encrypted; give an unencrypted key")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).replace("_", " ").lower()
+    return str(exc) or type(exc).__name__
+
+
+def _exposure(path: Path, server: ServerSection, tls: bool, auth: bool) -> list[str]:
+    """Refuse to serve off loopback without TLS or tokens unless the config
+    says so; the warnings to log when it does."""
+    if is_loopback(server.listen):
+        return []
+    warnings = []
+    where = f"{path}: server.listen"
+    if not tls:
+        if not server.allow_plaintext:
+            raise ConfigError(
+                f"{where}: {server.listen} is not a loopback address, and the server has no "
+                f"TLS; set server.tls_cert_file and server.tls_key_file, or set "
+                f"server.allow_plaintext = true to serve plaintext there (e.g. behind a proxy "
+                f"that terminates TLS)"
+            )
+        warnings.append(
+            f"serving plaintext on {server.listen}, which is not loopback "
+            f"(server.allow_plaintext = true): calls, tokens and payloads cross the network "
+            f"unencrypted"
+        )
+    if not auth:
+        if not server.allow_unauthenticated:
+            raise ConfigError(
+                f"{where}: {server.listen} is not a loopback address, and no [[auth.tokens]] "
+                f"are configured; add one, or set server.allow_unauthenticated = true to let "
+                f"anyone who reaches it call every method"
+            )
+        warnings.append(
+            f"serving {server.listen}, which is not loopback, without authentication "
+            f"(server.allow_unauthenticated = true): anyone who reaches it may call every method"
+        )
+    return warnings
+
+
+_MIN_TOKEN_LENGTH = 16
+
+
+def _tokens(path: Path, data: ConfigFile) -> tuple[list[TokenRule], list[str]]:
+    """The [[auth.tokens]] with their secrets read, and warnings about them.
+
+    Messages name the entry, its variable or file and what is wrong, never a
+    token or a part of one.
+    """
+    hosted = sorted(wf.name for wf in data.workflows if wf.class_name is not None)
+    rules: list[TokenRule] = []
+    warnings: list[str] = []
+    names: dict[str, int] = {}
+    secrets: dict[bytes, int] = {}
+    for i, entry in enumerate(data.auth.tokens):
+        where = f"{path}: auth.tokens[{i}]"
+        if entry.name in names:
+            raise ConfigError(
+                f"{where}.name: {entry.name!r} is used twice (also at auth.tokens[{names[entry.name]}])"
+            )
+        names[entry.name] = i
+        if (entry.env is None) == (entry.file is None):
+            raise ConfigError(
+                f"{where}: give exactly one of env (the variable holding the token) and file "
+                f"(a file holding it) for token {entry.name!r}"
+            )
+        if entry.env is not None:
+            token = os.environ.get(entry.env, "").strip()
+            if not token:
+                raise ConfigError(
+                    f"{where}.env: the environment variable {entry.env} is not set (or empty); "
+                    f"it must hold the token {entry.name!r}"
+                )
+            source = f"the variable {entry.env}"
+        else:
+            assert entry.file is not None
+            file = path.parent / entry.file
+            try:
+                token = file.read_text().strip()
+                mode = file.stat().st_mode
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not text"
+                raise ConfigError(
+                    f"{where}.file: cannot read {file} for token {entry.name!r}: {reason or exc}"
+                ) from None
+            if not token:
+                raise ConfigError(f"{where}.file: {file} is empty; it must hold the token")
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                warnings.append(
+                    f"the file of token {entry.name!r} ({file}) can be read by other users; "
+                    f"chmod 600 it"
+                )
+            source = f"the file {file}"
+        if len(token) < _MIN_TOKEN_LENGTH or not all("!" <= c <= "~" for c in token):
+            raise ConfigError(
+                f"{where}: the token {entry.name!r} in {source} must be at least "
+                f"{_MIN_TOKEN_LENGTH} printable ASCII characters without spaces; generate one "
+                f"with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        hashed = digest(token)
+        if hashed in secrets:
+            raise ConfigError(
+                f"{where}: token {entry.name!r} is the same token as "
+                f"auth.tokens[{secrets[hashed]}]; give each entry its own"
+            )
+        secrets[hashed] = i
+        workflows = None
+        if entry.workflows is not None:
+            for j, name in enumerate(entry.workflows):
+                if name not in hosted:
+                    raise ConfigError(
+                        f"{where}.workflows[{j}]: {name!r} is not a workflow hosted here "
+                        f"(hosted: {', '.join(hosted) or 'none'})"
+                    )
+            workflows = frozenset(entry.workflows)
+        rules.append(TokenRule(entry.name, hashed, entry.access == "read", workflows))
+    return rules, warnings
 
 
 _REMOTE_ONLY = ("token_env", "tls_ca_file", "tls_cert_file", "tls_key_file")

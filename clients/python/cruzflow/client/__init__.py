@@ -14,12 +14,14 @@
 :class:`Client` is asynchronous (grpc.aio); :class:`SyncClient` offers the
 same methods, blocking, for scripts. Results are the dataclasses and enums of
 this package, failures the exceptions of :mod:`cruzflow.client.errors` (all
-re-exported here). The package needs only ``grpcio`` and ``protobuf``.
+re-exported here). :func:`tls_credentials` makes the ``credentials`` of a
+server that serves TLS. The package needs only ``grpcio`` and ``protobuf``.
 """
 
 from cruzflow.client._client import Client, InstanceHandle, NewInstance, WorkflowBinding
 from cruzflow.client._retry import RetryPolicy
 from cruzflow.client._sync import SyncClient, SyncInstanceHandle, SyncWorkflowBinding
+from cruzflow.client._tls import tls_credentials
 from cruzflow.client._types import (
     ErrorInfo,
     EventKind,
@@ -86,4 +88,5 @@ __all__ = [
     "WorkflowInfo",
     "WorkflowNotFound",
     "WorkflowTerminated",
+    "tls_credentials",
 ]
