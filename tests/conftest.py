@@ -41,6 +41,7 @@ ALL_WORKFLOWS: dict[str, str] = {
     "steps5": "tests.workflows:Steps5",
     "blocks-then-waits": "tests.workflows:BlocksThenWaits",
     "traced": "tests.workflows:Traced",
+    "waits-for-type": "tests.workflows:WaitsForType",
 }
 
 

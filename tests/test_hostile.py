@@ -26,10 +26,10 @@ from cruzflow.server.app import Service
 from cruzflow.server.config import load_config
 from cruzflow.server.engine import listing, validate
 from cruzflow.server.engine.errors import InvalidArgument
-from cruzflow.server.engine.model import InstanceQuery
+from cruzflow.server.engine.model import InstanceQuery, InstanceStatus
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.v1 import workflows_pb2 as pb
-from tests.conftest import ALL_WORKFLOWS, Server, ServerFactory, eventually
+from tests.conftest import ALL_WORKFLOWS, EngineFactory, Server, ServerFactory, eventually, finished
 from tests.procs import write_config
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -460,3 +460,14 @@ def test_the_limits_have_config_keys(tmp_path: Path) -> None:
         10_000,
         20_000,
     )
+
+
+async def test_a_wait_for_an_event_type_sendevent_refuses_fails_the_instance(
+    make_engine: EngineFactory,
+) -> None:
+    """SendEvent refuses control characters, so such a wait could never be answered."""
+    engine = await make_engine()
+    instance_id, _ = await engine.create("waits-for-type", params='{"type": "a\\u0000b"}')
+    record = await finished(engine, instance_id)
+    assert record.status == InstanceStatus.ERRORED
+    assert record.error_message is not None and "control character" in record.error_message

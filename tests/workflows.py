@@ -494,3 +494,11 @@ class Soak(WorkflowEntrypoint):
             b = (await step.do("b", body("b", b_value)))["v"]
         c = (await step.do("c", body("c", a + b)))["v"]
         return {"kind": kind, "n": n, "result": c}
+
+
+class WaitsForType(WorkflowEntrypoint):
+    """Waits for an event of the type params.type names."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        got = await step.wait_for_event("wait", type=event.payload["type"], timeout="1 minute")
+        return got["payload"]

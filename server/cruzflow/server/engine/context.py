@@ -32,6 +32,7 @@ from cruzflow.server.engine.retries import (
     resolve,
 )
 from cruzflow.server.engine.scope import StepScope, current_step
+from cruzflow.server.engine.validate import has_control
 
 if TYPE_CHECKING:
     from cruzflow.server.engine.runtime import Engine, _Run
@@ -414,6 +415,12 @@ class WorkflowStep:
             raise ValueError(
                 f"step.wait_for_event: type must be a string of 1 to {limit} characters, "
                 f"got {type!r:.80}"
+            )
+        if has_control(type):
+            # SendEvent refuses such types, so this wait could never be answered.
+            raise ValueError(
+                f"step.wait_for_event: type {type!r:.80} holds a control character; "
+                f"use printable characters only"
             )
         slot.event_type = type
         await run.enter_step()

@@ -106,6 +106,11 @@ def check_workflow(workflow: str, field: str = "workflow") -> None:
         )
 
 
+def has_control(value: str) -> bool:
+    """Whether ``value`` holds a control character (which check_text refuses)."""
+    return _CONTROL.search(value) is not None
+
+
 def check_text(value: str, field: str, limit: int, setting: str, *, required: bool) -> None:
     """A free-form key: length in bounds and no control characters."""
     if required and not value:
