@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -53,6 +53,18 @@ _COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 _ROW_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 # The read RPCs, left out of server spans with rpc_spans = "writes".
 _READS = ("GetStatus", "WaitInstance", "WatchInstance", "ListInstances", "ListWorkflows")
+# (name, unit, description, attribute keys) of the counters kept as tallies.
+_COUNTERS = (
+    ("cruzflow.instances.created", "{instance}", "Instances created, by workflow", (WORKFLOW,)),
+    (
+        "cruzflow.instances.finished",
+        "{instance}",
+        "Instances that reached a final status (complete, errored, terminated)",
+        (WORKFLOW, STATUS),
+    ),
+    ("cruzflow.step.attempts", "{attempt}", "Step attempts, by outcome", (WORKFLOW, STEP, OUTCOME)),
+    ("cruzflow.step.failures", "{step}", "Steps that failed for good", (WORKFLOW, STEP)),
+)
 _GAUGED = (
     InstanceStatus.QUEUED,
     InstanceStatus.RUNNING,
@@ -99,24 +111,21 @@ class Telemetry:
         # list never resizes, so the exporter's thread may read it any time.
         self._counts = [0] * (max(InstanceStatus) + 1)
         self._metered = meter_provider is not None
+        # The counters are plain ints here, read by observable instruments when
+        # the reader collects: an increment costs a dict update, not an SDK
+        # measurement (a few us each, on the event loop).
+        self._tallies: dict[tuple[str, ...], list[int]] = {}
         if meter_provider is not None:
             self._instruments(meter_provider.get_meter(_SCOPE))
 
     def _instruments(self, meter: Meter) -> None:
-        self._created = meter.create_counter(
-            "cruzflow.instances.created", "{instance}", "Instances created, by workflow"
-        )
-        self._finished = meter.create_counter(
-            "cruzflow.instances.finished",
-            "{instance}",
-            "Instances that reached a final status (complete, errored, terminated)",
-        )
-        self._attempts = meter.create_counter(
-            "cruzflow.step.attempts", "{attempt}", "Step attempts, by outcome"
-        )
-        self._failures = meter.create_counter(
-            "cruzflow.step.failures", "{step}", "Steps that failed for good"
-        )
+        for name, unit, description, keys in _COUNTERS:
+            meter.create_observable_counter(
+                name,
+                callbacks=[self._observer_of(name, keys)],
+                unit=unit,
+                description=description,
+            )
         self._duration = meter.create_histogram(
             "cruzflow.step.duration",
             "s",
@@ -141,6 +150,27 @@ class Telemetry:
             unit="{instance}",
             description="Instances in each unfinished status",
         )
+
+    def _tally(self, key: tuple[str, ...], count: int = 1) -> None:
+        cell = self._tallies.get(key)
+        if cell is None:
+            self._tallies[key] = [count]
+        else:
+            cell[0] += count
+
+    def _observer_of(
+        self, name: str, keys: tuple[str, ...]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            # dict.copy() is one step under the GIL: safe from the reader's thread.
+            tallies = self._tallies.copy()
+            return [
+                Observation(cell[0], dict(zip(keys, key[1:], strict=True)))
+                for key, cell in tallies.items()
+                if key[0] == name
+            ]
+
+        return observe
 
     def _observe_counts(self, options: CallbackOptions) -> Iterable[Observation]:
         counts = self._counts
@@ -167,7 +197,7 @@ class Telemetry:
 
     def created(self, workflow: str, count: int) -> None:
         if self._metered:
-            self._created.add(count, {WORKFLOW: workflow})
+            self._tally(("cruzflow.instances.created", workflow), count)
 
     def census(self, status: InstanceStatus, count: int) -> None:
         self._counts[status] += count
@@ -180,7 +210,7 @@ class Telemetry:
             counts[old] -= 1
         if new.finished:
             if self._metered:
-                self._finished.add(1, {WORKFLOW: workflow, STATUS: new.label})
+                self._tally(("cruzflow.instances.finished", workflow, new.label))
         else:
             counts[new] += 1
 
@@ -279,11 +309,13 @@ class Telemetry:
             span.end()
             _detach(token.detach)
         if self._metered:
-            labels = {WORKFLOW: token.run.workflow, STEP: token.step}
-            self._duration.record(time.perf_counter() - token.began, labels)
-            self._attempts.add(1, {**labels, OUTCOME: outcome})
+            workflow, step = token.run.workflow, token.step
+            self._duration.record(
+                time.perf_counter() - token.began, {WORKFLOW: workflow, STEP: step}
+            )
+            self._tally(("cruzflow.step.attempts", workflow, step, outcome))
             if outcome == "failed":
-                self._failures.add(1, labels)
+                self._tally(("cruzflow.step.failures", workflow, step))
 
     def waited(
         self,
