@@ -436,15 +436,18 @@ class SqliteStore:
     async def _secret(self, conn: aiosqlite.Connection, name: str) -> bytes:
         """The 32 random bytes stored under ``name``, made on first use. Run
         before any batch: the writer connection holds no transaction yet."""
+        select = "SELECT value FROM meta WHERE key = ?"
         try:
-            await conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
-                (name, secrets.token_bytes(32)),
-            )
-            await conn.commit()
-            rows = list(
-                await conn.execute_fetchall("SELECT value FROM meta WHERE key = ?", (name,))
-            )
+            rows = list(await conn.execute_fetchall(select, (name,)))
+            if not rows:
+                # Written once only: a store that is read-only or locked at a
+                # later start still opens, serves reads and recovers by itself.
+                await conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                    (name, secrets.token_bytes(32)),
+                )
+                await conn.commit()
+                rows = list(await conn.execute_fetchall(select, (name,)))
         except sqlite3.Error as exc:
             raise self._fault(f"cannot read or make the store's {name}", exc) from exc
         return bytes(rows[0][0])
