@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -28,8 +28,9 @@ class StepScope:
     attempt: int
     deadline: float
     """When the attempt times out, as ``time.monotonic()`` seconds."""
-    counters: dict[str, int] = field(default_factory=dict)
-    """Per key, how many ids this attempt has derived so far (see ``next_number``)."""
+    counters: dict[str, int] | None = None
+    """Per key, how many ids this attempt has derived so far (see ``next_number``);
+    made on first use, as most attempts call no binding."""
 
     def remaining(self) -> float:
         """Seconds until the attempt times out (negative once it has)."""
@@ -41,6 +42,8 @@ class StepScope:
         A retried attempt starts again at 1, so the n-th call of one attempt
         and the n-th call of the next get the same number.
         """
+        if self.counters is None:
+            self.counters = {}
         number = self.counters[key] = self.counters.get(key, 0) + 1
         return number
 
