@@ -150,11 +150,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument(
         "--telemetry",
-        choices=("off", "otlp", "otlp-writes"),
+        choices=("off", "otlp", "otlp-writes", "otlp-none"),
         default="off",
         help="otlp: the server exports traces and metrics over OTLP/gRPC to a real receiver "
         "(bench.otlp_sink, in a process of its own) during W1 and W2; otlp-writes: the same "
-        'with [telemetry] rpc_spans = "writes" (no server spans for reads)',
+        'with [telemetry] rpc_spans = "writes" (no server spans for reads); otlp-none: '
+        'rpc_spans = "none" (no server spans; the runs sit under the caller\'s span)',
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
@@ -773,7 +774,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     method = choose_fsync_method(opts.fsync_method)
     folder = Path(tempfile.mkdtemp(prefix="cruzflow-bench-"))
     sink = Sink() if opts.telemetry != "off" else None
-    rpc_spans = "writes" if opts.telemetry == "otlp-writes" else "all"
+    rpc_spans = {"otlp-writes": "writes", "otlp-none": "none"}.get(opts.telemetry, "all")
     server = Server(
         write_config(folder, uvloop=opts.server_uvloop, rpc_spans=rpc_spans),
         strace=method == "strace",

@@ -528,3 +528,46 @@ async def test_rpc_spans_writes_leaves_out_the_reads(tmp_path: Path) -> None:
     (server_span,) = [s for s in spans.get_finished_spans() if s.name.startswith("/")]
     (run,) = [s for s in spans.get_finished_spans() if s.name == "run three-steps"]
     assert run.parent is not None and run.parent.span_id == server_span.context.span_id
+
+
+async def test_rpc_spans_none_puts_the_runs_under_the_callers_span(tmp_path: Path) -> None:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    config = load_config(write_config(tmp_path, ALL_WORKFLOWS))
+    service = Service(config, Providers.of(provider, None, rpc_spans="none"))
+    await service.start()
+    metadata = (("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"),)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = pb_grpc.WorkflowServiceStub(channel)
+            created = await stub.CreateInstance(
+                pb.CreateInstanceRequest(workflow="three-steps"), metadata=metadata
+            )
+            batch = await stub.CreateInstances(
+                pb.CreateInstancesRequest(
+                    requests=[pb.CreateInstanceRequest(workflow="three-steps")]
+                ),
+                metadata=metadata,
+            )
+            untraced = await stub.CreateInstance(pb.CreateInstanceRequest(workflow="three-steps"))
+            for instance_id in (
+                created.instance_id,
+                batch.instances[0].instance_id,
+                untraced.instance_id,
+            ):
+                await stub.WaitInstance(pb.WaitInstanceRequest(instance_id=instance_id))
+    finally:
+        await service.stop(0.1)
+    finished_spans = spans.get_finished_spans()
+    assert not [s.name for s in finished_spans if s.name.startswith("/")]
+    runs = {attrs(s)["cruzflow.instance.id"]: s for s in finished_spans if s.name.startswith("run")}
+    for instance_id in (created.instance_id, batch.instances[0].instance_id):
+        run = runs[instance_id]
+        assert format(run.context.trace_id, "032x") == CLIENT_TRACE
+        assert run.parent is not None and _hex(run.parent.span_id) == CLIENT_SPAN
+    # A call without trace context gets a trace of its own, rooted at "create".
+    (create,) = [s for s in finished_spans if s.name == "create"]
+    lone = runs[untraced.instance_id]
+    assert lone.context.trace_id == create.context.trace_id != int(CLIENT_TRACE, 16)
+    assert lone.parent is not None and lone.parent.span_id == create.context.span_id

@@ -133,8 +133,9 @@ class TelemetrySection(_Strict):
     linked to the creator's; by default every run joins the creator's trace."""
     log_format: Literal["text", "json"] = "text"
     """Server log lines: text, or one JSON object a line."""
-    rpc_spans: Literal["all", "writes"] = "all"
-    """Server spans for every RPC, or only for the writes (creates, controls, events)."""
+    rpc_spans: Literal["all", "writes", "none"] = "all"
+    """Server spans for every RPC, only for the writes (creates, controls,
+    events), or none (the caller's trace context still reaches the runs)."""
 
     @field_validator("metric_interval", "new_trace_after")
     @classmethod

@@ -20,21 +20,41 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+import traceback
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import grpc
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    StatusCode,
+    TraceFlags,
+    TracerProvider,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cruzflow.server.engine.model import InstanceStatus, StepKind
 
+if TYPE_CHECKING:
+    from cruzflow.server.spans import SpanSink
+
 _PROPAGATOR = TraceContextTextMapPropagator()
 _SCOPE = "cruzflow"
+# Pieces of span records (see spans.Record).
+_SCOPE_RECORD = (_SCOPE, None, None)
+_INTERNAL = SpanKind.INTERNAL.value
+_UNSET = StatusCode.UNSET.value
+_ERROR = StatusCode.ERROR.value
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+# attributes, events, links, status, message, scope of a span with none of them.
+_PLAIN = (None, None, None, _UNSET, None, _SCOPE_RECORD)
 
 # Attribute keys, on spans, metrics and log records alike.
 WORKFLOW = "cruzflow.workflow.name"
@@ -53,6 +73,8 @@ _COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 _ROW_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 # The read RPCs, left out of server spans with rpc_spans = "writes".
 _READS = ("GetStatus", "WaitInstance", "WatchInstance", "ListInstances", "ListWorkflows")
+# Services that never get server spans: health checks, reflection.
+_UNTRACED = ("/grpc.health.", "/grpc.reflection.")
 # (name, unit, description, attribute keys) of the counters kept as tallies.
 _COUNTERS = (
     ("cruzflow.instances.created", "{instance}", "Instances created, by workflow", (WORKFLOW,)),
@@ -78,9 +100,17 @@ _GAUGED = (
 class _RunToken:
     workflow: str
     instance_id: str
-    span: Span | None
-    context: otel_context.Context | None
-    detach: object | None
+    sampled: bool
+    trace_id: int = 0
+    span_id: int = 0
+    parent_id: int = 0
+    start: int = 0
+    links: list[tuple[Any, ...]] | None = None
+    events: list[tuple[str, int, dict[str, Any]]] | None = None
+    context: otel_context.Context | None = None
+    """The run span's context: current in the run's task, so the spans of
+    workflow code nest in the run."""
+    detach: object | None = None
 
 
 @dataclass(slots=True)
@@ -88,13 +118,25 @@ class _AttemptToken:
     run: _RunToken
     step: str
     began: float
-    span: Span | None
-    detach: object | None
+    span_id: int = 0
+    """0 when the run is not sampled: no span."""
+    start: int = 0
+    attributes: dict[str, Any] | None = None
+    events: list[tuple[str, int, dict[str, Any]]] | None = None
+    detach: object | None = None
+
+
+_NO_RUN = otel_context.Context()
 
 
 class Telemetry:
-    """The engine's observer: spans on ``tracer_provider``, metrics on
-    ``meter_provider``; either may be None (that signal is off)."""
+    """The engine's observer: spans into ``spans`` (sampled and identified by
+    ``tracer_provider``'s sampler and id generator), metrics on
+    ``meter_provider``; either provider may be None (that signal is off).
+
+    The engine's spans are records (see ``spans.py``), not SDK span objects:
+    an SDK span costs the event loop tens of microseconds, a record about one.
+    """
 
     def __init__(
         self,
@@ -102,10 +144,14 @@ class Telemetry:
         meter_provider: MeterProvider | None = None,
         *,
         new_trace_after: float | None = None,
+        spans: SpanSink | None = None,
     ) -> None:
-        self._tracer: Tracer | None = (
-            tracer_provider.get_tracer(_SCOPE) if tracer_provider is not None else None
-        )
+        self._spans: SpanSink | None = None
+        if tracer_provider is not None:
+            sdk: Any = tracer_provider
+            self._sampler = sdk.sampler
+            self._ids = sdk.id_generator
+            self._spans = spans if spans is not None else _processor_sink(sdk)
         self._new_trace_after_ms = None if new_trace_after is None else new_trace_after * 1000
         # Instances per unfinished status, indexed by the status number: a
         # list never resizes, so the exporter's thread may read it any time.
@@ -181,18 +227,29 @@ class Telemetry:
         return self._counts[status]
 
     # ----------------------------------------------------------- instances
+    def _root_sampled(self, trace_id: int, name: str) -> bool:
+        result = self._sampler.should_sample(None, trace_id, name, SpanKind.INTERNAL)
+        return bool(result.decision.is_sampled())
+
     def creating(self) -> str | None:
-        tracer = self._tracer
-        if tracer is None:
+        sink = self._spans
+        if sink is None:
             return None
-        span = trace.get_current_span()
-        if not span.get_span_context().is_valid:
-            # No caller's trace (an in-process create): a root of its own, so
-            # that every run of the instance still shares one trace.
-            span = tracer.start_span("create", kind=SpanKind.INTERNAL)
-            span.end()
+        ctx = trace.get_current_span().get_span_context()
+        if not ctx.is_valid:
+            # No caller's trace (an in-process create, or no trace context in
+            # the call): a root of its own, so that every run of the instance
+            # still shares one trace.
+            trace_id, span_id = self._ids.generate_trace_id(), self._ids.generate_span_id()
+            sampled = self._root_sampled(trace_id, "create")
+            if sampled:
+                now = time.time_ns()
+                sink.record(
+                    ("create", trace_id, span_id, 1, None, 0, False, _INTERNAL, now, now, *_PLAIN)
+                )
+            ctx = SpanContext(trace_id, span_id, False, TraceFlags(1 if sampled else 0))
         carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
+        _PROPAGATOR.inject(carrier, trace.set_span_in_context(NonRecordingSpan(ctx)))
         return carrier.get("traceparent")
 
     def created(self, workflow: str, count: int) -> None:
@@ -218,28 +275,49 @@ class Telemetry:
     def run_started(
         self, workflow: str, instance_id: str, trace_parent: str | None, created_at: int
     ) -> _RunToken:
-        tracer = self._tracer
-        if tracer is None:
-            return _RunToken(workflow, instance_id, None, None, None)
-        parent = otel_context.Context()
-        links: Sequence[Link] = ()
+        if self._spans is None:
+            return _RunToken(workflow, instance_id, False)
+        creator: SpanContext | None = None
         if trace_parent:
-            creator = _PROPAGATOR.extract({"traceparent": trace_parent})
-            limit = self._new_trace_after_ms
-            if limit is not None and time.time() * 1000 - created_at > limit:
-                links = [Link(trace.get_current_span(creator).get_span_context())]
-            else:
-                parent = creator
-        span = tracer.start_span(
-            f"run {workflow}",
-            context=parent,
-            kind=SpanKind.INTERNAL,
-            attributes={WORKFLOW: workflow, INSTANCE: instance_id},
-            links=links,
+            extracted = _PROPAGATOR.extract({"traceparent": trace_parent})
+            creator = trace.get_current_span(extracted).get_span_context()
+            if not creator.is_valid:
+                creator = None
+        links: list[tuple[Any, ...]] | None = None
+        limit = self._new_trace_after_ms
+        if creator is not None and limit is not None and time.time() * 1000 - created_at > limit:
+            links = [(creator.trace_id, creator.span_id, int(creator.trace_flags), True, {})]
+            creator = None
+        if creator is not None:
+            trace_id, parent_id, sampled = (
+                creator.trace_id,
+                creator.span_id,
+                creator.trace_flags.sampled,
+            )
+        else:
+            trace_id, parent_id = self._ids.generate_trace_id(), 0
+            sampled = self._root_sampled(trace_id, f"run {workflow}")
+        span_id = self._ids.generate_span_id()
+        ctx = trace.set_span_in_context(
+            NonRecordingSpan(
+                SpanContext(trace_id, span_id, False, TraceFlags(1 if sampled else 0))
+            ),
+            _NO_RUN,
         )
-        ctx = trace.set_span_in_context(span, parent)
         # Current for the run's task, so user code's own spans nest in the run.
-        return _RunToken(workflow, instance_id, span, ctx, otel_context.attach(ctx))
+        return _RunToken(
+            workflow,
+            instance_id,
+            sampled,
+            trace_id,
+            span_id,
+            parent_id,
+            time.time_ns(),
+            links,
+            None,
+            ctx,
+            otel_context.attach(ctx),
+        )
 
     def run_ended(
         self,
@@ -248,35 +326,67 @@ class Telemetry:
         replayed: int,
         error: tuple[str, str] | None,
     ) -> None:
-        span = token.span
-        if span is None:
+        if token.context is None:
             return
-        span.set_attribute(STATUS, status.label)
-        span.set_attribute("cruzflow.run.replayed_steps", replayed)
-        if status == InstanceStatus.ERRORED and error is not None:
-            span.set_status(Status(StatusCode.ERROR, f"{error[0]}: {error[1]}"))
-        span.end()
         _detach(token.detach)
+        sink = self._spans
+        if sink is None or not token.sampled:
+            return
+        failed = status == InstanceStatus.ERRORED and error is not None
+        sink.record(
+            (
+                f"run {token.workflow}",
+                token.trace_id,
+                token.span_id,
+                1,
+                None,
+                token.parent_id,
+                True,
+                _INTERNAL,
+                token.start,
+                time.time_ns(),
+                {
+                    WORKFLOW: token.workflow,
+                    INSTANCE: token.instance_id,
+                    STATUS: status.label,
+                    "cruzflow.run.replayed_steps": replayed,
+                },
+                token.events,
+                token.links,
+                _ERROR if failed else _UNSET,
+                f"{error[0]}: {error[1]}" if failed and error is not None else None,
+                _SCOPE_RECORD,
+            )
+        )
 
     def parked(self, token: _RunToken, wake_at: int) -> None:
-        if token.span is not None:
+        if token.sampled:
             wake = datetime.fromtimestamp(wake_at / 1000, UTC).isoformat()
-            token.span.add_event("parked", {"cruzflow.wake_at": wake})
+            event = ("parked", time.time_ns(), {"cruzflow.wake_at": wake})
+            if token.events is None:
+                token.events = [event]
+            else:
+                token.events.append(event)
 
     # --------------------------------------------------------------- steps
     def attempt_started(
         self, run: _RunToken, name: str, occurrence: int, index: int, attempt: int
     ) -> _AttemptToken:
-        tracer = self._tracer
-        if tracer is None or run.span is None or not run.span.is_recording():
+        if not run.sampled:
             # Sampled out (or tracing off): the run's context stays current, and
             # the attempt costs no span of its own.
-            return _AttemptToken(run, name, time.perf_counter(), None, None)
-        span = tracer.start_span(
-            f"step {run.workflow}/{name}",
-            context=run.context,
-            kind=SpanKind.INTERNAL,
-            attributes={
+            return _AttemptToken(run, name, time.perf_counter())
+        span_id = self._ids.generate_span_id()
+        ctx = trace.set_span_in_context(
+            NonRecordingSpan(SpanContext(run.trace_id, span_id, False, _SAMPLED)), run.context
+        )
+        return _AttemptToken(
+            run,
+            name,
+            time.perf_counter(),
+            span_id,
+            time.time_ns(),
+            {
                 WORKFLOW: run.workflow,
                 INSTANCE: run.instance_id,
                 STEP: name,
@@ -284,13 +394,27 @@ class Telemetry:
                 INDEX: index,
                 ATTEMPT: attempt,
             },
+            None,
+            otel_context.attach(ctx),
         )
-        detach = otel_context.attach(trace.set_span_in_context(span, run.context))
-        return _AttemptToken(run, name, time.perf_counter(), span, detach)
 
     def attempt_failed(self, token: _AttemptToken, exc: BaseException) -> None:
-        if token.span is not None:
-            token.span.record_exception(exc)
+        if token.span_id:
+            # What the SDK's Span.record_exception records.
+            event = (
+                "exception",
+                time.time_ns(),
+                {
+                    "exception.type": type(exc).__name__,
+                    "exception.message": str(exc),
+                    "exception.stacktrace": "".join(traceback.format_exception(exc)),
+                    "exception.escaped": "False",
+                },
+            )
+            if token.events is None:
+                token.events = [event]
+            else:
+                token.events.append(event)
 
     def attempt_ended(
         self,
@@ -299,15 +423,35 @@ class Telemetry:
         error: tuple[str, str] | None,
         retry_delay_s: float | None,
     ) -> None:
-        span = token.span
-        if span is not None:
-            span.set_attribute(OUTCOME, outcome)
-            if retry_delay_s is not None:
-                span.set_attribute(RETRY_DELAY, retry_delay_s)
-            if error is not None:
-                span.set_status(Status(StatusCode.ERROR, f"{error[0]}: {error[1]}"))
-            span.end()
+        sink = self._spans
+        if token.span_id and sink is not None:
             _detach(token.detach)
+            run = token.run
+            attributes = token.attributes
+            assert attributes is not None
+            attributes[OUTCOME] = outcome
+            if retry_delay_s is not None:
+                attributes[RETRY_DELAY] = retry_delay_s
+            sink.record(
+                (
+                    f"step {run.workflow}/{token.step}",
+                    run.trace_id,
+                    token.span_id,
+                    1,
+                    None,
+                    run.span_id,
+                    False,
+                    _INTERNAL,
+                    token.start,
+                    time.time_ns(),
+                    attributes,
+                    token.events,
+                    None,
+                    _UNSET if error is None else _ERROR,
+                    None if error is None else f"{error[0]}: {error[1]}",
+                    _SCOPE_RECORD,
+                )
+            )
         if self._metered:
             workflow, step = token.run.workflow, token.step
             self._duration.record(
@@ -327,8 +471,8 @@ class Telemetry:
         outcome: str,
         detail: str | None,
     ) -> None:
-        tracer = self._tracer
-        if tracer is None or run.span is None or not run.span.is_recording():
+        sink = self._spans
+        if sink is None or not run.sampled:
             return
         what = "sleep" if kind == StepKind.SLEEP else "wait_for_event"
         attributes: dict[str, Any] = {
@@ -340,24 +484,82 @@ class Telemetry:
         }
         if detail is not None:
             attributes["cruzflow.event.type"] = detail
+        failed = outcome != "succeeded"
         # The wait may have begun in an earlier run (before a restart or a
         # park): the span covers all of it.
-        span = tracer.start_span(
-            f"{what} {run.workflow}/{name}",
-            context=run.context,
-            kind=SpanKind.INTERNAL,
-            attributes=attributes,
-            start_time=started_at * 1_000_000,
+        sink.record(
+            (
+                f"{what} {run.workflow}/{name}",
+                run.trace_id,
+                self._ids.generate_span_id(),
+                1,
+                None,
+                run.span_id,
+                False,
+                _INTERNAL,
+                started_at * 1_000_000,
+                time.time_ns(),
+                attributes,
+                None,
+                None,
+                _ERROR if failed else _UNSET,
+                f"{what} {outcome}" if failed else None,
+                _SCOPE_RECORD,
+            )
         )
-        if outcome != "succeeded":
-            span.set_status(Status(StatusCode.ERROR, f"{what} {outcome}"))
-        span.end()
 
     # --------------------------------------------------------------- store
     def committed(self, seconds: float, rows: int) -> None:
         if self._metered:
             self._commit.record(seconds)
             self._rows.record(rows)
+
+
+class _CallerTrace(grpc.aio.ServerInterceptor):
+    """Makes the caller's trace context (a W3C traceparent in the metadata, read
+    by the configured propagators) current while a create runs, so the new
+    instance's spans join the caller's trace without a server span."""
+
+    _CREATES = frozenset(
+        f"/cruzflow.v1.WorkflowService/{m}" for m in ("CreateInstance", "CreateInstances")
+    )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler_call_details.method not in self._CREATES or handler is None:
+            return handler
+        caller = propagate.extract(dict(handler_call_details.invocation_metadata or ()))
+        if not trace.get_current_span(caller).get_span_context().is_valid:
+            return handler
+        inner = handler.unary_unary
+        assert inner is not None
+
+        async def create(request: Any, context: Any) -> Any:
+            token = otel_context.attach(caller)
+            try:
+                return await inner(request, context)
+            finally:
+                otel_context.detach(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            create,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _processor_sink(provider: Any) -> SpanSink:
+    """The engine's spans straight into an SDK provider's span processors
+    (``Providers.of``: tests with in-memory exporters)."""
+    from cruzflow.server.spans import ProcessorSink
+
+    return ProcessorSink(provider._active_span_processor, provider.resource)
 
 
 def _detach(token: object | None) -> None:
@@ -456,9 +658,11 @@ class Settings:
     new_trace_after_s: float | None = None
     """Runs resumed this long after creation start a trace linked to the creator's."""
     rpc_spans: str = "all"
-    """Server spans for all RPCs, or only "writes" (not the reads: GetStatus,
-    WaitInstance, WatchInstance, ListInstances, ListWorkflows), which halves
-    the instrumentation's cost for clients that poll."""
+    """Server spans for all RPCs; only for the "writes" (not the reads:
+    GetStatus, WaitInstance, WatchInstance, ListInstances, ListWorkflows); or
+    "none": no server spans, and the runs' spans sit directly under the
+    caller's span. The standard gRPC instrumentation costs tens of
+    microseconds a call even for calls it leaves out (README, Performance)."""
 
 
 class Providers:
@@ -498,12 +702,16 @@ class Providers:
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: settings.service_name}))
         endpoint = None if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else settings.otlp_endpoint
+        sink = None
         if traces != "none":
-            self.tracer_provider = _tracer_provider(traces, resource, endpoint)
+            self.tracer_provider, sink = _tracer_provider(traces, resource, endpoint)
         if metrics != "none":
             self.meter_provider = self._meter_provider(metrics, resource, endpoint, settings)
         self.observer = Telemetry(
-            self.tracer_provider, self.meter_provider, new_trace_after=settings.new_trace_after_s
+            self.tracer_provider,
+            self.meter_provider,
+            new_trace_after=settings.new_trace_after_s,
+            spans=sink,
         )
 
     @classmethod
@@ -573,16 +781,24 @@ class Providers:
 
     def server_interceptors(self) -> list[Any]:
         """The standard gRPC server instrumentation (server spans, and the caller's
-        trace context made current), or none with tracing off."""
+        trace context made current), or none with tracing off. With rpc_spans =
+        "none", only the caller's trace context is made current, for creates."""
         if self.tracer_provider is None:
             return []
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+        if self.rpc_spans == "none":
+            return [_CallerTrace()]
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-        quiet = filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
-        if self.rpc_spans == "writes":
-            quiet = filters.any_of(quiet, *(filters.method_name(m) for m in _READS))
+        left_out = _READS if self.rpc_spans == "writes" else ()
+
+        def traced(details: grpc.HandlerCallDetails) -> bool:
+            # One test a call: the instrumentation's composed filters cost
+            # microseconds each, on every call.
+            service, _, method = (details.method or "").rpartition("/")
+            return not service.startswith(_UNTRACED) and method not in left_out
+
         interceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
-            tracer_provider=self.tracer_provider, filter_=filters.negate(quiet)
+            tracer_provider=self.tracer_provider, filter_=traced
         )
         return [interceptor]
 
@@ -596,19 +812,15 @@ class Providers:
             self._prometheus.shutdown()
 
 
-def _tracer_provider(kind: str, resource: Any, endpoint: str | None) -> Any:
+def _tracer_provider(kind: str, resource: Any, endpoint: str | None) -> tuple[Any, SpanSink]:
+    """The SDK provider (its sampler, id generator and resource; the gRPC
+    instrumentation's and workflow code's spans) and the sink that exports
+    them and the engine's spans from a child process (see ``spans.py``)."""
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from cruzflow.server.spans import ChildSink, PipeSpanProcessor
 
     provider = SdkTracerProvider(resource=resource)
-    exporter: Any
-    if kind == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter(endpoint=endpoint)
-    else:
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-        exporter = ConsoleSpanExporter()
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
+    sink = ChildSink(kind, endpoint, provider.resource)
+    provider.add_span_processor(PipeSpanProcessor(sink))
+    return provider, sink
