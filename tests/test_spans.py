@@ -25,7 +25,14 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.span import TraceState
 
 from bench.otlp_sink import OtlpSink
-from cruzflow.server.spans import ChildSink, PipeSpanProcessor, Record, record_of, span_of
+from cruzflow.server.spans import (
+    ChildSink,
+    PipeSpanProcessor,
+    Record,
+    encode,
+    record_of,
+    span_of,
+)
 from tests.procs import wait_for
 
 RESOURCE = Resource({"service.name": "spans-test"})
@@ -92,6 +99,45 @@ def test_an_sdk_span_survives_the_round_trip() -> None:
     assert back.instrumentation_scope is not None
     assert (back.instrumentation_scope.name, back.instrumentation_scope.version) == ("lib", "1.2")
     assert back.resource.attributes["service.name"] == "spans-test"
+
+
+def test_the_encoding_is_the_sdk_encoders() -> None:
+    """The child's OTLP encoding of records is byte for byte what the SDK's
+    own encoder makes of the same spans."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=RESOURCE)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    parent = SpanContext(0x1234, 0x99, True, TraceFlags(1), TraceState([("a", "1"), ("b", "2")]))
+    for scope, version in (("lib", "1.2"), ("other", None)):
+        span = provider.get_tracer(scope, version).start_span(
+            f"from {scope}",
+            context=trace.set_span_in_context(trace.NonRecordingSpan(parent)),
+            kind=SpanKind.CLIENT,
+            attributes={"s": "x", "i": 7, "f": 1.5, "b": False, "arr": ("p", "q"), "ints": (1, 2)},
+            links=[Link(SpanContext(0x5, 0x6, False, TraceFlags(1)), {"k": "v"})],
+        )
+        span.record_exception(RuntimeError("boom"))
+        span.set_status(Status(StatusCode.ERROR, "it broke"))
+        span.end()
+    root = provider.get_tracer("lib", "1.2").start_span("root", attributes={"n": 1})
+    root.set_status(Status(StatusCode.OK))
+    root.end()
+    records = [record_of(s) for s in exporter.get_finished_spans()]
+    # The engine's own records: no scope version, a local parent, no attributes.
+    records += [
+        _record(1),
+        ("bare", 0xAB, 0xCD, 1, None, 0xEF, False, 0, 5, 6, None, None, None, 0, None, None),
+    ]
+
+    ours = encode(records, RESOURCE)
+    theirs = encode_spans([span_of(r, RESOURCE) for r in records])
+    assert ours == theirs
+    assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(
+        deterministic=True
+    )
+    assert sum(len(ss.spans) for ss in ours.resource_spans[0].scope_spans) == len(records)
 
 
 def test_sampled_out_sdk_spans_are_not_piped() -> None:

