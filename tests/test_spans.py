@@ -7,6 +7,7 @@ receiver is ``bench.otlp_sink`` in this process.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -302,3 +303,14 @@ def _alive(pid: int) -> bool:
             return stat.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_the_console_exporter_prints_the_spans(capfd: pytest.CaptureFixture[str]) -> None:
+    sink = ChildSink("console", None, RESOURCE)
+    sink.record(_record(42))
+    sink.shutdown()
+    out = capfd.readouterr().out
+    printed = json.loads(out[out.index("{") : out.rindex("}") + 1])
+    assert printed["name"] == "span 42"
+    assert printed["attributes"] == {"n": 42, "who": "test"}
+    assert printed["resource"]["attributes"]["service.name"] == "spans-test"
