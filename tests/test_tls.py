@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from cruzflow.server.config import ConfigError, is_loopback, load_config
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
 from tests.pki import Pki, make_pki, secure_config, token_entry
-from tests.procs import ROOT
+from tests.procs import ROOT, ServerProcess
 
 CHILD = "tests.workflows:Doubles"
 SPAWNS = "tests.workflows:SpawnsChild"
@@ -355,3 +356,28 @@ def test_is_loopback() -> None:
         assert is_loopback(listen), listen
     for listen in ("0.0.0.0:1", "[::]:1", "10.0.0.1:1", "example.com:1", "192.168.1.2:1"):
         assert not is_loopback(listen), listen
+
+
+async def test_a_killed_tls_servers_socket_folder_is_swept_by_the_next(
+    serve: Serve, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    config = secure_config(tmp_path / "a", {"child-workflow": CHILD}, server=tls_keys(pki))
+    killed = ServerProcess(config, {"TMPDIR": str(temp)}).start()
+    try:
+        assert killed.proc is not None
+        (left,) = temp.glob(f"cruzflow-own-{killed.proc.pid}-*")
+        assert (left / "own.sock").exists()
+        killed.kill()
+        assert left.exists()  # nothing cleaned up after a SIGKILL
+    finally:
+        killed.stop()
+    # A folder whose server still runs (pid 1 always does) is left alone.
+    alive = temp / "cruzflow-own-1-kept"
+    alive.mkdir()
+    await serve(secure_config(tmp_path / "b", {"child-workflow": CHILD}, server=tls_keys(pki)))
+    assert not left.exists()
+    assert alive.exists()
+    assert len(list(temp.glob(f"cruzflow-own-{os.getpid()}-*"))) == 1

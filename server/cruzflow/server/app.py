@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -118,8 +119,7 @@ class Service:
             # client certificate, and its certificate need not name loopback):
             # they call it on a Unix socket in a folder only this user can
             # open, with the same interceptors (tokens) as the network port.
-            folder = Path(tempfile.mkdtemp(prefix="cruzflow-"))
-            self._own_socket = folder / "own.sock"
+            self._own_socket = _own_socket_folder() / "own.sock"
             own = f"unix:{self._own_socket}"
             if not self.server.add_insecure_port(own):
                 raise OSError(f"{own}: cannot listen there for this server's own bindings")
@@ -180,6 +180,36 @@ class Service:
         await self.env.aclose()
         # The exporters' flush blocks; keep it off the event loop.
         await asyncio.to_thread(self.telemetry.shutdown)
+
+
+# The folders of the servers' own-bindings sockets: prefix, pid, random part.
+_OWN_PREFIX = "cruzflow-own-"
+
+
+def _own_socket_folder() -> Path:
+    """A new folder only this user can open, for this server's own-bindings
+    socket. Folders left by servers of this user that died without stopping
+    (a SIGKILL) are removed first."""
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{_OWN_PREFIX}*-*"):
+        pid = old.name[len(_OWN_PREFIX) :].split("-", 1)[0]
+        try:
+            mine = old.is_dir() and old.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_OWN_PREFIX}{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
