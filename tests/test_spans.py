@@ -314,3 +314,20 @@ def test_the_console_exporter_prints_the_spans(capfd: pytest.CaptureFixture[str]
     assert printed["name"] == "span 42"
     assert printed["attributes"] == {"n": 42, "who": "test"}
     assert printed["resource"]["attributes"]["service.name"] == "spans-test"
+
+
+def test_a_record_that_cannot_be_sent_loses_its_batch_only(otlp_env: OtlpSink) -> None:
+    sink = ChildSink("otlp", None, RESOURCE)
+    try:
+        bad = list(_record(1))
+        bad[10] = {"not marshallable": object()}
+        sink.record(tuple(bad))
+        assert sink.force_flush(30)
+        assert sink.dropped == 1
+        # The sender thread is still there for the next spans.
+        sink.record(_record(2))
+        assert sink.force_flush(30)
+        wait_for(lambda: otlp_env.span_count == 1)
+    finally:
+        sink.shutdown()
+    assert [s.name for s in otlp_env.spans] == ["span 2"]

@@ -303,7 +303,14 @@ class ChildSink:
             self._send([queue.popleft() for _ in range(count)])
 
     def _send(self, batch: list[Record]) -> None:
-        data = marshal.dumps(batch)
+        try:
+            data = marshal.dumps(batch)
+        except ValueError:
+            # A value no span attribute may hold (the SDK cleans its own);
+            # the batch is lost, the thread goes on.
+            log.exception("%d spans could not be encoded; dropped", len(batch))
+            self.dropped += len(batch)
+            return
         for attempt in (1, 2):
             stream = self._stream()
             if stream is None:
