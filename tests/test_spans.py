@@ -245,8 +245,8 @@ def test_a_full_queue_drops_and_counts_and_never_blocks(
         total = 50_000
         for n in range(total):
             sink.record(_record(n))
-        assert sink.dropped > 0
-        assert sink.dropped <= total
+        # Some were dropped, not all: the first batches went down the pipe.
+        assert 0 < sink.dropped < total
     finally:
         sink.shutdown()
     # Shutdown gave the child its export timeout and then stopped it.
