@@ -7,15 +7,39 @@ CONFIG ?= examples/cruzflow.toml
 PROTO := proto/cruzflow/v1/workflows.proto
 GEN := clients/python
 
-.PHONY: run test lint proto proto-check bench bench-sleepers breaking install clean
+.PHONY: run test lint proto proto-check bench bench-sleepers breaking install clean dist lock
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+# pyproject.toml declares ranges; constraints.txt pins the exact versions
+# installed here (and so in CI). `make lock` refreshes it.
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e clients/python -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt pip setuptools
+	$(BIN)/python -m pip install -q -c constraints.txt -e clients/python -e ".[dev]"
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The two wheels a user installs cruzflow from, without this Makefile:
+# dist/cruzflow-VERSION-py3-none-any.whl (the server) and
+# dist/cruzflow_client-VERSION-py3-none-any.whl (the client it depends on);
+# then `pip install --find-links dist cruzflow`.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m pip wheel -q --no-deps --wheel-dir dist ./clients/python .
+
+# Re-resolve constraints.txt: the newest versions pyproject.toml's ranges
+# allow, installed into a scratch venv and frozen (less our own two packages).
+lock:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp/venv" && \
+	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip setuptools && \
+	"$$tmp/venv/bin/python" -m pip install -q ./clients/python ".[dev]" && \
+	"$$tmp/venv/bin/python" -m pip check && \
+	{ sed -n '/^#/p' constraints.txt; \
+	  "$$tmp/venv/bin/python" -m pip freeze --all | grep -v -i -E '^cruzflow([-_]client)?=='; \
+	} > "$$tmp/constraints.txt" && mv "$$tmp/constraints.txt" constraints.txt
+	@echo "constraints.txt refreshed; 'make install' installs it"
 
 run: $(STAMP)
 	$(BIN)/cruzflow serve --config $(CONFIG)
