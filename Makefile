@@ -37,7 +37,7 @@ lock:
 	"$$tmp/venv/bin/python" -m pip install -q ./clients/python ".[dev]" && \
 	"$$tmp/venv/bin/python" -m pip check && \
 	{ sed -n '/^#/p' constraints.txt; \
-	  "$$tmp/venv/bin/python" -m pip freeze --all | grep -v -i -E '^cruzflow([-_]client)?=='; \
+	  "$$tmp/venv/bin/python" -m pip freeze --all | grep -v -i -E '^cruzflow([-_]client)?( @|==)'; \
 	} > "$$tmp/constraints.txt" && mv "$$tmp/constraints.txt" constraints.txt
 	@echo "constraints.txt refreshed; 'make install' installs it"
 
