@@ -1,29 +1,22 @@
 """``pip install clients/python`` on its own, into a fresh virtual environment.
 
 The client package is built from a copy of clients/python (with pip's build
-isolation, as a user's ``pip install`` does it) and installed with its
-declared dependencies only, from a folder of wheels, without an index: if it
-needed anything else, the install would fail. The environment must then have
-no server dependency, and must create an instance on a real server and get
-its result.
+isolation, as a user's ``pip install`` does it) and installed without an
+index, from the session's folder of dependency wheels (tests/wheels.py): pip
+installs only what the client declares, so if it needed anything else, the
+script below would fail. The environment must then have no server
+dependency, and must create an instance on a real server and get its result.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
-import sys
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
+from tests import wheels
 from tests.conftest import Server
-
-ROOT = Path(__file__).resolve().parents[2]
-CLIENT = ROOT / "clients" / "python"
 
 SCRIPT = """
 import asyncio, importlib.util, json, sys
@@ -57,63 +50,24 @@ print(json.dumps(asyncio.run(main(sys.argv[1]))))
 """
 
 
-def _run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run(
-        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> wheels.Wheelhouse:
+    return wheels.wheelhouse(tmp_path_factory)
 
 
-def _install(tmp_path: Path) -> Path:
-    """A fresh venv with the client installed; returns its python."""
-    wheels = tmp_path / "wheels"
-    # The versions this checkout runs with, so pip's cache usually has them.
-    fetched = _run(
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--quiet",
-        "--only-binary=:all:",
-        "--dest",
-        wheels,
-        f"grpcio=={version('grpcio')}",
-        f"protobuf=={version('protobuf')}",
-        f"setuptools=={version('setuptools')}",
-        cwd=tmp_path,
-    )
-    if fetched.returncode != 0:
-        pytest.skip(f"cannot fetch the dependency wheels from the package index:\n{fetched.stderr}")
-
-    source = tmp_path / "client-src"
-    shutil.copytree(
-        CLIENT, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
-    )
-    venv = tmp_path / "venv"
-    made = _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
-    assert made.returncode == 0, made.stderr
-    python = venv / "bin" / "python"
-    installed = _run(
-        python,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--no-index",
-        "--find-links",
-        wheels,
-        source,
-        cwd=tmp_path,
-    )
-    assert installed.returncode == 0, installed.stdout + installed.stderr
+def _install(tmp_path: Path, house: wheels.Wheelhouse) -> Path:
+    """A fresh venv with the client installed from its sources; returns its python."""
+    python = wheels.fresh_venv(tmp_path / "venv")
+    house.pip_install(python, house.sources / "clients" / "python", cwd=tmp_path)
     return python
 
 
-async def test_client_installs_and_works_alone(tmp_path: Path, server: Server) -> None:
-    python = await asyncio.to_thread(_install, tmp_path)
+async def test_client_installs_and_works_alone(
+    tmp_path: Path, server: Server, wheelhouse: wheels.Wheelhouse
+) -> None:
+    python = await asyncio.to_thread(_install, tmp_path, wheelhouse)
     listed = await asyncio.to_thread(
-        _run, python, "-m", "pip", "list", "--format=freeze", cwd=tmp_path
+        wheels.run, python, "-m", "pip", "list", "--format=freeze", cwd=tmp_path
     )
     names = {line.split("==")[0].lower() for line in listed.stdout.split()}
     assert {"cruzflow-client", "grpcio", "protobuf"} <= names
@@ -127,7 +81,7 @@ async def test_client_installs_and_works_alone(tmp_path: Path, server: Server) -
         str(script),
         server.address,
         cwd=tmp_path,
-        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        env=wheels.user_env(),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
