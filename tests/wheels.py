@@ -2,15 +2,16 @@
 cruzflow into a fresh virtual environment the way a user does
 (tests/client/test_install.py, tests/test_packaging.py, tests/test_scaffold.py).
 
-Made once per test session (``wheelhouse``), from a copy of the sources:
+Made once per test session (``wheelhouse``):
 
 - ``deps/``: the wheels of every dependency the two distributions declare,
   of the build backend and of a scaffolded project's dev extras, fetched by
   ``pip download`` under constraints.txt, so at the versions ``make`` installs
   (pip's cache makes a repeat fast). Without a package index the tests that
   need it skip, with one line saying so.
-- ``dist/``: cruzflow and cruzflow-client built as ``make dist`` builds them
-  (``pip wheel --no-deps``, with pip's build isolation), offline from ``deps/``.
+- ``dist/``: cruzflow and cruzflow-client built from a copy of the sources as
+  ``make dist`` builds them (``pip wheel --no-deps``, with pip's build
+  isolation), offline from ``deps/``.
 
 Installs then run with ``--no-index``, the two folders and no pip
 configuration of this machine's user: a dependency that is not declared is
@@ -105,20 +106,32 @@ def site_packages(python: Path) -> Path:
     return Path(found.stdout.strip())
 
 
+def copy_sources(dest: Path) -> Path:
+    """Copy what the two distributions are built from (``pyproject.toml``,
+    ``README.md``, ``server/``, ``clients/python/``) to ``dest``, a checkout
+    less its build outputs; returns ``dest``."""
+    for name in _SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, dest / name, ignore=_IGNORE)
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
 @dataclass(frozen=True, slots=True)
 class Wheelhouse:
-    """The session's copy of the sources and its two wheel folders."""
+    """The session's two wheel folders."""
 
-    sources: Path
-    """A copy of what the distributions are built from: ``pyproject.toml``,
-    ``README.md``, ``server/`` and ``clients/python/``."""
     dist: Path
     """``cruzflow-*.whl`` and ``cruzflow_client-*.whl``, as ``make dist`` writes them."""
     deps: Path
     """Every dependency's wheel, at the versions of constraints.txt."""
 
-    def pip_install(self, python: Path, *args: str | Path, cwd: Path) -> None:
-        """``python -m pip install ARGS`` from the two folders alone; asserts it worked."""
+    def pip_install(self, python: Path, *args: str | Path, cwd: Path, dist: bool = True) -> None:
+        """``python -m pip install ARGS`` from the two folders alone (``deps/``
+        alone without ``dist``, to build ours from sources); asserts it worked."""
+        folders = [self.dist, self.deps] if dist else [self.deps]
         installed = run(
             python,
             "-m",
@@ -126,10 +139,7 @@ class Wheelhouse:
             "install",
             "--quiet",
             "--no-index",
-            "--find-links",
-            self.dist,
-            "--find-links",
-            self.deps,
+            *[arg for folder in folders for arg in ("--find-links", folder)],
             *args,
             cwd=cwd,
             env=offline_env(),
@@ -185,12 +195,7 @@ def _build(folder: Path) -> Wheelhouse | str:
             return f"the package index is unreachable, so no dependency wheels: {last}"
         raise AssertionError(f"pip download of the dependencies failed:\n{fetched.stderr}")
 
-    for name in _SOURCES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, sources / name, ignore=_IGNORE)
-        else:
-            (sources / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, sources / name)
+    copy_sources(sources)
     # `make dist`'s command, offline: the build backend comes from deps/.
     built = run(
         sys.executable,
@@ -210,7 +215,7 @@ def _build(folder: Path) -> Wheelhouse | str:
         env=offline_env(),
     )
     assert built.returncode == 0, built.stdout + built.stderr
-    return Wheelhouse(sources=sources, dist=dist, deps=deps)
+    return Wheelhouse(dist=dist, deps=deps)
 
 
 _made: Wheelhouse | str | None = None

@@ -57,8 +57,9 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> wheels.Wheelhouse:
 
 def _install(tmp_path: Path, house: wheels.Wheelhouse) -> Path:
     """A fresh venv with the client installed from its sources; returns its python."""
+    sources = wheels.copy_sources(tmp_path / "src")
     python = wheels.fresh_venv(tmp_path / "venv")
-    house.pip_install(python, house.sources / "clients" / "python", cwd=tmp_path)
+    house.pip_install(python, sources / "clients" / "python", cwd=tmp_path, dist=False)
     return python
 
 
