@@ -1,17 +1,24 @@
-"""`cruzflow new workflow NAME`: the project it writes loads, serves and passes its own test."""
+"""`cruzflow new workflow NAME`: the project it writes loads, serves and passes its own test,
+also installed in a venv of its own from this repo's wheels, as its README says."""
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import subprocess
 import sys
 import tomllib
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from cruzflow.server import scaffold
 from cruzflow.server.config import load_config
+from tests import wheels
 
 FILES = [
     ".gitignore",
@@ -57,7 +64,12 @@ def test_the_project_is_written_as_the_seed_names_it(
         }
     ]
     pyproject = tomllib.loads((project / "pyproject.toml").read_text())
-    assert pyproject["project"]["dependencies"][0].startswith("cruzflow")
+    (dependency,) = (Requirement(r) for r in pyproject["project"]["dependencies"])
+    # The release series of the cruzflow that scaffolded it, which resolves.
+    assert dependency.name == "cruzflow"
+    ours = Version(version("cruzflow"))
+    assert dependency.specifier.contains(ours, prereleases=True)
+    assert not dependency.specifier.contains(f"{ours.major}.{ours.minor + 1}.0")
     assert pyproject["tool"]["pytest"]["ini_options"]["pythonpath"] == ["."]
 
 
@@ -169,3 +181,67 @@ def test_the_current_folder_is_the_default(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.chdir(tmp_path)
     assert scaffold.main_for_tests(["new", "workflow", "billing"]) == 0
     assert (tmp_path / "external-processes" / "billing" / "billing" / "workflow.py").is_file()
+
+
+@pytest.mark.parametrize(
+    ("installed", "wanted"),
+    [
+        ("0.1.0", "cruzflow>=0.1.0,<0.2"),
+        ("0.12.3", "cruzflow>=0.12.3,<0.13"),
+        ("1.4.0", "cruzflow>=1.4.0,<2"),
+        ("0.2.0.dev1+g1234", "cruzflow>=0.2.0.dev1,<0.3"),
+        (None, "cruzflow"),
+    ],
+)
+def test_the_dependency_is_the_series_of_the_cruzflow_that_made_it(
+    installed: str | None, wanted: str
+) -> None:
+    assert scaffold._requirement(installed) == wanted
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> wheels.Wheelhouse:
+    return wheels.wheelhouse(tmp_path_factory)
+
+
+def _readme_install(readme: str) -> list[str]:
+    """The arguments of the README's `pip install` after `install`, less its --find-links."""
+    (line,) = (line for line in readme.splitlines() if " -m pip install " in line)
+    argv = shlex.split(line.split("#")[0])
+    assert argv[:4] == [".venv/bin/python", "-m", "pip", "install"], line
+    at = argv.index("--find-links")
+    return argv[4:at] + argv[at + 2 :]
+
+
+def test_the_project_installs_in_a_fresh_venv_and_passes_its_tests(
+    tmp_path: Path, wheelhouse: wheels.Wheelhouse
+) -> None:
+    assert _new(tmp_path, "onboarding") == 0
+    project = tmp_path / "external-processes" / "onboarding"
+    readme = (project / "README.md").read_text()
+    # This checkout's cruzflow is installed from it, so the README names its dist/.
+    assert f"--find-links {wheels.ROOT / 'dist'} " in readme
+    assert "python -m venv .venv" in readme
+
+    # The README's steps, with the session's wheels of this repo and no index.
+    python = wheels.fresh_venv(project / ".venv")
+    wheelhouse.pip_install(python, *_readme_install(readme), cwd=project)
+    tests = wheels.run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=project)
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    assert "3 passed" in tests.stdout
+
+    where = wheels.run(
+        python,
+        "-c",
+        "import json, cruzflow.testing, cruzflow.client, onboarding; "
+        "print(json.dumps([m.__file__ for m in (cruzflow.testing, cruzflow.client, onboarding)]))",
+        cwd=project,
+    )
+    assert where.returncode == 0, where.stderr
+    testing, client, package = (Path(f) for f in json.loads(where.stdout))
+    site = wheels.site_packages(python)
+    # cruzflow from the wheels, in the venv; the project itself editable, from here.
+    assert testing.is_relative_to(site) and client.is_relative_to(site), (testing, client)
+    assert package == project / "onboarding" / "__init__.py"
+    checked = wheels.run(python, "-m", "pip", "check", cwd=project)
+    assert checked.returncode == 0, checked.stdout

@@ -2,22 +2,27 @@
 ``cruz new workflow onboarding`` makes one.
 
 It writes ``external-processes/NAME/`` with the workflow's package, its config
-(``cruzflow.toml``), a ``pyproject.toml`` and a test written with
-``cruzflow.testing``. The files come from ``templates/workflow/`` (package
-data), filled in with ``string.Template``.
+(``cruzflow.toml``), a ``pyproject.toml`` that depends on the release series
+of this cruzflow, a README that says how to install it from this cruzflow's
+wheels, and a test written with ``cruzflow.testing``. The files come from
+``templates/workflow/`` (package data), filled in with ``string.Template``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import keyword
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from string import Template
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 _NAME = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
 _MAX_NAME = 50
@@ -94,11 +99,46 @@ def _taken_modules() -> set[str]:
     return _TAKEN | set(sys.stdlib_module_names) | set(importlib.metadata.packages_distributions())
 
 
-def _requirement() -> str:
+def _installed_version() -> str | None:
     try:
-        return f"cruzflow>={importlib.metadata.version('cruzflow')}"
+        return importlib.metadata.version("cruzflow")
     except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _requirement(version: str | None) -> str:
+    """The project's dependency on cruzflow: the release series of the
+    cruzflow that made it, from that release on (``0.1.0`` gives
+    ``cruzflow>=0.1.0,<0.2``: before 1.0 a minor release may break, as in semver)."""
+    if version is None:
         return "cruzflow"
+    version = version.split("+")[0]  # a local version cannot be a floor
+    release = re.match(r"(\d+)\.(\d+)", version)
+    if release is None:
+        return f"cruzflow>={version}"
+    major, minor = int(release[1]), int(release[2])
+    upper = f"0.{minor + 1}" if major == 0 else f"{major + 1}"
+    return f"cruzflow>={version},<{upper}"
+
+
+def _wheel_folder() -> str:
+    """Where the README's install step finds the cruzflow wheels: the ``dist/``
+    that ``make dist`` writes in the checkout this cruzflow was installed from,
+    or the folder of the wheel it was installed from (pip records either,
+    PEP 610); else a path for the user to fill in."""
+    try:
+        recorded = importlib.metadata.distribution("cruzflow").read_text("direct_url.json")
+        origin = json.loads(recorded or "{}")
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        origin = {}
+    url = origin.get("url", "") if isinstance(origin, dict) else ""
+    if url.startswith("file://"):
+        path = Path(url2pathname(urlparse(url).path))
+        if "dir_info" in origin:
+            return shlex.quote(str(path / "dist"))
+        if "archive_info" in origin and path.suffix == ".whl":
+            return shlex.quote(str(path.parent))
+    return "/path/to/cruzflow/dist"
 
 
 def scaffold_workflow(name: str, base: Path, *, force: bool = False) -> tuple[Path, list[Path]]:
@@ -113,6 +153,7 @@ def scaffold_workflow(name: str, base: Path, *, force: bool = False) -> tuple[Pa
             f"--force to write the project's files into it (overwriting those of the same name)",
             1,
         )
+    version = _installed_version()
     values = {
         "name": names.name,
         "package": names.package,
@@ -120,7 +161,9 @@ def scaffold_workflow(name: str, base: Path, *, force: bool = False) -> tuple[Pa
         "params_class": names.params_class,
         "workflow_name": names.workflow_name,
         "binding": names.binding,
-        "cruzflow_requirement": _requirement(),
+        "cruzflow_requirement": _requirement(version),
+        "cruzflow_version": version or "VERSION",
+        "wheel_folder": _wheel_folder(),
     }
     templates = resources.files("cruzflow.server").joinpath("templates", "workflow")
     written: list[Path] = []
