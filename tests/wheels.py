@@ -40,21 +40,6 @@ TEMPLATE_PYPROJECT = (
 # What the two distributions are built from (the server's pyproject names README.md).
 _SOURCES = ("pyproject.toml", "README.md", "server", "clients/python")
 _IGNORE = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__")
-# What pip prints when it cannot reach the index (as against a resolution error).
-_UNREACHABLE = (
-    "NewConnectionError",
-    "Max retries exceeded",
-    "Could not fetch URL",
-    "ConnectTimeoutError",
-    "ReadTimeoutError",
-    "Temporary failure in name resolution",
-    "Name or service not known",
-    "Network is unreachable",
-    "Connection refused",
-    "No route to host",
-    "ProxyError",
-    "SSLError",
-)
 
 
 def user_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -190,9 +175,26 @@ def _build(folder: Path) -> Wheelhouse | str:
         env=user_env(),
     )
     if fetched.returncode != 0:
-        if any(marker in fetched.stderr for marker in _UNREACHABLE):
-            last = fetched.stderr.strip().splitlines()[-1]
-            return f"the package index is unreachable, so no dependency wheels: {last}"
+        # pip says "no matching distribution" both when the index is out of
+        # reach and when our requirements and constraints disagree: tell them
+        # apart by fetching pip itself, past the cache.
+        probe = run(
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-cache-dir",
+            "--only-binary=:all:",
+            "--dest",
+            folder / "probe",
+            "pip",
+            cwd=folder,
+            env=user_env(),
+        )
+        if probe.returncode != 0:
+            return "the package index is unreachable: no dependency wheels to install from"
         raise AssertionError(f"pip download of the dependencies failed:\n{fetched.stderr}")
 
     copy_sources(sources)
