@@ -42,11 +42,11 @@ _SOURCES = ("pyproject.toml", "README.md", "server", "clients/python")
 _IGNORE = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__")
 
 
-def user_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def user_env() -> dict[str, str]:
     """The environment of a user's shell: none of this test run's PYTHONPATH or venv."""
     return {
         k: v
-        for k, v in (os.environ if base is None else base).items()
+        for k, v in os.environ.items()
         if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("PYTEST")
     }
 
