@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= examples/cruzflow.toml
+# `make run LISTEN=127.0.0.1:50052` serves on another address; empty: the config's [server] listen.
+LISTEN ?=
 PROTO := proto/cruzflow/v1/workflows.proto
 GEN := clients/python
 
@@ -42,7 +44,7 @@ lock:
 	@echo "constraints.txt refreshed; 'make install' installs it"
 
 run: $(STAMP)
-	$(BIN)/cruzflow serve --config $(CONFIG)
+	$(BIN)/cruzflow serve --config $(CONFIG)$(if $(LISTEN), --listen $(LISTEN))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
