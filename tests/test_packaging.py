@@ -50,9 +50,12 @@ CLIENT = _project(ROOT / "clients" / "python" / "pyproject.toml")
 
 
 def _requirements(project: dict[str, object], extra: str | None = None) -> list[Requirement]:
-    listed = (
-        project["dependencies"] if extra is None else project["optional-dependencies"][extra]  # type: ignore[index]
-    )
+    if extra is None:
+        listed = project["dependencies"]
+    else:
+        extras = project["optional-dependencies"]
+        assert isinstance(extras, dict)
+        listed = extras[extra]
     assert isinstance(listed, list)
     return [Requirement(r) for r in listed]
 
@@ -102,7 +105,9 @@ def test_the_server_depends_on_the_client_of_its_own_release() -> None:
     ours = Version(str(SERVER["version"]))
     assert client.specifier.contains(ours, prereleases=True), client
     assert not client.specifier.contains(f"{ours.major}.{ours.minor + 1}.0"), client
-    # uvloop stays off Windows, where it does not exist.
+
+
+def test_uvloop_stays_off_windows_where_it_does_not_exist() -> None:
     (uvloop,) = (r for r in _requirements(SERVER) if r.name == "uvloop")
     assert uvloop.marker is not None
     assert not uvloop.marker.evaluate({"sys_platform": "win32"})
