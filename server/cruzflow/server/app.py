@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import os
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -84,11 +86,17 @@ class Service:
                 ("grpc.max_send_message_length", 64 * limit),
                 # A burst of thousands of creates queues instead of being cancelled.
                 ("grpc.server.max_pending_requests", 20_000),
+                # gRPC turns SO_REUSEPORT on by default: a second server on a
+                # taken address would start and take half its calls.
+                ("grpc.so_reuseport", 0),
             ],
         )
         self.port = 0
 
     async def start(self) -> int:
+        # The address first: a server that cannot listen must not open the
+        # store, let alone resume its instances.
+        self.port = self._listen()
         await self.store.open()
         await self.engine.start()
         # Guarded: a request that is not a valid message gets INVALID_ARGUMENT.
@@ -100,19 +108,6 @@ class Service:
         for warning in self.config.warnings:
             log.warning("%s", warning)
         tls = self.config.server_tls
-        if tls is None:
-            self.port = self.server.add_insecure_port(self.config.listen)
-        else:
-            credentials = grpc.ssl_server_credentials(
-                [(tls.private_key, tls.certificate_chain)],
-                root_certificates=tls.client_ca,
-                require_client_auth=tls.client_ca is not None,
-            )
-            self.port = self.server.add_secure_port(self.config.listen, credentials)
-        if self.port == 0:
-            raise OSError(
-                f"{self.config.listen}: cannot listen there (in use, or not an address here)"
-            )
         own = local_address(self.config.listen, self.port)
         if tls is not None:
             # This server's own bindings cannot pass its TLS checks (it has no
@@ -127,6 +122,28 @@ class Service:
         self.own_link.listening(own)
         await self._set_health(self.engine.store_fault is None)
         return self.port
+
+    def _listen(self) -> int:
+        """Bind the listen address; the port bound. An address another process
+        listens on is refused (the server's options turn SO_REUSEPORT off, so
+        two servers cannot split one address's calls between their stores)."""
+        listen = self.config.listen
+        tls = self.config.server_tls
+        try:
+            if tls is None:
+                port = self.server.add_insecure_port(listen)
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(tls.private_key, tls.certificate_chain)],
+                    root_certificates=tls.client_ca,
+                    require_client_auth=tls.client_ca is not None,
+                )
+                port = self.server.add_secure_port(listen, credentials)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise OSError(_bind_failure(listen))
+        return port
 
     def _auth(self) -> list[grpc.aio.ServerInterceptor]:
         tokens = self.config.tokens
@@ -180,6 +197,34 @@ class Service:
         await self.env.aclose()
         # The exporters' flush blocks; keep it off the event loop.
         await asyncio.to_thread(self.telemetry.shutdown)
+
+
+def _bind_failure(listen: str) -> str:
+    """Why ``listen`` cannot be bound, found by binding it with a plain socket,
+    and what mends it."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    mend = "choose another address with --listen or [server] listen"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as exc:
+        return f"cannot listen on {listen}: {exc}; {mend}"
+    family, kind, proto, _, address = infos[0]
+    probe = socket.socket(family, kind, proto)
+    try:
+        probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return (
+                f"cannot listen on {listen}: the address is in use (another process listens "
+                f"there: a cruzflow server already running?); stop it, or {mend}"
+            )
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return f"cannot listen on {listen}: {host} is not an address of this machine; {mend}"
+        return f"cannot listen on {listen}: {exc.strerror}; {mend}"
+    finally:
+        probe.close()
+    return f"cannot listen on {listen}; {mend}"
 
 
 # The folders of the servers' own-bindings sockets: prefix, pid, random part.
