@@ -28,6 +28,8 @@ ALL_WORKFLOWS: dict[str, str] = {
     "catches": "tests.workflows:CatchesFailure",
     "raises": "tests.workflows:Raises",
     "raises-outside": "tests.workflows:RaisesOutsideStep",
+    "deep-raise": "tests.workflows:DeepRaise",
+    "typed-params": "tests.workflows:TypedParams",
     "hangs": "tests.workflows:Hangs",
     "not-json": "tests.workflows:NotJson",
     "too-big": "tests.workflows:TooBig",

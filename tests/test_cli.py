@@ -158,7 +158,14 @@ def test_status_human_and_json(run: Run) -> None:
         ("charge", "failed", 1),
         ("refund", "succeeded", 1),
     ]
-    assert data["steps"][0]["error"] == {"name": "NonRetryableError", "message": "card declined"}
+    error = data["steps"][0]["error"]
+    assert (error["name"], error["message"]) == ("NonRetryableError", "card declined")
+    assert error["traceback"].endswith("NonRetryableError: card declined\n")
+    # The failed step's traceback is shown under its line, indented.
+    lines = human.splitlines()
+    at = next(i for i, line in enumerate(lines) if "charge  failed" in line)
+    assert lines[at + 1] == "      Traceback (most recent call last):"
+    assert 'raise NonRetryableError("card declined")' in lines[at + 3]
     assert data["create_time"].endswith("Z") and data["end_time"] >= data["create_time"]
 
 
@@ -168,9 +175,15 @@ def test_create_wait_on_an_instance_that_errors_exits_1(run: Run) -> None:
     assert re.search(r"^status\s+errored$", result.stdout, re.M)
     assert result.stderr.startswith("cruzflow: instance 'cli-raises' errored: ")
     assert "ValueError: bad input row 7" in result.stderr
-    assert "cruzflow restart cli-raises" in result.stderr
+    # Its code raised: the hint is to look at where, and restart once the code is fixed.
+    assert "`cruzflow status cli-raises` shows where it was raised" in result.stderr
+    assert "once the workflow's code is fixed" in result.stderr
+    # The status printed has the traceback under the error.
+    assert re.search(r"^error\s+ValueError: bad input row 7\n\s+Traceback", result.stdout, re.M)
     data = json.loads(run("--json", "status", "cli-raises").stdout)
-    assert data["error"] == {"name": "ValueError", "message": "bad input row 7"}
+    error = data["error"]
+    assert (error["name"], error["message"]) == ("ValueError", "bad input row 7")
+    assert 'raise ValueError("bad input row 7")' in error["traceback"]
 
 
 def test_list_filters_limits_and_json(run: Run) -> None:
@@ -407,21 +420,31 @@ def test_watch_without_a_terminal_prints_one_line_per_event(run: Run) -> None:
     ok(run("create", "flaky", "--id", "cli-flaky", "--params", '{"failures": 1}', "--wait"))
     lines = ok(run("watch", "cli-flaky")).splitlines()
     # "#3   18:52:18.163  step flaky attempt 1 failed: ..."
-    texts = [re.sub(r"^#\d+\s+\d\d:\d\d:\d\d\.\d{3}  ", "", line) for line in lines]
+    heads = [line for line in lines if line.startswith("#")]
+    texts = [re.sub(r"^#\d+\s+\d\d:\d\d:\d\d\.\d{3}  ", "", line) for line in heads]
+    # How long each attempt ran, from its start event.
+    texts = [re.sub(r" after \d+ ms", " after N ms", text) for text in texts]
     assert texts == [
         "status running",
         "step flaky started (attempt 1)",
-        "step flaky attempt 1 failed: ConnectionError: attempt 1 failed; retry in 1 ms",
+        "step flaky attempt 1 failed after N ms: ConnectionError: attempt 1 failed; retry in 1 ms",
         "step flaky started (attempt 2)",
-        "step flaky succeeded  output 2",
+        "step flaky succeeded after N ms  output 2",
         "status complete  output 2",
     ]
-    assert [int(line.split()[0][1:]) for line in lines] == list(range(1, 7))
+    assert [int(line.split()[0][1:]) for line in heads] == list(range(1, 7))
+    # The failed attempt's traceback follows its line, indented.
+    failed = lines.index(heads[2])
+    assert lines[failed + 1] == "      Traceback (most recent call last):"
+    assert lines[failed + 4] == "      ConnectionError: attempt 1 failed"
+    assert lines[failed + 5] == heads[3]
 
     events = [json.loads(line) for line in ok(run("watch", "cli-flaky", "--json")).splitlines()]
     assert [e["sequence"] for e in events] == list(range(1, 7))
     assert events[2]["kind"] == "attempt_failed"
-    assert events[2]["error"] == {"name": "ConnectionError", "message": "attempt 1 failed"}
+    error = events[2]["error"]
+    assert (error["name"], error["message"]) == ("ConnectionError", "attempt 1 failed")
+    assert error["traceback"].endswith("ConnectionError: attempt 1 failed\n")
     assert events[2]["retry_delay"] == 0.001
     assert events[4]["step"] == {"index": 0, "name": "flaky", "occurrence": 1, "kind": "do"}
 
@@ -430,9 +453,16 @@ def test_watch_exits_1_when_the_instance_errors(run: Run) -> None:
     ok(run("create", "raises", "--id", "cli-watch-err"))
     result = run("watch", "cli-watch-err")
     assert result.returncode == 1
-    assert result.stdout.splitlines()[-1].endswith(
-        "status errored  error ValueError: bad input row 7"
-    )
+    lines = result.stdout.splitlines()
+    final = next(i for i, line in enumerate(lines) if "status errored" in line)
+    assert lines[final].endswith("status errored  error ValueError: bad input row 7")
+    assert lines[final + 1 :] == [
+        "      Traceback (most recent call last):",
+        lines[final + 2],
+        '          raise ValueError("bad input row 7")',
+        "      ValueError: bad input row 7",
+    ]
+    assert lines[final + 2].endswith(", in boom")
     assert result.stderr.startswith("cruzflow: instance 'cli-watch-err' errored: ValueError")
 
 

@@ -72,7 +72,13 @@ async def test_retries_follow_backoff_and_record_every_attempt(make_engine: Engi
     assert json.loads(record.output) == 4
     failed = [e async for e in engine.watch(instance_id) if e.kind == EventKind.ATTEMPT_FAILED]
     assert [(e.data["att"], e.data["delay"]) for e in failed] == [(1, 1), (2, 2), (3, 4)]
-    assert failed[0].data["err"] == ["ConnectionError", "attempt 1 failed"]
+    name, message, where = failed[0].data["err"]
+    assert (name, message) == ("ConnectionError", "attempt 1 failed")
+    # Where the step body raised, and not the engine's own frame that called it.
+    assert where.startswith("Traceback (most recent call last):\n")
+    assert 'in flaky\n    raise ConnectionError(f"attempt {ctx.attempt} failed")' in where
+    assert where.endswith("ConnectionError: attempt 1 failed\n")
+    assert "context.py" not in where
 
 
 async def test_exhausted_retries_error_the_instance(make_engine: EngineFactory) -> None:

@@ -19,6 +19,7 @@ from cruzflow.server.app import Service
 from cruzflow.server.config import load_config
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.workflows import StepFailedError, WorkflowEntrypoint, WorkflowEvent, WorkflowStep
+from tests import workflows as wf
 from tests.conftest import ALL_WORKFLOWS, Server, ServerFactory, eventually
 from tests.procs import write_config
 from tests.workflows import Blocks
@@ -241,6 +242,58 @@ async def test_invalid_create_is_rejected_and_stores_nothing(
     assert stored_instances(server) == ["good"]
 
 
+@pytest.mark.parametrize(
+    ("params", "problems"),
+    [
+        ('{"orderId": "o-1"}', ["quantity: required, missing"]),
+        (
+            '{"orderId": 7, "quantity": "2"}',
+            [
+                "orderId: input should be a valid string, got 7",
+                "quantity: input should be a valid integer, got '2'",
+            ],
+        ),
+        (
+            '{"orderId": "o-1", "quantity": 2, "note": 5}',
+            ["note: input should be a valid string, got 5"],
+        ),
+        ("[1, 2]", ["(the params): input should be an object, got [1, 2]"]),
+        ("", ["(the params): input should be an object, got None"]),
+    ],
+)
+async def test_params_that_do_not_match_their_typed_dict_are_refused(
+    server: Server, params: str, problems: list[str]
+) -> None:
+    error = await rpc_error(create(server, "typed-params", params, "typed-1"))
+    assert_names_field(error, INVALID, "params_json")
+    details = error.details() or ""
+    assert "does not match OrderParams, the params workflow 'typed-params' declares" in details
+    for problem in problems:
+        assert problem in details, details
+    assert (await rpc_error(status(server, "typed-1"))).code() == NOT_FOUND
+    # In a batch, the refusal names the item; nothing of the batch is stored.
+    batch = pb.CreateInstancesRequest(
+        requests=[
+            pb.CreateInstanceRequest(
+                workflow="typed-params", params_json='{"orderId": "a", "quantity": 1}'
+            ),
+            pb.CreateInstanceRequest(workflow="typed-params", params_json=params),
+        ]
+    )
+    error = await rpc_error(server.stub.CreateInstances(batch, timeout=TIMEOUT))
+    assert (error.details() or "").startswith("requests[1].params_json: does not match OrderParams")
+    assert stored_instances(server) == []
+
+
+async def test_params_that_match_their_typed_dict_are_taken_as_sent(server: Server) -> None:
+    # Keys the TypedDict does not name are allowed, as a TypedDict allows them.
+    sent = '{"orderId": "o-2", "quantity": 3, "extra": [1]}'
+    done = await run(server, "typed-params", sent, "typed-2")
+    assert done.status == COMPLETE, done.error
+    assert json.loads(done.params_json) == json.loads(sent)
+    assert json.loads(done.output_json) == {"order": "o-2", "quantity": 3}
+
+
 async def test_message_past_the_grpc_cap_is_refused(make_server: ServerFactory) -> None:
     # The server takes messages up to about 2 x max_payload_bytes + 64 KiB.
     server = await make_server(limits={"max_payload_bytes": BIG})
@@ -354,6 +407,13 @@ async def test_step_that_raises_errors_the_instance(server: Server) -> None:
     assert (boom.error.name, boom.error.message) == ("ValueError", "bad input row 7")
     assert boom.HasField("end_time")
     assert not boom.HasField("next_attempt_time")
+    # Where the step's body raised, kept with the step and with the instance's error.
+    where = boom.error.traceback
+    assert where.startswith("Traceback (most recent call last):\n")
+    assert '    raise ValueError("bad input row 7")\n' in where
+    assert where.endswith("ValueError: bad input row 7\n")
+    assert done.error.traceback == where
+    assert fine.error.traceback == ""
     events = await watch(server, done.instance_id)
     assert kinds(events)[-4:] == [
         "attempt_failed:boom#1",
@@ -362,6 +422,8 @@ async def test_step_that_raises_errors_the_instance(server: Server) -> None:
         "status:ERRORED",
     ]
     assert events[-1].status_changed.error == done.error
+    assert events[-4].attempt_failed.error.traceback == where
+    assert events[-2].step_failed.error.traceback == where
 
 
 async def test_caught_non_retryable_failure_completes(server: Server) -> None:
@@ -384,6 +446,24 @@ async def test_error_outside_a_step(server: Server) -> None:
     assert done.error.name == "KeyError"
     assert "missing-key" in done.error.message
     assert list(done.steps) == []
+    # An error raised by run() itself has its traceback too, from run() down.
+    assert done.error.traceback.splitlines()[1:3] == [
+        f'  File "{Path(wf.__file__)}", line {wf.RaisesOutsideStep.run.__code__.co_firstlineno + 1}, in run',
+        '    raise KeyError("missing-key")',
+    ]
+    assert done.error.traceback.endswith("KeyError: 'missing-key'\n")
+
+
+async def test_a_long_traceback_is_cut_in_the_middle(server: Server) -> None:
+    done = await run(server, "deep-raise")
+    assert done.error.name == "RecursionError"
+    where = done.error.traceback
+    assert len(where.encode()) <= 8 * 1024
+    assert where.startswith("Traceback (most recent call last):\n")
+    assert "the middle is left out" in where
+    assert where.endswith("RecursionError: bottom of the dive\n")
+    # What stays of the end is whole lines: the innermost frames.
+    assert '    raise RecursionError("bottom of the dive") from exc\n' in where
 
 
 async def test_hanging_step_times_out_per_attempt(server: Server) -> None:
@@ -393,6 +473,9 @@ async def test_hanging_step_times_out_per_attempt(server: Server) -> None:
     assert "timed out" in done.error.message
     (hang,) = done.steps
     assert (hang.status, hang.attempts, hang.error.name) == (FAILED, 2, "StepTimeoutError")
+    # Where the body was when its time ran out: the await that was cut.
+    assert "in hang\n    await asyncio.sleep(3600)\n" in hang.error.traceback
+    assert hang.error.traceback.endswith("CancelledError\n")
 
 
 async def test_step_result_not_json(server: Server) -> None:

@@ -122,10 +122,13 @@ async def test_event_sent_before_the_wait_is_kept_for_it(server: Server, gate: A
 async def test_event_wakes_a_waiting_instance_once(server: Server) -> None:
     instance_id = await _create(server, "approval")
     await _until(server, instance_id, S.INSTANCE_STATUS_WAITING)
+    # Paused, so that the first event cannot end it before the second is sent.
+    await server.stub.PauseInstance(pb.PauseInstanceRequest(instance_id=instance_id))
     for n in (1, 2):
         await server.stub.SendEvent(
             pb.SendEventRequest(instance_id=instance_id, type="approval", payload_json=str(n))
         )
+    await server.stub.ResumeInstance(pb.ResumeInstanceRequest(instance_id=instance_id))
     done = await _wait(server, instance_id)
     assert json.loads(done.output_json) == {"approved": 1, "type": "approval"}
     wait = done.steps[1]
@@ -274,6 +277,11 @@ async def test_restart_runs_again_from_scratch(server: Server, side_file: Any) -
     assert [count(str(side_file), f"{instance_id}:s{i}") for i in range(5)] == [2] * 5
     assert len(second.steps) == 5
     assert second.steps[0].start_time.ToMilliseconds() >= first.end_time.ToMilliseconds()
+    # The run's start moved to the restart; the creation stays.
+    assert first.start_time == first.create_time
+    assert second.create_time == first.create_time
+    assert second.start_time.ToMilliseconds() >= first.end_time.ToMilliseconds()
+    assert second.end_time.ToMilliseconds() >= second.start_time.ToMilliseconds()
     events = await _events(server, instance_id)
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     assert events[-1].status_changed.status == S.INSTANCE_STATUS_COMPLETE

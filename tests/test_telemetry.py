@@ -188,11 +188,48 @@ async def test_failed_step_and_run_carry_the_error(
     assert attrs(retried)["cruzflow.step.outcome"] == "retrying"
     assert attrs(step)["cruzflow.step.outcome"] == "failed"
     assert step.status.status_code == StatusCode.ERROR
-    assert any(e.name == "exception" for e in step.events)
+    (raised,) = [e for e in step.events if e.name == "exception"]
+    stack = (raised.attributes or {})["exception.stacktrace"]
+    assert isinstance(stack, str) and stack == record.error_traceback
+    assert 'raise ValueError("bad input row 7")' in stack
     (run,) = recorded.named("run raises")
     assert run.status.status_code == StatusCode.ERROR
     assert record.error_name is not None and record.error_name in (run.status.description or "")
     assert attrs(run)["cruzflow.instance.status"] == "errored"
+    # The run's span records the error that ended the instance, with its traceback.
+    (ended,) = [e for e in run.events if e.name == "exception"]
+    assert dict(ended.attributes or {}) == {
+        "exception.type": "ValueError",
+        "exception.message": "bad input row 7",
+        "exception.stacktrace": record.error_traceback,
+        "exception.escaped": "True",
+    }
+
+
+async def test_an_error_raised_by_run_is_on_its_span_and_in_the_log(
+    traced_engine: Engine, recorded: Recorded
+) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("cruzflow")
+    logger.addHandler(handler)
+    try:
+        instance_id, _ = await traced_engine.create("raises-outside")
+        record = await finished(traced_engine, instance_id)
+    finally:
+        logger.removeHandler(handler)
+    assert record.error_traceback is not None
+    assert 'raise KeyError("missing-key")' in record.error_traceback
+    (run,) = recorded.named("run raises-outside")
+    (ended,) = [e for e in run.events if e.name == "exception"]
+    assert (ended.attributes or {})["exception.stacktrace"] == record.error_traceback
+    # The log's line about it is followed by the traceback itself.
+    text = stream.getvalue()
+    line = f"instance {instance_id} errored: run() raised KeyError: 'missing-key'"
+    assert line in text
+    after = text.split(line, 1)[1].split("\n", 1)[1]
+    assert after.startswith(record.error_traceback.rstrip())
 
 
 async def test_event_wait_is_a_span(traced_engine: Engine, recorded: Recorded) -> None:
@@ -306,6 +343,8 @@ async def test_step_logs_name_instance_step_and_trace(
         logger.setLevel(old_level)
     records = [json.loads(line) for line in stream.getvalue().splitlines()]
     (retry,) = [r for r in records if "retrying" in r["message"]]
+    assert retry["traceback"].startswith("Traceback (most recent call last):")
+    assert retry["traceback"].endswith("ConnectionError: the card service hung up\n")
     assert retry["instance_id"] == instance_id
     assert retry["workflow"] == "traced"
     assert retry["step"] == "charge"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from cruzflow.workflows import (
     EventTimeoutError,
@@ -113,6 +113,40 @@ class Raises(WorkflowEntrypoint):
 
         await step.do("boom", boom, retries={"limit": 1, "delay": 0})
         return "unreachable"
+
+
+class DeepRaise(WorkflowEntrypoint):
+    """Fails from deep recursion: a traceback far over the size kept."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        def dive(depth: int) -> None:
+            # Each level adds a chained exception of its own, so Python's
+            # traceback cannot fold the repeats.
+            try:
+                if depth > 0:
+                    dive(depth - 1)
+            except ValueError as exc:
+                raise ValueError(f"unwinding level {depth}") from exc
+            else:
+                raise ValueError("the deepest level")
+
+        try:
+            dive(100)
+        except ValueError as exc:
+            raise RecursionError("bottom of the dive") from exc
+
+
+class OrderParams(TypedDict):
+    """The params TypedWorkflow declares (checked at creation)."""
+
+    orderId: str
+    quantity: int
+    note: NotRequired[str]
+
+
+class TypedParams(WorkflowEntrypoint[OrderParams]):
+    async def run(self, event: WorkflowEvent[OrderParams], step: WorkflowStep) -> Any:
+        return {"order": event.payload["orderId"], "quantity": event.payload["quantity"]}
 
 
 class RaisesOutsideStep(WorkflowEntrypoint):

@@ -33,7 +33,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
@@ -84,12 +84,14 @@ def sqlite_database(path: str | PathLike[str]) -> SqliteDatabase:
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    """An error as the engine records it."""
+    """An error as the engine records it. Two are equal by name and message."""
 
     name: str
     """The exception's class name, e.g. ``"ConnectionError"``."""
     message: str
     """The exception's text."""
+    traceback: str | None = field(default=None, compare=False)
+    """Where it was raised, as Python prints it (bounded); None if no code raised it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,13 +534,15 @@ class WorkflowTestEnv:
         for event in events:
             if event.kind in (EventKind.ATTEMPT_FAILED, EventKind.STEP_FAILED):
                 err = event.data.get("err") or ["", ""]
-                errors.setdefault(event.data["idx"], []).append(ErrorInfo(err[0], err[1]))
+                errors.setdefault(event.data["idx"], []).append(
+                    ErrorInfo(err[0], err[1], err[2] if len(err) > 2 else None)
+                )
         return WorkflowRun(
             id=record.id,
             status=record.status.label,
             output=json.loads(record.output) if record.output is not None else None,
             error=(
-                ErrorInfo(record.error_name, record.error_message or "")
+                ErrorInfo(record.error_name, record.error_message or "", record.error_traceback)
                 if record.error_name
                 else None
             ),
@@ -560,7 +564,11 @@ class WorkflowTestEnv:
                 if step.output is not None and step.status is StepStatus.SUCCEEDED
                 else None
             ),
-            error=ErrorInfo(step.error_name or "", step.error_message or "") if failed else None,
+            error=(
+                ErrorInfo(step.error_name or "", step.error_message or "", step.error_traceback)
+                if failed
+                else None
+            ),
             attempt_errors=tuple(errors),
             mocked_attempts=tuple(self._hooks.mocked.get(key, ())),
             skipped_seconds=self._hooks.skipped.get(key, 0.0),

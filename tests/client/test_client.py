@@ -285,6 +285,8 @@ async def test_result_raises_the_workflows_error(client: Client) -> None:
     assert in_step.value.error_message == "bad input row 7"
     assert in_step.value.code is None
     assert isinstance(in_step.value, CruzflowError)
+    where = in_step.value.error_traceback
+    assert where is not None and where.endswith("ValueError: bad input row 7\n")
 
     outside = await client.workflow("raises-outside").create(id="outside")
     with pytest.raises(WorkflowFailed) as raised:
@@ -294,7 +296,10 @@ async def test_result_raises_the_workflows_error(client: Client) -> None:
     info = await outside.wait()
     assert info.status is InstanceStatus.ERRORED
     assert info.error == ErrorInfo("KeyError", "'missing-key'")
+    assert info.error is not None and info.error.traceback is not None
+    assert 'raise KeyError("missing-key")' in info.error.traceback
     assert info.output is None
+    assert info.start_time == info.create_time
 
 
 async def test_result_times_out_then_the_instance_goes_on(

@@ -472,7 +472,9 @@ class BoundInstance(InstanceHandle):
         try:
             return await super().result(timeout)
         except WorkflowFailed as exc:
-            raise ChildWorkflowFailed(self.id, exc.error_name, exc.error_message) from None
+            raise ChildWorkflowFailed(
+                self.id, exc.error_name, exc.error_message, exc.error_traceback
+            ) from None
         except WorkflowTerminated:
             raise ChildWorkflowTerminated(self.id) from None
 

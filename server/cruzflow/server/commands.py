@@ -489,7 +489,7 @@ def parse_statuses(values: list[str] | None) -> list[InstanceStatus]:
 
 
 def _error(error: ErrorInfo | None) -> ErrorView | None:
-    return None if error is None else ErrorView(error.name, error.message)
+    return None if error is None else ErrorView(error.name, error.message, error.traceback)
 
 
 def step_view(step: StepInfo) -> StepView:
@@ -524,6 +524,7 @@ def instance_view(info: InstanceStatusInfo) -> InstanceView:
         update_time=info.update_time,
         end_time=info.end_time,
         wake_time=info.wake_time,
+        start_time=info.start_time,
         lookup_key=info.lookup_key or "",
         last_sequence=info.last_sequence,
         steps=[step_view(s) for s in info.steps],
@@ -569,11 +570,16 @@ def _outcome(view: InstanceView) -> int:
     if view.status == "complete":
         return EXIT_OK
     if view.status == "errored":
-        return fail(
-            f"instance {view.instance_id!r} errored: {view.error}; "
-            f"`cruzflow restart {view.instance_id}` runs it again",
-            EXIT_FAILED,
-        )
+        if view.error is not None and view.error.traceback:
+            # Its code raised: running the same code again would fail the same way.
+            hint = (
+                f"`cruzflow status {view.instance_id}` shows where it was raised; once the "
+                f"workflow's code is fixed and served, `cruzflow restart {view.instance_id}` "
+                f"runs it again from scratch"
+            )
+        else:
+            hint = f"`cruzflow restart {view.instance_id}` runs it again from scratch"
+        return fail(f"instance {view.instance_id!r} errored: {view.error}; {hint}", EXIT_FAILED)
     return fail(
         f"instance {view.instance_id!r} was {view.status}; "
         f"`cruzflow restart {view.instance_id}` runs it again",
@@ -725,11 +731,16 @@ async def _watch(ctx: Context) -> int:
 async def _watch_lines(ctx: Context, handle: InstanceHandle) -> InstanceView:
     """One line per event, from the first: for pipes, logs and ``--json``."""
     view = InstanceView(instance_id=handle.id)
+    lines = render.EventLines(_style(ctx.out))
     async with _closing(handle.watch(after_sequence=0)) as events:
         async for event in events:
             item = event_view(event)
             render.apply_event(view, item)
-            ctx.print(render.json_line(item.to_json()) if ctx.json else render.event_line(item))
+            if ctx.json:
+                ctx.print(render.json_line(item.to_json()))
+            else:
+                for line in lines.lines(item):
+                    ctx.print(line)
     return view
 
 

@@ -24,22 +24,34 @@ _STATUS_WORDS = {"waitingForPause": "waiting for pause"}
 
 @dataclass(frozen=True, slots=True)
 class ErrorView:
-    """An error as Python names it: the exception class and its text."""
+    """An error as Python names it: the exception class and its text, and
+    where it was raised (None when no code raised it)."""
 
     name: str
     message: str
+    traceback: str | None = None
 
     def __str__(self) -> str:
         return f"{self.name}: {self.message}" if self.message else self.name
 
     def to_json(self) -> dict[str, str]:
-        """``{"name": ..., "message": ...}``."""
-        return {"name": self.name, "message": self.message}
+        """``{"name": ..., "message": ...}``, with ``"traceback"`` when there is one."""
+        out = {"name": self.name, "message": self.message}
+        if self.traceback:
+            out["traceback"] = self.traceback
+        return out
 
 
 def error_json(error: ErrorView | None) -> dict[str, str] | None:
     """An error as JSON, or None."""
     return None if error is None else error.to_json()
+
+
+def traceback_lines(error: ErrorView | None, indent: str, style: Style) -> list[str]:
+    """The error's traceback, indented under the line that names the error."""
+    if error is None or not error.traceback:
+        return []
+    return [style.paint(indent + line, "2") for line in error.traceback.rstrip().splitlines()]
 
 
 @dataclass(slots=True)
@@ -97,6 +109,7 @@ class InstanceView:
     lookup_key: str = ""
     last_sequence: int = 0
     steps: list[StepView] = field(default_factory=list)
+    start_time: datetime | None = None  # the current run's: the creation or the last restart
 
     @property
     def final(self) -> bool:
@@ -116,6 +129,7 @@ class InstanceView:
             "update_time": iso(self.update_time),
             "end_time": iso(self.end_time),
             "wake_time": iso(self.wake_time),
+            "start_time": iso(self.start_time),
             "lookup_key": self.lookup_key or None,
             "last_sequence": self.last_sequence,
         }
@@ -373,10 +387,14 @@ def instance_lines(view: InstanceView, now: datetime, style: Style = PLAIN) -> l
     if view.lookup_key:
         rows.append(("lookup key", view.lookup_key))
     rows.append(("created", local_time(view.create_time)))
+    began = view.start_time or view.create_time
+    if view.start_time is not None and view.start_time != view.create_time:
+        rows.append(("restarted", local_time(view.start_time)))
     if view.end_time is not None:
         took = ""
-        if view.create_time is not None:
-            took = f" (took {duration((view.end_time - view.create_time).total_seconds())})"
+        if began is not None:
+            # The current run's time: from its creation or its last restart.
+            took = f" (took {duration((view.end_time - began).total_seconds())})"
         rows.append(("ended", local_time(view.end_time) + took))
     elif view.update_time is not None:
         rows.append(("updated", local_time(view.update_time)))
@@ -389,13 +407,22 @@ def instance_lines(view: InstanceView, now: datetime, style: Style = PLAIN) -> l
     if view.error is not None:
         rows.append(("error", style.paint(str(view.error), "31")))
     width = max(len(key) for key, _ in rows)
-    lines = [f"{key.ljust(width)}  {value}" for key, value in rows]
+    lines = []
+    for key, value in rows:
+        lines.append(f"{key.ljust(width)}  {value}")
+        if key == "error":
+            lines += traceback_lines(view.error, " " * (width + 2), style)
+    shown = view.error.traceback if view.error is not None else None
     if view.steps:
         lines.append(f"steps ({len(view.steps)})")
         name_width = max(len(_step_name(s)) for s in view.steps)
-        lines += ["  " + step_line(s, now, style, name_width) for s in view.steps]
+        for s in view.steps:
+            lines.append("  " + step_line(s, now, style, name_width))
+            # A step's traceback, unless it is the one shown with the instance's error.
+            if s.error is not None and s.error.traceback != shown:
+                lines += traceback_lines(s.error, "      ", style)
     else:
-        lines.append("steps    none yet")
+        lines.append(f"{'steps'.ljust(width)}  none yet")
     return lines
 
 
@@ -428,8 +455,12 @@ def workflows_table(views: Sequence[WorkflowView]) -> str:
 # --- the event log, one line per event --------------------------------------
 
 
-def event_line(event: EventView) -> str:
-    """One event for people: ``#3  17:01:02.125  step one started (attempt 1)``."""
+def event_line(event: EventView, took: float | None = None) -> str:
+    """One event for people: ``#3  17:01:02.125  step one started (attempt 1)``.
+
+    ``took`` is how long the step's attempt (or sleep, or wait) ran, in
+    seconds, when the event ends one and its start is known (see
+    :class:`EventLines`)."""
     head = f"#{event.sequence:<3} {clock(event.time)}  "
     if event.kind == "status_changed":
         text = f"status {status_word(event.status)}"
@@ -444,6 +475,7 @@ def event_line(event: EventView) -> str:
         else (f"{event.step_name} #{event.step_occurrence}")
     )
     what = {"sleep": "sleep", "waitForEvent": "wait"}.get(event.step_kind, "step")
+    after = "" if took is None else f" after {duration(took)}"
     if event.kind == "step_started":
         attempt = f" (attempt {event.attempt})" if event.step_kind == "do" else ""
         return head + f"{what} {name} started{attempt}"
@@ -451,12 +483,42 @@ def event_line(event: EventView) -> str:
         retry = ""
         if event.retry_delay is not None:
             retry = f"; retry in {duration(event.retry_delay)}"
-        return head + f"{what} {name} attempt {event.attempt} failed: {event.error}{retry}"
+        return head + f"{what} {name} attempt {event.attempt} failed{after}: {event.error}{retry}"
     if event.kind == "step_succeeded":
-        return head + f"{what} {name} succeeded  output {compact_json(event.output, 200)}"
+        return head + f"{what} {name} succeeded{after}  output {compact_json(event.output, 200)}"
     if event.kind == "step_failed":
-        return head + f"{what} {name} failed: {event.error}"
+        return head + f"{what} {name} failed{after}: {event.error}"
     return head + event.kind
+
+
+class EventLines:
+    """``watch`` piped: the lines of each event, with how long each step's
+    attempt took (from its start event) and the traceback of each failure."""
+
+    def __init__(self, style: Style = PLAIN) -> None:
+        self._style = style
+        self._started: dict[int, datetime] = {}
+        self._current = ""  # the step that started last, as "sleep NAME" or "wait NAME"
+
+    def lines(self, event: EventView) -> list[str]:
+        took = None
+        line = ""
+        if event.kind == "step_started":
+            if event.time is not None:
+                self._started[event.step_index] = event.time
+            what = {"sleep": "sleep", "waitForEvent": "wait"}.get(event.step_kind, "step")
+            self._current = f"{what} {event.step_name}"
+        elif event.kind in ("attempt_failed", "step_succeeded", "step_failed"):
+            began = self._started.get(event.step_index)
+            if began is not None and event.time is not None:
+                took = (event.time - began).total_seconds()
+        elif event.kind == "status_changed":
+            if event.status == "waiting" and self._current:
+                line = f"  in {self._current}"  # what it waits on
+            elif event.status in ("running", "queued"):
+                self._started.clear()  # a restart begins again at index 0
+        first = event_line(event, took) + line
+        return [first, *traceback_lines(event.error, "      ", self._style)]
 
 
 # --- the live view of ``watch`` ----------------------------------------------
@@ -546,9 +608,10 @@ def live_lines(
 ) -> list[str]:
     """The compact live view: a status line, then one line per step."""
     head = f"{style.paint(view.instance_id, '1')}  {view.workflow}  {style.status(view.status)}"
-    if view.create_time is not None:
+    began = view.start_time or view.create_time
+    if began is not None:
         end = view.end_time if view.final and view.end_time else now
-        head += f"  {duration((end - view.create_time).total_seconds())}"
+        head += f"  {duration((end - began).total_seconds())}"
     if view.status == "waiting" and view.wake_time is not None:
         head += f"  wakes in {duration((view.wake_time - now).total_seconds())}"
     lines = [head]
@@ -561,6 +624,7 @@ def live_lines(
         lines.append("output " + compact_json(view.output, 400))
     if view.error is not None:
         lines.append(style.paint(f"error  {view.error}", "31"))
+        lines += traceback_lines(view.error, "       ", style)
     if note:
         lines.append(style.paint(note, "2"))
     return lines

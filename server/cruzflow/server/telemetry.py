@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import time
-import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cruzflow.server.engine.model import InstanceStatus, StepKind
+from cruzflow.server.engine.tracebacks import format_error
 
 if TYPE_CHECKING:
     from cruzflow.server.spans import SpanSink
@@ -326,7 +326,7 @@ class Telemetry:
         token: _RunToken,
         status: InstanceStatus,
         replayed: int,
-        error: tuple[str, str] | None,
+        error: tuple[str, str, str | None] | None,
     ) -> None:
         if token.context is None:
             return
@@ -335,6 +335,18 @@ class Telemetry:
         if sink is None or not token.sampled:
             return
         failed = status == InstanceStatus.ERRORED and error is not None
+        if failed and error is not None:
+            # As the SDK's record_exception: the error that ended the instance,
+            # with the traceback the engine kept (the step's, for a step failure).
+            attributes = {"exception.type": error[0], "exception.message": error[1]}
+            if error[2] is not None:
+                attributes["exception.stacktrace"] = error[2]
+            attributes["exception.escaped"] = "True"
+            event = ("exception", time.time_ns(), attributes)
+            if token.events is None:
+                token.events = [event]
+            else:
+                token.events.append(event)
         sink.record(
             (
                 f"run {token.workflow}",
@@ -409,7 +421,7 @@ class Telemetry:
                 {
                     "exception.type": type(exc).__name__,
                     "exception.message": str(exc),
-                    "exception.stacktrace": "".join(traceback.format_exception(exc)),
+                    "exception.stacktrace": format_error(exc),
                     "exception.escaped": "False",
                 },
             )
@@ -601,6 +613,9 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
+        traceback = getattr(record, "traceback", None)
+        if traceback is not None:
+            out["traceback"] = traceback
         return json.dumps(out, ensure_ascii=False)
 
 
@@ -617,7 +632,10 @@ class TextFormatter(logging.Formatter):
             for key in (*_RECORD_FIELDS, "trace_id")
             if (value := getattr(record, key, None)) is not None
         ]
-        return f"{line} [{' '.join(pairs)}]" if pairs else line
+        line = f"{line} [{' '.join(pairs)}]" if pairs else line
+        # The engine's failures carry where they were raised (see engine/tracebacks.py).
+        traceback = getattr(record, "traceback", None)
+        return line if traceback is None else f"{line}\n{traceback.rstrip()}"
 
 
 def configure_logging(fmt: str = "text", level: str | None = None) -> None:

@@ -805,6 +805,7 @@ class InstanceHandle:
                 self._id,
                 error.name if error else "UnknownError",
                 error.message if error else "",
+                error.traceback if error else None,
             )
         raise WorkflowTerminated(self._id)
 

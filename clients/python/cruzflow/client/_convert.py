@@ -87,7 +87,8 @@ def _time(message: Any, name: str) -> datetime | None:
 def _error(message: Any) -> ErrorInfo | None:
     if not message.HasField("error"):
         return None
-    return ErrorInfo(message.error.name, message.error.message)
+    error = message.error
+    return ErrorInfo(error.name, error.message, error.traceback or None)
 
 
 def timestamp(value: datetime) -> Timestamp:
@@ -132,6 +133,7 @@ def instance(message: pb.Instance) -> InstanceStatusInfo:
         update_time=_time(message, "update_time"),
         end_time=_time(message, "end_time"),
         wake_time=_time(message, "wake_time"),
+        start_time=_time(message, "start_time"),
         lookup_key=message.lookup_key or None,
         last_sequence=message.last_sequence,
         steps=tuple(step(s) for s in message.steps),

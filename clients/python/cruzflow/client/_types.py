@@ -90,10 +90,14 @@ class EventKind(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    """An error the way Python names it: the exception class and its text."""
+    """An error the way Python names it: the exception class and its text, and
+    where it was raised. Two errors are equal by name and message."""
 
     name: str
     message: str
+    traceback: str | None = field(default=None, compare=False)
+    """The traceback as Python prints it (at most 8 KiB), or None when no code
+    raised the error (a timed-out event wait, an interrupted attempt)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +149,8 @@ class InstanceStatusInfo:
     lookup_key: str | None
     last_sequence: int
     """Sequence number of the newest event (see ``InstanceHandle.watch``)."""
+    start_time: datetime | None = None
+    """When the current run began: the creation, or the last restart."""
     steps: tuple[StepInfo, ...] = field(default=())
     """The steps so far, in the order ``run`` reached them; empty in listings."""
 

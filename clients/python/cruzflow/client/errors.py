@@ -142,16 +142,24 @@ class WorkflowFailed(CruzflowError):
     """The instance ended ``errored``; raised by ``InstanceHandle.result()``.
 
     ``error_name`` and ``error_message`` are the exception class name and text
-    the workflow failed with (``"ValueError"``, ``"bad input row 7"``).
+    the workflow failed with (``"ValueError"``, ``"bad input row 7"``), and
+    ``error_traceback`` where it was raised (None if no code raised it).
     """
 
-    def __init__(self, instance_id: str, error_name: str, error_message: str) -> None:
+    def __init__(
+        self,
+        instance_id: str,
+        error_name: str,
+        error_message: str,
+        error_traceback: str | None = None,
+    ) -> None:
         super().__init__(
             f"instance {instance_id!r} failed: {error_name}: {error_message}",
             instance_id=instance_id,
         )
         self.error_name = error_name
         self.error_message = error_message
+        self.error_traceback = error_traceback
 
 
 class WorkflowTerminated(CruzflowError):

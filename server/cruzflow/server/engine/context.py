@@ -32,6 +32,7 @@ from cruzflow.server.engine.retries import (
     resolve,
 )
 from cruzflow.server.engine.scope import StepScope, current_step
+from cruzflow.server.engine.tracebacks import format_error
 from cruzflow.server.engine.validate import has_control
 
 if TYPE_CHECKING:
@@ -101,19 +102,35 @@ class _Slot:
         self.record(StepStatus.SUCCEEDED, attempt, ended_at=_ms(), output=output, **fields)
         self.emit(EventKind.STEP_SUCCEEDED, attempt, output)
 
-    async def fail(self, attempt: int, error_name: str, error_message: str) -> None:
+    async def fail(
+        self, attempt: int, error_name: str, error_message: str, error_traceback: str | None = None
+    ) -> None:
         """Record the step failed for good; durable before ``run`` is told."""
         self.record(
-            StepStatus.FAILED, attempt, ended_at=_ms(),
-            error_name=error_name, error_message=error_message,
+            StepStatus.FAILED, attempt, ended_at=_ms(), error_name=error_name,
+            error_message=error_message, error_traceback=error_traceback,
         )  # fmt: skip
-        self.emit(EventKind.STEP_FAILED, attempt, err=[error_name, error_message])
+        self.emit(
+            EventKind.STEP_FAILED, attempt, err=_err(error_name, error_message, error_traceback)
+        )
         await self.run.barrier()
+
+
+def _err(name: str, message: str, traceback: str | None) -> list[str]:
+    """An error as events carry it: name, message, and the traceback if any."""
+    return [name, message] if traceback is None else [name, message, traceback]
 
 
 def _about(run: _Run, step: str, attempt: int) -> dict[str, Any]:
     """The fields of a log record about a step (see telemetry's log formats)."""
     return {"instance_id": run.id, "workflow": run.spec.name, "step": step, "attempt": attempt}
+
+
+def _about_error(run: _Run, step: str, attempt: int, traceback: str | None) -> dict[str, Any]:
+    about = _about(run, step, attempt)
+    if traceback is not None:
+        about["traceback"] = traceback
+    return about
 
 
 def to_json(value: Any) -> bytes:
@@ -214,7 +231,12 @@ class WorkflowStep:
             if stored.status is StepStatus.SUCCEEDED:
                 return json.loads(stored.output) if stored.output is not None else None
             if stored.status is StepStatus.FAILED:
-                raise StepFailedError(name, stored.error_name or "", stored.error_message or "")
+                raise StepFailedError(
+                    name,
+                    stored.error_name or "",
+                    stored.error_message or "",
+                    stored.error_traceback,
+                )
             attempt, slot.started_at, next_at = (
                 stored.attempts,
                 stored.started_at,
@@ -259,7 +281,7 @@ class WorkflowStep:
 
             observer = engine.observer
             if observer is None:
-                output, error_name, error_message, retryable = await self._attempt(
+                output, error_name, error_message, error_tb, retryable = await self._attempt(
                     run, name, fn, attempt, policy, occurrence=slot.occurrence
                 )
             else:
@@ -267,7 +289,7 @@ class WorkflowStep:
                     run.span, name, slot.occurrence, slot.index, attempt
                 )
                 try:
-                    output, error_name, error_message, retryable = await self._attempt(
+                    output, error_name, error_message, error_tb, retryable = await self._attempt(
                         run, name, fn, attempt, policy, span, occurrence=slot.occurrence
                     )
                 except BaseException as exc:  # cancelled (terminate) or cut by shutdown
@@ -293,22 +315,24 @@ class WorkflowStep:
             if last:
                 log.warning(
                     "step %r failed after %d attempt(s): %s: %s",
-                    name, attempt, error_name, error_message, extra=_about(run, name, attempt),
+                    name, attempt, error_name, error_message,
+                    extra=_about_error(run, name, attempt, error_tb),
                 )  # fmt: skip
-                await slot.fail(attempt, error_name, error_message)
-                raise StepFailedError(name, error_name, error_message)
+                await slot.fail(attempt, error_name, error_message, error_tb)
+                raise StepFailedError(name, error_name, error_message, error_tb)
             log.info(
                 "step %r attempt %d failed (%s: %s); retrying in %g s",
-                name, attempt, error_name, error_message, delay, extra=_about(run, name, attempt),
+                name, attempt, error_name, error_message, delay,
+                extra=_about_error(run, name, attempt, error_tb),
             )  # fmt: skip
             due = _ms() + int(delay * 1000)
             slot.record(
-                StepStatus.RUNNING, attempt,
-                error_name=error_name, error_message=error_message, next_attempt_at=due,
+                StepStatus.RUNNING, attempt, error_name=error_name, error_message=error_message,
+                next_attempt_at=due, error_traceback=error_tb,
             )  # fmt: skip
             slot.emit(
-                EventKind.ATTEMPT_FAILED, attempt,
-                err=[error_name, error_message], next=due, delay=int(delay * 1000),
+                EventKind.ATTEMPT_FAILED, attempt, err=_err(error_name, error_message, error_tb),
+                next=due, delay=int(delay * 1000),
             )  # fmt: skip
             await engine.wait_or_suspend(delay)
 
@@ -346,7 +370,7 @@ class WorkflowStep:
         """Sleep durably: the instance waits (holding no coroutine) and resumes on time,
         across server restarts. ``duration`` as for timeouts: "1 day", ms, timedelta."""
         seconds = to_seconds(duration, "step.sleep duration")
-        await self._sleep(name, lambda: _ms() + int(seconds * 1000))
+        await self._sleep(name, lambda now: now + int(seconds * 1000))
 
     async def sleep_until(self, name: str, when: datetime | float) -> None:
         """Sleep durably until ``when``: an aware datetime, or seconds since the epoch."""
@@ -360,9 +384,9 @@ class WorkflowStep:
             raise TypeError(
                 f"step.sleep_until: expected a datetime or epoch seconds, got {type(when).__name__}"
             )
-        await self._sleep(name, lambda: int(target * 1000))
+        await self._sleep(name, lambda now: int(target * 1000))
 
-    async def _sleep(self, name: str, due_at: Callable[[], int]) -> None:
+    async def _sleep(self, name: str, due_at: Callable[[int], int]) -> None:
         run = self._run
         slot, stored = self._next(name, StepKind.SLEEP)
         if stored is not None and stored.status is StepStatus.SUCCEEDED:
@@ -371,7 +395,9 @@ class WorkflowStep:
         if stored is not None and stored.next_attempt_at is not None:
             due, slot.started_at = stored.next_attempt_at, stored.started_at
         else:
-            due, slot.started_at = due_at(), _ms()
+            # One clock reading: a sleep of 3 s is due exactly 3 s after its start.
+            slot.started_at = _ms()
+            due = due_at(slot.started_at)
             self._check_wait(due - slot.started_at, "sleep")
             hooks = self._engine.hooks
             if hooks is not None:
@@ -477,8 +503,9 @@ class WorkflowStep:
         span: Any = None,
         *,
         occurrence: int,
-    ) -> tuple[bytes | None, str, str, bool]:
-        """One attempt: (result JSON, ...) on success, else (None, error name, message, retryable).
+    ) -> tuple[bytes | None, str, str, str | None, bool]:
+        """One attempt: (result JSON, "", "", None, True) on success, else (None, error
+        name, message, traceback or None, retryable).
 
         ``span`` is the observer's token for the attempt, told of what the body raised.
         """
@@ -503,8 +530,12 @@ class WorkflowStep:
                 message = (
                     f"attempt {attempt} of step {name!r} timed out after {policy.timeout_s:g} s"
                 )
-                return None, StepTimeoutError.__name__, message, True
-            return None, type(exc).__name__, str(exc), not isinstance(exc, NonRetryableError)
+                # Where the body was when its time ran out: the cancelled await.
+                cut = exc.__context__
+                where = format_error(cut) if cut is not None else None
+                return None, StepTimeoutError.__name__, message, where, True
+            retryable = not isinstance(exc, NonRetryableError)
+            return None, type(exc).__name__, str(exc), format_error(exc), retryable
         finally:
             current_step.reset(step_token)
         try:
@@ -515,6 +546,7 @@ class WorkflowStep:
                 "StepResultError",
                 f"step {name!r} returned a value that is not JSON ({exc}); return dicts, lists, "
                 f"strings, numbers, booleans or None",
+                None,
                 False,
             )
         limit = self._engine.limits.max_payload_bytes
@@ -525,6 +557,7 @@ class WorkflowStep:
                 f"step {name!r} returned {len(output):,} bytes of JSON, over the limit of "
                 f"{limit:,} bytes (limits.max_payload_bytes); store large data elsewhere and "
                 f"return a reference",
+                None,
                 False,
             )
-        return output, "", "", True
+        return output, "", "", None, True

@@ -29,14 +29,22 @@ class StepFailedError(WorkflowError):
     original exception's class name and text). They are the same whether the
     step failed just now or on an earlier execution that is being replayed.
     If ``run`` does not catch it, the instance ends ``errored`` with that
-    name and message.
+    name and message. ``error_traceback`` is where the last attempt's error
+    was raised (None when the step did not raise, e.g. it timed out).
     """
 
-    def __init__(self, step_name: str, error_name: str, error_message: str) -> None:
+    def __init__(
+        self,
+        step_name: str,
+        error_name: str,
+        error_message: str,
+        error_traceback: str | None = None,
+    ) -> None:
         super().__init__(f"step {step_name!r} failed: {error_name}: {error_message}")
         self.step_name = step_name
         self.error_name = error_name
         self.error_message = error_message
+        self.error_traceback = error_traceback
 
 
 class EventTimeoutError(StepFailedError):

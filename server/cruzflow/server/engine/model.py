@@ -84,6 +84,11 @@ class InstanceRecord:
     wake_at: int | None = None
     trace_parent: str | None = None
     """The creator's trace context (W3C traceparent), when telemetry is on."""
+    error_traceback: str | None = None
+    """With ``error_name``: where the error was raised (bounded, see tracebacks.py)."""
+    run_started_at: int | None = None
+    """When the current run began: the creation, or the last RestartInstance
+    (None in rows stored before it was kept: the creation)."""
 
 
 @dataclass(slots=True)
@@ -98,6 +103,9 @@ class InstanceUpdate:
     error_message: str | None = None
     ended_at: int | None = None
     wake_at: int | None = None
+    error_traceback: str | None = None
+    run_started_at: int | None = None
+    """Written when set; None keeps the stored value."""
 
 
 @dataclass(slots=True)
@@ -116,6 +124,7 @@ class StepRecord:
     next_attempt_at: int | None = None
     kind: StepKind = StepKind.DO
     event_type: str | None = None
+    error_traceback: str | None = None
 
 
 @dataclass(slots=True)
@@ -127,6 +136,9 @@ class InboxEvent:
     payload: bytes
     at: int
     id: int = 0
+    trace_parent: str | None = None
+    """The sender's trace context (W3C traceparent), when telemetry is on: the
+    span of the wait that takes the event links to it."""
 
 
 @dataclass(slots=True)

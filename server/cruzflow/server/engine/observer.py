@@ -26,10 +26,15 @@ class Observer(Protocol):
         """A run (one pass of ``run()`` in memory) starts; returns its token."""
 
     def run_ended(
-        self, token: Any, status: InstanceStatus, replayed: int, error: tuple[str, str] | None
+        self,
+        token: Any,
+        status: InstanceStatus,
+        replayed: int,
+        error: tuple[str, str, str | None] | None,
     ) -> None:
         """The run left memory with the instance in ``status``; ``replayed`` steps
-        were answered from their checkpoints."""
+        were answered from their checkpoints. ``error`` is the name, message and
+        traceback (or None) the run ended the instance with."""
 
     def attempt_started(
         self, run: Any, name: str, occurrence: int, index: int, attempt: int

@@ -49,6 +49,8 @@ from cruzflow.server.engine.model import (
     StepRecord,
 )
 from cruzflow.server.engine.observer import Observer
+from cruzflow.server.engine.params import checker as params_checker
+from cruzflow.server.engine.tracebacks import format_error
 from cruzflow.server.store.base import Store, StoreError
 
 log = logging.getLogger("cruzflow.engine")
@@ -145,11 +147,13 @@ def parse_json_field(text: str | bytes, field: str, limit: int, max_depth: int =
     return data
 
 
-def _about(run: _Run, step: str | None = None) -> dict[str, Any]:
+def _about(run: _Run, step: str | None = None, traceback: str | None = None) -> dict[str, Any]:
     """The fields a log record about an instance carries (see telemetry's formats)."""
     about = {"instance_id": run.id, "workflow": run.spec.name}
     if step is not None:
         about["step"] = step
+    if traceback is not None:
+        about["traceback"] = traceback
     return about
 
 
@@ -160,7 +164,7 @@ class _Run:
     __slots__ = (
         "claimed", "created_at", "engine", "error", "held", "id", "last_write", "next_index",
         "occurrences", "params", "pause_requested", "poked", "queued", "replay", "resumed",
-        "seq", "span", "spec", "status", "task", "trace_parent",
+        "run_started_at", "seq", "span", "spec", "status", "task", "trace_parent",
     )  # fmt: skip
 
     def __init__(
@@ -171,6 +175,7 @@ class _Run:
         self.spec = spec
         self.params = record.params
         self.created_at = record.created_at
+        self.run_started_at = record.run_started_at or record.created_at
         self.status = record.status
         self.seq = record.last_seq
         self.resumed = resumed
@@ -188,8 +193,8 @@ class _Run:
         self.queued = False
         self.held = 0
         self.trace_parent = record.trace_parent
-        # The error this run ended the instance with, for the observer.
-        self.error: tuple[str, str] | None = None
+        # The error this run ended the instance with, and its traceback, for the observer.
+        self.error: tuple[str, str, str | None] | None = None
         # The observer's token for the run in memory (its span).
         self.span: Any = None
 
@@ -221,25 +226,28 @@ class _Run:
         output: bytes | None = None,
         error: tuple[str, str] | None = None,
         wake_at: int | None = None,
+        traceback: str | None = None,
     ) -> Durable:
+        """Record a new status; ``error`` (name, message) and its ``traceback``
+        with ERRORED."""
         now = _ms()
         observer = self.engine.observer
         if observer is not None:
             if status != self.status:
                 observer.status_changed(self.spec.name, self.status, status)
-            self.error = error
+            self.error = None if error is None else (*error, traceback)
         self.status = status
         finished = status.finished
         self.engine.journal.update_instance(
             InstanceUpdate(
                 self.id, status, now, output,
                 error[0] if error else None, error[1] if error else None,
-                now if finished else None, wake_at,
+                now if finished else None, wake_at, traceback, self.run_started_at,
             )
         )  # fmt: skip
         data: dict[str, Any] = {"status": int(status)}
         if error:
-            data["err"] = list(error)
+            data["err"] = [*error] if traceback is None else [*error, traceback]
         if wake_at is not None:
             data["wake"] = wake_at
         return self.emit(EventKind.STATUS_CHANGED, data, output)
@@ -310,6 +318,12 @@ class Engine:
         self.hooks = hooks
         self.env = env
         self._workflows = dict(workflows)
+        # Workflows whose params are a TypedDict: their creates are checked.
+        self._params_checks = {
+            name: check
+            for name, spec in self._workflows.items()
+            if (check := params_checker(name, spec.cls)) is not None
+        }
         self._hub = Hub()
         self.journal: Journal
         # Every instance in memory (running, queued, or held by a control
@@ -465,6 +479,9 @@ class Engine:
         params_bytes = parse_json_field(
             params, "params_json", self.limits.max_payload_bytes, self.limits.max_json_depth
         )
+        check = self._params_checks.get(workflow)
+        if check is not None:
+            check(params_bytes)
         if instance_id:
             self.check_id(instance_id, creating=True)
         validate.check_text(
@@ -792,6 +809,7 @@ class Engine:
             self._dequeue(run)
             self._timer_due.pop(run.id, None)
             self.journal.clear_steps(run.id)
+            run.run_started_at = _ms()
             run.reset_for_replay()
             run.resumed = False  # nothing to replay: the steps are gone
             run.pause_requested = False
@@ -821,7 +839,9 @@ class Engine:
                 # the run takes it wakes the instance as soon as it starts again
                 # (through the wake index), not at the wait's timeout.
                 self.journal.update_instance(
-                    InstanceUpdate(run.id, run.status, now, None, None, None, None, now)
+                    InstanceUpdate(
+                        run.id, run.status, now, wake_at=now, run_started_at=run.run_started_at
+                    )
                 )
             await self.durable(durable, "the event could not be stored")
             if run.active:
@@ -837,11 +857,12 @@ class Engine:
         status: InstanceStatus,
         output: bytes | None = None,
         error: tuple[str, str] | None = None,
+        traceback: str | None = None,
     ) -> None:
         # Only the run's own task may end it: after a terminate or restart
         # took the run away, a late ending of the old task is dropped.
         if run.task is asyncio.current_task():
-            run.set_status(status, output, error)
+            run.set_status(status, output, error, traceback=traceback)
 
     async def _drive(self, run: _Run) -> None:
         observer = self.observer
@@ -881,14 +902,38 @@ class Engine:
                 return
             self._finish(run, InstanceStatus.COMPLETE, output=output)
         except StepFailedError as exc:
-            self._finish(run, InstanceStatus.ERRORED, error=(exc.error_name, exc.error_message))
+            # run() let a failed step's error through: the step's own traceback
+            # (where its body raised) says why; the step's log record has it.
+            log.warning(
+                "instance %s errored: step %r failed: %s: %s",
+                run.id, exc.step_name, exc.error_name, exc.error_message, extra=_about(run),
+            )  # fmt: skip
+            self._finish(
+                run,
+                InstanceStatus.ERRORED,
+                error=(exc.error_name, exc.error_message),
+                traceback=exc.error_traceback,
+            )
         except FatalWorkflowError as exc:
-            log.error("instance %s failed: %s", run.id, exc, extra=_about(run))
-            self._finish(run, InstanceStatus.ERRORED, error=(exc.error_name, exc.error_message))
+            where = format_error(exc)
+            log.error("instance %s failed: %s", run.id, exc, extra=_about(run, traceback=where))
+            self._finish(
+                run,
+                InstanceStatus.ERRORED,
+                error=(exc.error_name, exc.error_message),
+                traceback=where,
+            )
         except (Suspend, asyncio.CancelledError):
             pass  # left as stored; resumed after a restart or a wake-up
         except (Exception, SystemExit) as exc:
-            self._finish(run, InstanceStatus.ERRORED, error=(type(exc).__name__, str(exc)))
+            where = format_error(exc)
+            log.warning(
+                "instance %s errored: run() raised %s: %s",
+                run.id, type(exc).__name__, exc, extra=_about(run, traceback=where),
+            )  # fmt: skip
+            self._finish(
+                run, InstanceStatus.ERRORED, error=(type(exc).__name__, str(exc)), traceback=where
+            )
         finally:
             if observer is not None:
                 observer.run_ended(run.span, run.status, len(run.replay or ()), run.error)
@@ -937,6 +982,7 @@ class Engine:
                                 output=event.payload,
                                 error_name=err[0] if err else None,
                                 error_message=err[1] if err else None,
+                                error_traceback=err[2] if err and len(err) > 2 else None,
                                 updated_at=event.at,
                                 ended_at=event.at,
                                 wake_at=None,

@@ -123,22 +123,34 @@ MIGRATIONS: list[str] = [
         value BLOB NOT NULL
     ) WITHOUT ROWID;
     """,
+    """
+    -- Where an error was raised (bounded), beside its name and message.
+    ALTER TABLE instances ADD COLUMN error_traceback TEXT;
+    ALTER TABLE steps ADD COLUMN error_traceback TEXT;
+    -- When the current run began (the creation, or the last restart).
+    ALTER TABLE instances ADD COLUMN run_started_at INTEGER;
+    -- The sender's trace context, for the link from the wait that takes it.
+    ALTER TABLE inbox ADD COLUMN trace_parent TEXT;
+    """,
 ]
 
 _INSERT_INSTANCE = (
     "INSERT INTO instances (id, workflow, status, params, output, error_name, error_message,"
-    " created_at, updated_at, ended_at, lookup_key, wake_at, trace_parent)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " created_at, updated_at, ended_at, lookup_key, wake_at, trace_parent, error_traceback,"
+    " run_started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_INSTANCE = (
     "UPDATE instances SET status = ?, output = ?, error_name = ?, error_message = ?,"
-    " updated_at = ?, ended_at = ?, wake_at = ? WHERE id = ?"
+    " updated_at = ?, ended_at = ?, wake_at = ?, error_traceback = ?,"
+    " run_started_at = COALESCE(?, run_started_at) WHERE id = ?"
 )
 _CLEAR_STEPS = "DELETE FROM steps WHERE instance_id = ?"
-_INSERT_INBOX = "INSERT INTO inbox (instance_id, type, payload, at) VALUES (?, ?, ?, ?)"
+_INSERT_INBOX = (
+    "INSERT INTO inbox (instance_id, type, payload, at, trace_parent) VALUES (?, ?, ?, ?, ?)"
+)
 _CONSUME_INBOX = "UPDATE inbox SET consumed_by = ? WHERE id = ?"
 _TAKE_INBOX = (
-    "SELECT id, instance_id, type, payload, at FROM inbox INDEXED BY inbox_pending"
+    "SELECT id, instance_id, type, payload, at, trace_parent FROM inbox INDEXED BY inbox_pending"
     " WHERE instance_id = ? AND type = ? AND consumed_by IS NULL ORDER BY id LIMIT ?"
 )
 _DUE_WAKES = (
@@ -147,12 +159,12 @@ _DUE_WAKES = (
 )
 _UPSERT_STEP = (
     "INSERT INTO steps (instance_id, idx, name, occurrence, status, attempts, started_at,"
-    " ended_at, output, error_name, error_message, next_attempt_at, kind, event_type)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ended_at, output, error_name, error_message, next_attempt_at, kind, event_type,"
+    " error_traceback) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (instance_id, idx) DO UPDATE SET status = excluded.status,"
     " attempts = excluded.attempts, ended_at = excluded.ended_at, output = excluded.output,"
     " error_name = excluded.error_name, error_message = excluded.error_message,"
-    " next_attempt_at = excluded.next_attempt_at"
+    " next_attempt_at = excluded.next_attempt_at, error_traceback = excluded.error_traceback"
 )
 _INSERT_EVENT = (
     "INSERT INTO events (instance_id, seq, at, kind, data, payload) VALUES (?, ?, ?, ?, ?, ?)"
@@ -160,6 +172,7 @@ _INSERT_EVENT = (
 _INSTANCE_COLUMNS = (
     "i.id, i.workflow, i.status, i.params, i.created_at, i.updated_at, i.output,"
     " i.error_name, i.error_message, i.ended_at, i.lookup_key, i.wake_at, i.trace_parent,"
+    " i.error_traceback, i.run_started_at,"
     " COALESCE((SELECT e.seq FROM events e WHERE e.instance_id = i.id"
     " ORDER BY e.seq DESC LIMIT 1), 0)"
 )
@@ -177,7 +190,7 @@ _UNFINISHED = (
 )
 _GET_STEPS = (
     "SELECT instance_id, idx, name, occurrence, status, attempts, started_at, ended_at, output,"
-    " error_name, error_message, next_attempt_at, kind, event_type"
+    " error_name, error_message, next_attempt_at, kind, event_type, error_traceback"
     " FROM steps WHERE instance_id = ? ORDER BY idx"
 )
 _READ_EVENTS = (
@@ -269,10 +282,10 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "get_instance": (_GET_INSTANCE, ("x",)),
     "get_steps": (_GET_STEPS, ("x",)),
     "read_events": (_READ_EVENTS, ("x", 0, 10)),
-    "update_instance": (_UPDATE_INSTANCE, (1, None, None, None, 0, None, None, "x")),
+    "update_instance": (_UPDATE_INSTANCE, (1, None, None, None, 0, None, None, None, None, "x")),
     "upsert_step": (
         _UPSERT_STEP,
-        ("x", 0, "n", 1, 1, 1, 0, None, None, None, None, None, 1, None),
+        ("x", 0, "n", 1, 1, 1, 0, None, None, None, None, None, 1, None, None),
     ),
     "clear_steps": (_CLEAR_STEPS, ("x",)),
     "take_inbox": (_TAKE_INBOX, ("x", "t", 1)),
@@ -354,7 +367,9 @@ def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
         lookup_key=row[10],
         wake_at=row[11],
         trace_parent=row[12],
-        last_seq=row[13],
+        error_traceback=row[13],
+        run_started_at=row[14],
+        last_seq=row[15],
     )
 
 
@@ -476,7 +491,8 @@ class SqliteStore:
                     [
                         (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
                          r.error_message, r.created_at, r.updated_at, r.ended_at,
-                         r.lookup_key, r.wake_at, r.trace_parent)
+                         r.lookup_key, r.wake_at, r.trace_parent, r.error_traceback,
+                         r.run_started_at)
                         for r in batch.new_instances
                     ],
                 )  # fmt: skip
@@ -485,7 +501,7 @@ class SqliteStore:
                     _UPDATE_INSTANCE,
                     [
                         (int(u.status), u.output, u.error_name, u.error_message, u.updated_at,
-                         u.ended_at, u.wake_at, u.id)
+                         u.ended_at, u.wake_at, u.error_traceback, u.run_started_at, u.id)
                         for u in batch.instance_updates.values()
                     ],
                 )  # fmt: skip
@@ -497,7 +513,7 @@ class SqliteStore:
                     [
                         (s.instance_id, s.index, s.name, s.occurrence, int(s.status), s.attempts,
                          s.started_at, s.ended_at, s.output, s.error_name, s.error_message,
-                         s.next_attempt_at, int(s.kind), s.event_type)
+                         s.next_attempt_at, int(s.kind), s.event_type, s.error_traceback)
                         for s in batch.steps.values()
                     ],
                 )  # fmt: skip
@@ -513,7 +529,8 @@ class SqliteStore:
                 )  # fmt: skip
             if batch.inbox:
                 await conn.executemany(
-                    _INSERT_INBOX, [(e.instance_id, e.type, e.payload, e.at) for e in batch.inbox]
+                    _INSERT_INBOX,
+                    [(e.instance_id, e.type, e.payload, e.at, e.trace_parent) for e in batch.inbox],
                 )
             if batch.consumed:
                 await conn.executemany(
@@ -646,6 +663,7 @@ class SqliteStore:
                 next_attempt_at=r[11],
                 kind=StepKind(r[12]),
                 event_type=r[13],
+                error_traceback=r[14],
             )
             for r in rows
         ]
@@ -658,7 +676,7 @@ class SqliteStore:
 
     async def take_events(self, instance_id: str, type: str, limit: int) -> list[InboxEvent]:
         rows = await self._fetch(_TAKE_INBOX, (instance_id, type, limit))
-        return [InboxEvent(r[1], r[2], r[3], r[4], r[0]) for r in rows]
+        return [InboxEvent(r[1], r[2], r[3], r[4], r[0], r[5]) for r in rows]
 
     async def due_wakes(self, before: int, limit: int) -> list[tuple[str, int]]:
         rows = await self._fetch(_DUE_WAKES, (before, limit))

@@ -32,10 +32,10 @@ def _text(data: bytes | None) -> str:
     return data.decode() if data is not None else ""
 
 
-def _error(name: str | None, message: str | None) -> pb.Error | None:
+def _error(name: str | None, message: str | None, traceback: str | None = None) -> pb.Error | None:
     if name is None:
         return None
-    return pb.Error(name=name, message=message or "")
+    return pb.Error(name=name, message=message or "", traceback=traceback or "")
 
 
 def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
@@ -45,7 +45,7 @@ def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
         status=pb.InstanceStatus.ValueType(int(record.status)),
         params_json=_text(record.params),
         output_json=_text(record.output),
-        error=_error(record.error_name, record.error_message),
+        error=_error(record.error_name, record.error_message, record.error_traceback),
         create_time=_ts(record.created_at),
         update_time=_ts(record.updated_at),
         end_time=_ts(record.ended_at),
@@ -53,6 +53,7 @@ def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
         last_sequence=record.last_seq,
         lookup_key=record.lookup_key or "",
         wake_time=_ts(record.wake_at),
+        start_time=_ts(record.run_started_at or record.created_at),
     )
 
 
@@ -66,7 +67,7 @@ def step(record: StepRecord) -> pb.Step:
         start_time=_ts(record.started_at),
         end_time=_ts(record.ended_at),
         output_json=_text(record.output),
-        error=_error(record.error_name, record.error_message),
+        error=_error(record.error_name, record.error_message, record.error_traceback),
         next_attempt_time=_ts(record.next_attempt_at),
         kind=pb.StepKind.ValueType(int(record.kind)),
         event_type=record.event_type or "",
@@ -85,7 +86,7 @@ def event(record: EventRecord) -> pb.WatchInstanceResponse:
             pb.StatusChanged(
                 status=pb.InstanceStatus.ValueType(d["status"]),
                 output_json=_text(record.payload),
-                error=_error(err[0], err[1]) if err else None,
+                error=_error(*err) if err else None,
             )
         )
         return msg
