@@ -20,7 +20,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_example_config_loads() -> None:
     config = load_config(ROOT / "examples" / "cruzflow.toml")
-    assert list(config.workflows) == ["onboarding-workflow"]
+    assert list(config.workflows) == ["onboarding-workflow", "approval-workflow"]
     spec = config.workflows["onboarding-workflow"]
     assert (spec.binding, spec.cls.__name__) == ("ONBOARDING_WORKFLOW", "OnboardingWorkflow")
     assert config.store_path == ROOT / "examples" / "data" / "cruzflow.db"
