@@ -23,7 +23,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags
 
 from cruzflow.server.app import Service
 from cruzflow.server.config import ConfigError, load_config
@@ -47,13 +48,15 @@ from tests.procs import write_config
 class Recorded:
     """In-memory exporters behind real SDK providers."""
 
-    def __init__(self) -> None:
+    def __init__(self, rpc_spans: str = "none") -> None:
         self.spans = InMemorySpanExporter()
         self.tracer_provider = TracerProvider()
         self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader])
-        self.providers = Providers.of(self.tracer_provider, self.meter_provider)
+        self.providers = Providers.of(
+            self.tracer_provider, self.meter_provider, rpc_spans=rpc_spans
+        )
 
     @property
     def observer(self) -> Telemetry:
@@ -94,8 +97,14 @@ class Recorded:
 
 
 @pytest.fixture
-def recorded() -> Recorded:
-    return Recorded()
+def rpc_spans() -> str:
+    """The default; a test parametrized on ``rpc_spans`` gets its own."""
+    return "none"
+
+
+@pytest.fixture
+def recorded(rpc_spans: str) -> Recorded:
+    return Recorded(rpc_spans)
 
 
 @pytest.fixture
@@ -246,6 +255,45 @@ async def test_event_wait_is_a_span(traced_engine: Engine, recorded: Recorded) -
     assert attrs(wait)["cruzflow.step.outcome"] == "succeeded"
 
 
+SENDER = SpanContext(
+    0x5E7D0000000000000000000000000001, 0x5E7D000000000001, True, TraceFlags(TraceFlags.SAMPLED)
+)
+
+
+async def test_the_wait_links_to_its_sender_across_an_engine_restart(
+    tmp_path: Path, traced_engine: Engine, recorded: Recorded, gate: asyncio.Event
+) -> None:
+    # Sent while the first step holds (the gate is shut), so the wait takes it
+    # only after a restart: the sender's context comes back from the store.
+    instance_id, _ = await traced_engine.create("blocks-then-waits")
+    with trace.use_span(NonRecordingSpan(SENDER)):
+        await traced_engine.send_event(instance_id, "approval", '{"ok": true}')
+    await traced_engine.shutdown(0.1)
+    await traced_engine.store.close()
+    assert recorded.named("wait_for_event") == []
+
+    again = Recorded()
+    store = SqliteStore(tmp_path / "store.db")
+    await store.open()
+    engine = Engine(store, specs(), None, Limits(), again.observer)
+    gate.set()
+    await engine.start()
+    try:
+        record = await finished(engine, instance_id)
+    finally:
+        await engine.shutdown(0.1)
+        await store.close()
+    assert record.status == InstanceStatus.COMPLETE
+    (wait,) = again.named("wait_for_event blocks-then-waits/approval")
+    (link,) = wait.links
+    assert (link.context.trace_id, link.context.span_id) == (SENDER.trace_id, SENDER.span_id)
+    assert link.context.is_remote and link.context.trace_flags.sampled
+    assert dict(link.attributes or {}) == {"cruzflow.link": "send_event"}
+    # The wait stays in its instance's trace; the link only points at the sender's.
+    (run,) = again.named("run blocks-then-waits")
+    assert wait.context.trace_id == run.context.trace_id != SENDER.trace_id
+
+
 async def test_metrics_after_a_known_workload(
     tmp_path: Path, traced_engine: Engine, recorded: Recorded, gate: asyncio.Event
 ) -> None:
@@ -385,6 +433,7 @@ CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 
 
+@pytest.mark.parametrize("rpc_spans", ["all"])
 async def test_create_joins_the_callers_trace(
     traced_server: tuple[Service, pb_grpc.WorkflowServiceAsyncStub], recorded: Recorded
 ) -> None:
@@ -413,6 +462,7 @@ async def test_create_joins_the_callers_trace(
     assert recorded.named("create") == []
 
 
+@pytest.mark.parametrize("rpc_spans", ["all"])
 async def test_health_checks_make_no_spans(
     traced_server: tuple[Service, pb_grpc.WorkflowServiceAsyncStub], recorded: Recorded
 ) -> None:
@@ -425,6 +475,73 @@ async def test_health_checks_make_no_spans(
     names = [s.name for s in recorded.finished_spans()]
     assert any(n.endswith("ListWorkflows") for n in names)
     assert not any("Health" in n for n in names)
+
+
+SENDER_TRACE = "5e7d5e7d5e7d5e7d5e7d5e7d5e7d5e7d"
+SENDER_SPAN = "5e7d0000000000aa"
+
+
+async def _waiting(service: Service, instance_id: str) -> None:
+    async def waiting() -> bool:
+        return (await service.engine.get(instance_id))[0].status == InstanceStatus.WAITING
+
+    await eventually(waiting)
+
+
+@pytest.mark.parametrize("rpc_spans", ["none", "writes", "all"])
+async def test_the_wait_links_to_the_send_event_call(
+    traced_server: tuple[Service, pb_grpc.WorkflowServiceAsyncStub],
+    recorded: Recorded,
+    rpc_spans: str,
+) -> None:
+    service, stub = traced_server
+    created = await stub.CreateInstance(pb.CreateInstanceRequest(workflow="approval"))
+    await _waiting(service, created.instance_id)
+    await stub.SendEvent(
+        pb.SendEventRequest(
+            instance_id=created.instance_id, type="approval", payload_json='{"ok": true}'
+        ),
+        metadata=(("traceparent", f"00-{SENDER_TRACE}-{SENDER_SPAN}-01"),),
+    )
+    record = await finished(service.engine, created.instance_id)
+    assert record.status == InstanceStatus.COMPLETE
+    (wait,) = recorded.named("wait_for_event approval/approval")
+    (link,) = wait.links
+    linked = (format(link.context.trace_id, "032x"), _hex(link.context.span_id))
+    sends = [s for s in recorded.finished_spans() if s.name.endswith("WorkflowService/SendEvent")]
+    if rpc_spans == "none":
+        # No server span: the link is to the caller's own span.
+        assert sends == []
+        assert linked == (SENDER_TRACE, SENDER_SPAN)
+    else:
+        # The SendEvent call's server span, in its caller's trace.
+        (send,) = sends
+        assert send.parent is not None and _hex(send.parent.span_id) == SENDER_SPAN
+        assert linked == (SENDER_TRACE, _hex(send.context.span_id))
+    assert link.context.trace_flags.sampled
+    assert dict(link.attributes or {}) == {"cruzflow.link": "send_event"}
+    # The wait itself stays in its instance's trace.
+    (run,) = [
+        s
+        for s in recorded.named("run approval")
+        if attrs(s)["cruzflow.instance.status"] == "complete"
+    ]
+    assert wait.context.trace_id == run.context.trace_id != int(SENDER_TRACE, 16)
+    assert wait.parent is not None and wait.parent.span_id == run.context.span_id
+
+
+async def test_an_event_sent_outside_a_trace_links_nothing(
+    traced_server: tuple[Service, pb_grpc.WorkflowServiceAsyncStub], recorded: Recorded
+) -> None:
+    service, stub = traced_server
+    created = await stub.CreateInstance(pb.CreateInstanceRequest(workflow="approval"))
+    await _waiting(service, created.instance_id)
+    await stub.SendEvent(
+        pb.SendEventRequest(instance_id=created.instance_id, type="approval", payload_json="1")
+    )
+    await finished(service.engine, created.instance_id)
+    (wait,) = recorded.named("wait_for_event approval/approval")
+    assert list(wait.links) == []
 
 
 async def test_new_trace_after_links_late_runs(tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ ATTEMPT = "cruzflow.step.attempt"
 OUTCOME = "cruzflow.step.outcome"
 RETRY_DELAY = "cruzflow.step.retry_delay_s"
 STATUS = "cruzflow.instance.status"
+LINK = "cruzflow.link"
 
 # Seconds: from a fast step to a slow external call.
 _STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -253,6 +254,15 @@ class Telemetry:
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, trace.set_span_in_context(NonRecordingSpan(ctx)))
         return carrier.get("traceparent")
+
+    def sending(self) -> str | None:
+        if self._spans is None:
+            return None
+        ctx = trace.get_current_span().get_span_context()
+        if not ctx.is_valid:
+            # No caller's trace and no server span: nothing to link to.
+            return None
+        return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
     def created(self, workflow: str, count: int) -> None:
         if self._metered:
@@ -484,10 +494,17 @@ class Telemetry:
         started_at: int,
         outcome: str,
         detail: str | None,
+        sender: str | None = None,
     ) -> None:
         sink = self._spans
         if sink is None or not run.sampled:
             return
+        links = None
+        if sender is not None:
+            # Who woke the wait: the SendEvent call's span, in its caller's trace.
+            link = _link_to(sender)
+            if link is not None:
+                links = [link]
         what = "sleep" if kind == StepKind.SLEEP else "wait_for_event"
         attributes: dict[str, Any] = {
             WORKFLOW: run.workflow,
@@ -515,7 +532,7 @@ class Telemetry:
                 time.time_ns(),
                 attributes,
                 None,
-                None,
+                links,
                 _ERROR if failed else _UNSET,
                 f"{what} {outcome}" if failed else None,
                 _SCOPE_RECORD,
@@ -531,11 +548,13 @@ class Telemetry:
 
 class _CallerTrace(grpc.aio.ServerInterceptor):
     """Makes the caller's trace context (a W3C traceparent in the metadata, read
-    by the configured propagators) current while a create runs, so the new
-    instance's spans join the caller's trace without a server span."""
+    by the configured propagators) current while a create or a SendEvent runs,
+    without a server span: the new instance's spans join the caller's trace,
+    and the wait that takes an event links to the span of its sender."""
 
-    _CREATES = frozenset(
-        f"/cruzflow.v1.WorkflowService/{m}" for m in ("CreateInstance", "CreateInstances")
+    _TRACED = frozenset(
+        f"/cruzflow.v1.WorkflowService/{m}"
+        for m in ("CreateInstance", "CreateInstances", "SendEvent")
     )
 
     async def intercept_service(
@@ -546,7 +565,7 @@ class _CallerTrace(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler_call_details.method not in self._CREATES or handler is None:
+        if handler_call_details.method not in self._TRACED or handler is None:
             return handler
         caller = propagate.extract(dict(handler_call_details.invocation_metadata or ()))
         if not trace.get_current_span(caller).get_span_context().is_valid:
@@ -554,7 +573,7 @@ class _CallerTrace(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
         assert inner is not None
 
-        async def create(request: Any, context: Any) -> Any:
+        async def within(request: Any, context: Any) -> Any:
             token = otel_context.attach(caller)
             try:
                 return await inner(request, context)
@@ -562,10 +581,20 @@ class _CallerTrace(grpc.aio.ServerInterceptor):
                 otel_context.detach(token)
 
         return grpc.unary_unary_rpc_method_handler(
-            create,
+            within,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _link_to(trace_parent: str) -> tuple[Any, ...] | None:
+    """A span record's link (see spans.Record) to the span of a stored W3C
+    traceparent, or None if it is not a valid one."""
+    extracted = _PROPAGATOR.extract({"traceparent": trace_parent})
+    ctx = trace.get_current_span(extracted).get_span_context()
+    if not ctx.is_valid:
+        return None
+    return (ctx.trace_id, ctx.span_id, int(ctx.trace_flags), True, {LINK: "send_event"})
 
 
 def _processor_sink(provider: Any) -> SpanSink:

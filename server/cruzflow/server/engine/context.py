@@ -477,7 +477,7 @@ class WorkflowStep:
                 if engine.observer is not None:
                     engine.observer.waited(
                         run.span, StepKind.WAIT_FOR_EVENT, name, slot.occurrence,
-                        slot.started_at, "succeeded", type,
+                        slot.started_at, "succeeded", type, event.trace_parent,
                     )  # fmt: skip
                 value: dict[str, Any] = json.loads(output)
                 return value

@@ -17,6 +17,11 @@ class Observer(Protocol):
     def creating(self) -> str | None:
         """The trace context to store with a new instance (a W3C traceparent)."""
 
+    def sending(self) -> str | None:
+        """The trace context to store with an event sent now (a W3C traceparent
+        of the current span: the SendEvent call's), or None; the span of the
+        wait that takes the event links to it."""
+
     def created(self, workflow: str, count: int) -> None:
         """``count`` instances of ``workflow`` were admitted."""
 
@@ -59,8 +64,11 @@ class Observer(Protocol):
         started_at: int,
         outcome: str,
         detail: str | None,
+        sender: str | None = None,
     ) -> None:
-        """A sleep or event wait ended (succeeded or timed_out), from ``started_at`` (ms)."""
+        """A sleep or event wait ended (succeeded or timed_out), from ``started_at`` (ms).
+        ``sender`` is the trace context stored with the event the wait took (see
+        ``sending``)."""
 
     def parked(self, run: Any, wake_at: int) -> None:
         """The run leaves memory until ``wake_at`` (ms) or an event."""

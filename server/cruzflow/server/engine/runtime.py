@@ -833,7 +833,11 @@ class Engine:
             if run.status.finished:
                 raise self._refuse("sent events", run, "unfinished")
             now = _ms()
-            durable = self.journal.add_inbox(InboxEvent(run.id, type, data, now))
+            # The sender's trace context, for the wait that takes the event to link to.
+            sender = self.observer.sending() if self.observer is not None else None
+            durable = self.journal.add_inbox(
+                InboxEvent(run.id, type, data, now, trace_parent=sender)
+            )
             if run.status == InstanceStatus.WAITING:
                 # Due now, in the same commit as the event: a server killed before
                 # the run takes it wakes the instance as soon as it starts again
