@@ -13,6 +13,7 @@ import json
 import logging
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from cruzflow.server.telemetry import (
     Settings,
     Telemetry,
     TextFormatter,
+    _CallerTrace,
     _TraceFields,
 )
 from cruzflow.v1 import workflows_pb2 as pb
@@ -580,6 +582,26 @@ def test_telemetry_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     providers = Providers(Settings())
     assert providers.observer is None
     assert providers.server_interceptors() == []
+
+
+def test_no_server_spans_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The standard gRPC instrumentation costs throughput even for the spans it
+    # samples out: on request only. The caller's trace context is still read.
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    default = load_config(write_config(tmp_path, {})).telemetry
+    assert default.rpc_spans == "none"
+    providers = Providers(replace(default, traces="console"))
+    try:
+        (interceptor,) = providers.server_interceptors()
+        assert isinstance(interceptor, _CallerTrace)
+    finally:
+        providers.shutdown()
+    path = write_config(tmp_path, {})
+    path.write_text(path.read_text() + '[telemetry]\nrpc_spans = "writes"\n')
+    assert load_config(path).telemetry.rpc_spans == "writes"
+    (interceptor,) = Providers.of(TracerProvider(), rpc_spans="writes").server_interceptors()
+    assert not isinstance(interceptor, _CallerTrace)
 
 
 def test_environment_wins_over_the_config(monkeypatch: pytest.MonkeyPatch) -> None:

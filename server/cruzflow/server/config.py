@@ -133,9 +133,11 @@ class TelemetrySection(_Strict):
     linked to the creator's; by default every run joins the creator's trace."""
     log_format: Literal["text", "json"] = "text"
     """Server log lines: text, or one JSON object a line."""
-    rpc_spans: Literal["all", "writes", "none"] = "all"
+    rpc_spans: Literal["all", "writes", "none"] = "none"
     """Server spans for every RPC, only for the writes (creates, controls,
-    events), or none (the caller's trace context still reaches the runs)."""
+    events), or none, the default (the caller's trace context still reaches
+    the runs, and the waits that take its events): the standard gRPC
+    instrumentation that makes them costs throughput (README, Performance)."""
 
     @field_validator("metric_interval", "new_trace_after")
     @classmethod

@@ -706,12 +706,13 @@ class Settings:
     """Where the Prometheus scrape endpoint listens (OTEL_EXPORTER_PROMETHEUS_HOST/_PORT)."""
     new_trace_after_s: float | None = None
     """Runs resumed this long after creation start a trace linked to the creator's."""
-    rpc_spans: str = "all"
-    """Server spans for all RPCs; only for the "writes" (not the reads:
-    GetStatus, WaitInstance, WatchInstance, ListInstances, ListWorkflows); or
-    "none": no server spans, and the runs' spans sit directly under the
-    caller's span. The standard gRPC instrumentation costs tens of
-    microseconds a call even for calls it leaves out (README, Performance)."""
+    rpc_spans: str = "none"
+    """"none" (the default): no server spans, and the runs' spans sit directly
+    under the caller's span (its traceparent is still read on creates and
+    SendEvent); "writes": server spans for all but the reads (GetStatus,
+    WaitInstance, WatchInstance, ListInstances, ListWorkflows); "all": for
+    every RPC. The standard gRPC instrumentation that makes them costs tens of
+    microseconds a call, even for calls it leaves out (README, Performance)."""
 
 
 class Providers:
@@ -771,7 +772,8 @@ class Providers:
         new_trace_after_s: float | None = None,
         rpc_spans: str = "all",
     ) -> Providers:
-        """Given providers (tests: in-memory exporters), ignoring the environment."""
+        """Given providers (tests: in-memory exporters), ignoring the environment.
+        Unlike a server's default, server spans for every RPC, unless told."""
         self = cls.__new__(cls)
         self.tracer_provider, self.meter_provider = tracer_provider, meter_provider
         self.rpc_spans = rpc_spans
