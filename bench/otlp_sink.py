@@ -1,4 +1,5 @@
-"""A real OTLP/gRPC receiver for tests and benchmarks (there is no collector here).
+"""A real OTLP/gRPC receiver for tests and benchmarks (there is no collector here):
+traces, metrics and logs.
 
 It runs on a synchronous gRPC server with its own thread pool, never on the
 event loop of the service it receives from (the exporter's flush blocks).
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as logs_pb
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc as logs_grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as metrics_pb
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as metrics_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_pb
@@ -49,9 +52,25 @@ class ReceivedSpan:
     end_ns: int
 
 
+@dataclass(frozen=True)
+class ReceivedLog:
+    """A log record as it arrived, with its trace and span ids in hex ("" if none)."""
+
+    body: Any
+    severity_number: int  # 9 INFO, 13 WARN, 17 ERROR
+    severity_text: str
+    trace_id: str
+    span_id: str
+    attributes: dict[str, Any]
+    scope: str
+    service_name: str
+    time_ns: int
+
+
 @dataclass
 class _Received:
     spans: list[ReceivedSpan] = field(default_factory=list)
+    logs: list[ReceivedLog] = field(default_factory=list)
     metric_names: set[str] = field(default_factory=set)
     span_count: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -119,8 +138,41 @@ class _Metrics(metrics_grpc.MetricsServiceServicer):
         return metrics_pb.ExportMetricsServiceResponse()
 
 
+class _Logs(logs_grpc.LogsServiceServicer):
+    def __init__(self, received: _Received) -> None:
+        self._received = received
+
+    def Export(
+        self, request: logs_pb.ExportLogsServiceRequest, context: Any
+    ) -> logs_pb.ExportLogsServiceResponse:
+        logs: list[ReceivedLog] = []
+        for resource_logs in request.resource_logs:
+            service = ""
+            for attr in resource_logs.resource.attributes:
+                if attr.key == "service.name":
+                    service = attr.value.string_value
+            for scope_logs in resource_logs.scope_logs:
+                for record in scope_logs.log_records:
+                    logs.append(
+                        ReceivedLog(
+                            body=_value(record.body),
+                            severity_number=record.severity_number,
+                            severity_text=record.severity_text,
+                            trace_id=record.trace_id.hex(),
+                            span_id=record.span_id.hex(),
+                            attributes={a.key: _value(a.value) for a in record.attributes},
+                            scope=scope_logs.scope.name,
+                            service_name=service,
+                            time_ns=record.time_unix_nano,
+                        )
+                    )
+        with self._received.lock:
+            self._received.logs.extend(logs)
+        return logs_pb.ExportLogsServiceResponse()
+
+
 class OtlpSink:
-    """Receives OTLP/gRPC traces and metrics on 127.0.0.1:``port`` (0: any free one).
+    """Receives OTLP/gRPC traces, metrics and logs on 127.0.0.1:``port`` (0: any free one).
 
     ``keep=False`` only counts spans (for benchmarks: no memory growth).
     """
@@ -134,6 +186,9 @@ class OtlpSink:
         )
         metrics_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
             _Metrics(self._received), self._server
+        )
+        logs_grpc.add_LogsServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            _Logs(self._received), self._server
         )
         self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -149,6 +204,11 @@ class OtlpSink:
     def spans(self) -> list[ReceivedSpan]:
         with self._received.lock:
             return list(self._received.spans)
+
+    @property
+    def logs(self) -> list[ReceivedLog]:
+        with self._received.lock:
+            return list(self._received.logs)
 
     @property
     def span_count(self) -> int:
