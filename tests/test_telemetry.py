@@ -19,12 +19,16 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags
 
 from cruzflow.server.app import Service
@@ -407,6 +411,59 @@ async def test_step_logs_name_instance_step_and_trace(
     assert retry["trace_id"] == format(charge1.context.trace_id, "032x")
 
 
+async def test_log_records_go_through_the_logs_api(
+    traced_engine: Engine, recorded: Recorded
+) -> None:
+    exported = InMemoryLogRecordExporter()  # type: ignore[no-untyped-call]
+    logger_provider = LoggerProvider()
+    logger_provider.add_log_record_processor(SimpleLogRecordProcessor(exported))
+    providers = Providers.of(logger_provider=logger_provider)
+    assert providers.observer is None  # logs alone tell the engine nothing
+    logger = logging.getLogger("cruzflow")
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    handler = providers.log_to_provider(logger)
+    assert handler is not None
+    # A stderr-like handler first, whose filter puts the ids on the record.
+    plain = logging.StreamHandler(io.StringIO())
+    plain.addFilter(_TraceFields())
+    logger.handlers.insert(0, plain)
+    try:
+        instance_id, _ = await traced_engine.create("traced")
+        await finished(traced_engine, instance_id)
+        # What the exporters log from their own thread is not sent again.
+        token = otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+        try:
+            logger.warning("export failed")
+        finally:
+            otel_context.detach(token)
+    finally:
+        logger.removeHandler(plain)
+        logger.setLevel(old_level)
+        await asyncio.to_thread(providers.shutdown)
+    assert handler not in logger.handlers
+    records = [r.log_record for r in exported.get_finished_logs()]
+    assert not [r for r in records if r.body == "export failed"]
+    (retry,) = [r for r in records if "retrying" in str(r.body)]
+    assert retry.body == (
+        "step 'charge' attempt 1 failed (ConnectionError: the card service hung up); "
+        "retrying in 0 s"
+    )
+    assert retry.severity_text == "INFO"
+    (run,) = recorded.named("run traced")
+    # Logged in the run's context, once the attempt's span had ended.
+    assert (retry.trace_id, retry.span_id) == (run.context.trace_id, run.context.span_id)
+    attributes = dict(retry.attributes or {})
+    assert {k: attributes[k] for k in ("instance_id", "workflow", "step", "attempt")} == {
+        "instance_id": instance_id,
+        "workflow": "traced",
+        "step": "charge",
+        "attempt": 1,
+    }
+    assert str(attributes["traceback"]).endswith("ConnectionError: the card service hung up\n")
+    assert "trace_id" not in attributes and "span_id" not in attributes
+
+
 def test_text_format_appends_the_instance_fields() -> None:
     record = logging.LogRecord(
         "cruzflow.engine", logging.WARNING, __file__, 1, "step %r failed", ("x",), None
@@ -619,6 +676,33 @@ def test_environment_wins_over_the_config(monkeypatch: pytest.MonkeyPatch) -> No
         providers.shutdown()
 
 
+def test_logs_setting_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("OTEL_LOGS_EXPORTER", raising=False)
+    assert Providers(Settings()).logger_provider is None
+    providers = Providers(Settings(logs="console", service_name="billing"))
+    try:
+        assert providers.logger_provider is not None
+        assert providers.logger_provider.resource.attributes["service.name"] == "billing"
+        # Logs alone give the engine no observer: nothing runs per step.
+        assert providers.observer is None
+        assert providers.server_interceptors() == []
+    finally:
+        providers.shutdown()
+    monkeypatch.setenv("OTEL_LOGS_EXPORTER", "none")
+    assert Providers(Settings(logs="otlp")).logger_provider is None
+    monkeypatch.setenv("OTEL_LOGS_EXPORTER", "otlp")
+    providers = Providers(Settings())
+    try:
+        assert providers.logger_provider is not None
+    finally:
+        providers.shutdown()
+    monkeypatch.setenv("OTEL_LOGS_EXPORTER", "file")
+    with pytest.raises(ValueError, match="OTEL_LOGS_EXPORTER"):
+        Providers(Settings())
+
+
 def test_sdk_disabled_turns_everything_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     assert Providers(Settings(traces="console", metrics="console")).observer is None
@@ -646,6 +730,14 @@ def test_config_section_is_checked(tmp_path: Path) -> None:
     assert settings.otlp_endpoint == "http://127.0.0.1:4317"
     assert settings.service_name == "billing"
     assert settings.new_trace_after_s == 86400
+    assert settings.logs is None
+    path = write_config(tmp_path, {})
+    path.write_text(path.read_text() + '[telemetry]\nlogs = "otlp"\n')
+    assert load_config(path).telemetry.logs == "otlp"
+    path = write_config(tmp_path, {})
+    path.write_text(path.read_text() + '[telemetry]\nlogs = "syslog"\n')
+    with pytest.raises(ConfigError, match=r"telemetry\.logs"):
+        load_config(path)
 
 
 @pytest.fixture

@@ -138,6 +138,8 @@ class TelemetrySection(_Strict):
     events), or none, the default (the caller's trace context still reaches
     the runs, and the waits that take its events): the standard gRPC
     instrumentation that makes them costs throughput (README, Performance)."""
+    logs: Literal["none", "otlp", "console"] | None = None
+    """Log record exporter (OTEL_LOGS_EXPORTER); default none: stderr only."""
 
     @field_validator("metric_interval", "new_trace_after")
     @classmethod
@@ -295,6 +297,7 @@ class Config:
             metric_interval_s=to_seconds(section.metric_interval),
             prometheus_listen=section.prometheus_listen,
             rpc_spans=section.rpc_spans,
+            logs=section.logs,
             new_trace_after_s=(
                 None if section.new_trace_after is None else to_seconds(section.new_trace_after)
             ),

@@ -13,7 +13,13 @@ sleep or event wait. Every run's span sits in the trace of the call that
 created the instance: its W3C traceparent is stored with the instance, so
 runs after a restart or a long sleep join the same trace (or start a new
 trace linked to it, after ``new_trace_after``). Steps answered from their
-checkpoints make no span; the run span counts them.
+checkpoints make no span; the run span counts them. The span of a wait that
+took an event links to the span of the SendEvent call that sent it (its
+traceparent is stored with the event).
+
+Logs: every record on stderr carries the current trace and span ids; with
+``logs`` on (``OTEL_LOGS_EXPORTER``), the root logger's records also go
+through the SDK's logs API, each in the context it was logged in.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -713,6 +720,9 @@ class Settings:
     WaitInstance, WatchInstance, ListInstances, ListWorkflows); "all": for
     every RPC. The standard gRPC instrumentation that makes them costs tens of
     microseconds a call, even for calls it leaves out (README, Performance)."""
+    logs: str | None = None
+    """none, otlp or console (OTEL_LOGS_EXPORTER): log records through the
+    SDK's logs API, next to the stderr log."""
 
 
 class Providers:
@@ -726,25 +736,29 @@ class Providers:
     def __init__(self, settings: Settings) -> None:
         self.tracer_provider: Any = None
         self.meter_provider: Any = None
+        self.logger_provider: Any = None
         self.prometheus_address: tuple[str, int] | None = None
         self._prometheus: Any = None
+        self._log_handler: logging.Handler | None = None
+        self._handled: list[logging.Logger] = []
         self.rpc_spans = settings.rpc_spans
+        self.observer: Telemetry | None = None
         if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-            self.observer: Telemetry | None = None
             return
         traces = env_choice("OTEL_TRACES_EXPORTER", settings.traces, "none")
         metrics = env_choice("OTEL_METRICS_EXPORTER", settings.metrics, "none")
+        logs = env_choice("OTEL_LOGS_EXPORTER", settings.logs, "none")
         for name, value, allowed in (
             ("traces", traces, ("none", "otlp", "console")),
             ("metrics", metrics, ("none", "otlp", "console", "prometheus")),
+            ("logs", logs, ("none", "otlp", "console")),
         ):
             if value not in allowed:
                 raise ValueError(
                     f"telemetry {name} exporter {value!r} is not one of {', '.join(allowed)} "
                     f"(set by OTEL_{name.upper()}_EXPORTER or [telemetry] {name})"
                 )
-        if traces == "none" and metrics == "none":
-            self.observer = None
+        if traces == "none" and metrics == "none" and logs == "none":
             return
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
@@ -757,6 +771,11 @@ class Providers:
             self.tracer_provider, sink = _tracer_provider(traces, resource, endpoint)
         if metrics != "none":
             self.meter_provider = self._meter_provider(metrics, resource, endpoint, settings)
+        if logs != "none":
+            self.logger_provider = _logger_provider(logs, resource, endpoint)
+        if traces == "none" and metrics == "none":
+            # Logs alone: the engine has nothing to tell, and pays nothing.
+            return
         self.observer = Telemetry(
             self.tracer_provider,
             self.meter_provider,
@@ -771,11 +790,14 @@ class Providers:
         meter_provider: Any = None,
         new_trace_after_s: float | None = None,
         rpc_spans: str = "all",
+        logger_provider: Any = None,
     ) -> Providers:
         """Given providers (tests: in-memory exporters), ignoring the environment.
         Unlike a server's default, server spans for every RPC, unless told."""
         self = cls.__new__(cls)
         self.tracer_provider, self.meter_provider = tracer_provider, meter_provider
+        self.logger_provider = logger_provider
+        self._log_handler, self._handled = None, []
         self.rpc_spans = rpc_spans
         self.prometheus_address = self._prometheus = None
         self.observer = None
@@ -821,14 +843,33 @@ class Providers:
         return SdkMeterProvider(resource=resource, metric_readers=[reader])
 
     def install_global(self) -> None:
-        """Make these the process's providers, so spans and metrics of workflow
-        code and its libraries go to the same place."""
+        """Make these the process's providers, so spans, metrics and logs of
+        workflow code and its libraries go to the same place; with logs on, the
+        root logger's records go to the logger provider too (next to stderr)."""
         from opentelemetry import metrics as otel_metrics
 
         if self.tracer_provider is not None:
             trace.set_tracer_provider(self.tracer_provider)
         if self.meter_provider is not None:
             otel_metrics.set_meter_provider(self.meter_provider)
+        if self.logger_provider is not None:
+            from opentelemetry._logs import set_logger_provider
+
+            set_logger_provider(self.logger_provider)
+            self.log_to_provider(logging.getLogger())
+
+    def log_to_provider(self, logger: logging.Logger) -> logging.Handler | None:
+        """Send ``logger``'s records to the logger provider too (the SDK's
+        LoggingHandler): each with the trace and span ids of the context it was
+        logged in and its extra fields as attributes. The handler, or None with
+        logs off."""
+        if self.logger_provider is None:
+            return None
+        if self._log_handler is None:
+            self._log_handler = _log_handler(self.logger_provider)
+        logger.addHandler(self._log_handler)
+        self._handled.append(logger)
+        return self._log_handler
 
     def server_interceptors(self) -> list[Any]:
         """The standard gRPC server instrumentation (server spans, and the caller's
@@ -859,6 +900,13 @@ class Providers:
             self.tracer_provider.shutdown()
         if self.meter_provider is not None:
             self.meter_provider.shutdown()
+        if self.logger_provider is not None:
+            # Records logged from here on go to stderr only.
+            handler = self._log_handler
+            if handler is not None:
+                for logger in self._handled:
+                    logger.removeHandler(handler)
+            self.logger_provider.shutdown()
         if self._prometheus is not None:
             self._prometheus.shutdown()
 
@@ -875,3 +923,55 @@ def _tracer_provider(kind: str, resource: Any, endpoint: str | None) -> tuple[An
     sink = ChildSink(kind, endpoint, provider.resource)
     provider.add_span_processor(PipeSpanProcessor(sink))
     return provider, sink
+
+
+def _logger_provider(kind: str, resource: Any, endpoint: str | None) -> Any:
+    """The SDK's logger provider, exporting in batches (``OTEL_BLRP_*``) over
+    OTLP/gRPC (the ``OTEL_EXPORTER_OTLP_*`` variables) or to stdout."""
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
+
+    exporter: LogRecordExporter
+    if kind == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+
+        if os.environ.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"):
+            endpoint = None
+        exporter = OTLPLogExporter(endpoint=endpoint)
+    else:
+        from opentelemetry.sdk._logs.export import ConsoleLogRecordExporter
+
+        exporter = ConsoleLogRecordExporter()
+    provider = LoggerProvider(resource=resource)
+    provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
+    return provider
+
+
+def _log_handler(provider: Any) -> logging.Handler:
+    """The SDK's LoggingHandler on ``provider``, less what would loop or repeat."""
+    from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+    from opentelemetry.context import get_value as context_value
+    from opentelemetry.sdk._logs import LoggingHandler
+
+    class Handler(LoggingHandler):
+        @staticmethod
+        def _get_attributes(record: logging.LogRecord) -> Any:
+            attributes = dict(LoggingHandler._get_attributes(record) or {})
+            # The stderr handler's filter puts the ids on the record; the log
+            # record carries them in its own fields.
+            attributes.pop("trace_id", None)
+            attributes.pop("span_id", None)
+            return attributes
+
+        def emit(self, record: logging.LogRecord) -> None:
+            # The exporters' own complaints (logged from the export thread,
+            # which suppresses instrumentation) go to stderr only: sent as log
+            # records, a failing export would feed itself.
+            if not context_value(_SUPPRESS_INSTRUMENTATION_KEY):
+                super().emit(record)
+
+    with warnings.catch_warnings():
+        # Deprecated in favour of opentelemetry-instrumentation-logging's
+        # handler, which this server does not depend on.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return Handler(logger_provider=provider)
