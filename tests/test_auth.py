@@ -455,7 +455,7 @@ async def test_no_secret_reaches_logs_spans_or_error_messages(
     details: list[str] = []
     with caplog.at_level(logging.DEBUG):
         node = await start(
-            telemetry=Providers.of(provider),
+            telemetry=Providers.of(provider, rpc_spans="all"),
             tls_cert_file=pki.server_cert,
             tls_key_file=pki.server_key,
             ca=pki.ca,

@@ -450,9 +450,11 @@ async def test_log_records_go_through_the_logs_api(
         "retrying in 0 s"
     )
     assert retry.severity_text == "INFO"
-    (run,) = recorded.named("run traced")
-    # Logged in the run's context, once the attempt's span had ended.
-    assert (retry.trace_id, retry.span_id) == (run.context.trace_id, run.context.span_id)
+    (charge1,) = [
+        s for s in recorded.named("step traced/charge") if attrs(s)["cruzflow.step.attempt"] == 1
+    ]
+    # Logged before the attempt's span ended: in its span.
+    assert (retry.trace_id, retry.span_id) == (charge1.context.trace_id, charge1.context.span_id)
     attributes = dict(retry.attributes or {})
     assert {k: attributes[k] for k in ("instance_id", "workflow", "step", "attempt")} == {
         "instance_id": instance_id,

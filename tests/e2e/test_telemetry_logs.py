@@ -87,10 +87,10 @@ def test_log_records_carry_their_span_and_fields(tmp_path: Path) -> None:
     assert own.service_name == "cruzflow-logs"
 
     # The engine's record of the failure, with the instance's fields as
-    # attributes. It is logged once the attempt's span has ended: in the run's.
+    # attributes. It is logged before the attempt's span ends: in that span.
     failed = _one_log(logs, "step 'charge' failed after 1 attempt(s): ValueError: card declined")
     assert (failed.severity_number, failed.severity_text) == (WARN, "WARN")
-    assert (failed.trace_id, failed.span_id) == (CLIENT_TRACE, run.span_id)
+    assert (failed.trace_id, failed.span_id) == (CLIENT_TRACE, attempt.span_id)
     assert failed.attributes["instance_id"] == created.instance_id
     assert failed.attributes["workflow"] == "logs-then-fails"
     assert failed.attributes["step"] == "charge"

@@ -789,11 +789,11 @@ class Providers:
         tracer_provider: Any = None,
         meter_provider: Any = None,
         new_trace_after_s: float | None = None,
-        rpc_spans: str = "all",
+        rpc_spans: str = "none",
         logger_provider: Any = None,
     ) -> Providers:
-        """Given providers (tests: in-memory exporters), ignoring the environment.
-        Unlike a server's default, server spans for every RPC, unless told."""
+        """Given providers (tests: in-memory exporters), ignoring the environment;
+        as a server's default, no server spans per RPC unless told."""
         self = cls.__new__(cls)
         self.tracer_provider, self.meter_provider = tracer_provider, meter_provider
         self.logger_provider = logger_provider

@@ -301,6 +301,19 @@ class WorkflowStep:
                 delay = policy.retry_delay(attempt)
                 if engine.hooks is not None:
                     delay = engine.hooks.retry_delay(run.id, name, slot.occurrence, attempt, delay)
+            # Logged before the attempt's span ends, so the record carries its span id.
+            if output is None and last:
+                log.warning(
+                    "step %r failed after %d attempt(s): %s: %s",
+                    name, attempt, error_name, error_message,
+                    extra=_about_error(run, name, attempt, error_tb),
+                )  # fmt: skip
+            elif output is None:
+                log.info(
+                    "step %r attempt %d failed (%s: %s); retrying in %g s",
+                    name, attempt, error_name, error_message, delay,
+                    extra=_about_error(run, name, attempt, error_tb),
+                )  # fmt: skip
             if observer is not None:
                 if output is not None:
                     observer.attempt_ended(span, "succeeded", None, None)
@@ -313,18 +326,8 @@ class WorkflowStep:
                 # Round-trip through JSON so a replay returns exactly the same value.
                 return json.loads(output)
             if last:
-                log.warning(
-                    "step %r failed after %d attempt(s): %s: %s",
-                    name, attempt, error_name, error_message,
-                    extra=_about_error(run, name, attempt, error_tb),
-                )  # fmt: skip
                 await slot.fail(attempt, error_name, error_message, error_tb)
                 raise StepFailedError(name, error_name, error_message, error_tb)
-            log.info(
-                "step %r attempt %d failed (%s: %s); retrying in %g s",
-                name, attempt, error_name, error_message, delay,
-                extra=_about_error(run, name, attempt, error_tb),
-            )  # fmt: skip
             due = _ms() + int(delay * 1000)
             slot.record(
                 StepStatus.RUNNING, attempt, error_name=error_name, error_message=error_message,
