@@ -2,12 +2,13 @@
 
 A newcomer follows README.md (or a page of docs/) from a fresh clone, in one
 terminal: this runner does the same, so the docs cannot go stale. For each
-file it makes a scratch copy of the repository's files (tracked, and
-untracked ones not ignored; never `.venv`, `examples/data` or anything a
-command writes), links the checkout's `.venv` into it, and runs the fenced
-blocks top to bottom in one shell session whose working directory and
-exported variables carry over from one command to the next (so `cd`,
-`export` and `source .venv/bin/activate` behave as in a terminal).
+file it makes a scratch copy of the repository's tracked files, as a clone
+has them (so `make run`'s `examples/data` and what `cruzflow new` writes
+never land in the checkout), links the checkout's `.venv` into it, and runs
+the fenced blocks top to bottom in one shell session: the working
+directory, the variables (exported or not), the functions and `$?` carry
+over from one command to the next, so `cd`, `export`, `token=$(...)` and
+`source .venv/bin/activate` behave as in a terminal.
 
 What each block means:
 
@@ -320,7 +321,7 @@ def _free_port() -> int:
 
 def _repo_files() -> list[str]:
     out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        ["git", "ls-files", "-z", "--cached"],
         cwd=ROOT,
         check=True,
         capture_output=True,
