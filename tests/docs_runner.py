@@ -81,7 +81,6 @@ class DocError(AssertionError):
 DIRECTIVE = re.compile(r"^<!--\s*doc-test:\s*(?P<kind>[a-z-]+)\s*(?P<arg>.*?)\s*-->\s*$")
 FENCE = re.compile(r"^(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 DIRECTIVES = ("skip", "excerpt", "pytest")
-RUNNABLE = ("console", "sh", "python")
 OUTPUT_LANGS = ("text",)
 
 
@@ -111,10 +110,10 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def parse_blocks(doc: Path, text: str | None = None) -> list[Block]:
+def parse_blocks(doc: Path) -> list[Block]:
     """The fenced blocks of a markdown file with their directives; a python
     block's output block is attached to it rather than listed."""
-    lines = (doc.read_text() if text is None else text).splitlines()
+    lines = doc.read_text().splitlines()
     blocks: list[Block] = []
     pending: tuple[int, str, str] | None = None
     i = 0
@@ -176,7 +175,7 @@ def parse_blocks(doc: Path, text: str | None = None) -> list[Block]:
             and previous.output is None
             and block.lang in OUTPUT_LANGS
             and not block.directive
-            and all(not text.strip() for text in between)
+            and all(not gap.strip() for gap in between)
         ):
             previous.output = block
         else:
@@ -387,7 +386,6 @@ class Session:
         self.last_rc = 0
         self.server: subprocess.Popen[bytes] | None = None
         self.server_log = self.state / "server.log"
-        self.counter = 0
 
     # -- setup and teardown
 
@@ -612,10 +610,9 @@ class Session:
         if status != 0:
             raise DocError(f"{block.where}: the sh block exited {status}; its output:\n{output}")
 
-    def _script(self, block: Block, suffix: str, folder: Path) -> Path:
-        self.counter += 1
+    def _script(self, block: Block, prefix: str, folder: Path) -> Path:
         stem = re.sub(r"\W", "_", self.doc.stem.lower())
-        path = folder / f"{suffix}{stem}_{block.fence_line}.py"
+        path = folder / f"{prefix}{stem}_{block.fence_line}.py"
         path.write_text(self._to_port("\n".join(block.lines) + "\n"))
         return path
 
