@@ -508,12 +508,30 @@ class Session:
             self.last_rc = proc.returncode
         return proc.returncode, out.decode(errors="replace")
 
+    def _check_make_only_serves(self, command: Command) -> None:
+        """The scratch copy shares the checkout's .venv: a `make run` that
+        would reinstall would point its editable installs at the scratch copy.
+        Ask make what it would do first."""
+        text = self._to_port(command.text)
+        dry = re.sub(r"^(\s*(?:\w+=\S*\s+)*make)\b", r"\1 -n", text, count=1)
+        if dry == text:
+            return
+        status, output = self.shell(dry, keep_state=False)
+        lines = [line for line in output.splitlines() if line.strip()]
+        if status != 0 or not lines or not all("cruzflow serve" in line for line in lines):
+            raise DocError(
+                f"{_rel(self.doc)}:{command.line}: `{command.display}` would do more than "
+                "serve (is .venv older than pyproject.toml? run `make install` in the "
+                f"checkout); `make -n` says:\n{output}"
+            )
+
     def start_server(self, command: Command) -> str:
         if self.server is not None and self.server.poll() is None:
             raise DocError(
                 f"{_rel(self.doc)}:{command.line}: `{command.display}` starts a second server "
                 "while the first still runs"
             )
+        self._check_make_only_serves(command)
         log = self.server_log.open("wb")
         self.server = subprocess.Popen(
             [

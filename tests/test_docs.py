@@ -246,3 +246,21 @@ def test_commands_end_where_bash_would_run_them() -> None:
 )
 def test_normalising_and_matching(expected: list[str], actual: list[str], same: bool) -> None:
     assert matches(normalise(expected), normalise(actual)) is same
+
+
+def test_make_run_is_refused_when_make_would_reinstall(tmp_path: Path) -> None:
+    """The scratch copy shares the checkout's .venv, so a stale one is
+    reported rather than reinstalled from the copy (a stand-in make here)."""
+    doc = _doc(
+        tmp_path,
+        """\
+```console
+$ mkdir fake && printf '#!/bin/sh\\necho pip install -e .\\n' > fake/make && chmod +x fake/make
+$ export PATH="$PWD/fake:$PATH"
+$ make run
+cruzflow listening on 127.0.0.1:50051
+```
+""",
+    )
+    with pytest.raises(DocError, match=r"doc.md:4: `make run` would do more than serve"):
+        run_doc(doc)
