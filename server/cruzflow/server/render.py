@@ -348,9 +348,19 @@ def strip_ansi(text: str) -> str:
 # --- one instance, for people -----------------------------------------------
 
 
-def step_line(step: StepView, now: datetime, style: Style = PLAIN, name_width: int = 0) -> str:
-    """One step: mark, name, status, attempts, how long, and what it waits on or failed with."""
+def step_line(
+    step: StepView,
+    now: datetime,
+    style: Style = PLAIN,
+    name_width: int = 0,
+    instance_status: str = "running",
+) -> str:
+    """One step: mark, name, status, attempts, how long, and what it waits on or
+    failed with. ``instance_status`` tells a step that is still going from one
+    whose instance was paused or has ended meanwhile."""
     name = step.name if step.occurrence <= 1 else f"{step.name} #{step.occurrence}"
+    ended = instance_status in FINAL_STATUSES and step.status == "running"
+    paused = instance_status in ("paused", "waitingForPause") and step.status == "running"
     parts = [step.status]
     if step.kind == "do":
         parts.append(attempts_word(step.attempts))
@@ -359,17 +369,23 @@ def step_line(step: StepView, now: datetime, style: Style = PLAIN, name_width: i
     elif step.kind == "waitForEvent":
         what = f"event {step.event_type!r}" if step.event_type else "an event"
         parts[0] = f"waiting for {what}" if step.status == "running" else step.status
+    if ended:
+        # The instance ended (terminated) while this step was under way.
+        parts[0] = f"stopped: the instance is {instance_status}"
     if step.start_time is not None:
-        end = step.end_time or now
-        parts.append(duration((end - step.start_time).total_seconds()))
-    if step.status == "running" and step.next_attempt_time is not None:
+        end = step.end_time or (step.start_time if ended else now)
+        if not ended:
+            parts.append(duration((end - step.start_time).total_seconds()))
+    if step.status == "running" and step.next_attempt_time is not None and not ended:
         left = (step.next_attempt_time - now).total_seconds()
         if step.kind == "do":
-            parts.append(f"next attempt in {duration(left)}" if left > 0 else "next attempt due")
+            text = f"next attempt in {duration(left)}" if left > 0 else "next attempt due"
         elif step.kind == "sleep":
-            parts.append(f"wakes in {duration(left)}" if left > 0 else "wakes now")
+            text = f"wakes in {duration(left)}" if left > 0 else "wakes now"
         else:
-            parts.append(f"times out in {duration(left)}" if left > 0 else "times out now")
+            text = f"times out in {duration(left)}" if left > 0 else "times out now"
+        # A paused instance does nothing until resumed; then the same times hold.
+        parts.append(f"{text}, once resumed" if paused else text)
     text = f"{style.step_mark(step)} {name.ljust(name_width)}  {'  '.join(parts)}"
     if step.error is not None:
         label = "error" if step.status == "failed" else "last error"
@@ -417,7 +433,7 @@ def instance_lines(view: InstanceView, now: datetime, style: Style = PLAIN) -> l
         lines.append(f"steps ({len(view.steps)})")
         name_width = max(len(_step_name(s)) for s in view.steps)
         for s in view.steps:
-            lines.append("  " + step_line(s, now, style, name_width))
+            lines.append("  " + step_line(s, now, style, name_width, view.status))
             # A step's traceback, unless it is the one shown with the instance's error.
             if s.error is not None and s.error.traceback != shown:
                 lines += traceback_lines(s.error, "      ", style)
@@ -512,11 +528,8 @@ class EventLines:
             began = self._started.get(event.step_index)
             if began is not None and event.time is not None:
                 took = (event.time - began).total_seconds()
-        elif event.kind == "status_changed":
-            if event.status == "waiting" and self._current:
-                line = f"  in {self._current}"  # what it waits on
-            elif event.status in ("running", "queued"):
-                self._started.clear()  # a restart begins again at index 0
+        elif event.kind == "status_changed" and event.status == "waiting" and self._current:
+            line = f"  in {self._current}"  # what it waits on
         first = event_line(event, took) + line
         return [first, *traceback_lines(event.error, "      ", self._style)]
 
@@ -617,7 +630,7 @@ def live_lines(
     lines = [head]
     if view.steps:
         name_width = max(len(_step_name(s)) for s in view.steps)
-        lines += ["  " + step_line(s, now, style, name_width) for s in view.steps]
+        lines += ["  " + step_line(s, now, style, name_width, view.status) for s in view.steps]
     else:
         lines.append("  (no steps yet)")
     if view.status == "complete":
