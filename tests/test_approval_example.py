@@ -72,6 +72,33 @@ async def test_a_rejection_or_a_malformed_answer_rejects(tmp_path: Path) -> None
     ]
 
 
+async def test_an_amount_that_is_not_positive_fails_at_once(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    async with WorkflowTestEnv(APPROVAL, env=env) as t:
+        run = await t.run({**EXPENSE, "amount": -5})
+        requests, _ = await _rows_if_any(env)
+    assert run.status == "errored"
+    assert run.error is not None
+    assert (run.error.name, run.error.message) == (
+        "NonRetryableError",
+        "amount must be a positive number of cents, got -5",
+    )
+    # Not retried, and the traceback names the line that refused it.
+    assert run.step("record-request").attempts == 1
+    assert run.error.traceback is not None
+    assert "raise NonRetryableError(f\"amount must be a positive" in run.error.traceback
+    assert [s.name for s in run.steps] == ["record-request"]
+    assert requests == []
+
+
+async def _rows_if_any(env: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """The tables' rows, or nothing if no step ever made the tables."""
+    tables = await env["DB"].execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    if not tables:
+        return [], []
+    return await _rows(env)
+
+
 async def test_no_decision_within_a_day_rejects(tmp_path: Path) -> None:
     env = _env(tmp_path)
     async with WorkflowTestEnv(APPROVAL, env=env, skip_event_timeouts=True) as t:

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from cruzflow.workflows import EventTimeoutError, WorkflowEntrypoint, WorkflowEvent, WorkflowStep
+from cruzflow.workflows import (
+    EventTimeoutError,
+    NonRetryableError,
+    WorkflowEntrypoint,
+    WorkflowEvent,
+    WorkflowStep,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ExpenseRequest (
@@ -41,6 +47,9 @@ class ApprovalWorkflow(WorkflowEntrypoint[ApprovalParams]):
         db = self.env.DB
 
         async def record_request() -> dict[str, Any]:
+            if amount <= 0:
+                # No retry can mend the request: fail the step (and the instance) now.
+                raise NonRetryableError(f"amount must be a positive number of cents, got {amount}")
             await db.executescript(SCHEMA)
             # REPLACE: a restarted instance records its request afresh as pending.
             await db.execute(
