@@ -257,6 +257,9 @@ def parse_console(block: Block) -> list[Command]:
 
 # ------------------------------------------------------------ normalising
 
+# Where the docs show the checkout: a reader's clone, not this machine's folder.
+READER_CHECKOUT = "/home/you/cruzflow"
+
 _NUMBER = r"\d+(?:\.\d+)?"
 _UNIT = r"(?:ms|s|m|h|d)\b"
 _NORMALISE: list[tuple[re.Pattern[str], str]] = [
@@ -439,6 +442,9 @@ class Session:
         return re.sub(rf"(?<!\d){self.port}(?!\d)", str(DOC_PORT), text)
 
     def _actual_lines(self, output: str) -> list[str]:
+        # Paths into the checkout (tracebacks name files) as a reader's clone
+        # would show them: the scratch copy's own folder is of this run only.
+        output = output.replace(str(self.repo), READER_CHECKOUT)
         lines = [line.rstrip() for line in self._from_port(output).splitlines()]
         while lines and not lines[-1]:
             lines.pop()
