@@ -86,7 +86,7 @@ async def test_an_amount_that_is_not_positive_fails_at_once(tmp_path: Path) -> N
     # Not retried, and the traceback names the line that refused it.
     assert run.step("record-request").attempts == 1
     assert run.error.traceback is not None
-    assert "raise NonRetryableError(f\"amount must be a positive" in run.error.traceback
+    assert 'raise NonRetryableError(f"amount must be a positive' in run.error.traceback
     assert [s.name for s in run.steps] == ["record-request"]
     assert requests == []
 
@@ -145,21 +145,19 @@ async def test_pause_resume_terminate_and_restart(tmp_path: Path) -> None:
         seven = await t.start(EXPENSE, id="expense-7")
         await seven.wait_for_status("waiting")
         # Paused at once, or once the sleep has left memory.
-        assert (await t.engine.pause("expense-7")).label in ("paused", "waitingForPause")
+        assert await seven.pause() in ("paused", "waitingForPause")
         await seven.wait_for_status("paused")
-        await t.engine.resume("expense-7")
+        await seven.resume()
         await seven.send_event("approval", {"approved": True, "by": "grace@example.com"})
         approved = await seven.result(timeout=30)
 
         eight = await t.start({**EXPENSE, "requestId": "expense-8", "amount": 90}, id="expense-8")
         await eight.wait_for_status("waiting")
-        assert (await t.engine.terminate("expense-8")).label == "terminated"
-        await t.engine.restart("expense-8")
+        assert await eight.terminate() == "terminated"
+        await eight.restart()
         await eight.send_event("approval", {"approved": False, "by": "grace@example.com"})
-        # Not result(): it follows the log from the start and would stop at the
-        # termination of the first run.
-        await eight.wait_for_status("complete", timeout=30)
-        rejected = await eight.snapshot()
+        # The run since the restart: the first run's termination does not count.
+        rejected = await eight.result(timeout=30)
         requests, tasks = await _rows(env)
     assert approved.output == {
         "requestId": "expense-7",

@@ -395,6 +395,31 @@ async def test_a_wait_follows_the_engine_across_a_restart() -> None:
     assert run.output == {"fetched": None, "n": 42}
 
 
+async def test_controls_and_a_result_after_a_restart_is_the_new_runs() -> None:
+    async with WorkflowTestEnv(Resumable, env={"calls": []}) as t:
+        t.mock_step_result("fetch", None)
+        handle = await t.start()
+        await handle.wait_for_status("waiting")
+        # Waiting, it may still be leaving memory: paused at once, or once it has.
+        assert await handle.pause() in ("paused", "waitingForPause")
+        await handle.wait_for_status("paused")
+        with pytest.raises(ValueError, match="is paused; only queued, running or waiting"):
+            await handle.pause()
+        assert await handle.resume() in ("running", "waiting")
+        assert await handle.terminate() == "terminated"
+        assert (await handle.result()).status == "terminated"
+        assert await handle.restart() in ("running", "queued")
+        # The end before the restart does not count: result() waits for this run's.
+        waiter = asyncio.create_task(handle.result())
+        await handle.wait_for_status("waiting")
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await handle.send_event("go", 1)
+        run = await waiter
+    assert run.status == "complete"
+    assert run.output == {"fetched": None, "n": 42}
+
+
 class UsesEnv(WorkflowEntrypoint):
     async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
         async def save() -> str:

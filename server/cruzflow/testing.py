@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -262,6 +262,9 @@ def _limits(values: Mapping[str, Any] | None) -> Limits:
     if unknown:
         raise TypeError(f"limits: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
     return Limits(**values)
+
+
+_FINISHED_LABELS = frozenset(s.label for s in InstanceStatus if s.finished)
 
 
 def _labels(statuses: tuple[str, ...]) -> set[InstanceStatus]:
@@ -604,6 +607,31 @@ class InstanceHandle:
         except ServiceError as exc:
             raise ValueError(str(exc)) from None
 
+    async def pause(self) -> str:
+        """Pause it as the PauseInstance RPC does; returns the new status
+        (``"paused"``, or ``"waitingForPause"`` while a step finishes).
+        ValueError, with the service's message, if it cannot be paused."""
+        return await self._control(self._env.engine.pause)
+
+    async def resume(self) -> str:
+        """Resume a paused instance as the ResumeInstance RPC does; returns its status."""
+        return await self._control(self._env.engine.resume)
+
+    async def terminate(self) -> str:
+        """End it now as the TerminateInstance RPC does (``"terminated"``)."""
+        return await self._control(self._env.engine.terminate)
+
+    async def restart(self) -> str:
+        """Run it again from scratch as the RestartInstance RPC does; returns its
+        status. ``result()`` then waits for the new run's end."""
+        return await self._control(self._env.engine.restart)
+
+    async def _control(self, call: Callable[[str], Awaitable[InstanceStatus]]) -> str:
+        try:
+            return (await call(self.id)).label
+        except ServiceError as exc:
+            raise ValueError(str(exc)) from None
+
     async def wait_for_status(self, *statuses: str, timeout: float = 60.0) -> str:
         """Wait until the instance has been in one of ``statuses`` (labels such as
         ``"waiting"``, ``"complete"``); return that status. Its history counts, so a
@@ -650,22 +678,40 @@ class InstanceHandle:
 
     async def result(self, timeout: float = 60.0) -> WorkflowRun:
         """Wait until the instance is complete, errored or terminated; return it.
-        TimeoutError, saying where it stands, after ``timeout`` seconds."""
-        await self._follow(
-            lambda e: (
-                e.kind is EventKind.STATUS_CHANGED and InstanceStatus(e.data["status"]).finished
-            ),
-            timeout,
-            "end",
-        )
-        return await self.snapshot()
+        After a restart (``restart()``), the end of the run since then: an end
+        that a restart followed does not count. TimeoutError, saying where it
+        stands, after ``timeout`` seconds."""
+        after = 0
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    end = await self._follow(
+                        lambda e: (
+                            e.kind is EventKind.STATUS_CHANGED
+                            and InstanceStatus(e.data["status"]).finished
+                        ),
+                        None,
+                        "end",
+                        after=after,
+                    )
+                    run = await self.snapshot()
+                    if end is None or run.status in _FINISHED_LABELS:
+                        return run
+                    after = end.seq  # restarted since that end: follow the new run
+        except TimeoutError:
+            raise TimeoutError(await self._stuck(timeout, "end")) from None
 
     async def _follow(
-        self, match: Callable[[EventRecord], bool], timeout: float, what: str
+        self,
+        match: Callable[[EventRecord], bool],
+        timeout: float | None,
+        what: str,
+        after: int = 0,
     ) -> EventRecord | None:
-        """The first event of the instance's log, from its start, that ``match``es;
-        None if the log ends first."""
-        last = 0
+        """The first event of the instance's log after sequence ``after`` (from
+        its start by default) that ``match``es; None if the log ends first.
+        TimeoutError saying where it stands after ``timeout`` s (None: no bound)."""
+        last = after
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -688,6 +734,8 @@ class InstanceHandle:
                                 f"the env stopped while waiting for instance {self.id!r}"
                             ) from None
         except TimeoutError:
+            if timeout is None:
+                raise  # an outer bound's: its owner says where the instance stands
             raise TimeoutError(await self._stuck(timeout, what)) from None
 
     async def _stuck(self, timeout: float, what: str) -> str:
