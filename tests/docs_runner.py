@@ -333,8 +333,13 @@ def _repo_files() -> list[str]:
 
 def _base_env(port: int) -> dict[str, str]:
     """The environment of a newcomer's terminal: no venv on PATH, no
-    cruzflow, OpenTelemetry, pytest or Python settings of the test run."""
-    dropped = ("CRUZFLOW_", "OTEL_", "PYTEST_", "PYTHON", "VIRTUAL_ENV", "COV_CORE_")
+    cruzflow, OpenTelemetry, pytest or Python settings of the test run, and
+    no make of its own (under `make test`, MAKELEVEL would make the README's
+    `make run` print "Entering directory" lines a terminal does not show)."""
+    dropped = (
+        "CRUZFLOW_", "OTEL_", "PYTEST_", "PYTHON", "VIRTUAL_ENV", "COV_CORE_",
+        "MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKE_TERMOUT", "MAKE_TERMERR",
+    )  # fmt: skip
     env = {key: value for key, value in os.environ.items() if not key.startswith(dropped)}
     path = [
         entry
