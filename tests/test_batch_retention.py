@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from cruzflow.server.engine.errors import NotFound
-from cruzflow.server.engine.model import Batch
+from cruzflow.server.records import Batch
 from cruzflow.v1 import workflows_pb2 as pb
 from tests.conftest import EngineFactory, Server, ServerFactory, eventually
 

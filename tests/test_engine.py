@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from cruzflow.server.engine.errors import AlreadyExists, InvalidArgument, NotFound
-from cruzflow.server.engine.model import (
+from cruzflow.server.engine.runtime import Engine, Limits, WorkflowSpec
+from cruzflow.server.records import (
     Batch,
     EventKind,
     InstanceRecord,
@@ -19,7 +20,6 @@ from cruzflow.server.engine.model import (
     StepRecord,
     StepStatus,
 )
-from cruzflow.server.engine.runtime import Engine, Limits, WorkflowSpec
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.workflows import WorkflowEntrypoint, WorkflowEvent, WorkflowStep
 from tests.conftest import EngineFactory, finished
@@ -329,7 +329,7 @@ async def test_env_bindings_reach_the_workflow(tmp_path: Path, make_engine: Engi
 
 
 async def test_journal_close_during_a_commit_returns(make_engine: EngineFactory) -> None:
-    from cruzflow.server.engine.model import EventRecord
+    from cruzflow.server.records import EventRecord
 
     engine = await make_engine()
     journal = engine.journal

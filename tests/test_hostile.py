@@ -26,7 +26,7 @@ from cruzflow.server.app import Service
 from cruzflow.server.config import load_config
 from cruzflow.server.engine import listing, validate
 from cruzflow.server.engine.errors import InvalidArgument
-from cruzflow.server.engine.model import InstanceQuery, InstanceStatus
+from cruzflow.server.records import InstanceQuery, InstanceStatus
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.v1 import workflows_pb2 as pb
 from tests.conftest import ALL_WORKFLOWS, EngineFactory, Server, ServerFactory, eventually, finished

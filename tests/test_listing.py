@@ -16,7 +16,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cruzflow.server.engine.model import InstanceQuery, InstanceStatus
+from cruzflow.server.records import InstanceQuery, InstanceStatus
 from cruzflow.server.store.sqlite import _POSITION_AT, MIGRATIONS, SqliteStore, _page_query
 from cruzflow.v1 import workflows_pb2 as pb
 from tests.conftest import Server

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cruzflow.server.engine.model import (
+from cruzflow.server.records import (
     Batch,
     EventKind,
     EventRecord,

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 import cruzflow.workflows as public
-from cruzflow.server.engine import model
+from cruzflow.server import records as model
 from cruzflow.server.engine.durations import to_seconds
 from cruzflow.server.engine.retries import RetryConfig, StepConfig, resolve
 from cruzflow.v1 import workflows_pb2 as pb

@@ -33,8 +33,8 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, Trace
 
 from cruzflow.server.app import Service
 from cruzflow.server.config import ConfigError, load_config
-from cruzflow.server.engine.model import InstanceStatus
 from cruzflow.server.engine.runtime import Engine, Limits
+from cruzflow.server.records import InstanceStatus
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.server.telemetry import (
     JsonFormatter,

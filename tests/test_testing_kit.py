@@ -12,7 +12,7 @@ import pytest
 
 import cruzflow.testing as kit
 from cruzflow.server.config import load_config
-from cruzflow.server.engine.model import EventKind
+from cruzflow.server.records import EventKind
 from cruzflow.testing import WorkflowTestEnv, sqlite_database
 from cruzflow.workflows import (
     EventTimeoutError,

@@ -43,7 +43,8 @@ from cruzflow.server.bindings import Env, SqliteDatabase
 from cruzflow.server.engine.api import WorkflowEntrypoint
 from cruzflow.server.engine.context import to_json
 from cruzflow.server.engine.errors import ServiceError, Unavailable
-from cruzflow.server.engine.model import (
+from cruzflow.server.engine.runtime import Engine, Limits, WorkflowSpec
+from cruzflow.server.records import (
     EventKind,
     EventRecord,
     InboxEvent,
@@ -52,7 +53,6 @@ from cruzflow.server.engine.model import (
     StepRecord,
     StepStatus,
 )
-from cruzflow.server.engine.runtime import Engine, Limits, WorkflowSpec
 from cruzflow.server.store.sqlite import SqliteStore
 
 __all__ = [

@@ -48,8 +48,8 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from cruzflow.server.engine.model import InstanceStatus, StepKind
 from cruzflow.server.engine.tracebacks import format_error
+from cruzflow.server.records import InstanceStatus, StepKind
 
 if TYPE_CHECKING:
     from cruzflow.server.spans import SpanSink

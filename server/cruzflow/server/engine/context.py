@@ -23,7 +23,6 @@ from cruzflow.server.engine.errors import (
     StepTimeoutError,
     Suspend,
 )
-from cruzflow.server.engine.model import EventKind, StepKind, StepRecord, StepStatus
 from cruzflow.server.engine.retries import (
     DEFAULT_POLICY,
     RetryConfig,
@@ -34,6 +33,7 @@ from cruzflow.server.engine.retries import (
 from cruzflow.server.engine.scope import StepScope, current_step
 from cruzflow.server.engine.tracebacks import format_error
 from cruzflow.server.engine.validate import has_control
+from cruzflow.server.records import EventKind, StepKind, StepRecord, StepStatus
 
 if TYPE_CHECKING:
     from cruzflow.server.engine.runtime import Engine, _Run

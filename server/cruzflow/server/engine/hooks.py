@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from cruzflow.server.engine.model import StepKind
+from cruzflow.server.records import StepKind
 
 
 class EngineHooks(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from cruzflow.server.engine.model import EventRecord
+from cruzflow.server.records import EventRecord
 
 # A watcher that falls this far behind is told to re-read from the store
 # instead of holding an ever longer queue in memory.

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from cruzflow.server.engine.model import (
+from cruzflow.server.records import (
     Batch,
     EventRecord,
     InboxEvent,

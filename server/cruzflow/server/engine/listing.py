@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 
 from cruzflow.server.engine import validate
 from cruzflow.server.engine.errors import InvalidArgument
-from cruzflow.server.engine.model import InstanceQuery, InstanceRecord, InstanceStatus
+from cruzflow.server.records import InstanceQuery, InstanceRecord, InstanceStatus
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from cruzflow.server.engine.model import InstanceStatus, StepKind
+from cruzflow.server.records import InstanceStatus, StepKind
 
 
 class Observer(Protocol):

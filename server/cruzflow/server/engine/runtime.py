@@ -39,7 +39,10 @@ from cruzflow.server.engine.errors import (
 from cruzflow.server.engine.hooks import EngineHooks
 from cruzflow.server.engine.hub import Hub, Subscription
 from cruzflow.server.engine.journal import Durable, Journal
-from cruzflow.server.engine.model import (
+from cruzflow.server.engine.observer import Observer
+from cruzflow.server.engine.params import checker as params_checker
+from cruzflow.server.engine.tracebacks import format_error
+from cruzflow.server.records import (
     EventKind,
     EventRecord,
     InboxEvent,
@@ -48,9 +51,6 @@ from cruzflow.server.engine.model import (
     InstanceUpdate,
     StepRecord,
 )
-from cruzflow.server.engine.observer import Observer
-from cruzflow.server.engine.params import checker as params_checker
-from cruzflow.server.engine.tracebacks import format_error
 from cruzflow.server.store.base import Store, StoreError
 
 log = logging.getLogger("cruzflow.engine")

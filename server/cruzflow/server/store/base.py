@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from cruzflow.server.engine.model import (
+from cruzflow.server.records import (
     Batch,
     EventRecord,
     InboxEvent,

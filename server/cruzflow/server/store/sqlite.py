@@ -21,7 +21,7 @@ from typing import Any
 
 import aiosqlite
 
-from cruzflow.server.engine.model import (
+from cruzflow.server.records import (
     UNFINISHED,
     Batch,
     EventKind,

@@ -6,7 +6,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cruzflow.server.engine import validate
-from cruzflow.server.engine.model import EventKind, EventRecord, InstanceRecord, StepRecord
+from cruzflow.server.records import EventKind, EventRecord, InstanceRecord, StepRecord
 from cruzflow.v1 import workflows_pb2 as pb
 
 

@@ -15,8 +15,8 @@ from typing import Any, NoReturn, TypeVar, cast
 import grpc
 
 from cruzflow.server.engine import errors, validate
-from cruzflow.server.engine.model import InstanceRecord, StepRecord
 from cruzflow.server.engine.runtime import Engine
+from cruzflow.server.records import InstanceRecord, StepRecord
 from cruzflow.server.store.base import StoreError
 from cruzflow.server.transport import convert
 from cruzflow.v1 import workflows_pb2 as pb

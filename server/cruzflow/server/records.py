@@ -1,4 +1,7 @@
-"""What the engine stores: instances, steps, events, and a batch of writes.
+"""The record types: instances, steps, events, and a batch of writes.
+
+The bottom floor: the engine and every store import these, and they import
+nothing of either, so store and engine do not import each other.
 
 The numbers of the enums are the numbers of the protobuf enums of the same
 name (a test pins that), so the transport converts them without a table.
