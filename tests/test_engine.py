@@ -319,7 +319,8 @@ async def test_finished_instances_are_not_resumed(tmp_path: Path, side_file: Pat
 
 
 async def test_env_bindings_reach_the_workflow(tmp_path: Path, make_engine: EngineFactory) -> None:
-    from cruzflow.server.bindings import Env, SqliteDatabase
+    from cruzflow.sdk.api import Env
+    from cruzflow.server.bindings import SqliteDatabase
 
     env = Env({"GREETING": "hello", "DB": SqliteDatabase(tmp_path / "app.db")})
     engine = await make_engine(env=env)

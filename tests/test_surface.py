@@ -7,9 +7,9 @@ from datetime import timedelta
 import pytest
 
 import cruzflow.workflows as public
+from cruzflow.sdk.durations import to_seconds
+from cruzflow.sdk.retries import RetryConfig, StepConfig, resolve
 from cruzflow.server import records as model
-from cruzflow.server.engine.durations import to_seconds
-from cruzflow.server.engine.retries import RetryConfig, StepConfig, resolve
 from cruzflow.v1 import workflows_pb2 as pb
 
 
@@ -130,3 +130,35 @@ def test_engine_imports_neither_grpc_nor_a_database_driver() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _imported_after(statement: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` (or their submodules) a fresh interpreter has loaded
+    after running ``statement``."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys; {statement};"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {modules!r}"
+        f" or any(m.startswith(p + '.') or m == p for p in {modules!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return list(eval(out.stdout))
+
+
+def test_the_authoring_api_imports_nothing_of_the_server() -> None:
+    loaded = _imported_after(
+        "import cruzflow.workflows",
+        ("grpc", "aiosqlite", "sqlite3", "cruzflow.server", "cruzflow.client", "opentelemetry"),
+    )
+    assert loaded == []
+    # The database binding is there when it is named.
+    named = _imported_after(
+        "from cruzflow.workflows import SqliteDatabase", ("aiosqlite", "cruzflow.server.bindings")
+    )
+    assert {"aiosqlite", "cruzflow.server.bindings"} <= set(named)
+
+
+def test_the_stores_do_not_import_the_engine() -> None:
+    assert _imported_after("import cruzflow.server.store.sqlite", ("cruzflow.server.engine",)) == []

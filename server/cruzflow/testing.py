@@ -39,11 +39,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
-from cruzflow.server.bindings import Env, SqliteDatabase
-from cruzflow.server.engine.api import WorkflowEntrypoint
-from cruzflow.server.engine.context import to_json
+from cruzflow.sdk.api import Env, WorkflowEntrypoint
+from cruzflow.server.bindings import SqliteDatabase
 from cruzflow.server.engine.errors import ServiceError, Unavailable
 from cruzflow.server.engine.runtime import Engine, Limits, WorkflowSpec
+from cruzflow.server.engine.steps import to_json
 from cruzflow.server.records import (
     EventKind,
     EventRecord,

@@ -19,9 +19,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cruzflow.sdk.api import Env
 from cruzflow.server.auth import INTERNAL_NAME, AuthInterceptor, Refusal, TokenRule, digest
 from cruzflow.server.bindings import (
-    Env,
     ServerLink,
     SqliteDatabase,
     WorkflowTarget,

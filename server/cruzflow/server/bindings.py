@@ -83,30 +83,8 @@ class SqliteDatabase:
             await self._conn.close()
             self._conn = None
 
-
-class Env:
-    """Attribute access to the vars and bindings of the config: ``self.env.DB``."""
-
-    def __init__(self, values: Mapping[str, Any]) -> None:
-        self.__dict__.update(values)
-
-    def __getattr__(self, name: str) -> Any:
-        known = ", ".join(sorted(self.__dict__)) or "none"
-        raise AttributeError(
-            f"env has no binding or var {name!r} (declared: {known}); add it to the config's "
-            f"[vars], [[sqlite_databases]] or [[workflows]]"
-        )
-
-    def __getitem__(self, name: str) -> Any:
-        return getattr(self, name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.__dict__
-
-    async def aclose(self) -> None:
-        for value in self.__dict__.values():
-            if isinstance(value, SqliteDatabase | BoundWorkflow):
-                await value.close()
+    # Env.aclose (at the server's stop) closes what has this.
+    aclose_binding = close
 
 
 # ---------------------------------------------------------------- workflows
@@ -412,6 +390,8 @@ class BoundWorkflow:
 
     async def close(self) -> None:
         await self._link.close()
+
+    aclose_binding = close
 
     # ----------------------------------------------------------- plumbing
     def _timeout(self, timeout: float | None) -> float:

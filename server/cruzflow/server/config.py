@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cruzflow.sdk.api import WorkflowEntrypoint
+from cruzflow.sdk.durations import to_seconds
 from cruzflow.server.auth import TokenRule, digest
 from cruzflow.server.bindings import TlsFiles, WorkflowTarget
-from cruzflow.server.engine.api import WorkflowEntrypoint
-from cruzflow.server.engine.durations import to_seconds
 from cruzflow.server.engine.runtime import Limits, WorkflowSpec
 from cruzflow.server.telemetry import Settings as TelemetrySettings
 

@@ -22,7 +22,7 @@ from typing import Any
 import pydantic
 import typing_extensions
 
-from cruzflow.server.engine.api import WorkflowEntrypoint
+from cruzflow.sdk.api import WorkflowEntrypoint
 from cruzflow.server.engine.errors import InvalidArgument
 
 log = logging.getLogger("cruzflow.engine")

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cruzflow.sdk.api import WorkflowEntrypoint, WorkflowEvent
+from cruzflow.sdk.step import WorkflowStep
 from cruzflow.server.engine import listing, validate
-from cruzflow.server.engine.api import WorkflowEntrypoint, WorkflowEvent
-from cruzflow.server.engine.context import WorkflowStep, to_json
 from cruzflow.server.engine.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -41,6 +41,7 @@ from cruzflow.server.engine.hub import Hub, Subscription
 from cruzflow.server.engine.journal import Durable, Journal
 from cruzflow.server.engine.observer import Observer
 from cruzflow.server.engine.params import checker as params_checker
+from cruzflow.server.engine.steps import StepRunner, to_json
 from cruzflow.server.engine.tracebacks import format_error
 from cruzflow.server.records import (
     EventKind,
@@ -881,7 +882,7 @@ class Engine:
                 timestamp=datetime.fromtimestamp(run.created_at / 1000, UTC),
                 instance_id=run.id,
             )
-            result = await workflow.run(event, WorkflowStep(self, run))
+            result = await workflow.run(event, WorkflowStep(StepRunner(self, run)))
             try:
                 output = to_json(result)
             except (TypeError, ValueError, RecursionError) as exc:

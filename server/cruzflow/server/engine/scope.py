@@ -1,7 +1,7 @@
 """Which step attempt the running code belongs to, for code outside the engine.
 
 The engine sets ``current_step`` around each step body (see
-``WorkflowStep._attempt``). Bindings read it to give a call made inside a
+``StepRunner._attempt``, engine/steps.py). Bindings read it to give a call made inside a
 step the attempt's remaining time as its deadline and a replay-stable
 idempotency key, without the engine knowing anything about them.
 """

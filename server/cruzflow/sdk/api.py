@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic
 from typing_extensions import TypeVar
 
 if TYPE_CHECKING:
-    from cruzflow.server.engine.context import WorkflowStep
+    from cruzflow.sdk.step import WorkflowStep
 
 # Payload type; a bare WorkflowEntrypoint means WorkflowEntrypoint[Any].
 P = TypeVar("P", default=Any)
@@ -58,3 +59,31 @@ class WorkflowEntrypoint(Generic[P]):
         raise NotImplementedError(
             f"{type(self).__name__} must define async def run(self, event, step)"
         )
+
+
+class Env:
+    """Attribute access to the vars and bindings of the config: ``self.env.DB``."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:
+        known = ", ".join(sorted(self.__dict__)) or "none"
+        raise AttributeError(
+            f"env has no binding or var {name!r} (declared: {known}); add it to the config's "
+            f"[vars], [[sqlite_databases]] or [[workflows]]"
+        )
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.__dict__
+
+    async def aclose(self) -> None:
+        """Close the bindings that hold connections (databases, workflow clients):
+        each value with an ``aclose_binding`` coroutine method."""
+        for value in self.__dict__.values():
+            closer = getattr(type(value), "aclose_binding", None)
+            if closer is not None:
+                await closer(value)

@@ -1,4 +1,10 @@
-"""The step API that ``run`` receives: where a step is executed and checkpointed."""
+"""Where a step is executed and checkpointed: the engine's side of ``step``.
+
+``cruzflow.sdk.step.WorkflowStep`` (what ``run`` receives) checks what the
+workflow passes and calls the ``StepRunner`` of its run: it replays stored
+results, runs attempts with their retries and timeouts, and writes each
+step's row and events into the journal's open batch.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,13 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any
 
-from cruzflow.server.engine.api import StepContext
-from cruzflow.server.engine.durations import Duration, to_seconds
+from cruzflow.sdk.api import StepContext
+from cruzflow.sdk.retries import StepPolicy
 from cruzflow.server.engine.errors import (
     EventTimeoutError,
     FatalWorkflowError,
@@ -23,13 +29,6 @@ from cruzflow.server.engine.errors import (
     StepTimeoutError,
     Suspend,
 )
-from cruzflow.server.engine.retries import (
-    DEFAULT_POLICY,
-    RetryConfig,
-    StepConfig,
-    StepPolicy,
-    resolve,
-)
 from cruzflow.server.engine.scope import StepScope, current_step
 from cruzflow.server.engine.tracebacks import format_error
 from cruzflow.server.engine.validate import has_control
@@ -37,8 +36,6 @@ from cruzflow.server.records import EventKind, StepKind, StepRecord, StepStatus
 
 if TYPE_CHECKING:
     from cruzflow.server.engine.runtime import Engine, _Run
-
-T = TypeVar("T")
 
 log = logging.getLogger("cruzflow.engine")
 
@@ -142,8 +139,10 @@ def _ms() -> int:
     return int(time.time() * 1000)
 
 
-class WorkflowStep:
-    """Runs steps for one instance: each result is checkpointed before it is used."""
+class StepRunner:
+    """Runs the steps of one run in memory (the ``StepRuntime`` that
+    ``cruzflow.sdk.step.WorkflowStep`` calls): replays what is stored, runs
+    what is not, and checkpoints each result before ``run`` sees it."""
 
     __slots__ = ("_engine", "_run")
 
@@ -151,78 +150,10 @@ class WorkflowStep:
         self._engine = engine
         self._run = run
 
-    @overload
-    async def do(
-        self,
-        name: str,
-        fn: Callable[..., Awaitable[T]],
-        /,
-        *,
-        retries: RetryConfig | Mapping[str, Any] | None = None,
-        timeout: Duration | None = None,
-    ) -> T: ...
-
-    @overload
-    async def do(
-        self,
-        name: str,
-        fn: Callable[..., T],
-        /,
-        *,
-        retries: RetryConfig | Mapping[str, Any] | None = None,
-        timeout: Duration | None = None,
-    ) -> T: ...
-
-    @overload
-    async def do(
-        self,
-        name: str,
-        config: StepConfig | Mapping[str, Any],
-        fn: Callable[..., Awaitable[T]],
-        /,
-    ) -> T: ...
-
-    @overload
-    async def do(
-        self,
-        name: str,
-        config: StepConfig | Mapping[str, Any],
-        fn: Callable[..., T],
-        /,
-    ) -> T: ...
-
-    async def do(
-        self,
-        name: str,
-        config_or_fn: Any,
-        fn: Any = None,
-        /,
-        *,
-        retries: RetryConfig | Mapping[str, Any] | None = None,
-        timeout: Duration | None = None,
-    ) -> Any:
-        """Run ``fn`` as a durable step named ``name`` and return its result.
-
-        ``step.do(name, fn)``, ``step.do(name, config, fn)`` or
-        ``step.do(name, fn, retries=..., timeout=...)``. ``fn`` is an async
-        (or plain) callable taking no argument or a StepContext. Its result
-        must be JSON; it is stored before ``do`` returns, and on a replay
-        ``do`` returns the stored result without calling ``fn``.
-        """
-        if fn is None:
-            fn, config = config_or_fn, None
-        else:
-            config = config_or_fn
-        if not callable(fn):
-            raise TypeError(
-                f"step.do({name!r}): the step body must be a callable, got {type(fn).__name__}"
-            )
+    async def do(self, name: str, fn: Callable[..., Any], policy: StepPolicy) -> Any:
+        """One ``step.do``: its stored result on a replay, else its attempts."""
         run = self._run
         engine = self._engine
-        if config is None and retries is None and timeout is None:
-            policy = DEFAULT_POLICY
-        else:
-            policy = resolve(config, retries, timeout)
         slot, stored = self._next(name, StepKind.DO)
 
         attempt = 0
@@ -369,27 +300,8 @@ class WorkflowStep:
             )
         return _Slot(run, index, name, occurrence, kind), stored
 
-    async def sleep(self, name: str, duration: Duration) -> None:
-        """Sleep durably: the instance waits (holding no coroutine) and resumes on time,
-        across server restarts. ``duration`` as for timeouts: "1 day", ms, timedelta."""
-        seconds = to_seconds(duration, "step.sleep duration")
-        await self._sleep(name, lambda now: now + int(seconds * 1000))
-
-    async def sleep_until(self, name: str, when: datetime | float) -> None:
-        """Sleep durably until ``when``: an aware datetime, or seconds since the epoch."""
-        if isinstance(when, datetime):
-            if when.tzinfo is None:
-                raise ValueError("step.sleep_until: give an aware datetime (with tzinfo), e.g. UTC")
-            target = when.timestamp()
-        elif isinstance(when, int | float) and not isinstance(when, bool):
-            target = float(when)
-        else:
-            raise TypeError(
-                f"step.sleep_until: expected a datetime or epoch seconds, got {type(when).__name__}"
-            )
-        await self._sleep(name, lambda now: int(target * 1000))
-
-    async def _sleep(self, name: str, due_at: Callable[[int], int]) -> None:
+    async def sleep_until(self, name: str, due_at: Callable[[int], int]) -> None:
+        """A durable sleep until ``due_at(start)``; on a replay its stored due time."""
         run = self._run
         slot, stored = self._next(name, StepKind.SLEEP)
         if stored is not None and stored.status is StepStatus.SUCCEEDED:
@@ -423,13 +335,9 @@ class WorkflowStep:
                 f"{limit / 86400:,.1f} days (limits.max_sleep)"
             )
 
-    async def wait_for_event(
-        self, name: str, *, type: str, timeout: Duration = "24 hours"
-    ) -> dict[str, Any]:
-        """Wait durably for an event of ``type`` sent with SendEvent; return it as
-        ``{"type", "payload", "timestamp"}``. An event sent before the wait began
-        is delivered too; each event is delivered to one wait, once. Past
-        ``timeout`` it raises EventTimeoutError (a StepFailedError)."""
+    async def wait_for_event(self, name: str, type: str, timeout_s: float) -> dict[str, Any]:
+        """A durable wait for an event of ``type``: the event as ``{"type", "payload",
+        "timestamp"}``, taken once; EventTimeoutError after ``timeout_s``."""
         run = self._run
         engine = self._engine
         slot, stored = self._next(name, StepKind.WAIT_FOR_EVENT)
@@ -457,7 +365,7 @@ class WorkflowStep:
             deadline, slot.started_at = stored.next_attempt_at, stored.started_at
         else:
             slot.started_at = _ms()
-            wait_ms = int(to_seconds(timeout, "step.wait_for_event timeout") * 1000)
+            wait_ms = int(timeout_s * 1000)
             self._check_wait(wait_ms, "wait_for_event timeout")
             deadline = slot.started_at + wait_ms
             if engine.hooks is not None:

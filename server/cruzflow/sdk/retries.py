@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cruzflow.server.engine.durations import Duration, to_seconds
+from cruzflow.sdk.durations import Duration, to_seconds
 
 Backoff = Literal["constant", "linear", "exponential"]
 _BACKOFFS = ("constant", "linear", "exponential")
