@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from cruzflow.server.engine.errors import NotFound
-from cruzflow.server.records import Batch
+from cruzflow.server.records import Batch, Lease, Refusal
 from cruzflow.v1 import workflows_pb2 as pb
 from tests.conftest import EngineFactory, Server, ServerFactory, eventually
 
@@ -66,9 +66,10 @@ def trace_commits(server: Server, monkeypatch: pytest.MonkeyPatch) -> list[Batch
     applied: list[Batch] = []
     apply = store.apply
 
-    async def traced(batch: Batch) -> None:
-        await apply(batch)
+    async def traced(batch: Batch, lease: Lease) -> dict[str, Refusal]:
+        refused = await apply(batch, lease)
         applied.append(batch)
+        return refused
 
     monkeypatch.setattr(store, "apply", traced)
     return applied

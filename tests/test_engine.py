@@ -17,13 +17,18 @@ from cruzflow.server.records import (
     InstanceRecord,
     InstanceStatus,
     InstanceUpdate,
+    Lease,
+    Refusal,
     StepRecord,
     StepStatus,
 )
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.workflows import WorkflowEntrypoint, WorkflowEvent, WorkflowStep
-from tests.conftest import EngineFactory, finished
+from tests.conftest import EngineFactory, eventually, finished, specs
 from tests.workflows import Blocks, count, mark
+
+# The lease of a test that writes to a store it opened itself (SQLite's never expires).
+LEASE = Lease("test", 1)
 
 
 async def test_three_steps_complete_with_output_and_event_log(make_engine: EngineFactory) -> None:
@@ -207,7 +212,7 @@ async def _seed(path: Path, steps: list[StepRecord]) -> None:
     batch.new_instances.append(InstanceRecord("i1", "w", InstanceStatus.RUNNING, b"null", 1, 1))
     for s in steps:
         batch.steps[(s.instance_id, s.index)] = s
-    await store.apply(batch)
+    await store.apply(batch, LEASE)
     await store.close()
 
 
@@ -307,7 +312,7 @@ async def test_finished_instances_are_not_resumed(tmp_path: Path, side_file: Pat
     await store.open()
     batch = Batch()
     batch.instance_updates["i1"] = InstanceUpdate("i1", InstanceStatus.COMPLETE, 2, b"1")
-    await store.apply(batch)
+    await store.apply(batch, LEASE)
     await store.close()
     engine = await _engine(db, _Counted)
     await engine.start()
@@ -343,3 +348,65 @@ async def test_journal_close_during_a_commit_returns(make_engine: EngineFactory)
     assert [e.seq for e in await engine.store.read_events("x", 0, 10)] == [1]
     engine.stopping = True  # the journal is closed; skip the fixture's shutdown
     await engine.store.close()
+
+
+class FencingStore(SqliteStore):
+    """The SQLite store, refusing the writes of the instances in ``fenced`` as a
+    shared store refuses those another server has taken over (Refusal.FENCED)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.fenced: set[str] = set()
+
+    async def apply(self, batch: Batch, lease: Lease) -> dict[str, Refusal]:
+        ours = {i for i in self.fenced if _touches(batch, i)}
+        if not ours:
+            return await super().apply(batch, lease)
+        refused = await super().apply(batch.without(ours), lease)
+        return {**refused, **dict.fromkeys(ours, Refusal.FENCED)}
+
+
+def _touches(batch: Batch, instance_id: str) -> bool:
+    return (
+        any(e.instance_id == instance_id for e in batch.events)
+        or instance_id in batch.instance_updates
+        or any(k[0] == instance_id for k in batch.steps)
+    )
+
+
+async def test_a_fenced_instance_stops_alone_and_the_others_go_on(
+    tmp_path: Path, side_file: Path
+) -> None:
+    store = FencingStore(tmp_path / "store.db")
+    await store.open()
+    engine = Engine(store, specs(), None, Limits())
+    await engine.start()
+    try:
+        kept, _ = await engine.create("steps5", "kept", '{"ms": 20}')
+        lost, _ = await engine.create("steps5", "lost", '{"ms": 20}')
+        # After its first step is stored, another server "takes over" one of them.
+        await eventually(lambda: _steps_of(engine, lost))
+        store.fenced.add(lost)
+        done = await finished(engine, kept)
+        assert done.status is InstanceStatus.COMPLETE
+        # The fenced run stopped at its next step boundary and left memory;
+        # nothing it did after the takeover was stored.
+        await eventually(lambda: _gone(engine, lost))
+        record, steps = await engine.get(lost)
+        assert record.status is InstanceStatus.RUNNING
+        assert len(steps) < 5
+        assert count(str(side_file), f"{lost}:s4") == 0
+        # The server still serves: a new instance runs to its end.
+        again, _ = await engine.create("steps5", "after", '{"ms": 1}')
+        assert (await finished(engine, again)).status is InstanceStatus.COMPLETE
+    finally:
+        await engine.shutdown(0.1)
+        await store.close()
+
+
+async def _steps_of(engine: Engine, instance_id: str) -> int:
+    return len((await engine.get(instance_id))[1])
+
+
+async def _gone(engine: Engine, instance_id: str) -> bool:
+    return instance_id not in engine._runs

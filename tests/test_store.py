@@ -15,6 +15,7 @@ from cruzflow.server.records import (
     InstanceRecord,
     InstanceStatus,
     InstanceUpdate,
+    Refusal,
     StepRecord,
     StepStatus,
 )
@@ -36,6 +37,7 @@ def _instance(i: str, status: InstanceStatus = InstanceStatus.RUNNING) -> Instan
 
 
 async def test_apply_then_read_back(store: Store) -> None:
+    lease = await store.acquire("test")
     batch = Batch()
     batch.new_instances.append(_instance("a"))
     batch.steps[("a", 0)] = StepRecord("a", 0, "s", 1, StepStatus.RUNNING, 1, 11)
@@ -43,7 +45,7 @@ async def test_apply_then_read_back(store: Store) -> None:
         EventRecord("a", 1, 10, EventKind.STATUS_CHANGED, {"status": 2}),
         EventRecord("a", 2, 11, EventKind.STEP_STARTED, {"name": "s", "att": 1}),
     ]
-    await store.apply(batch)
+    await store.apply(batch, lease)
     record = await store.get_instance("a")
     assert record is not None
     assert (record.workflow, record.status, record.params, record.last_seq) == (
@@ -63,10 +65,11 @@ async def test_apply_then_read_back(store: Store) -> None:
 
 
 async def test_step_upsert_and_instance_update(store: Store) -> None:
+    lease = await store.acquire("test")
     first = Batch()
     first.new_instances.append(_instance("a"))
     first.steps[("a", 0)] = StepRecord("a", 0, "s", 1, StepStatus.RUNNING, 1, 11)
-    await store.apply(first)
+    await store.apply(first, lease)
     second = Batch()
     second.steps[("a", 0)] = StepRecord(
         "a", 0, "s", 1, StepStatus.SUCCEEDED, 2, 11, 15, output=b'{"ok":true}'
@@ -74,7 +77,7 @@ async def test_step_upsert_and_instance_update(store: Store) -> None:
     second.instance_updates["a"] = InstanceUpdate(
         "a", InstanceStatus.ERRORED, 16, None, "E", "boom", 16
     )
-    await store.apply(second)
+    await store.apply(second, lease)
     steps = await store.get_steps("a")
     assert [(s.status, s.attempts, s.output, s.started_at) for s in steps] == [
         (StepStatus.SUCCEEDED, 2, b'{"ok":true}', 11)
@@ -90,30 +93,61 @@ async def test_step_upsert_and_instance_update(store: Store) -> None:
 
 
 async def test_a_failed_batch_applies_nothing(store: Store) -> None:
+    lease = await store.acquire("test")
     ok = Batch()
     ok.new_instances.append(_instance("a"))
-    await store.apply(ok)
+    ok.events.append(EventRecord("a", 1, 1, EventKind.STATUS_CHANGED, {"status": 2}))
+    await store.apply(ok, lease)
     bad = Batch()
-    bad.new_instances += [_instance("b"), _instance("a")]  # "a" exists: the batch fails
-    bad.events.append(EventRecord("b", 1, 1, EventKind.STATUS_CHANGED, {"status": 2}))
+    bad.new_instances.append(_instance("b"))
+    bad.events += [
+        EventRecord("b", 1, 1, EventKind.STATUS_CHANGED, {"status": 2}),
+        EventRecord("a", 1, 2, EventKind.STATUS_CHANGED, {"status": 6}),  # seq 1 is stored
+    ]
     with pytest.raises(StoreError):
-        await store.apply(bad)
+        await store.apply(bad, lease)
     assert await store.get_instance("b") is None
     assert await store.read_events("b", 0, 10) == []
+    assert [e.data for e in await store.read_events("a", 0, 10)] == [{"status": 2}]
+
+
+async def test_a_taken_id_is_refused_alone_and_the_rest_lands(store: Store) -> None:
+    lease = await store.acquire("test")
+    first = Batch()
+    first.new_instances.append(_instance("a"))
+    first.events.append(EventRecord("a", 1, 1, EventKind.STATUS_CHANGED, {"status": 2}))
+    await store.apply(first, lease)
+    second = Batch()
+    again = InstanceRecord("a", "other-wf", InstanceStatus.RUNNING, b"{}", 20, 20)
+    second.new_instances += [_instance("b"), again]
+    second.events += [
+        EventRecord("b", 1, 20, EventKind.STATUS_CHANGED, {"status": 2}),
+        EventRecord("a", 1, 20, EventKind.STATUS_CHANGED, {"status": 2}),
+    ]
+    second.steps[("b", 0)] = StepRecord("b", 0, "s", 1, StepStatus.RUNNING, 1, 21)
+    assert await store.apply(second, lease) == {"a": Refusal.CONFLICT}
+    # The other instance's writes landed; the taken id's instance is untouched.
+    b = await store.get_instance("b")
+    assert b is not None and b.last_seq == 1
+    assert [s.name for s in await store.get_steps("b")] == ["s"]
+    a = await store.get_instance("a")
+    assert a is not None and (a.workflow, a.created_at, a.last_seq) == ("wf", 10, 1)
 
 
 async def test_unfinished_are_claimed_oldest_first(store: Store) -> None:
+    lease = await store.acquire("test")
     batch = Batch()
     batch.new_instances += [
         _instance("x", InstanceStatus.QUEUED),
         _instance("y", InstanceStatus.COMPLETE),
         _instance("z", InstanceStatus.RUNNING),
     ]
-    await store.apply(batch)
-    assert [r.id for r in await store.claim_unfinished()] == ["x", "z"]
+    await store.apply(batch, lease)
+    assert [r.id for r in await store.claim(lease, 100)] == ["x", "z"]
 
 
 async def test_unfinished_counted_by_status(store: Store) -> None:
+    lease = await store.acquire("test")
     batch = Batch()
     batch.new_instances += [
         _instance("q", InstanceStatus.QUEUED),
@@ -123,7 +157,7 @@ async def test_unfinished_counted_by_status(store: Store) -> None:
         _instance("done", InstanceStatus.COMPLETE),
         _instance("failed", InstanceStatus.ERRORED),
     ]
-    await store.apply(batch)
+    await store.apply(batch, lease)
     assert await store.count_unfinished() == {
         InstanceStatus.QUEUED: 1,
         InstanceStatus.WAITING: 2,
@@ -132,16 +166,17 @@ async def test_unfinished_counted_by_status(store: Store) -> None:
 
 
 async def test_trace_context_is_stored_with_the_instance(store: Store) -> None:
+    lease = await store.acquire("test")
     batch = Batch()
     record = _instance("t")
     record.trace_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     batch.new_instances += [record, _instance("u")]
-    await store.apply(batch)
+    await store.apply(batch, lease)
     stored = await store.get_instance("t")
     assert stored is not None and stored.trace_parent == record.trace_parent
     other = await store.get_instance("u")
     assert other is not None and other.trace_parent is None
-    (claimed,) = [r for r in await store.claim_unfinished() if r.id == "t"]
+    (claimed,) = [r for r in await store.claim(lease, 100) if r.id == "t"]
     assert claimed.trace_parent == record.trace_parent
 
 

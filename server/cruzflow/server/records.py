@@ -175,14 +175,28 @@ class Batch:
     # Restart: the instance's steps are deleted before this batch's steps land.
     cleared_steps: set[str] = field(default_factory=set)
     inbox: list[InboxEvent] = field(default_factory=list)
-    # Inbox event id -> the step index that took it.
-    consumed: dict[int, int] = field(default_factory=dict)
+    # Inbox event id -> the instance and the step index that took it.
+    consumed: dict[int, tuple[str, int]] = field(default_factory=dict)
     # Retention: instance id -> a time (ms). The instance goes, with its steps,
     # events and inbox, if it ended before that time; applied after the
     # batch's other writes, so one that changed meanwhile stays.
     purge: dict[str, int] = field(default_factory=dict)
     # Set by the store once applied: how many instances the purge removed.
     purged: int = 0
+
+    def without(self, ids: set[str] | frozenset[str]) -> Batch:
+        """A copy of the batch with no write of the instances ``ids`` (the
+        writes of the others, for a store that refuses those instances)."""
+        return Batch(
+            new_instances=[r for r in self.new_instances if r.id not in ids],
+            instance_updates={k: u for k, u in self.instance_updates.items() if k not in ids},
+            steps={k: s for k, s in self.steps.items() if k[0] not in ids},
+            events=[e for e in self.events if e.instance_id not in ids],
+            cleared_steps=self.cleared_steps - ids,
+            inbox=[e for e in self.inbox if e.instance_id not in ids],
+            consumed={k: v for k, v in self.consumed.items() if v[0] not in ids},
+            purge={k: v for k, v in self.purge.items() if k not in ids},
+        )
 
     def __bool__(self) -> bool:
         return bool(
@@ -214,3 +228,46 @@ class InstanceQuery:
     older_than: int | None = None
     """Keyset cursor: only instances stored before this position (the position
     the store returned with the previous page's last instance)."""
+
+
+# ------------------------------------------------------------ ownership
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A server's right to run instances, held in the store.
+
+    ``owner`` names the server (unique per process); ``epoch`` grows each time
+    a lease is granted, so a write made under a lease that was lost (expired,
+    and its instances taken over) is told apart from the new holder's and
+    refused by the store: the fencing token.
+    """
+
+    owner: str
+    epoch: int
+
+
+class Refusal(enum.Enum):
+    """Why a store did not apply the writes of one instance of a batch (the
+    other instances' writes were applied)."""
+
+    CONFLICT = "conflict"
+    """A new instance's id is taken: another instance has it."""
+    FENCED = "fenced"
+    """The instance is held by another lease, or this lease was lost."""
+
+
+class NoticeKind(enum.IntEnum):
+    EVENTS = 1
+    """New events of the instance are stored, up to ``seq``."""
+    RUNNABLE = 2
+    """The instance waits for a server to run it (queued, or due to wake)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A change another server committed, told to this one (see Store.subscribe)."""
+
+    instance_id: str
+    kind: NoticeKind
+    seq: int = 0

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from cruzflow.server.records import EventRecord
+from cruzflow.server.records import EventKind, EventRecord
 
 # A watcher that falls this far behind is told to re-read from the store
 # instead of holding an ever longer queue in memory.
 QUEUE_BOUND = 1024
+
+# Wakes a watcher to re-read the store; older than any event, so never shown.
+_NUDGE = EventRecord("", 0, 0, EventKind.STEP_STARTED, {})
 
 
 class Subscription:
@@ -50,6 +53,14 @@ class Hub:
             self.count -= 1
             if not subs:
                 del self._subs[sub.instance_id]
+
+    def nudge(self, instance_id: str) -> None:
+        """Another server stored events of the instance: its watchers read them
+        from the store (as a watcher that fell behind does)."""
+        for sub in self._subs.get(instance_id, ()):
+            sub.lagged = True
+            if sub.queue.empty():
+                sub.queue.put_nowait(_NUDGE)
 
     def publish(self, events: Iterable[EventRecord]) -> None:
         subs_by_id = self._subs

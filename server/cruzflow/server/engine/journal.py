@@ -29,6 +29,8 @@ from cruzflow.server.records import (
     InboxEvent,
     InstanceRecord,
     InstanceUpdate,
+    Lease,
+    Refusal,
     StepRecord,
 )
 from cruzflow.server.store.base import Store, StoreError
@@ -38,7 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cruzflow.journal")
 
-Durable = asyncio.Future[None]
+Durable = asyncio.Future[dict[str, Refusal]]
+"""Resolves once the batch holding a write is durable, with the instances the
+store refused (their writes did not land: see ``Store.apply``), usually none."""
 
 # Back-off between attempts at a held batch: short at first, so a brief lock
 # costs little, then at most once a second (each try is cheap when the disk
@@ -51,11 +55,14 @@ class Journal:
     def __init__(
         self,
         store: Store,
+        lease: Lease,
         on_durable: Callable[[list[EventRecord]], None],
         observer: Observer | None = None,
         on_fault: Callable[[StoreError | None], None] | None = None,
     ) -> None:
         self._store = store
+        # The lease every batch is written under (fencing).
+        self.lease = lease
         # Told when the store starts failing (the error) and when it is back (None).
         self._on_fault = on_fault
         # The transient error the held batch last failed with, while it fails.
@@ -98,8 +105,8 @@ class Journal:
         self._batch.inbox.append(event)
         return self._touch()
 
-    def consume(self, inbox_id: int, step_index: int) -> Durable:
-        self._batch.consumed[inbox_id] = step_index
+    def consume(self, instance_id: str, inbox_id: int, step_index: int) -> Durable:
+        self._batch.consumed[inbox_id] = (instance_id, step_index)
         return self._touch()
 
     def clear_steps(self, instance_id: str) -> Durable:
@@ -151,7 +158,7 @@ class Journal:
                 continue
             batch, future = self._batch, self._future
             self._batch, self._future = Batch(), self._loop.create_future()
-            began = await self._commit(batch)
+            began, refused = await self._commit(batch)
             if isinstance(began, BaseException):
                 future.set_exception(began)
                 # Nobody may be awaiting this batch; don't warn about that.
@@ -168,16 +175,26 @@ class Journal:
             self.rows += rows
             if self._observer is not None:
                 self._observer.committed(time.perf_counter() - began, rows)
-            if batch.events:
-                self._on_durable(batch.events)
-            future.set_result(None)
+            if refused:
+                log.warning(
+                    "the store refused the writes of %d instance(s): %s",
+                    len(refused),
+                    ", ".join(f"{i} ({why.value})" for i, why in sorted(refused.items())[:10]),
+                )
+            events = batch.events
+            if refused and events:
+                events = [e for e in events if e.instance_id not in refused]
+            if events:
+                self._on_durable(events)
+            future.set_result(refused)
 
-    async def _commit(self, batch: Batch) -> float | BaseException:
+    async def _commit(self, batch: Batch) -> tuple[float | BaseException, dict[str, Refusal]]:
         """Apply ``batch``, holding and retrying it while the store's fault is
-        transient; returns when the commit began (perf_counter), or the error
-        to fail the batch's writes with."""
+        transient; returns when the commit began (perf_counter) and the
+        instances the store refused, or the error to fail the batch's writes
+        with."""
         if self._dropping is not None:
-            return self._dropping
+            return self._dropping, {}
         delay = _RETRY_FIRST_S
         failed_at = 0.0
         tries = 0
@@ -185,13 +202,13 @@ class Journal:
             began = time.perf_counter()
             tried_at = time.monotonic()
             try:
-                await self._store.apply(batch)
+                refused = await self._store.apply(batch, self.lease)
             except StoreError as exc:
                 if not exc.transient:
                     # Retrying cannot help (a constraint, a corrupt file): fail
                     # these writes; their instances resume after a restart.
                     log.error("commit of %d events failed: %s", len(batch.events), exc)
-                    return exc
+                    return exc, {}
                 tries += 1
                 if self.fault is None:
                     failed_at = tried_at
@@ -213,7 +230,7 @@ class Journal:
                         "at the next start",
                         exc.cause,
                     )
-                    return exc
+                    return exc, {}
                 if self._closing:
                     await asyncio.sleep(delay)
                 else:
@@ -224,7 +241,7 @@ class Journal:
                 continue
             except Exception as exc:  # the store already said what failed
                 log.error("commit of %d events failed: %s", len(batch.events), exc)
-                return exc
+                return exc, {}
             if self.fault is not None:
                 log.warning(
                     "store commits again after %.1f s and %d failed attempt(s) (%s); the held "
@@ -235,7 +252,7 @@ class Journal:
                 )
                 self.fault = None
                 self._set_fault(None)
-            return began
+            return began, refused
 
     def _set_fault(self, fault: StoreError | None) -> None:
         if self._on_fault is not None:

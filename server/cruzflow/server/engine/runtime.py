@@ -13,7 +13,9 @@ import heapq
 import json
 import logging
 import math
+import os
 import re
+import socket
 import time
 import uuid
 from collections import deque
@@ -50,6 +52,10 @@ from cruzflow.server.records import (
     InstanceRecord,
     InstanceStatus,
     InstanceUpdate,
+    Lease,
+    Notice,
+    NoticeKind,
+    Refusal,
     StepRecord,
 )
 from cruzflow.server.store.base import Store, StoreError
@@ -256,21 +262,37 @@ class _Run:
     async def barrier(self) -> None:
         """Wait until every write of this instance so far is durable."""
         fut = self.last_write
-        if fut is None or (fut.done() and fut.exception() is None):
+        if fut is None:
             return
-        try:
-            await asyncio.shield(fut)
-        except Exception as exc:
-            # The journal logged the failure once; at a stop that gave up on a
-            # failing store every instance gets here, so say it quietly then.
-            log.log(
-                logging.DEBUG if self.engine.stopping else logging.ERROR,
-                "instance %s: checkpoint not stored (%s); it resumes after a restart",
+        if fut.done() and fut.exception() is None:
+            refused = fut.result()
+        else:
+            try:
+                refused = await asyncio.shield(fut)
+            except Exception as exc:
+                self._not_stored(exc)
+                raise Suspend() from exc
+        if refused and self.id in refused:
+            # Another server holds the instance (this one lost its lease): its
+            # run there goes on; this one stops without writing more.
+            log.warning(
+                "instance %s: the store refused its writes (%s); this server stops its run",
                 self.id,
-                exc,
+                refused[self.id].value,
                 extra=_about(self),
             )
-            raise Suspend() from exc
+            raise Suspend()
+
+    def _not_stored(self, exc: BaseException) -> None:
+        # The journal logged the failure once; at a stop that gave up on a
+        # failing store every instance gets here, so say it quietly then.
+        log.log(
+            logging.DEBUG if self.engine.stopping else logging.ERROR,
+            "instance %s: checkpoint not stored (%s); it resumes after a restart",
+            self.id,
+            exc,
+            extra=_about(self),
+        )
 
     async def enter_step(self) -> None:
         """A step boundary: prior writes durable, and a stop or pause taken here."""
@@ -319,6 +341,9 @@ class Engine:
         self.hooks = hooks
         self.env = env
         self._workflows = dict(workflows)
+        # This server's name in the store's leases, and its lease (see start).
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lease: Lease
         # Workflows whose params are a TypedDict: their creates are checked.
         self._params_checks = {
             name: check
@@ -349,37 +374,64 @@ class Engine:
     # ----------------------------------------------------------- lifecycle
     async def start(self) -> None:
         """Start the writer and resume every unfinished instance."""
+        self.lease = await self.store.acquire(self.owner)
         self.journal = Journal(
-            self.store, self._hub.publish, self.observer, on_fault=self._store_fault_changed
+            self.store,
+            self.lease,
+            self._hub.publish,
+            self.observer,
+            on_fault=self._store_fault_changed,
         )
         self.journal.start()
         if self.observer is not None:
             for status, count in (await self.store.count_unfinished()).items():
                 self.observer.census(status, count)
-        unfinished = await self.store.claim_unfinished()
+        self.store.subscribe(self._heard)
+        await self._claim()
+        self._background.append(asyncio.create_task(self._timer_loop(), name="cruzflow-timers"))
+        self._start_background()
+
+    async def _claim(self) -> None:
+        """Take over the runnable instances no server runs (at start: every
+        unfinished one this server's store holds) and queue them."""
+        unfinished = await self.store.claim(self.lease, self.limits.max_running_instances)
         # Instances that were running go first, then the queue in creation order.
         unfinished.sort(key=lambda r: r.status != InstanceStatus.RUNNING)
         missing: dict[str, int] = {}
+        resumed = 0
         for record in unfinished:
             spec = self._workflows.get(record.workflow)
             if spec is None:
                 missing[record.workflow] = missing.get(record.workflow, 0) + 1
                 continue
+            if record.id in self._live:
+                continue
             run = _Run(self, record, spec, resumed=True)
             run.queued = True
             self._live[run.id] = run
             self._queue.append(run)
+            resumed += 1
         for name, count in missing.items():
             log.warning(
                 "%d unfinished instance(s) of workflow %r wait: it is not in the config",
                 count,
                 name,
             )
-        if unfinished:
-            log.info("resuming %d unfinished instance(s)", len(self._queue))
+        if resumed:
+            log.info("resuming %d unfinished instance(s)", resumed)
         self._fill_slots()
-        self._background.append(asyncio.create_task(self._timer_loop(), name="cruzflow-timers"))
-        self._start_background()
+
+    def _heard(self, notices: list[Notice]) -> None:
+        """What other servers committed: their events reach this server's
+        watchers through the store; runnable instances are claimed."""
+        runnable = False
+        for notice in notices:
+            if notice.kind is NoticeKind.EVENTS:
+                self._hub.nudge(notice.instance_id)
+            elif notice.kind is NoticeKind.RUNNABLE:
+                runnable = True
+        if runnable and not self.stopping:
+            self._spawn(self._claim())
 
     def _start_background(self) -> None:
         """Start the engine's housekeeping tasks; shutdown cancels them."""
@@ -403,6 +455,9 @@ class Engine:
                 )
                 await asyncio.wait(pending)
         await self.journal.close()
+        # The other servers (if any) take this one's instances over at once.
+        with contextlib.suppress(StoreError):
+            await self.store.release(self.lease)
         # Everything is durable and published; end the watch streams.
         self._hub.close()
 
@@ -454,7 +509,7 @@ class Engine:
             instance_id = uuid.uuid4().hex
         try:
             status, durable = self.admit(spec, instance_id, params_bytes, lookup_key)
-            await self.durable(durable, "the instance could not be stored")
+            await self.durable(durable, "the instance could not be stored", instance_id)
         finally:
             self._creating.discard(instance_id)
         return instance_id, status
@@ -540,13 +595,22 @@ class Engine:
             self._queue.append(run)
         return status, durable
 
-    @staticmethod
-    async def durable(future: Durable, what: str) -> None:
-        """Wait for a write to commit; a store failure becomes Unavailable."""
+    async def durable(self, future: Durable, what: str, *instance_ids: str) -> None:
+        """Wait for a write to commit; a store failure becomes Unavailable, and the
+        store's refusal of one of ``instance_ids`` AlreadyExists (a new id was
+        taken meanwhile) or Unavailable (another server holds the instance)."""
         try:
-            await asyncio.shield(future)
+            refused = await asyncio.shield(future)
         except Exception as exc:
             raise Unavailable(f"{what} ({exc}); retry later") from exc
+        for instance_id in instance_ids:
+            why = refused.get(instance_id)
+            if why is Refusal.CONFLICT:
+                raise AlreadyExists(self._exists_message(instance_id))
+            if why is Refusal.FENCED:
+                raise Unavailable(
+                    f"{what}: another server holds instance {instance_id!r} now; retry"
+                )
 
     def check_id(self, instance_id: str, creating: bool = False) -> None:
         if not instance_id:
@@ -647,7 +711,9 @@ class Engine:
             async with lock:
                 run = self._live.get(instance_id)
                 if run is None:
-                    record = await self._record(instance_id)
+                    record = await self.store.claim_one(self.lease, instance_id)
+                    if record is None:
+                        raise NotFound(_not_found(instance_id))
                     run = self._live.get(instance_id)
                     if run is None:
                         spec = self._workflows.get(record.workflow)
@@ -772,7 +838,7 @@ class Engine:
                 self._dequeue(run)
                 self._timer_due.pop(run.id, None)
                 durable = run.set_status(InstanceStatus.PAUSED)
-            await self.durable(durable, "the pause could not be stored")
+            await self.durable(durable, "the pause could not be stored", run.id)
             return run.status
 
     async def resume(self, instance_id: str) -> InstanceStatus:
@@ -787,7 +853,7 @@ class Engine:
                 run.reset_for_replay()
                 durable = self._enqueue(run, announce=True)
             if durable is not None:
-                await self.durable(durable, "the resume could not be stored")
+                await self.durable(durable, "the resume could not be stored", run.id)
             return run.status
 
     async def terminate(self, instance_id: str) -> InstanceStatus:
@@ -799,7 +865,7 @@ class Engine:
             self._timer_due.pop(run.id, None)
             run.pause_requested = False
             durable = run.set_status(InstanceStatus.TERMINATED)
-            await self.durable(durable, "the termination could not be stored")
+            await self.durable(durable, "the termination could not be stored", run.id)
             self._fill_slots()
             return run.status
 
@@ -816,7 +882,7 @@ class Engine:
             run.pause_requested = False
             durable = self._enqueue(run, announce=True)
             assert durable is not None
-            await self.durable(durable, "the restart could not be stored")
+            await self.durable(durable, "the restart could not be stored", run.id)
             return run.status
 
     async def send_event(self, instance_id: str, type: str, payload: str | bytes) -> None:
@@ -848,7 +914,7 @@ class Engine:
                         run.id, run.status, now, wake_at=now, run_started_at=run.run_started_at
                     )
                 )
-            await self.durable(durable, "the event could not be stored")
+            await self.durable(durable, "the event could not be stored", run.id)
             if run.active:
                 run.poked = True
             elif run.status == InstanceStatus.WAITING and not run.queued:
@@ -1015,9 +1081,7 @@ class Engine:
     async def _record(self, instance_id: str) -> InstanceRecord:
         record = await self.store.get_instance(instance_id)
         if record is None:
-            raise NotFound(
-                f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned"
-            )
+            raise NotFound(_not_found(instance_id))
         return record
 
     async def watch(self, instance_id: str, after_seq: int = 0) -> AsyncIterator[EventRecord]:
@@ -1172,7 +1236,9 @@ class Engine:
                 if durable not in durables:
                     durables.append(durable)
             for durable in durables:
-                await self.durable(durable, "the instances could not be stored")
+                await self.durable(
+                    durable, "the instances could not be stored", *(i for i, _ in created)
+                )
             return created
         finally:
             self._creating.difference_update(reserved)
@@ -1269,6 +1335,10 @@ class Engine:
                 del self._locks[instance_id]
             else:
                 self._locks[instance_id] = (lock, users - 1)
+
+
+def _not_found(instance_id: str) -> str:
+    return f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned"
 
 
 def _is_final(event: EventRecord) -> bool:

@@ -383,7 +383,7 @@ class StepRunner:
                     "payload": json.loads(event.payload),
                     "timestamp": datetime.fromtimestamp(event.at / 1000, UTC).isoformat(),
                 })  # fmt: skip
-                engine.journal.consume(event.id, slot.index)
+                engine.journal.consume(run.id, event.id, slot.index)
                 slot.succeed(1, output)
                 if engine.observer is not None:
                     engine.observer.waited(

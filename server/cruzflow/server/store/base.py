@@ -1,12 +1,16 @@
 """The narrow interface between the engine and a database.
 
-SQLite (``store/sqlite.py``) is the embedded default. A PostgreSQL backend
-fills the same protocol: ``apply`` is one transaction, ``claim_unfinished``
-becomes a lease over rows that several replicas compete for.
+SQLite (``store/sqlite.py``) is the embedded default: one server owns the
+file (a lock file), so its lease never expires, ``claim`` hands over every
+unfinished instance once, and nobody else commits anything to be told of.
+A store shared by several servers (PostgreSQL) fills the same protocol with
+leases on instance rows, fencing by lease epoch in ``apply``, and
+notifications between servers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from cruzflow.server.records import (
@@ -16,6 +20,9 @@ from cruzflow.server.records import (
     InstanceQuery,
     InstanceRecord,
     InstanceStatus,
+    Lease,
+    Notice,
+    Refusal,
     StepRecord,
 )
 
@@ -38,25 +45,78 @@ class StoreError(Exception):
 
 
 class Store(Protocol):
+    """What the engine needs of a database: durable batches, reads, and who runs
+    what. ``owner`` leases make several servers on one database safe: each
+    unfinished instance is run by the one server whose lease holds it."""
+
     async def open(self) -> None:
-        """Connect, apply migrations, and take what ownership the backend needs."""
+        """Connect and apply migrations; a second server on a store that admits
+        one only is refused here (StoreError)."""
 
     async def close(self) -> None:
-        """Release connections and locks. Pending writes must be applied first."""
+        """Release connections. Pending writes must be applied first."""
 
     def page_token_key(self) -> bytes:
         """A random secret made when the store was created and kept in it, that
         signs ListInstances page tokens; the same after every restart (and, on
         a shared database, the same for every replica). Read once by ``open``."""
 
-    async def apply(self, batch: Batch) -> None:
-        """Apply every write of the batch in one transaction, durably.
+    # ----------------------------------------------------------- ownership
+    @property
+    def lease_period_s(self) -> float | None:
+        """How long a lease lives without ``renew``; None if it never expires
+        (a store with one server: SQLite's lock file is its lease)."""
 
-        Returns only when the transaction is durable; raises StoreError and
-        applies nothing if it cannot. The batch is left as it was, so the
-        journal may apply the same batch again after a transient error.
+    async def acquire(self, owner: str) -> Lease:
+        """A lease for this server, ``owner`` naming it (unique per process)."""
+
+    async def renew(self, lease: Lease) -> bool:
+        """Keep ``lease`` alive for another period; False once it was lost (it
+        expired), and the server must stop the runs it holds: their writes are
+        refused from now on."""
+
+    async def release(self, lease: Lease) -> None:
+        """Give up the lease and the instances it holds (a graceful stop), so
+        the other servers take them over at once instead of after the lease
+        expires."""
+
+    async def claim(self, lease: Lease, limit: int) -> list[InstanceRecord]:
+        """Up to ``limit`` runnable instances (queued, running or pausing) that no
+        live lease holds, oldest first, with their ``last_seq``: held by
+        ``lease`` from now on. Waiting instances come through ``due_wakes``
+        and ``claim_one``; paused ones on resume.
+
+        With one server per store (SQLite), the first call returns every
+        runnable instance and later calls none: the server created all others.
         """
 
+    async def claim_one(self, lease: Lease, instance_id: str) -> InstanceRecord | None:
+        """The instance, held by ``lease`` from now on, to wake it or to apply a
+        control to it; None if no instance has that id. StoreError (not
+        transient) naming the holder if another live lease holds it."""
+
+    # -------------------------------------------------------------- writes
+    async def apply(self, batch: Batch, lease: Lease) -> dict[str, Refusal]:
+        """Apply the batch in one transaction, durably, under ``lease``.
+
+        Returns only when the transaction is durable. An instance whose writes
+        cannot be applied (its new id is taken; another lease holds it, or
+        ``lease`` was lost) is named in the result with why, and none of its
+        writes land; the other instances' writes do. Raises StoreError and
+        applies nothing if the store itself fails; the batch is left as it
+        was, so the journal may apply the same batch again after a transient
+        error.
+        """
+
+    # ---------------------------------------------------------- notification
+    def subscribe(self, listener: Callable[[list[Notice]], None]) -> None:
+        """Have ``listener`` told of what other servers commit: new events of an
+        instance (its watchers read them from the store), instances made
+        runnable. Called on the event loop. A store with one server has no
+        other servers to hear from; a lost notice costs latency, never an
+        event (watchers and the timers read the store as well)."""
+
+    # --------------------------------------------------------------- reads
     async def get_instance(self, instance_id: str) -> InstanceRecord | None:
         """The instance with its ``last_seq``, or None. One indexed lookup."""
 
@@ -71,14 +131,6 @@ class Store(Protocol):
 
     async def due_wakes(self, before: int, limit: int) -> list[tuple[str, int]]:
         """(id, wake_at) of waiting instances due before ``before`` (ms), soonest first."""
-
-    async def claim_unfinished(self) -> list[InstanceRecord]:
-        """Queued, running or pausing instances to resume, oldest first, with their
-        ``last_seq`` (waiting ones come back through ``due_wakes``).
-
-        On SQLite the server owns the whole file (a lock file keeps a second
-        server out), so this is every unfinished instance.
-        """
 
     async def count_unfinished(self) -> dict[InstanceStatus, int]:
         """How many instances are in each unfinished status (telemetry's

@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ from cruzflow.server.records import (
     InstanceQuery,
     InstanceRecord,
     InstanceStatus,
+    Lease,
+    Notice,
+    Refusal,
     StepKind,
     StepRecord,
     StepStatus,
@@ -388,6 +392,8 @@ class SqliteStore:
         self._reconnect_after: StoreError | None = None
         # Set while both connections are being replaced: reads wait for it.
         self._reconnected: asyncio.Event | None = None
+        # Whether claim() has handed over the runnable instances.
+        self._claimed = False
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -481,79 +487,120 @@ class SqliteStore:
             self._lock_fd = None
 
     # ---------------------------------------------------------------- write
-    async def apply(self, batch: Batch) -> None:
+    async def apply(self, batch: Batch, lease: Lease) -> dict[str, Refusal]:
+        # One server per file (the lock file): the lease is always this
+        # server's, so no write is fenced. Ids are reserved by the engine
+        # before a create; a taken one is still told apart here, so that it
+        # is refused alone and the rest of the batch lands.
         conn = await self._writable()
         try:
-            # isolation_level IMMEDIATE: the first statement opens BEGIN IMMEDIATE.
-            if batch.new_instances:
-                await conn.executemany(
-                    _INSERT_INSTANCE,
-                    [
-                        (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
-                         r.error_message, r.created_at, r.updated_at, r.ended_at,
-                         r.lookup_key, r.wake_at, r.trace_parent, r.error_traceback,
-                         r.run_started_at)
-                        for r in batch.new_instances
-                    ],
-                )  # fmt: skip
-            if batch.instance_updates:
-                await conn.executemany(
-                    _UPDATE_INSTANCE,
-                    [
-                        (int(u.status), u.output, u.error_name, u.error_message, u.updated_at,
-                         u.ended_at, u.wake_at, u.error_traceback, u.run_started_at, u.id)
-                        for u in batch.instance_updates.values()
-                    ],
-                )  # fmt: skip
-            if batch.cleared_steps:
-                await conn.executemany(_CLEAR_STEPS, [(i,) for i in batch.cleared_steps])
-            if batch.steps:
-                await conn.executemany(
-                    _UPSERT_STEP,
-                    [
-                        (s.instance_id, s.index, s.name, s.occurrence, int(s.status), s.attempts,
-                         s.started_at, s.ended_at, s.output, s.error_name, s.error_message,
-                         s.next_attempt_at, int(s.kind), s.event_type, s.error_traceback)
-                        for s in batch.steps.values()
-                    ],
-                )  # fmt: skip
-            if batch.events:
-                dumps = json.dumps
-                await conn.executemany(
-                    _INSERT_EVENT,
-                    [
-                        (e.instance_id, e.seq, e.at, int(e.kind),
-                         dumps(e.data, separators=(",", ":")), e.payload)
-                        for e in batch.events
-                    ],
-                )  # fmt: skip
-            if batch.inbox:
-                await conn.executemany(
-                    _INSERT_INBOX,
-                    [(e.instance_id, e.type, e.payload, e.at, e.trace_parent) for e in batch.inbox],
-                )
-            if batch.consumed:
-                await conn.executemany(
-                    _CONSUME_INBOX, [(step, event) for event, step in batch.consumed.items()]
-                )
-            purged = 0
-            if batch.purge:
-                # Last, so a write of this batch that revived an instance keeps it.
-                targets = list(batch.purge.items())
-                for sql in _PURGE_CHILDREN:
-                    await conn.executemany(sql, targets)
-                purged = (await conn.executemany(_PURGE_INSTANCE, targets)).rowcount
-            await conn.commit()
-            batch.purged = purged
-        except sqlite3.Error as exc:
-            # Nothing of the batch stays applied: retrying the same batch is safe.
+            await self._write(conn, batch)
+            return {}
+        except sqlite3.IntegrityError as exc:
             with contextlib.suppress(sqlite3.Error):
                 await conn.rollback()
-            fault = self._fault("commit failed", exc)
-            code = getattr(exc, "sqlite_errorcode", 0)
-            if (code & 0xFF) in _REOPEN or fault.cause == "read-only":
-                self._reconnect_after = fault
-            raise fault from exc
+            taken = await self._taken(conn, batch) if batch.new_instances else set()
+            if not taken:
+                raise await self._failed(exc) from exc
+            rest = batch.without(taken)
+            try:
+                await self._write(conn, rest)
+            except sqlite3.Error as again:
+                raise await self._failed(again) from again
+            batch.purged = rest.purged
+            return dict.fromkeys(taken, Refusal.CONFLICT)
+        except sqlite3.Error as exc:
+            raise await self._failed(exc) from exc
+
+    async def _taken(self, conn: aiosqlite.Connection, batch: Batch) -> set[str]:
+        """The ids of the batch's new instances that are stored already."""
+        ids = [r.id for r in batch.new_instances]
+        taken: set[str] = set()
+        for at in range(0, len(ids), 500):
+            chunk = ids[at : at + 500]
+            rows = await conn.execute_fetchall(
+                f"SELECT id FROM instances WHERE id IN ({', '.join('?' * len(chunk))})", chunk
+            )
+            taken.update(row[0] for row in rows)
+        return taken
+
+    async def _failed(self, exc: sqlite3.Error) -> StoreError:
+        """The StoreError for a failed write, after rolling it back: nothing of
+        the batch stays applied, so retrying the same batch is safe."""
+        conn = self._writer
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.rollback()
+        fault = self._fault("commit failed", exc)
+        code = getattr(exc, "sqlite_errorcode", 0)
+        if (code & 0xFF) in _REOPEN or fault.cause == "read-only":
+            self._reconnect_after = fault
+        return fault
+
+    async def _write(self, conn: aiosqlite.Connection, batch: Batch) -> None:
+        """Every write of ``batch`` in one transaction, committed."""
+        # isolation_level IMMEDIATE: the first statement opens BEGIN IMMEDIATE.
+        if batch.new_instances:
+            await conn.executemany(
+                _INSERT_INSTANCE,
+                [
+                    (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
+                     r.error_message, r.created_at, r.updated_at, r.ended_at,
+                     r.lookup_key, r.wake_at, r.trace_parent, r.error_traceback,
+                     r.run_started_at)
+                    for r in batch.new_instances
+                ],
+            )  # fmt: skip
+        if batch.instance_updates:
+            await conn.executemany(
+                _UPDATE_INSTANCE,
+                [
+                    (int(u.status), u.output, u.error_name, u.error_message, u.updated_at,
+                     u.ended_at, u.wake_at, u.error_traceback, u.run_started_at, u.id)
+                    for u in batch.instance_updates.values()
+                ],
+            )  # fmt: skip
+        if batch.cleared_steps:
+            await conn.executemany(_CLEAR_STEPS, [(i,) for i in batch.cleared_steps])
+        if batch.steps:
+            await conn.executemany(
+                _UPSERT_STEP,
+                [
+                    (s.instance_id, s.index, s.name, s.occurrence, int(s.status), s.attempts,
+                     s.started_at, s.ended_at, s.output, s.error_name, s.error_message,
+                     s.next_attempt_at, int(s.kind), s.event_type, s.error_traceback)
+                    for s in batch.steps.values()
+                ],
+            )  # fmt: skip
+        if batch.events:
+            dumps = json.dumps
+            await conn.executemany(
+                _INSERT_EVENT,
+                [
+                    (e.instance_id, e.seq, e.at, int(e.kind),
+                     dumps(e.data, separators=(",", ":")), e.payload)
+                    for e in batch.events
+                ],
+            )  # fmt: skip
+        if batch.inbox:
+            await conn.executemany(
+                _INSERT_INBOX,
+                [(e.instance_id, e.type, e.payload, e.at, e.trace_parent) for e in batch.inbox],
+            )
+        if batch.consumed:
+            await conn.executemany(
+                _CONSUME_INBOX,
+                [(step, event) for event, (_, step) in batch.consumed.items()],
+            )
+        purged = 0
+        if batch.purge:
+            # Last, so a write of this batch that revived an instance keeps it.
+            targets = list(batch.purge.items())
+            for sql in _PURGE_CHILDREN:
+                await conn.executemany(sql, targets)
+            purged = (await conn.executemany(_PURGE_INSTANCE, targets)).rowcount
+        await conn.commit()
+        batch.purged = purged
 
     async def _writable(self) -> aiosqlite.Connection:
         """The writer connection; after a read-only fault, new connections once the
@@ -682,9 +729,37 @@ class SqliteStore:
         rows = await self._fetch(_DUE_WAKES, (before, limit))
         return [(r[0], r[1]) for r in rows]
 
-    async def claim_unfinished(self) -> list[InstanceRecord]:
+    # ------------------------------------------------------------ ownership
+    # The lock file taken by open() makes this process the store's only
+    # server: its lease never expires and is never fenced, and nothing is
+    # committed by another server to be told of.
+    @property
+    def lease_period_s(self) -> float | None:
+        return None
+
+    async def acquire(self, owner: str) -> Lease:
+        assert self._lock_fd is not None, "store is not open"
+        return Lease(owner, 1)
+
+    async def renew(self, lease: Lease) -> bool:
+        return True
+
+    async def release(self, lease: Lease) -> None:
+        return None
+
+    async def claim(self, lease: Lease, limit: int) -> list[InstanceRecord]:
+        # Every runnable instance, once: every later one was created by this server.
+        if self._claimed:
+            return []
+        self._claimed = True
         rows = await self._fetch(_UNFINISHED)
         return [_instance(r) for r in rows]
+
+    async def claim_one(self, lease: Lease, instance_id: str) -> InstanceRecord | None:
+        return await self.get_instance(instance_id)
+
+    def subscribe(self, listener: Callable[[list[Notice]], None]) -> None:
+        return None
 
     async def list_instances(
         self, query: InstanceQuery, limit: int
