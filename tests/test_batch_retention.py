@@ -239,7 +239,7 @@ async def test_recent_and_unfinished_instances_stay(make_server: ServerFactory, 
     assert await engine.purge_finished() == 0
     # Retention now reaches halfway between the old and the recent endings.
     midpoint = (old_end + recent_end) // 2
-    engine.limits = dataclasses.replace(
+    engine.core.limits = dataclasses.replace(
         engine.limits, retention_s=(time.time() * 1000 - midpoint) / 1000
     )
     assert await engine.purge_finished() == 2
@@ -261,8 +261,8 @@ async def test_a_control_call_waits_for_a_purge_then_finds_nothing(
     instance_id, _ = await engine.create("three-steps", "gone")
     record, _ = await engine.wait(instance_id)
     assert record.status.finished and record.ended_at is not None
-    await eventually(lambda: _true(instance_id not in engine._live))
-    fenced = await engine._fence_idle([instance_id])
+    await eventually(lambda: _true(instance_id not in engine.core.live))
+    fenced = await engine.retention.fence_idle([instance_id])
     assert [i for i, _ in fenced] == [instance_id]
     restart = asyncio.create_task(engine.restart(instance_id))
     for _ in range(20):
@@ -271,10 +271,10 @@ async def test_a_control_call_waits_for_a_purge_then_finds_nothing(
     try:
         assert await engine.journal.purge({instance_id: record.ended_at + 1}) == 1
     finally:
-        engine._unfence(fenced)
+        engine.retention.unfence(fenced)
     with pytest.raises(NotFound):
         await restart
-    assert engine._locks == {}
+    assert engine.core.locks == {}
     assert await engine.store.read_events(instance_id, 0, 10) == []
     assert await engine.store.get_steps(instance_id) == []
 

@@ -316,7 +316,7 @@ async def test_finished_instances_are_not_resumed(tmp_path: Path, side_file: Pat
     await store.close()
     engine = await _engine(db, _Counted)
     await engine.start()
-    assert not engine._runs and not engine._queue
+    assert not engine.core.runs and not engine.core.queue
     assert count(str(side_file), "counted:a") == 0
     assert (await engine.get("i1"))[0].status is InstanceStatus.COMPLETE
     await engine.shutdown(0.1)
@@ -346,7 +346,7 @@ async def test_journal_close_during_a_commit_returns(make_engine: EngineFactory)
         await journal.close()
     assert durable.done() and durable.exception() is None
     assert [e.seq for e in await engine.store.read_events("x", 0, 10)] == [1]
-    engine.stopping = True  # the journal is closed; skip the fixture's shutdown
+    engine.core.stopping = True  # the journal is closed; skip the fixture's shutdown
     await engine.store.close()
 
 
@@ -409,4 +409,4 @@ async def _steps_of(engine: Engine, instance_id: str) -> int:
 
 
 async def _gone(engine: Engine, instance_id: str) -> bool:
-    return instance_id not in engine._runs
+    return instance_id not in engine.core.runs

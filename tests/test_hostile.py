@@ -375,7 +375,7 @@ async def test_watchers_past_the_cap_get_resource_exhausted(make_server: ServerF
     1,950 refused; the open ones never pass the cap; closing frees room."""
     server = await make_server(limits={"max_watchers": 50})
     await waiting(server, "w1")
-    hub = server.service.engine._hub
+    hub = server.service.engine.core.hub
     calls = [
         server.stub.WatchInstance(pb.WatchInstanceRequest(instance_id="w1")) for _ in range(2000)
     ]
@@ -419,7 +419,7 @@ async def test_a_burst_past_the_rpc_cap_is_refused_not_queued(make_server: Serve
     held = [server.stub.WaitInstance(pb.WaitInstanceRequest(instance_id="w1")) for _ in range(40)]
 
     async def subscribed() -> bool:
-        return server.service.engine._hub.count == 40
+        return server.service.engine.core.hub.count == 40
 
     await eventually(subscribed)
     before = stored(server)

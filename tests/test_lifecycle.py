@@ -72,8 +72,8 @@ async def test_sleep_waits_out_of_memory_and_wakes_on_time(server: Server) -> No
     assert wake >= int(started * 1000) + 400
     # Waiting holds no coroutine and no in-memory handle.
     engine = server.service.engine
-    await eventually(lambda: _async(instance_id not in engine._live))
-    assert instance_id not in engine._runs
+    await eventually(lambda: _async(instance_id not in engine.core.live))
+    assert instance_id not in engine.core.runs
     done = await _wait(server, instance_id)
     assert done.status == S.INSTANCE_STATUS_COMPLETE
     assert json.loads(done.output_json) == "after"
@@ -190,7 +190,7 @@ async def test_pause_takes_effect_at_the_next_step_and_resume_goes_on(
     # The running step finished; the next one did not start.
     assert [s.status for s in paused.steps] == [pb.STEP_STATUS_SUCCEEDED] * 2
     assert count(str(side_file), f"{instance_id}:s2") == 0
-    assert instance_id not in server.service.engine._live
+    assert instance_id not in server.service.engine.core.live
     details = await _refused(
         server.stub.PauseInstance(pb.PauseInstanceRequest(instance_id=instance_id)),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -224,7 +224,7 @@ async def test_pause_a_sleeping_instance_and_resume_it(server: Server) -> None:
 
 async def test_terminate_cancels_the_attempt_in_flight(server: Server, gate: Any) -> None:
     instance_id = await _create(server, "blocks")
-    await eventually(lambda: _async(instance_id in server.service.engine._runs))
+    await eventually(lambda: _async(instance_id in server.service.engine.core.runs))
     reply = await server.stub.TerminateInstance(
         pb.TerminateInstanceRequest(instance_id=instance_id)
     )
@@ -290,7 +290,7 @@ async def test_restart_runs_again_from_scratch(server: Server, side_file: Any) -
 
 async def test_restart_a_running_instance(server: Server, gate: Any) -> None:
     instance_id = await _create(server, "blocks")
-    await eventually(lambda: _async(instance_id in server.service.engine._runs))
+    await eventually(lambda: _async(instance_id in server.service.engine.core.runs))
     await server.stub.RestartInstance(pb.RestartInstanceRequest(instance_id=instance_id))
     gate.set()
     done = await _wait(server, instance_id)
@@ -321,11 +321,11 @@ async def test_many_sleepers_hold_no_memory_handles(server: Server) -> None:
     async def all_parked() -> bool:
         statuses = [(await _status(server, i)).status for i in ids]
         return all(s == S.INSTANCE_STATUS_WAITING for s in statuses) and not any(
-            i in engine._live for i in ids
+            i in engine.core.live for i in ids
         )
 
     await eventually(all_parked)
-    assert not engine._runs
+    assert not engine.core.runs
 
 
 async def test_wait_instance_equals_the_stored_status_for_each_ending(server: Server) -> None:

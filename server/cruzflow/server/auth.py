@@ -38,6 +38,9 @@ from typing import Any, NoReturn
 import grpc
 from opentelemetry import trace
 
+# A workflow-limited token gets the engine's words for an unknown id for another
+# workflow's instance too, so ids cannot be probed.
+from cruzflow.server.engine.core import not_found_message
 from cruzflow.v1 import workflows_pb2 as pb
 
 log = logging.getLogger("cruzflow.auth")
@@ -105,12 +108,6 @@ class Refusal(Exception):
 InstanceLookup = Callable[[str], Awaitable[str | None]]
 """The workflow of an instance, by id; None when there is no such instance.
 May raise :class:`Refusal` (a malformed id, a store that cannot read)."""
-
-
-def not_found_message(instance_id: str) -> str:
-    """The engine's words for an unknown instance id (see ``Engine._record``): a
-    workflow-limited token gets them for another workflow's instance too."""
-    return f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned"
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

@@ -35,7 +35,8 @@ from cruzflow.server.engine.validate import has_control
 from cruzflow.server.records import EventKind, StepKind, StepRecord, StepStatus
 
 if TYPE_CHECKING:
-    from cruzflow.server.engine.runtime import Engine, _Run
+    from cruzflow.server.engine.core import Core
+    from cruzflow.server.engine.run import Run
 
 log = logging.getLogger("cruzflow.engine")
 
@@ -68,7 +69,7 @@ def _takes_context(fn: Callable[..., Any]) -> bool:
 class _Slot:
     """One step of a run: it writes the step's row and names it in its events."""
 
-    run: _Run
+    run: Run
     index: int
     name: str
     occurrence: int
@@ -118,12 +119,12 @@ def _err(name: str, message: str, traceback: str | None) -> list[str]:
     return [name, message] if traceback is None else [name, message, traceback]
 
 
-def _about(run: _Run, step: str, attempt: int) -> dict[str, Any]:
+def _about(run: Run, step: str, attempt: int) -> dict[str, Any]:
     """The fields of a log record about a step (see telemetry's log formats)."""
     return {"instance_id": run.id, "workflow": run.spec.name, "step": step, "attempt": attempt}
 
 
-def _about_error(run: _Run, step: str, attempt: int, traceback: str | None) -> dict[str, Any]:
+def _about_error(run: Run, step: str, attempt: int, traceback: str | None) -> dict[str, Any]:
     about = _about(run, step, attempt)
     if traceback is not None:
         about["traceback"] = traceback
@@ -144,16 +145,16 @@ class StepRunner:
     ``cruzflow.sdk.step.WorkflowStep`` calls): replays what is stored, runs
     what is not, and checkpoints each result before ``run`` sees it."""
 
-    __slots__ = ("_engine", "_run")
+    __slots__ = ("_core", "_run")
 
-    def __init__(self, engine: Engine, run: _Run) -> None:
-        self._engine = engine
+    def __init__(self, core: Core, run: Run) -> None:
+        self._core = core
         self._run = run
 
     async def do(self, name: str, fn: Callable[..., Any], policy: StepPolicy) -> Any:
         """One ``step.do``: its stored result on a replay, else its attempts."""
         run = self._run
-        engine = self._engine
+        core = self._core
         slot, stored = self._next(name, StepKind.DO)
 
         attempt = 0
@@ -185,7 +186,7 @@ class StepRunner:
             await slot.fail(attempt, "StepInterruptedError", message)
             raise StepFailedError(name, "StepInterruptedError", message)
         if next_at is not None:
-            await engine.wait_or_suspend((next_at - _ms()) / 1000.0)
+            await core.wait_or_suspend((next_at - _ms()) / 1000.0)
         elif stored is not None:
             slot.emit(
                 EventKind.ATTEMPT_FAILED,
@@ -200,17 +201,17 @@ class StepRunner:
 
         body = fn  # hooks see the real body on every attempt, not their last stand-in
         while True:
-            if engine.stopping:
+            if core.stopping:
                 raise Suspend()
             attempt += 1
             if not slot.started_at:
                 slot.started_at = _ms()
             slot.record(StepStatus.RUNNING, attempt)
             slot.emit(EventKind.STEP_STARTED, attempt)
-            if engine.hooks is not None:
-                fn = engine.hooks.step_body(run.id, name, slot.occurrence, attempt, body)
+            if core.hooks is not None:
+                fn = core.hooks.step_body(run.id, name, slot.occurrence, attempt, body)
 
-            observer = engine.observer
+            observer = core.observer
             if observer is None:
                 output, error_name, error_message, error_tb, retryable = await self._attempt(
                     run, name, fn, attempt, policy, occurrence=slot.occurrence
@@ -230,8 +231,8 @@ class StepRunner:
             delay = 0.0
             if not last:
                 delay = policy.retry_delay(attempt)
-                if engine.hooks is not None:
-                    delay = engine.hooks.retry_delay(run.id, name, slot.occurrence, attempt, delay)
+                if core.hooks is not None:
+                    delay = core.hooks.retry_delay(run.id, name, slot.occurrence, attempt, delay)
             # Logged before the attempt's span ends, so the record carries its span id.
             if output is None and last:
                 log.warning(
@@ -268,12 +269,12 @@ class StepRunner:
                 EventKind.ATTEMPT_FAILED, attempt, err=_err(error_name, error_message, error_tb),
                 next=due, delay=int(delay * 1000),
             )  # fmt: skip
-            await engine.wait_or_suspend(delay)
+            await core.wait_or_suspend(delay)
 
     def _next(self, name: str, kind: StepKind) -> tuple[_Slot, StepRecord | None]:
         """Take the next step slot, and what replay recorded there."""
         run = self._run
-        limits = self._engine.limits
+        limits = self._core.limits
         if not isinstance(name, str) or not name or len(name) > limits.max_step_name_length:
             raise ValueError(
                 f"step name must be a non-empty string of at most "
@@ -314,7 +315,7 @@ class StepRunner:
             slot.started_at = _ms()
             due = due_at(slot.started_at)
             self._check_wait(due - slot.started_at, "sleep")
-            hooks = self._engine.hooks
+            hooks = self._core.hooks
             if hooks is not None:
                 due = hooks.timer_due(run.id, name, slot.occurrence, StepKind.SLEEP, due)
             slot.record(StepStatus.RUNNING, 1, next_attempt_at=due)
@@ -322,13 +323,13 @@ class StepRunner:
         while due > _ms():
             await run.park(due)
         slot.succeed(1, b"null", next_attempt_at=due)
-        if self._engine.observer is not None:
-            self._engine.observer.waited(
+        if self._core.observer is not None:
+            self._core.observer.waited(
                 run.span, StepKind.SLEEP, name, slot.occurrence, slot.started_at, "succeeded", None
             )
 
     def _check_wait(self, wait_ms: int, what: str) -> None:
-        limit = self._engine.limits.max_sleep_s
+        limit = self._core.limits.max_sleep_s
         if wait_ms > limit * 1000:
             raise ValueError(
                 f"step.{what}: {wait_ms / 86_400_000:,.1f} days is longer than the limit of "
@@ -339,7 +340,7 @@ class StepRunner:
         """A durable wait for an event of ``type``: the event as ``{"type", "payload",
         "timestamp"}``, taken once; EventTimeoutError after ``timeout_s``."""
         run = self._run
-        engine = self._engine
+        core = self._core
         slot, stored = self._next(name, StepKind.WAIT_FOR_EVENT)
         if stored is not None:
             if stored.status is StepStatus.SUCCEEDED:
@@ -347,7 +348,7 @@ class StepRunner:
                 return result
             if stored.status is StepStatus.FAILED:
                 raise EventTimeoutError(name, stored.error_name or "", stored.error_message or "")
-        limit = engine.limits.max_event_type_length
+        limit = core.limits.max_event_type_length
         if not isinstance(type, str) or not type or len(type) > limit:
             raise ValueError(
                 f"step.wait_for_event: type must be a string of 1 to {limit} characters, "
@@ -368,25 +369,25 @@ class StepRunner:
             wait_ms = int(timeout_s * 1000)
             self._check_wait(wait_ms, "wait_for_event timeout")
             deadline = slot.started_at + wait_ms
-            if engine.hooks is not None:
-                deadline = engine.hooks.timer_due(
+            if core.hooks is not None:
+                deadline = core.hooks.timer_due(
                     run.id, name, slot.occurrence, StepKind.WAIT_FOR_EVENT, deadline
                 )
             slot.record(StepStatus.RUNNING, 1, next_attempt_at=deadline)
             slot.emit(EventKind.STEP_STARTED, 1)
         while True:
             run.poked = False
-            event = await engine.take_event(run, type)
+            event = await core.take_event(run, type)
             if event is not None:
                 output = to_json({
                     "type": event.type,
                     "payload": json.loads(event.payload),
                     "timestamp": datetime.fromtimestamp(event.at / 1000, UTC).isoformat(),
                 })  # fmt: skip
-                engine.journal.consume(run.id, event.id, slot.index)
+                core.journal.consume(run.id, event.id, slot.index)
                 slot.succeed(1, output)
-                if engine.observer is not None:
-                    engine.observer.waited(
+                if core.observer is not None:
+                    core.observer.waited(
                         run.span, StepKind.WAIT_FOR_EVENT, name, slot.occurrence,
                         slot.started_at, "succeeded", type, event.trace_parent,
                     )  # fmt: skip
@@ -394,8 +395,8 @@ class StepRunner:
                 return value
             if _ms() >= deadline:
                 message = f"no {type!r} event arrived within the wait's timeout"
-                if engine.observer is not None:
-                    engine.observer.waited(
+                if core.observer is not None:
+                    core.observer.waited(
                         run.span, StepKind.WAIT_FOR_EVENT, name, slot.occurrence,
                         slot.started_at, "timed_out", type,
                     )  # fmt: skip
@@ -406,7 +407,7 @@ class StepRunner:
 
     async def _attempt(
         self,
-        run: _Run,
+        run: Run,
         name: str,
         fn: Callable[..., Any],
         attempt: int,
@@ -436,7 +437,7 @@ class StepRunner:
                     result = await result
         except Exception as exc:
             if span is not None:
-                self._engine.observer.attempt_failed(span, exc)  # type: ignore[union-attr]
+                self._core.observer.attempt_failed(span, exc)  # type: ignore[union-attr]
             if isinstance(exc, TimeoutError) and scope.expired():
                 message = (
                     f"attempt {attempt} of step {name!r} timed out after {policy.timeout_s:g} s"
@@ -460,7 +461,7 @@ class StepRunner:
                 None,
                 False,
             )
-        limit = self._engine.limits.max_payload_bytes
+        limit = self._core.limits.max_payload_bytes
         if len(output) > limit:
             return (
                 None,

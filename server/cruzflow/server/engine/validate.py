@@ -13,7 +13,10 @@ than the limit.
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from typing import Any
 
 from cruzflow.server.engine.errors import InvalidArgument
 
@@ -158,3 +161,36 @@ def timestamp_ms(seconds: int, nanos: int, field: str) -> int:
     if not _MIN_TIMESTAMP_S <= seconds <= _MAX_TIMESTAMP_S:
         raise InvalidArgument(f"{field}: out of range; use a time from year 1 to year 9999 (UTC)")
     return seconds * 1000 + nanos // 1_000_000
+
+
+def _reject_constant(value: str) -> Any:
+    raise ValueError(f"{value} is not JSON")
+
+
+def _finite(value: str) -> float:
+    number = float(value)
+    if math.isinf(number):
+        raise ValueError(f"{value} is too large for a 64-bit float")
+    return number
+
+
+def parse_json_field(text: str | bytes, field: str, limit: int, max_depth: int = 64) -> bytes:
+    """Check that a request field is JSON within the size and depth limits; return
+    its bytes."""
+    data = text.encode() if isinstance(text, str) else text
+    if not data.strip():
+        return b"null"
+    if len(data) > limit:
+        raise InvalidArgument(
+            f"{field}: {len(data):,} bytes, over the limit of {limit:,} bytes "
+            f"(limits.max_payload_bytes); pass a reference to large data instead"
+        )
+    # Checked first, by a linear scan: the parser recurses per level.
+    check_json_depth(data, field, max_depth)
+    try:
+        json.loads(data, parse_constant=_reject_constant, parse_float=_finite)
+    except ValueError as exc:
+        raise InvalidArgument(
+            f'{field}: not valid JSON ({exc}); send JSON text such as {{"a": 1}}'
+        ) from None
+    return data

@@ -1,0 +1,202 @@
+"""The control calls, on any instance: pause, resume, terminate, restart,
+SendEvent, and the wake-up of a sleeping or waiting one.
+
+Each holds the instance's one in-memory handle exclusively against the
+other control calls (``hold``), loading it from the store (and taking it
+over, ``Store.claim_one``) if it is not in memory, and answers once its
+change is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from cruzflow.server.engine import validate
+from cruzflow.server.engine.core import Core, ms, not_found_message
+from cruzflow.server.engine.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from cruzflow.server.engine.journal import Durable
+from cruzflow.server.engine.run import Run
+from cruzflow.server.engine.scheduler import Scheduler
+from cruzflow.server.engine.timers import Timers
+from cruzflow.server.records import InboxEvent, InstanceStatus, InstanceUpdate
+
+log = logging.getLogger("cruzflow.engine")
+
+
+class Controls:
+    def __init__(self, core: Core, scheduler: Scheduler, timers: Timers) -> None:
+        self._core = core
+        self._scheduler = scheduler
+        self._timers = timers
+
+    @contextlib.asynccontextmanager
+    async def hold(self, instance_id: str) -> AsyncIterator[Run]:
+        """The instance's one in-memory handle, loaded if need be, held exclusively
+        against other control calls (not against its own running task)."""
+        self._core.check_id(instance_id)
+        if self._core.stopping:
+            raise Unavailable("the server is shutting down; retry once it is back")
+        # Every control call writes: refused like a create while the store fails.
+        self._core.refuse_while_store_fails()
+        lock, users = self._core.locks.get(instance_id) or (asyncio.Lock(), 0)
+        self._core.locks[instance_id] = (lock, users + 1)
+        try:
+            async with lock:
+                run = self._core.live.get(instance_id)
+                if run is None:
+                    record = await self._core.store.claim_one(self._core.lease, instance_id)
+                    if record is None:
+                        raise NotFound(not_found_message(instance_id))
+                    run = self._core.live.get(instance_id)
+                    if run is None:
+                        spec = self._core.workflows.get(record.workflow)
+                        if spec is None:
+                            raise FailedPrecondition(
+                                f"instance {instance_id!r} is of workflow {record.workflow!r}, "
+                                f"which this server's config does not host; add it back first"
+                            )
+                        run = Run(self._core, record, spec, resumed=True)
+                        self._core.live[instance_id] = run
+                run.held += 1
+                try:
+                    yield run
+                finally:
+                    run.held -= 1
+                    self._scheduler.settle(run)
+        finally:
+            lock, users = self._core.locks[instance_id]
+            if users <= 1:
+                del self._core.locks[instance_id]
+            else:
+                self._core.locks[instance_id] = (lock, users - 1)
+
+    async def wake(self, instance_id: str) -> None:
+        if self._core.journal.fault is not None:
+            # Its replay could not commit anything: look again in a second.
+            self._timers.schedule(instance_id, ms() + 1000)
+            return
+        try:
+            async with self.hold(instance_id) as run:
+                if run.active or run.queued or run.status != InstanceStatus.WAITING:
+                    return
+                run.reset_for_replay()
+                self._scheduler.enqueue(run)
+        except (NotFound, FailedPrecondition, Unavailable) as exc:
+            log.debug(
+                "instance %s not woken: %s", instance_id, exc, extra={"instance_id": instance_id}
+            )
+
+    def _refuse(self, verb: str, run: Run, allowed: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"instance {run.id!r} is {run.status.label}; only {allowed} instances can be {verb}"
+        )
+
+    async def pause(self, instance_id: str) -> InstanceStatus:
+        """Pause at the next step boundary (WAITING_FOR_PAUSE until then)."""
+        async with self.hold(instance_id) as run:
+            status = run.status
+            if status == InstanceStatus.WAITING_FOR_PAUSE:
+                return status
+            if status.finished or status == InstanceStatus.PAUSED:
+                raise self._refuse("paused", run, "queued, running or waiting")
+            if run.active:
+                run.pause_requested = True
+                durable = run.set_status(InstanceStatus.WAITING_FOR_PAUSE)
+            else:
+                self._scheduler.dequeue(run)
+                self._timers.cancel(run.id)
+                durable = run.set_status(InstanceStatus.PAUSED)
+            await self._core.durable(durable, "the pause could not be stored", run.id)
+            return run.status
+
+    async def resume(self, instance_id: str) -> InstanceStatus:
+        async with self.hold(instance_id) as run:
+            status = run.status
+            if status not in (InstanceStatus.PAUSED, InstanceStatus.WAITING_FOR_PAUSE):
+                raise self._refuse("resumed", run, "paused")
+            run.pause_requested = False
+            if run.active:
+                durable: Durable | None = run.set_status(InstanceStatus.RUNNING)
+            else:
+                run.reset_for_replay()
+                durable = self._scheduler.enqueue(run, announce=True)
+            if durable is not None:
+                await self._core.durable(durable, "the resume could not be stored", run.id)
+            return run.status
+
+    async def terminate(self, instance_id: str) -> InstanceStatus:
+        async with self.hold(instance_id) as run:
+            if run.status.finished:
+                raise self._refuse("terminated", run, "unfinished")
+            await self._scheduler.stop_task(run)
+            self._scheduler.dequeue(run)
+            self._timers.cancel(run.id)
+            run.pause_requested = False
+            durable = run.set_status(InstanceStatus.TERMINATED)
+            await self._core.durable(durable, "the termination could not be stored", run.id)
+            self._scheduler.fill_slots()
+            return run.status
+
+    async def restart(self, instance_id: str) -> InstanceStatus:
+        """Run again from scratch: same id and params, step results cleared."""
+        async with self.hold(instance_id) as run:
+            await self._scheduler.stop_task(run)
+            self._scheduler.dequeue(run)
+            self._timers.cancel(run.id)
+            self._core.journal.clear_steps(run.id)
+            run.run_started_at = ms()
+            run.reset_for_replay()
+            run.resumed = False  # nothing to replay: the steps are gone
+            run.pause_requested = False
+            durable = self._scheduler.enqueue(run, announce=True)
+            assert durable is not None
+            await self._core.durable(durable, "the restart could not be stored", run.id)
+            return run.status
+
+    async def send_event(self, instance_id: str, type: str, payload: str | bytes) -> None:
+        """Store an event for the instance's wait_for_event of that type."""
+        limit = self._core.limits.max_event_type_length
+        if not type or len(type) > limit:
+            raise InvalidArgument(
+                f"type: required, 1 to {limit} characters (limits.max_event_type_length)"
+            )
+        validate.check_text(type, "type", limit, "max_event_type_length", required=True)
+        data = validate.parse_json_field(
+            payload,
+            "payload_json",
+            self._core.limits.max_payload_bytes,
+            self._core.limits.max_json_depth,
+        )
+        async with self.hold(instance_id) as run:
+            if run.status.finished:
+                raise self._refuse("sent events", run, "unfinished")
+            now = ms()
+            # The sender's trace context, for the wait that takes the event to link to.
+            sender = self._core.observer.sending() if self._core.observer is not None else None
+            durable = self._core.journal.add_inbox(
+                InboxEvent(run.id, type, data, now, trace_parent=sender)
+            )
+            if run.status == InstanceStatus.WAITING:
+                # Due now, in the same commit as the event: a server killed before
+                # the run takes it wakes the instance as soon as it starts again
+                # (through the wake index), not at the wait's timeout.
+                self._core.journal.update_instance(
+                    InstanceUpdate(
+                        run.id, run.status, now, wake_at=now, run_started_at=run.run_started_at
+                    )
+                )
+            await self._core.durable(durable, "the event could not be stored", run.id)
+            if run.active:
+                run.poked = True
+            elif run.status == InstanceStatus.WAITING and not run.queued:
+                self._timers.cancel(run.id)
+                run.reset_for_replay()
+                self._scheduler.enqueue(run)

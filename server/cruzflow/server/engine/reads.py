@@ -1,0 +1,179 @@
+"""Reads: GetStatus, WaitInstance, WatchInstance and ListInstances.
+
+Reads go to the store. A watcher follows an instance's durable event log:
+it catches up from the store, then takes events from the hub as they are
+committed (by this server; another server's are read back from the store
+when the hub nudges it), so it never sees a gap or a repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+from cruzflow.server.engine import listing
+from cruzflow.server.engine.core import Core
+from cruzflow.server.engine.errors import InvalidArgument, ResourceExhausted, Unavailable
+from cruzflow.server.engine.hub import Subscription
+from cruzflow.server.records import (
+    EventKind,
+    EventRecord,
+    InstanceRecord,
+    InstanceStatus,
+    StepRecord,
+)
+
+_READ_PAGE = 512
+
+
+class Reads:
+    def __init__(self, core: Core) -> None:
+        self._core = core
+
+    async def get(self, instance_id: str) -> tuple[InstanceRecord, list[StepRecord]]:
+        """The durable status of an instance and its steps."""
+        self._core.check_id(instance_id)
+        return await self._core.record(instance_id), await self._core.store.get_steps(instance_id)
+
+    async def wait(
+        self, instance_id: str, timeout: float | None = None, include_steps: bool = False
+    ) -> tuple[InstanceRecord, list[StepRecord]]:
+        """The instance once it is final, or as it is when ``timeout`` s have passed."""
+        self._core.check_id(instance_id)
+        if timeout is not None and timeout < 0:
+            raise InvalidArgument(f"timeout: must not be negative, got {timeout:g} s")
+        sub = self.subscribe(instance_id, "WaitInstance")
+        try:
+            record = await self._core.record(instance_id)
+            try:
+                async with asyncio.timeout(timeout):
+                    while not record.status.finished:
+                        event = await sub.queue.get()
+                        if event is None:
+                            raise Unavailable(
+                                "the server is shutting down; wait again once it is back"
+                            )
+                        if sub.lagged:
+                            sub.lagged = False
+                            while not sub.queue.empty():
+                                sub.queue.get_nowait()
+                            record = await self._core.store.get_instance(instance_id) or record
+                        elif is_final(event):
+                            # The final event carries all that changed: no re-read.
+                            err = event.data.get("err")
+                            record = dataclasses.replace(
+                                record,
+                                status=InstanceStatus(event.data["status"]),
+                                output=event.payload,
+                                error_name=err[0] if err else None,
+                                error_message=err[1] if err else None,
+                                error_traceback=err[2] if err and len(err) > 2 else None,
+                                updated_at=event.at,
+                                ended_at=event.at,
+                                wake_at=None,
+                                last_seq=event.seq,
+                            )
+            except TimeoutError:
+                record = await self._core.store.get_instance(instance_id) or record
+        finally:
+            self._core.hub.unsubscribe(sub)
+        steps = await self._core.store.get_steps(instance_id) if include_steps else []
+        return record, steps
+
+    def subscribe(self, instance_id: str, what: str) -> Subscription:
+        """The instance's live feed, unless limits.max_watchers feeds are open: each
+        holds a bounded queue, so their number is what bounds their memory."""
+        limit = self._core.limits.max_watchers
+        if self._core.hub.count >= limit:
+            raise ResourceExhausted(
+                f"{what}: {limit} WatchInstance streams and WaitInstance calls are open on "
+                f"this server, the most it serves at once (limits.max_watchers); close one "
+                f"you no longer need, or retry later with backoff"
+            )
+        return self._core.hub.subscribe(instance_id)
+
+    async def watch(self, instance_id: str, after_seq: int = 0) -> AsyncIterator[EventRecord]:
+        """Every durable event of the instance after ``after_seq``, live, until its end."""
+        self._core.check_id(instance_id)
+        if after_seq < 0:
+            raise InvalidArgument(f"after_sequence: must be 0 or more, got {after_seq}")
+        sub = self.subscribe(instance_id, "WatchInstance")
+        try:
+            record = await self._core.record(instance_id)
+            if after_seq > record.last_seq:
+                raise InvalidArgument(
+                    f"after_sequence: {after_seq} is past the newest event ({record.last_seq}) "
+                    f"of instance {instance_id!r}; pass the last sequence you received, or 0"
+                )
+            last = after_seq
+            while True:
+                # Catch up from the store, then follow the live feed. Events are
+                # published only once durable, so the two overlap but never gap.
+                while True:
+                    events = await self._core.store.read_events(instance_id, last, _READ_PAGE)
+                    for event in events:
+                        yield event
+                        last = event.seq
+                        # A restart can follow an end: only the newest end ends the stream.
+                        if is_final(event) and last >= record.last_seq:
+                            return
+                    if len(events) < _READ_PAGE:
+                        break
+                if record.status.finished and last >= record.last_seq:
+                    return
+                while not sub.lagged:
+                    live = await sub.queue.get()
+                    if live is None or sub.closed:
+                        raise Unavailable(
+                            f"the server is shutting down; watch again with after_sequence={last}"
+                        )
+                    if live.seq <= last:
+                        continue
+                    if live.seq > last + 1:
+                        break  # a gap: the store has what we missed
+                    yield live
+                    last = live.seq
+                    if is_final(live):
+                        return
+                # Fell behind the queue bound: drop it and re-read from the store.
+                sub.lagged = False
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+        finally:
+            self._core.hub.unsubscribe(sub)
+
+    async def list_instances(
+        self,
+        workflow: str = "",
+        statuses: list[int] | None = None,
+        created_min: int | None = None,
+        created_max: int | None = None,
+        lookup_key: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[InstanceRecord], str]:
+        """A page of instances, newest first, and the token of the next page ("" on
+        the last). Times are ms since the epoch; records come without steps."""
+        query = listing.query(
+            workflow,
+            statuses or [],
+            created_min,
+            created_max,
+            lookup_key,
+            self._core.limits.max_lookup_key_length,
+        )
+        size = listing.page_size(page_size)
+        # The store's own secret: a token survives restarts, and one altered or
+        # made up by a caller fails its signature.
+        key = self._core.store.page_token_key()
+        if page_token:
+            query = listing.after(query, listing.decode_token(page_token, query, key))
+        rows = await self._core.store.list_instances(query, size + 1)
+        # Half the gRPC send limit the service sets (64 payloads).
+        page, last = listing.trim(rows, size, 32 * self._core.limits.max_payload_bytes)
+        return page, "" if last is None else listing.encode_token(query, last, key)
+
+
+def is_final(event: EventRecord) -> bool:
+    return event.kind == EventKind.STATUS_CHANGED and InstanceStatus(event.data["status"]).finished

@@ -1,0 +1,193 @@
+"""An instance while the engine holds it in memory, and what it writes.
+
+A ``Run`` carries the instance's sequence number and status between its
+writes, adds its events, step rows and status changes to the journal's
+open batch, and waits for them at step boundaries (``barrier``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from cruzflow.server.engine.core import Core, WorkflowSpec, ms
+from cruzflow.server.engine.errors import Suspend
+from cruzflow.server.engine.journal import Durable
+from cruzflow.server.records import (
+    EventKind,
+    EventRecord,
+    InstanceRecord,
+    InstanceStatus,
+    InstanceUpdate,
+    StepRecord,
+)
+
+log = logging.getLogger("cruzflow.engine")
+
+
+def about(run: Run, step: str | None = None, traceback: str | None = None) -> dict[str, Any]:
+    """The fields a log record about an instance carries (see telemetry's formats)."""
+    fields = {"instance_id": run.id, "workflow": run.spec.name}
+    if step is not None:
+        fields["step"] = step
+    if traceback is not None:
+        fields["traceback"] = traceback
+    return fields
+
+
+class Run:
+    """An instance while the engine holds it in memory (running, queued, or held
+    by a control call). At most one exists per instance: see ``Controls.hold``."""
+
+    __slots__ = (
+        "claimed", "core", "created_at", "error", "held", "id", "last_write", "next_index",
+        "occurrences", "params", "pause_requested", "poked", "queued", "replay", "resumed",
+        "run_started_at", "seq", "span", "spec", "status", "task", "trace_parent",
+    )  # fmt: skip
+
+    def __init__(
+        self, core: Core, record: InstanceRecord, spec: WorkflowSpec, resumed: bool
+    ) -> None:
+        self.core = core
+        self.id = record.id
+        self.spec = spec
+        self.params = record.params
+        self.created_at = record.created_at
+        self.run_started_at = record.run_started_at or record.created_at
+        self.status = record.status
+        self.seq = record.last_seq
+        self.resumed = resumed
+        self.next_index = 0
+        self.occurrences: dict[str, int] = {}
+        self.replay: dict[int, StepRecord] | None = None
+        self.last_write: Durable | None = None
+        self.task: asyncio.Task[None] | None = None
+        # A pause asked for while running: taken at the next step boundary.
+        self.pause_requested = record.status == InstanceStatus.WAITING_FOR_PAUSE
+        # An event arrived for this instance while its run was in memory.
+        self.poked = False
+        # Inbox events this run has taken but whose taking is not yet durable.
+        self.claimed: set[int] = set()
+        self.queued = False
+        self.held = 0
+        self.trace_parent = record.trace_parent
+        # The error this run ended the instance with, and its traceback, for the observer.
+        self.error: tuple[str, str, str | None] | None = None
+        # The observer's token for the run in memory (its span).
+        self.span: Any = None
+
+    @property
+    def active(self) -> bool:
+        return self.task is not None
+
+    def reset_for_replay(self) -> None:
+        """Run ``run`` from the top again, replaying what the store holds."""
+        self.resumed = True
+        self.next_index = 0
+        self.occurrences = {}
+        self.replay = None
+        self.claimed = set()
+        self.poked = False
+
+    def emit(self, kind: EventKind, data: dict[str, Any], payload: bytes | None = None) -> Durable:
+        self.seq += 1
+        fut = self.core.journal.append(EventRecord(self.id, self.seq, ms(), kind, data, payload))
+        self.last_write = fut
+        return fut
+
+    def put_step(self, record: StepRecord) -> None:
+        self.last_write = self.core.journal.put_step(record)
+
+    def set_status(
+        self,
+        status: InstanceStatus,
+        output: bytes | None = None,
+        error: tuple[str, str] | None = None,
+        wake_at: int | None = None,
+        traceback: str | None = None,
+    ) -> Durable:
+        """Record a new status; ``error`` (name, message) and its ``traceback``
+        with ERRORED."""
+        now = ms()
+        observer = self.core.observer
+        if observer is not None:
+            if status != self.status:
+                observer.status_changed(self.spec.name, self.status, status)
+            self.error = None if error is None else (*error, traceback)
+        self.status = status
+        finished = status.finished
+        self.core.journal.update_instance(
+            InstanceUpdate(
+                self.id, status, now, output,
+                error[0] if error else None, error[1] if error else None,
+                now if finished else None, wake_at, traceback, self.run_started_at,
+            )
+        )  # fmt: skip
+        data: dict[str, Any] = {"status": int(status)}
+        if error:
+            data["err"] = [*error] if traceback is None else [*error, traceback]
+        if wake_at is not None:
+            data["wake"] = wake_at
+        return self.emit(EventKind.STATUS_CHANGED, data, output)
+
+    async def barrier(self) -> None:
+        """Wait until every write of this instance so far is durable."""
+        fut = self.last_write
+        if fut is None:
+            return
+        if fut.done() and fut.exception() is None:
+            refused = fut.result()
+        else:
+            try:
+                refused = await asyncio.shield(fut)
+            except Exception as exc:
+                self._not_stored(exc)
+                raise Suspend() from exc
+        if refused and self.id in refused:
+            # Another server holds the instance (this one lost its lease): its
+            # run there goes on; this one stops without writing more.
+            log.warning(
+                "instance %s: the store refused its writes (%s); this server stops its run",
+                self.id,
+                refused[self.id].value,
+                extra=about(self),
+            )
+            raise Suspend()
+
+    def _not_stored(self, exc: BaseException) -> None:
+        # The journal logged the failure once; at a stop that gave up on a
+        # failing store every instance gets here, so say it quietly then.
+        log.log(
+            logging.DEBUG if self.core.stopping else logging.ERROR,
+            "instance %s: checkpoint not stored (%s); it resumes after a restart",
+            self.id,
+            exc,
+            extra=about(self),
+        )
+
+    async def enter_step(self) -> None:
+        """A step boundary: prior writes durable, and a stop or pause taken here."""
+        await self.barrier()
+        if self.core.stopping:
+            raise Suspend()
+        if self.pause_requested:
+            self.pause_requested = False
+            self.set_status(InstanceStatus.PAUSED)
+            await self.barrier()
+            raise Suspend()
+
+    async def park(self, wake_at: int) -> None:
+        """Leave memory until ``wake_at`` (or an event); the run replays then.
+
+        Returns instead if an event arrived meanwhile, so the caller re-checks.
+        """
+        self.set_status(InstanceStatus.WAITING, wake_at=wake_at)
+        await self.barrier()
+        if self.poked or (not self.core.stopping and wake_at <= ms()):
+            self.set_status(InstanceStatus.RUNNING)
+            return
+        if self.core.observer is not None:
+            self.core.observer.parked(self.span, wake_at)
+        self.core.wake_at(self.id, wake_at)
+        raise Suspend()

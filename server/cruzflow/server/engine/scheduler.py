@@ -1,0 +1,254 @@
+"""Which instances run, and running them: slots, the queue, ownership.
+
+The scheduler takes over the runnable instances the store hands this
+server (``claim``: at start every unfinished one; with several servers on
+one database, those no live lease holds), starts up to
+``max_running_instances`` and queues the rest, drives each run of
+``run()`` (``drive``), and settles an instance's handle when its run ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import UTC, datetime
+
+from cruzflow.sdk.api import WorkflowEvent
+from cruzflow.sdk.step import WorkflowStep
+from cruzflow.server.engine.core import Core
+from cruzflow.server.engine.errors import FatalWorkflowError, StepFailedError, Suspend
+from cruzflow.server.engine.journal import Durable
+from cruzflow.server.engine.run import Run, about
+from cruzflow.server.engine.steps import StepRunner, to_json
+from cruzflow.server.engine.timers import Timers
+from cruzflow.server.engine.tracebacks import format_error
+from cruzflow.server.records import InstanceStatus, Notice, NoticeKind
+
+log = logging.getLogger("cruzflow.engine")
+
+
+class Scheduler:
+    def __init__(self, core: Core, timers: Timers) -> None:
+        self._core = core
+        self._timers = timers
+
+    async def claim(self) -> None:
+        """Take over the runnable instances no server runs (at start: every
+        unfinished one this server's store holds) and queue them."""
+        unfinished = await self._core.store.claim(
+            self._core.lease, self._core.limits.max_running_instances
+        )
+        # Instances that were running go first, then the queue in creation order.
+        unfinished.sort(key=lambda r: r.status != InstanceStatus.RUNNING)
+        missing: dict[str, int] = {}
+        resumed = 0
+        for record in unfinished:
+            spec = self._core.workflows.get(record.workflow)
+            if spec is None:
+                missing[record.workflow] = missing.get(record.workflow, 0) + 1
+                continue
+            if record.id in self._core.live:
+                continue
+            run = Run(self._core, record, spec, resumed=True)
+            run.queued = True
+            self._core.live[run.id] = run
+            self._core.queue.append(run)
+            resumed += 1
+        for name, count in missing.items():
+            log.warning(
+                "%d unfinished instance(s) of workflow %r wait: it is not in the config",
+                count,
+                name,
+            )
+        if resumed:
+            log.info("resuming %d unfinished instance(s)", resumed)
+        self.fill_slots()
+
+    def heard(self, notices: list[Notice]) -> None:
+        """What other servers committed: their events reach this server's
+        watchers through the store; runnable instances are claimed."""
+        runnable = False
+        for notice in notices:
+            if notice.kind is NoticeKind.EVENTS:
+                self._core.hub.nudge(notice.instance_id)
+            elif notice.kind is NoticeKind.RUNNABLE:
+                runnable = True
+        if runnable and not self._core.stopping:
+            self._core.spawn(self.claim())
+
+    def start(self, run: Run) -> None:
+        self._core.runs[run.id] = run
+        self._core.live[run.id] = run
+        run.queued = False
+        run.task = asyncio.create_task(self.drive(run), name=f"instance-{run.id}")
+
+    def fill_slots(self) -> None:
+        limit = self._core.limits.max_running_instances
+        while self._core.queue and len(self._core.runs) < limit and not self._core.stopping:
+            run = self._core.queue.popleft()
+            # A pending pause stays pending: the run takes it at its next step.
+            if run.status not in (InstanceStatus.RUNNING, InstanceStatus.WAITING_FOR_PAUSE):
+                run.set_status(InstanceStatus.RUNNING)
+            self.start(run)
+
+    def enqueue(self, run: Run, announce: bool = False) -> Durable | None:
+        """Start a run now if a slot is free, else queue it; record the status."""
+        start = (
+            not self._core.queue and len(self._core.runs) < self._core.limits.max_running_instances
+        )
+        status = InstanceStatus.RUNNING if start else InstanceStatus.QUEUED
+        durable = run.set_status(status) if announce or run.status != status else None
+        self._core.live[run.id] = run
+        if start:
+            self.start(run)
+        else:
+            run.queued = True
+            self._core.queue.append(run)
+        return durable
+
+    def dequeue(self, run: Run) -> None:
+        if run.queued:
+            self._core.queue.remove(run)
+            run.queued = False
+
+    def settle(self, run: Run) -> None:
+        """A run's task has ended and nobody holds it: finish what it left open."""
+        if run.active or run.held:
+            return
+        if not self._core.stopping:
+            if run.status == InstanceStatus.WAITING_FOR_PAUSE:
+                run.pause_requested = False
+                run.set_status(InstanceStatus.PAUSED)
+            elif run.poked and run.status == InstanceStatus.WAITING and not run.queued:
+                # An event came while the run was leaving: go on at once.
+                self._timers.cancel(run.id)
+                run.reset_for_replay()
+                self.enqueue(run)
+        self.release(run)
+
+    def release(self, run: Run) -> None:
+        """Drop an idle handle from memory once its writes are durable.
+
+        Until then it stays, so nobody re-reads a stale sequence number.
+        """
+        if run.active or run.queued or run.held:
+            return
+        fut = run.last_write
+        if fut is None or fut.done():
+            self.forget(run)
+        else:
+            fut.add_done_callback(lambda _: self.forget(run))
+
+    def forget(self, run: Run) -> None:
+        if not (run.active or run.queued or run.held) and self._core.live.get(run.id) is run:
+            del self._core.live[run.id]
+
+    async def stop_task(self, run: Run) -> None:
+        """Take the run away from its task (cancelled), keeping the handle."""
+        task = run.task
+        if task is None:
+            return
+        run.task = None
+        self._core.runs.pop(run.id, None)
+        task.cancel()
+        _, pending = await asyncio.wait([task], timeout=5)
+        if pending:
+            log.warning(
+                "instance %s: its run ignored cancellation; it is abandoned",
+                run.id,
+                extra=about(run),
+            )
+
+    def finish(
+        self,
+        run: Run,
+        status: InstanceStatus,
+        output: bytes | None = None,
+        error: tuple[str, str] | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        # Only the run's own task may end it: after a terminate or restart
+        # took the run away, a late ending of the old task is dropped.
+        if run.task is asyncio.current_task():
+            run.set_status(status, output, error, traceback=traceback)
+
+    async def drive(self, run: Run) -> None:
+        observer = self._core.observer
+        if observer is not None:
+            run.span = observer.run_started(run.spec.name, run.id, run.trace_parent, run.created_at)
+        try:
+            if run.resumed:
+                run.replay = {s.index: s for s in await self._core.store.get_steps(run.id)}
+            workflow = run.spec.cls(self._core.env)
+            event = WorkflowEvent(
+                payload=json.loads(run.params),
+                timestamp=datetime.fromtimestamp(run.created_at / 1000, UTC),
+                instance_id=run.id,
+            )
+            result = await workflow.run(event, WorkflowStep(StepRunner(self._core, run)))
+            try:
+                output = to_json(result)
+            except (TypeError, ValueError, RecursionError) as exc:
+                run.set_status(
+                    InstanceStatus.ERRORED,
+                    error=(
+                        "WorkflowOutputError",
+                        f"run() returned a value that is not JSON ({exc}); return dicts, lists, "
+                        f"strings, numbers, booleans or None",
+                    ),
+                )
+                return
+            if len(output) > self._core.limits.max_payload_bytes:
+                run.set_status(
+                    InstanceStatus.ERRORED,
+                    error=(
+                        "WorkflowOutputError",
+                        f"run() returned {len(output):,} bytes of JSON, over the limit of "
+                        f"{self._core.limits.max_payload_bytes:,} bytes (limits.max_payload_bytes)",
+                    ),
+                )
+                return
+            self.finish(run, InstanceStatus.COMPLETE, output=output)
+        except StepFailedError as exc:
+            # run() let a failed step's error through: the step's own traceback
+            # (where its body raised) says why; the step's log record has it.
+            log.warning(
+                "instance %s errored: step %r failed: %s: %s",
+                run.id, exc.step_name, exc.error_name, exc.error_message, extra=about(run),
+            )  # fmt: skip
+            self.finish(
+                run,
+                InstanceStatus.ERRORED,
+                error=(exc.error_name, exc.error_message),
+                traceback=exc.error_traceback,
+            )
+        except FatalWorkflowError as exc:
+            where = format_error(exc)
+            log.error("instance %s failed: %s", run.id, exc, extra=about(run, traceback=where))
+            self.finish(
+                run,
+                InstanceStatus.ERRORED,
+                error=(exc.error_name, exc.error_message),
+                traceback=where,
+            )
+        except (Suspend, asyncio.CancelledError):
+            pass  # left as stored; resumed after a restart or a wake-up
+        except (Exception, SystemExit) as exc:
+            where = format_error(exc)
+            log.warning(
+                "instance %s errored: run() raised %s: %s",
+                run.id, type(exc).__name__, exc, extra=about(run, traceback=where),
+            )  # fmt: skip
+            self.finish(
+                run, InstanceStatus.ERRORED, error=(type(exc).__name__, str(exc)), traceback=where
+            )
+        finally:
+            if observer is not None:
+                observer.run_ended(run.span, run.status, len(run.replay or ()), run.error)
+                run.span = None
+            if run.task is asyncio.current_task():
+                self._core.runs.pop(run.id, None)
+                run.task = None
+                self.settle(run)
+            self.fill_slots()
