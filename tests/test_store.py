@@ -12,6 +12,8 @@ from cruzflow.server.records import (
     Batch,
     EventKind,
     EventRecord,
+    InboxEvent,
+    InstanceQuery,
     InstanceRecord,
     InstanceStatus,
     InstanceUpdate,
@@ -20,13 +22,20 @@ from cruzflow.server.records import (
     StepStatus,
 )
 from cruzflow.server.store.base import Store, StoreError
+from cruzflow.server.store.postgres import PostgresStore
 from cruzflow.server.store.sqlite import HOT_QUERIES, SqliteStore
 
+# The session's PostgreSQL server (tests/postgres.py).
+pytest_plugins = ["tests.postgres"]
 
-@pytest.fixture(params=["sqlite"])
+
+@pytest.fixture(params=["sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    # PostgreSQL joins this list when its backend lands.
-    backend = SqliteStore(tmp_path / "contract.db")
+    backend: Store
+    if request.param == "postgres":
+        backend = PostgresStore(request.getfixturevalue("postgres_url"))
+    else:
+        backend = SqliteStore(tmp_path / "contract.db")
     await backend.open()
     yield backend
     await backend.close()
@@ -134,16 +143,54 @@ async def test_a_taken_id_is_refused_alone_and_the_rest_lands(store: Store) -> N
     assert a is not None and (a.workflow, a.created_at, a.last_seq) == ("wf", 10, 1)
 
 
-async def test_unfinished_are_claimed_oldest_first(store: Store) -> None:
-    lease = await store.acquire("test")
+async def test_claim_takes_runnable_ones_oldest_first_and_not_twice(store: Store) -> None:
+    first = await store.acquire("first")
     batch = Batch()
     batch.new_instances += [
         _instance("x", InstanceStatus.QUEUED),
         _instance("y", InstanceStatus.COMPLETE),
         _instance("z", InstanceStatus.RUNNING),
+        _instance("w", InstanceStatus.WAITING),
+        _instance("p", InstanceStatus.PAUSED),
+        _instance("v", InstanceStatus.WAITING_FOR_PAUSE),
+        _instance("q", InstanceStatus.QUEUED),
     ]
-    await store.apply(batch, lease)
-    assert [r.id for r in await store.claim(lease, 100)] == ["x", "z"]
+    await store.apply(batch, first)
+    # The first server stops: the next one takes over what was runnable, once.
+    await store.release(first)
+    second = await store.acquire("second")
+    claimed = await store.claim(second, 2)
+    claimed += await store.claim(second, 100)
+    assert [r.id for r in claimed] == ["x", "z", "v", "q"]
+    assert [r.status for r in claimed] == [
+        InstanceStatus.QUEUED,
+        InstanceStatus.RUNNING,
+        InstanceStatus.WAITING_FOR_PAUSE,
+        InstanceStatus.QUEUED,
+    ]
+    assert await store.claim(second, 100) == []
+
+
+async def test_claimed_and_claimed_one_records_carry_their_last_seq(store: Store) -> None:
+    first = await store.acquire("first")
+    batch = Batch()
+    batch.new_instances += [_instance("a"), _instance("b", InstanceStatus.WAITING)]
+    batch.events += [
+        EventRecord("a", 1, 10, EventKind.STATUS_CHANGED, {"status": 2}),
+        EventRecord("a", 2, 11, EventKind.STEP_STARTED, {"name": "s", "att": 1}),
+        EventRecord("b", 1, 10, EventKind.STATUS_CHANGED, {"status": 4}),
+    ]
+    await store.apply(batch, first)
+    await store.release(first)
+    second = await store.acquire("second")
+    (a,) = await store.claim(second, 10)
+    assert (a.id, a.last_seq) == ("a", 2)
+    b = await store.claim_one(second, "b")
+    assert b is not None and (b.id, b.status, b.last_seq) == ("b", InstanceStatus.WAITING, 1)
+    assert await store.claim_one(second, "nobody") is None
+    # An instance this lease holds already is its own.
+    again = await store.claim_one(second, "a")
+    assert again is not None and again.id == "a"
 
 
 async def test_unfinished_counted_by_status(store: Store) -> None:
@@ -176,8 +223,158 @@ async def test_trace_context_is_stored_with_the_instance(store: Store) -> None:
     assert stored is not None and stored.trace_parent == record.trace_parent
     other = await store.get_instance("u")
     assert other is not None and other.trace_parent is None
-    (claimed,) = [r for r in await store.claim(lease, 100) if r.id == "t"]
+    await store.release(lease)
+    (claimed,) = [r for r in await store.claim(await store.acquire("next"), 100) if r.id == "t"]
     assert claimed.trace_parent == record.trace_parent
+
+
+async def test_inbox_events_are_taken_oldest_first_until_consumed(store: Store) -> None:
+    lease = await store.acquire("test")
+    first = Batch()
+    first.new_instances.append(_instance("a", InstanceStatus.WAITING))
+    first.inbox += [
+        InboxEvent("a", "approval", b'{"n":1}', 20, trace_parent="00-aa-bb-01"),
+        InboxEvent("a", "other", b'{"n":2}', 21),
+        InboxEvent("a", "approval", b'{"n":3}', 22),
+    ]
+    await store.apply(first, lease)
+    taken = await store.take_events("a", "approval", 10)
+    assert [(e.payload, e.at, e.trace_parent) for e in taken] == [
+        (b'{"n":1}', 20, "00-aa-bb-01"),
+        (b'{"n":3}', 22, None),
+    ]
+    assert taken[0].id < taken[1].id
+    assert [e.payload for e in await store.take_events("a", "approval", 1)] == [b'{"n":1}']
+    # The instance takes the first: it is claimed (now running) and consumes it.
+    assert await store.claim_one(lease, "a") is not None
+    second = Batch()
+    second.instance_updates["a"] = InstanceUpdate("a", InstanceStatus.RUNNING, 23)
+    second.consumed[taken[0].id] = ("a", 0)
+    assert await store.apply(second, lease) == {}
+    assert [e.payload for e in await store.take_events("a", "approval", 10)] == [b'{"n":3}']
+    assert [e.payload for e in await store.take_events("a", "other", 10)] == [b'{"n":2}']
+
+
+async def test_due_wakes_soonest_first(store: Store) -> None:
+    lease = await store.acquire("test")
+    batch = Batch()
+    for name, wake_at in (("late", 300), ("soon", 100), ("later", 500), ("mid", 200)):
+        record = _instance(name, InstanceStatus.WAITING)
+        record.wake_at = wake_at
+        batch.new_instances.append(record)
+    batch.new_instances.append(_instance("nowake", InstanceStatus.WAITING))
+    await store.apply(batch, lease)
+    assert await store.due_wakes(350, 10) == [("soon", 100), ("mid", 200), ("late", 300)]
+    assert await store.due_wakes(350, 2) == [("soon", 100), ("mid", 200)]
+    assert await store.due_wakes(50, 10) == []
+
+
+async def test_a_restart_clears_the_steps_before_the_batch_lands(store: Store) -> None:
+    lease = await store.acquire("test")
+    first = Batch()
+    first.new_instances.append(_instance("a"))
+    first.steps[("a", 0)] = StepRecord("a", 0, "s", 1, StepStatus.SUCCEEDED, 1, 11, 12)
+    first.steps[("a", 1)] = StepRecord("a", 1, "t", 1, StepStatus.SUCCEEDED, 1, 13, 14)
+    await store.apply(first, lease)
+    again = Batch()
+    again.cleared_steps.add("a")
+    again.instance_updates["a"] = InstanceUpdate("a", InstanceStatus.RUNNING, 20, run_started_at=20)
+    again.steps[("a", 0)] = StepRecord("a", 0, "s", 1, StepStatus.RUNNING, 1, 21)
+    assert await store.apply(again, lease) == {}
+    assert [(s.index, s.status) for s in await store.get_steps("a")] == [(0, StepStatus.RUNNING)]
+    record = await store.get_instance("a")
+    assert record is not None and record.run_started_at == 20
+
+
+def _listed(rows: list[tuple[int, InstanceRecord]]) -> list[str]:
+    return [r.id for _, r in rows]
+
+
+async def test_listing_newest_first_by_pages_and_filters(store: Store) -> None:
+    lease = await store.acquire("test")
+    batch = Batch()
+    statuses = [InstanceStatus.COMPLETE, InstanceStatus.RUNNING, InstanceStatus.QUEUED]
+    for n in range(12):
+        record = InstanceRecord(
+            f"i{n:02d}", "even" if n % 2 == 0 else "odd", statuses[n % 3], b"{}", 1000 + n, 1000
+        )
+        record.lookup_key = "key" if n in (3, 7, 8) else None
+        batch.new_instances.append(record)
+    await store.apply(batch, lease)
+    everything = await store.list_instances(InstanceQuery(), 100)
+    assert _listed(everything) == [f"i{n:02d}" for n in reversed(range(12))]
+    # Keyset pages: each starts below the last position of the one before.
+    page = await store.list_instances(InstanceQuery(), 5)
+    assert _listed(page) == ["i11", "i10", "i09", "i08", "i07"]
+    page = await store.list_instances(InstanceQuery(older_than=page[-1][0]), 5)
+    assert _listed(page) == ["i06", "i05", "i04", "i03", "i02"]
+    page = await store.list_instances(InstanceQuery(older_than=page[-1][0]), 5)
+    assert _listed(page) == ["i01", "i00"]
+    assert _listed(await store.list_instances(InstanceQuery(workflow="odd"), 3)) == [
+        "i11",
+        "i09",
+        "i07",
+    ]
+    running_or_queued = InstanceQuery(statuses=(InstanceStatus.RUNNING, InstanceStatus.QUEUED))
+    assert _listed(await store.list_instances(running_or_queued, 4)) == [
+        "i11",
+        "i10",
+        "i08",
+        "i07",
+    ]
+    done_even = InstanceQuery(workflow="even", statuses=(InstanceStatus.COMPLETE,))
+    assert _listed(await store.list_instances(done_even, 10)) == ["i06", "i00"]
+    queued_odd = InstanceQuery(workflow="odd", statuses=(InstanceStatus.QUEUED,))
+    assert _listed(await store.list_instances(queued_odd, 10)) == ["i11", "i05"]
+    keyed = InstanceQuery(lookup_key="key")
+    assert _listed(await store.list_instances(keyed, 10)) == ["i08", "i07", "i03"]
+    keyed_odd = InstanceQuery(lookup_key="key", workflow="odd", statuses=(InstanceStatus.RUNNING,))
+    assert _listed(await store.list_instances(keyed_odd, 10)) == ["i07"]
+    window = InstanceQuery(created_min=1003, created_max=1006)
+    assert _listed(await store.list_instances(window, 10)) == ["i05", "i04", "i03"]
+    assert await store.list_instances(InstanceQuery(created_min=5000), 10) == []
+    record = everything[0][1]
+    assert (record.workflow, record.created_at, record.last_seq) == ("odd", 1011, 0)
+
+
+async def test_retention_purges_only_what_still_ended_before(store: Store) -> None:
+    lease = await store.acquire("test")
+    batch = Batch()
+    for name, ended_at in (("old", 100), ("older", 50), ("recent", 900)):
+        record = _instance(name, InstanceStatus.COMPLETE)
+        record.ended_at = ended_at
+        batch.new_instances.append(record)
+        batch.events.append(EventRecord(name, 1, ended_at, EventKind.STATUS_CHANGED, {"status": 6}))
+        batch.steps[(name, 0)] = StepRecord(name, 0, "s", 1, StepStatus.SUCCEEDED, 1, 1, 2)
+        batch.inbox.append(InboxEvent(name, "t", b"{}", 1))
+    batch.new_instances.append(_instance("live"))
+    await store.apply(batch, lease)
+    assert await store.ended_before(500, 10) == ["older", "old"]
+    assert await store.ended_before(500, 1) == ["older"]
+    purge = Batch()
+    purge.purge = {"older": 500, "old": 500, "recent": 500, "live": 500}
+    # "old" is restarted in the same batch: it no longer ended, and stays.
+    await store.claim_one(lease, "old")
+    purge.instance_updates["old"] = InstanceUpdate("old", InstanceStatus.QUEUED, 200)
+    assert await store.apply(purge, lease) == {}
+    assert purge.purged == 1
+    assert await store.get_instance("older") is None
+    assert await store.get_steps("older") == []
+    assert await store.read_events("older", 0, 10) == []
+    assert await store.take_events("older", "t", 10) == []
+    for kept in ("old", "recent", "live"):
+        assert await store.get_instance(kept) is not None, kept
+    assert await store.ended_before(500, 10) == []
+
+
+async def test_leases_of_a_store_and_its_page_token_key(store: Store) -> None:
+    lease = await store.acquire("test")
+    assert lease.owner == "test"
+    assert await store.renew(lease)
+    assert store.lease_period_s is None or store.lease_period_s > 0
+    key = store.page_token_key()
+    assert len(key) == 32
+    await store.release(lease)
 
 
 async def test_second_server_on_one_file_is_refused(tmp_path: Path) -> None:
