@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cruzflow.server.config import ConfigError, load_config
+from cruzflow.server.config import STORE_URL_ENV, ConfigError, load_config
+from cruzflow.server.store.postgres import PostgresStore
 from tests.procs import ROOT, write_config
 
 
@@ -49,6 +50,24 @@ def test_limits_and_paths_resolve(tmp_path: Path) -> None:
         ("[server]\ngrace_period = 'soon'\n", "server.grace_period", "cannot read"),
         ("[limits]\nmax_running_instances = 0\n", "limits.max_running_instances", "greater"),
         ("[store]\nsynchronous = 'OFF'\n", "store.synchronous", "match"),
+        ("[store]\nurl = 'mysql://h/db'\n", "store.url", "expected a PostgreSQL URL"),
+        (
+            "[store]\npath = 'a.db'\nurl = 'postgresql://h/db'\n",
+            "store.url",
+            "give either path (a SQLite file) or url (a PostgreSQL database), not both",
+        ),
+        (
+            "[store]\nurl = 'postgresql://h/db'\nlease_period = 0\n",
+            "store.lease_period",
+            "more than 0",
+        ),
+        ("[store]\nlease_period = 'soon'\n", "store.lease_period", "cannot read"),
+        (
+            "[store]\nurl = 'postgresql://h/db'\nsynchronous = 'EXTRA'\n",
+            "store",
+            "synchronous is for a SQLite store (path), not with url",
+        ),
+        ("[store]\nuri = 'postgresql://h/db'\n", "store.uri", "unknown key"),
         (
             "[[workflows]]\nbinding = 'A'\nname = 'a'\n",
             "workflows[0].class_name",
@@ -95,6 +114,62 @@ def test_bad_config_names_file_key_and_reason(
     assert str(path) in message
     assert where in message
     assert reason in message
+
+
+def test_store_is_sqlite_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(STORE_URL_ENV, raising=False)
+    config = load_config(_write(tmp_path, ""))
+    assert config.store_url is None
+    assert config.store_path == tmp_path / "data" / "cruzflow.db"
+
+
+def test_store_url_from_the_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(STORE_URL_ENV, raising=False)
+    url = "postgresql://cruzflow:s3cret-pass@db.internal:5432/flows"
+    config = load_config(_write(tmp_path, f"[store]\nurl = {url!r}\nlease_period = '2 seconds'\n"))
+    assert config.store_url == url
+    assert config.store_lease_period_s == 2.0
+    assert "s3cret-pass" not in repr(config.file)
+    store = config.postgres_store()
+    assert isinstance(store, PostgresStore)
+    assert store.url == "postgresql://cruzflow:***@db.internal:5432/flows"
+    assert store.lease_period_s == 2.0
+    assert "s3cret-pass" not in repr(store)
+    # The variable wins over the file's url, and over a path.
+    monkeypatch.setenv(STORE_URL_ENV, "postgres://other@db2/flows")
+    assert load_config(_write(tmp_path, f"[store]\nurl = {url!r}\n")).store_url == (
+        "postgres://other@db2/flows"
+    )
+    config = load_config(_write(tmp_path, "[store]\npath = 'local.db'\n"))
+    assert config.store_url == "postgres://other@db2/flows"
+    assert config.store_lease_period_s == 5.0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://cruzflow:hunter2-secret@db/flows",
+        "cruzflow:hunter2-secret@db/flows",
+        "http://u@h/?password=hunter2-secret",
+        "u:hunter2-secret@h://db",
+    ],
+)
+def test_a_store_url_password_is_never_in_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.delenv(STORE_URL_ENV, raising=False)
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, f"[store]\nurl = {url!r}\n"))
+    assert "store.url" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    monkeypatch.setenv(STORE_URL_ENV, url)
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, ""))
+    assert STORE_URL_ENV in str(caught.value)
+    assert "expected a PostgreSQL URL" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

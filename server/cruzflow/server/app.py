@@ -50,7 +50,11 @@ class Service:
         # Tests hand in providers with in-memory exporters; a server builds
         # them from the config and the OTEL_* environment.
         self.telemetry = telemetry if telemetry is not None else Providers(config.telemetry)
-        self.store = SqliteStore(config.store_path, synchronous=config.file.store.synchronous)
+        self.store = (
+            SqliteStore(config.store_path, synchronous=config.file.store.synchronous)
+            if config.store_url is None
+            else config.postgres_store()
+        )
         values: dict[str, Any] = dict(config.file.vars)
         for binding, path in config.database_paths().items():
             values[binding] = SqliteDatabase(path)

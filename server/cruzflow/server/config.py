@@ -10,6 +10,7 @@ import importlib
 import inspect
 import ipaddress
 import os
+import re
 import ssl
 import stat
 import sys
@@ -18,13 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cruzflow.sdk.api import WorkflowEntrypoint
 from cruzflow.sdk.durations import to_seconds
 from cruzflow.server.auth import TokenRule, digest
 from cruzflow.server.bindings import TlsFiles, WorkflowTarget
 from cruzflow.server.engine.runtime import Limits, WorkflowSpec
+from cruzflow.server.store.base import Store
 from cruzflow.server.telemetry import Settings as TelemetrySettings
 
 
@@ -73,11 +83,68 @@ class ServerSection(_Strict):
         return value
 
 
+STORE_URL_ENV = "CRUZFLOW_STORE_URL"
+"""The environment variable that names a PostgreSQL store; it wins over the file."""
+_DEFAULT_STORE_PATH = "data/cruzflow.db"
+
+
+def _check_store_url(url: str) -> None:
+    """Raise ValueError unless ``url`` is a PostgreSQL URL. The message never
+    shows the value: it may hold a password."""
+    example = "'postgresql://user:password@host:5432/database'"
+    scheme, sep, _ = url.partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,19}", scheme):
+        raise ValueError(f"expected a PostgreSQL URL such as {example}; this is not a URL")
+    if scheme.lower() not in ("postgresql", "postgres"):
+        raise ValueError(
+            f"expected a PostgreSQL URL such as {example}; this one's scheme is not "
+            f"postgresql:// but {scheme}://"
+        )
+
+
 class StoreSection(_Strict):
-    path: str = "data/cruzflow.db"
-    """SQLite file, relative to the config file's folder."""
+    path: str | None = None
+    """SQLite file, relative to the config file's folder: the embedded store of
+    one server (the default, data/cruzflow.db)."""
+    url: str | None = Field(None, repr=False)
+    """PostgreSQL URL (postgresql://user:password@host:5432/database) instead of
+    path: a store several servers share. CRUZFLOW_STORE_URL wins over it."""
     synchronous: str = Field("FULL", pattern="^(FULL|EXTRA)$")
     """SQLite synchronous mode; FULL or EXTRA keep every commit durable."""
+    lease_period: str | int = "5 seconds"
+    """PostgreSQL: how long a server's lease on its instances lives without
+    renewal; a server that stops renewing has them taken over after it."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if info.data.get("path") is not None:
+            raise ValueError(
+                "give either path (a SQLite file) or url (a PostgreSQL database), not both"
+            )
+        _check_store_url(value)
+        return value
+
+    @field_validator("lease_period")
+    @classmethod
+    def _lease(cls, value: str | int) -> str | int:
+        if to_seconds(value) <= 0:
+            raise ValueError("must be more than 0, e.g. '5 seconds'")
+        return value
+
+    @model_validator(mode="after")
+    def _environment(self) -> StoreSection:
+        url = os.environ.get(STORE_URL_ENV)
+        if url:
+            try:
+                _check_store_url(url)
+            except ValueError as exc:
+                raise ValueError(f"the environment variable {STORE_URL_ENV}: {exc}") from None
+        elif self.url is not None and "synchronous" in self.model_fields_set:
+            raise ValueError("synchronous is for a SQLite store (path), not with url")
+        return self
 
 
 class LimitsSection(_Strict):
@@ -224,7 +291,8 @@ class ConfigFile(_Strict):
     python_path: list[str] = ["."]
     """Folders, relative to the config file, to import workflow modules from."""
     server: ServerSection = ServerSection()
-    store: StoreSection = StoreSection()
+    # Validated also when absent: CRUZFLOW_STORE_URL is checked with the section.
+    store: StoreSection = Field(default_factory=dict, validate_default=True)
     limits: LimitsSection = LimitsSection()
     telemetry: TelemetrySection = TelemetrySection()
     auth: AuthSection = AuthSection()
@@ -276,7 +344,26 @@ class Config:
 
     @property
     def store_path(self) -> Path:
-        return self.base / self.file.store.path
+        """The SQLite file (when ``store_url`` is None)."""
+        return self.base / (self.file.store.path or _DEFAULT_STORE_PATH)
+
+    @property
+    def store_url(self) -> str | None:
+        """The PostgreSQL URL, password included (never show it: ``redact_url``);
+        CRUZFLOW_STORE_URL wins over [store] url. None: SQLite at ``store_path``."""
+        return os.environ.get(STORE_URL_ENV) or self.file.store.url
+
+    @property
+    def store_lease_period_s(self) -> float:
+        return to_seconds(self.file.store.lease_period)
+
+    def postgres_store(self) -> Store:
+        """The PostgreSQL store of ``store_url``."""
+        from cruzflow.server.store.postgres import PostgresStore
+
+        url = self.store_url
+        assert url is not None, "no PostgreSQL store is configured"
+        return PostgresStore(url, lease_period_s=self.store_lease_period_s)
 
     @property
     def limits(self) -> Limits:
