@@ -139,10 +139,15 @@ class Admission:
         run = Run(self._core, record, spec, resumed=False)
         self._core.journal.insert_instance(record)
         durable = run.emit(EventKind.STATUS_CHANGED, {"status": int(status)})
-        self._core.live[instance_id] = run
         if start_now:
+            self._core.live[instance_id] = run
             self._scheduler.start(run)
+        elif self._core.shared:
+            # Stored unowned: whichever server has a slot first claims it (the
+            # store tells them all), this one included.
+            self._scheduler.runnable_elsewhere()
         else:
+            self._core.live[instance_id] = run
             run.queued = True
             self._core.queue.append(run)
         return status, durable

@@ -27,6 +27,10 @@ from cruzflow.server.engine.run import Run
 from cruzflow.server.engine.scheduler import Scheduler
 from cruzflow.server.engine.timers import Timers
 from cruzflow.server.records import InboxEvent, InstanceStatus, InstanceUpdate
+from cruzflow.server.store.base import HELD_ELSEWHERE, StoreError
+
+# What a wake-up runs again (queued: taken up from a shared store).
+_WAKEABLE = (InstanceStatus.WAITING, InstanceStatus.QUEUED)
 
 log = logging.getLogger("cruzflow.engine")
 
@@ -79,17 +83,27 @@ class Controls:
                 self._core.locks[instance_id] = (lock, users - 1)
 
     async def wake(self, instance_id: str) -> None:
-        if self._core.journal.fault is not None:
+        """Run a waiting instance whose time has come (or that was sent an
+        event) again; with several servers, also take up a queued one."""
+        core = self._core
+        if core.journal.fault is not None:
             # Its replay could not commit anything: look again in a second.
             self._timers.schedule(instance_id, ms() + 1000)
             return
         try:
+            if core.shared and instance_id not in core.live:
+                # Only a waiting or queued instance is taken over for this: a
+                # paused one stays free for whoever resumes it.
+                record = await core.store.get_instance(instance_id)
+                if record is None or record.status not in _WAKEABLE:
+                    return
             async with self.hold(instance_id) as run:
-                if run.active or run.queued or run.status != InstanceStatus.WAITING:
+                if run.active or run.queued or run.status not in _WAKEABLE:
                     return
                 run.reset_for_replay()
                 self._scheduler.enqueue(run)
-        except (NotFound, FailedPrecondition, Unavailable) as exc:
+        except (NotFound, FailedPrecondition, Unavailable, StoreError) as exc:
+            # Another server took it first, or it ended meanwhile.
             log.debug(
                 "instance %s not woken: %s", instance_id, exc, extra={"instance_id": instance_id}
             )
@@ -175,28 +189,53 @@ class Controls:
             self._core.limits.max_payload_bytes,
             self._core.limits.max_json_depth,
         )
-        async with self.hold(instance_id) as run:
-            if run.status.finished:
-                raise self._refuse("sent events", run, "unfinished")
-            now = ms()
-            # The sender's trace context, for the wait that takes the event to link to.
-            sender = self._core.observer.sending() if self._core.observer is not None else None
-            durable = self._core.journal.add_inbox(
-                InboxEvent(run.id, type, data, now, trace_parent=sender)
+        try:
+            async with self.hold(instance_id) as run:
+                await self._deliver(run, type, data)
+        except StoreError as exc:
+            if exc.cause != HELD_ELSEWHERE:
+                raise
+            # Another server runs it: the event is stored for it here, and
+            # the store tells that server, whose run looks at its inbox.
+            await self._deliver_elsewhere(instance_id, type, data)
+
+    async def _deliver_elsewhere(self, instance_id: str, type: str, data: bytes) -> None:
+        record = await self._core.record(instance_id)
+        if record.status.finished:
+            raise FailedPrecondition(
+                f"instance {instance_id!r} is {record.status.label}; only unfinished instances "
+                f"can be sent events"
             )
-            if run.status == InstanceStatus.WAITING:
-                # Due now, in the same commit as the event: a server killed before
-                # the run takes it wakes the instance as soon as it starts again
-                # (through the wake index), not at the wait's timeout.
-                self._core.journal.update_instance(
-                    InstanceUpdate(
-                        run.id, run.status, now, wake_at=now, run_started_at=run.run_started_at
-                    )
+        core = self._core
+        sender = core.observer.sending() if core.observer is not None else None
+        durable = core.journal.add_inbox(
+            InboxEvent(instance_id, type, data, ms(), trace_parent=sender)
+        )
+        await core.durable(durable, "the event could not be stored")
+
+    async def _deliver(self, run: Run, type: str, data: bytes) -> None:
+        """Store an event for ``run``, held by this server, and wake it if it waits."""
+        if run.status.finished:
+            raise self._refuse("sent events", run, "unfinished")
+        now = ms()
+        # The sender's trace context, for the wait that takes the event to link to.
+        sender = self._core.observer.sending() if self._core.observer is not None else None
+        durable = self._core.journal.add_inbox(
+            InboxEvent(run.id, type, data, now, trace_parent=sender)
+        )
+        if run.status == InstanceStatus.WAITING:
+            # Due now, in the same commit as the event: a server killed before
+            # the run takes it wakes the instance as soon as it starts again
+            # (through the wake index), not at the wait's timeout.
+            self._core.journal.update_instance(
+                InstanceUpdate(
+                    run.id, run.status, now, wake_at=now, run_started_at=run.run_started_at
                 )
-            await self._core.durable(durable, "the event could not be stored", run.id)
-            if run.active:
-                run.poked = True
-            elif run.status == InstanceStatus.WAITING and not run.queued:
-                self._timers.cancel(run.id)
-                run.reset_for_replay()
-                self._scheduler.enqueue(run)
+            )
+        await self._core.durable(durable, "the event could not be stored", run.id)
+        if run.active:
+            run.poked = True
+        elif run.status == InstanceStatus.WAITING and not run.queued:
+            self._timers.cancel(run.id)
+            run.reset_for_replay()
+            self._scheduler.enqueue(run)

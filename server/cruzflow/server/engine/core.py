@@ -138,6 +138,10 @@ class Core:
         # Per instance, the lock control calls hold it with and its users
         # (see Controls.hold); retention fences idle instances with it too.
         self.locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # Several servers share the store (its leases expire): queued
+        # instances are left to whichever server has a slot, and runs may
+        # be taken over (see Scheduler).
+        self.shared = store.lease_period_s is not None
         self.stopping = False
         self.stopped = asyncio.Event()
         self.spawned: set[asyncio.Task[None]] = set()

@@ -63,6 +63,7 @@ class Engine:
         self.retention = Retention(core)
         core.wake_at = self.timers.schedule
         self.timers.on_due = self.controls.wake
+        self.scheduler.wake = self.controls.wake
         self._background: list[asyncio.Task[None]] = []
         # Told when the store starts failing to commit (the error) and when it
         # commits again (None); the service turns it into health.
@@ -88,6 +89,17 @@ class Engine:
         core.store.subscribe(self.scheduler.heard)
         await self.scheduler.claim()
         self._background.append(asyncio.create_task(self.timers.loop(), name="cruzflow-timers"))
+        period = core.store.lease_period_s
+        if period is not None:
+            # Several servers on one store: keep the lease, and take up what
+            # waits for a slot, or what a server that died left, at least once
+            # a second (so within a second of its lease's expiry).
+            self._background += [
+                asyncio.create_task(self.scheduler.keep_lease(period), name="cruzflow-lease"),
+                asyncio.create_task(
+                    self.scheduler.claim_loop(min(1.0, period / 5)), name="cruzflow-claims"
+                ),
+            ]
         self._start_background()
 
     def _start_background(self) -> None:

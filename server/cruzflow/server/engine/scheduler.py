@@ -10,9 +10,12 @@ one database, those no live lease holds), starts up to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 from cruzflow.sdk.api import WorkflowEvent
 from cruzflow.sdk.step import WorkflowStep
@@ -24,6 +27,7 @@ from cruzflow.server.engine.steps import StepRunner, to_json
 from cruzflow.server.engine.timers import Timers
 from cruzflow.server.engine.tracebacks import format_error
 from cruzflow.server.records import InstanceStatus, Notice, NoticeKind
+from cruzflow.server.store.base import StoreError
 
 log = logging.getLogger("cruzflow.engine")
 
@@ -32,13 +36,27 @@ class Scheduler:
     def __init__(self, core: Core, timers: Timers) -> None:
         self._core = core
         self._timers = timers
+        # Set by the engine: wake (or take up) an instance another server made
+        # runnable here (Controls.wake).
+        self.wake: Callable[[str], Coroutine[Any, Any, None]] | None = None
+        # Shared store: set when runnable instances may wait in the store.
+        self._runnable = asyncio.Event()
+
+    def free_slots(self) -> int:
+        core = self._core
+        return core.limits.max_running_instances - len(core.runs) - len(core.queue)
 
     async def claim(self) -> None:
-        """Take over the runnable instances no server runs (at start: every
-        unfinished one this server's store holds) and queue them."""
-        unfinished = await self._core.store.claim(
-            self._core.lease, self._core.limits.max_running_instances
-        )
+        """Take over the runnable instances no server runs and queue them: at
+        start, every unfinished one the store holds for this server (SQLite);
+        with several servers, as many as this one has free slots for, among
+        those no live lease holds (queued, or left by a server that died)."""
+        limit = self._core.limits.max_running_instances
+        if self._core.shared:
+            limit = self.free_slots()
+            if limit <= 0:
+                return
+        unfinished = await self._core.store.claim(self._core.lease, limit)
         # Instances that were running go first, then the queue in creation order.
         unfinished.sort(key=lambda r: r.status != InstanceStatus.RUNNING)
         missing: dict[str, int] = {}
@@ -67,15 +85,84 @@ class Scheduler:
 
     def heard(self, notices: list[Notice]) -> None:
         """What other servers committed: their events reach this server's
-        watchers through the store; runnable instances are claimed."""
-        runnable = False
+        watchers through the store; an instance made runnable (an event sent
+        to it, or created queued) is poked if this server runs it, else woken
+        or taken up by whichever server gets to it first."""
+        core = self._core
         for notice in notices:
             if notice.kind is NoticeKind.EVENTS:
-                self._core.hub.nudge(notice.instance_id)
-            elif notice.kind is NoticeKind.RUNNABLE:
-                runnable = True
-        if runnable and not self._core.stopping:
-            self._core.spawn(self.claim())
+                core.hub.nudge(notice.instance_id)
+            elif notice.kind is NoticeKind.RUNNABLE and not core.stopping:
+                run = core.live.get(notice.instance_id)
+                if run is not None and run.active:
+                    run.poked = True  # its wait looks at its inbox again
+                elif run is None and self.wake is not None:
+                    core.spawn(self.wake(notice.instance_id))
+                self._runnable.set()
+
+    def runnable_elsewhere(self) -> None:
+        """Instances wait in the store for a server with a free slot."""
+        self._runnable.set()
+
+    async def claim_loop(self, interval: float) -> None:
+        """Shared store: take up runnable instances while this server has free
+        slots: when told some wait, and every ``interval`` s (a server that
+        died leaves its instances to be claimed once its lease expires, and a
+        notice may be lost)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._runnable.wait(), interval)
+            self._runnable.clear()
+            if self.free_slots() > 0:
+                try:
+                    await self.claim()
+                except StoreError as exc:
+                    log.warning("claiming runnable instances failed (%s); trying again", exc)
+
+    async def keep_lease(self, period: float) -> None:
+        """Shared store: renew this server's lease three times a period. Once it
+        was lost (this server was stopped or cut off past its expiry), the
+        runs it held are stopped here (other servers run them now; their
+        writes from here are refused) and a new lease is taken."""
+        core = self._core
+        while True:
+            await asyncio.sleep(period / 3)
+            try:
+                kept = await core.store.renew(core.lease)
+            except StoreError as exc:
+                log.warning("renewing this server's lease failed (%s); trying again", exc)
+                continue
+            if kept:
+                continue
+            log.error(
+                "this server's lease (%s, epoch %d) expired before it was renewed: other "
+                "servers may run its %d instance(s) now; stopping them here",
+                core.lease.owner,
+                core.lease.epoch,
+                len(core.live),
+            )
+            await self._drop_all()
+            core.lease = await core.store.acquire(core.owner)
+            core.journal.lease = core.lease
+            await self.claim()
+
+    async def _drop_all(self) -> None:
+        """Forget every instance in memory, its run stopped (the lease that held
+        them is lost: the store refuses what they would write)."""
+        core = self._core
+        tasks = []
+        for run in list(core.live.values()):
+            if run.task is not None:
+                tasks.append(run.task)
+                run.task.cancel()
+                run.task = None
+            core.runs.pop(run.id, None)
+            self.dequeue(run)
+            self._timers.cancel(run.id)
+            if core.live.get(run.id) is run:
+                del core.live[run.id]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
 
     def start(self, run: Run) -> None:
         self._core.runs[run.id] = run

@@ -44,6 +44,11 @@ class StoreError(Exception):
         self.transient = transient
 
 
+HELD_ELSEWHERE = "held by another server"
+"""The ``cause`` of the StoreError ``claim_one`` raises for an instance another
+live lease holds."""
+
+
 class Store(Protocol):
     """What the engine needs of a database: durable batches, reads, and who runs
     what. ``owner`` leases make several servers on one database safe: each
@@ -93,7 +98,8 @@ class Store(Protocol):
     async def claim_one(self, lease: Lease, instance_id: str) -> InstanceRecord | None:
         """The instance, held by ``lease`` from now on, to wake it or to apply a
         control to it; None if no instance has that id. StoreError (not
-        transient) naming the holder if another live lease holds it."""
+        transient, ``cause`` HELD_ELSEWHERE) naming the holder if another live
+        lease holds it."""
 
     # -------------------------------------------------------------- writes
     async def apply(self, batch: Batch, lease: Lease) -> dict[str, Refusal]:
