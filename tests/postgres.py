@@ -134,11 +134,19 @@ class PostgresServer:
                 # Statement counts for the round-trip tests.
                 "-c shared_preload_libraries=pg_stat_statements",
                 "-c max_connections=200",
+                # Nothing runs but what the tests do: no vacuum or analyze of
+                # their own, which would cost CPU and count as transactions.
+                "-c autovacuum=off",
             ]
         )
         self._pg_ctl("-o", options, "-l", str(self.log), "-w", "-s", "start")
 
     def stop(self) -> None:
+        # Not while the next test's database is being made.
+        spare = self._spare
+        if spare is not None:
+            with contextlib.suppress(Exception):
+                spare.result()
         self._pg_ctl("-m", "fast", "-w", "-s", "stop")
 
     def restart(self) -> None:
@@ -172,8 +180,11 @@ class PostgresServer:
         Copying the template takes a good part of a second on a busy machine:
         the next one is made in the background while the test runs.
         """
-        spare = self._spare
-        name = spare.result() if spare is not None else self._create()
+        spare, self._spare = self._spare, None
+        try:
+            name = spare.result() if spare is not None else self._create()
+        except RuntimeError:
+            name = self._create()  # the server was stopped meanwhile: once more
         self._spare = self._maker.submit(self._create)
         return name
 

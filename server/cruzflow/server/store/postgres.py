@@ -419,26 +419,28 @@ MIGRATIONS: list[str] = [
     LANGUAGE plpgsql AS $$
     #variable_conflict use_column
     DECLARE
+        fresh bigint[];
+        orphans bigint[];
         picked bigint[];
     BEGIN
         IF NOT EXISTS (SELECT 1 FROM servers s WHERE s.epoch = p_epoch AND s.owner = p_owner
                        AND s.expires_at > clock_timestamp()) THEN
             RETURN;
         END IF;
-        -- Candidates from two index searches, locked without waiting: a row
-        -- another claimer locked is left to it.
-        picked := ARRAY(
-            SELECT i.pk FROM instances i
-            WHERE i.pk = ANY(ARRAY(
-                (SELECT u.pk FROM instances u
-                 WHERE u.status IN ({_RUNNABLE}) AND u.epoch IS NULL
-                 ORDER BY u.pk LIMIT p_limit)
-                UNION ALL
-                (SELECT d.pk FROM servers s JOIN instances d ON d.epoch = s.epoch
-                 WHERE s.expires_at <= clock_timestamp() AND d.status IN ({_RUNNABLE})
-                 ORDER BY d.pk LIMIT p_limit)))
-            ORDER BY i.pk LIMIT p_limit
-            FOR UPDATE OF i SKIP LOCKED);
+        -- Runnable instances no lease holds, and those of dead leases, each an
+        -- index search in pk order, locked as found; rows another claimer
+        -- locked are passed over, not waited for.
+        fresh := ARRAY(
+            SELECT u.pk FROM instances u
+            WHERE u.status IN ({_RUNNABLE}) AND u.epoch IS NULL
+            ORDER BY u.pk LIMIT p_limit
+            FOR UPDATE SKIP LOCKED);
+        orphans := ARRAY(
+            SELECT d.pk FROM servers s JOIN instances d ON d.epoch = s.epoch
+            WHERE s.expires_at <= clock_timestamp() AND d.status IN ({_RUNNABLE})
+            ORDER BY d.pk LIMIT p_limit
+            FOR UPDATE OF d SKIP LOCKED);
+        picked := ARRAY(SELECT x FROM unnest(fresh || orphans) AS c(x) ORDER BY x LIMIT p_limit);
         -- A new statement, a new snapshot: check again what the locks now hold.
         RETURN QUERY
         WITH taken AS (
@@ -858,6 +860,8 @@ class PostgresStore:
         self._epochs: set[int] = set()
         self._listeners: list[Callable[[list[Notice]], None]] = []
         self._listening: asyncio.Task[None] | None = None
+        # Set while the listening connection is up (tests wait for it).
+        self.listening = asyncio.Event()
         # Batches whose last try failed with its outcome unknown, and the token
         # they were sent with: a retry sends the same, and the database tells
         # it was applied already.
@@ -1085,6 +1089,7 @@ class PostgresStore:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._heard)
+                self.listening.set()
                 if failing:
                     log.warning("store %s: listening for other servers' changes again", self.url)
                 failing = False
@@ -1104,6 +1109,7 @@ class PostgresStore:
                     )
                 failing = True
             finally:
+                self.listening.clear()
                 if conn is not None:
                     conn.terminate()
             await asyncio.sleep(delay)
