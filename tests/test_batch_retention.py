@@ -17,6 +17,7 @@ import pytest
 
 from cruzflow.server.engine.errors import NotFound
 from cruzflow.server.records import Batch, Lease, Refusal
+from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.v1 import workflows_pb2 as pb
 from tests.conftest import EngineFactory, Server, ServerFactory, eventually
 
@@ -76,7 +77,9 @@ def trace_commits(server: Server, monkeypatch: pytest.MonkeyPatch) -> list[Batch
 
 
 def rows(server: Server, table: str, column: str, ids: list[str]) -> int:
-    conn = sqlite3.connect(server.service.store.path)
+    store = server.service.store
+    assert isinstance(store, SqliteStore), "these tests read the SQLite file itself"
+    conn = sqlite3.connect(store.path)
     try:
         marks = ", ".join("?" * len(ids))
         sql = f"SELECT count(*) FROM {table} WHERE {column} IN ({marks})"
