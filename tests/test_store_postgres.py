@@ -297,6 +297,23 @@ async def test_notices_reach_the_other_servers(open_store: Opener) -> None:
     sent.inbox.append(InboxEvent("x", "go", b"{}", 21))
     await two.apply(sent, b)
     await eventually(lambda: _async(Notice("x", NoticeKind.RUNNABLE) in heard_one), timeout=10)
+    # Sent to a running instance, an event is told too: it may be about to park.
+    heard_one.clear()
+    assert await two.claim_one(b, "x") is not None
+    running = _update("x", InstanceStatus.RUNNING, 30)
+    running.inbox.append(InboxEvent("x", "go", b"{}", 31))
+    await two.apply(running, b)
+    await eventually(lambda: _async(Notice("x", NoticeKind.RUNNABLE) in heard_one), timeout=10)
+    # Not so one sent to a finished or paused instance.
+    heard_one.clear()
+    ended = _created(_new("done", InstanceStatus.COMPLETE), _new("p", InstanceStatus.PAUSED))
+    await two.apply(ended, b)
+    late = Batch()
+    late.inbox += [InboxEvent("done", "go", b"{}", 40), InboxEvent("p", "go", b"{}", 40)]
+    await two.apply(late, b)
+    await eventually(lambda: _async(Notice("p", NoticeKind.EVENTS, 1) in heard_one), timeout=10)
+    await asyncio.sleep(0.2)
+    assert not [n for n in heard_one if n.kind is NoticeKind.RUNNABLE], heard_one
     # A server does not hear its own commits.
     assert all(n.instance_id != "q" for n in heard_one)
     assert Notice("x", NoticeKind.EVENTS, 3) in heard_two

@@ -385,8 +385,9 @@ MIGRATIONS: list[str] = [
         END IF;
 
         -- Tell the other servers: the instances with new events (up to which
-        -- seq), and those now runnable by anyone: created queued, or waiting
-        -- with an event sent to them.
+        -- seq), and those now runnable: created queued, or sent an event while
+        -- waiting, or while running (it may be parking this very moment, its
+        -- waiting status not yet committed: its server is told to look again).
         notices := ARRAY(
             SELECT json_build_array({int(NoticeKind.EVENTS)}, e.instance_id, max(e.seq))::text
             FROM unnest(e_instance_id, e_seq) AS e(instance_id, seq)
@@ -401,7 +402,8 @@ MIGRATIONS: list[str] = [
             UNION ALL
             SELECT json_build_array({int(NoticeKind.RUNNABLE)}, i.id, 0)::text
             FROM instances i
-            WHERE i.id = ANY(ARRAY(SELECT DISTINCT unnest(b_instance_id))) AND i.status = 4);
+            WHERE i.id = ANY(ARRAY(SELECT DISTINCT unnest(b_instance_id)))
+              AND i.status IN (2, 4));
         IF cardinality(notices) > 0 THEN
             PERFORM cruzflow_notify(lease_epoch, notices);
         END IF;
