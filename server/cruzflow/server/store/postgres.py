@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import secrets
+import socket
 import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
@@ -665,35 +666,35 @@ _FAULTS: dict[str, tuple[str, bool, str]] = {
     "08": (
         "connection lost",
         True,
-        "check that PostgreSQL runs at {url} and that this machine reaches it",
+        "check that PostgreSQL runs and that this machine reaches it",
     ),
-    "57P01": ("database shut down", True, "start PostgreSQL at {url} again"),
-    "57P02": ("database crashed", True, "PostgreSQL at {url} restarts by itself; check its log"),
+    "57P01": ("database shut down", True, "start PostgreSQL again"),
+    "57P02": ("database crashed", True, "PostgreSQL restarts by itself; check its log"),
     "57P03": (
         "database starting up or shutting down",
         True,
-        "wait for PostgreSQL at {url} to accept connections",
+        "wait for PostgreSQL to accept connections",
     ),
     "53300": (
         "too many connections",
         True,
-        "raise max_connections of PostgreSQL at {url}, or run fewer servers or smaller pools",
+        "raise max_connections of PostgreSQL, or run fewer servers or smaller pools",
     ),
-    "53100": ("disk full", True, "free space on the disk of PostgreSQL at {url}"),
-    "53200": ("out of memory", True, "free memory on the machine of PostgreSQL at {url}"),
-    "53": ("insufficient resources", True, "check the resources of PostgreSQL at {url}"),
+    "53100": ("disk full", True, "free space on the disk of PostgreSQL"),
+    "53200": ("out of memory", True, "free memory on the machine of PostgreSQL"),
+    "53": ("insufficient resources", True, "check the resources of PostgreSQL"),
     "40001": ("serialization failure", True, "none needed: the write is tried again"),
     "40P01": ("deadlock", True, "none needed: the write is tried again"),
     "40": ("transaction rolled back", True, "none needed: the write is tried again"),
     "25006": (
         "read-only",
         True,
-        "the database at {url} accepts no writes (a standby, or default_transaction_read_only); "
+        "the database accepts no writes (a standby, or default_transaction_read_only); "
         "point the url at the primary",
     ),
     "55P03": ("lock timeout", True, "end the transaction that holds the lock"),
     "57014": ("statement cancelled", True, "check statement_timeout and who cancels queries"),
-    "58": ("I/O error", True, "check the disks of PostgreSQL at {url}"),
+    "58": ("I/O error", True, "check the disks of PostgreSQL"),
     "28P01": (
         "authentication failed",
         False,
@@ -702,12 +703,12 @@ _FAULTS: dict[str, tuple[str, bool, str]] = {
     "28": (
         "connection refused by the server's rules",
         False,
-        "check pg_hba.conf of PostgreSQL at {url}, the user and the database name",
+        "check pg_hba.conf of PostgreSQL, the user and the database name",
     ),
     "3D000": (
         "no such database",
         False,
-        "create it (createdb), or correct the database name in the url",
+        "check the database name in the url, or create the database (createdb)",
     ),
     "42501": ("permission denied", False, "grant the url's user rights on the database"),
 }
@@ -884,12 +885,15 @@ class PostgresStore:
         try:
             conn = await asyncpg.connect(self._url, **self._connect_args())
         except Exception as exc:
-            raise self._fault(
-                "cannot connect",
-                exc,
-                advice="check that PostgreSQL runs there and accepts connections from this "
-                "machine, and the url's host, port, user, password and database name",
-            ) from None
+            if not _is_fault(exc):
+                # A URL asyncpg cannot use: its text may quote the URL, so only
+                # what kind of error it was is shown.
+                raise StoreError(
+                    f"{self.url}: cannot connect: {type(exc).__name__}; check the url's form: "
+                    f"postgresql://user:password@host:5432/database",
+                    cause="bad url",
+                ) from None
+            raise self._fault("cannot connect", exc) from None
         try:
             await self._migrate(conn)
             self._page_token_key = await self._secret(conn, "page_token_key")
@@ -964,12 +968,11 @@ class PostgresStore:
             text = text.replace(secret, "***")
         return text
 
-    def _fault(self, what: str, exc: BaseException, advice: str | None = None) -> StoreError:
+    def _fault(self, what: str, exc: BaseException) -> StoreError:
         """A StoreError naming the cause of ``exc`` and what mends it; never the
         password."""
         cause, transient, hint = _classify(exc)
         detail = self._scrub(str(exc).strip() or type(exc).__name__)
-        hint = (advice or hint).format(url=self.url)
         return StoreError(
             f"{self.url}: {what}: {cause} ({detail}); {hint}", cause=cause, transient=transient
         )
@@ -1222,11 +1225,13 @@ def _classify(exc: BaseException) -> tuple[str, bool, str]:
         if known is not None:
             return known
         return ("database error", False, "see the database's message")
+    if isinstance(exc, socket.gaierror):
+        return ("host not found", True, "check the host name in the url and this machine's DNS")
     if isinstance(exc, ConnectionRefusedError):
         return (
             "connection refused",
             True,
-            "check that PostgreSQL runs at {url} and listens on that host and port",
+            "check that PostgreSQL runs there and listens on that host and port",
         )
     if isinstance(exc, OSError | EOFError) or (
         isinstance(exc, asyncpg.InterfaceError) and _closed(exc)
@@ -1236,6 +1241,6 @@ def _classify(exc: BaseException) -> tuple[str, bool, str]:
         return (
             "timed out",
             True,
-            "check that PostgreSQL at {url} is reachable from this machine and not overloaded",
+            "check that PostgreSQL there is reachable from this machine and not overloaded",
         )
     return ("database error", False, "see the database's message")
