@@ -278,8 +278,10 @@ def postgres_server() -> Iterator[PostgresServer]:
         pytest.skip(f"PostgreSQL tests skipped: {owner}")
     run_as, uid = owner
     # Not under pytest's tmp_path: its folders are private to this user, and
-    # the socket's path must stay short.
-    folder = Path(tempfile.mkdtemp(prefix="cruzflow-pg-"))
+    # the socket's path must stay short (about 100 bytes at most).
+    folder = Path(
+        tempfile.mkdtemp(prefix="cruzflow-pg-", dir="/tmp" if Path("/tmp").is_dir() else None)
+    )
     if uid is not None:
         os.chown(folder, uid, -1)
     started = time.monotonic()
