@@ -277,7 +277,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         port,
         "plaintext" if tls is None else "TLS" if tls.client_ca is None else "mTLS",
         f"{len(config.tokens)} token(s)" if config.tokens else "no authentication",
-        config.store_path,
+        # A PostgreSQL URL as its store names it: the password as ***.
+        config.store_path if config.store_url is None else getattr(service.store, "url", "?"),
     )
     # A line for scripts and tests that start the server on port 0.
     print(f"cruzflow listening on {host}:{port}", flush=True)

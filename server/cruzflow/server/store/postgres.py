@@ -52,7 +52,7 @@ from cruzflow.server.records import (
     StepRecord,
     StepStatus,
 )
-from cruzflow.server.store.base import StoreError
+from cruzflow.server.store.base import HELD_ELSEWHERE, StoreError
 
 log = logging.getLogger("cruzflow.store")
 
@@ -1026,7 +1026,7 @@ class PostgresStore:
             raise StoreError(
                 f"instance {instance_id!r} is run by another server ({row[1]}), whose lease "
                 f"is alive; ask again later, or there",
-                cause="held by another server",
+                cause=HELD_ELSEWHERE,
             )
         if row[0] == "lost":
             raise StoreError(
