@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from cruzflow.server.engine.errors import FailedPrecondition
 from cruzflow.server.engine.runtime import Engine, Limits
 from cruzflow.server.records import EventKind, InstanceStatus
 from cruzflow.server.store.postgres import PostgresStore
@@ -182,3 +183,59 @@ async def _running_here(engine: Engine, instance_id: str) -> bool:
 
 async def _has_steps(engine: Engine, instance_id: str) -> bool:
     return bool((await engine.get(instance_id))[1])
+
+
+async def test_controls_through_either_server_reach_the_server_that_runs_it(
+    start: Start,
+) -> None:
+    a = await start()
+    b = await start()
+    Blocks.gate = asyncio.Event()
+    try:
+        instance_id, _ = await a.create("blocks", "steered")
+        await eventually(lambda: _has_steps(a, instance_id))
+        # B does not run it: each call is recorded for A, which does it and answers.
+        assert await b.pause(instance_id) is InstanceStatus.WAITING_FOR_PAUSE
+        assert await _status(a, instance_id) is InstanceStatus.WAITING_FOR_PAUSE
+        assert await b.resume(instance_id) is InstanceStatus.RUNNING
+        assert instance_id in a.core.runs and instance_id not in b.core.live
+        # A refusal there is the same refusal here.
+        with pytest.raises(FailedPrecondition, match="is running; only paused instances"):
+            await b.resume(instance_id)
+        assert await b.restart(instance_id) is InstanceStatus.RUNNING
+        await eventually(lambda: _has_steps(a, instance_id))
+        assert await b.terminate(instance_id) is InstanceStatus.TERMINATED
+    finally:
+        Blocks.gate.set()
+    record, _ = await a.get(instance_id)
+    assert record.status is InstanceStatus.TERMINATED
+    events = [e async for e in a.watch(instance_id)]
+    statuses = [e.data["status"] for e in events if e.kind is EventKind.STATUS_CHANGED]
+    assert statuses == [
+        InstanceStatus.RUNNING,
+        InstanceStatus.WAITING_FOR_PAUSE,
+        InstanceStatus.RUNNING,
+        InstanceStatus.RUNNING,  # the restart
+        InstanceStatus.TERMINATED,
+    ]
+
+
+async def test_a_call_for_a_server_that_died_is_given_up_and_done_elsewhere(
+    start: Start,
+) -> None:
+    a = await start(lease_period_s=0.6)
+    b = await start(lease_period_s=0.6)
+    Blocks.gate = asyncio.Event()
+    try:
+        instance_id, _ = await a.create("blocks", "orphaned")
+        await eventually(lambda: _has_steps(a, instance_id))
+        # A stops answering anything (its listener and its lease renewals are
+        # gone, as in a server that died); B's call is recorded for A, given
+        # up once A's lease has expired, and done by B itself.
+        for task in a._background:
+            task.cancel()
+        a.scheduler.serve_commands = None
+        assert await b.terminate(instance_id) is InstanceStatus.TERMINATED
+    finally:
+        Blocks.gate.set()
+    assert await _status(b, instance_id) is InstanceStatus.TERMINATED

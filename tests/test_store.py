@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from cruzflow.server.records import (
+    ABANDONED,
     Batch,
+    Command,
     EventKind,
     EventRecord,
     InboxEvent,
@@ -375,6 +377,30 @@ async def test_leases_of_a_store_and_its_page_token_key(store: Store) -> None:
     key = store.page_token_key()
     assert len(key) == 32
     await store.release(lease)
+
+
+async def test_a_command_is_taken_once_answered_or_given_up(store: Store) -> None:
+    first = Command("c1", "i", "pause", 10)
+    second = Command("c2", "i", "terminate", 20)
+    other = Command("c3", "j", "resume", 5)
+    for command in (second, first, other):
+        await store.send_command(command)
+    assert [c.id for c in await store.pending_commands("i")] == ["c1", "c2"]
+    assert await store.command_outcome("c1") is None
+    # The holder takes it: nobody else can, its asker included.
+    assert await store.take_command("c1", "server-a") is True
+    assert await store.take_command("c1", "server-b") is False
+    assert await store.take_command("c1", ABANDONED) is False
+    assert await store.command_outcome("c1") is None  # being done
+    assert [c.id for c in await store.pending_commands("i")] == ["c2"]
+    await store.answer_command("c1", "status:5")
+    assert await store.command_outcome("c1") == "status:5"
+    # An asker gives up a command nobody took: then nobody can take it.
+    assert await store.take_command("c2", ABANDONED) is True
+    assert await store.command_outcome("c2") == ABANDONED
+    assert await store.take_command("c2", "server-a") is False
+    assert await store.pending_commands("i") == []
+    assert [c.kind for c in await store.pending_commands("j")] == ["resume"]
 
 
 async def test_second_server_on_one_file_is_refused(tmp_path: Path) -> None:

@@ -262,6 +262,8 @@ class NoticeKind(enum.IntEnum):
     """New events of the instance are stored, up to ``seq``."""
     RUNNABLE = 2
     """The instance waits for a server to run it (queued, or due to wake)."""
+    COMMAND = 3
+    """A control call for the instance waits for the server that runs it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,3 +273,23 @@ class Notice:
     instance_id: str
     kind: NoticeKind
     seq: int = 0
+
+
+@dataclass(slots=True)
+class Command:
+    """A control call (pause, resume, terminate, restart) for an instance that
+    another server runs: recorded in the store, done by that server, which
+    records the outcome for the server that was asked."""
+
+    id: str
+    """Made by the asking server (a uuid): the same in every store."""
+    instance_id: str
+    kind: str
+    """``pause``, ``resume``, ``terminate`` or ``restart``."""
+    at: int = 0
+    """When it was asked (ms since the epoch)."""
+
+
+COMMAND_KINDS = ("pause", "resume", "terminate", "restart")
+ABANDONED = "abandoned"
+"""The outcome the asking server records for a command nobody took in time."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator
 
 from cruzflow.server.engine import validate
@@ -20,17 +22,40 @@ from cruzflow.server.engine.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ServiceError,
     Unavailable,
 )
 from cruzflow.server.engine.journal import Durable
 from cruzflow.server.engine.run import Run
 from cruzflow.server.engine.scheduler import Scheduler
 from cruzflow.server.engine.timers import Timers
-from cruzflow.server.records import InboxEvent, InstanceStatus, InstanceUpdate
+from cruzflow.server.records import ABANDONED, Command, InboxEvent, InstanceStatus, InstanceUpdate
 from cruzflow.server.store.base import HELD_ELSEWHERE, StoreError
 
 # What a wake-up runs again (queued: taken up from a shared store).
 _WAKEABLE = (InstanceStatus.WAITING, InstanceStatus.QUEUED)
+# Tries of a control call of an instance another server runs: that server may
+# die meanwhile, and the next try finds the instance free (or held anew).
+_ASKS = 3
+# A refusal of the server that did a call, raised here as it was there.
+_REFUSALS: dict[str, type[ServiceError]] = {
+    "FailedPrecondition": FailedPrecondition,
+    "NotFound": NotFound,
+    "InvalidArgument": InvalidArgument,
+    "Unavailable": Unavailable,
+}
+
+
+def _answer(outcome: str) -> InstanceStatus | None:
+    """A recorded outcome as this server's answer (see Controls.serve_commands)."""
+    if outcome == ABANDONED:
+        return None
+    what, _, rest = outcome.partition(":")
+    if what == "status":
+        return InstanceStatus(int(rest))
+    kind, _, message = rest.partition(":")
+    raise _REFUSALS.get(kind, Unavailable)(message)
+
 
 log = logging.getLogger("cruzflow.engine")
 
@@ -115,65 +140,152 @@ class Controls:
 
     async def pause(self, instance_id: str) -> InstanceStatus:
         """Pause at the next step boundary (WAITING_FOR_PAUSE until then)."""
-        async with self.hold(instance_id) as run:
-            status = run.status
-            if status == InstanceStatus.WAITING_FOR_PAUSE:
-                return status
-            if status.finished or status == InstanceStatus.PAUSED:
-                raise self._refuse("paused", run, "queued, running or waiting")
-            if run.active:
-                run.pause_requested = True
-                durable = run.set_status(InstanceStatus.WAITING_FOR_PAUSE)
-            else:
-                self._scheduler.dequeue(run)
-                self._timers.cancel(run.id)
-                durable = run.set_status(InstanceStatus.PAUSED)
-            await self._core.durable(durable, "the pause could not be stored", run.id)
-            return run.status
+        return await self._control("pause", instance_id)
 
     async def resume(self, instance_id: str) -> InstanceStatus:
-        async with self.hold(instance_id) as run:
-            status = run.status
-            if status not in (InstanceStatus.PAUSED, InstanceStatus.WAITING_FOR_PAUSE):
-                raise self._refuse("resumed", run, "paused")
-            run.pause_requested = False
-            if run.active:
-                durable: Durable | None = run.set_status(InstanceStatus.RUNNING)
-            else:
-                run.reset_for_replay()
-                durable = self._scheduler.enqueue(run, announce=True)
-            if durable is not None:
-                await self._core.durable(durable, "the resume could not be stored", run.id)
-            return run.status
+        return await self._control("resume", instance_id)
 
     async def terminate(self, instance_id: str) -> InstanceStatus:
-        async with self.hold(instance_id) as run:
-            if run.status.finished:
-                raise self._refuse("terminated", run, "unfinished")
-            await self._scheduler.stop_task(run)
-            self._scheduler.dequeue(run)
-            self._timers.cancel(run.id)
-            run.pause_requested = False
-            durable = run.set_status(InstanceStatus.TERMINATED)
-            await self._core.durable(durable, "the termination could not be stored", run.id)
-            self._scheduler.fill_slots()
-            return run.status
+        return await self._control("terminate", instance_id)
 
     async def restart(self, instance_id: str) -> InstanceStatus:
         """Run again from scratch: same id and params, step results cleared."""
-        async with self.hold(instance_id) as run:
-            await self._scheduler.stop_task(run)
+        return await self._control("restart", instance_id)
+
+    async def _control(self, kind: str, instance_id: str) -> InstanceStatus:
+        """Do a control call here if this server may hold the instance; if
+        another server runs it, record the call for that server and wait for
+        its answer. If that server does not take the call in time (it died:
+        its lease expires and the instance is free again), give the call up
+        and try again."""
+        for _ in range(_ASKS):
+            try:
+                async with self.hold(instance_id) as run:
+                    return await self._do(kind, run)
+            except StoreError as exc:
+                if exc.cause != HELD_ELSEWHERE:
+                    raise
+            answer = await self._ask(kind, instance_id)
+            if answer is not None:
+                return answer
+        raise Unavailable(
+            f"instance {instance_id!r} is run by another server that did not answer the "
+            f"{kind} call; retry"
+        )
+
+    async def _do(self, kind: str, run: Run) -> InstanceStatus:
+        if kind == "pause":
+            return await self._pause(run)
+        if kind == "resume":
+            return await self._resume(run)
+        if kind == "terminate":
+            return await self._terminate(run)
+        return await self._restart(run)
+
+    async def _pause(self, run: Run) -> InstanceStatus:
+        status = run.status
+        if status == InstanceStatus.WAITING_FOR_PAUSE:
+            return status
+        if status.finished or status == InstanceStatus.PAUSED:
+            raise self._refuse("paused", run, "queued, running or waiting")
+        if run.active:
+            run.pause_requested = True
+            durable = run.set_status(InstanceStatus.WAITING_FOR_PAUSE)
+        else:
             self._scheduler.dequeue(run)
             self._timers.cancel(run.id)
-            self._core.journal.clear_steps(run.id)
-            run.run_started_at = ms()
+            durable = run.set_status(InstanceStatus.PAUSED)
+        await self._core.durable(durable, "the pause could not be stored", run.id)
+        return run.status
+
+    async def _resume(self, run: Run) -> InstanceStatus:
+        status = run.status
+        if status not in (InstanceStatus.PAUSED, InstanceStatus.WAITING_FOR_PAUSE):
+            raise self._refuse("resumed", run, "paused")
+        run.pause_requested = False
+        if run.active:
+            durable: Durable | None = run.set_status(InstanceStatus.RUNNING)
+        else:
             run.reset_for_replay()
-            run.resumed = False  # nothing to replay: the steps are gone
-            run.pause_requested = False
             durable = self._scheduler.enqueue(run, announce=True)
-            assert durable is not None
-            await self._core.durable(durable, "the restart could not be stored", run.id)
-            return run.status
+        if durable is not None:
+            await self._core.durable(durable, "the resume could not be stored", run.id)
+        return run.status
+
+    async def _terminate(self, run: Run) -> InstanceStatus:
+        if run.status.finished:
+            raise self._refuse("terminated", run, "unfinished")
+        await self._scheduler.stop_task(run)
+        self._scheduler.dequeue(run)
+        self._timers.cancel(run.id)
+        run.pause_requested = False
+        durable = run.set_status(InstanceStatus.TERMINATED)
+        await self._core.durable(durable, "the termination could not be stored", run.id)
+        self._scheduler.fill_slots()
+        return run.status
+
+    async def _restart(self, run: Run) -> InstanceStatus:
+        await self._scheduler.stop_task(run)
+        self._scheduler.dequeue(run)
+        self._timers.cancel(run.id)
+        self._core.journal.clear_steps(run.id)
+        run.run_started_at = ms()
+        run.reset_for_replay()
+        run.resumed = False  # nothing to replay: the steps are gone
+        run.pause_requested = False
+        durable = self._scheduler.enqueue(run, announce=True)
+        assert durable is not None
+        await self._core.durable(durable, "the restart could not be stored", run.id)
+        return run.status
+
+    # ------------------------------------------------ calls across servers
+    async def _ask(self, kind: str, instance_id: str) -> InstanceStatus | None:
+        """Record the call for the server that holds the instance and wait for
+        its answer: the status it left the instance in (or its refusal, raised
+        as here); None once the call was given up untaken."""
+        core = self._core
+        store = core.store
+        command = Command(uuid.uuid4().hex, instance_id, kind, ms())
+        await store.send_command(command)
+        period = store.lease_period_s or 5.0
+        give_up_at = time.monotonic() + period + 2.0
+        delay = 0.01
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+            outcome = await store.command_outcome(command.id)
+            if outcome is not None:
+                return _answer(outcome)
+            if time.monotonic() >= give_up_at:
+                if await store.take_command(command.id, ABANDONED):
+                    return None
+                # Taken just now: its holder is at it; its answer comes soon.
+                give_up_at = time.monotonic() + period + 2.0
+
+    async def serve_commands(self, instance_id: str) -> None:
+        """Do the calls other servers recorded for an instance this one holds."""
+        store = self._core.store
+        try:
+            commands = await store.pending_commands(instance_id)
+        except StoreError as exc:
+            log.warning("reading the calls for %s failed (%s)", instance_id, exc)
+            return
+        for command in commands:
+            try:
+                if not await store.take_command(command.id, self._core.owner):
+                    continue
+                try:
+                    async with self.hold(instance_id) as run:
+                        status = await self._do(command.kind, run)
+                    outcome = f"status:{int(status)}"
+                except (ServiceError, StoreError) as exc:
+                    kind = type(exc).__name__ if isinstance(exc, ServiceError) else "Unavailable"
+                    outcome = f"error:{kind}:{exc}"
+                await store.answer_command(command.id, outcome)
+            except StoreError as exc:
+                log.warning(
+                    "answering a %s call for %s failed (%s)", command.kind, instance_id, exc
+                )
 
     async def send_event(self, instance_id: str, type: str, payload: str | bytes) -> None:
         """Store an event for the instance's wait_for_event of that type."""

@@ -64,6 +64,7 @@ class Engine:
         core.wake_at = self.timers.schedule
         self.timers.on_due = self.controls.wake
         self.scheduler.wake = self.controls.wake
+        self.scheduler.serve_commands = self.controls.serve_commands
         self._background: list[asyncio.Task[None]] = []
         # Told when the store starts failing to commit (the error) and when it
         # commits again (None); the service turns it into health.

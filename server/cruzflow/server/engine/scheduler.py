@@ -39,6 +39,9 @@ class Scheduler:
         # Set by the engine: wake (or take up) an instance another server made
         # runnable here (Controls.wake).
         self.wake: Callable[[str], Coroutine[Any, Any, None]] | None = None
+        # Set by the engine: do the control calls other servers recorded for
+        # an instance this one runs (Controls.serve_commands).
+        self.serve_commands: Callable[[str], Coroutine[Any, Any, None]] | None = None
         # Shared store: set when runnable instances may wait in the store.
         self._runnable = asyncio.Event()
 
@@ -92,6 +95,9 @@ class Scheduler:
         for notice in notices:
             if notice.kind is NoticeKind.EVENTS:
                 core.hub.nudge(notice.instance_id)
+            elif notice.kind is NoticeKind.COMMAND:
+                if notice.instance_id in core.live and self.serve_commands is not None:
+                    core.spawn(self.serve_commands(notice.instance_id))
             elif notice.kind is NoticeKind.RUNNABLE and not core.stopping:
                 run = core.live.get(notice.instance_id)
                 if run is not None and run.active:

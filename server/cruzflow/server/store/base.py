@@ -15,6 +15,7 @@ from typing import Protocol
 
 from cruzflow.server.records import (
     Batch,
+    Command,
     EventRecord,
     InboxEvent,
     InstanceQuery,
@@ -113,6 +114,26 @@ class Store(Protocol):
         was, so the journal may apply the same batch again after a transient
         error.
         """
+
+    # ------------------------------------------------------------ commands
+    async def send_command(self, command: Command) -> None:
+        """Record a control call for the server that holds the instance, durably,
+        and tell that server (a ``NoticeKind.COMMAND`` notice)."""
+
+    async def pending_commands(self, instance_id: str) -> list[Command]:
+        """The instance's commands nobody has taken, oldest first."""
+
+    async def take_command(self, command_id: str, taker: str) -> bool:
+        """Take a pending command, for ``taker`` to do it (the holding server) or
+        to give it up (the asking server, ``taker`` ABANDONED): True for the
+        one caller that takes it, False if it was taken already."""
+
+    async def answer_command(self, command_id: str, outcome: str) -> None:
+        """Record what doing a taken command gave, durably."""
+
+    async def command_outcome(self, command_id: str) -> str | None:
+        """The command's recorded outcome; None while it is pending or being
+        done. ABANDONED once its asker gave it up."""
 
     # ---------------------------------------------------------- notification
     def subscribe(self, listener: Callable[[list[Notice]], None]) -> None:

@@ -36,8 +36,10 @@ from typing import Any
 import asyncpg
 
 from cruzflow.server.records import (
+    ABANDONED,
     UNFINISHED,
     Batch,
+    Command,
     EventKind,
     EventRecord,
     InboxEvent,
@@ -512,6 +514,20 @@ MIGRATIONS: list[str] = [
         RETURN cardinality(freed);
     END $$;
     """,
+    """
+    -- Control calls for an instance another server runs: the asking server
+    -- records one, the holder takes it (or its asker gives it up) and
+    -- answers it.
+    CREATE TABLE commands (
+        id text PRIMARY KEY,
+        instance_id text NOT NULL,
+        kind text NOT NULL,
+        at bigint NOT NULL,
+        taken_by text,
+        outcome text
+    );
+    CREATE INDEX commands_pending ON commands (instance_id, at) WHERE taken_by IS NULL;
+    """,
 ]
 
 # The lease (2), the token, then one array per column: new instances (15),
@@ -525,6 +541,24 @@ _APPLY = (
 _CLAIM = "SELECT * FROM cruzflow_claim($1, $2, $3)"
 _CLAIM_ONE = "SELECT * FROM cruzflow_claim_one($1, $2, $3)"
 _RELEASE = "SELECT cruzflow_release($1, $2)"
+# A command and, in the same transaction, the notice to every server.
+_SEND_COMMAND = (
+    "WITH c AS (INSERT INTO commands (id, instance_id, kind, at) VALUES ($1, $2, $3, $4)"
+    " RETURNING instance_id)"
+    f" SELECT pg_notify('{CHANNEL}', json_build_object('from', 0, 'n',"
+    f" json_build_array(json_build_array({int(NoticeKind.COMMAND)}, c.instance_id, 0)))::text)"
+    " FROM c"
+)
+_PENDING_COMMANDS = (
+    "SELECT id, instance_id, kind, at FROM commands"
+    " WHERE instance_id = $1 AND taken_by IS NULL ORDER BY at"
+)
+_TAKE_COMMAND = (
+    "UPDATE commands SET taken_by = $2, outcome = $3 WHERE id = $1 AND taken_by IS NULL"
+    " RETURNING id"
+)
+_ANSWER_COMMAND = "UPDATE commands SET outcome = $2 WHERE id = $1"
+_COMMAND_OUTCOME = "SELECT outcome FROM commands WHERE id = $1"
 # A new lease; leases dead for a day that hold nothing go (an instance row
 # always names a lease that has a row).
 _ACQUIRE = (
@@ -1073,6 +1107,25 @@ class PostgresStore:
         async with self._pool_or_fail().acquire() as conn:
             row: asyncpg.Record = await conn.fetchrow(_APPLY, *args)
             return row
+
+    # ------------------------------------------------------------ commands
+    async def send_command(self, command: Command) -> None:
+        await self._fetch(_SEND_COMMAND, command.id, command.instance_id, command.kind, command.at)
+
+    async def pending_commands(self, instance_id: str) -> list[Command]:
+        rows = await self._fetch(_PENDING_COMMANDS, instance_id)
+        return [Command(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def take_command(self, command_id: str, taker: str) -> bool:
+        outcome = ABANDONED if taker == ABANDONED else None
+        return bool(await self._fetch(_TAKE_COMMAND, command_id, taker, outcome))
+
+    async def answer_command(self, command_id: str, outcome: str) -> None:
+        await self._fetch(_ANSWER_COMMAND, command_id, outcome)
+
+    async def command_outcome(self, command_id: str) -> str | None:
+        rows = await self._fetch(_COMMAND_OUTCOME, command_id)
+        return rows[0][0] if rows else None
 
     # --------------------------------------------------------- notification
     def subscribe(self, listener: Callable[[list[Notice]], None]) -> None:

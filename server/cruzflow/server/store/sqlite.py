@@ -23,8 +23,10 @@ from typing import Any
 import aiosqlite
 
 from cruzflow.server.records import (
+    ABANDONED,
     UNFINISHED,
     Batch,
+    Command,
     EventKind,
     EventRecord,
     InboxEvent,
@@ -135,6 +137,19 @@ MIGRATIONS: list[str] = [
     ALTER TABLE instances ADD COLUMN run_started_at INTEGER;
     -- The sender's trace context, for the link from the wait that takes it.
     ALTER TABLE inbox ADD COLUMN trace_parent TEXT;
+    """,
+    """
+    -- Control calls for an instance another server runs (a store several
+    -- servers share; kept here so every store fills one protocol).
+    CREATE TABLE commands (
+        id TEXT PRIMARY KEY,
+        instance_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        taken_by TEXT,
+        outcome TEXT
+    ) WITHOUT ROWID;
+    CREATE INDEX commands_pending ON commands (instance_id, at) WHERE taken_by IS NULL;
     """,
 ]
 
@@ -760,6 +775,52 @@ class SqliteStore:
 
     def subscribe(self, listener: Callable[[list[Notice]], None]) -> None:
         return None
+
+    # -------------------------------------------------------------- commands
+    # Single statements in autocommit on the reader connection: never inside
+    # a batch's transaction on the writer's. One server per file never asks
+    # another, so these serve the contract more than the server.
+    async def _command_write(self, sql: str, args: tuple[Any, ...]) -> int:
+        reader = self._reader
+        assert reader is not None, "store is not open"
+        try:
+            cursor = await reader.execute(sql, args)
+            count = cursor.rowcount
+            await cursor.close()
+            return count
+        except sqlite3.Error as exc:
+            raise self._fault("cannot write a command", exc) from exc
+
+    async def send_command(self, command: Command) -> None:
+        await self._command_write(
+            "INSERT INTO commands (id, instance_id, kind, at) VALUES (?, ?, ?, ?)",
+            (command.id, command.instance_id, command.kind, command.at),
+        )
+
+    async def pending_commands(self, instance_id: str) -> list[Command]:
+        rows = await self._fetch(
+            "SELECT id, instance_id, kind, at FROM commands INDEXED BY commands_pending"
+            " WHERE instance_id = ? AND taken_by IS NULL ORDER BY at",
+            (instance_id,),
+        )
+        return [Command(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def take_command(self, command_id: str, taker: str) -> bool:
+        outcome = ABANDONED if taker == ABANDONED else None
+        changed = await self._command_write(
+            "UPDATE commands SET taken_by = ?, outcome = ? WHERE id = ? AND taken_by IS NULL",
+            (taker, outcome, command_id),
+        )
+        return changed == 1
+
+    async def answer_command(self, command_id: str, outcome: str) -> None:
+        await self._command_write(
+            "UPDATE commands SET outcome = ? WHERE id = ?", (outcome, command_id)
+        )
+
+    async def command_outcome(self, command_id: str) -> str | None:
+        rows = await self._fetch("SELECT outcome FROM commands WHERE id = ?", (command_id,))
+        return rows[0][0] if rows else None
 
     async def list_instances(
         self, query: InstanceQuery, limit: int
