@@ -24,8 +24,11 @@ def write_config(
     grace: str = "5 seconds",
     listen: str = "127.0.0.1:0",
     store: str = "store.db",
+    store_url: str | None = None,
+    lease_period: str | None = None,
 ) -> Path:
-    """A config file in ``directory`` hosting ``{name: "module:Class"}``."""
+    """A config file in ``directory`` hosting ``{name: "module:Class"}``; on the
+    SQLite file ``store``, or on the PostgreSQL database ``store_url``."""
     lines = [
         'name = "cruzflow-test"',
         f"python_path = [{str(ROOT)!r}]",
@@ -33,7 +36,8 @@ def write_config(
         f'listen = "{listen}"',
         f'grace_period = "{grace}"',
         "[store]",
-        f'path = "{store}"',
+        f'url = "{store_url}"' if store_url is not None else f'path = "{store}"',
+        *([f'lease_period = "{lease_period}"'] if lease_period is not None else []),
         "[limits]",
     ]
     lines += [f"{k} = {v}" for k, v in (limits or {}).items()]

@@ -536,3 +536,30 @@ class WaitsForType(WorkflowEntrypoint):
     async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
         got = await step.wait_for_event("wait", type=event.payload["type"], timeout="1 minute")
         return got["payload"]
+
+
+# ------------------------------------------------------------------ replicas
+class Replicated(WorkflowEntrypoint):
+    """Three steps, the second taking params.ms (1 s by default): the workflow of
+    tests/e2e/test_replicas.py. Each body marks its start and its end with a
+    token it returns, as Soak's do, so the side file shows whether a body ran
+    again after its recorded run; the output depends on params.n only."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        n = int(event.payload["n"])
+        pause = int(event.payload.get("ms", 1000)) / 1000
+
+        def body(name: str, value: int, seconds: float) -> Any:
+            async def run_body(ctx: StepContext) -> dict[str, Any]:
+                token = uuid.uuid4().hex[:16]
+                soak_mark(f"{event.instance_id}:{name}:start:{ctx.attempt}:{token}")
+                await asyncio.sleep(seconds)
+                soak_mark(f"{event.instance_id}:{name}:done:{ctx.attempt}:{token}")
+                return {"v": value, "token": token}
+
+            return run_body
+
+        a = await step.do("a", body("a", n, 0))
+        b = await step.do("b", body("b", 2 * n, pause))
+        c = await step.do("c", body("c", a["v"] + b["v"], 0))
+        return {"n": n, "result": c["v"]}
