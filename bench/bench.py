@@ -7,8 +7,14 @@ stderr, then stops the server with SIGTERM. See PERFORMANCE.md for the work
 and the targets: one workflow is three trivial steps. W3 (bench/w3.py) runs
 on a server and store of its own, which it kills with SIGKILL and restarts.
 
+With ``--store postgres`` the server runs on a throw-away PostgreSQL cluster
+(bench/pg.py), and with ``--replicas N`` N servers share its database: W1
+spreads its workflows over them, W2 alternates, and W3 (bench/takeover.py)
+kills one of them and times the others' takeover of its instances.
+
     make bench                       # W1: 2,000 at once; W2: 300 one at a time; W3
     make bench BENCH_ARGS=--quick    # a few seconds, to check that it runs
+    make bench BENCH_ARGS="--store postgres --replicas 3"
     python -m bench.bench --sleepers 100000   # only: memory of 100k sleeping instances
 """
 
@@ -29,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,16 +43,21 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from bench.harness import (
+    SQLITE,
     WORKFLOW,
     Server,
+    Store,
     has_uvloop,
     loop_factory,
     open_channels,
     percentile,
     write_config,
 )
+from bench.pg import SETTINGS as PG_SETTINGS
+from bench.pg import Postgres, phase_figures
 from bench.sleepers import sleepers
 from bench.sleepers import summary as sleepers_summary
+from bench.takeover import w3_replicas
 from bench.w3 import w3
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
@@ -54,10 +65,19 @@ from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from bench.harness import Stub
 
+    # Workflow number -> the stubs it is created on and waited for on.
+    Pick = Callable[[int], tuple[Stub, Stub]]
+
 STEPS_PER_WORKFLOW = 3
 TARGET_W1_PER_S = 1500.0
 TARGET_W2_P50_MS = 3.5
 TARGET_W3_AFTER_SLOW_STEP_S = 0.3
+# On PostgreSQL: W1 and W2 with one server; a dead server's instances taken
+# over (their interrupted steps begun again elsewhere) within 2 s of its
+# lease's expiry.
+TARGET_PG_W1_PER_S = 1000.0
+TARGET_PG_W2_P50_MS = 5.0
+TARGET_PG_TAKEOVER_S = 2.0
 _QUOTED = re.compile(r"'[^']*'")
 _PERF_EVENTS = "syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync"
 
@@ -82,6 +102,10 @@ class Options:
     sleepers: int
     sleepers_concurrency: int
     telemetry: str = "off"
+    store: str = "sqlite"
+    replicas: int = 1
+    lease_period: float = 2.0
+    wait_on: str = "same"
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -157,6 +181,37 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         'with [telemetry] rpc_spans = "writes" (no server spans for reads); otlp-none: '
         'rpc_spans = "none" (no server spans; the runs sit under the caller\'s span)',
     )
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="sqlite: each server on a SQLite file of its own (the default); postgres: a "
+        "throw-away PostgreSQL cluster started from the machine's binaries, which the "
+        "server(s) share (synchronous_commit on)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="--store postgres: N servers on the one database (1); W1 spreads its workflows "
+        "over them, W2 alternates, W3 kills one of them and times the others' takeover",
+    )
+    parser.add_argument(
+        "--lease-period",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="--store postgres: the servers' [store] lease_period, s (2: a killed server's "
+        "instances are taken over soon after)",
+    )
+    parser.add_argument(
+        "--wait-on",
+        choices=("same", "next"),
+        default="same",
+        help="--replicas N: W1 waits for each workflow on the server that created it (same), "
+        "or on the next one (next: the wait is told of the run by the database)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
     n, m, warmup = args.n, args.m, args.warmup
@@ -169,6 +224,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error("--w3-n and --sleepers-concurrency must be at least 1, --sleepers at least 0")
     if args.concurrency < 1 or warmup < 0:
         parser.error("--concurrency must be at least 1 and --warmup at least 0")
+    if args.replicas < 1 or (args.replicas > 1 and args.store != "postgres"):
+        parser.error("--replicas must be at least 1, and more than 1 only with --store postgres")
+    if args.lease_period <= 0:
+        parser.error("--lease-period must be more than 0")
+    if args.sleepers and args.store != "sqlite":
+        parser.error("--sleepers runs on SQLite only")
     return Options(
         n=n,
         concurrency=args.concurrency,
@@ -188,6 +249,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         sleepers=args.sleepers,
         sleepers_concurrency=args.sleepers_concurrency,
         telemetry=args.telemetry,
+        store=args.store,
+        replicas=args.replicas,
+        lease_period=args.lease_period,
+        wait_on=args.wait_on,
     )
 
 
@@ -266,37 +331,51 @@ def _interrupt(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bytes:
 
 
 class FsyncCounter:
-    """Counts the server's fsync and fdatasync calls during one phase.
+    """Counts the fsync and fdatasync calls of some processes during one phase.
 
     perf counts the syscall tracepoints in the kernel: nothing stops the
-    server. It starts with its counters off and turns them on and off through
-    its control FIFO, which acknowledges each command, so the count covers
-    exactly the phase and not perf's own start-up.
+    processes. It starts with its counters off and turns them on and off
+    through its control FIFO, which acknowledges each command, so the count
+    covers exactly the phase and not perf's own start-up. It watches the
+    processes ``pids()`` names at the phase's start (``watched``).
     """
 
-    def __init__(self, method: str, server: Server) -> None:
+    def __init__(
+        self,
+        method: str,
+        folder: Path,
+        pids: Callable[[], Sequence[int]],
+        traced: Callable[[], int] | None = None,
+        name: str = "perf",
+    ) -> None:
         self.method = method
-        self._server = server
+        self._folder = folder
+        self._pids = pids
+        self._traced = traced
         self._proc: subprocess.Popen[bytes] | None = None
         self._ctl = self._ack = -1
         self._start = 0
-        self._out = server.folder / "perf.csv"
+        self._out = folder / f"{name}.csv"
+        self.watched: frozenset[int] = frozenset()
 
     def begin(self) -> None:
         if self.method == "strace":
-            self._start = self._server.traced_fsyncs()
+            assert self._traced is not None
+            self._start = self._traced()
         elif self.method == "perf":
             self._begin_perf()
 
     def end(self) -> int | None:
         if self.method == "strace":
-            return self._server.traced_fsyncs() - self._start
+            assert self._traced is not None
+            return self._traced() - self._start
         if self.method == "perf" and self._proc is not None:
             return self._end_perf()
         return None
 
     def _begin_perf(self) -> None:
-        folder = Path(tempfile.mkdtemp(dir=self._server.folder))
+        self.watched = frozenset(self._pids())
+        folder = Path(tempfile.mkdtemp(dir=self._folder))
         ctl, ack = folder / "ctl", folder / "ack"
         os.mkfifo(ctl)
         os.mkfifo(ack)
@@ -314,7 +393,7 @@ class FsyncCounter:
                 "-e",
                 _PERF_EVENTS,
                 "-p",
-                str(self._server.pid),
+                ",".join(str(pid) for pid in sorted(self.watched)),
                 "-o",
                 str(self._out),
             ],
@@ -426,16 +505,20 @@ class Tally:
         return sum(self.failures.values())
 
 
-async def one_workflow(stub: Stub, number: int, timeout: float, watch: bool) -> str | None:
-    """Create one instance and wait for its end (WaitInstance, or a WatchInstance
-    stream when ``watch``); None when it COMPLETEd."""
+async def one_workflow(
+    stub: Stub, number: int, timeout: float, watch: bool, waiter: Stub | None = None
+) -> str | None:
+    """Create one instance on ``stub`` and wait for its end on ``waiter`` (the
+    same by default): WaitInstance, or a WatchInstance stream when ``watch``;
+    None when it COMPLETEd."""
+    waiter = stub if waiter is None else waiter
     try:
         created = await stub.CreateInstance(
             pb.CreateInstanceRequest(workflow=WORKFLOW, params_json=f'{{"n":{number}}}'),
             timeout=timeout,
         )
         if not watch:
-            waited = await stub.WaitInstance(
+            waited = await waiter.WaitInstance(
                 pb.WaitInstanceRequest(instance_id=created.instance_id), timeout=timeout
             )
             status = waited.instance.status
@@ -446,7 +529,7 @@ async def one_workflow(stub: Stub, number: int, timeout: float, watch: bool) -> 
             return None
         succeeded = 0
         final = pb.INSTANCE_STATUS_UNSPECIFIED
-        call = stub.WatchInstance(
+        call = waiter.WatchInstance(
             pb.WatchInstanceRequest(instance_id=created.instance_id), timeout=timeout
         )
         async for event in call:
@@ -465,7 +548,7 @@ async def one_workflow(stub: Stub, number: int, timeout: float, watch: bool) -> 
 
 
 async def run_many(
-    stubs: Sequence[Stub],
+    pick: Pick,
     count: int,
     concurrency: int,
     first: int,
@@ -473,7 +556,8 @@ async def run_many(
     tally: Tally,
     watch: bool = False,
 ) -> None:
-    """``count`` workflows, at most ``concurrency`` in flight, round-robin over ``stubs``."""
+    """``count`` workflows, at most ``concurrency`` in flight, each on the stubs
+    ``pick`` gives its number."""
     issued = 0
 
     async def worker() -> None:
@@ -481,7 +565,8 @@ async def run_many(
         while issued < count:
             number = first + issued
             issued += 1
-            problem = await one_workflow(stubs[number % len(stubs)], number, timeout, watch)
+            stub, waiter = pick(number)
+            problem = await one_workflow(stub, number, timeout, watch, waiter)
             if problem is None:
                 tally.ok += 1
             else:
@@ -491,11 +576,12 @@ async def run_many(
 
 
 async def run_sequential(
-    stub: Stub, count: int, first: int, timeout: float, tally: Tally, latencies_ms: list[float]
+    pick: Pick, count: int, first: int, timeout: float, tally: Tally, latencies_ms: list[float]
 ) -> None:
     for number in range(first, first + count):
+        stub, waiter = pick(number)
         start = time.perf_counter()
-        problem = await one_workflow(stub, number, timeout, False)
+        problem = await one_workflow(stub, number, timeout, False, waiter)
         elapsed = time.perf_counter() - start
         if problem is None:
             tally.ok += 1
@@ -508,15 +594,49 @@ def _per(value: float | None, count: float, scale: float = 1.0) -> float | None:
     return None if value is None or count <= 0 else round(value * scale / count, 3)
 
 
-class Bench:
-    """The phases, run against one server."""
+@dataclass(frozen=True, slots=True)
+class Database:
+    """``--store postgres``: the cluster, and the database the phases run on."""
 
-    def __init__(self, server: Server, stubs: list[Stub], opts: Options, fsync_method: str):
-        self.server = server
-        self.stubs = stubs
+    pg: Postgres
+    name: str
+
+
+class Bench:
+    """The phases, run against one server, or several on one database."""
+
+    def __init__(
+        self,
+        servers: list[Server],
+        stubs: list[list[Stub]],
+        opts: Options,
+        fsync_method: str,
+        db: Database | None = None,
+    ):
+        self.servers = servers
+        self.server = servers[0]
+        self.stubs = stubs  # a list of channels' stubs per server
         self.opts = opts
-        self.fsyncs = FsyncCounter(fsync_method, server)
-        self.profiler = Profiler(opts.profile, opts.profile_format, server.pid)
+        self.db = db
+        self.fsyncs = FsyncCounter(
+            fsync_method,
+            self.server.folder,
+            lambda: [s.pid for s in servers],
+            lambda: sum(s.traced_fsyncs() for s in servers),
+        )
+        # The database's WAL flushes: perf only (strace would stop PostgreSQL).
+        self.pg_fsyncs = (
+            FsyncCounter(
+                "perf" if fsync_method == "perf" else "none",
+                self.server.folder,
+                db.pg.processes,
+                name="perf-postgres",
+            )
+            if db is not None
+            else None
+        )
+        self._relations: dict[tuple[int, int], str] | None = None
+        self.profiler = Profiler(opts.profile, opts.profile_format, self.server.pid)
         self.warm = Tally()
         self.tallies = [self.warm]
         self.cut: list[str] = []
@@ -528,6 +648,22 @@ class Bench:
         self.numbered += count
         return first
 
+    def spread(self, number: int) -> tuple[Stub, Stub]:
+        """W1: workflow ``number`` is created on server ``number % N`` and waited
+        for there (``--wait-on same``) or on the next server; its channel there
+        goes round-robin. With one server: channel ``number % channels``."""
+        count = len(self.stubs)
+        server = number % count
+        channel = (number // count) % len(self.stubs[server])
+        waiter = server if self.opts.wait_on == "same" else (server + 1) % count
+        return self.stubs[server][channel], self.stubs[waiter][channel]
+
+    def alternate(self, number: int) -> tuple[Stub, Stub]:
+        """W2: workflow ``number`` is created and waited for on server
+        ``number % N``, through its first channel."""
+        stub = self.stubs[number % len(self.stubs)][0]
+        return stub, stub
+
     async def bounded(self, name: str, work: Awaitable[None]) -> None:
         """Run ``work`` until the run's time budget is spent, then cut it."""
         try:
@@ -538,19 +674,27 @@ class Bench:
 
     async def measured(self, name: str, tally: Tally, work: Awaitable[None]) -> dict[str, Any]:
         """Run one phase within the budget; its wall time and costs."""
+        servers = self.servers
+        pg_start = await self.db.pg.edge() if self.db is not None else None
+        if self.pg_fsyncs is not None:
+            self.pg_fsyncs.begin()
         self.fsyncs.begin()
         self.profiler.begin(name)
-        cpu, loop = self.server.cpu_seconds(), self.server.cpu_seconds(loop_only=True)
+        cpus = [s.cpu_seconds() for s in servers]
+        loops = [s.cpu_seconds(loop_only=True) for s in servers]
         client, wall = time.process_time(), time.perf_counter()
         await self.bounded(name, work)
         wall = time.perf_counter() - wall
         client = time.process_time() - client
-        cpu = self.server.cpu_seconds() - cpu
-        loop = self.server.cpu_seconds(loop_only=True) - loop
+        cpus = [s.cpu_seconds() - c for s, c in zip(servers, cpus, strict=True)]
+        loops = [s.cpu_seconds(loop_only=True) - c for s, c in zip(servers, loops, strict=True)]
+        pg_end = await self.db.pg.edge() if self.db is not None else None
         self.profiler.end()
         fsyncs = self.fsyncs.end()
+        pg_fsyncs = self.pg_fsyncs.end() if self.pg_fsyncs is not None else None
         done = tally.ok
-        return {
+        cpu, loop = sum(cpus), sum(loops)
+        result: dict[str, Any] = {
             "completed": done,
             "failed": tally.failed,
             "wall_s": round(wall, 3),
@@ -560,9 +704,28 @@ class Bench:
             "server_cpu_ms_per_wf": _per(cpu, done, 1000),
             "server_cpu_util": _per(cpu, wall),
             "server_loop_cpu_ms_per_wf": _per(loop, done, 1000),
-            "server_loop_util": _per(loop, wall),
+            # With several servers: the busiest event loop's.
+            "server_loop_util": _per(max(loops), wall),
             "client_cpu_ms_per_wf": _per(client, done, 1000),
         }
+        if len(servers) > 1:
+            result["servers_cpu_ms_per_wf"] = [_per(c, done, 1000) for c in cpus]
+            result["servers_cpu_util"] = [_per(c, wall) for c in cpus]
+            result["servers_loop_util"] = [_per(c, wall) for c in loops]
+        if self.db is not None and pg_start is not None and pg_end is not None:
+            pg = self.db.pg
+            if self._relations is None:
+                self._relations = await pg.relations(self.db.name)
+            wal = await asyncio.to_thread(pg.wal, pg_start, pg_end, self._relations)
+            result.update(phase_figures(pg_start, pg_end, wal, pg_fsyncs, done, wall))
+            if pg_fsyncs is not None and self.pg_fsyncs is not None:
+                watched = self.pg_fsyncs.watched
+                result["pg_fsyncs_processes"] = len(watched)
+                # Connections opened during the phase: their fsyncs were not counted.
+                result["pg_processes_started_in_phase"] = len(set(pg.processes()) - watched)
+            pg_cpu = pg_end.cpu_s - pg_start.cpu_s
+            result["total_cpu_ms_per_wf"] = _per(cpu + pg_cpu + client, done, 1000)
+        return result
 
     async def w1(self, watch: bool = False) -> dict[str, Any]:
         """N workflows submitted at once, a bounded number in flight."""
@@ -571,7 +734,7 @@ class Bench:
         first = self._take(o.warmup)
         await self.bounded(
             f"{name} warm-up",
-            run_many(self.stubs, o.warmup, o.concurrency, first, o.rpc_timeout, self.warm, watch),
+            run_many(self.spread, o.warmup, o.concurrency, first, o.rpc_timeout, self.warm, watch),
         )
         tally = Tally()
         self.tallies.append(tally)
@@ -579,40 +742,50 @@ class Bench:
         result = await self.measured(
             name,
             tally,
-            run_many(self.stubs, o.n, o.concurrency, first, o.rpc_timeout, tally, watch),
+            run_many(self.spread, o.n, o.concurrency, first, o.rpc_timeout, tally, watch),
         )
         wall = result["wall_s"]
-        return {
+        rss = [s.rss_mb() for s in self.servers]
+        figures = {
             "n": o.n,
             "concurrency": min(o.concurrency, o.n),
-            "channels": len(self.stubs),
+            "channels": len(self.stubs[0]),
             "workflows_per_s": round(tally.ok / wall, 1),
             "steps_per_s": round(tally.ok * STEPS_PER_WORKFLOW / wall, 1),
             **result,
-            "server_rss_mb": round(self.server.rss_mb(), 1),
+            "server_rss_mb": round(sum(rss), 1),
         }
+        if len(self.servers) > 1:
+            figures["servers"] = len(self.servers)
+            figures["spread"] = (
+                f"workflow k created on server k mod {len(self.servers)} and waited for on "
+                + ("the same server" if o.wait_on == "same" else "the next one (k+1 mod N)")
+                + f"; {len(self.stubs[0])} channels to each server"
+            )
+            figures["servers_rss_mb"] = [round(r, 1) for r in rss]
+        return figures
 
     async def w2(self) -> dict[str, Any]:
         """M workflows one at a time: submit-to-result latency."""
         o = self.opts
-        stub = self.stubs[0]
         first = self._take(o.warmup)
         await self.bounded(
-            "W2 warm-up", run_sequential(stub, o.warmup, first, o.rpc_timeout, self.warm, [])
+            "W2 warm-up",
+            run_sequential(self.alternate, o.warmup, first, o.rpc_timeout, self.warm, []),
         )
         tally = Tally()
         self.tallies.append(tally)
         lat: list[float] = []
         first = self._take(o.m)
         result = await self.measured(
-            "W2", tally, run_sequential(stub, o.m, first, o.rpc_timeout, tally, lat)
+            "W2", tally, run_sequential(self.alternate, o.m, first, o.rpc_timeout, tally, lat)
         )
         lat.sort()
 
         def ms(value: float | None) -> float | None:
             return None if value is None else round(value, 3)
 
-        return {
+        figures = {
             "m": o.m,
             "p50_ms": ms(percentile(lat, 50) if lat else None),
             "p90_ms": ms(percentile(lat, 90) if lat else None),
@@ -622,19 +795,35 @@ class Bench:
             "max_ms": ms(lat[-1] if lat else None),
             **result,
         }
+        if len(self.servers) > 1:
+            figures["spread"] = (
+                f"one at a time, alternating: workflow k created and waited for on server "
+                f"k mod {len(self.servers)}"
+            )
+        return figures
 
 
-async def drive(server: Server, opts: Options, fsync_method: str) -> dict[str, Any]:
-    channels = await open_channels(server.address, opts.channels)
+async def drive(
+    servers: list[Server], opts: Options, fsync_method: str, db: Database | None = None
+) -> dict[str, Any]:
+    channels: list[list[grpc.aio.Channel]] = []
     try:
+        for server in servers:
+            channels.append(await open_channels(server.address, opts.channels))
         bench = Bench(
-            server, [pb_grpc.WorkflowServiceStub(ch) for ch in channels], opts, fsync_method
+            servers,
+            [[pb_grpc.WorkflowServiceStub(ch) for ch in chans] for chans in channels],
+            opts,
+            fsync_method,
+            db,
         )
         w1 = await bench.w1()
         w1_watch = await bench.w1(watch=True)
         w2 = await bench.w2()
     finally:
-        await asyncio.gather(*(ch.close() for ch in channels))
+        await asyncio.gather(*(ch.close() for chans in channels for ch in chans))
+        if db is not None:
+            await db.pg.close_admin()
     failures: dict[str, int] = {}
     for tally in bench.tallies:
         for problem, count in tally.failures.items():
@@ -675,22 +864,60 @@ def _pct(share: float | None) -> str:
     return "?" if share is None else f"{share:.0%}"
 
 
+def _pg_lines(phase: dict[str, Any]) -> Iterator[str]:
+    """The PostgreSQL and per-server figures of one phase, when it has them."""
+    if "servers_cpu_ms_per_wf" in phase:
+        yield (
+            f"   each server: CPU {phase['servers_cpu_ms_per_wf']} ms/wf, "
+            f"event loop busy {[_pct(u) for u in phase['servers_loop_util']]}"
+        )
+    if "postgres_cpu_ms_per_wf" not in phase:
+        return
+    rows = phase["pg_row_writes"]
+    yield (
+        f"   PostgreSQL CPU {phase['postgres_cpu_ms_per_wf']} ms/wf "
+        f"({_pct(phase['postgres_cpu_util'])} of a core); all processes "
+        f"{phase['total_cpu_ms_per_wf']} ms/wf; commits {phase['pg_commits_per_wf']}/wf, "
+        f"WAL flushes {phase['pg_fsyncs_per_wf']}/wf, WAL {phase['pg_wal_bytes_per_wf']} B/wf"
+    )
+    yield (
+        f"   per commit: {phase['pg_wf_per_commit']} workflows, "
+        f"{phase['pg_step_writes_per_commit']} step rows, "
+        f"{phase['pg_instance_writes_per_commit']} instance rows, "
+        f"{phase['pg_event_writes_per_commit']} event rows "
+        f"({rows['steps']} step, {rows['instances']} instance, {rows['events']} event row "
+        f"writes in {phase['pg_commits']} commits)"
+    )
+
+
 def summary(report: dict[str, Any]) -> Iterator[str]:
     w1, w2 = report["w1"], report["w2"]
-    ok1 = w1["workflows_per_s"] >= TARGET_W1_PER_S
-    ok2 = w2["p50_ms"] is not None and w2["p50_ms"] < TARGET_W2_P50_MS
+    targets = report["targets"]
+    store = report.get("store", {})
+    if store.get("kind") == "postgres":
+        yield (
+            f"store: PostgreSQL {store['postgres'].split()[0]}, {store['replicas']} server(s) on "
+            f"one database, lease period {store['lease_period_s']:g} s, synchronous_commit on"
+        )
+    t1, t2 = targets.get("w1_workflows_per_s"), targets.get("w2_p50_ms")
+    ok1 = t1 is not None and w1["workflows_per_s"] >= t1
+    ok2 = t2 is not None and w2["p50_ms"] is not None and w2["p50_ms"] < t2
+    target1 = f" [target >= {t1:.0f}: {'met' if ok1 else 'MISSED'}]" if t1 is not None else ""
+    target2 = f" [target p50 < {t2}: {'met' if ok2 else 'MISSED'}]" if t2 is not None else ""
     yield (
         f"W1 {w1['completed']}/{w1['n']} workflows, {w1['concurrency']} in flight: "
         f"{w1['wall_s']:.2f} s, {w1['workflows_per_s']:.0f} workflows/s, "
-        f"{w1['steps_per_s']:.0f} steps/s "
-        f"[target >= {TARGET_W1_PER_S:.0f}: {'met' if ok1 else 'MISSED'}]"
+        f"{w1['steps_per_s']:.0f} steps/s{target1}"
     )
+    if "spread" in w1:
+        yield f"   {w1['spread']}"
     yield (
         f"   server CPU {w1['server_cpu_ms_per_wf']} ms/wf ({_pct(w1['server_cpu_util'])} of a "
         f"core; event loop thread {w1['server_loop_cpu_ms_per_wf']} ms/wf, "
         f"{_pct(w1['server_loop_util'])} busy), client CPU {w1['client_cpu_ms_per_wf']} ms/wf, "
         f"fsyncs {w1['fsyncs_per_wf']}/wf"
     )
+    yield from _pg_lines(w1)
     ww = report["w1_watch"]
     yield (
         f"W1 with a WatchInstance stream per workflow instead of WaitInstance: "
@@ -698,23 +925,28 @@ def summary(report: dict[str, Any]) -> Iterator[str]:
     )
     yield (
         f"W2 {w2['completed']}/{w2['m']} one at a time: p50 {w2['p50_ms']} ms, "
-        f"p99 {w2['p99_ms']} ms, mean {w2['mean_ms']} ms "
-        f"[target p50 < {TARGET_W2_P50_MS}: {'met' if ok2 else 'MISSED'}]"
+        f"p99 {w2['p99_ms']} ms, mean {w2['mean_ms']} ms{target2}"
     )
+    if "spread" in w2:
+        yield f"   {w2['spread']}"
     yield (
         f"   server CPU {w2['server_cpu_ms_per_wf']} ms/wf (event loop thread "
         f"{w2['server_loop_cpu_ms_per_wf']} ms/wf), client CPU "
         f"{w2['client_cpu_ms_per_wf']} ms/wf, fsyncs {w2['fsyncs_per_wf']}/wf"
     )
+    yield from _pg_lines(w2)
     w = report.get("w3")
     if w is not None and w.get("restart_to_all_done_s") is not None:
         after = w["after_slow_step_s"]
+        t3 = targets.get("w3_after_slow_step_s")
+        target3 = (
+            f"target <= {t3}: {'met' if after <= t3 else 'MISSED'}; " if t3 is not None else ""
+        )
         yield (
             f"W3 {w['completed']}/{w['n']} killed (SIGKILL) {w['killed_into_slow_step_s']['min']}-"
             f"{w['killed_into_slow_step_s']['max']} s into their 2 s step: restart to all done "
             f"{w['restart_to_all_done_s']} s, i.e. {after} s after the 2 s step "
-            f"[target <= {TARGET_W3_AFTER_SLOW_STEP_S}: "
-            f"{'met' if after <= TARGET_W3_AFTER_SLOW_STEP_S else 'MISSED'}; Restate 2.73 s]"
+            f"[{target3}Restate 2.73 s]"
         )
         yield (
             f"   listening {w['restart_to_listening_s']} s after the restart, the 2 s steps "
@@ -724,8 +956,38 @@ def summary(report: dict[str, Any]) -> Iterator[str]:
             f"{w['completed_steps_rerun']} (must be 0), interrupted attempts run again: "
             f"{w['interrupted_attempts_rerun']} (expected {w['n']})"
         )
+        if "lease_period_s" in w:
+            yield (
+                f"   PostgreSQL: the killed server's lease ({w['lease_period_s']:g} s) had to "
+                f"expire before the restarted server could take its instances up"
+            )
+    elif w is not None and w.get("expiry_to_all_done_s") is not None:
+        t3 = targets.get("w3_expiry_to_last_takeover_s")
+        last = w["expiry_to_last_takeover_s"]
+        ok3 = t3 is not None and last is not None and last < t3
+        yield (
+            f"W3 {w['completed']}/{w['n']} in their 2 s step on {w['replicas']} servers, "
+            f"{w['killed']} killed (SIGKILL) {w['killed_into_slow_step_s']['min']}-"
+            f"{w['killed_into_slow_step_s']['max']} s into them, holding {w['killed_held']}: "
+            f"its lease expired {w['kill_to_lease_expiry_s']} s after the kill; from then, all "
+            f"its instances done in {w['expiry_to_all_done_s']} s, i.e. {w['after_slow_step_s']} "
+            f"s after the 2 s step run again"
+        )
+        yield (
+            f"   taken over (their 2 s steps begun again) {w['expiry_to_first_takeover_s']} to "
+            f"{last} s after the expiry"
+            + (f" [target < {t3:g}: {'met' if ok3 else 'MISSED'}]" if t3 is not None else "")
+            + f", by {w['taken_over_by']}; completed steps run again: "
+            f"{w['completed_steps_rerun']} (must be 0), interrupted attempts run again: "
+            f"{w['interrupted_attempts_rerun']} (expected {w['killed_held']})"
+        )
     elif w is not None:
         yield f"W3 did not finish: {w['failures']}"
+    finished = w is not None and (
+        w.get("restart_to_all_done_s") is not None or w.get("expiry_to_all_done_s") is not None
+    )
+    if w is not None and finished and w.get("failures"):
+        yield f"W3 FAILED: {w['failures']}"
     telemetry = report.get("telemetry", {})
     if telemetry.get("mode", "off") != "off":
         yield (
@@ -775,41 +1037,85 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="cruzflow-bench-"))
     sink = Sink() if opts.telemetry != "off" else None
     rpc_spans = {"otlp-writes": "writes", "otlp-none": "none"}.get(opts.telemetry, "all")
-    server = Server(
-        write_config(folder, uvloop=opts.server_uvloop, rpc_spans=rpc_spans),
-        strace=method == "strace",
-        env=sink.env() if sink is not None else {"OTEL_SDK_DISABLED": "true"},
-    )
+    env = sink.env() if sink is not None else {"OTEL_SDK_DISABLED": "true"}
     started = time.perf_counter()
     code: int | None = None
+    codes: list[int | None] = []
+    servers: list[Server] = []
+    pg: Postgres | None = None
     telemetry: dict[str, Any] = {"mode": opts.telemetry}
+    store_report: dict[str, Any] = {"kind": opts.store, "replicas": opts.replicas}
     try:
-        server.start()
-        print(f"server pid {server.pid} on {server.address}, folder {folder}", file=sys.stderr)
+        store = SQLITE
+        if opts.store == "postgres":
+            pg = Postgres()
+            store = Store(pg.database("bench"), opts.lease_period)
+            store_report.update(_postgres_report(pg, opts))
+        # One server: in the run's folder, as ever; several: a folder each.
+        folders = (
+            [folder]
+            if opts.replicas == 1
+            else [folder / f"server{i}" for i in range(opts.replicas)]
+        )
+        servers = [
+            Server(
+                write_config(d, uvloop=opts.server_uvloop, rpc_spans=rpc_spans, store=store),
+                strace=method == "strace",
+                env={**env, **store.env()},
+            )
+            for d in folders
+        ]
+        for server in servers:
+            server.start()
+            print(
+                f"server pid {server.pid} on {server.address}, folder {server.folder}",
+                file=sys.stderr,
+            )
         _quiet_gc()
+        db = Database(pg, "bench") if pg is not None else None
         with asyncio.Runner(loop_factory=loop_factory(opts.client_uvloop)) as runner:
-            results = runner.run(drive(server, opts, method))
-            code = server.stop()
+            results = runner.run(drive(servers, opts, method, db))
+            codes = [server.stop() for server in servers]
             if sink is not None:
                 # The server flushed its exporters on the way out.
                 telemetry["spans_received"] = sink.spans()
-            if opts.w3:
+            if opts.w3 and pg is not None and opts.replicas > 1:
+                # On servers and a database of their own; one is killed.
+                results["w3"] = runner.run(
+                    w3_replicas(
+                        folder / "w3",
+                        pg,
+                        replicas=opts.replicas,
+                        lease_period_s=opts.lease_period,
+                        n=opts.w3_n,
+                        timeout=opts.rpc_timeout,
+                        server_uvloop=opts.server_uvloop,
+                    )
+                )
+            elif opts.w3:
                 # On a server and store of its own, which it kills and restarts.
+                own = SQLITE if pg is None else Store(pg.database("bench_w3"), opts.lease_period)
                 results["w3"] = runner.run(
                     w3(
                         folder / "w3",
                         n=opts.w3_n,
                         timeout=opts.rpc_timeout,
                         server_uvloop=opts.server_uvloop,
+                        store=own,
                     )
                 )
     finally:
-        stopped = server.stop()
-        code = stopped if code is None else code
-        if code not in (0, None):
-            print(f"server exited with {code}:\n{server.log_tail()}", file=sys.stderr)
+        stopped = [server.stop() for server in servers]
+        codes = [c if c is not None else s for c, s in zip(codes or stopped, stopped, strict=True)]
+        for server, c in zip(servers, codes, strict=True):
+            if c not in (0, None):
+                print(f"server exited with {c}:\n{server.log_tail()}", file=sys.stderr)
+        # The first failure's exit code, or 0 (None: a server never stopped).
+        code = next((c for c in codes if c not in (0, None)), codes[0] if codes else None)
         if sink is not None:
             sink.close()
+        if pg is not None:
+            pg.close()
         if opts.keep:
             print(f"kept {folder}", file=sys.stderr)
         else:
@@ -823,12 +1129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "server_exit_code": code,
         "total_s": round(time.perf_counter() - started, 2),
         "machine": machine(opts),
-        "targets": {
-            "w1_workflows_per_s": TARGET_W1_PER_S,
-            "w2_p50_ms": TARGET_W2_P50_MS,
-            "w3_after_slow_step_s": TARGET_W3_AFTER_SLOW_STEP_S,
-        },
+        "targets": _targets(opts),
+        "store": store_report,
     }
+    if len(codes) > 1:
+        report["server_exit_codes"] = codes
     print(json.dumps(report, separators=(",", ":")), flush=True)
     for line in summary(report):
         print(line, file=sys.stderr)
@@ -836,6 +1141,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "w3" in report:
         clean = clean and not report["w3"]["failures"]
     return 0 if clean else 1
+
+
+def _targets(opts: Options) -> dict[str, float]:
+    """PERFORMANCE.md's targets for this run's store and replicas."""
+    if opts.store == "sqlite":
+        return {
+            "w1_workflows_per_s": TARGET_W1_PER_S,
+            "w2_p50_ms": TARGET_W2_P50_MS,
+            "w3_after_slow_step_s": TARGET_W3_AFTER_SLOW_STEP_S,
+        }
+    if opts.replicas == 1:
+        return {"w1_workflows_per_s": TARGET_PG_W1_PER_S, "w2_p50_ms": TARGET_PG_W2_P50_MS}
+    return {"w3_expiry_to_last_takeover_s": TARGET_PG_TAKEOVER_S}
+
+
+def _postgres_report(pg: Postgres, opts: Options) -> dict[str, Any]:
+    return {
+        "postgres": pg.version,
+        "postgres_started_in_s": round(pg.started_in_s, 2),
+        "settings": ["synchronous_commit=on (the default)", *PG_SETTINGS],
+        "lease_period_s": opts.lease_period,
+        "databases": "bench (W1, W2), bench_w3 (W3)",
+    }
 
 
 def _quiet_gc() -> None:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -33,6 +34,8 @@ SLOW_WORKFLOW = "bench-slow-step"
 SLEEPER_WORKFLOW = "bench-sleeper"
 # Where bench.workflows appends a line per step body it runs (see there).
 MARKS_ENV = "CRUZFLOW_BENCH_MARKS"
+# The server's PostgreSQL URL, in its environment rather than its config file.
+STORE_URL_ENV = "CRUZFLOW_STORE_URL"
 # The start lines of fsync-like calls; strace splits a call that another thread
 # interrupts into "<unfinished ...>" and "<... resumed>", and only the first
 # names the call with its parenthesis.
@@ -61,9 +64,42 @@ def percentile(sorted_values: Sequence[float], pct: float) -> float:
     return sorted_values[rank - 1]
 
 
-def write_config(directory: Path, *, uvloop: bool, rpc_spans: str = "all") -> Path:
+@dataclass(frozen=True, slots=True)
+class Store:
+    """Where the bench's servers keep their state.
+
+    Without ``url``, each server has a SQLite file of its own (store.db in its
+    folder). With it, the servers share that PostgreSQL database, each with a
+    lease on the instances it runs that lives ``lease_period_s`` unrenewed.
+    """
+
+    url: str | None = None
+    lease_period_s: float = 2.0
+
+    def env(self) -> dict[str, str]:
+        """What a server's environment needs for this store."""
+        return {} if self.url is None else {STORE_URL_ENV: self.url}
+
+
+SQLITE = Store()
+
+
+def write_config(
+    directory: Path, *, uvloop: bool, rpc_spans: str = "all", store: Store = SQLITE
+) -> Path:
+    """The config of a bench server in ``directory`` (made if missing); its path.
+
+    A PostgreSQL store's URL is not in it: the server has it from
+    ``Store.env()``, so no password is written to a file.
+    """
     # python_path is relative to the config's folder, which is a temp folder
     # here, so the repository root goes in as an absolute path found at runtime.
+    directory.mkdir(parents=True, exist_ok=True)
+    if store.url is None:
+        store_lines = ['path = "store.db"']
+    else:
+        # A number of milliseconds.
+        store_lines = [f"lease_period = {round(store.lease_period_s * 1000)}"]
     lines = [
         'name = "cruzflow-bench"',
         f"python_path = [{json.dumps(str(ROOT))}]",
@@ -72,7 +108,7 @@ def write_config(directory: Path, *, uvloop: bool, rpc_spans: str = "all") -> Pa
         'grace_period = "5 seconds"',
         f"uvloop = {'true' if uvloop else 'false'}",
         "[store]",
-        'path = "store.db"',
+        *store_lines,
         "[limits]",
         "max_running_instances = 10000",
         "[[workflows]]",

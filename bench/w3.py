@@ -32,7 +32,9 @@ import grpc
 from bench.harness import (
     MARKS_ENV,
     SLOW_WORKFLOW,
+    SQLITE,
     Server,
+    Store,
     open_channels,
     percentile,
     write_config,
@@ -56,6 +58,8 @@ class Mark:
     step: str
     attempt: int
     phase: str
+    pid: int = 0
+    """The server process that ran the step body."""
 
 
 def read_marks(path: Path, start: int = 0, end: int | None = None) -> list[Mark]:
@@ -68,8 +72,10 @@ def read_marks(path: Path, start: int = 0, end: int | None = None) -> list[Mark]
         return []
     marks = []
     for line in data.decode().splitlines():
-        at, instance, step, attempt, phase = line.split()
-        marks.append(Mark(float(at), instance, step, int(attempt), phase))
+        at, instance, step, attempt, phase, *pid = line.split()
+        marks.append(
+            Mark(float(at), instance, step, int(attempt), phase, int(pid[0]) if pid else 0)
+        )
     return marks
 
 
@@ -273,17 +279,26 @@ def _kill(server: Server, marks: Path) -> tuple[float, int]:
     return killed_at, marks.stat().st_size
 
 
-def _prepare(folder: Path, server_uvloop: bool) -> tuple[Server, Path]:
+def _prepare(folder: Path, server_uvloop: bool, store: Store) -> tuple[Server, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     marks = folder / "marks.log"
-    return Server(write_config(folder, uvloop=server_uvloop), env={MARKS_ENV: str(marks)}), marks
+    config = write_config(folder, uvloop=server_uvloop, store=store)
+    return Server(config, env={MARKS_ENV: str(marks), **store.env()}), marks
 
 
 async def w3(
-    folder: Path, *, n: int = 200, channels: int = 2, timeout: float = 30.0, server_uvloop: bool
+    folder: Path,
+    *,
+    n: int = 200,
+    channels: int = 2,
+    timeout: float = 30.0,
+    server_uvloop: bool,
+    store: Store = SQLITE,
 ) -> dict[str, Any]:
-    """W3 against its own server and store in ``folder``."""
-    server, marks = _prepare(folder, server_uvloop)
+    """W3 against its own server and store in ``folder`` (or its own PostgreSQL
+    database: the restarted server takes a new lease, and the killed one's
+    instances are free once its lease has expired)."""
+    server, marks = _prepare(folder, server_uvloop, store)
     server.start()
     try:
         result = await _drive(server, marks, n, channels, timeout)
@@ -293,6 +308,8 @@ async def w3(
     finally:
         code = server.stop()
     result["server_exit_code"] = code
+    if store.url is not None:
+        result["lease_period_s"] = store.lease_period_s
     if code not in (0, None):
         result["failures"][f"server exited with {code}: {server.log_tail(5)}"] = 1
     return result

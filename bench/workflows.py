@@ -2,8 +2,9 @@
 
 When the server's environment has ``CRUZFLOW_BENCH_MARKS`` set to a file, the
 step bodies of SlowStep append a line to it each time they begin and end:
-``<time.time()> <instance> <step> <attempt> begin|end``. W3 counts from it
-which step bodies ran again after the server was killed. The appends are
+``<time.time()> <instance> <step> <attempt> begin|end <server pid>``. W3
+counts from it which step bodies ran again after the server was killed (and,
+with several servers on one database, which server ran them). The appends are
 plain ``write``\\ s with O_APPEND, not fsync'd: a SIGKILL loses nothing the
 kernel already has, and an fsync per line would stall the server's event
 loop in the very restart W3 times.
@@ -34,7 +35,9 @@ def _mark(ctx: StepContext, phase: str) -> None:
     if _marks_fd < 0:
         _marks_fd = os.open(_MARKS_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     # One write of a short line with O_APPEND: lines never interleave.
-    line = f"{time.time():.6f} {ctx.instance_id} {ctx.step_name} {ctx.attempt} {phase}\n"
+    line = (
+        f"{time.time():.6f} {ctx.instance_id} {ctx.step_name} {ctx.attempt} {phase} {os.getpid()}\n"
+    )
     os.write(_marks_fd, line.encode())
 
 
