@@ -75,6 +75,13 @@ proto-check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench $(BENCH_ARGS)
 
+# W1 and W2 of `make bench` interleaved with the best peer's (Restate, through
+# ../shared/peers/run-restate.sh), at least 3 rounds; prints the ratios of the
+# medians. E.g. COMPARE_ARGS="--store postgres --rounds 5".
+.PHONY: compare
+compare: $(STAMP)
+	$(BIN)/python -m bench.compare $(COMPARE_ARGS)
+
 # Server memory, store size and GetStatus latency with 100,000 instances asleep.
 bench-sleepers: $(STAMP)
 	$(BIN)/python -m bench.bench --sleepers 100000 $(BENCH_ARGS)
