@@ -54,6 +54,7 @@ from bench.harness import (
     write_config,
 )
 from bench.pg import SETTINGS as PG_SETTINGS
+from bench.pg import STATEMENTS as PG_STATEMENTS
 from bench.pg import Postgres, phase_figures
 from bench.sleepers import sleepers
 from bench.sleepers import summary as sleepers_summary
@@ -106,6 +107,7 @@ class Options:
     replicas: int = 1
     lease_period: float = 2.0
     wait_on: str = "same"
+    pg_statements: bool = False
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -212,6 +214,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="--replicas N: W1 waits for each workflow on the server that created it (same), "
         "or on the next one (next: the wait is told of the run by the database)",
     )
+    parser.add_argument(
+        "--pg-statements",
+        action="store_true",
+        help="--store postgres: load pg_stat_statements and report the statements each "
+        "phase ran per workflow (round trips; it costs the database some CPU)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
     n, m, warmup = args.n, args.m, args.warmup
@@ -253,6 +261,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         replicas=args.replicas,
         lease_period=args.lease_period,
         wait_on=args.wait_on,
+        pg_statements=args.pg_statements,
     )
 
 
@@ -676,6 +685,8 @@ class Bench:
         """Run one phase within the budget; its wall time and costs."""
         servers = self.servers
         pg_start = await self.db.pg.edge() if self.db is not None else None
+        if self.db is not None and self.db.pg.statements:
+            await self.db.pg.statements_reset()
         if self.pg_fsyncs is not None:
             self.pg_fsyncs.begin()
         self.fsyncs.begin()
@@ -689,6 +700,11 @@ class Bench:
         cpus = [s.cpu_seconds() - c for s, c in zip(servers, cpus, strict=True)]
         loops = [s.cpu_seconds(loop_only=True) - c for s, c in zip(servers, loops, strict=True)]
         pg_end = await self.db.pg.edge() if self.db is not None else None
+        calls = (
+            await self.db.pg.statement_calls(self.db.name)
+            if self.db is not None and self.db.pg.statements
+            else None
+        )
         self.profiler.end()
         fsyncs = self.fsyncs.end()
         pg_fsyncs = self.pg_fsyncs.end() if self.pg_fsyncs is not None else None
@@ -723,6 +739,10 @@ class Bench:
                 result["pg_fsyncs_processes"] = len(watched)
                 # Connections opened during the phase: their fsyncs were not counted.
                 result["pg_processes_started_in_phase"] = len(set(pg.processes()) - watched)
+            if calls is not None:
+                result["pg_statements_per_wf"] = {
+                    query: _per(count, done) for query, count in calls.items()
+                }
             pg_cpu = pg_end.cpu_s - pg_start.cpu_s
             result["total_cpu_ms_per_wf"] = _per(cpu + pg_cpu + client, done, 1000)
         return result
@@ -1048,7 +1068,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         store = SQLITE
         if opts.store == "postgres":
-            pg = Postgres()
+            pg = Postgres(statements=opts.pg_statements)
             store = Store(pg.database("bench"), opts.lease_period)
             store_report.update(_postgres_report(pg, opts))
         # One server: in the run's folder, as ever; several: a folder each.
@@ -1160,7 +1180,11 @@ def _postgres_report(pg: Postgres, opts: Options) -> dict[str, Any]:
     return {
         "postgres": pg.version,
         "postgres_started_in_s": round(pg.started_in_s, 2),
-        "settings": ["synchronous_commit=on (the default)", *PG_SETTINGS],
+        "settings": [
+            "synchronous_commit=on (the default)",
+            *PG_SETTINGS,
+            *([PG_STATEMENTS] if opts.pg_statements else []),
+        ],
         "lease_period_s": opts.lease_period,
         "databases": "bench (W1, W2), bench_w3 (W3)",
     }

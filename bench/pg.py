@@ -49,6 +49,8 @@ SETTINGS = (
     # a checkpoint falls in the phase.
     "wal_keep_size=1GB",
 )
+# --pg-statements: every statement counted as it ends (some CPU on each).
+STATEMENTS = "shared_preload_libraries=pg_stat_statements"
 # The store's tables whose row writes are counted.
 TABLES = ("instances", "steps", "events", "inbox", "servers")
 
@@ -58,6 +60,7 @@ _RMGR = re.compile(r"^rmgr: (\w+)\s")
 _DESC = re.compile(r"desc: (\w+)( (\d+) tuples)?")
 _REL = re.compile(r"blkref #0: rel \d+/(\d+)/(\d+)")
 _ROW_WRITES = {"INSERT", "UPDATE", "HOT_UPDATE", "DELETE"}
+_LABEL = 60  # characters of a statement that name it
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -93,9 +96,11 @@ class Wal:
 class Postgres:
     """The bench's cluster, and what it has cost so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, statements: bool = False) -> None:
+        self.statements = statements
+        settings = (*SETTINGS, STATEMENTS) if statements else SETTINGS
         try:
-            self.cluster: PostgresServer = start_cluster(SETTINGS, who="the bench")
+            self.cluster: PostgresServer = start_cluster(settings, who="the bench")
         except Unavailable as exc:
             raise SystemExit(
                 f"bench: --store postgres cannot start PostgreSQL here: {exc}"
@@ -147,6 +152,25 @@ class Postgres:
         if self._conn is None or self._conn.is_closed():
             self._conn = await self.cluster.admin()
         return self._conn
+
+    async def statements_reset(self) -> None:
+        """--pg-statements: count from zero (at a phase's start)."""
+        conn = await self._admin()
+        await conn.execute("SELECT pg_stat_statements_reset()")
+
+    async def statement_calls(self, database: str) -> dict[str, int]:
+        """--pg-statements: the calls of each statement on ``database`` since the
+        reset, by its first words."""
+        conn = await self._admin()
+        rows = await conn.fetch(
+            "SELECT s.calls, s.query FROM pg_stat_statements s"
+            " JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1",
+            database,
+        )
+        calls: Counter[str] = Counter()
+        for row in rows:
+            calls[" ".join(str(row["query"]).split())[:_LABEL]] += int(row["calls"])
+        return dict(calls.most_common())
 
     async def edge(self) -> Edge:
         conn = await self._admin()
