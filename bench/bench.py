@@ -346,7 +346,9 @@ class FsyncCounter:
     processes. It starts with its counters off and turns them on and off
     through its control FIFO, which acknowledges each command, so the count
     covers exactly the phase and not perf's own start-up. It watches the
-    processes ``pids()`` names at the phase's start (``watched``).
+    processes ``pids()`` names at the phase's start (``watched``) and, its
+    counters being inherited, the processes they start during it (such as
+    the PostgreSQL backends the postmaster forks for new connections).
     """
 
     def __init__(
@@ -737,7 +739,8 @@ class Bench:
             if pg_fsyncs is not None and self.pg_fsyncs is not None:
                 watched = self.pg_fsyncs.watched
                 result["pg_fsyncs_processes"] = len(watched)
-                # Connections opened during the phase: their fsyncs were not counted.
+                # Connections opened during the phase (pools growing); perf
+                # counts theirs too, through the postmaster's inherited counters.
                 result["pg_processes_started_in_phase"] = len(set(pg.processes()) - watched)
             if calls is not None:
                 result["pg_statements_per_wf"] = {
