@@ -46,8 +46,17 @@ lock:
 run: $(STAMP)
 	$(BIN)/cruzflow serve --config $(CONFIG)$(if $(LISTEN), --listen $(LISTEN))
 
+# The suites that hold on any store run a second time on PostgreSQL (a
+# database of their own per test, on a cluster the session starts).
+POSTGRES_SUITES := tests/test_engine.py tests/test_lifecycle.py tests/test_grpc_api.py \
+  tests/test_batch_retention.py tests/test_hostile.py tests/test_listing.py \
+  tests/client/test_client.py tests/client/test_errors_and_retries.py tests/client/test_sync.py
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+ifeq ($(strip $(PYTEST_ARGS)),)
+	CRUZFLOW_TEST_STORE=postgres $(BIN)/python -m pytest -q $(POSTGRES_SUITES)
+endif
 
 lint: $(STAMP) proto-check
 	$(BIN)/ruff check server clients/python/cruzflow/client tests bench examples

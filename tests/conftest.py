@@ -1,4 +1,6 @@
-"""Shared fixtures: a real SQLite file per test, a real gRPC server on port 0."""
+"""Shared fixtures: a real store per test (a SQLite file; with
+CRUZFLOW_TEST_STORE=postgres, a database of its own on a real PostgreSQL
+started by the session), a real gRPC server on port 0."""
 
 from __future__ import annotations
 
@@ -15,11 +17,22 @@ import pytest
 from cruzflow.server.app import Service
 from cruzflow.server.config import load_config
 from cruzflow.server.engine.runtime import Engine, Limits, WorkflowSpec
+from cruzflow.server.store.base import Store
+from cruzflow.server.store.postgres import PostgresStore
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
 from tests import workflows as wf
+from tests.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 from tests.procs import write_config
+
+TEST_STORE = os.environ.get("CRUZFLOW_TEST_STORE", "sqlite")
+"""The backend of the engine and server fixtures: ``make test`` runs the suites
+that hold on any store a second time with ``postgres``."""
+ON_POSTGRES = TEST_STORE == "postgres"
+sqlite_only = pytest.mark.skipif(
+    ON_POSTGRES, reason="about the SQLite store itself (its file, its lock, its faults)"
+)
 
 ALL_WORKFLOWS: dict[str, str] = {
     "three-steps": "tests.workflows:ThreeSteps",
@@ -75,13 +88,40 @@ def side_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 EngineFactory = Callable[..., Awaitable[Engine]]
 
 
+class Stores:
+    """The stores of one test, by name: the same name is the same store (a
+    server restarted on it), on the backend of the run (TEST_STORE)."""
+
+    def __init__(self, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        self._tmp_path = tmp_path
+        self._request = request
+        self._urls: dict[str, str] = {}
+
+    def url(self, name: str) -> str:
+        """The PostgreSQL URL of store ``name`` (a database made on first use)."""
+        if name not in self._urls:
+            server = self._request.getfixturevalue("postgres_server")
+            self._urls[name] = server.url(server.create_database())
+        return self._urls[name]
+
+    def open(self, name: str = "store.db") -> Store:
+        if ON_POSTGRES:
+            return PostgresStore(self.url(name))
+        return SqliteStore(self._tmp_path / name)
+
+
 @pytest.fixture
-async def make_engine(tmp_path: Path) -> AsyncIterator[EngineFactory]:
-    """Start engines on a real SQLite file under tmp_path; all are shut down after."""
-    started: list[tuple[Engine, SqliteStore]] = []
+def stores(tmp_path: Path, request: pytest.FixtureRequest) -> Stores:
+    return Stores(tmp_path, request)
+
+
+@pytest.fixture
+async def make_engine(stores: Stores) -> AsyncIterator[EngineFactory]:
+    """Start engines on a real store of the run's backend; all are shut down after."""
+    started: list[tuple[Engine, Store]] = []
 
     async def make(db: str = "store.db", env: Any = None, **limits: int) -> Engine:
-        store = SqliteStore(tmp_path / db)
+        store = stores.open(db)
         await store.open()
         engine = Engine(store, specs(), env, Limits(**limits))
         await engine.start()
@@ -129,7 +169,7 @@ ServerFactory = Callable[..., Awaitable[Server]]
 
 
 @pytest.fixture
-async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+async def make_server(tmp_path: Path, stores: Stores) -> AsyncIterator[ServerFactory]:
     running: list[Server] = []
 
     async def make(
@@ -139,7 +179,14 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
     ) -> Server:
         directory = tmp_path / f"server{len(running)}"
         directory.mkdir()
-        path = write_config(directory, ALL_WORKFLOWS, limits=limits, vars=vars, databases=databases)
+        path = write_config(
+            directory,
+            ALL_WORKFLOWS,
+            limits=limits,
+            vars=vars,
+            databases=databases,
+            store_url=stores.url(f"server{len(running)}") if ON_POSTGRES else None,
+        )
         service = Service(load_config(path))
         await service.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")

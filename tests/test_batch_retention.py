@@ -19,7 +19,7 @@ from cruzflow.server.engine.errors import NotFound
 from cruzflow.server.records import Batch, Lease, Refusal
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.v1 import workflows_pb2 as pb
-from tests.conftest import EngineFactory, Server, ServerFactory, eventually
+from tests.conftest import EngineFactory, Server, ServerFactory, eventually, sqlite_only
 
 TIMEOUT = 20.0
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -165,6 +165,7 @@ async def test_batch_size_limits(make_server: ServerFactory) -> None:
 
 
 # ---------------------------------------------------------------- retention
+@sqlite_only  # counts the rows in the SQLite file itself
 async def test_finished_instances_are_purged_with_all_their_rows(
     make_server: ServerFactory, gate: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

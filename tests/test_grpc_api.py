@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cruzflow.server.app import Service
 from cruzflow.server.config import load_config
+from cruzflow.server.records import InstanceQuery
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.workflows import StepFailedError, WorkflowEntrypoint, WorkflowEvent, WorkflowStep
 from tests import workflows as wf
@@ -98,11 +98,10 @@ def kinds(events: list[pb.WatchInstanceResponse]) -> list[str]:
     return out
 
 
-def stored_instances(server: Server) -> list[str]:
-    """The ids in the server's SQLite store, read from the file itself."""
-    path = server.service.config.store_path
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        return [row[0] for row in db.execute("SELECT id FROM instances ORDER BY pk")]
+async def stored_instances(server: Server) -> list[str]:
+    """The ids in the server's store, oldest first, read from the store itself."""
+    rows = await server.service.store.list_instances(InstanceQuery(), 10_000)
+    return [record.id for _, record in reversed(rows)]
 
 
 def assert_names_field(error: grpc.aio.AioRpcError, code: grpc.StatusCode, field: str) -> None:
@@ -173,7 +172,7 @@ async def test_duplicate_id_is_already_exists_and_changes_nothing(server: Server
     assert json.loads(instance.output_json) == {"sum": 6, "params": {"v": 1}}
     # The rejected creates added no events to the first instance.
     assert await watch(server, "dup") == events
-    assert stored_instances(server) == ["dup"]
+    assert await stored_instances(server) == ["dup"]
 
 
 async def test_unknown_workflow_is_not_found(server: Server) -> None:
@@ -239,7 +238,7 @@ async def test_invalid_create_is_rejected_and_stores_nothing(
         assert lookup.code() == NOT_FOUND
     # A later good create goes through; once it is durable, it is the only one.
     await run(server, "three-steps", "{}", "good")
-    assert stored_instances(server) == ["good"]
+    assert await stored_instances(server) == ["good"]
 
 
 @pytest.mark.parametrize(
@@ -282,7 +281,7 @@ async def test_params_that_do_not_match_their_typed_dict_are_refused(
     )
     error = await rpc_error(server.stub.CreateInstances(batch, timeout=TIMEOUT))
     assert (error.details() or "").startswith("requests[1].params_json: does not match OrderParams")
-    assert stored_instances(server) == []
+    assert await stored_instances(server) == []
 
 
 async def test_params_that_match_their_typed_dict_are_taken_as_sent(server: Server) -> None:
@@ -301,7 +300,7 @@ async def test_message_past_the_grpc_cap_is_refused(make_server: ServerFactory) 
     error = await rpc_error(create(server, "three-steps", params, "huge"))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert (await rpc_error(status(server, "huge"))).code() == NOT_FOUND
-    assert stored_instances(server) == []
+    assert await stored_instances(server) == []
 
 
 async def test_params_at_the_limit_are_accepted(make_server: ServerFactory) -> None:
@@ -328,7 +327,7 @@ async def test_concurrent_creates_of_one_id_make_one_instance(server: Server) ->
     assert events[-1].status_changed.status == COMPLETE
     instance = await status(server, "same")
     assert json.loads(instance.params_json) == {"n": winners[0]}
-    assert stored_instances(server) == ["same"]
+    assert await stored_instances(server) == ["same"]
 
 
 async def test_concurrent_creates_of_distinct_ids_all_succeed(server: Server) -> None:
@@ -338,7 +337,7 @@ async def test_concurrent_creates_of_distinct_ids_all_succeed(server: Server) ->
     for instance_id in ids:
         events = await watch(server, instance_id)
         assert events[-1].status_changed.status == COMPLETE
-    assert sorted(stored_instances(server)) == sorted(ids)
+    assert sorted(await stored_instances(server)) == sorted(ids)
 
 
 # ---------------------------------------------------------------- GetStatus

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
@@ -48,15 +49,23 @@ async def refused(call: Any, code: grpc.StatusCode = INVALID) -> str:
     return details
 
 
-def stored(server: Server) -> list[Any]:
-    """Every row of the store, read through a read-only connection of its own."""
+async def stored(server: Server) -> list[Any]:
+    """Every row of the store, read through a connection of its own."""
+    url = server.service.config.store_url
+    tables = ("instances", "steps", "events", "inbox", "meta")
+    if url is not None:
+        pg = await asyncpg.connect(url)
+        try:
+            return [
+                [tuple(row) for row in await pg.fetch(f"SELECT * FROM {table} ORDER BY 1, 2")]
+                for table in tables
+            ]
+        finally:
+            await pg.close()
     path = server.service.config.store_path
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return [
-            conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
-            for table in ("instances", "steps", "events", "inbox", "meta")
-        ]
+        return [conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in tables]
     finally:
         conn.close()
 
@@ -90,7 +99,7 @@ async def test_malformed_protobuf_gets_invalid_argument_on_every_rpc(
     """gRPC answers a request its deserializer cannot parse with UNKNOWN (a
     server fault); the service answers INVALID_ARGUMENT naming the message."""
     await waiting(server, "w1")
-    before = stored(server)
+    before = await stored(server)
     service = pb.DESCRIPTOR.services_by_name["WorkflowService"]
     for method in service.methods:
         path = f"/{service.full_name}/{method.name}"
@@ -106,7 +115,7 @@ async def test_malformed_protobuf_gets_invalid_argument_on_every_rpc(
         assert message.startswith(
             f"request: not a valid {method.input_type.full_name} message ("
         ), message
-    assert stored(server) == before
+    assert await stored(server) == before
 
 
 # ----------------------------------------------------------------- JSON depth
@@ -134,7 +143,7 @@ async def test_params_nested_past_the_limit_are_refused(make_server: ServerFacto
         pb.CreateInstanceRequest(workflow="three-steps", params_json=fine)
     )
     assert created.instance_id
-    before = stored(server)
+    before = await stored(server)
     for deep in ("[" * 9 + "]" * 9, '{"a":' * 9 + "1" + "}" * 9, "[" * 100_000):
         message = await refused(
             server.stub.CreateInstance(
@@ -144,14 +153,14 @@ async def test_params_nested_past_the_limit_are_refused(make_server: ServerFacto
         assert message.startswith("params_json: arrays and objects nest more than 8 deep")
         assert "limits.max_json_depth" in message
     await waiting(server, "w1")
-    before = stored(server)
+    before = await stored(server)
     message = await refused(
         server.stub.SendEvent(
             pb.SendEventRequest(instance_id="w1", type="approval", payload_json="[" * 9 + "]" * 9)
         )
     )
     assert message.startswith("payload_json: arrays and objects nest more than 8 deep")
-    assert stored(server) == before
+    assert await stored(server) == before
 
 
 async def test_default_depth_is_64(server: Server) -> None:
@@ -172,7 +181,7 @@ async def test_huge_values_are_refused_with_a_short_message(server: Server) -> N
     """A value is quoted back clipped: a 100,000-character workflow name used
     to come back whole, past what a client takes in a trailer, and the caller
     saw RESOURCE_EXHAUSTED without a word of why."""
-    before = stored(server)
+    before = await stored(server)
     huge = "x" * 100_000
     calls = [
         server.stub.CreateInstance(pb.CreateInstanceRequest(workflow=huge)),
@@ -188,7 +197,7 @@ async def test_huge_values_are_refused_with_a_short_message(server: Server) -> N
         server.stub.CreateInstance(pb.CreateInstanceRequest(workflow="x" * 101))
     )
     assert message.startswith("workflow: 'xxx") and "(101 characters) is not a workflow" in message
-    assert stored(server) == before
+    assert await stored(server) == before
 
 
 async def test_workflow_names_are_checked_before_looking_them_up(server: Server) -> None:
@@ -207,7 +216,7 @@ async def test_workflow_names_are_checked_before_looking_them_up(server: Server)
 
 async def test_control_characters_in_keys_and_event_types_are_refused(server: Server) -> None:
     await waiting(server, "w1")
-    before = stored(server)
+    before = await stored(server)
     message = await refused(
         server.stub.CreateInstance(
             pb.CreateInstanceRequest(workflow="three-steps", lookup_key="user:\x0042")
@@ -220,7 +229,7 @@ async def test_control_characters_in_keys_and_event_types_are_refused(server: Se
         server.stub.SendEvent(pb.SendEventRequest(instance_id="w1", type="appro\x85val"))
     )
     assert message.startswith("type: ") and "U+0085" in message
-    assert stored(server) == before
+    assert await stored(server) == before
     # Other characters are fine, the non-ASCII included.
     await server.stub.CreateInstance(
         pb.CreateInstanceRequest(workflow="three-steps", lookup_key="utilisateur:é 42 😀")
@@ -230,7 +239,7 @@ async def test_control_characters_in_keys_and_event_types_are_refused(server: Se
 async def test_a_batch_of_bad_items_names_each_within_a_trailer(server: Server) -> None:
     """100 bad items once made a message too large for a trailer: the detail of
     the first ones, then every other bad index."""
-    before = stored(server)
+    before = await stored(server)
     bad = pb.CreateInstanceRequest(workflow="three-steps", params_json="{oops", instance_id="-x")
     message = await refused(
         server.stub.CreateInstances(pb.CreateInstancesRequest(requests=[bad] * 100))
@@ -242,7 +251,7 @@ async def test_a_batch_of_bad_items_names_each_within_a_trailer(server: Server) 
     tail = message.rsplit("and requests ", 1)[1].split(" (")[0]
     named |= {f"requests[{i}]" for i in tail.split(", ")}
     assert named == {f"requests[{i}]" for i in range(100)}
-    assert stored(server) == before
+    assert await stored(server) == before
 
 
 # ------------------------------------------------- durations and timestamps
@@ -422,7 +431,7 @@ async def test_a_burst_past_the_rpc_cap_is_refused_not_queued(make_server: Serve
         return server.service.engine.core.hub.count == 40
 
     await eventually(subscribed)
-    before = stored(server)
+    before = await stored(server)
 
     async def status() -> grpc.StatusCode:
         try:
@@ -433,7 +442,7 @@ async def test_a_burst_past_the_rpc_cap_is_refused_not_queued(make_server: Serve
 
     outcomes = Counter(await asyncio.gather(*(status() for _ in range(5000))))
     assert outcomes == {EXHAUSTED: 5000}
-    assert stored(server) == before
+    assert await stored(server) == before
     for call in held:
         call.cancel()
 

@@ -80,11 +80,18 @@ class Controls:
         try:
             async with lock:
                 run = self._core.live.get(instance_id)
-                if run is None:
+                if run is None or (self._core.shared and not (run.active or run.queued)):
+                    # Not in memory; or, on a shared store, parked here (a write
+                    # that parks an instance frees it for any server): take it
+                    # (again), and drop a handle another server has moved past.
                     record = await self._core.store.claim_one(self._core.lease, instance_id)
                     if record is None:
                         raise NotFound(not_found_message(instance_id))
                     run = self._core.live.get(instance_id)
+                    stale = run is not None and run.seq != record.last_seq
+                    if stale and run is not None and not (run.active or run.queued or run.held):
+                        del self._core.live[instance_id]
+                        run = None
                     if run is None:
                         spec = self._core.workflows.get(record.workflow)
                         if spec is None:
@@ -329,6 +336,9 @@ class Controls:
         """Store an event for ``run``, held by this server, and wake it if it waits."""
         if run.status.finished:
             raise self._refuse("sent events", run, "unfinished")
+        if self._core.shared and run.status == InstanceStatus.WAITING:
+            # Stored waiting, it is free: take it before writing its wake-up.
+            await self._core.store.claim_one(self._core.lease, run.id)
         now = ms()
         # The sender's trace context, for the wait that takes the event to link to.
         sender = self._core.observer.sending() if self._core.observer is not None else None

@@ -22,6 +22,7 @@ from cruzflow.server.records import (
     InstanceUpdate,
     StepRecord,
 )
+from cruzflow.server.store.base import StoreError
 
 log = logging.getLogger("cruzflow.engine")
 
@@ -166,6 +167,26 @@ class Run:
             extra=about(self),
         )
 
+    async def reclaim(self) -> None:
+        """On a shared store, take the instance again before writing to it once
+        it was stored waiting (a write that parks an instance frees it for any
+        server); Suspend if another server took it meanwhile."""
+        core = self.core
+        if not core.shared:
+            return
+        try:
+            record = await core.store.claim_one(core.lease, self.id)
+        except StoreError as exc:
+            log.info(
+                "instance %s: taken by another server while it parked (%s)",
+                self.id,
+                exc,
+                extra=about(self),
+            )
+            raise Suspend() from exc
+        if record is None or record.last_seq != self.seq:
+            raise Suspend()  # purged, or moved on elsewhere
+
     async def enter_step(self) -> None:
         """A step boundary: prior writes durable, and a stop or pause taken here."""
         await self.barrier()
@@ -185,6 +206,7 @@ class Run:
         self.set_status(InstanceStatus.WAITING, wake_at=wake_at)
         await self.barrier()
         if self.poked or (not self.core.stopping and wake_at <= ms()):
+            await self.reclaim()
             self.set_status(InstanceStatus.RUNNING)
             return
         if self.core.observer is not None:

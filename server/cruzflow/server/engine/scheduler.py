@@ -42,8 +42,11 @@ class Scheduler:
         # Set by the engine: do the control calls other servers recorded for
         # an instance this one runs (Controls.serve_commands).
         self.serve_commands: Callable[[str], Coroutine[Any, Any, None]] | None = None
-        # Shared store: set when runnable instances may wait in the store.
+        # Shared store: set to wake the claim loop; ``_maybe_waiting`` while
+        # instances may wait in the store for a slot (told so, or a claim was
+        # cut short by the slots this server had free).
         self._runnable = asyncio.Event()
+        self._maybe_waiting = False
 
     def free_slots(self) -> int:
         core = self._core
@@ -60,6 +63,7 @@ class Scheduler:
             if limit <= 0:
                 return
         unfinished = await self._core.store.claim(self._core.lease, limit)
+        self._maybe_waiting = self._core.shared and len(unfinished) >= limit
         # Instances that were running go first, then the queue in creation order.
         unfinished.sort(key=lambda r: r.status != InstanceStatus.RUNNING)
         missing: dict[str, int] = {}
@@ -104,10 +108,12 @@ class Scheduler:
                     run.poked = True  # its wait looks at its inbox again
                 elif run is None and self.wake is not None:
                     core.spawn(self.wake(notice.instance_id))
+                self._maybe_waiting = True
                 self._runnable.set()
 
     def runnable_elsewhere(self) -> None:
         """Instances wait in the store for a server with a free slot."""
+        self._maybe_waiting = True
         self._runnable.set()
 
     async def claim_loop(self, interval: float) -> None:
@@ -184,6 +190,9 @@ class Scheduler:
             if run.status not in (InstanceStatus.RUNNING, InstanceStatus.WAITING_FOR_PAUSE):
                 run.set_status(InstanceStatus.RUNNING)
             self.start(run)
+        if self._maybe_waiting and len(self._core.runs) < limit:
+            # Instances may wait in a shared store for this free slot.
+            self._runnable.set()
 
     def enqueue(self, run: Run, announce: bool = False) -> Durable | None:
         """Start a run now if a slot is free, else queue it; record the status."""
@@ -216,8 +225,12 @@ class Scheduler:
             elif run.poked and run.status == InstanceStatus.WAITING and not run.queued:
                 # An event came while the run was leaving: go on at once.
                 self._timers.cancel(run.id)
-                run.reset_for_replay()
-                self.enqueue(run)
+                if self._core.shared and self.wake is not None:
+                    # Stored waiting, it is free: taken again through a wake-up.
+                    self._core.spawn(self.wake(run.id))
+                else:
+                    run.reset_for_replay()
+                    self.enqueue(run)
         self.release(run)
 
     def release(self, run: Run) -> None:
