@@ -262,9 +262,15 @@ MIGRATIONS: list[str] = [
 
         -- Existing instances the batch writes: only those this lease holds,
         -- locked in id order until commit, so no claim takes them meanwhile.
-        touched := ARRAY(
-            SELECT unnest(u_id || c_id || s_instance_id || e_instance_id || k_instance_id)
-            EXCEPT SELECT unnest(n_id));
+        IF cardinality(n_id) = 0 THEN
+            -- The usual batch of steps: no new instance to leave out.
+            touched := ARRAY(SELECT DISTINCT unnest(
+                u_id || c_id || s_instance_id || e_instance_id || k_instance_id));
+        ELSE
+            touched := ARRAY(
+                SELECT unnest(u_id || c_id || s_instance_id || e_instance_id || k_instance_id)
+                EXCEPT SELECT unnest(n_id));
+        END IF;
         IF live AND cardinality(touched) > 0 THEN
             owned := ARRAY(
                 SELECT i.id FROM instances i
@@ -274,6 +280,9 @@ MIGRATIONS: list[str] = [
 
         -- New instances: held by this lease when it runs them, else by none.
         -- One that would be held needs a live lease; a taken id is a conflict.
+        inserted := '{{}}';
+        conflicts := '{{}}';
+        IF cardinality(n_id) > 0 THEN
         WITH ins AS (
             INSERT INTO instances (id, workflow, status, params, output, error_name,
                 error_message, created_at, updated_at, ended_at, lookup_key, wake_at,
@@ -298,9 +307,14 @@ MIGRATIONS: list[str] = [
             SELECT n.id FROM unnest(n_id, n_status) AS n(id, status)
             WHERE live OR n.status NOT IN (2, 5)
             EXCEPT SELECT unnest(inserted));
-        fenced := ARRAY(SELECT unnest(touched) EXCEPT SELECT unnest(owned))
-            || ARRAY(SELECT n.id FROM unnest(n_id, n_status) AS n(id, status)
-                     WHERE NOT live AND n.status IN (2, 5));
+        END IF;
+        IF cardinality(owned) = cardinality(touched) AND (live OR cardinality(n_id) = 0) THEN
+            fenced := '{{}}';  -- the usual case: every instance written is this lease's
+        ELSE
+            fenced := ARRAY(SELECT unnest(touched) EXCEPT SELECT unnest(owned))
+                || ARRAY(SELECT n.id FROM unnest(n_id, n_status) AS n(id, status)
+                         WHERE NOT live AND n.status IN (2, 5));
+        END IF;
         -- The instances whose writes land, as a set with a logarithmic lookup.
         SELECT coalesce(jsonb_object_agg(x, true), '{{}}') INTO allowed
           FROM (SELECT unnest(owned) UNION ALL SELECT unnest(inserted)) AS a(x);
@@ -394,8 +408,9 @@ MIGRATIONS: list[str] = [
         notices := ARRAY(
             SELECT json_build_array({int(NoticeKind.EVENTS)}, e.instance_id, max(e.seq))::text
             FROM unnest(e_instance_id, e_seq) AS e(instance_id, seq)
-            WHERE allowed ? e.instance_id GROUP BY e.instance_id
-            UNION ALL
+            WHERE allowed ? e.instance_id GROUP BY e.instance_id);
+        IF cardinality(n_id) > 0 OR cardinality(b_instance_id) > 0 THEN
+        notices := notices || ARRAY(
             SELECT json_build_array({int(NoticeKind.RUNNABLE)}, i.id, 0)::text
             FROM instances i
             WHERE i.id = ANY(ARRAY(
@@ -407,6 +422,7 @@ MIGRATIONS: list[str] = [
             FROM instances i
             WHERE i.id = ANY(ARRAY(SELECT DISTINCT unnest(b_instance_id)))
               AND i.status IN (2, 4));
+        END IF;
         IF cardinality(notices) > 0 THEN
             PERFORM cruzflow_notify(lease_epoch, notices);
         END IF;
