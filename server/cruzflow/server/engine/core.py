@@ -32,7 +32,7 @@ from cruzflow.server.engine.hub import Hub
 from cruzflow.server.engine.journal import Durable, Journal
 from cruzflow.server.engine.observer import Observer
 from cruzflow.server.records import InboxEvent, InstanceRecord, Lease, Refusal
-from cruzflow.server.store.base import Store
+from cruzflow.server.store.base import Store, StoreError
 
 if TYPE_CHECKING:
     from cruzflow.server.engine.run import Run
@@ -147,6 +147,9 @@ class Core:
         self.spawned: set[asyncio.Task[None]] = set()
         # Set by the engine: remember that an instance wakes at a time (ms).
         self.wake_at: Callable[[str, int], None] = lambda _id, _at: None
+        # The error the last lease renewal failed with, while the store cannot
+        # be reached (a shared store), so that an idle server reports it too.
+        self.lease_fault: StoreError | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` in the background; shutdown cancels it."""
@@ -165,7 +168,7 @@ class Core:
     def refuse_while_store_fails(self) -> None:
         """New work waits for a store that cannot commit: refuse it instead, so
         memory stays bounded and the caller learns why at once."""
-        fault = self.journal.fault
+        fault = self.journal.fault or self.lease_fault
         if fault is not None:
             raise Unavailable(
                 f"the store cannot commit, so new work is refused: {fault}. The server "

@@ -65,6 +65,7 @@ class Engine:
         self.timers.on_due = self.controls.wake
         self.scheduler.wake = self.controls.wake
         self.scheduler.serve_commands = self.controls.serve_commands
+        self.scheduler.on_fault = self._tell_store_fault
         self._background: list[asyncio.Task[None]] = []
         # Told when the store starts failing to commit (the error) and when it
         # commits again (None); the service turns it into health.
@@ -81,7 +82,7 @@ class Engine:
             core.lease,
             core.hub.publish,
             core.observer,
-            on_fault=self._store_fault_changed,
+            on_fault=lambda _: self._tell_store_fault(),
         )
         core.journal.start()
         if core.observer is not None:
@@ -132,7 +133,11 @@ class Engine:
         # Everything is durable and published; end the watch streams.
         core.hub.close()
 
-    def _store_fault_changed(self, fault: StoreError | None) -> None:
+    def _tell_store_fault(self) -> None:
+        """Tell the listeners (health) the store's fault: a commit that cannot
+        land, or (a shared store) a lease that cannot be renewed; None once
+        neither fails."""
+        fault = self.store_fault
         for listener in self.store_listeners:
             listener(fault)
 
@@ -155,8 +160,9 @@ class Engine:
 
     @property
     def store_fault(self) -> StoreError | None:
-        """The error the store fails commits with, while it does; else None."""
-        return self.core.journal.fault
+        """The error the store fails commits (or lease renewals) with, while it
+        does; else None."""
+        return self.core.journal.fault or self.core.lease_fault
 
     @property
     def purged(self) -> int:

@@ -39,6 +39,9 @@ class Scheduler:
         # Set by the engine: wake (or take up) an instance another server made
         # runnable here (Controls.wake).
         self.wake: Callable[[str], Coroutine[Any, Any, None]] | None = None
+        # Set by the engine: told when the lease's renewal starts failing (the
+        # store is out of reach) and when it works again.
+        self.on_fault: Callable[[], None] | None = None
         # Set by the engine: do the control calls other servers recorded for
         # an instance this one runs (Controls.serve_commands).
         self.serve_commands: Callable[[str], Coroutine[Any, Any, None]] | None = None
@@ -142,8 +145,14 @@ class Scheduler:
             try:
                 kept = await core.store.renew(core.lease)
             except StoreError as exc:
-                log.warning("renewing this server's lease failed (%s); trying again", exc)
+                if core.lease_fault is None:
+                    log.warning("renewing this server's lease failed (%s); trying again", exc)
+                    core.lease_fault = exc
+                    self._fault_changed()
                 continue
+            if core.lease_fault is not None:
+                core.lease_fault = None
+                self._fault_changed()
             if kept:
                 continue
             log.error(
@@ -157,6 +166,10 @@ class Scheduler:
             core.lease = await core.store.acquire(core.owner)
             core.journal.lease = core.lease
             await self.claim()
+
+    def _fault_changed(self) -> None:
+        if self.on_fault is not None:
+            self.on_fault()
 
     async def _drop_all(self) -> None:
         """Forget every instance in memory, its run stopped (the lease that held
