@@ -30,7 +30,7 @@ import secrets
 import socket
 import urllib.parse
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -40,7 +40,6 @@ from cruzflow.server.records import (
     UNFINISHED,
     Batch,
     Command,
-    EventKind,
     EventRecord,
     InboxEvent,
     InstanceQuery,
@@ -50,11 +49,10 @@ from cruzflow.server.records import (
     Notice,
     NoticeKind,
     Refusal,
-    StepKind,
     StepRecord,
-    StepStatus,
 )
 from cruzflow.server.store.base import HELD_ELSEWHERE, StoreError
+from cruzflow.server.store.rows import event_of, inbox_of, instance_of, step_of
 
 log = logging.getLogger("cruzflow.store")
 
@@ -804,27 +802,6 @@ def _secrets_of(url: str) -> list[str]:
     return sorted(out, key=len, reverse=True)
 
 
-def _instance(row: Sequence[Any]) -> InstanceRecord:
-    return InstanceRecord(
-        id=row[0],
-        workflow=row[1],
-        status=InstanceStatus(row[2]),
-        params=row[3],
-        created_at=row[4],
-        updated_at=row[5],
-        output=row[6],
-        error_name=row[7],
-        error_message=row[8],
-        ended_at=row[9],
-        lookup_key=row[10],
-        wake_at=row[11],
-        trace_parent=row[12],
-        error_traceback=row[13],
-        run_started_at=row[14],
-        last_seq=row[15],
-    )
-
-
 def _transpose(rows: list[tuple[Any, ...]], width: int) -> list[Any]:
     """Rows as one list per column: the arrays cruzflow_apply takes."""
     if not rows:
@@ -1065,7 +1042,7 @@ class PostgresStore:
 
     async def claim(self, lease: Lease, limit: int) -> list[InstanceRecord]:
         rows = await self._fetch(_CLAIM, lease.owner, lease.epoch, limit)
-        return [_instance(r) for r in rows]
+        return [instance_of(r) for r in rows]
 
     async def claim_one(self, lease: Lease, instance_id: str) -> InstanceRecord | None:
         rows = await self._fetch(_CLAIM_ONE, lease.owner, lease.epoch, instance_id)
@@ -1084,7 +1061,7 @@ class PostgresStore:
                 f"lost: it expired without renewal, and other servers may run its instances",
                 cause="lease lost",
             )
-        return _instance(row[2:])
+        return instance_of(row[2:])
 
     # ---------------------------------------------------------------- write
     async def apply(self, batch: Batch, lease: Lease) -> dict[str, Refusal]:
@@ -1207,7 +1184,7 @@ class PostgresStore:
     # ----------------------------------------------------------------- read
     async def get_instance(self, instance_id: str) -> InstanceRecord | None:
         rows = await self._fetch(_GET_INSTANCE, instance_id)
-        return _instance(rows[0]) if rows else None
+        return instance_of(rows[0]) if rows else None
 
     async def count_unfinished(self) -> dict[InstanceStatus, int]:
         rows = await self._fetch(_COUNT_UNFINISHED)
@@ -1215,36 +1192,15 @@ class PostgresStore:
 
     async def get_steps(self, instance_id: str) -> list[StepRecord]:
         rows = await self._fetch(_GET_STEPS, instance_id)
-        return [
-            StepRecord(
-                instance_id=r[0],
-                index=r[1],
-                name=r[2],
-                occurrence=r[3],
-                status=StepStatus(r[4]),
-                attempts=r[5],
-                started_at=r[6],
-                ended_at=r[7],
-                output=r[8],
-                error_name=r[9],
-                error_message=r[10],
-                next_attempt_at=r[11],
-                kind=StepKind(r[12]),
-                event_type=r[13],
-                error_traceback=r[14],
-            )
-            for r in rows
-        ]
+        return [step_of(r) for r in rows]
 
     async def read_events(self, instance_id: str, after_seq: int, limit: int) -> list[EventRecord]:
         rows = await self._fetch(_READ_EVENTS, instance_id, after_seq, limit)
-        return [
-            EventRecord(r[0], r[1], r[2], EventKind(r[3]), json.loads(r[4]), r[5]) for r in rows
-        ]
+        return [event_of(r) for r in rows]
 
     async def take_events(self, instance_id: str, type: str, limit: int) -> list[InboxEvent]:
         rows = await self._fetch(_TAKE_INBOX, instance_id, type, limit)
-        return [InboxEvent(r[1], r[2], r[3], r[4], r[0], r[5]) for r in rows]
+        return [inbox_of(r) for r in rows]
 
     async def due_wakes(self, before: int, limit: int) -> list[tuple[str, int]]:
         rows = await self._fetch(_DUE_WAKES, before, limit)
@@ -1262,7 +1218,7 @@ class PostgresStore:
             return []
         sql, args = _page_query(query, low, high, limit)
         rows = await self._fetch(sql, *args)
-        return [(r[0], _instance(r[1:])) for r in rows]
+        return [(r[0], instance_of(r[1:])) for r in rows]
 
     async def _position_at(self, at: int) -> int:
         rows = await self._fetch(_POSITION_AT, at)

@@ -27,7 +27,6 @@ from cruzflow.server.records import (
     UNFINISHED,
     Batch,
     Command,
-    EventKind,
     EventRecord,
     InboxEvent,
     InstanceQuery,
@@ -36,11 +35,10 @@ from cruzflow.server.records import (
     Lease,
     Notice,
     Refusal,
-    StepKind,
     StepRecord,
-    StepStatus,
 )
 from cruzflow.server.store.base import StoreError
+from cruzflow.server.store.rows import event_of, inbox_of, instance_of, step_of
 
 log = logging.getLogger("cruzflow.store")
 
@@ -371,27 +369,6 @@ _TRANSIENT: dict[int, tuple[str, str]] = {
 _REOPEN = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN})
 
 
-def _instance(row: sqlite3.Row | tuple[Any, ...]) -> InstanceRecord:
-    return InstanceRecord(
-        id=row[0],
-        workflow=row[1],
-        status=InstanceStatus(row[2]),
-        params=row[3],
-        created_at=row[4],
-        updated_at=row[5],
-        output=row[6],
-        error_name=row[7],
-        error_message=row[8],
-        ended_at=row[9],
-        lookup_key=row[10],
-        wake_at=row[11],
-        trace_parent=row[12],
-        error_traceback=row[13],
-        run_started_at=row[14],
-        last_seq=row[15],
-    )
-
-
 class SqliteStore:
     """The ``Store`` on one SQLite file. One server process owns the file."""
 
@@ -701,7 +678,7 @@ class SqliteStore:
     # they would all see an old state.
     async def get_instance(self, instance_id: str) -> InstanceRecord | None:
         rows = await self._fetch(_GET_INSTANCE, (instance_id,))
-        return _instance(rows[0]) if rows else None
+        return instance_of(rows[0]) if rows else None
 
     async def count_unfinished(self) -> dict[InstanceStatus, int]:
         rows = await self._fetch(_COUNT_UNFINISHED, ())
@@ -709,36 +686,15 @@ class SqliteStore:
 
     async def get_steps(self, instance_id: str) -> list[StepRecord]:
         rows = await self._fetch(_GET_STEPS, (instance_id,))
-        return [
-            StepRecord(
-                instance_id=r[0],
-                index=r[1],
-                name=r[2],
-                occurrence=r[3],
-                status=StepStatus(r[4]),
-                attempts=r[5],
-                started_at=r[6],
-                ended_at=r[7],
-                output=r[8],
-                error_name=r[9],
-                error_message=r[10],
-                next_attempt_at=r[11],
-                kind=StepKind(r[12]),
-                event_type=r[13],
-                error_traceback=r[14],
-            )
-            for r in rows
-        ]
+        return [step_of(r) for r in rows]
 
     async def read_events(self, instance_id: str, after_seq: int, limit: int) -> list[EventRecord]:
         rows = await self._fetch(_READ_EVENTS, (instance_id, after_seq, limit))
-        return [
-            EventRecord(r[0], r[1], r[2], EventKind(r[3]), json.loads(r[4]), r[5]) for r in rows
-        ]
+        return [event_of(r) for r in rows]
 
     async def take_events(self, instance_id: str, type: str, limit: int) -> list[InboxEvent]:
         rows = await self._fetch(_TAKE_INBOX, (instance_id, type, limit))
-        return [InboxEvent(r[1], r[2], r[3], r[4], r[0], r[5]) for r in rows]
+        return [inbox_of(r) for r in rows]
 
     async def due_wakes(self, before: int, limit: int) -> list[tuple[str, int]]:
         rows = await self._fetch(_DUE_WAKES, (before, limit))
@@ -768,7 +724,7 @@ class SqliteStore:
             return []
         self._claimed = True
         rows = await self._fetch(_UNFINISHED)
-        return [_instance(r) for r in rows]
+        return [instance_of(r) for r in rows]
 
     async def claim_one(self, lease: Lease, instance_id: str) -> InstanceRecord | None:
         return await self.get_instance(instance_id)
@@ -834,7 +790,7 @@ class SqliteStore:
             return []
         sql, args = _page_query(query, low, high, limit)
         rows = await self._fetch(sql, args)
-        return [(r[0], _instance(r[1:])) for r in rows]
+        return [(r[0], instance_of(r[1:])) for r in rows]
 
     async def _position_at(self, at: int) -> int:
         rows = await self._fetch(_POSITION_AT, (at,))
