@@ -50,7 +50,8 @@ run: $(STAMP)
 # database of their own per test, on a cluster the session starts).
 POSTGRES_SUITES := tests/test_engine.py tests/test_lifecycle.py tests/test_grpc_api.py \
   tests/test_batch_retention.py tests/test_hostile.py tests/test_listing.py \
-  tests/client/test_client.py tests/client/test_errors_and_retries.py tests/client/test_sync.py
+  tests/client/test_client.py tests/client/test_errors_and_retries.py tests/client/test_sync.py \
+  tests/e2e/test_crash_recovery.py tests/e2e/test_lifecycle_restart.py tests/e2e/test_shutdown.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -140,6 +140,28 @@ async def test_event_wakes_a_waiting_instance_once(server: Server) -> None:
     assert [json.loads(e.payload) for e in left] == [2]
 
 
+async def test_an_event_to_a_parked_instance_goes_on_with_no_write_refused(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One server: nothing it writes may be refused as another server's. (On a
+    shared store, a write that parks an instance frees it; the event's
+    server takes it again before writing, or the instance would sleep on
+    until its timeout.)"""
+    instance_id = await _create(server, "approval", {"timeout": 300})
+    await _until(server, instance_id, S.INSTANCE_STATUS_WAITING)
+    await eventually(lambda: _async(instance_id not in server.service.engine.core.live))
+    before = server.service.engine.journal.batches
+    await server.stub.SendEvent(
+        pb.SendEventRequest(instance_id=instance_id, type="approval", payload_json='"go"')
+    )
+    done = await _wait(server, instance_id)
+    assert json.loads(done.output_json) == {"approved": "go", "type": "approval"}
+    assert not [r for r in caplog.records if "refused the writes" in r.getMessage()]
+    # The event and the instance's going on, its wait's result, its last step
+    # with the completion: three commits, none lost to a refusal.
+    assert server.service.engine.journal.batches - before == 3
+
+
 async def test_events_of_another_type_do_not_satisfy_the_wait(server: Server) -> None:
     instance_id = await _create(server, "approval", {"timeout": 300})
     await server.stub.SendEvent(

@@ -148,9 +148,8 @@ async def test_a_lost_lease_stops_the_runs_it_held(start: Start) -> None:
     await eventually(lambda: _has_steps(a, instance_id))
     # A's lease lapses (its renewals stop, as in a server paused past it): B
     # takes the instance over, and A's late writes are refused.
-    for task in a._background:
-        if task.get_name() == "cruzflow-lease":
-            task.cancel()
+    assert a._lease_keeper is not None
+    a._lease_keeper.cancel()
     await eventually(lambda: _running_here(b, instance_id), timeout=10)
     Blocks.gate.set()
     record = await finished(b, instance_id)
@@ -232,8 +231,9 @@ async def test_a_call_for_a_server_that_died_is_given_up_and_done_elsewhere(
         # A stops answering anything (its listener and its lease renewals are
         # gone, as in a server that died); B's call is recorded for A, given
         # up once A's lease has expired, and done by B itself.
-        for task in a._background:
-            task.cancel()
+        for task in [*a._background, a._lease_keeper]:
+            if task is not None:
+                task.cancel()
         a.scheduler.serve_commands = None
         assert await b.terminate(instance_id) is InstanceStatus.TERMINATED
     finally:

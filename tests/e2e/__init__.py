@@ -67,13 +67,23 @@ class Cluster:
         grace: str = "5 seconds",
         limits: Mapping[str, int] | None = None,
         store: Path | None = None,
+        store_url: str | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.side = directory / "side.txt"
         self.store = store or directory / "store.db"
+        # On PostgreSQL (store_url): a short lease, as a restarted server takes
+        # its predecessor's instances over once that one's lease has expired.
+        self.store_url = store_url
         self.config = write_config(
-            directory, WORKFLOWS, grace=grace, limits=limits, store=str(self.store)
+            directory,
+            WORKFLOWS,
+            grace=grace,
+            limits=limits,
+            store=str(self.store),
+            store_url=store_url,
+            lease_period="1 second" if store_url is not None else None,
         )
         self.servers: list[ServerProcess] = []
         self._channels: list[grpc.Channel] = []
@@ -113,7 +123,8 @@ class Cluster:
         self.check_integrity()
 
     def check_integrity(self) -> None:
-        assert integrity(self.store) == "ok"
+        if self.store_url is None:  # PostgreSQL checks its own
+            assert integrity(self.store) == "ok"
 
     def close(self) -> None:
         for watcher in self.watchers:

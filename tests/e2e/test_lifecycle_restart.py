@@ -12,6 +12,7 @@ with consecutive sequence numbers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import sqlite3
@@ -22,11 +23,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cruzflow.v1 import workflows_pb2 as pb
+from tests.conftest import ON_POSTGRES, Stores
 from tests.e2e import WORKFLOWS, Cluster, Watcher
 from tests.procs import wait_for, write_config
 
@@ -40,13 +43,22 @@ S = pb.InstanceStatus
 
 
 @pytest.fixture
-def clusters(tmp_path: Path) -> Iterator[ClusterFactory]:
-    """Make clusters under tmp_path; every server process is stopped afterwards."""
+def clusters(tmp_path: Path, stores: Stores) -> Iterator[ClusterFactory]:
+    """Make clusters under tmp_path, on the run's store; every server process is
+    stopped afterwards."""
     made: list[Cluster] = []
 
     def make(name: str = "cluster", **kwargs: Any) -> Cluster:
+        if ON_POSTGRES:
+            kwargs.setdefault("store_url", stores.url(name))
         cluster = Cluster(tmp_path / name, **kwargs)
-        write_config(cluster.directory, {**WORKFLOWS, **EXTRA_WORKFLOWS}, store=str(cluster.store))
+        write_config(
+            cluster.directory,
+            {**WORKFLOWS, **EXTRA_WORKFLOWS},
+            store=str(cluster.store),
+            store_url=cluster.store_url,
+            lease_period="1 second" if cluster.store_url is not None else None,
+        )
         made.append(cluster)
         return cluster
 
@@ -138,8 +150,26 @@ def settle(cluster: Cluster) -> None:
     assert done.status == S.INSTANCE_STATUS_COMPLETE
 
 
-def inbox(store: Path, instance_id: str) -> list[tuple[str, bool]]:
-    """(payload, consumed) of the instance's stored events, oldest first, read from a copy."""
+def inbox(cluster: Cluster, instance_id: str) -> list[tuple[str, bool]]:
+    """(payload, consumed) of the instance's stored events, oldest first: from a
+    copy of the SQLite file, or from the PostgreSQL database."""
+    if cluster.store_url is not None:
+        url = cluster.store_url
+
+        async def read() -> list[tuple[str, bool]]:
+            conn = await asyncpg.connect(url)
+            try:
+                rows = await conn.fetch(
+                    "SELECT payload, consumed_by IS NOT NULL FROM inbox"
+                    " WHERE instance_id = $1 ORDER BY id",
+                    instance_id,
+                )
+            finally:
+                await conn.close()
+            return [(bytes(r[0]).decode(), bool(r[1])) for r in rows]
+
+        return asyncio.run(read())
+    store = cluster.store
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / store.name
         for suffix in ("", "-wal"):
@@ -307,7 +337,7 @@ def test_events_sent_before_the_waits_are_kept_across_a_kill_and_taken_in_order(
     assert cluster.count("early:slow:1") == 1
     assert cluster.count("early:slow:2") == 1
     assert cluster.count("early:applied") == 1
-    assert inbox(cluster.store, instance_id) == [('{"n": 1}', True), ('{"n": 2}', True)]
+    assert inbox(cluster, instance_id) == [('{"n": 1}', True), ('{"n": 2}', True)]
     cluster.kill()
 
 
@@ -349,8 +379,8 @@ def test_an_event_after_a_kill_completes_the_wait_once_and_the_second_stays(
         assert json.loads(instance.output_json) == {"approved": {"ok": 1}, "type": "approval"}
         assert cluster.count(f"{instance_id}:requested") == 1
         assert cluster.count(f"{instance_id}:applied") == 1
-    assert inbox(cluster.store, approve) == [('{"ok": 1}', True)]
-    assert inbox(cluster.store, twice) == [('{"ok": 1}', True), ('{"ok": 2}', False)]
+    assert inbox(cluster, approve) == [('{"ok": 1}', True)]
+    assert inbox(cluster, twice) == [('{"ok": 1}', True), ('{"ok": 2}', False)]
 
     code, message = refused(send, cluster, approve, {"ok": 3})
     assert code == grpc.StatusCode.FAILED_PRECONDITION
@@ -360,7 +390,7 @@ def test_an_event_after_a_kill_completes_the_wait_once_and_the_second_stays(
     assert "nobody-here" in message
     # Refusals change nothing.
     assert cluster.status(approve).last_sequence == done[approve].last_sequence
-    assert len(inbox(cluster.store, approve)) == 1
+    assert len(inbox(cluster, approve)) == 1
     cluster.kill()
 
 

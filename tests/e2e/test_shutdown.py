@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from cruzflow.v1 import workflows_pb2 as pb
+from tests.conftest import sqlite_only
 from tests.e2e import Watcher
 from tests.e2e.conftest import ClusterFactory
 from tests.procs import wait_for
@@ -146,6 +147,7 @@ def test_short_grace_cuts_the_attempt_short_and_it_runs_again(clusters: ClusterF
         assert cluster.count(f"{tag}:work-done") == 1
 
 
+@sqlite_only  # several servers share one PostgreSQL store
 def test_a_second_server_on_the_same_store_refuses_to_start(clusters: ClusterFactory) -> None:
     """The store's lock file keeps a second process off it; the first serves on."""
     first = clusters("first")

@@ -345,6 +345,17 @@ class Controls:
         durable = self._core.journal.add_inbox(
             InboxEvent(run.id, type, data, now, trace_parent=sender)
         )
+        if run.status == InstanceStatus.WAITING and not (run.active or run.queued):
+            # Parked: it goes on at once, in the same commit as the event (on a
+            # shared store, a write of it as waiting would also free it for any
+            # server again). A server killed now leaves it running: it resumes
+            # at the next start, or another server takes it over once this
+            # server's lease expires.
+            self._timers.cancel(run.id)
+            run.reset_for_replay()
+            self._scheduler.enqueue(run)
+            await self._core.durable(durable, "the event could not be stored", run.id)
+            return
         if run.status == InstanceStatus.WAITING:
             # Due now, in the same commit as the event: a server killed before
             # the run takes it wakes the instance as soon as it starts again

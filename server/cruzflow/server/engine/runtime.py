@@ -67,6 +67,7 @@ class Engine:
         self.scheduler.serve_commands = self.controls.serve_commands
         self.scheduler.on_fault = self._tell_store_fault
         self._background: list[asyncio.Task[None]] = []
+        self._lease_keeper: asyncio.Task[None] | None = None
         # Told when the store starts failing to commit (the error) and when it
         # commits again (None); the service turns it into health.
         self.store_listeners: list[Callable[[StoreError | None], None]] = []
@@ -93,15 +94,18 @@ class Engine:
         self._background.append(asyncio.create_task(self.timers.loop(), name="cruzflow-timers"))
         period = core.store.lease_period_s
         if period is not None:
-            # Several servers on one store: keep the lease, and take up what
-            # waits for a slot, or what a server that died left, at least once
-            # a second (so within a second of its lease's expiry).
-            self._background += [
-                asyncio.create_task(self.scheduler.keep_lease(period), name="cruzflow-lease"),
+            # Several servers on one store: keep the lease (until the stop has
+            # drained: see shutdown), and take up what waits for a slot, or
+            # what a server that died left, at least once a second (so within
+            # a second of its lease's expiry).
+            self._lease_keeper = asyncio.create_task(
+                self.scheduler.keep_lease(period), name="cruzflow-lease"
+            )
+            self._background.append(
                 asyncio.create_task(
                     self.scheduler.claim_loop(min(1.0, period / 5)), name="cruzflow-claims"
-                ),
-            ]
+                )
+            )
         self._start_background()
 
     def _start_background(self) -> None:
@@ -127,7 +131,11 @@ class Engine:
                 )
                 await asyncio.wait(pending)
         await core.journal.close()
-        # The other servers (if any) take this one's instances over at once.
+        # Renewed while the attempts drained and their writes committed; the
+        # other servers (if any) take this one's instances over at once now.
+        if self._lease_keeper is not None:
+            self._lease_keeper.cancel()
+            await asyncio.gather(self._lease_keeper, return_exceptions=True)
         with contextlib.suppress(StoreError):
             await core.store.release(core.lease)
         # Everything is durable and published; end the watch streams.
