@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cruzflow.sdk.api import Env
-from cruzflow.server.auth import INTERNAL_NAME, AuthInterceptor, Refusal, TokenRule, digest
+from cruzflow.server.auth import INTERNAL_NAME, AuthInterceptor, Gate, Refusal, TokenRule, digest
 from cruzflow.server.bindings import (
     ServerLink,
     SqliteDatabase,
@@ -34,7 +34,8 @@ from cruzflow.server.engine.runtime import Engine
 from cruzflow.server.store.base import StoreError
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.server.telemetry import Providers, configure_logging
-from cruzflow.server.transport.servicer import WorkflowServicer, add_to_server
+from cruzflow.server.transport.api import WorkflowApi
+from cruzflow.server.transport.servicer import add_to_server
 from cruzflow.v1 import workflows_pb2 as pb
 
 log = logging.getLogger("cruzflow")
@@ -66,11 +67,22 @@ class Service:
             WorkflowTarget("", "", None, token=self._own_token) if self._own_token else None
         )
         self._own_socket: Path | None = None
+        self.gate = (
+            Gate(
+                [*config.tokens, TokenRule(INTERNAL_NAME, digest(self._own_token))],
+                self._workflow_of,
+            )
+            if self._own_token is not None
+            else None
+        )
+        """Who may call what, on every transport; None: no authentication."""
         values.update(bind_workflows(config.workflow_bindings, self.own_link))
         self.env = Env(values)
         self.engine = Engine(
             self.store, config.workflows, self.env, config.limits, self.telemetry.observer
         )
+        self.api = WorkflowApi(self.engine)
+        """The service's handlers, served over gRPC and (with [http]) over HTTP."""
         self.health = health.aio.HealthServicer()
         # While the store cannot commit, new work is refused: say NOT_SERVING so
         # that balancers and probes look elsewhere, and SERVING once it is back.
@@ -104,7 +116,7 @@ class Service:
         await self.store.open()
         await self.engine.start()
         # Guarded: a request that is not a valid message gets INVALID_ARGUMENT.
-        add_to_server(WorkflowServicer(self.engine), self.server)
+        add_to_server(self.api, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -150,14 +162,9 @@ class Service:
         return port
 
     def _auth(self) -> list[grpc.aio.ServerInterceptor]:
-        tokens = self.config.tokens
-        if not tokens:
+        if self.gate is None:
             return []
-        own = self._own_token
-        assert own is not None
-        rules = [*tokens, TokenRule(INTERNAL_NAME, digest(own))]
-        reflection_open = self.config.open_reflection
-        return [AuthInterceptor(rules, self._workflow_of, open_reflection=reflection_open)]
+        return [AuthInterceptor(self.gate, open_reflection=self.config.open_reflection)]
 
     async def _workflow_of(self, instance_id: str) -> str | None:
         """The workflow of an instance, for tokens limited to some workflows."""
@@ -165,9 +172,9 @@ class Service:
             self.engine.check_id(instance_id)
             record = await self.store.get_instance(instance_id)
         except InvalidArgument as exc:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise Refusal("INVALID_ARGUMENT", str(exc)) from None
         except StoreError as exc:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            raise Refusal("UNAVAILABLE", str(exc)) from None
         return None if record is None else record.workflow
 
     async def _set_health(self, serving: bool) -> None:

@@ -1,10 +1,10 @@
-"""Bearer-token authentication and authorisation, as a gRPC server interceptor.
+"""Bearer-token authentication and authorisation, for every transport.
 
 Every call to the workflow service must carry ``authorization: Bearer
 <token>`` with a token of the config's ``[[auth.tokens]]``. A token may be
 limited to the read methods, and to the instances of named workflows.
 
-What the interceptor answers:
+What the gate answers (over gRPC and over HTTP alike):
 
 * no token, or one that matches none: ``UNAUTHENTICATED``;
 * a read-only token on a method that changes something: ``PERMISSION_DENIED``;
@@ -97,9 +97,10 @@ class TokenRule:
 
 
 class Refusal(Exception):
-    """Raised by an instance lookup to answer the call with ``code`` and ``message``."""
+    """A call refused: answered with the status ``code`` (named as gRPC names
+    it: ``PERMISSION_DENIED``) and ``message``, on any transport."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -110,29 +111,20 @@ InstanceLookup = Callable[[str], Awaitable[str | None]]
 May raise :class:`Refusal` (a malformed id, a store that cannot read)."""
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks the bearer token of every call; see the module's docstring.
+class Gate:
+    """Who may call what: the checks of the module's docstring, for any
+    transport. ``lookup`` finds an instance's workflow, for the tokens limited
+    to named workflows (the only ones that cost a read per call)."""
 
-    ``lookup`` finds an instance's workflow, for the tokens limited to named
-    workflows (the only ones that cost a read per call).
-    """
-
-    def __init__(
-        self,
-        tokens: Sequence[TokenRule],
-        lookup: InstanceLookup,
-        *,
-        open_reflection: bool = True,
-    ) -> None:
+    def __init__(self, tokens: Sequence[TokenRule], lookup: InstanceLookup) -> None:
         if not tokens:
-            raise ValueError("AuthInterceptor needs at least one token")
+            raise ValueError("a Gate needs at least one token")
         self._tokens = tuple(tokens)
         self._lookup = lookup
-        self._open_reflection = open_reflection
 
-    def match(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> TokenRule | None:
-        """The rule of the bearer token in ``metadata``, or None."""
-        presented = _bearer(metadata)
+    def match(self, authorization: str | None) -> TokenRule | None:
+        """The rule of the bearer token in an ``authorization`` header's value, or None."""
+        presented = _bearer(authorization)
         if presented is None:
             return None
         given = digest(presented)
@@ -145,6 +137,134 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 found = rule
         return found
 
+    def method(self, rule: TokenRule | None, name: str) -> None:
+        """Raise :class:`Refusal` unless ``rule`` may call the service's method
+        ``name`` at all (before its request is read)."""
+        if rule is None:
+            raise Refusal("UNAUTHENTICATED", UNAUTHENTICATED_MESSAGE)
+        if rule.read_only and name not in READ_METHODS:
+            raise Refusal(
+                "PERMISSION_DENIED",
+                f"token {rule.name!r} is read-only; {name} changes instances, so it needs a "
+                f'token with access = "write"',
+            )
+        if rule.workflows is not None and name not in _SCOPED:
+            # A method this module does not know how to limit to workflows:
+            # refused rather than let through unchecked.
+            raise Refusal(
+                "PERMISSION_DENIED",
+                f"token {rule.name!r} is limited to workflows {rule.allowed()}; {name} "
+                f"cannot be limited so and needs a token without workflows",
+            )
+
+    async def request(self, rule: TokenRule, name: str, request: Any) -> None:
+        """Raise :class:`Refusal` unless ``rule``'s workflows allow ``request``
+        to the method ``name`` (which :meth:`method` let through)."""
+        if rule.workflows is None:
+            return
+        if name in _INSTANCE_METHODS:
+            await self._instance(rule, request.instance_id)
+        elif name == "CreateInstance":
+            if not rule.allows(request.workflow):
+                raise Refusal(
+                    "PERMISSION_DENIED",
+                    f"token {rule.name!r} may only create instances of {rule.allowed()}; "
+                    f"not of {request.workflow!r}",
+                )
+        elif name == "CreateInstances":
+            refused = [
+                f"requests[{i}] ({item.workflow!r})"
+                for i, item in enumerate(request.requests)
+                if not rule.allows(item.workflow)
+            ]
+            if refused:
+                raise Refusal(
+                    "PERMISSION_DENIED",
+                    f"token {rule.name!r} may only create instances of {rule.allowed()}; "
+                    f"not {', '.join(refused[:10])}{' ...' if len(refused) > 10 else ''}",
+                )
+        elif name == "ListInstances" and not rule.allows(request.workflow):
+            # A filter on the answer instead would break paging (a page token is
+            # tied to the request's filters), so the caller names the workflow.
+            what = (
+                f"not {request.workflow!r}" if request.workflow else "set workflow to one of them"
+            )
+            raise Refusal(
+                "PERMISSION_DENIED",
+                f"token {rule.name!r} may only list instances of {rule.allowed()}; {what}",
+            )
+
+    async def _instance(self, rule: TokenRule, instance_id: str) -> None:
+        workflow = await self._lookup(instance_id)
+        if workflow is None:
+            raise Refusal("NOT_FOUND", not_found_message(instance_id))
+        if not rule.allows(workflow):
+            # Deliberately the answer for an id that does not exist: see the
+            # module's docstring. Only the log says what happened.
+            raise _Hidden("NOT_FOUND", not_found_message(instance_id))
+
+    @staticmethod
+    def response(rule: TokenRule, name: str, response: Any) -> Any:
+        """``response`` as ``rule`` may see it: ListWorkflows keeps only the
+        workflows the token may use, as if the server hosted no others."""
+        if name == "ListWorkflows" and rule.workflows is not None:
+            kept = [w for w in response.workflows if rule.allows(w.name)]
+            return pb.ListWorkflowsResponse(workflows=kept)
+        return response
+
+
+class _Hidden(Refusal):
+    """A refusal worded as another answer (another workflow's instance, as not
+    found): logged as a refusal, unlike a real NOT_FOUND."""
+
+
+def logged(refused: Refusal, method: str, peer: str, rule: TokenRule | None) -> bool:
+    """Log ``refused`` (at INFO: a refusal is the caller's fault, but repeated
+    ones are worth seeing) with the caller's address, unless it is an answer
+    that is not a refusal (an instance that does not exist); True if logged."""
+    if type(refused) is Refusal and refused.code == "NOT_FOUND":
+        return False
+    # Messages are built from names, ids and methods only: never a token.
+    log.info(
+        "refused %s from %s (token %s): %s: %s",
+        method,
+        peer,
+        "none" if rule is None else repr(rule.name),
+        refused.code,
+        refused.message,
+    )
+    return True
+
+
+def annotate(rule: TokenRule | None) -> None:
+    """Record on the current span which token the call was made with."""
+    # The telemetry interceptor runs outside the auth one, so its server span
+    # is current here; refused calls keep the status it records.
+    if rule is not None:
+        trace.get_current_span().set_attribute(TOKEN_ATTRIBUTE, rule.name)
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer" and token:
+        return token
+    return None
+
+
+# ------------------------------------------------------------------- gRPC
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """The :class:`Gate`'s checks on every gRPC call; health is always open,
+    reflection when ``open_reflection`` (else any valid token may use it)."""
+
+    def __init__(self, gate: Gate, *, open_reflection: bool = True) -> None:
+        self._gate = gate
+        self._open_reflection = open_reflection
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -155,52 +275,37 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         if method.startswith(_HEALTH) or (self._open_reflection and method.startswith(_REFLECTION)):
             return await continuation(handler_call_details)
-        rule = self.match(handler_call_details.invocation_metadata)
+        rule = self._gate.match(_authorization(handler_call_details.invocation_metadata))
         handler = await continuation(handler_call_details)
-        if rule is None:
-            return _refusing(
-                handler, method, None, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE
-            )
         if handler is None:
+            if rule is None:
+                # An unknown method and no valid token: refuse it like any other
+                # call rather than tell an unauthenticated caller which exist.
+                refused = Refusal("UNAUTHENTICATED", UNAUTHENTICATED_MESSAGE)
+                return _refusing(None, method, None, refused)
             return handler  # an unknown method: gRPC answers UNIMPLEMENTED
         if not method.startswith(SERVICE):
             # Reflection (when not open): any valid token may describe the API.
+            if rule is None:
+                refused = Refusal("UNAUTHENTICATED", UNAUTHENTICATED_MESSAGE)
+                return _refusing(handler, method, None, refused)
             return _wrap(handler, _named(rule))
         name = method[len(SERVICE) :]
-        if rule.read_only and name not in READ_METHODS:
-            return _refusing(
-                handler,
-                method,
-                rule,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"token {rule.name!r} is read-only; {name} changes instances, so it needs a "
-                f'token with access = "write"',
-            )
+        try:
+            self._gate.method(rule, name)
+        except Refusal as refused:
+            return _refusing(handler, method, rule, refused)
+        assert rule is not None
         if rule.workflows is None:
             return _wrap(handler, _named(rule))
-        if name not in _SCOPED:
-            # A method this module does not know how to limit to workflows:
-            # refused rather than let through unchecked.
-            return _refusing(
-                handler,
-                method,
-                rule,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"token {rule.name!r} is limited to workflows {rule.allowed()}; {name} "
-                f"cannot be limited so and needs a token without workflows",
-            )
-        return _wrap(handler, _scoped(rule, method, self._lookup))
+        return _wrap(handler, _scoped(self._gate, rule, method))
 
 
-def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+def _authorization(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     for key, value in metadata or ():
-        if key != "authorization" or not isinstance(value, str):
-            continue
-        scheme, _, token = value.partition(" ")
-        token = token.strip()
-        if scheme.lower() == "bearer" and token:
-            return token
-        return None  # the first authorization header decides
+        if key == "authorization":
+            # The first authorization header decides.
+            return value if isinstance(value, str) else None
     return None
 
 
@@ -208,29 +313,12 @@ async def _deny(
     context: grpc.aio.ServicerContext[Any, Any],
     method: str,
     rule: TokenRule | None,
-    code: grpc.StatusCode,
-    message: str,
+    refused: Refusal,
 ) -> NoReturn:
-    """End the call with ``code``; logged (at INFO: a refusal is the caller's
-    fault, but repeated ones are worth seeing) with the caller's address."""
-    # Messages are built from names, ids and methods only: never a token.
-    log.info(
-        "refused %s from %s (token %s): %s: %s",
-        method,
-        context.peer(),
-        "none" if rule is None else repr(rule.name),
-        code.name,
-        message,
-    )
-    await context.abort(code, message)
+    """End the call with the refusal's code and message, logged."""
+    logged(refused, method, context.peer(), rule)
+    await context.abort(grpc.StatusCode[refused.code], refused.message)
     raise AssertionError("abort returned")  # pragma: no cover - abort raises
-
-
-def _annotate(rule: TokenRule | None) -> None:
-    # The telemetry interceptor runs outside this one, so its server span is
-    # current here; refused calls keep the status it records.
-    if rule is not None:
-        trace.get_current_span().set_attribute(TOKEN_ATTRIBUTE, rule.name)
 
 
 # ------------------------------------------------------------- behaviours
@@ -266,14 +354,13 @@ def _refusing(
     handler: grpc.RpcMethodHandler[Any, Any] | None,
     method: str,
     rule: TokenRule | None,
-    code: grpc.StatusCode,
-    message: str,
+    refused: Refusal,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same kind as ``handler`` that refuses the call."""
 
     async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
-        _annotate(rule)
-        await _deny(context, method, rule, code, message)
+        annotate(rule)
+        await _deny(context, method, rule, refused)
 
     def wrapper(behavior: Behavior, streaming: bool) -> Behavior:
         if streaming:
@@ -290,8 +377,6 @@ def _refusing(
         return refuse_unary
 
     if handler is None:
-        # An unknown method and no valid token: refuse it like any other call
-        # rather than tell an unauthenticated caller which methods exist.
         return grpc.unary_unary_rpc_method_handler(wrapper(_unused, False))
     return _wrap(handler, wrapper)
 
@@ -307,14 +392,14 @@ def _named(rule: TokenRule) -> Wrapper:
         if streaming:
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                _annotate(rule)
+                annotate(rule)
                 async for response in behavior(request, context):
                     yield response
 
             return stream
 
         async def unary(request: Any, context: Any) -> Any:
-            _annotate(rule)
+            annotate(rule)
             return await behavior(request, context)
 
         return unary
@@ -322,98 +407,30 @@ def _named(rule: TokenRule) -> Wrapper:
     return wrapper
 
 
-# ---------------------------------------------------------- per workflow
-
-
-async def _check_instance(
-    rule: TokenRule, method: str, instance_id: str, lookup: InstanceLookup, context: Any
-) -> None:
-    try:
-        workflow = await lookup(instance_id)
-    except Refusal as exc:
-        await context.abort(exc.code, exc.message)
-        return  # pragma: no cover - abort raises
-    if workflow is None:
-        await context.abort(grpc.StatusCode.NOT_FOUND, not_found_message(instance_id))
-    elif not rule.allows(workflow):
-        # Deliberately the answer for an id that does not exist: see the
-        # module's docstring. Only the log says what happened.
-        await _deny(
-            context, method, rule, grpc.StatusCode.NOT_FOUND, not_found_message(instance_id)
-        )
-
-
-async def _check_request(
-    rule: TokenRule, method: str, request: Any, lookup: InstanceLookup, context: Any
-) -> None:
-    name = method[len(SERVICE) :]
-    if name in _INSTANCE_METHODS:
-        await _check_instance(rule, method, request.instance_id, lookup, context)
-        return
-    if name == "CreateInstance":
-        if not rule.allows(request.workflow):
-            await _deny(
-                context,
-                method,
-                rule,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"token {rule.name!r} may only create instances of {rule.allowed()}; "
-                f"not of {request.workflow!r}",
-            )
-        return
-    if name == "CreateInstances":
-        refused = [
-            f"requests[{i}] ({item.workflow!r})"
-            for i, item in enumerate(request.requests)
-            if not rule.allows(item.workflow)
-        ]
-        if refused:
-            await _deny(
-                context,
-                method,
-                rule,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"token {rule.name!r} may only create instances of {rule.allowed()}; "
-                f"not {', '.join(refused[:10])}{' ...' if len(refused) > 10 else ''}",
-            )
-        return
-    if name == "ListInstances" and not rule.allows(request.workflow):
-        # A filter on the answer instead would break paging (a page token is
-        # tied to the request's filters), so the caller names the workflow.
-        what = f"not {request.workflow!r}" if request.workflow else "set workflow to one of them"
-        await _deny(
-            context,
-            method,
-            rule,
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"token {rule.name!r} may only list instances of {rule.allowed()}; {what}",
-        )
-
-
-def _scoped(rule: TokenRule, method: str, lookup: InstanceLookup) -> Wrapper:
+def _scoped(gate: Gate, rule: TokenRule, method: str) -> Wrapper:
     """A wrapper that checks the request against the token's workflows first."""
+    name = method[len(SERVICE) :]
+
+    async def check(request: Any, context: Any) -> None:
+        annotate(rule)
+        try:
+            await gate.request(rule, name, request)
+        except Refusal as refused:
+            await _deny(context, method, rule, refused)
 
     def wrapper(behavior: Behavior, streaming: bool) -> Behavior:
         if streaming:
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                _annotate(rule)
-                await _check_request(rule, method, request, lookup, context)
+                await check(request, context)
                 async for response in behavior(request, context):
                     yield response
 
             return stream
 
         async def unary(request: Any, context: Any) -> Any:
-            _annotate(rule)
-            await _check_request(rule, method, request, lookup, context)
-            response = await behavior(request, context)
-            if method.endswith("/ListWorkflows"):
-                # Only the workflows the token may use, as if the server
-                # hosted no others.
-                kept = [w for w in response.workflows if rule.allows(w.name)]
-                return pb.ListWorkflowsResponse(workflows=kept)
-            return response
+            await check(request, context)
+            return gate.response(rule, name, await behavior(request, context))
 
         return unary
 

@@ -1,0 +1,164 @@
+"""The WorkflowService's one handler layer: request message in, engine call,
+response message out, for every transport.
+
+Each method is named as in proto/cruzflow/v1/workflows.proto and takes and
+returns the generated messages. A refusal is raised as the engine raises it
+(``errors.ServiceError`` or ``StoreError``); :func:`refusal` gives its code
+name and message, which the gRPC servicer (``servicer.py``) and the Connect
+application (``http.py``) turn into their own status, so that both answer
+every call alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from cruzflow.server.engine import errors, validate
+from cruzflow.server.engine.runtime import Engine
+from cruzflow.server.store.base import StoreError
+from cruzflow.server.transport import convert
+from cruzflow.v1 import workflows_pb2 as pb
+
+log = logging.getLogger("cruzflow.transport")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["WorkflowService"]
+"""The service's descriptor: its methods' names, messages and streaming."""
+
+REFUSALS = (errors.ServiceError, StoreError)
+"""What a handler raises for a call it refuses; anything else is a fault."""
+
+_CODES: list[tuple[type[Exception], str]] = [
+    (errors.InvalidArgument, "INVALID_ARGUMENT"),
+    (errors.NotFound, "NOT_FOUND"),
+    (errors.AlreadyExists, "ALREADY_EXISTS"),
+    (errors.FailedPrecondition, "FAILED_PRECONDITION"),
+    (errors.ResourceExhausted, "RESOURCE_EXHAUSTED"),
+    (errors.Unavailable, "UNAVAILABLE"),
+    (StoreError, "UNAVAILABLE"),
+]
+
+
+def refusal(exc: Exception) -> tuple[str, str]:
+    """The status code name (as gRPC spells it: ``NOT_FOUND``) and message
+    with which to answer a call that raised ``exc``. Anything but a refusal is
+    logged with its traceback and answered ``INTERNAL``, naming only its type."""
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code, validate.fit(str(exc))
+    log.error("internal error", exc_info=exc)
+    return "INTERNAL", f"internal error: {type(exc).__name__}"
+
+
+def _status(value: int) -> pb.InstanceStatus.ValueType:
+    return pb.InstanceStatus.ValueType(int(value))
+
+
+class WorkflowApi:
+    """The service's methods over one engine; see the module's docstring."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def CreateInstance(self, request: pb.CreateInstanceRequest) -> pb.CreateInstanceResponse:
+        instance_id, status = await self._engine.create(
+            request.workflow, request.instance_id, request.params_json, request.lookup_key
+        )
+        return pb.CreateInstanceResponse(instance_id=instance_id, status=_status(status))
+
+    async def CreateInstances(
+        self, request: pb.CreateInstancesRequest
+    ) -> pb.CreateInstancesResponse:
+        items: list[tuple[str, str, str | bytes, str]] = [
+            (r.workflow, r.instance_id, r.params_json, r.lookup_key) for r in request.requests
+        ]
+        created = await self._engine.create_many(items)
+        return pb.CreateInstancesResponse(
+            instances=[
+                pb.CreateInstanceResponse(instance_id=instance_id, status=_status(status))
+                for instance_id, status in created
+            ]
+        )
+
+    async def GetStatus(self, request: pb.GetStatusRequest) -> pb.GetStatusResponse:
+        record, steps = await self._engine.get(request.instance_id)
+        return pb.GetStatusResponse(instance=convert.instance(record, steps))
+
+    async def WatchInstance(
+        self, request: pb.WatchInstanceRequest
+    ) -> AsyncIterator[pb.WatchInstanceResponse]:
+        async for record in self._engine.watch(request.instance_id, request.after_sequence):
+            yield convert.event(record)
+
+    async def WaitInstance(self, request: pb.WaitInstanceRequest) -> pb.WaitInstanceResponse:
+        timeout = (
+            convert.seconds(request.timeout, "timeout") if request.HasField("timeout") else None
+        )
+        record, steps = await self._engine.wait(request.instance_id, timeout, request.include_steps)
+        return pb.WaitInstanceResponse(instance=convert.instance(record, steps))
+
+    async def ListInstances(self, request: pb.ListInstancesRequest) -> pb.ListInstancesResponse:
+        low, high = request.create_time_min, request.create_time_max
+        page, token = await self._engine.list_instances(
+            workflow=request.workflow,
+            statuses=list(request.statuses),
+            created_min=(
+                convert.ms(low, "create_time_min") if request.HasField("create_time_min") else None
+            ),
+            created_max=(
+                convert.ms(high, "create_time_max") if request.HasField("create_time_max") else None
+            ),
+            lookup_key=request.lookup_key,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListInstancesResponse(
+            instances=[convert.instance(record, []) for record in page], next_page_token=token
+        )
+
+    async def PauseInstance(self, request: pb.PauseInstanceRequest) -> pb.PauseInstanceResponse:
+        return pb.PauseInstanceResponse(
+            status=_status(await self._engine.pause(request.instance_id))
+        )
+
+    async def ResumeInstance(self, request: pb.ResumeInstanceRequest) -> pb.ResumeInstanceResponse:
+        return pb.ResumeInstanceResponse(
+            status=_status(await self._engine.resume(request.instance_id))
+        )
+
+    async def TerminateInstance(
+        self, request: pb.TerminateInstanceRequest
+    ) -> pb.TerminateInstanceResponse:
+        return pb.TerminateInstanceResponse(
+            status=_status(await self._engine.terminate(request.instance_id))
+        )
+
+    async def RestartInstance(
+        self, request: pb.RestartInstanceRequest
+    ) -> pb.RestartInstanceResponse:
+        return pb.RestartInstanceResponse(
+            status=_status(await self._engine.restart(request.instance_id))
+        )
+
+    async def SendEvent(self, request: pb.SendEventRequest) -> pb.SendEventResponse:
+        await self._engine.send_event(request.instance_id, request.type, request.payload_json)
+        return pb.SendEventResponse()
+
+    async def ListWorkflows(self, request: pb.ListWorkflowsRequest) -> pb.ListWorkflowsResponse:
+        return pb.ListWorkflowsResponse(
+            workflows=[
+                pb.Workflow(name=w.name, binding=w.binding, class_name=w.class_name)
+                for w in self._engine.workflows()
+            ]
+        )
+
+
+def _check_coverage() -> None:
+    """Every method of the contract has its handler here (at import: a method
+    added to the proto without one fails loudly, on every transport)."""
+    missing = [m.name for m in SERVICE.methods if not callable(getattr(WorkflowApi, m.name, None))]
+    if missing:
+        raise RuntimeError(f"WorkflowApi has no handler for {', '.join(missing)}")
+
+
+_check_coverage()
