@@ -115,3 +115,6 @@ soak: $(STAMP)
 	CRUZFLOW_SOAK_SECONDS=$(SOAK_SECONDS) CRUZFLOW_SOAK_WATCHERS=$(SOAK_WATCHERS) \
 	CRUZFLOW_SOAK_SEED=$(SOAK_SEED) \
 	  $(BIN)/python -m pytest -q -s tests/e2e/test_soak.py
+
+# The TypeScript client and its example: ts-install, ts-proto, ts-proto-check, ts-lint, ts-test.
+include clients/typescript/ts.mk
