@@ -56,4 +56,4 @@ ts-test: $(STAMP) ts-build
 	rm -rf $(TS_DIR)/build $(TS_APP)/dist
 	$(TSC) -p $(TS_DIR)/tsconfig.test.json
 	$(TSC) -p $(TS_APP)/tsconfig.json
-	CRUZFLOW_BIN="$(CRUZFLOW_BIN)" node --test --test-concurrency=$(TS_TEST_CONCURRENCY) $(TS_DIR)/build/test/*.test.js
+	CRUZFLOW_BIN="$(CRUZFLOW_BIN)" node --test --test-concurrency=$(TS_TEST_CONCURRENCY) --test-timeout=60000 $(TS_DIR)/build/test/*.test.js

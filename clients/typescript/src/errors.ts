@@ -222,14 +222,56 @@ const BY_CODE = new Map<Code, ErrorClass>([
 // unknown instance is "instance_id: no instance ...".
 const WORKFLOW_FIELD = /^(?:requests\[\d+\]\.)?workflow:/;
 
+// Node's codes for a connection that could not be made or was cut: a server
+// out of reach, restarting or killed. connect-node reads ECONNRESET as
+// Aborted, and HTTP/2 session failures as Internal or Unknown.
+const NETWORK_CODES = new Set([
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "EPIPE",
+  "ETIMEDOUT",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+  "EAI_AGAIN",
+  "ERR_HTTP2_GOAWAY_SESSION",
+  "ERR_HTTP2_SESSION_ERROR",
+  "ERR_HTTP2_STREAM_CANCEL",
+  "ERR_HTTP2_INVALID_SESSION",
+  "ERR_HTTP2_ERROR",
+  "UND_ERR_SOCKET",
+]);
+
+function causes(error: unknown): unknown[] {
+  const chain: unknown[] = [];
+  while (error instanceof Error && !chain.includes(error) && chain.length < 8) {
+    chain.push(error);
+    error = error.cause;
+  }
+  return chain;
+}
+
 /**
- * The status code a failure counts as. A `fetch` that failed on the network
- * rejects with a `TypeError` (the Fetch standard says so, and browsers, Node,
- * Deno and Workers do so), which Connect wraps as `Unknown`: that is a server
- * out of reach, `Unavailable`, as gRPC would say.
+ * The status code a failure counts as: `Unavailable` (as gRPC says) for a
+ * server out of reach, however the transport reported it. A `fetch` that
+ * failed on the network rejects with a `TypeError` (the Fetch standard says
+ * so; browsers, Node, Deno and Workers do so), which Connect wraps as
+ * `Unknown`; on Node a refused or reset connection carries its `code`
+ * (`ECONNRESET`, ...). A refusal sent by the server carries no cause, so it
+ * keeps its own code.
  */
 export function effectiveCode(error: ConnectError): Code {
-  if (error.code === Code.Unknown && error.cause instanceof TypeError) {
+  if (error.cause === undefined || error.code === Code.Unavailable) {
+    return error.code;
+  }
+  const chain = causes(error.cause);
+  if (error.code === Code.Unknown && chain.some((e) => e instanceof TypeError)) {
+    return Code.Unavailable;
+  }
+  const network = chain.some((e) => {
+    const code = (e as { code?: unknown }).code;
+    return typeof code === "string" && NETWORK_CODES.has(code);
+  });
+  if (network && (error.code === Code.Aborted || error.code === Code.Internal || error.code === Code.Unknown)) {
     return Code.Unavailable;
   }
   return error.code;

@@ -20,8 +20,10 @@ import {
   Unavailable,
   WorkflowNotFound,
   createClient,
+  fromConnectError,
   type Client,
 } from "../src/index.js";
+import { ConnectError } from "@connectrpc/connect";
 import { createGrpcClient } from "../src/node.js";
 import { Server, closedPort, eventually, transports, uniqueId, type TransportName } from "./harness.js";
 
@@ -241,6 +243,21 @@ for (const { name: transport, skip } of transports()) {
     });
   });
 }
+
+test("transport failures count as Unavailable; the server's own codes stay", () => {
+  const reset = Object.assign(new Error("read ECONNRESET"), { code: "ECONNRESET" });
+  // What connect-node makes of a reset connection: Aborted, with the cause.
+  const cut = fromConnectError(new ConnectError("read ECONNRESET", Code.Aborted, undefined, undefined, reset));
+  assert.ok(cut instanceof Unavailable);
+  assert.equal(cut.code, Code.Unavailable);
+  const fetchFailed = new ConnectError("fetch failed", Code.Unknown, undefined, undefined, new TypeError("fetch failed"));
+  assert.ok(fromConnectError(fetchFailed) instanceof Unavailable);
+  // Sent by a server: no cause, the code as it is.
+  const aborted = fromConnectError(new ConnectError("conflict", Code.Aborted));
+  assert.equal(aborted.code, Code.Aborted);
+  assert.equal(aborted.codeName, "ABORTED");
+  assert.equal(fromConnectError(new ConnectError("x", Code.Canceled)).codeName, "CANCELLED");
+});
 
 function downClient(transport: TransportName, port: number): Client {
   const baseUrl = `http://127.0.0.1:${port}`;

@@ -142,6 +142,9 @@ export class Server {
 
   /** Starts the server and resolves once every listener it has is up. */
   async start(timeoutMs = 30_000): Promise<this> {
+    if (this.#proc !== undefined) {
+      throw new Error("the server is running already: kill() or stop() it first");
+    }
     const http = serverHasHttp();
     const args = ["serve", "--config", this.config, "--listen", this.grpcAddress || "127.0.0.1:0"];
     if (http) {
@@ -158,6 +161,7 @@ export class Server {
       const timer = setTimeout(() => fail(`no "listening" line within ${timeoutMs} ms`), timeoutMs);
       const fail = (why: string): void => {
         clearTimeout(timer);
+        this.#proc = undefined;
         proc.kill("SIGKILL");
         reject(new Error(`cruzflow serve: ${why}\n--- stdout\n${out}\n--- log\n${this.log()}`));
       };

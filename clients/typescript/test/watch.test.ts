@@ -25,7 +25,7 @@ function summary(events: readonly WatchEvent[]): string[] {
 }
 
 for (const { name: transport, skip } of transports()) {
-  describe(`watch over ${transport}`, { skip }, () => {
+  describe(`watch and restarts over ${transport}`, { skip }, () => {
     let server: Server;
 
     before(async () => {
@@ -50,6 +50,7 @@ for (const { name: transport, skip } of transports()) {
           await server.kill();
           // Down long enough for the watch to fail and retry at least once.
           restarted = new Promise((r) => setTimeout(r, 600)).then(() => server.start());
+          restarted.catch(() => {}); // awaited after the loop
         }
       }
       await restarted;
@@ -75,6 +76,32 @@ for (const { name: transport, skip } of transports()) {
       assert.ok(s2Starts.length >= 1);
       const info = await instance.status();
       assert.equal(info.lastSequence, last.sequence);
+    });
+
+    test("result() follows the instance across a SIGKILL and restart", async () => {
+      const client = server.client(transport, { reconnect: { initialBackoffMs: 50, maxBackoffMs: 200 } });
+      const instance = await client.workflow("steps5").create({ ms: 200 }, { id: uniqueId("res") });
+      const result = instance.result({ timeoutMs: 30_000 });
+      result.catch(() => {}); // awaited below: not an unhandled rejection meanwhile
+      await server.kill();
+      await new Promise((r) => setTimeout(r, 400));
+      await server.start();
+      assert.deepEqual(await result, [0, 1, 2, 3, 4]);
+    });
+
+    test("a create with an id is retried until the server is back; one without is not", async () => {
+      const client = server.client(transport, { retry: { maxAttempts: 20, initialBackoffMs: 50, maxBackoffMs: 200 } });
+      await server.kill();
+      const withoutId = client.workflow("three-steps").create({ n: 0 });
+      const id = uniqueId("back");
+      const withId = client.workflow("three-steps").create({ n: 1 }, { id });
+      withId.catch(() => {}); // awaited below: not an unhandled rejection meanwhile
+      await assert.rejects(withoutId, (error: unknown) => error instanceof CruzflowError && error.code === Code.Unavailable);
+      await new Promise((r) => setTimeout(r, 300));
+      await server.start();
+      const instance = await withId;
+      assert.equal(instance.id, id);
+      assert.deepEqual(await instance.result({ timeoutMs: 10_000 }), { sum: 6, params: { n: 1 } });
     });
 
     test("afterSequence resumes mid-log and a break closes the stream", async () => {
