@@ -7,7 +7,7 @@
 #   make ts-proto-check fail when the checked-in generated code is stale
 #   make ts-lint        ts-proto-check, then tsc --noEmit on the client (and its
 #                       tests) and on the example
-#   make ts-test        build, then node --test against real servers
+#   make ts-test        ts-proto-check, build, then node --test against real servers
 #                       (CRUZFLOW_BIN: the server command, default .venv/bin/cruzflow)
 
 TS_DIR := clients/typescript
@@ -52,7 +52,7 @@ ts-lint: ts-proto-check ts-build
 	$(TSC) -p $(TS_DIR)/tsconfig.test.json --noEmit
 	$(TSC) -p $(TS_APP)/tsconfig.json --noEmit
 
-ts-test: $(STAMP) ts-build
+ts-test: $(STAMP) ts-proto-check ts-build
 	rm -rf $(TS_DIR)/build $(TS_APP)/dist
 	$(TSC) -p $(TS_DIR)/tsconfig.test.json
 	$(TSC) -p $(TS_APP)/tsconfig.json
