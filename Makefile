@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 CONFIG ?= examples/cruzflow.toml
 # `make run LISTEN=127.0.0.1:50052` serves on another address; empty: the config's [server] listen.
 LISTEN ?=
+# `make run HTTP_LISTEN=127.0.0.1:8081` serves HTTP there; empty: the config's [http] listen.
+HTTP_LISTEN ?=
 PROTO := proto/cruzflow/v1/workflows.proto
 GEN := clients/python
 
@@ -44,7 +46,7 @@ lock:
 	@echo "constraints.txt refreshed; 'make install' installs it"
 
 run: $(STAMP)
-	$(BIN)/cruzflow serve --config $(CONFIG)$(if $(LISTEN), --listen $(LISTEN))
+	$(BIN)/cruzflow serve --config $(CONFIG)$(if $(LISTEN), --listen $(LISTEN))$(if $(HTTP_LISTEN), --http-listen $(HTTP_LISTEN))
 
 # The suites that hold on any store run a second time on PostgreSQL (a
 # database of their own per test, on a cluster the session starts).
@@ -59,7 +61,7 @@ ifeq ($(strip $(PYTEST_ARGS)),)
 	CRUZFLOW_TEST_STORE=postgres $(BIN)/python -m pytest -q $(POSTGRES_SUITES)
 endif
 
-lint: $(STAMP) proto-check
+lint: $(STAMP) proto-check ts-lint
 	$(BIN)/ruff check server clients/python/cruzflow/client tests bench examples
 	$(BIN)/ruff format --check server clients/python/cruzflow/client tests bench examples
 	$(BIN)/mypy server/cruzflow clients/python/cruzflow/client examples tests bench
@@ -70,15 +72,16 @@ lint: $(STAMP) proto-check
 proto: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto \
 	  --python_out=$(GEN) --grpc_python_out=$(GEN) \
-	  --mypy_out=$(GEN) --mypy_grpc_out=$(GEN) $(PROTO)
+	  --mypy_out=$(GEN) --mypy_grpc_out=$(GEN) --connectrpc_out=protobuf=google:$(GEN) $(PROTO)
 	touch $(GEN)/cruzflow/v1/__init__.py $(GEN)/cruzflow/v1/py.typed
 
 # Fails when the checked-in stubs differ from what proto/ generates.
 proto-check: $(STAMP)
 	@tmp=$$(mktemp -d) && \
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto \
-	  --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTO) >/dev/null 2>&1 && \
-	for f in workflows_pb2.py workflows_pb2.pyi workflows_pb2_grpc.py workflows_pb2_grpc.pyi; do \
+	  --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp \
+	  --connectrpc_out=protobuf=google:$$tmp $(PROTO) >/dev/null 2>&1 && \
+	for f in workflows_pb2.py workflows_pb2.pyi workflows_pb2_grpc.py workflows_pb2_grpc.pyi workflows_connect.py; do \
 	  cmp -s $$tmp/cruzflow/v1/$$f $(GEN)/cruzflow/v1/$$f || { echo "stale generated code: $(GEN)/cruzflow/v1/$$f; run 'make proto'"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp
 

@@ -38,7 +38,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -62,6 +62,7 @@ from bench.takeover import w3_replicas
 from bench.w3 import w3
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
+from tests.connect_stub import ConnectStub
 
 if TYPE_CHECKING:
     from bench.harness import Stub
@@ -108,6 +109,7 @@ class Options:
     lease_period: float = 2.0
     wait_on: str = "same"
     pg_statements: bool = False
+    http: bool = True
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -137,6 +139,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "is cut (90); with --sleepers, for the whole run (600)",
     )
     parser.add_argument("--no-w3", action="store_true", help="skip W3 (kill and restart)")
+    parser.add_argument(
+        "--no-http",
+        action="store_true",
+        help="skip W1 and W2 over HTTP/JSON (Connect), run after gRPC's on the same server",
+    )
     parser.add_argument(
         "--w3-n", type=int, default=200, help="W3: workflows killed in their 2 s step (200)"
     )
@@ -262,6 +269,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         lease_period=args.lease_period,
         wait_on=args.wait_on,
         pg_statements=args.pg_statements,
+        http=not args.no_http,
     )
 
 
@@ -425,7 +433,11 @@ class FsyncCounter:
 
     def _command(self, word: bytes) -> None:
         os.write(self._ctl, word + b"\n")
-        ready, _, _ = select.select([self._ack], [], [], 10)
+        # poll, not select: over HTTP/1.1 the client holds a thousand sockets,
+        # and select refuses descriptors past 1024.
+        waiter = select.poll()
+        waiter.register(self._ack, select.POLLIN)
+        ready = waiter.poll(10_000)
         if not ready or not os.read(self._ack, 16).startswith(b"ack"):
             raise RuntimeError(f"perf did not acknowledge {word.decode()!r}")
 
@@ -750,10 +762,10 @@ class Bench:
             result["total_cpu_ms_per_wf"] = _per(cpu + pg_cpu + client, done, 1000)
         return result
 
-    async def w1(self, watch: bool = False) -> dict[str, Any]:
+    async def w1(self, watch: bool = False, label: str = "") -> dict[str, Any]:
         """N workflows submitted at once, a bounded number in flight."""
         o = self.opts
-        name = "W1 watch" if watch else "W1"
+        name = ("W1 watch" if watch else "W1") + label
         first = self._take(o.warmup)
         await self.bounded(
             f"{name} warm-up",
@@ -788,12 +800,12 @@ class Bench:
             figures["servers_rss_mb"] = [round(r, 1) for r in rss]
         return figures
 
-    async def w2(self) -> dict[str, Any]:
+    async def w2(self, label: str = "") -> dict[str, Any]:
         """M workflows one at a time: submit-to-result latency."""
         o = self.opts
         first = self._take(o.warmup)
         await self.bounded(
-            "W2 warm-up",
+            f"W2{label} warm-up",
             run_sequential(self.alternate, o.warmup, first, o.rpc_timeout, self.warm, []),
         )
         tally = Tally()
@@ -801,7 +813,9 @@ class Bench:
         lat: list[float] = []
         first = self._take(o.m)
         result = await self.measured(
-            "W2", tally, run_sequential(self.alternate, o.m, first, o.rpc_timeout, tally, lat)
+            f"W2{label}",
+            tally,
+            run_sequential(self.alternate, o.m, first, o.rpc_timeout, tally, lat),
         )
         lat.sort()
 
@@ -830,6 +844,19 @@ async def drive(
     servers: list[Server], opts: Options, fsync_method: str, db: Database | None = None
 ) -> dict[str, Any]:
     channels: list[list[grpc.aio.Channel]] = []
+    # Over HTTP: a Connect client (its own connection pool) per gRPC channel,
+    # on HTTP/1.1 (a connection per call in flight) and on HTTP/2.
+    http_stubs, http2_stubs = (
+        [
+            [
+                ConnectStub(f"http://{server.http_address}", http2=http2)
+                for _ in range(opts.channels)
+            ]
+            for server in (servers if opts.http else [])
+        ]
+        for http2 in (False, True)
+    )
+    http: dict[str, Any] = {}
     try:
         for server in servers:
             channels.append(await open_channels(server.address, opts.channels))
@@ -843,8 +870,17 @@ async def drive(
         w1 = await bench.w1()
         w1_watch = await bench.w1(watch=True)
         w2 = await bench.w2()
+        if http_stubs:
+            bench.stubs = cast("list[list[Stub]]", http_stubs)
+            http["w1_http"] = await bench.w1(label=" HTTP/1.1")
+            http["w2_http"] = await bench.w2(label=" HTTP/1.1")
+            bench.stubs = cast("list[list[Stub]]", http2_stubs)
+            http["w1_http2"] = await bench.w1(label=" HTTP/2")
     finally:
         await asyncio.gather(*(ch.close() for chans in channels for ch in chans))
+        await asyncio.gather(
+            *(stub.close() for stubs in http_stubs + http2_stubs for stub in stubs)
+        )
         if db is not None:
             await db.pg.close_admin()
     failures: dict[str, int] = {}
@@ -855,6 +891,7 @@ async def drive(
         "w1": w1,
         "w1_watch": w1_watch,
         "w2": w2,
+        **http,
         "warmup_failed": bench.warm.failed,
         "failures": failures,
         "cut": bench.cut,
@@ -946,6 +983,19 @@ def summary(report: dict[str, Any]) -> Iterator[str]:
         f"W1 with a WatchInstance stream per workflow instead of WaitInstance: "
         f"{ww['workflows_per_s']:.0f} workflows/s, server CPU {ww['server_cpu_ms_per_wf']} ms/wf"
     )
+    hw1, hw2, h2w1 = report.get("w1_http"), report.get("w2_http"), report.get("w1_http2")
+    if hw1 is not None and hw2 is not None and h2w1 is not None:
+        grpc_rate = w1["workflows_per_s"] or 1
+        share = hw1["workflows_per_s"] / grpc_rate
+        yield (
+            f"W1 over HTTP/1.1 JSON (Connect): {hw1['workflows_per_s']:.0f} workflows/s, "
+            f"{share:.0%} of gRPC's [target >= 70%: {'met' if share >= 0.7 else 'MISSED'}], "
+            f"server CPU {hw1['server_cpu_ms_per_wf']} ms/wf, client CPU "
+            f"{hw1['client_cpu_ms_per_wf']} ms/wf; over HTTP/2: {h2w1['workflows_per_s']:.0f} "
+            f"workflows/s ({h2w1['workflows_per_s'] / grpc_rate:.0%}), server CPU "
+            f"{h2w1['server_cpu_ms_per_wf']} ms/wf"
+        )
+        yield f"W2 over HTTP/1.1 JSON: p50 {hw2['p50_ms']} ms, p99 {hw2['p99_ms']} ms"
     yield (
         f"W2 {w2['completed']}/{w2['m']} one at a time: p50 {w2['p50_ms']} ms, "
         f"p99 {w2['p99_ms']} ms, mean {w2['mean_ms']} ms{target2}"
@@ -1082,7 +1132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         servers = [
             Server(
-                write_config(d, uvloop=opts.server_uvloop, rpc_spans=rpc_spans, store=store),
+                write_config(
+                    d, uvloop=opts.server_uvloop, rpc_spans=rpc_spans, store=store, http=opts.http
+                ),
                 strace=method == "strace",
                 env={**env, **store.env()},
             )

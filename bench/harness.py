@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = "cruzflow listening on "
+HTTP_LISTENING = "cruzflow http listening on "
 # The workflows of bench/workflows.py, by the names the config gives them.
 WORKFLOW = "bench-three-steps"
 SLOW_WORKFLOW = "bench-slow-step"
@@ -85,7 +86,12 @@ SQLITE = Store()
 
 
 def write_config(
-    directory: Path, *, uvloop: bool, rpc_spans: str = "all", store: Store = SQLITE
+    directory: Path,
+    *,
+    uvloop: bool,
+    rpc_spans: str = "all",
+    store: Store = SQLITE,
+    http: bool = False,
 ) -> Path:
     """The config of a bench server in ``directory`` (made if missing); its path.
 
@@ -107,6 +113,7 @@ def write_config(
         'listen = "127.0.0.1:0"',
         'grace_period = "5 seconds"',
         f"uvloop = {'true' if uvloop else 'false'}",
+        *(["[http]", 'listen = "127.0.0.1:0"'] if http else []),
         "[store]",
         *store_lines,
         "[limits]",
@@ -165,6 +172,8 @@ class Server:
         self.log_path = self.folder / "server.log"
         self.env = {**os.environ, **env} if env else None
         self.address = ""
+        self.http_address = ""
+        """host:port of the HTTP listener, when the config has one."""
         self.pid = 0
         # time.time() just before the process was started, and once it listened.
         self.started_at = 0.0
@@ -195,7 +204,7 @@ class Server:
                 str(self.trace_path),
                 *command,
             ]
-        self.address = ""
+        self.address = self.http_address = ""
         self._lines = queue.Queue()
         with open(self.log_path, "ab") as log:
             self.started_at = time.time()
@@ -219,6 +228,12 @@ class Server:
                 if line.startswith(LISTENING):
                     self.listening_at = time.time()
                     self.address = line[len(LISTENING) :].strip()
+        # The HTTP listener's line follows at once, when there is one.
+        if "[http]" in self.config.read_text():
+            line = self._lines.get(timeout=max(1.0, deadline - time.monotonic())).decode()
+            if not line.startswith(HTTP_LISTENING):
+                raise RuntimeError(f"expected {HTTP_LISTENING!r}, got {line!r}")
+            self.http_address = line[len(HTTP_LISTENING) :].strip()
         self.pid = self._server_pid()
 
     @staticmethod

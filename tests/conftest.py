@@ -1,15 +1,18 @@
 """Shared fixtures: a real store per test (a SQLite file; with
 CRUZFLOW_TEST_STORE=postgres, a database of its own on a real PostgreSQL
-started by the session), a real gRPC server on port 0."""
+started by the session), a real server on port 0, called over gRPC or,
+in the modules that say ``TRANSPORTS = BOTH``, over each transport in turn:
+gRPC, and HTTP/JSON through the Connect protocol (tests/connect_stub.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -23,6 +26,7 @@ from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
 from tests import workflows as wf
+from tests.connect_stub import ConnectStub
 from tests.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 from tests.procs import write_config
 
@@ -33,6 +37,29 @@ ON_POSTGRES = TEST_STORE == "postgres"
 sqlite_only = pytest.mark.skipif(
     ON_POSTGRES, reason="about the SQLite store itself (its file, its lock, its faults)"
 )
+
+BOTH = ("grpc", "http")
+"""``TRANSPORTS = BOTH`` in a test module: each of its tests that uses a
+server fixture runs over gRPC and over HTTP (the same test, the same stub
+calls; errors over HTTP arrive as the same ``grpc.aio.AioRpcError``). A test
+about gRPC itself (raw bytes on the channel, gRPC's own limits) is marked
+``grpc_only``."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "transport" not in metafunc.fixturenames:
+        return
+    both = getattr(metafunc.module, "TRANSPORTS", ("grpc",))
+    if metafunc.definition.get_closest_marker("grpc_only") is not None:
+        both = ("grpc",)
+    metafunc.parametrize("transport", both, indirect=True)
+
+
+@pytest.fixture
+def transport(request: pytest.FixtureRequest) -> str:
+    """How the test's server fixtures are called: "grpc" or "http"."""
+    return str(getattr(request, "param", "grpc"))
+
 
 ALL_WORKFLOWS: dict[str, str] = {
     "three-steps": "tests.workflows:ThreeSteps",
@@ -145,13 +172,41 @@ async def finished(engine: Engine, instance_id: str, timeout: float = 30.0) -> A
 
 
 class Server:
-    """An in-process service on a loopback port, with a stub on a channel."""
+    """An in-process service on a loopback port, with a stub on a channel
+    (``transport`` "grpc"), or the same stub's calls over HTTP ("http"):
+    ``channel`` is the gRPC one either way."""
 
-    def __init__(self, service: Service, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, service: Service, channel: grpc.aio.Channel, transport: str = "grpc"
+    ) -> None:
         self.service = service
         self.channel = channel
-        self.stub = pb_grpc.WorkflowServiceStub(channel)
+        self.transport = transport
+        self.connect: ConnectStub | None = None
+        if transport == "http":
+            self.connect = ConnectStub(f"http://127.0.0.1:{service.http_port}")
+        # The same calls either way: typed as the gRPC stub.
+        self.stub = (
+            cast("pb_grpc.WorkflowServiceAsyncStub", self.connect)
+            if self.connect is not None
+            else pb_grpc.WorkflowServiceStub(channel)
+        )
         self.address = f"127.0.0.1:{service.port}"
+
+    @functools.cached_property
+    def binary(self) -> Any:
+        """The stub, sending binary protobuf over HTTP too: for values that
+        the JSON mapping cannot spell (a Duration's nanos past a second)."""
+        if self.connect is None:
+            return self.stub
+        self._binary = ConnectStub(f"http://127.0.0.1:{self.service.http_port}", codec="proto")
+        return self._binary
+
+    async def close(self) -> None:
+        await self.channel.close()
+        for stub in (self.connect, getattr(self, "_binary", None)):
+            if stub is not None:
+                await stub.close()
 
     async def run(self, workflow: str, params: str = "", instance_id: str = "") -> pb.Instance:
         created = await self.stub.CreateInstance(
@@ -169,7 +224,9 @@ ServerFactory = Callable[..., Awaitable[Server]]
 
 
 @pytest.fixture
-async def make_server(tmp_path: Path, stores: Stores) -> AsyncIterator[ServerFactory]:
+async def make_server(
+    tmp_path: Path, stores: Stores, transport: str
+) -> AsyncIterator[ServerFactory]:
     running: list[Server] = []
 
     async def make(
@@ -186,17 +243,18 @@ async def make_server(tmp_path: Path, stores: Stores) -> AsyncIterator[ServerFac
             vars=vars,
             databases=databases,
             store_url=stores.url(f"server{len(running)}") if ON_POSTGRES else None,
+            http="127.0.0.1:0" if transport == "http" else None,
         )
         service = Service(load_config(path))
         await service.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
-        server = Server(service, channel)
+        server = Server(service, channel, transport)
         running.append(server)
         return server
 
     yield make
     for server in running:
-        await server.channel.close()
+        await server.close()
         await server.service.stop(0.1)
 
 

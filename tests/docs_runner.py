@@ -67,6 +67,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_PORT = 50051
+DOC_HTTP_PORT = 8080
+"""The example config's HTTP port, written and read back like DOC_PORT."""
 COMMAND_TIMEOUT = 120.0
 SERVER_START_TIMEOUT = 60.0
 UPDATE_VARIABLE = "CRUZFLOW_DOCS_UPDATE"
@@ -315,6 +317,24 @@ def matches(expected: list[str], actual: list[str]) -> bool:
 # ----------------------------------------------------------------- session
 
 
+def _serves_http(command: str, cwd: Path) -> bool:
+    """Whether the server ``command`` starts has an HTTP listener: its
+    --http-listen, or an [http] section in its config (``make run``: the
+    example's)."""
+    if "--http-listen" in command:
+        return True
+    words = shlex.split(command)
+    config = "examples/cruzflow.toml"
+    for flag in ("--config", "-c"):
+        if flag in words[:-1]:
+            config = words[words.index(flag) + 1]
+    for word in words:
+        if word.startswith("CONFIG="):
+            config = word.partition("=")[2]
+    path = cwd / config
+    return path.is_file() and re.search(r"^\[http\]", path.read_text(), re.MULTILINE) is not None
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -369,6 +389,7 @@ class Session:
     doc: Path
     update: bool = False
     port: int = field(default_factory=_free_port)
+    http_port: int = field(default_factory=_free_port)
     replacements: list[Replacement] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
 
@@ -441,10 +462,12 @@ class Session:
     # -- ports and output
 
     def _to_port(self, text: str) -> str:
-        return re.sub(rf"(?<!\d){DOC_PORT}(?!\d)", str(self.port), text)
+        text = re.sub(rf"(?<!\d){DOC_PORT}(?!\d)", str(self.port), text)
+        return re.sub(rf"(?<!\d){DOC_HTTP_PORT}(?!\d)", str(self.http_port), text)
 
     def _from_port(self, text: str) -> str:
-        return re.sub(rf"(?<!\d){self.port}(?!\d)", str(DOC_PORT), text)
+        text = re.sub(rf"(?<!\d){self.port}(?!\d)", str(DOC_PORT), text)
+        return re.sub(rf"(?<!\d){self.http_port}(?!\d)", str(DOC_HTTP_PORT), text)
 
     def _actual_lines(self, output: str) -> list[str]:
         # Paths into the checkout (tracebacks name files) as a reader's clone
@@ -561,9 +584,15 @@ class Session:
         )
         log.close()
         deadline = time.monotonic() + SERVER_START_TIMEOUT
+        # A server with an HTTP listener prints its line right after.
+        ready = (
+            r"^cruzflow http listening on .*$"
+            if _serves_http(self._to_port(command.text), self.cwd)
+            else r"^cruzflow listening on .*$"
+        )
         while True:
             text = self.server_log.read_text(errors="replace")
-            found = re.search(r"^cruzflow listening on .*$", text, re.MULTILINE)
+            found = re.search(ready, text, re.MULTILINE)
             if found:
                 return text[: found.end()]
             if self.server.poll() is not None:

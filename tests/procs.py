@@ -26,15 +26,18 @@ def write_config(
     store: str = "store.db",
     store_url: str | None = None,
     lease_period: str | None = None,
+    http: str | None = None,
 ) -> Path:
     """A config file in ``directory`` hosting ``{name: "module:Class"}``; on the
-    SQLite file ``store``, or on the PostgreSQL database ``store_url``."""
+    SQLite file ``store``, or on the PostgreSQL database ``store_url``; with
+    an HTTP listener on ``http`` (host:port) if given."""
     lines = [
         'name = "cruzflow-test"',
         f"python_path = [{str(ROOT)!r}]",
         "[server]",
         f'listen = "{listen}"',
         f'grace_period = "{grace}"',
+        *(["[http]", f'listen = "{http}"'] if http is not None else []),
         "[store]",
         f'url = "{store_url}"' if store_url is not None else f'path = "{store}"',
         *([f'lease_period = "{lease_period}"'] if lease_period is not None else []),

@@ -12,7 +12,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -35,7 +35,12 @@ from cruzflow.server.config import ConfigError, load_config
 from cruzflow.server.telemetry import Providers
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
+from tests.conftest import BOTH
+from tests.connect_stub import ConnectStub
 from tests.pki import Pki, make_pki, secure_config, token_entry
+
+TRANSPORTS = BOTH
+"""Every test here runs over gRPC and over HTTP/JSON (Connect), unless grpc_only."""
 
 WORKFLOWS = {
     "three-steps": "tests.workflows:ThreeSteps",
@@ -94,11 +99,34 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 class Node:
-    def __init__(self, service: Service, channel: grpc.aio.Channel) -> None:
+    """A server, its gRPC channel, and the stub of the test's transport."""
+
+    def __init__(
+        self,
+        service: Service,
+        channel: grpc.aio.Channel,
+        transport: str = "grpc",
+        ca: Path | None = None,
+    ) -> None:
         self.service = service
         self.channel = channel
-        self.stub = pb_grpc.WorkflowServiceStub(channel)
+        self.connect: ConnectStub | None = None
+        if transport == "http":
+            scheme = "http" if ca is None else "https"
+            url = f"{scheme}://127.0.0.1:{service.http_port}"
+            self.connect = ConnectStub(url, ca=None if ca is None else ca.read_bytes())
+        # The same calls either way: typed as the gRPC stub.
+        self.stub = (
+            cast("pb_grpc.WorkflowServiceAsyncStub", self.connect)
+            if self.connect is not None
+            else pb_grpc.WorkflowServiceStub(channel)
+        )
         self.address = f"127.0.0.1:{service.port}"
+
+    async def close(self) -> None:
+        await self.channel.close()
+        if self.connect is not None:
+            await self.connect.close()
 
     async def code(self, method: str, request: Any, metadata: Metadata = ()) -> tuple[Any, str]:
         """(status code, details) of a unary call; (OK, "") when it succeeds."""
@@ -124,7 +152,7 @@ Start = Callable[..., Awaitable[Node]]
 
 
 @pytest.fixture
-async def start(tmp_path: Path, tokens: Tokens) -> AsyncIterator[Start]:
+async def start(tmp_path: Path, tokens: Tokens, transport: str) -> AsyncIterator[Start]:
     nodes: list[Node] = []
 
     async def make(
@@ -135,6 +163,8 @@ async def start(tmp_path: Path, tokens: Tokens) -> AsyncIterator[Start]:
         **server: object,
     ) -> Node:
         text = tokens.entries() if auth is None else auth
+        if transport == "http":
+            text = '[http]\nlisten = "127.0.0.1:0"\n' + text
         path = secure_config(tmp_path / "server", WORKFLOWS, server=server, auth=text)
         service = Service(load_config(path), telemetry)
         await service.start()
@@ -143,13 +173,13 @@ async def start(tmp_path: Path, tokens: Tokens) -> AsyncIterator[Start]:
             channel = grpc.aio.secure_channel(f"127.0.0.1:{port}", tls_credentials(ca))
         else:
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        node = Node(service, channel)
+        node = Node(service, channel, transport, ca)
         nodes.append(node)
         return node
 
     yield make
     for node in nodes:
-        await node.channel.close()
+        await node.close()
         await node.service.stop(0.1)
 
 
@@ -162,6 +192,16 @@ def wait(instance_id: str) -> pb.WaitInstanceRequest:
     request = pb.WaitInstanceRequest(instance_id=instance_id)
     request.timeout.FromMilliseconds(1)
     return request
+
+
+def span_status(span: Any) -> grpc.StatusCode:
+    """The status a server span recorded: the gRPC instrumentation's number,
+    or (over HTTP) connectrpc-otel's Connect code name."""
+    attributes = span.attributes or {}
+    if "rpc.grpc.status_code" in attributes:
+        number = attributes["rpc.grpc.status_code"]
+        return next(code for code in grpc.StatusCode if code.value[0] == number)
+    return grpc.StatusCode[str(attributes["rpc.response.status_code"]).upper()]
 
 
 OK = grpc.StatusCode.OK
@@ -208,6 +248,7 @@ async def test_every_call_needs_a_valid_bearer_token(start: Start, tokens: Token
             await client.list_workflows()
 
 
+@pytest.mark.grpc_only
 async def test_health_is_open_and_reflection_as_configured(start: Start, tokens: Tokens) -> None:
     async def reflect(node: Node, metadata: Metadata = ()) -> Any:
         stub = reflection_pb2_grpc.ServerReflectionStub(node.channel)
@@ -229,7 +270,7 @@ async def test_health_is_open_and_reflection_as_configured(start: Start, tokens:
         services = await reflect(node, bearer(tokens.watcher))
         assert "cruzflow.v1.WorkflowService" in services
         assert (await reflect(node)) == (services if open_reflection else UNAUTHENTICATED)
-        await node.channel.close()
+        await node.close()
         await node.service.stop(0.1)
 
 
@@ -484,21 +525,22 @@ async def test_no_secret_reaches_logs_spans_or_error_messages(
             except Unauthenticated as exc:
                 details.append(str(exc))
         own_token = node.service._own_token
-        await node.channel.close()
+        await node.close()
         await node.service.stop(0.1)
         nodes_stopped = True
     assert nodes_stopped
     finished = spans.get_finished_spans()
-    by_method = {s.name.rsplit("/", 1)[-1]: s for s in finished if s.name.startswith("/cruzflow")}
+    served = [s for s in finished if "cruzflow.v1.WorkflowService/" in s.name]
+    by_method = {s.name.rsplit("/", 1)[-1]: s for s in served}
     # Telemetry runs before auth: refused calls have spans with their status,
     # and every authenticated call names its token (never its value).
-    list_span = [s for s in finished if s.name.endswith("/ListWorkflows")][-1]
+    list_span = [s for s in served if s.name.endswith("/ListWorkflows")][-1]
     assert list_span.attributes is not None
-    assert list_span.attributes["rpc.grpc.status_code"] == UNAUTHENTICATED.value[0]
+    assert span_status(list_span) == UNAUTHENTICATED
     assert TOKEN_ATTRIBUTE not in list_span.attributes
     terminate = by_method["TerminateInstance"]
     assert terminate.attributes is not None
-    assert terminate.attributes["rpc.grpc.status_code"] == DENIED.value[0]
+    assert span_status(terminate) == DENIED
     assert terminate.attributes[TOKEN_ATTRIBUTE] == "reader"
     creates = [s for s in finished if s.name.endswith("/CreateInstance")]
     assert {s.attributes.get(TOKEN_ATTRIBUTE) for s in creates if s.attributes} == {

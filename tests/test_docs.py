@@ -95,6 +95,7 @@ $ test -f examples/cruzflow.toml && test ! -e examples/data && echo fresh
 fresh
 $ grep '^listen' examples/cruzflow.toml
 listen = "127.0.0.1:50051"
+listen = "127.0.0.1:8080"
 ```
 """,
     )

@@ -20,9 +20,12 @@ from cruzflow.server.records import InstanceQuery
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.workflows import StepFailedError, WorkflowEntrypoint, WorkflowEvent, WorkflowStep
 from tests import workflows as wf
-from tests.conftest import ALL_WORKFLOWS, Server, ServerFactory, eventually
+from tests.conftest import ALL_WORKFLOWS, BOTH, Server, ServerFactory, eventually
 from tests.procs import write_config
 from tests.workflows import Blocks
+
+TRANSPORTS = BOTH
+"""Every test here runs over gRPC and over HTTP/JSON (Connect), unless grpc_only."""
 
 RUNNING = pb.INSTANCE_STATUS_RUNNING
 QUEUED = pb.INSTANCE_STATUS_QUEUED

@@ -35,6 +35,13 @@ from cruzflow.server.store.base import StoreError
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.server.telemetry import Providers, configure_logging
 from cruzflow.server.transport.api import WorkflowApi
+from cruzflow.server.transport.http import (
+    CORS_REQUEST_HEADERS,
+    CORS_RESPONSE_HEADERS,
+    HttpApp,
+    HttpListener,
+    connect_app,
+)
 from cruzflow.server.transport.servicer import add_to_server
 from cruzflow.v1 import workflows_pb2 as pb
 
@@ -108,11 +115,43 @@ class Service:
             ],
         )
         self.port = 0
+        self.http_port: int | None = None
+        """The HTTP listener's port once started; None: no [http] listen."""
+        self._http: HttpListener | None = None
+
+    def http_app(self) -> Any:
+        """The HTTP listener's ASGI application: Connect, the /workflows/
+        routes, and CORS when [http] cors_origins names origins."""
+        config = self.config
+        app: Any = HttpApp(
+            connect_app(
+                self.api,
+                self.gate,
+                max_in_flight=config.limits.max_concurrent_rpcs,
+                read_max_bytes=2 * config.limits.max_payload_bytes + 64 * 1024,
+                telemetry=self.telemetry.connect_interceptors(),
+            )
+        )
+        if config.file.http.cors_origins:
+            from starlette.middleware.cors import CORSMiddleware
+
+            app = CORSMiddleware(
+                app,
+                allow_origins=config.file.http.cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=CORS_REQUEST_HEADERS,
+                expose_headers=CORS_RESPONSE_HEADERS,
+                max_age=7200,
+            )
+        return app
 
     async def start(self) -> int:
-        # The address first: a server that cannot listen must not open the
+        # The addresses first: a server that cannot listen must not open the
         # store, let alone resume its instances.
         self.port = self._listen()
+        http_socket = None
+        if self.config.http_listen is not None:
+            http_socket = _bind(self.config.http_listen, "--http-listen or [http] listen")
         await self.store.open()
         await self.engine.start()
         # Guarded: a request that is not a valid message gets INVALID_ARGUMENT.
@@ -135,9 +174,25 @@ class Service:
             if not self.server.add_insecure_port(own):
                 raise OSError(f"{own}: cannot listen there for this server's own bindings")
         await self.server.start()
+        if http_socket is not None:
+            self._http = HttpListener(self.http_app(), http_socket, tls=self._http_tls())
+            await self._http.start()
+            self.http_port = http_socket.getsockname()[1]
         self.own_link.listening(own)
         await self._set_health(self.engine.store_fault is None)
         return self.port
+
+    def _http_tls(self) -> tuple[Path, Path, Path | None] | None:
+        server = self.config.file.server
+        if self.config.server_tls is None or not server.tls_cert_file or not server.tls_key_file:
+            return None
+        base = self.config.base
+        ca = server.tls_client_ca_file
+        return (
+            base / server.tls_cert_file,
+            base / server.tls_key_file,
+            None if ca is None else base / ca,
+        )
 
     def _listen(self) -> int:
         """Bind the listen address; the port bound. An address another process
@@ -158,7 +213,7 @@ class Service:
         except RuntimeError:
             port = 0
         if port == 0:
-            raise OSError(_bind_failure(listen))
+            raise OSError(_bind_failure(listen, "--listen or [server] listen"))
         return port
 
     def _auth(self) -> list[grpc.aio.ServerInterceptor]:
@@ -201,6 +256,8 @@ class Service:
         # Keep listening while the engine drains: new creates get UNAVAILABLE
         # (which clients retry) rather than the CANCELLED of a closing server.
         await self.engine.shutdown(grace)
+        if self._http is not None:
+            await self._http.stop()
         await self.server.stop(1.0)
         if self._own_socket is not None:
             shutil.rmtree(self._own_socket.parent, ignore_errors=True)
@@ -210,12 +267,26 @@ class Service:
         await asyncio.to_thread(self.telemetry.shutdown)
 
 
-def _bind_failure(listen: str) -> str:
+def _bind(listen: str, where: str) -> socket.socket:
+    """A socket listening on ``listen`` (port 0: a free one), without
+    SO_REUSEPORT; OSError saying why not and how to mend it (``where``: the
+    option and key that set the address)."""
+    host, _, port = listen.rpartition(":")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host.strip("[]") or "0.0.0.0", int(port), type=socket.SOCK_STREAM
+        )[0]
+        return socket.create_server(address[:2], family=family, backlog=2048)
+    except (OSError, ValueError):
+        raise OSError(_bind_failure(listen, where)) from None
+
+
+def _bind_failure(listen: str, where: str) -> str:
     """Why ``listen`` cannot be bound, found by binding it with a plain socket,
     and what mends it."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "0.0.0.0"
-    mend = "choose another address with --listen or [server] listen"
+    mend = f"choose another address with {where}"
     try:
         infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
     except (OSError, ValueError) as exc:
@@ -289,6 +360,17 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     )
     # A line for scripts and tests that start the server on port 0.
     print(f"cruzflow listening on {host}:{port}", flush=True)
+    if service.http_port is not None and config.http_listen is not None:
+        http_host = config.http_listen.rpartition(":")[0]
+        log.info(
+            "HTTP (Connect, gRPC-Web, /workflows/) on %s:%d%s",
+            http_host,
+            service.http_port,
+            f", CORS for {', '.join(config.file.http.cors_origins)}"
+            if config.file.http.cors_origins
+            else "",
+        )
+        print(f"cruzflow http listening on {http_host}:{service.http_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

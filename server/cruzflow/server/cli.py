@@ -40,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
     from cruzflow.server.store.base import StoreError
 
     try:
-        config = load_config(args.config, listen=args.listen)
+        config = load_config(args.config, listen=args.listen, http_listen=args.http_listen)
     except ConfigError as exc:
         print(f"cruzflow: bad config, not starting:\n{exc}", file=sys.stderr)
         return 2
@@ -88,11 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the server with the workflows of a config file",
-        description="Run the server. Prints `cruzflow listening on HOST:PORT` once it serves; "
+        description="Run the server. Prints `cruzflow listening on HOST:PORT` once it serves "
+        "(then `cruzflow http listening on HOST:PORT` with an HTTP listener); "
         "stops gracefully on SIGTERM or SIGINT; exits 2 on a bad config.",
     )
     serve.add_argument("--config", "-c", default="cruzflow.toml", help="config file (TOML)")
     serve.add_argument("--listen", help="host:port, overriding [server] listen")
+    serve.add_argument(
+        "--http-listen",
+        help="host:port to serve HTTP/JSON (Connect) on, overriding [http] listen",
+    )
     serve.set_defaults(func=_serve)
     scaffold.register(sub)
     commands.register(sub, epilog=EPILOG)

@@ -83,6 +83,32 @@ class ServerSection(_Strict):
         return value
 
 
+class HttpSection(_Strict):
+    listen: str | None = None
+    """host:port to serve HTTP on (Connect JSON/protobuf, gRPC-Web, the
+    /workflows/ routes); unset: no HTTP listener. Uses [server]'s TLS files,
+    tokens and limits."""
+    cors_origins: list[str] = []
+    """Origins whose browser pages may call the HTTP API (e.g.
+    "https://app.example.com", or "*"); empty: no CORS headers."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        return None if value is None else _address(value, "127.0.0.1:8080")
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: expected scheme://host[:port] with no "
+                    f"path, e.g. 'https://app.example.com', or '*' for any"
+                )
+        return value
+
+
 STORE_URL_ENV = "CRUZFLOW_STORE_URL"
 """The environment variable that names a PostgreSQL store; it wins over the file."""
 _DEFAULT_STORE_PATH = "data/cruzflow.db"
@@ -291,6 +317,7 @@ class ConfigFile(_Strict):
     python_path: list[str] = ["."]
     """Folders, relative to the config file, to import workflow modules from."""
     server: ServerSection = ServerSection()
+    http: HttpSection = HttpSection()
     # Validated also when absent: CRUZFLOW_STORE_URL is checked with the section.
     store: StoreSection = Field(default_factory=dict, validate_default=True)
     limits: LimitsSection = LimitsSection()
@@ -337,6 +364,10 @@ class Config:
     @property
     def listen(self) -> str:
         return self.file.server.listen
+
+    @property
+    def http_listen(self) -> str | None:
+        return self.file.http.listen
 
     @property
     def grace_period(self) -> float:
@@ -401,7 +432,9 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def load_config(path: str | Path, *, listen: str | None = None) -> Config:
+def load_config(
+    path: str | Path, *, listen: str | None = None, http_listen: str | None = None
+) -> Config:
     """Read, check and resolve a config file; raise ConfigError on any fault."""
     path = Path(path)
     try:
@@ -414,6 +447,8 @@ def load_config(path: str | Path, *, listen: str | None = None) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     if listen is not None:
         raw.setdefault("server", {})["listen"] = listen
+    if http_listen is not None:
+        raw.setdefault("http", {})["listen"] = http_listen
     try:
         data = ConfigFile.model_validate(raw)
     except ValidationError as exc:
@@ -430,7 +465,16 @@ def load_config(path: str | Path, *, listen: str | None = None) -> Config:
     _check_unique(path, data)
     server_tls = _server_tls(path, data.server)
     tokens, warnings = _tokens(path, data)
-    warnings[:0] = _exposure(path, data.server, server_tls is not None, bool(tokens))
+    exposed = [("server.listen", data.server.listen)]
+    if data.http.listen is not None:
+        exposed.append(("http.listen", data.http.listen))
+    warnings[:0] = [
+        warning
+        for key, address in exposed
+        for warning in _exposure(
+            path, key, address, data.server, server_tls is not None, bool(tokens)
+        )
+    ]
     base = path.parent.resolve()
     for folder in data.python_path:
         entry = str((base / folder).resolve())
@@ -518,35 +562,37 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _exposure(path: Path, server: ServerSection, tls: bool, auth: bool) -> list[str]:
+def _exposure(
+    path: Path, key: str, listen: str, server: ServerSection, tls: bool, auth: bool
+) -> list[str]:
     """Refuse to serve off loopback without TLS or tokens unless the config
     says so; the warnings to log when it does."""
-    if is_loopback(server.listen):
+    if is_loopback(listen):
         return []
     warnings = []
-    where = f"{path}: server.listen"
+    where = f"{path}: {key}"
     if not tls:
         if not server.allow_plaintext:
             raise ConfigError(
-                f"{where}: {server.listen} is not a loopback address, and the server has no "
+                f"{where}: {listen} is not a loopback address, and the server has no "
                 f"TLS; set server.tls_cert_file and server.tls_key_file, or set "
                 f"server.allow_plaintext = true to serve plaintext there (e.g. behind a proxy "
                 f"that terminates TLS)"
             )
         warnings.append(
-            f"serving plaintext on {server.listen}, which is not loopback "
+            f"serving plaintext on {listen}, which is not loopback "
             f"(server.allow_plaintext = true): calls, tokens and payloads cross the network "
             f"unencrypted"
         )
     if not auth:
         if not server.allow_unauthenticated:
             raise ConfigError(
-                f"{where}: {server.listen} is not a loopback address, and no [[auth.tokens]] "
+                f"{where}: {listen} is not a loopback address, and no [[auth.tokens]] "
                 f"are configured; add one, or set server.allow_unauthenticated = true to let "
                 f"anyone who reaches it call every method"
             )
         warnings.append(
-            f"serving {server.listen}, which is not loopback, without authentication "
+            f"serving {listen}, which is not loopback, without authentication "
             f"(server.allow_unauthenticated = true): anyone who reaches it may call every method"
         )
     return warnings

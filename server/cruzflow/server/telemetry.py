@@ -594,6 +594,41 @@ class _CallerTrace(grpc.aio.ServerInterceptor):
         )
 
 
+class _ConnectCallerTrace:
+    """``_CallerTrace`` for the Connect application: a metadata interceptor
+    (the library calls ``on_start`` and ``on_end`` in the call's task)."""
+
+    _TRACED = frozenset(("CreateInstance", "CreateInstances", "SendEvent"))
+
+    async def on_start(self, ctx: Any) -> object | None:
+        if ctx.method.name not in self._TRACED:
+            return None
+        caller = propagate.extract(ctx.request_headers)
+        if not trace.get_current_span(caller).get_span_context().is_valid:
+            return None
+        return otel_context.attach(caller)
+
+    async def on_end(self, token: object | None, ctx: Any, error: Exception | None) -> None:
+        _detach(token)
+
+
+class _ConnectWrites:
+    """connectrpc-otel's spans for all but the read methods (rpc_spans = "writes")."""
+
+    def __init__(self, spans: Any) -> None:
+        self._spans = spans
+
+    async def on_start(self, ctx: Any) -> object | None:
+        if ctx.method.name in _READS:
+            return None
+        token: object = await self._spans.on_start(ctx)
+        return token
+
+    async def on_end(self, token: object | None, ctx: Any, error: Exception | None) -> None:
+        if token is not None:
+            await self._spans.on_end(token, ctx, error)
+
+
 def _link_to(trace_parent: str) -> tuple[Any, ...] | None:
     """A span record's link (see spans.Record) to the span of a stored W3C
     traceparent, or None if it is not a valid one."""
@@ -893,6 +928,27 @@ class Providers:
             tracer_provider=self.tracer_provider, filter_=traced
         )
         return [interceptor]
+
+    def connect_interceptors(self) -> list[Any]:
+        """The same for the Connect (HTTP) application: connectrpc-otel's server
+        spans for the RPCs ``rpc_spans`` names, else the caller's trace context
+        made current for creates and SendEvent."""
+        if self.tracer_provider is None:
+            return []
+        if self.rpc_spans == "none":
+            return [_ConnectCallerTrace()]
+        from connectrpc_otel import OpenTelemetryInterceptor
+        from opentelemetry.metrics import NoOpMeterProvider
+
+        spans = OpenTelemetryInterceptor(
+            tracer_provider=self.tracer_provider,
+            # The gRPC instrumentation records no metrics either: the
+            # engine's own say what a call did.
+            meter_provider=NoOpMeterProvider(),
+        )
+        if self.rpc_spans == "all":
+            return [spans]
+        return [_ConnectWrites(spans)]
 
     def shutdown(self) -> None:
         """Flush what is buffered and stop the exporters (blocks: run it off the loop)."""

@@ -50,6 +50,18 @@ def refusal(exc: Exception) -> tuple[str, str]:
     return "INTERNAL", f"internal error: {type(exc).__name__}"
 
 
+def malformed(type_name: str, problem: str, *, json: bool = False) -> str:
+    """The message for a request that is not a valid message of its method."""
+    problem = validate.fit(problem)[:300]
+    how = (
+        "send it as the proto's JSON mapping (camelCase field names, e.g. "
+        '{"workflow": "...", "paramsJson": "{}"})'
+        if json
+        else "encode it from proto/cruzflow/v1/workflows.proto, with UTF-8 text in string fields"
+    )
+    return f"request: not a valid {type_name} message ({problem}); {how}"
+
+
 def _status(value: int) -> pb.InstanceStatus.ValueType:
     return pb.InstanceStatus.ValueType(int(value))
 

@@ -14,8 +14,7 @@ from typing import Any, NoReturn, cast
 
 import grpc
 
-from cruzflow.server.engine import validate
-from cruzflow.server.transport.api import SERVICE, WorkflowApi, refusal
+from cruzflow.server.transport.api import SERVICE, WorkflowApi, malformed, refusal
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
 
 
@@ -67,10 +66,7 @@ class _Malformed:
         self.problem = problem
 
     def message(self) -> str:
-        return (
-            f"request: not a valid {self.type_name} message ({self.problem}); encode it from "
-            f"proto/cruzflow/v1/workflows.proto, with UTF-8 text in string fields"
-        )
+        return malformed(self.type_name, self.problem)
 
 
 def _lenient(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes], Any]:
@@ -78,7 +74,7 @@ def _lenient(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes],
         try:
             return parse(data)
         except Exception as exc:  # any parse failure is the caller's
-            return _Malformed(type_name, validate.fit(str(exc))[:300])
+            return _Malformed(type_name, str(exc))
 
     return deserialize
 
