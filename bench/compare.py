@@ -88,6 +88,14 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
         "w2_p50_ms": report["w2"]["p50_ms"],
         "report": report,
     }
+    # Over HTTP/JSON (Connect), when the bench ran those phases.
+    for key, phase, figure in (
+        ("w1_http_wf_per_s", "w1_http", "workflows_per_s"),
+        ("w1_http2_wf_per_s", "w1_http2", "workflows_per_s"),
+        ("w2_http_p50_ms", "w2_http", "p50_ms"),
+    ):
+        if phase in report:
+            result[key] = report[phase][figure]
     if code != 0:
         result["error"] = f"bench exited with {code} (failures or cuts: see its report)"
     return result
@@ -134,9 +142,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     for number in range(1, args.rounds + 1):
         mine = ours(args)
+        http = (
+            f"; over HTTP/JSON W1 {mine['w1_http_wf_per_s']} wf/s (HTTP/2 "
+            f"{mine.get('w1_http2_wf_per_s')}), W2 p50 {mine.get('w2_http_p50_ms')} ms"
+            if "w1_http_wf_per_s" in mine
+            else ""
+        )
         print(
             f"round {number} ours ({args.store}, {args.replicas} server(s)): "
-            f"W1 {mine.get('w1_wf_per_s')} wf/s, W2 p50 {mine.get('w2_p50_ms')} ms"
+            f"W1 {mine.get('w1_wf_per_s')} wf/s, W2 p50 {mine.get('w2_p50_ms')} ms{http}"
             + (f"  [{mine['error']}]" if "error" in mine else ""),
             file=sys.stderr,
             flush=True,
@@ -150,9 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
         rounds.append({"ours": mine, "theirs": peer, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    keys = ("w1_wf_per_s", "w2_p50_ms", "w1_http_wf_per_s", "w1_http2_wf_per_s", "w2_http_p50_ms")
     medians = {
         side: {
-            key: _median([r[side].get(key) for r in rounds]) for key in ("w1_wf_per_s", "w2_p50_ms")
+            key: _median([r[side].get(key) for r in rounds])
+            for key in keys
+            if any(key in r[side] for r in rounds)
         }
         for side in ("ours", "theirs")
     }
@@ -161,9 +178,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             medians["ours"]["w1_wf_per_s"], medians["theirs"]["w1_wf_per_s"]
         ),
         "w2_p50_ours_over_theirs": _ratio(
-            medians["ours"]["w2_p50_ms"], medians["theirs"]["w2_p50_ms"]
+            medians["ours"].get("w2_p50_ms"), medians["theirs"].get("w2_p50_ms")
         ),
     }
+    if "w1_http_wf_per_s" in medians["ours"]:
+        # Each round's HTTP W1 against its own gRPC W1 (the same server, minutes
+        # apart), then the median: the drift between rounds cancels out.
+        ratios["w1_http_over_grpc"] = _median(
+            [
+                _ratio(r["ours"].get("w1_http_wf_per_s"), r["ours"].get("w1_wf_per_s"))
+                for r in rounds
+            ]
+        )
+        ratios["w1_http2_over_grpc"] = _median(
+            [
+                _ratio(r["ours"].get("w1_http2_wf_per_s"), r["ours"].get("w1_wf_per_s"))
+                for r in rounds
+            ]
+        )
+        ratios["w1_http_over_theirs"] = _ratio(
+            medians["ours"]["w1_http_wf_per_s"], medians["theirs"].get("w1_wf_per_s")
+        )
     report = {
         "bench": "cruzflow-vs-restate",
         "store": args.store,
@@ -178,11 +213,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(report, separators=(",", ":")), flush=True)
     o, t = medians["ours"], medians["theirs"]
     print(
-        f"medians of {args.rounds} round(s): W1 ours {o['w1_wf_per_s']} / theirs "
-        f"{t['w1_wf_per_s']} wf/s = {ratios['w1_wf_per_s_ours_over_theirs']}x; W2 p50 ours "
-        f"{o['w2_p50_ms']} / theirs {t['w2_p50_ms']} ms = {ratios['w2_p50_ours_over_theirs']}x",
+        f"medians of {args.rounds} round(s): W1 ours {o.get('w1_wf_per_s')} / theirs "
+        f"{t.get('w1_wf_per_s')} wf/s = {ratios['w1_wf_per_s_ours_over_theirs']}x; W2 p50 ours "
+        f"{o.get('w2_p50_ms')} / theirs {t.get('w2_p50_ms')} ms = "
+        f"{ratios['w2_p50_ours_over_theirs']}x",
         file=sys.stderr,
     )
+    if "w1_http_over_grpc" in ratios:
+        print(
+            f"over HTTP/JSON: W1 {o['w1_http_wf_per_s']} wf/s = {ratios['w1_http_over_grpc']} of "
+            f"gRPC's (HTTP/2: {ratios['w1_http2_over_grpc']}), "
+            f"{ratios['w1_http_over_theirs']}x Restate's; W2 p50 {o.get('w2_http_p50_ms')} ms",
+            file=sys.stderr,
+        )
     failed = any("error" in r["ours"] or "error" in r["theirs"] for r in rounds)
     return 1 if failed or None in ratios.values() else 0
 
