@@ -791,12 +791,6 @@ async def test_a_body_over_read_max_bytes_is_refused_and_serving_goes_on(start: 
     assert (await node.http.finished("three-steps", "fits"))["status"] == "complete"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: the trigger route forwards params with json.dumps's default "
-    "ensure_ascii, so non-ASCII text grows up to 3x (é: 2 bytes -> \\u00e9: 6) past "
-    "read_max_bytes; the same params as a Connect call are accepted",
-)
 async def test_trigger_accepts_non_ascii_params_within_the_payload_limit(start: Start) -> None:
     node = await start(limits={"max_payload_bytes": 100_000})
     params = json.dumps("é" * 49_000, ensure_ascii=False).encode()
@@ -829,11 +823,6 @@ def _answer_to_an_endless_body(port: int, path: str, sent: int) -> bytes:
             return b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: the trigger route reads the whole body into memory before anything "
-    "checks its size (or the token); the Connect path stops at read_max_bytes",
-)
 async def test_a_body_past_read_max_bytes_is_refused_before_it_ends(start: Start) -> None:
     node = await start(limits={"max_payload_bytes": 1024})
     past = 2 * 1024 + 64 * 1024 + 100_000

@@ -123,14 +123,17 @@ class Service:
         """The HTTP listener's ASGI application: Connect, the /workflows/
         routes, and CORS when [http] cors_origins names origins."""
         config = self.config
+        # Room for a full payload plus its envelope, as gRPC's receive limit.
+        read_max_bytes = 2 * config.limits.max_payload_bytes + 64 * 1024
         app: Any = HttpApp(
             connect_app(
                 self.api,
                 self.gate,
                 max_in_flight=config.limits.max_concurrent_rpcs,
-                read_max_bytes=2 * config.limits.max_payload_bytes + 64 * 1024,
+                read_max_bytes=read_max_bytes,
                 telemetry=self.telemetry.connect_interceptors(),
-            )
+            ),
+            read_max_bytes,
         )
         if config.file.http.cors_origins:
             from starlette.middleware.cors import CORSMiddleware

@@ -25,7 +25,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs
 
 from connectrpc.code import Code
 from connectrpc.codec import Codec
@@ -33,7 +33,7 @@ from connectrpc.compat import google_protobuf_binary_codec
 from connectrpc.errors import ConnectError
 from connectrpc.interceptor import Interceptor
 from connectrpc.request import RequestContext
-from google.protobuf import json_format
+from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
 
 from cruzflow.server import auth
@@ -287,13 +287,19 @@ def status_word(status: int) -> str:
     return _STATUS_WORDS.get(cast(Any, status), "unknown")
 
 
+class _TooLarge(Exception):
+    """A body past the listener's limit."""
+
+
 class HttpApp:
     """The ASGI application of the HTTP listener: Connect under
     ``/cruzflow.v1.WorkflowService/``, the seed's two routes under
-    ``/workflows/``; anything else is a 404."""
+    ``/workflows/``; anything else is a 404. ``read_max_bytes``: the largest
+    body a route reads (as the Connect application's)."""
 
-    def __init__(self, connect: ASGIApp) -> None:
+    def __init__(self, connect: ASGIApp, read_max_bytes: int) -> None:
         self._connect = connect
+        self._read_max_bytes = read_max_bytes
 
     async def __call__(
         self,
@@ -342,16 +348,50 @@ class HttpApp:
                 [(b"allow", method.encode())],
             )
             return
-        await handler(scope, receive, send, *parts)
+        try:
+            body = await self._body(scope, receive)
+        except _TooLarge:
+            await _send_json(
+                send,
+                429,
+                {
+                    "code": "resource_exhausted",
+                    "message": f"the body is larger than {self._read_max_bytes} bytes, the "
+                    f"most this server reads (about twice limits.max_payload_bytes)",
+                },
+            )
+            return
+        await handler(scope, send, body, *parts)
+
+    async def _body(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]]) -> bytes:
+        """The request's body, refused (``_TooLarge``) as soon as it is
+        known to be past the limit: by its Content-Length, or as it comes."""
+        limit = self._read_max_bytes
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"content-length" and value.isdigit() and int(value) > limit:
+                raise _TooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _TooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
 
     async def _trigger(
         self,
         scope: dict[str, Any],
-        receive: Callable[[], Awaitable[Any]],
         send: Callable[[Any], Awaitable[None]],
+        body: bytes,
         workflow: str,
     ) -> None:
-        body = await _body(receive)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         try:
             params = body.decode()
@@ -368,70 +408,64 @@ class HttpApp:
             instance_id=query.get("id", [""])[0],
             lookup_key=query.get("lookupKey", [""])[0],
         )
-        status, answer = await self._call(scope, "CreateInstance", request)
-        if status == 200:
-            answer = {"id": answer.get("instanceId", ""), "status": _word(answer.get("status"))}
-        await _send_json(send, status, answer)
+        status, created = await self._call(scope, "CreateInstance", request)
+        if isinstance(created, pb.CreateInstanceResponse):
+            answer = {"id": created.instance_id, "status": status_word(created.status)}
+            await _send_json(send, status, answer)
+        else:
+            await _send_json(send, status, created)
 
     async def _status(
         self,
         scope: dict[str, Any],
-        receive: Callable[[], Awaitable[Any]],
         send: Callable[[Any], Awaitable[None]],
+        body: bytes,
         workflow: str,
         instance_id: str,
     ) -> None:
-        await _body(receive)
         request = pb.GetStatusRequest(instance_id=instance_id)
-        status, answer = await self._call(scope, "GetStatus", request)
-        if status == 200:
-            instance = answer.get("instance", {})
-            if instance.get("workflow") != workflow:
-                # Another workflow's instance, as for one that does not exist.
-                status, answer = (
-                    404,
-                    {
-                        "code": "not_found",
-                        "message": validate.fit(
-                            f"workflow {workflow!r} has no instance {instance_id!r}"
-                        ),
-                    },
-                )
-            else:
-                error = instance.get("error")
-                answer = {
-                    "id": instance.get("instanceId", instance_id),
-                    "status": _word(instance.get("status")),
-                    "output": _json(instance.get("outputJson")),
-                    "error": (
-                        None
-                        if error is None
-                        else {"name": error.get("name", ""), "message": error.get("message", "")}
-                    ),
-                }
+        status, found = await self._call(scope, "GetStatus", request)
+        if not isinstance(found, pb.GetStatusResponse):
+            await _send_json(send, status, found)
+            return
+        instance = found.instance
+        if instance.workflow != workflow:
+            # Another workflow's instance, as for one that does not exist.
+            message = validate.fit(f"workflow {workflow!r} has no instance {instance_id!r}")
+            await _send_json(send, 404, {"code": "not_found", "message": message})
+            return
+        error = instance.error if instance.HasField("error") else None
+        answer = {
+            "id": instance.instance_id,
+            "status": status_word(instance.status),
+            "output": json.loads(instance.output_json) if instance.output_json else None,
+            "error": None if error is None else {"name": error.name, "message": error.message},
+        }
         await _send_json(send, status, answer)
 
     async def _call(
         self, scope: dict[str, Any], method: str, request: Message
-    ) -> tuple[int, dict[str, Any]]:
-        """``request`` as a Connect JSON call to ``method`` through the same
-        application (its checks, limits and spans): the HTTP status and the
-        answer's JSON."""
-        body = json.dumps(json_format.MessageToDict(request)).encode()
+    ) -> tuple[int, Message | dict[str, Any]]:
+        """``request`` as a Connect call to ``method`` through the same
+        application (its checks, limits and spans), in binary protobuf (the
+        params are not escaped again): the HTTP status and the response
+        message, or the Connect error's JSON body."""
+        body = request.SerializeToString()
         headers = [
             (name, value)
             for name, value in scope.get("headers", ())
-            if name.lower() not in (b"content-type", b"content-length", b"content-encoding")
+            if name.lower()
+            not in (b"content-type", b"content-length", b"content-encoding", b"accept-encoding")
         ]
         headers += [
-            (b"content-type", b"application/json"),
+            (b"content-type", b"application/proto"),
             (b"content-length", str(len(body)).encode()),
         ]
         inner = {
             **scope,
             "method": "POST",
             "path": _SERVICE_PATH + method,
-            "raw_path": (_SERVICE_PATH + quote(method)).encode(),
+            "raw_path": (_SERVICE_PATH + method).encode(),
             "query_string": b"",
             "headers": headers,
         }
@@ -442,7 +476,7 @@ class HttpApp:
             if not sent:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive_never()
+            return await _never()
 
         status = 500
         chunks: list[bytes] = []
@@ -455,41 +489,23 @@ class HttpApp:
                 chunks.append(message.get("body", b""))
 
         await self._connect(inner, inner_receive, inner_send)
+        data = b"".join(chunks)
+        if status == 200:
+            output = message_factory.GetMessageClass(SERVICE.methods_by_name[method].output_type)
+            return status, output.FromString(data)
         try:
-            answer = json.loads(b"".join(chunks) or b"{}")
+            error = json.loads(data)
         except ValueError:
-            answer = {"code": "internal", "message": "internal error: unreadable answer"}
-        return status, answer if isinstance(answer, dict) else {}
+            error = None
+        if not isinstance(error, dict):
+            error = {"code": "internal", "message": "internal error: an unreadable answer"}
+        return status, error
 
 
-async def receive_never() -> dict[str, Any]:
+async def _never() -> dict[str, Any]:
     """What a forwarded call receives after its body: it never disconnects."""
     await asyncio.Event().wait()
     raise AssertionError("unreachable")
-
-
-def _word(status: str | None) -> str:
-    if not status:
-        return "unknown"
-    return status_word(pb.InstanceStatus.Value(status))
-
-
-def _json(text: str | None) -> Any:
-    if not text:
-        return None
-    return json.loads(text)
-
-
-async def _body(receive: Callable[[], Awaitable[Any]]) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
 
 
 async def _send_json(
