@@ -104,6 +104,8 @@ breaking: $(STAMP)
 
 clean:
 	rm -rf $(VENV) examples/data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf clients/typescript/node_modules clients/typescript/dist clients/typescript/build \
+	  examples/node-app/node_modules examples/node-app/dist
 
 # The long soak: thousands of workflows while the server is SIGKILLed at random
 # moments dozens of times; prints the figures. `make test` runs its short form.

@@ -417,6 +417,24 @@ async def test_an_unknown_path_is_a_json_404(node: Node) -> None:
         assert f"no route {path}" in reply.json()["message"]
 
 
+async def test_healthz_is_open_and_follows_the_health_service(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /healthz needs no token (probes carry none) and says what gRPC's
+    health service says: SERVING, or 503 once the store cannot commit."""
+    monkeypatch.setenv("CRUZFLOW_TEST_HEALTH_TOKEN", secrets.token_urlsafe(24))
+    node = await start(extra=token_entry("admin", env="CRUZFLOW_TEST_HEALTH_TOKEN"))
+    reply = await node.http.request("GET", "/healthz")
+    assert (reply.status, reply.json()) == (200, {"status": "SERVING"})
+    assert (await node.http.status("three-steps", "x")).status == 401
+    # What the engine's store listener does on a fault (see Service._store_health).
+    await node.service._set_health(False)
+    reply = await node.http.request("GET", "/healthz")
+    assert (reply.status, reply.json()) == (503, {"status": "NOT_SERVING"})
+    await node.service._set_health(True)
+    assert (await node.http.request("GET", "/healthz")).status == 200
+
+
 # ------------------------------------------------- Connect over raw HTTP
 
 

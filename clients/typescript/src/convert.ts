@@ -7,6 +7,7 @@
 import { timestampDate, type Duration, type Timestamp } from "@bufbuild/protobuf/wkt";
 import { InvalidArgument } from "./errors.js";
 import * as pb from "./gen/cruzflow/v1/workflows_pb.js";
+import { INSTANCE_STATUSES } from "./types.js";
 import type {
   ErrorInfo,
   InstanceInfo,
@@ -38,16 +39,7 @@ function wordsOf<E extends Record<string, string | number>>(
   return words;
 }
 
-const STATUS_WORDS = wordsOf(pb.InstanceStatus, [
-  "queued",
-  "running",
-  "paused",
-  "waiting",
-  "waitingForPause",
-  "complete",
-  "errored",
-  "terminated",
-]) as Map<number, InstanceStatus>;
+const STATUS_WORDS = wordsOf(pb.InstanceStatus, INSTANCE_STATUSES) as Map<number, InstanceStatus>;
 const STATUS_NUMBERS = new Map([...STATUS_WORDS].map(([number, word]) => [word, number]));
 const STEP_STATUS_WORDS = wordsOf(pb.StepStatus, ["running", "succeeded", "failed"]) as Map<
   number,

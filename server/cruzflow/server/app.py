@@ -118,6 +118,8 @@ class Service:
         self.http_port: int | None = None
         """The HTTP listener's port once started; None: no [http] listen."""
         self._http: HttpListener | None = None
+        self._serving = False
+        self._stopping = False
 
     def http_app(self) -> Any:
         """The HTTP listener's ASGI application: Connect, the /workflows/
@@ -134,6 +136,7 @@ class Service:
                 telemetry=self.telemetry.connect_interceptors(),
             ),
             read_max_bytes,
+            self.serving,
         )
         if config.file.http.cors_origins:
             from starlette.middleware.cors import CORSMiddleware
@@ -235,7 +238,12 @@ class Service:
             raise Refusal("UNAVAILABLE", str(exc)) from None
         return None if record is None else record.workflow
 
+    def serving(self) -> bool:
+        """What the health service answers: the store commits, and no stop has begun."""
+        return self._serving and not self._stopping
+
     async def _set_health(self, serving: bool) -> None:
+        self._serving = serving
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -255,6 +263,7 @@ class Service:
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight attempts finish within ``grace``, close."""
         grace = self.config.grace_period if grace is None else grace
+        self._stopping = True
         await self.health.enter_graceful_shutdown()
         # Keep listening while the engine drains: new creates get UNAVAILABLE
         # (which clients retry) rather than the CANCELLED of a closing server.

@@ -294,12 +294,17 @@ class _TooLarge(Exception):
 class HttpApp:
     """The ASGI application of the HTTP listener: Connect under
     ``/cruzflow.v1.WorkflowService/``, the seed's two routes under
-    ``/workflows/``; anything else is a 404. ``read_max_bytes``: the largest
-    body a route reads (as the Connect application's)."""
+    ``/workflows/``, and ``GET /healthz`` for load balancers and probes
+    (open, like gRPC's health service: 200 while ``serving()``, else 503);
+    anything else is a 404. ``read_max_bytes``: the largest body a route
+    reads (as the Connect application's)."""
 
-    def __init__(self, connect: ASGIApp, read_max_bytes: int) -> None:
+    def __init__(
+        self, connect: ASGIApp, read_max_bytes: int, serving: Callable[[], bool] = lambda: True
+    ) -> None:
         self._connect = connect
         self._read_max_bytes = read_max_bytes
+        self._serving = serving
 
     async def __call__(
         self,
@@ -321,13 +326,19 @@ class HttpApp:
         if (match := _STATUS.match(path)) is not None:
             await self._route(scope, receive, send, "GET", self._status, match.groups())
             return
+        if path == "/healthz" and scope["method"] in ("GET", "HEAD"):
+            serving = self._serving()
+            status = "SERVING" if serving else "NOT_SERVING"
+            await _send_json(send, 200 if serving else 503, {"status": status})
+            return
         await _send_json(
             send,
             404,
             {
                 "code": "not_found",
                 "message": f"no route {path}; the API is at {_SERVICE_PATH}<Method> (Connect), "
-                f"and POST /workflows/<name>/trigger, GET /workflows/<name>/status/<id>",
+                f"and POST /workflows/<name>/trigger, GET /workflows/<name>/status/<id>, "
+                f"GET /healthz",
             },
         )
 
