@@ -40,10 +40,10 @@ sqlite_only = pytest.mark.skipif(
 
 BOTH = ("grpc", "http")
 """``TRANSPORTS = BOTH`` in a test module: each of its tests that uses a
-server fixture runs over gRPC and over HTTP (the same test, the same stub
-calls; errors over HTTP arrive as the same ``grpc.aio.AioRpcError``). A test
-about gRPC itself (raw bytes on the channel, gRPC's own limits) is marked
-``grpc_only``."""
+server fixture runs over gRPC and over HTTP/1.1 (the same test, the same stub
+calls; errors over HTTP arrive as the same ``grpc.aio.AioRpcError``); with
+``"http2"`` too, over HTTP/2 as well. A test about gRPC itself (raw bytes on
+the channel, gRPC's own limits) is marked ``grpc_only``."""
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -183,8 +183,10 @@ class Server:
         self.channel = channel
         self.transport = transport
         self.connect: ConnectStub | None = None
-        if transport == "http":
-            self.connect = ConnectStub(f"http://127.0.0.1:{service.http_port}")
+        if transport in ("http", "http2"):
+            self.connect = ConnectStub(
+                f"http://127.0.0.1:{service.http_port}", http2=transport == "http2"
+            )
         # The same calls either way: typed as the gRPC stub.
         self.stub = (
             cast("pb_grpc.WorkflowServiceAsyncStub", self.connect)
@@ -243,7 +245,7 @@ async def make_server(
             vars=vars,
             databases=databases,
             store_url=stores.url(f"server{len(running)}") if ON_POSTGRES else None,
-            http="127.0.0.1:0" if transport == "http" else None,
+            http="127.0.0.1:0" if transport != "grpc" else None,
         )
         service = Service(load_config(path))
         await service.start()

@@ -24,8 +24,9 @@ from tests.conftest import ALL_WORKFLOWS, BOTH, Server, ServerFactory, eventuall
 from tests.procs import write_config
 from tests.workflows import Blocks
 
-TRANSPORTS = BOTH
-"""Every test here runs over gRPC and over HTTP/JSON (Connect), unless grpc_only."""
+TRANSPORTS = (*BOTH, "http2")
+"""Every test here runs over gRPC and over HTTP/JSON (Connect) on HTTP/1.1 and
+on HTTP/2, unless grpc_only."""
 
 RUNNING = pb.INSTANCE_STATUS_RUNNING
 QUEUED = pb.INSTANCE_STATUS_QUEUED
