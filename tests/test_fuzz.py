@@ -11,7 +11,10 @@ instances made before the fuzzing, read through a separate read-only SQLite
 connection, must stay exactly as it was.
 
 Requests are sent as bytes through generic multi-callables, so the same path
-carries well-formed and malformed ones. Instances that a fuzzed create does
+carries well-formed and malformed ones. Over HTTP (``TRANSPORTS``), the same
+bytes go to the Connect endpoint as ``application/proto`` (in an envelope for
+the stream), and a request that parses is also sent in the JSON mapping, so
+the JSON decoder is fuzzed with every valid message the strategies make. Instances that a fuzzed create does
 store (the fuzz can hit on a valid request) are tracked and left out of the
 comparison; the fuzz only ever names the "three-steps" workflow, which
 finishes at once, so none of them can keep a WaitInstance waiting.
@@ -19,8 +22,12 @@ finishes at once, so none of them can keep a WaitInstance waiting.
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
+import socket
 import sqlite3
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +35,16 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cruzflow.server.engine import validate
 from cruzflow.v1 import workflows_pb2 as pb
-from tests.conftest import Server, ServerFactory, eventually
+from tests.conftest import BOTH, Server, ServerFactory, eventually
+
+TRANSPORTS = BOTH
 
 SERVICE = "/cruzflow.v1.WorkflowService/"
 ALLOWED = {
@@ -326,8 +336,86 @@ def raw(data: bytes) -> bytes:
     return data
 
 
+def _post(port: int, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CALL_TIMEOUT)
+    try:
+        connection.connect()
+        # http.client writes the headers and the body apart: without this, each
+        # call waits out a delayed ACK (40 ms).
+        assert connection.sock is not None
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection.request("POST", path, body, {"content-type": content_type})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def _connect_error(body: bytes) -> tuple[grpc.StatusCode, str]:
+    """A Connect error body's code, as gRPC names it, and its message."""
+    error = json.loads(body)
+    code = str(error["code"]).upper().replace("CANCELED", "CANCELLED")
+    return grpc.StatusCode[code], str(error.get("message", ""))
+
+
+async def send_http(
+    server: Server, rpc: str, data: bytes, codec: str
+) -> tuple[grpc.StatusCode, str, list[bytes]]:
+    """``send`` over HTTP: Connect, in ``codec`` ("proto", or "json": ``data``
+    is then JSON text); the responses as binary protobuf either way."""
+    port = server.service.http_port
+    assert port is not None
+    output = pb.DESCRIPTOR.services_by_name["WorkflowService"].methods_by_name[rpc].output_type
+    parse = message_factory.GetMessageClass(output)
+
+    def binary(answer: bytes) -> bytes:
+        if codec == "proto":
+            return answer
+        message = parse()
+        json_format.Parse(answer, message)
+        return message.SerializeToString()
+
+    if rpc not in STREAMING:
+        status, body = await asyncio.to_thread(
+            _post, port, SERVICE + rpc, data, f"application/{codec}"
+        )
+        if status == 200:
+            return grpc.StatusCode.OK, "", [binary(body)]
+        return (*_connect_error(body), [])
+    framed = struct.pack(">BI", 0, len(data)) + data
+    status, body = await asyncio.to_thread(
+        _post, port, SERVICE + rpc, framed, f"application/connect+{codec}"
+    )
+    if status != 200:
+        return (*_connect_error(body), [])
+    responses: list[bytes] = []
+    while body:
+        flags, size = struct.unpack(">BI", body[:5])
+        frame, body = body[5 : 5 + size], body[5 + size :]
+        if flags & 0x02:  # end of stream: an error, or none
+            ended = json.loads(frame)
+            if "error" in ended:
+                return (*_connect_error(json.dumps(ended["error"]).encode()), [])
+            return grpc.StatusCode.OK, "", responses
+        responses.append(binary(frame))
+    raise AssertionError(f"{rpc}: a stream without its end-of-stream frame")
+
+
+def as_json(rpc: str, data: bytes) -> bytes | None:
+    """``data`` in the JSON mapping, if it is a valid message of ``rpc`` that
+    the mapping can spell (not every Duration can be); else None."""
+    method = pb.DESCRIPTOR.services_by_name["WorkflowService"].methods_by_name[rpc]
+    try:
+        message = message_factory.GetMessageClass(method.input_type).FromString(data)
+        return json_format.MessageToJson(message).encode()
+    except Exception:  # not a valid message, or not expressible in JSON
+        return None
+
+
 async def send(server: Server, rpc: str, data: bytes) -> tuple[grpc.StatusCode, str, list[bytes]]:
     """Send raw request bytes; the status code, its message, and the raw responses."""
+    if server.transport != "grpc":
+        return await send_http(server, rpc, data, "proto")
     channel = server.channel
     try:
         if rpc in STREAMING:
@@ -358,7 +446,16 @@ def stored_ids(rpc: str, responses: list[bytes]) -> set[str]:
 
 
 async def check(fuzzed: Fuzzed, rpc: str, data: bytes) -> None:
-    code, message, responses = await send(fuzzed.server, rpc, data)
+    await checked(fuzzed, rpc, data, await send(fuzzed.server, rpc, data))
+    text = as_json(rpc, data) if fuzzed.server.transport != "grpc" else None
+    if text is not None:
+        await checked(fuzzed, rpc, text, await send_http(fuzzed.server, rpc, text, "json"))
+
+
+async def checked(
+    fuzzed: Fuzzed, rpc: str, data: bytes, sent: tuple[grpc.StatusCode, str, list[bytes]]
+) -> None:
+    code, message, responses = sent
     assert code in ALLOWED, f"{rpc}({data[:200]!r}) -> {code}: {message}"
     if code != grpc.StatusCode.OK:
         assert message, f"{rpc}({data[:200]!r}) -> {code} without a message"
@@ -368,9 +465,10 @@ async def check(fuzzed: Fuzzed, rpc: str, data: bytes) -> None:
         assert len(message.encode()) <= validate.MAX_MESSAGE_BYTES, message[:300]
     fuzzed.created |= stored_ids(rpc, responses)
     # The server keeps serving ...
-    alive = await fuzzed.server.stub.GetStatus(
-        pb.GetStatusRequest(instance_id="done"), timeout=CALL_TIMEOUT
-    )
+    asked = pb.GetStatusRequest(instance_id="done").SerializeToString()
+    code, message, answer = await send(fuzzed.server, "GetStatus", asked)
+    assert code == grpc.StatusCode.OK, message
+    alive = pb.GetStatusResponse.FromString(answer[0])
     assert alive.instance.status == pb.INSTANCE_STATUS_COMPLETE
     # ... and what it stored before is as it was.
     now = snapshot(fuzzed.store, fuzzed.created)

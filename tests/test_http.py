@@ -435,6 +435,17 @@ async def test_healthz_is_open_and_follows_the_health_service(
     assert (await node.http.request("GET", "/healthz")).status == 200
 
 
+async def test_answers_are_not_held_for_a_delayed_ack(node: Node) -> None:
+    """The listening socket has TCP_NODELAY, which its connections inherit:
+    without it, on asyncio's own loop (uvloop = false, and the tests), every
+    call on a kept-alive connection waited 40 ms for the client's delayed ACK
+    of the answer's first part."""
+    listener = node.service._http
+    assert listener is not None
+    sock = listener._sock
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 # ------------------------------------------------- Connect over raw HTTP
 
 

@@ -288,7 +288,13 @@ def _bind(listen: str, where: str) -> socket.socket:
         family, _, _, _, address = socket.getaddrinfo(
             host.strip("[]") or "0.0.0.0", int(port), type=socket.SOCK_STREAM
         )[0]
-        return socket.create_server(address[:2], family=family, backlog=2048)
+        sock = socket.create_server(address[:2], family=family, backlog=2048)
+        # Inherited by every accepted connection: an answer written in two
+        # parts (headers, then body) must not wait for the client's delayed
+        # ACK, 40 ms a call on a kept-alive connection. uvloop sets it on
+        # each connection itself; asyncio's own loop, under uvicorn, did not.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
     except (OSError, ValueError):
         raise OSError(_bind_failure(listen, where)) from None
 
