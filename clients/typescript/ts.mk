@@ -6,7 +6,7 @@
 #   make ts-proto       regenerate clients/typescript/src/gen from proto/
 #   make ts-proto-check fail when the checked-in generated code is stale
 #   make ts-lint        ts-proto-check, then tsc --noEmit on the client (and its
-#                       tests) and on the example
+#                       tests), on the example, and on README.md's ```ts blocks
 #   make ts-test        ts-proto-check, build, then node --test against real servers
 #                       (CRUZFLOW_BIN: the server command, default .venv/bin/cruzflow)
 
@@ -51,6 +51,7 @@ ts-build: ts-install
 ts-lint: ts-proto-check ts-build
 	$(TSC) -p $(TS_DIR)/tsconfig.test.json --noEmit
 	$(TSC) -p $(TS_APP)/tsconfig.json --noEmit
+	node $(TS_DIR)/scripts/check-readme.mjs
 
 ts-test: $(STAMP) ts-proto-check ts-build
 	rm -rf $(TS_DIR)/build $(TS_APP)/dist
