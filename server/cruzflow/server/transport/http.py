@@ -153,8 +153,8 @@ class _Service:
     ) -> Callable[[Any, RequestContext[Any, Any]], Awaitable[Any]]:
         async def unary(request: Any, ctx: RequestContext[Any, Any]) -> Any:
             try:
-                rule = _RULE.get()
-                if gate is not None and rule is not None:
+                if gate is not None:
+                    rule = _rule()
                     await _checked(gate, rule, name, request, ctx)
                     return gate.response(rule, name, await handler(request))
                 return await handler(request)
@@ -169,15 +169,23 @@ class _Service:
     ) -> Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]]:
         async def stream(request: Any, ctx: RequestContext[Any, Any]) -> AsyncIterator[Any]:
             try:
-                rule = _RULE.get()
-                if gate is not None and rule is not None:
-                    await _checked(gate, rule, name, request, ctx)
+                if gate is not None:
+                    await _checked(gate, _rule(), name, request, ctx)
                 async for response in handler(request):
                     yield response
             except Exception as exc:
                 raise _translate(exc) from None
 
         return stream
+
+
+def _rule() -> auth.TokenRule:
+    """The call's token rule, which ``_Auth`` set before the request was read.
+    Fail closed: a call that reaches a handler without one is refused."""
+    rule = _RULE.get()
+    if rule is None:
+        raise _error("UNAUTHENTICATED", auth.UNAUTHENTICATED_MESSAGE)
+    return rule
 
 
 async def _checked(
