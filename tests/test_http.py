@@ -501,7 +501,8 @@ async def test_a_malformed_request_says_how_to_mend_it(node: Node) -> None:
     answer = bad_json.json()
     assert answer["code"] == "invalid_argument"
     assert "not a valid cruzflow.v1.GetStatusRequest message" in answer["message"]
-    assert "camelCase field names" in answer["message"]
+    assert "camelCase, e.g." in answer["message"]
+    assert "\n" not in answer["message"]
 
     unknown = await node.http.call("GetStatus", {"instance_idd": "x"})
     assert unknown.status == 400
@@ -524,6 +525,27 @@ async def test_a_malformed_request_says_how_to_mend_it(node: Node) -> None:
     )
     assert wrong_type.status == 415
     assert "application/json" in (wrong_type.header("accept-post") or "")
+    assert "send application/json" in wrong_type.json()["message"]
+    # curl -d without -H sends a form: the answer says which header to add.
+    form = await node.http.request(
+        "POST",
+        SERVICE_PATH + "GetStatus",
+        b'{"instanceId":"x"}',
+        {"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert form.status == 415
+    assert "-H 'Content-Type: application/json'" in form.json()["message"]
+
+    misspelt = await node.http.call("GetStatuss", {"instanceId": "x"})
+    assert misspelt.status == 404
+    assert misspelt.json()["code"] == "not_found"
+    assert "no method 'GetStatuss'" in misspelt.json()["message"]
+    assert "GetStatus, WatchInstance" in misspelt.json()["message"]
+
+    get = await node.http.request("GET", SERVICE_PATH + "GetStatus")
+    assert get.status == 405
+    assert get.header("allow") == "POST"
+    assert "answers POST only" in get.json()["message"]
     # None of these reached the engine.
     assert (await node.http.call("ListInstances", {})).json().get("instances", []) == []
 
@@ -710,6 +732,12 @@ async def test_the_routes_need_a_token_with_the_right_access(
         assert (await node.http.status("three-steps", "x", headers)).status == 401
         call = await node.http.call("ListInstances", {}, headers)
         assert call.status == 401 and call.json()["code"] == "unauthenticated"
+        # Without a token, not even which methods exist (as over gRPC).
+        unknown = await node.http.call("NoSuchMethod", {}, headers)
+        assert unknown.status == 401 and unknown.json()["code"] == "unauthenticated"
+
+    unknown = await node.http.call("NoSuchMethod", {}, bearer(reader))
+    assert unknown.status == 404 and "its methods are" in unknown.json()["message"]
 
     made = await node.http.trigger("three-steps", b"{}", "?id=by-admin", bearer(admin))
     assert made.status == 200, made.body

@@ -137,6 +137,7 @@ class Service:
             ),
             read_max_bytes,
             self.serving,
+            self.gate,
         )
         if config.file.http.cors_origins:
             from starlette.middleware.cors import CORSMiddleware

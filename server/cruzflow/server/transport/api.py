@@ -52,10 +52,12 @@ def refusal(exc: Exception) -> tuple[str, str]:
 
 def malformed(type_name: str, problem: str, *, json: bool = False) -> str:
     """The message for a request that is not a valid message of its method."""
-    problem = validate.fit(problem)[:300]
+    # One line: parsers' messages may hold newlines.
+    problem = validate.fit(" ".join(problem.split()))[:300]
     how = (
-        "send it as the proto's JSON mapping (camelCase field names, e.g. "
-        '{"workflow": "...", "paramsJson": "{}"})'
+        "send it in the proto's JSON mapping: its field names (camelCase, e.g. "
+        '{"workflow": "...", "paramsJson": "{}"}; the proto\'s own snake_case names '
+        "are accepted too)"
         if json
         else "encode it from proto/cruzflow/v1/workflows.proto, with UTF-8 text in string fields"
     )

@@ -308,11 +308,16 @@ class HttpApp:
     reads (as the Connect application's)."""
 
     def __init__(
-        self, connect: ASGIApp, read_max_bytes: int, serving: Callable[[], bool] = lambda: True
+        self,
+        connect: ASGIApp,
+        read_max_bytes: int,
+        serving: Callable[[], bool] = lambda: True,
+        gate: auth.Gate | None = None,
     ) -> None:
         self._connect = connect
         self._read_max_bytes = read_max_bytes
         self._serving = serving
+        self._gate = gate
 
     async def __call__(
         self,
@@ -326,7 +331,11 @@ class HttpApp:
             return
         path: str = scope["path"]
         if path.startswith(_SERVICE_PATH):
-            await self._connect(scope, receive, send)
+            refused = _unserved(path[len(_SERVICE_PATH) :], scope, self._gate)
+            if refused is None:
+                await self._connect(scope, receive, send)
+            else:
+                await _send_json(send, *refused)
             return
         if (match := _TRIGGER.match(path)) is not None:
             await self._route(scope, receive, send, "POST", self._trigger, match.groups())
@@ -431,8 +440,13 @@ class HttpApp:
         if isinstance(created, pb.CreateInstanceResponse):
             answer = {"id": created.instance_id, "status": status_word(created.status)}
             await _send_json(send, status, answer)
-        else:
-            await _send_json(send, status, created)
+            return
+        refused = cast(dict[str, Any], created)
+        # Here the params are the body, not a field the caller named.
+        message = str(refused.get("message", ""))
+        if message.startswith("params_json:"):
+            refused["message"] = "params (the request body):" + message[len("params_json:") :]
+        await _send_json(send, status, refused)
 
     async def _status(
         self,
@@ -519,6 +533,68 @@ class HttpApp:
         if not isinstance(error, dict):
             error = {"code": "internal", "message": "internal error: an unreadable answer"}
         return status, error
+
+
+_CONTENT_TYPES = (
+    "application/json",
+    "application/proto",
+    "application/connect+json",
+    "application/connect+proto",
+    "application/grpc",
+    "application/grpc-web",
+)
+
+
+def _unserved(
+    method: str, scope: dict[str, Any], gate: auth.Gate | None
+) -> tuple[int, Any, list[tuple[bytes, bytes]]] | None:
+    """The answer (status, JSON body, headers) to a call the Connect
+    application would refuse with an empty body (an unknown method, a GET,
+    a content type it does not speak); None for any other call. The status
+    is the one Connect gives; the body says how to mend the call."""
+    if method not in SERVICE.methods_by_name:
+        if gate is not None and gate.match(_header(scope, b"authorization")) is None:
+            # As over gRPC: no word of which methods exist without a token.
+            return 401, {"code": "unauthenticated", "message": auth.UNAUTHENTICATED_MESSAGE}, []
+        names = ", ".join(m.name for m in SERVICE.methods)
+        return (
+            404,
+            {
+                "code": "not_found",
+                "message": f"no method {method!r} in {SERVICE.full_name}; its methods are {names}",
+            },
+            [],
+        )
+    if scope["method"] != "POST":
+        return (
+            405,
+            {
+                "code": "unimplemented",
+                "message": f"{method} answers POST only, with the request in the body "
+                f"(Content-Type: application/json or application/proto)",
+            },
+            [(b"allow", b"POST")],
+        )
+    content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+    if not content_type.startswith(_CONTENT_TYPES):
+        return (
+            415,
+            {
+                "code": "invalid_argument",
+                "message": f"Content-Type {content_type or '(none)'!r} is not "
+                f"one the API speaks; send application/json (the request as JSON) or "
+                f"application/proto (with curl: -H 'Content-Type: application/json')",
+            },
+            [(b"accept-post", b"application/json, application/proto")],
+        )
+    return None
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 async def _never() -> dict[str, Any]:
