@@ -38,6 +38,7 @@ from google.protobuf.message import Message
 
 from cruzflow.server import auth
 from cruzflow.server.engine import validate
+from cruzflow.server.records import InstanceStatus
 from cruzflow.server.transport.api import SERVICE, WorkflowApi, malformed, refusal
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1.workflows_connect import WorkflowServiceASGIApplication
@@ -273,26 +274,18 @@ def connect_app(
 
 # --------------------------------------------------- the seed's two routes
 
-_STATUS_WORDS = {
-    pb.INSTANCE_STATUS_QUEUED: "queued",
-    pb.INSTANCE_STATUS_RUNNING: "running",
-    pb.INSTANCE_STATUS_PAUSED: "paused",
-    pb.INSTANCE_STATUS_WAITING: "waiting",
-    pb.INSTANCE_STATUS_WAITING_FOR_PAUSE: "waitingForPause",
-    pb.INSTANCE_STATUS_COMPLETE: "complete",
-    pb.INSTANCE_STATUS_ERRORED: "errored",
-    pb.INSTANCE_STATUS_TERMINATED: "terminated",
-    pb.INSTANCE_STATUS_UNKNOWN: "unknown",
-}
-"""Statuses as Cloudflare's ``instance.status()`` spells them."""
-
 _TRIGGER = re.compile(r"^/workflows/([^/]+)/trigger$")
 _STATUS = re.compile(r"^/workflows/([^/]+)/status/([^/]+)$")
 _SERVICE_PATH = f"/{SERVICE.full_name}/"
 
 
 def status_word(status: int) -> str:
-    return _STATUS_WORDS.get(cast(Any, status), "unknown")
+    """A status as Cloudflare's ``instance.status()`` spells it (``running``);
+    the proto's numbers are the engine's."""
+    try:
+        return InstanceStatus(status).label
+    except ValueError:
+        return InstanceStatus.UNKNOWN.label
 
 
 class _TooLarge(Exception):
