@@ -69,6 +69,8 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
+        self.http_address = ""
+        """host:port of the HTTP listener, when the config has one."""
         self.log_path = config.parent / "server.log"
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
@@ -88,6 +90,11 @@ class ServerProcess:
             line = self.proc.stdout.readline()
             if line.startswith("cruzflow listening on "):
                 self.address = line.split()[-1]
+                if "\n[http]\n" not in self.config.read_text():
+                    return self
+            elif line.startswith("cruzflow http listening on "):
+                # Printed right after the gRPC line, when there is a listener.
+                self.http_address = line.split()[-1]
                 return self
             if not line and self.proc.poll() is not None:
                 break

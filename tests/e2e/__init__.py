@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from connectrpc.code import Code
+from connectrpc.compat import google_protobuf_json_codec
+from connectrpc.errors import ConnectError
 
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc
+from cruzflow.v1.workflows_connect import WorkflowServiceClientSync
 from tests import workflows as wf
 from tests.conftest import ALL_WORKFLOWS
 from tests.procs import ServerProcess, wait_for, write_config
@@ -68,6 +72,7 @@ class Cluster:
         limits: Mapping[str, int] | None = None,
         store: Path | None = None,
         store_url: str | None = None,
+        http: bool = False,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
@@ -84,11 +89,13 @@ class Cluster:
             store=str(self.store),
             store_url=store_url,
             lease_period="1 second" if store_url is not None else None,
+            http="127.0.0.1:0" if http else None,
         )
         self.servers: list[ServerProcess] = []
         self._channels: list[grpc.Channel] = []
         self._stub: workflows_pb2_grpc.WorkflowServiceStub | None = None
         self.address = ""
+        self.http_address = ""  # with http=True: the running server's HTTP listener
         self.generation = 0  # grows by one with every server that has started
         self.watchers: list[Watcher] = []
 
@@ -104,6 +111,7 @@ class Cluster:
         self._channels.append(channel)
         self._stub = workflows_pb2_grpc.WorkflowServiceStub(channel)
         self.address = server.address
+        self.http_address = server.http_address
         self.generation += 1
         return server
 
@@ -204,10 +212,14 @@ class Watcher(threading.Thread):
     after the instance's final status_changed event.
     """
 
-    def __init__(self, cluster: Cluster, instance_id: str, timeout: float = 40.0) -> None:
+    def __init__(
+        self, cluster: Cluster, instance_id: str, timeout: float = 40.0, *, http: bool = False
+    ) -> None:
         super().__init__(daemon=True, name=f"watch-{instance_id}")
         self.cluster = cluster
         self.instance_id = instance_id
+        self.http = http
+        """Over HTTP (Connect JSON, the cluster needs http=True) instead of gRPC."""
         self.timeout = timeout
         self.events: list[pb.WatchInstanceResponse] = []
         self.cuts: list[tuple[grpc.StatusCode, int]] = []
@@ -237,7 +249,10 @@ class Watcher(threading.Thread):
                 generation, address = self.cluster.generation, self.cluster.address
                 if self.events:
                     self.resumed_after.append(self.last)
-                self._follow(address, deadline)
+                if self.http:
+                    self._follow_http(self.cluster.http_address, deadline)
+                else:
+                    self._follow(address, deadline)
         except BaseException as exc:
             self.failure = exc
 
@@ -267,6 +282,33 @@ class Watcher(threading.Thread):
                 return
             if not self.done:
                 # The server ended the stream without an error and without the final event.
+                raise AssertionError(f"stream ended early after sequence {self.last}")
+
+    def _follow_http(self, address: str, deadline: float) -> None:
+        """``_follow`` over HTTP: a Connect server stream, cut by a kill or a
+        stop as ``unavailable`` (the server's shutdown answer, or the
+        client's for a connection that broke)."""
+        request = pb.WatchInstanceRequest(instance_id=self.instance_id, after_sequence=self.last)
+        timeout_ms = max(100, int((deadline - time.monotonic()) * 1000))
+        with WorkflowServiceClientSync(
+            f"http://{address}", codec=google_protobuf_json_codec(), send_compression=None
+        ) as client:
+            try:
+                for event in client.watch_instance(request, timeout_ms=timeout_ms):
+                    self.events.append(event)
+                    if event.WhichOneof("event") == "status_changed" and (
+                        event.status_changed.status in FINISHED
+                    ):
+                        self.done = True
+                        return
+                    if self._halt.is_set():
+                        return
+            except ConnectError as exc:
+                if exc.code != Code.UNAVAILABLE:
+                    raise
+                self.cuts.append((grpc.StatusCode.UNAVAILABLE, self.last))
+                return
+            if not self.done:
                 raise AssertionError(f"stream ended early after sequence {self.last}")
 
     def finish(self, timeout: float = 40.0) -> list[pb.WatchInstanceResponse]:

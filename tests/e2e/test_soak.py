@@ -12,7 +12,8 @@ again on the same store. Afterwards:
   finished (the side file orders every body's start and end marks, and the
   stored result names its run by a token): runs cut short by a kill may
   repeat, recorded ones never;
-- each watcher saw every sequence of its instance once, in order;
+- each watcher saw every sequence of its instance once, in order (half of
+  them follow a Connect stream over HTTP, half a gRPC one);
 - ``PRAGMA integrity_check`` is ok after every kill.
 
 The size comes from the environment: ``CRUZFLOW_SOAK_WORKFLOWS`` (500),
@@ -63,7 +64,9 @@ class SoakCluster(Cluster):
 
     def __init__(self, directory: Path) -> None:
         super().__init__(directory)
-        self.config = write_config(directory, {"soak": "tests.workflows:Soak"}, store="store.db")
+        self.config = write_config(
+            directory, {"soak": "tests.workflows:Soak"}, store="store.db", http="127.0.0.1:0"
+        )
 
 
 def watched(n: int) -> bool:
@@ -151,7 +154,9 @@ class Driver:
                 later = self.rng.uniform(2.0, 4.0) if watched(n) else self.rng.uniform(0.0, 1.5)
                 heapq.heappush(self._events, (time.monotonic() + later, instance_id, 3 * n))
         if watched(n):
-            watcher = Watcher(self.cluster, instance_id, timeout=SECONDS + 300)
+            # Every other one over HTTP (a Connect stream), the rest over gRPC.
+            http = (n // max(1, WORKFLOWS // max(WATCHERS, 1))) % 2 == 1
+            watcher = Watcher(self.cluster, instance_id, timeout=SECONDS + 300, http=http)
             self.watchers.append(watcher)
             watcher.start()
 
@@ -310,7 +315,8 @@ def test_soak_sigkill_at_random_moments_loses_nothing_and_reruns_no_recorded_ste
             f"\n  steps re-run after success: {len(rerun_after_success)} of {recorded:,} recorded"
             f" ({starts - recorded - planned_failures:,} runs cut short by a kill ran again;"
             f" {planned_failures:,} planned failures retried)"
-            f"\n  watchers: {len(watched)}, events seen twice: {seen_twice}, out of order or"
+            f"\n  watchers: {len(watched)} ({sum(w.http for w in driver.watchers)} over HTTP),"
+            f" events seen twice: {seen_twice}, out of order or"
             f" missing: {len(out_of_order)}, streams cut and resumed: {resumed}"
             f"\n  calls retried across restarts: {driver.retried_calls:,}"
             f"\n  PRAGMA integrity_check: ok after each of the {kills} kills"
