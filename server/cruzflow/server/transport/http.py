@@ -43,8 +43,6 @@ from cruzflow.server.transport.api import SERVICE, WorkflowApi, malformed, refus
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1.workflows_connect import WorkflowServiceASGIApplication
 
-log = logging.getLogger("cruzflow.http")
-
 ASGIApp = Callable[
     [dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
     Awaitable[None],
