@@ -9,7 +9,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
-import { ROOT, Server, eventually, transports, uniqueId, type TransportName } from "./harness.js";
+import { ROOT, Server, eventually, TRANSPORTS, uniqueId, type TransportName } from "./harness.js";
 
 const APP = path.join(ROOT, "examples", "node-app", "dist", "server.js");
 
@@ -82,8 +82,8 @@ function appEnv(transport: TransportName): Record<string, string> {
   return transport === "grpc" ? { CRUZFLOW_GRPC_URL: server.grpcUrl } : { CRUZFLOW_URL: server.httpUrl };
 }
 
-for (const { name: transport, skip } of transports()) {
-  describe(`examples/node-app over ${transport}`, { skip }, () => {
+for (const transport of TRANSPORTS) {
+  describe(`examples/node-app over ${transport}`, () => {
     test("trigger, then status until complete; the lookup key finds it again after a restart", async () => {
       const userId = uniqueId("u");
       let app = await new App().start(appEnv(transport));

@@ -1,10 +1,10 @@
 /**
  * Real `cruzflow serve` processes for the tests, and clients on them over
- * both transports: gRPC (connect-node) and Connect over fetch, once the
- * server has an HTTP listener (`--http-listen`).
+ * both transports: gRPC (connect-node) and Connect over fetch (the server's
+ * HTTP listener, `--http-listen`).
  */
 
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync, openSync, closeSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -40,33 +40,8 @@ process.on("exit", () => {
   }
 });
 
-let httpSupport: boolean | undefined;
-
-/** Whether this server build has the HTTP (Connect) listener. */
-export function serverHasHttp(): boolean {
-  if (httpSupport === undefined) {
-    const help = spawnSync(CRUZFLOW_BIN, ["serve", "--help"], { encoding: "utf8" });
-    if (help.status !== 0) {
-      throw new Error(`${CRUZFLOW_BIN} serve --help failed: ${help.stderr}`);
-    }
-    httpSupport = help.stdout.includes("--http-listen");
-  }
-  return httpSupport;
-}
-
-/**
- * The transports to run a suite over, with the reason one is skipped:
- * Connect needs the server's HTTP listener.
- */
-export function transports(): { name: TransportName; skip: string | false }[] {
-  return [
-    { name: "grpc", skip: false },
-    {
-      name: "connect",
-      skip: serverHasHttp() ? false : "the server has no --http-listen (HTTP/Connect listener) yet",
-    },
-  ];
-}
+/** Every suite runs over each of these. */
+export const TRANSPORTS: readonly TransportName[] = ["grpc", "connect"];
 
 /** A token the test server accepts: its name, access and workflows. */
 export interface TokenSpec {
@@ -145,11 +120,15 @@ export class Server {
     if (this.#proc !== undefined) {
       throw new Error("the server is running already: kill() or stop() it first");
     }
-    const http = serverHasHttp();
-    const args = ["serve", "--config", this.config, "--listen", this.grpcAddress || "127.0.0.1:0"];
-    if (http) {
-      args.push("--http-listen", this.httpAddress || "127.0.0.1:0");
-    }
+    const args = [
+      "serve",
+      "--config",
+      this.config,
+      "--listen",
+      this.grpcAddress || "127.0.0.1:0",
+      "--http-listen",
+      this.httpAddress || "127.0.0.1:0",
+    ];
     const log = openSync(this.logPath, "a");
     const proc = spawn(CRUZFLOW_BIN, args, { cwd: this.dir, env: this.env, stdio: ["ignore", "pipe", log] });
     closeSync(log);
@@ -173,11 +152,9 @@ export class Server {
         out += chunk;
         const grpc = /^cruzflow listening on (\S+)$/m.exec(out);
         const httpLine = /^cruzflow http listening on (\S+)$/m.exec(out);
-        if (grpc && (!http || httpLine)) {
+        if (grpc && httpLine) {
           this.grpcAddress = grpc[1] as string;
-          if (httpLine) {
-            this.httpAddress = httpLine[1] as string;
-          }
+          this.httpAddress = httpLine[1] as string;
           clearTimeout(timer);
           proc.off("exit", onExit);
           resolve();

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { Code, CruzflowError, type WatchEvent } from "../src/index.js";
-import { Server, transports, uniqueId } from "./harness.js";
+import { Server, TRANSPORTS, uniqueId } from "./harness.js";
 
 function summary(events: readonly WatchEvent[]): string[] {
   return events.map((e) => {
@@ -24,8 +24,8 @@ function summary(events: readonly WatchEvent[]): string[] {
   });
 }
 
-for (const { name: transport, skip } of transports()) {
-  describe(`watch and restarts over ${transport}`, { skip }, () => {
+for (const transport of TRANSPORTS) {
+  describe(`watch and restarts over ${transport}`, () => {
     let server: Server;
 
     before(async () => {
