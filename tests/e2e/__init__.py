@@ -256,6 +256,20 @@ class Watcher(threading.Thread):
         except BaseException as exc:
             self.failure = exc
 
+    def _take(self, stream: Iterable[pb.WatchInstanceResponse]) -> None:
+        """Keep the stream's events until the final status or a halt; a stream
+        that ends before its final event without an error fails the watcher."""
+        for event in stream:
+            self.events.append(event)
+            if event.WhichOneof("event") == "status_changed" and (
+                event.status_changed.status in FINISHED
+            ):
+                self.done = True
+                return
+            if self._halt.is_set():
+                return
+        raise AssertionError(f"stream ended early after sequence {self.last}")
+
     def _follow(self, address: str, deadline: float) -> None:
         with grpc.insecure_channel(address) as channel:
             stub = workflows_pb2_grpc.WorkflowServiceStub(channel)
@@ -264,25 +278,14 @@ class Watcher(threading.Thread):
                 timeout=max(0.1, deadline - time.monotonic()),
             )
             try:
-                for event in stream:
-                    self.events.append(event)
-                    if event.WhichOneof("event") == "status_changed" and (
-                        event.status_changed.status in FINISHED
-                    ):
-                        self.done = True
-                        return
-                    if self._halt.is_set():
-                        stream.cancel()
-                        return
+                self._take(stream)
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
                 if code != grpc.StatusCode.UNAVAILABLE:
                     raise
                 self.cuts.append((code, self.last))
-                return
-            if not self.done:
-                # The server ended the stream without an error and without the final event.
-                raise AssertionError(f"stream ended early after sequence {self.last}")
+            if self._halt.is_set():
+                stream.cancel()
 
     def _follow_http(self, address: str, deadline: float) -> None:
         """``_follow`` over HTTP: a Connect server stream, cut by a kill or a
@@ -294,22 +297,11 @@ class Watcher(threading.Thread):
             f"http://{address}", codec=google_protobuf_json_codec(), send_compression=None
         ) as client:
             try:
-                for event in client.watch_instance(request, timeout_ms=timeout_ms):
-                    self.events.append(event)
-                    if event.WhichOneof("event") == "status_changed" and (
-                        event.status_changed.status in FINISHED
-                    ):
-                        self.done = True
-                        return
-                    if self._halt.is_set():
-                        return
+                self._take(client.watch_instance(request, timeout_ms=timeout_ms))
             except ConnectError as exc:
                 if exc.code != Code.UNAVAILABLE:
                     raise
                 self.cuts.append((grpc.StatusCode.UNAVAILABLE, self.last))
-                return
-            if not self.done:
-                raise AssertionError(f"stream ended early after sequence {self.last}")
 
     def finish(self, timeout: float = 40.0) -> list[pb.WatchInstanceResponse]:
         self.join(timeout)
