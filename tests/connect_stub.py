@@ -1,5 +1,6 @@
 """The generated gRPC stub's interface over HTTP (Connect, JSON by default),
-so that one test or bench runs over either transport unchanged.
+so that one test or bench runs over either transport unchanged; and the
+Connect protocol's stream envelopes, for tests that speak raw HTTP.
 
 ``ConnectStub(url).CreateInstance(request, timeout=..., metadata=...)`` is
 awaited like the gRPC stub's method and raises a ``grpc.aio.AioRpcError``
@@ -12,7 +13,9 @@ on the Connect protocol, with no compression.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import re
+import struct
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -25,6 +28,39 @@ from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1.workflows_connect import WorkflowServiceClient
 
 SERVICE = pb.DESCRIPTOR.services_by_name["WorkflowService"]
+
+
+END_STREAM = 0x02
+"""The flag of a Connect stream's last envelope (its JSON: {} or {"error": ...})."""
+
+
+def envelope(data: bytes) -> bytes:
+    """``data`` as one envelope of a Connect stream: flags 0, a 4-byte length."""
+    return struct.pack(">BI", 0, len(data)) + data
+
+
+def unframe(data: bytes) -> list[tuple[int, bytes]]:
+    """A whole Connect stream body as its envelopes: (flags, data) each."""
+    out = []
+    at = 0
+    while at < len(data):
+        flags, size = struct.unpack(">BI", data[at : at + 5])
+        out.append((flags, data[at + 5 : at + 5 + size]))
+        at += 5 + size
+    assert at == len(data), "a truncated envelope"
+    return out
+
+
+def read_frame(response: http.client.HTTPResponse) -> tuple[int, bytes] | None:
+    """The next envelope of a Connect stream being read; None at a clean end."""
+    head = response.read(5)
+    if not head:
+        return None
+    flags, size = struct.unpack(">BI", head)
+    body = response.read(size)
+    if len(body) < size:
+        raise http.client.IncompleteRead(body, size - len(body))
+    return flags, body
 
 
 def _snake(name: str) -> str:

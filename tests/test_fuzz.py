@@ -27,7 +27,6 @@ import http.client
 import json
 import socket
 import sqlite3
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from hypothesis import strategies as st
 from cruzflow.server.engine import validate
 from cruzflow.v1 import workflows_pb2 as pb
 from tests.conftest import BOTH, Server, ServerFactory, eventually
+from tests.connect_stub import END_STREAM, envelope, unframe
 
 TRANSPORTS = BOTH
 
@@ -382,17 +382,14 @@ async def send_http(
         if status == 200:
             return grpc.StatusCode.OK, "", [binary(body)]
         return (*_connect_error(body), [])
-    framed = struct.pack(">BI", 0, len(data)) + data
     status, body = await asyncio.to_thread(
-        _post, port, SERVICE + rpc, framed, f"application/connect+{codec}"
+        _post, port, SERVICE + rpc, envelope(data), f"application/connect+{codec}"
     )
     if status != 200:
         return (*_connect_error(body), [])
     responses: list[bytes] = []
-    while body:
-        flags, size = struct.unpack(">BI", body[:5])
-        frame, body = body[5 : 5 + size], body[5 + size :]
-        if flags & 0x02:  # end of stream: an error, or none
+    for flags, frame in unframe(body):
+        if flags & END_STREAM:  # an error, or none
             ended = json.loads(frame)
             if "error" in ended:
                 return (*_connect_error(json.dumps(ended["error"]).encode()), [])

@@ -21,7 +21,6 @@ import json
 import secrets
 import socket
 import ssl
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,8 @@ from cruzflow.server.telemetry import Providers
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
 from tests.conftest import ALL_WORKFLOWS, ON_POSTGRES, Stores, eventually
+from tests.connect_stub import END_STREAM, read_frame, unframe
+from tests.connect_stub import envelope as enveloped
 from tests.pki import Pki, make_pki, token_entry
 from tests.procs import write_config
 
@@ -91,19 +92,11 @@ def _request(
 
 def frames(data: bytes) -> list[tuple[int, Any]]:
     """A Connect stream's envelopes: (flags, the JSON of each)."""
-    out = []
-    at = 0
-    while at < len(data):
-        flags, size = struct.unpack(">BI", data[at : at + 5])
-        out.append((flags, json.loads(data[at + 5 : at + 5 + size])))
-        at += 5 + size
-    assert at == len(data), "a truncated envelope"
-    return out
+    return [(flags, json.loads(body)) for flags, body in unframe(data)]
 
 
 def envelope(message: Mapping[str, Any]) -> bytes:
-    body = json.dumps(message).encode()
-    return struct.pack(">BI", 0, len(body)) + body
+    return enveloped(json.dumps(message).encode())
 
 
 class Http:
@@ -564,7 +557,7 @@ async def test_watch_is_a_stream_of_envelopes_ending_with_end_of_stream(node: No
     got = frames(reply.body)
     *events, (end_flags, end) = got
     assert all(flags == 0 for flags, _ in events)
-    assert end_flags == 0x02 and "error" not in end
+    assert end_flags == END_STREAM and "error" not in end
     sequences = [int(e["sequence"]) for _, e in events]
     assert sequences == list(range(1, len(events) + 1))
     kinds = [_event_kind(e) for _, e in events]
@@ -581,11 +574,11 @@ async def test_watch_is_a_stream_of_envelopes_ending_with_end_of_stream(node: No
 
     rest = frames((await node.http.watch("w1", after=3)).body)
     assert [int(e["sequence"]) for _, e in rest[:-1]] == sequences[3:]
-    assert rest[-1][0] == 0x02
+    assert rest[-1][0] == END_STREAM
 
     missing = frames((await node.http.watch("nobody")).body)
     ((flags, end),) = missing
-    assert flags == 0x02
+    assert flags == END_STREAM
     assert end["error"]["code"] == "not_found"
 
 
@@ -600,13 +593,10 @@ def _watch_live(port: int, instance_id: str, seen: list[tuple[int, Any]]) -> Non
             {"content-type": "application/connect+json"},
         )
         response = connection.getresponse()
-        while True:
-            head = response.read(5)
-            if len(head) < 5:
-                return
-            flags, size = struct.unpack(">BI", head)
-            seen.append((flags, json.loads(response.read(size))))
-            if flags & 0x02:
+        while (frame := read_frame(response)) is not None:
+            flags, body = frame
+            seen.append((flags, json.loads(body)))
+            if flags & END_STREAM:
                 return
     finally:
         connection.close()
@@ -630,7 +620,7 @@ async def test_a_watch_delivers_events_as_they_happen(node: Node) -> None:
         pb.SendEventRequest(instance_id="live", type="approval", payload_json='{"by": "ann"}')
     )
     await asyncio.wait_for(watching, 20)
-    assert seen[-1][0] == 0x02
+    assert seen[-1][0] == END_STREAM
     last = seen[-2][1]["statusChanged"]
     assert last["status"] == "INSTANCE_STATUS_COMPLETE"
     assert json.loads(last["outputJson"])["approved"] == {"by": "ann"}

@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ALL_WORKFLOWS, ON_POSTGRES, Stores
+from tests.connect_stub import envelope, read_frame
 from tests.procs import wait_for, write_config
 
 SERVICE_PATH = "/cruzflow.v1.WorkflowService/"
@@ -124,15 +124,9 @@ def curl(*args: str) -> str:
 
 
 def _frame(response: http.client.HTTPResponse) -> tuple[int, Any] | None:
-    """The next envelope of a Connect stream; None at a clean end of the body."""
-    head = response.read(5)
-    if not head:
-        return None
-    flags, size = struct.unpack(">BI", head)
-    body = response.read(size)
-    if len(body) < size:
-        raise http.client.IncompleteRead(body, size - len(body))
-    return flags, json.loads(body)
+    """The next envelope of a Connect stream, its JSON read; None at a clean end."""
+    frame = read_frame(response)
+    return None if frame is None else (frame[0], json.loads(frame[1]))
 
 
 def _open_watch(port: int, instance_id: str, after: int = 0) -> http.client.HTTPResponse:
@@ -141,7 +135,7 @@ def _open_watch(port: int, instance_id: str, after: int = 0) -> http.client.HTTP
     connection.request(
         "POST",
         SERVICE_PATH + "WatchInstance",
-        struct.pack(">BI", 0, len(body)) + body,
+        envelope(body),
         {"content-type": "application/connect+json"},
     )
     response = connection.getresponse()
