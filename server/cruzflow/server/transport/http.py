@@ -317,9 +317,7 @@ class HttpApp:
         send: Callable[[Any], Awaitable[None]],
     ) -> None:
         if scope["type"] != "http":
-            if scope["type"] == "lifespan":
-                await _lifespan(receive, send)
-            return
+            return  # HttpListener runs uvicorn with lifespan off, and no websockets
         path: str = scope["path"]
         if path.startswith(_SERVICE_PATH):
             refused = _unserved(path[len(_SERVICE_PATH) :], scope, self._gate)
@@ -613,18 +611,6 @@ async def _send_json(
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-async def _lifespan(
-    receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
-) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 # ---------------------------------------------------------------- listener
