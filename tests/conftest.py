@@ -23,6 +23,7 @@ from cruzflow.server.engine.runtime import Engine, Limits, WorkflowSpec
 from cruzflow.server.store.base import Store
 from cruzflow.server.store.postgres import PostgresStore
 from cruzflow.server.store.sqlite import SqliteStore
+from cruzflow.server.telemetry import Providers
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
 from tests import workflows as wf
@@ -235,6 +236,7 @@ async def make_server(
         limits: Mapping[str, int] | None = None,
         vars: Mapping[str, str] | None = None,
         databases: Mapping[str, str] | None = None,
+        telemetry: Providers | None = None,
     ) -> Server:
         directory = tmp_path / f"server{len(running)}"
         directory.mkdir()
@@ -247,7 +249,7 @@ async def make_server(
             store_url=stores.url(f"server{len(running)}") if ON_POSTGRES else None,
             http="127.0.0.1:0" if transport != "grpc" else None,
         )
-        service = Service(load_config(path))
+        service = Service(load_config(path), telemetry)
         await service.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
         server = Server(service, channel, transport)

@@ -35,7 +35,7 @@ from cruzflow.server.config import ConfigError, load_config
 from cruzflow.server.telemetry import Providers
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
-from tests.conftest import BOTH
+from tests.conftest import BOTH, eventually
 from tests.connect_stub import ConnectStub
 from tests.pki import Pki, make_pki, secure_config, token_entry
 
@@ -286,6 +286,8 @@ async def test_a_read_only_token_reads_but_cannot_change_anything(
         ("WaitInstance", wait(instance)),
         ("ListInstances", pb.ListInstancesRequest()),
         ("ListWorkflows", pb.ListWorkflowsRequest()),
+        ("CountInstances", pb.CountInstancesRequest()),
+        ("GetCaller", pb.GetCallerRequest()),
     ):
         assert await node.code(method, request, reader) == (OK, ""), method
     for method, change in (
@@ -384,6 +386,82 @@ async def test_a_workflow_token_sees_and_changes_only_its_workflows(
     )
     terminate = pb.TerminateInstanceRequest(instance_id="mine-2")
     assert (await node.code("TerminateInstance", terminate, watcher))[0] == DENIED
+
+
+async def test_a_workflow_token_counts_only_its_workflows_instances(
+    start: Start, tokens: Tokens, side_file: Path
+) -> None:
+    node = await start()
+    admin, approver, watcher = (
+        bearer(tokens.admin),
+        bearer(tokens.approver),
+        bearer(tokens.watcher),
+    )
+    for workflow in ("three-steps", "three-steps", "approval"):
+        await node.stub.CreateInstance(create(workflow), metadata=admin)
+
+    async def counted(metadata: Metadata, workflow: str = "") -> tuple[list[tuple[str, int]], int]:
+        async def settled() -> pb.CountInstancesResponse | None:
+            answer = await node.stub.CountInstances(
+                pb.CountInstancesRequest(workflow=workflow), metadata=metadata, timeout=30
+            )
+            # Once the three-steps instances are complete, the approval one waiting.
+            done = {pb.INSTANCE_STATUS_COMPLETE, pb.INSTANCE_STATUS_WAITING}
+            return answer if all(c.status in done for c in answer.counts) else None
+
+        answer = await eventually(settled)
+        return [(c.workflow, c.count) for c in answer.counts], answer.total
+
+    assert await counted(admin) == ([("approval", 1), ("three-steps", 2)], 3)
+    # Without a workflow: its workflows' counts only, and their total.
+    assert await counted(approver) == ([("approval", 1)], 1)
+    assert await counted(watcher) == ([("approval", 1)], 1)
+    assert await counted(approver, workflow="approval") == ([("approval", 1)], 1)
+    # Another workflow, named: refused, in the words of ListInstances'.
+    other = pb.CountInstancesRequest(workflow="three-steps")
+    assert await node.code("CountInstances", other, approver) == (
+        DENIED,
+        "token 'approver' may only count instances of approval; not 'three-steps'",
+    )
+
+
+async def test_get_caller_says_what_the_token_may_do(
+    start: Start, tokens: Tokens, side_file: Path
+) -> None:
+    async def caller(node: Node, metadata: Metadata = ()) -> tuple[bool, str, bool, list[str]]:
+        answer = await node.stub.GetCaller(pb.GetCallerRequest(), metadata=metadata, timeout=30)
+        return answer.auth_required, answer.token_name, answer.read_only, list(answer.workflows)
+
+    open_node = await start("")
+    assert await caller(open_node) == (False, "", False, [])
+    # A token sent to a server that asks for none changes nothing.
+    assert await caller(open_node, bearer(tokens.admin)) == (False, "", False, [])
+    await open_node.close()
+    await open_node.service.stop(0.1)  # the next server takes its store
+
+    node = await start()
+    assert await caller(node, bearer(tokens.admin)) == (True, "admin", False, [])
+    assert await caller(node, bearer(tokens.reader)) == (True, "reader", True, [])
+    assert await caller(node, bearer(tokens.approver)) == (True, "approver", False, ["approval"])
+    assert await caller(node, bearer(tokens.watcher)) == (True, "watcher", True, ["approval"])
+    assert await node.code("GetCaller", pb.GetCallerRequest()) == (
+        UNAUTHENTICATED,
+        UNAUTHENTICATED_MESSAGE,
+    )
+    await node.close()
+    await node.service.stop(0.1)
+    several = token_entry(
+        "several",
+        env="CRUZFLOW_TEST_ADMIN",
+        workflows=["three-steps", "approval", "child-workflow"],
+    )
+    limited = await start(several)
+    assert await caller(limited, bearer(tokens.admin)) == (
+        True,
+        "several",
+        False,
+        ["approval", "child-workflow", "three-steps"],  # sorted
+    )
 
 
 async def test_hosted_bindings_call_the_server_with_its_own_token(

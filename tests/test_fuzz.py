@@ -198,6 +198,16 @@ def wait_instance(draw: st.DrawFn) -> Message:
     return request
 
 
+def _created_bounds(
+    draw: st.DrawFn, request: pb.ListInstancesRequest | pb.CountInstancesRequest
+) -> None:
+    for bound in ("create_time_min", "create_time_max"):
+        if draw(st.booleans()):
+            stamp = draw(timestamps())
+            getattr(request, bound).seconds = stamp["seconds"]
+            getattr(request, bound).nanos = stamp["nanos"]
+
+
 @st.composite
 def list_instances(draw: st.DrawFn, tokens: list[str]) -> Message:
     request = pb.ListInstancesRequest(
@@ -206,11 +216,7 @@ def list_instances(draw: st.DrawFn, tokens: list[str]) -> Message:
         lookup_key=draw(st.one_of(st.just(""), st.just("user:1"), TEXT)),
         page_size=draw(st.one_of(st.integers(-2, 1002), INT32)),
     )
-    for bound in ("create_time_min", "create_time_max"):
-        if draw(st.booleans()):
-            stamp = draw(timestamps())
-            getattr(request, bound).seconds = stamp["seconds"]
-            getattr(request, bound).nanos = stamp["nanos"]
+    _created_bounds(draw, request)
     token = draw(st.sampled_from(tokens))
     request.page_token = draw(
         st.one_of(
@@ -245,6 +251,21 @@ def list_workflows() -> st.SearchStrategy[Message]:
     return st.just(pb.ListWorkflowsRequest())
 
 
+@st.composite
+def count_instances(draw: st.DrawFn) -> Message:
+    request = pb.CountInstancesRequest(
+        workflow=draw(FILTER_WORKFLOWS),
+        lookup_key=draw(st.one_of(st.just(""), st.just("user:1"), TEXT)),
+    )
+    _created_bounds(draw, request)
+    return request
+
+
+def get_caller() -> st.SearchStrategy[Message]:
+    # No fields, as ListWorkflows.
+    return st.just(pb.GetCallerRequest())
+
+
 RequestStrategy = Callable[[list[str]], st.SearchStrategy[Message]]
 RPCS: dict[str, RequestStrategy] = {
     "CreateInstance": lambda _: create_instance(),
@@ -259,6 +280,8 @@ RPCS: dict[str, RequestStrategy] = {
     "RestartInstance": lambda _: by_id(pb.RestartInstanceRequest, IDS_NOT_KNOWN),
     "SendEvent": lambda _: send_event(),
     "ListWorkflows": lambda _: list_workflows(),
+    "CountInstances": lambda _: count_instances(),
+    "GetCaller": lambda _: get_caller(),
 }
 STREAMING = {"WatchInstance"}
 

@@ -1,22 +1,29 @@
 """The gRPC API through a real server: CreateInstance, GetStatus, WatchInstance,
-ListWorkflows and the health service, with the error statuses and messages a
-caller gets for bad input."""
+ListWorkflows, CountInstances, the instances' trace ids and the health
+service, with the error statuses and messages a caller gets for bad input."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cruzflow.server.app import Service
 from cruzflow.server.config import load_config
 from cruzflow.server.records import InstanceQuery
+from cruzflow.server.telemetry import Providers
+from cruzflow.server.transport import convert
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.workflows import StepFailedError, WorkflowEntrypoint, WorkflowEvent, WorkflowStep
 from tests import workflows as wf
@@ -871,3 +878,166 @@ async def test_wait_instance_rejects_bad_requests(server: Server) -> None:
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "timeout" in (info.value.details() or "")
+
+
+# ------------------------------------------------------------ CountInstances
+def _counted(response: pb.CountInstancesResponse) -> list[tuple[str, str, int]]:
+    return [(c.workflow, pb.InstanceStatus.Name(c.status)[16:], c.count) for c in response.counts]
+
+
+async def _count(server: Server, **fields: Any) -> pb.CountInstancesResponse:
+    return await server.stub.CountInstances(pb.CountInstancesRequest(**fields), timeout=TIMEOUT)
+
+
+async def test_count_instances_per_workflow_and_status_with_each_filter(server: Server) -> None:
+    empty = await _count(server)
+    assert (list(empty.counts), empty.total) == ([], 0)
+
+    async def batch(*items: tuple[str, str]) -> list[pb.Instance]:
+        created = await server.stub.CreateInstances(
+            pb.CreateInstancesRequest(
+                requests=[
+                    pb.CreateInstanceRequest(workflow=workflow, lookup_key=key)
+                    for workflow, key in items
+                ]
+            ),
+            timeout=TIMEOUT,
+        )
+        ids = [c.instance_id for c in created.instances]
+
+        async def settled() -> list[pb.Instance]:
+            found = [await status(server, i) for i in ids]
+            # Each ends, or (approval) waits for its event.
+            return found if all(i.status not in (QUEUED, RUNNING) for i in found) else []
+
+        found: list[pb.Instance] = await eventually(settled)
+        return found
+
+    first = await batch(("three-steps", "user:1"), ("three-steps", ""), ("raises", "user:1"))
+    # The next batch is created strictly later, to the ms the filters take.
+    await eventually(lambda: _later_than(first[-1].create_time.ToMilliseconds()))
+    second = await batch(("approval", "user:1"), ("three-steps", ""), ("raises", ""))
+    split = second[0].create_time
+    assert split.ToMilliseconds() > first[-1].create_time.ToMilliseconds()
+
+    everything = await _count(server)
+    # By workflow name, then status.
+    assert _counted(everything) == [
+        ("approval", "WAITING", 1),
+        ("raises", "ERRORED", 2),
+        ("three-steps", "COMPLETE", 3),
+    ]
+    assert everything.total == 6
+    by_workflow = await _count(server, workflow="three-steps")
+    assert (_counted(by_workflow), by_workflow.total) == ([("three-steps", "COMPLETE", 3)], 3)
+    keyed = await _count(server, lookup_key="user:1")
+    assert _counted(keyed) == [
+        ("approval", "WAITING", 1),
+        ("raises", "ERRORED", 1),
+        ("three-steps", "COMPLETE", 1),
+    ]
+    assert keyed.total == 3
+    later = await _count(server, create_time_min=split)
+    assert _counted(later) == [
+        ("approval", "WAITING", 1),
+        ("raises", "ERRORED", 1),
+        ("three-steps", "COMPLETE", 1),
+    ]
+    earlier = await _count(server, create_time_max=split)
+    assert _counted(earlier) == [("raises", "ERRORED", 1), ("three-steps", "COMPLETE", 2)]
+    assert earlier.total == 3
+    combined = await _count(server, workflow="raises", lookup_key="user:1", create_time_max=split)
+    assert (_counted(combined), combined.total) == ([("raises", "ERRORED", 1)], 1)
+    assert (await _count(server, workflow="no-such-workflow")).total == 0
+    # A control moves an instance from one count to another.
+    waiting = second[0].instance_id
+    await server.stub.TerminateInstance(pb.TerminateInstanceRequest(instance_id=waiting))
+    assert _counted(await _count(server, workflow="approval")) == [("approval", "TERMINATED", 1)]
+
+
+async def _later_than(ms: int) -> bool:
+    return time.time() * 1000 > ms + 2
+
+
+async def test_count_instances_refuses_bad_filters_as_list_instances_does(server: Server) -> None:
+    far = Timestamp(seconds=10**15)
+    # In binary protobuf: the JSON mapping cannot spell some of these times.
+    for filters in (
+        {"workflow": "no spaces allowed"},
+        {"workflow": "x" * 300},
+        {"lookup_key": "k" * 257},
+        {"lookup_key": "bad\x00key"},
+        {"create_time_min": Timestamp(seconds=2000), "create_time_max": Timestamp(seconds=1000)},
+        {"create_time_min": Timestamp(seconds=1000), "create_time_max": Timestamp(seconds=1000)},
+        {"create_time_max": far},
+        {"create_time_min": Timestamp(seconds=1, nanos=-1)},
+    ):
+        counted = await rpc_error(server.binary.CountInstances(pb.CountInstancesRequest(**filters)))
+        listed = await rpc_error(server.binary.ListInstances(pb.ListInstancesRequest(**filters)))
+        assert counted.code() == INVALID, (filters, counted.details())
+        assert counted.details() == listed.details(), filters
+    refused = await rpc_error(
+        server.stub.CountInstances(pb.CountInstancesRequest(lookup_key="k" * 257))
+    )
+    assert (refused.details() or "").startswith("lookup_key: 257 characters, over the limit")
+
+
+# ----------------------------------------------------------------- trace ids
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def _tracing() -> Providers:
+    spans = TracerProvider()
+    spans.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    return Providers.of(spans, rpc_spans="all")
+
+
+async def test_instances_carry_the_trace_id_of_their_creating_call(
+    make_server: ServerFactory,
+) -> None:
+    traced = await make_server(telemetry=_tracing())
+    caller = (("traceparent", f"00-{TRACE}-00f067aa0ba902b7-01"),)
+    created = await traced.stub.CreateInstance(
+        pb.CreateInstanceRequest(workflow="three-steps"), metadata=caller, timeout=TIMEOUT
+    )
+    joined = created.instance_id
+    waited = await traced.stub.WaitInstance(
+        pb.WaitInstanceRequest(instance_id=joined), timeout=TIMEOUT
+    )
+    assert waited.instance.status == COMPLETE
+    assert waited.instance.trace_id == TRACE
+    assert (await status(traced, joined)).trace_id == TRACE
+    # Without a caller's trace the instance gets a root trace of its own.
+    own = (await create(traced, "three-steps")).instance_id
+    root = (await status(traced, own)).trace_id
+    assert len(root) == 32 and int(root, 16) != 0 and root != TRACE
+    listed = await traced.stub.ListInstances(pb.ListInstancesRequest(), timeout=TIMEOUT)
+    assert {i.instance_id: i.trace_id for i in listed.instances} == {joined: TRACE, own: root}
+    # With tracing off, nothing is stored, and the field stays empty.
+    plain = await make_server()
+    untraced = await plain.stub.CreateInstance(
+        pb.CreateInstanceRequest(workflow="three-steps"), metadata=caller, timeout=TIMEOUT
+    )
+    assert (await status(plain, untraced.instance_id)).trace_id == ""
+
+
+@pytest.mark.parametrize(
+    ("trace_parent", "trace_id"),
+    [
+        (f"00-{TRACE}-00f067aa0ba902b7-01", TRACE),
+        (f"00-{TRACE}-00f067aa0ba902b7-00", TRACE),
+        # A later version may add fields; version 00 may not.
+        (f"01-{TRACE}-00f067aa0ba902b7-01-more", TRACE),
+        (f"00-{TRACE}-00f067aa0ba902b7-01-more", ""),
+        (f"ff-{TRACE}-00f067aa0ba902b7-01", ""),
+        (f"00-{'0' * 32}-00f067aa0ba902b7-01", ""),
+        (f"00-{TRACE.upper()}-00f067aa0ba902b7-01", ""),
+        (f"00-{TRACE[:-1]}-00f067aa0ba902b7-01", ""),
+        (f"00-{TRACE}-00f067aa0ba902b7", ""),
+        (f" 00-{TRACE}-00f067aa0ba902b7-01", ""),
+        ("", ""),
+        (None, ""),
+    ],
+)
+def test_the_trace_id_of_a_stored_trace_parent(trace_parent: str | None, trace_id: str) -> None:
+    assert convert.trace_id(trace_parent) == trace_id

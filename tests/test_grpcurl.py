@@ -88,8 +88,10 @@ async def test_list_services(server: Server) -> None:
     assert out.split() == [
         f"{SERVICE}.{m}"
         for m in (
+            "CountInstances",
             "CreateInstance",
             "CreateInstances",
+            "GetCaller",
             "GetStatus",
             "ListInstances",
             "ListWorkflows",

@@ -8,9 +8,10 @@ What the gate answers (over gRPC and over HTTP alike):
 
 * no token, or one that matches none: ``UNAUTHENTICATED``;
 * a read-only token on a method that changes something: ``PERMISSION_DENIED``;
-* a workflow-limited token creating or listing instances of another workflow
-  (or listing without naming a workflow): ``PERMISSION_DENIED``, naming the
-  workflows it may use;
+* a workflow-limited token creating, listing or counting instances of
+  another workflow (or listing without naming a workflow):
+  ``PERMISSION_DENIED``, naming the workflows it may use; counting without
+  naming one counts its workflows' instances only;
 * a workflow-limited token naming an instance of another workflow:
   ``NOT_FOUND``, worded as for an instance that does not exist. Instance ids
   are chosen by callers ("onboarding-user-42"), so telling "exists, but not
@@ -47,7 +48,15 @@ log = logging.getLogger("cruzflow.auth")
 
 SERVICE = "/" + pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name + "/"
 READ_METHODS = frozenset(
-    {"GetStatus", "WatchInstance", "WaitInstance", "ListInstances", "ListWorkflows"}
+    {
+        "GetStatus",
+        "WatchInstance",
+        "WaitInstance",
+        "ListInstances",
+        "ListWorkflows",
+        "CountInstances",
+        "GetCaller",
+    }
 )
 """What a token with ``access = "read"`` may call: nothing it does changes an instance."""
 _INSTANCE_METHODS = frozenset(
@@ -193,6 +202,13 @@ class Gate:
                 "PERMISSION_DENIED",
                 f"token {rule.name!r} may only list instances of {rule.allowed()}; {what}",
             )
+        elif name == "CountInstances" and request.workflow and not rule.allows(request.workflow):
+            # Without a workflow, the answer keeps only the token's (see response).
+            raise Refusal(
+                "PERMISSION_DENIED",
+                f"token {rule.name!r} may only count instances of {rule.allowed()}; "
+                f"not {request.workflow!r}",
+            )
 
     async def _instance(self, rule: TokenRule, instance_id: str) -> None:
         workflow = await self._lookup(instance_id)
@@ -205,11 +221,25 @@ class Gate:
 
     @staticmethod
     def response(rule: TokenRule, name: str, response: Any) -> Any:
-        """``response`` as ``rule`` may see it: ListWorkflows keeps only the
-        workflows the token may use, as if the server hosted no others."""
-        if name == "ListWorkflows" and rule.workflows is not None:
+        """``response`` as ``rule`` may see it, for every token (each transport
+        passes every unary answer through here): GetCaller describes the token;
+        for a token limited to workflows, ListWorkflows and CountInstances keep
+        only its workflows, as if the server hosted no others."""
+        if name == "GetCaller":
+            return pb.GetCallerResponse(
+                auth_required=True,
+                token_name=rule.name,
+                read_only=rule.read_only,
+                workflows=sorted(rule.workflows or ()),
+            )
+        if rule.workflows is None:
+            return response
+        if name == "ListWorkflows":
             kept = [w for w in response.workflows if rule.allows(w.name)]
             return pb.ListWorkflowsResponse(workflows=kept)
+        if name == "CountInstances":
+            counts = [c for c in response.counts if rule.allows(c.workflow)]
+            return pb.CountInstancesResponse(counts=counts, total=sum(c.count for c in counts))
         return response
 
 
@@ -297,7 +327,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return _refusing(handler, method, rule, refused)
         assert rule is not None
         if rule.workflows is None:
-            return _wrap(handler, _named(rule))
+            return _wrap(handler, _named(rule, name))
         return _wrap(handler, _scoped(self._gate, rule, method))
 
 
@@ -385,8 +415,9 @@ async def _unused(request: Any, context: Any) -> None:  # pragma: no cover
     raise AssertionError("never called")
 
 
-def _named(rule: TokenRule) -> Wrapper:
-    """A wrapper that only records which token the call was made with."""
+def _named(rule: TokenRule, name: str | None = None) -> Wrapper:
+    """A wrapper that records which token the call was made with and, for the
+    service's method ``name``, answers as the token may see it."""
 
     def wrapper(behavior: Behavior, streaming: bool) -> Behavior:
         if streaming:
@@ -400,7 +431,8 @@ def _named(rule: TokenRule) -> Wrapper:
 
         async def unary(request: Any, context: Any) -> Any:
             annotate(rule)
-            return await behavior(request, context)
+            response = await behavior(request, context)
+            return response if name is None else Gate.response(rule, name, response)
 
         return unary
 
@@ -442,4 +474,6 @@ _SCOPED = _INSTANCE_METHODS | {
     "CreateInstances",
     "ListInstances",
     "ListWorkflows",
+    "CountInstances",
+    "GetCaller",
 }

@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .workflows_pb2 import CreateInstanceRequest, CreateInstanceResponse, CreateInstancesRequest, CreateInstancesResponse, GetStatusRequest, GetStatusResponse, ListInstancesRequest, ListInstancesResponse, ListWorkflowsRequest, ListWorkflowsResponse, PauseInstanceRequest, PauseInstanceResponse, RestartInstanceRequest, RestartInstanceResponse, ResumeInstanceRequest, ResumeInstanceResponse, SendEventRequest, SendEventResponse, TerminateInstanceRequest, TerminateInstanceResponse, WaitInstanceRequest, WaitInstanceResponse, WatchInstanceRequest, WatchInstanceResponse
+from .workflows_pb2 import CountInstancesRequest, CountInstancesResponse, CreateInstanceRequest, CreateInstanceResponse, CreateInstancesRequest, CreateInstancesResponse, GetCallerRequest, GetCallerResponse, GetStatusRequest, GetStatusResponse, ListInstancesRequest, ListInstancesResponse, ListWorkflowsRequest, ListWorkflowsResponse, PauseInstanceRequest, PauseInstanceResponse, RestartInstanceRequest, RestartInstanceResponse, ResumeInstanceRequest, ResumeInstanceResponse, SendEventRequest, SendEventResponse, TerminateInstanceRequest, TerminateInstanceResponse, WaitInstanceRequest, WaitInstanceResponse, WatchInstanceRequest, WatchInstanceResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -123,6 +123,20 @@ class WorkflowService(Protocol):
     async def list_workflows(self, request: ListWorkflowsRequest, ctx: RequestContext[ListWorkflowsRequest, ListWorkflowsResponse], /) -> ListWorkflowsResponse:
         """
         ListWorkflows lists the workflow classes this server hosts.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def count_instances(self, request: CountInstancesRequest, ctx: RequestContext[CountInstancesRequest, CountInstancesResponse], /) -> CountInstancesResponse:
+        """
+        CountInstances counts instances per workflow and status, with the filters
+        of ListInstances but statuses: the figures of a dashboard, in one call.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def get_caller(self, request: GetCallerRequest, ctx: RequestContext[GetCallerRequest, GetCallerResponse], /) -> GetCallerResponse:
+        """
+        GetCaller says what the calling token may do, so that a client (the web
+        console) shows only the controls that would be accepted.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -271,6 +285,28 @@ class WorkflowServiceASGIApplication(ConnectASGIApplication[WorkflowService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.list_workflows,
+                ),
+                "/cruzflow.v1.WorkflowService/CountInstances": Endpoint.unary(
+                    method=MethodInfo(
+                        name="CountInstances",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=CountInstancesRequest,
+                        output=CountInstancesResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.count_instances,
+                ),
+                "/cruzflow.v1.WorkflowService/GetCaller": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetCaller",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=GetCallerRequest,
+                        output=GetCallerResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.get_caller,
                 ),
             },
             interceptors=interceptors,
@@ -602,6 +638,54 @@ class WorkflowServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def count_instances(
+        self,
+        request: CountInstancesRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CountInstancesResponse:
+        """
+        CountInstances counts instances per workflow and status, with the filters
+        of ListInstances but statuses: the figures of a dashboard, in one call.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CountInstances",
+                service_name="cruzflow.v1.WorkflowService",
+                input=CountInstancesRequest,
+                output=CountInstancesResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def get_caller(
+        self,
+        request: GetCallerRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetCallerResponse:
+        """
+        GetCaller says what the calling token may do, so that a client (the web
+        console) shows only the controls that would be accepted.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetCaller",
+                service_name="cruzflow.v1.WorkflowService",
+                input=GetCallerRequest,
+                output=GetCallerResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class WorkflowServiceSync(Protocol):
     """
@@ -689,6 +773,20 @@ class WorkflowServiceSync(Protocol):
     def list_workflows(self, request: ListWorkflowsRequest, ctx: RequestContext[ListWorkflowsRequest, ListWorkflowsResponse], /) -> ListWorkflowsResponse:
         """
         ListWorkflows lists the workflow classes this server hosts.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def count_instances(self, request: CountInstancesRequest, ctx: RequestContext[CountInstancesRequest, CountInstancesResponse], /) -> CountInstancesResponse:
+        """
+        CountInstances counts instances per workflow and status, with the filters
+        of ListInstances but statuses: the figures of a dashboard, in one call.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def get_caller(self, request: GetCallerRequest, ctx: RequestContext[GetCallerRequest, GetCallerResponse], /) -> GetCallerResponse:
+        """
+        GetCaller says what the calling token may do, so that a client (the web
+        console) shows only the controls that would be accepted.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -835,6 +933,28 @@ class WorkflowServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.list_workflows,
+                ),
+                "/cruzflow.v1.WorkflowService/CountInstances": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="CountInstances",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=CountInstancesRequest,
+                        output=CountInstancesResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.count_instances,
+                ),
+                "/cruzflow.v1.WorkflowService/GetCaller": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetCaller",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=GetCallerRequest,
+                        output=GetCallerResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.get_caller,
                 ),
             },
             interceptors=interceptors,
@@ -1160,6 +1280,54 @@ class WorkflowServiceClientSync(ConnectClientSync):
                 service_name="cruzflow.v1.WorkflowService",
                 input=ListWorkflowsRequest,
                 output=ListWorkflowsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def count_instances(
+        self,
+        request: CountInstancesRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CountInstancesResponse:
+        """
+        CountInstances counts instances per workflow and status, with the filters
+        of ListInstances but statuses: the figures of a dashboard, in one call.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CountInstances",
+                service_name="cruzflow.v1.WorkflowService",
+                input=CountInstancesRequest,
+                output=CountInstancesResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def get_caller(
+        self,
+        request: GetCallerRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetCallerResponse:
+        """
+        GetCaller says what the calling token may do, so that a client (the web
+        console) shows only the controls that would be accepted.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetCaller",
+                service_name="cruzflow.v1.WorkflowService",
+                input=GetCallerRequest,
+                output=GetCallerResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

@@ -262,6 +262,7 @@ class Instance(_message.Message):
     LOOKUP_KEY_FIELD_NUMBER: _builtins.int
     WAKE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     workflow: _builtins.str
     status: Global___InstanceStatus.ValueType
@@ -273,6 +274,10 @@ class Instance(_message.Message):
     """Sequence number of the newest event of this instance (see WatchInstance)."""
     lookup_key: _builtins.str
     """The lookup key given at creation."""
+    trace_id: _builtins.str
+    """The W3C trace id (32 hex digits) of the trace the instance's runs belong
+    to: the creating call's when tracing is on. Empty when there is none.
+    """
     @_builtins.property
     def error(self) -> Global___Error:
         """Set once ERRORED."""
@@ -316,10 +321,11 @@ class Instance(_message.Message):
         lookup_key: _builtins.str = ...,
         wake_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time", "update_time", b"update_time", "wake_time", b"wake_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "start_time", b"start_time", "status", b"status", "steps", b"steps", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1087,3 +1093,148 @@ class Workflow(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Workflow: _TypeAlias = Workflow  # noqa: Y015
+
+@_typing.final
+class CountInstancesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_MIN_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_MAX_FIELD_NUMBER: _builtins.int
+    LOOKUP_KEY_FIELD_NUMBER: _builtins.int
+    workflow: _builtins.str
+    """Only instances of this workflow."""
+    lookup_key: _builtins.str
+    """Only instances created with this lookup key."""
+    @_builtins.property
+    def create_time_min(self) -> _timestamp_pb2.Timestamp:
+        """Only instances created at or after this time."""
+
+    @_builtins.property
+    def create_time_max(self) -> _timestamp_pb2.Timestamp:
+        """Only instances created before this time."""
+
+    def __init__(
+        self,
+        *,
+        workflow: _builtins.str = ...,
+        create_time_min: _timestamp_pb2.Timestamp | None = ...,
+        create_time_max: _timestamp_pb2.Timestamp | None = ...,
+        lookup_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min", "lookup_key", b"lookup_key", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountInstancesRequest: _TypeAlias = CountInstancesRequest  # noqa: Y015
+
+@_typing.final
+class CountInstancesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """The sum of the counts."""
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceCount]:
+        """One per workflow and status that has instances, by workflow name, then
+        status. A token limited to workflows sees only theirs.
+        """
+
+    def __init__(
+        self,
+        *,
+        counts: _abc.Iterable[Global___InstanceCount] | None = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountInstancesResponse: _TypeAlias = CountInstancesResponse  # noqa: Y015
+
+@_typing.final
+class InstanceCount(_message.Message):
+    """InstanceCount is how many instances of a workflow are in a status."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    workflow: _builtins.str
+    status: Global___InstanceStatus.ValueType
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        workflow: _builtins.str = ...,
+        status: Global___InstanceStatus.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "status", b"status", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstanceCount: _TypeAlias = InstanceCount  # noqa: Y015
+
+@_typing.final
+class GetCallerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCallerRequest: _TypeAlias = GetCallerRequest  # noqa: Y015
+
+@_typing.final
+class GetCallerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTH_REQUIRED_FIELD_NUMBER: _builtins.int
+    TOKEN_NAME_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    WORKFLOWS_FIELD_NUMBER: _builtins.int
+    auth_required: _builtins.bool
+    """Whether the server asks for a bearer token ([[auth.tokens]] configured).
+    Without, every caller may call every method.
+    """
+    token_name: _builtins.str
+    """The name of the caller's token in the config; empty without auth."""
+    read_only: _builtins.bool
+    """A token with access = "read": it may call only the methods that change
+    nothing (GetStatus, WatchInstance, WaitInstance, ListInstances,
+    ListWorkflows, CountInstances, GetCaller).
+    """
+    @_builtins.property
+    def workflows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The workflows whose instances the token may see and change; empty: all."""
+
+    def __init__(
+        self,
+        *,
+        auth_required: _builtins.bool = ...,
+        token_name: _builtins.str = ...,
+        read_only: _builtins.bool = ...,
+        workflows: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_required", b"auth_required", "read_only", b"read_only", "token_name", b"token_name", "workflows", b"workflows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCallerResponse: _TypeAlias = GetCallerResponse  # noqa: Y015

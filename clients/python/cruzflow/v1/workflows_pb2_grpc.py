@@ -99,6 +99,16 @@ class WorkflowServiceStub:
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.ListWorkflowsRequest.SerializeToString,
                 response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.ListWorkflowsResponse.FromString,
                 _registered_method=True)
+        self.CountInstances = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/CountInstances',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.CountInstancesRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.CountInstancesResponse.FromString,
+                _registered_method=True)
+        self.GetCaller = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/GetCaller',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.GetCallerRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.GetCallerResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -202,6 +212,22 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountInstances(self, request, context):
+        """CountInstances counts instances per workflow and status, with the filters
+        of ListInstances but statuses: the figures of a dashboard, in one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCaller(self, request, context):
+        """GetCaller says what the calling token may do, so that a client (the web
+        console) shows only the controls that would be accepted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -264,6 +290,16 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.ListWorkflows,
                     request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.ListWorkflowsRequest.FromString,
                     response_serializer=cruzflow_dot_v1_dot_workflows__pb2.ListWorkflowsResponse.SerializeToString,
+            ),
+            'CountInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountInstances,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.CountInstancesRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.CountInstancesResponse.SerializeToString,
+            ),
+            'GetCaller': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCaller,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.GetCallerRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.GetCallerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -595,6 +631,60 @@ class WorkflowService:
             '/cruzflow.v1.WorkflowService/ListWorkflows',
             cruzflow_dot_v1_dot_workflows__pb2.ListWorkflowsRequest.SerializeToString,
             cruzflow_dot_v1_dot_workflows__pb2.ListWorkflowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/CountInstances',
+            cruzflow_dot_v1_dot_workflows__pb2.CountInstancesRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.CountInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCaller(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/GetCaller',
+            cruzflow_dot_v1_dot_workflows__pb2.GetCallerRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.GetCallerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,14 @@ class WorkflowServiceStub:
     """
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.ListWorkflowsRequest, _workflows_pb2.ListWorkflowsResponse]
     """ListWorkflows lists the workflow classes this server hosts."""
+    CountInstances: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.CountInstancesRequest, _workflows_pb2.CountInstancesResponse]
+    """CountInstances counts instances per workflow and status, with the filters
+    of ListInstances but statuses: the figures of a dashboard, in one call.
+    """
+    GetCaller: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.GetCallerRequest, _workflows_pb2.GetCallerResponse]
+    """GetCaller says what the calling token may do, so that a client (the web
+    console) shows only the controls that would be accepted.
+    """
 
 @_typing.type_check_only
 class WorkflowServiceAsyncStub(WorkflowServiceStub):
@@ -131,6 +139,14 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_workflows_pb2.ListWorkflowsRequest, _workflows_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
     """ListWorkflows lists the workflow classes this server hosts."""
+    CountInstances: _aio.UnaryUnaryMultiCallable[_workflows_pb2.CountInstancesRequest, _workflows_pb2.CountInstancesResponse]  # type: ignore[assignment]
+    """CountInstances counts instances per workflow and status, with the filters
+    of ListInstances but statuses: the figures of a dashboard, in one call.
+    """
+    GetCaller: _aio.UnaryUnaryMultiCallable[_workflows_pb2.GetCallerRequest, _workflows_pb2.GetCallerResponse]  # type: ignore[assignment]
+    """GetCaller says what the calling token may do, so that a client (the web
+    console) shows only the controls that would be accepted.
+    """
 
 class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     """WorkflowService hosts durable workflows: create instances of the registered
@@ -252,5 +268,25 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_workflows_pb2.ListWorkflowsResponse, _abc.Awaitable[_workflows_pb2.ListWorkflowsResponse]]:
         """ListWorkflows lists the workflow classes this server hosts."""
+
+    @_abc_1.abstractmethod
+    def CountInstances(
+        self,
+        request: _workflows_pb2.CountInstancesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.CountInstancesResponse, _abc.Awaitable[_workflows_pb2.CountInstancesResponse]]:
+        """CountInstances counts instances per workflow and status, with the filters
+        of ListInstances but statuses: the figures of a dashboard, in one call.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCaller(
+        self,
+        request: _workflows_pb2.GetCallerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.GetCallerResponse, _abc.Awaitable[_workflows_pb2.GetCallerResponse]]:
+        """GetCaller says what the calling token may do, so that a client (the web
+        console) shows only the controls that would be accepted.
+        """
 
 def add_WorkflowServiceServicer_to_server(servicer: WorkflowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,4 +1,4 @@
-"""Reads: GetStatus, WaitInstance, WatchInstance and ListInstances.
+"""Reads: GetStatus, WaitInstance, WatchInstance, ListInstances and CountInstances.
 
 Reads go to the store. A watcher follows an instance's durable event log:
 it catches up from the store, then takes events from the hub as they are
@@ -173,6 +173,25 @@ class Reads:
         # Half the gRPC send limit the service sets (64 payloads).
         page, last = listing.trim(rows, size, 32 * self._core.limits.max_payload_bytes)
         return page, "" if last is None else listing.encode_token(query, last, key)
+
+    async def count_instances(
+        self,
+        workflow: str = "",
+        created_min: int | None = None,
+        created_max: int | None = None,
+        lookup_key: str = "",
+    ) -> list[tuple[str, InstanceStatus, int]]:
+        """(workflow, status, count) per workflow and status that has instances
+        matching ListInstances' filters (but statuses), by workflow then status."""
+        query = listing.query(
+            workflow,
+            [],
+            created_min,
+            created_max,
+            lookup_key,
+            self._core.limits.max_lookup_key_length,
+        )
+        return sorted(await self._core.store.count_instances(query))
 
 
 def is_final(event: EventRecord) -> bool:

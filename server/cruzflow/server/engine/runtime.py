@@ -8,7 +8,8 @@ A thin facade over its parts, each in a file of its own:
   (replay, attempts, retries, checkpoints);
 - ``controls.py``: pause, resume, terminate, restart, SendEvent, wake-ups;
 - ``timers.py``: when sleeping and waiting instances wake;
-- ``reads.py``: GetStatus, WaitInstance, WatchInstance, ListInstances;
+- ``reads.py``: GetStatus, WaitInstance, WatchInstance, ListInstances,
+  CountInstances;
 - ``retention.py``: finished instances purged after their retention;
 - ``core.py``: what they share; ``journal.py``: group commit.
 
@@ -230,6 +231,17 @@ class Engine:
         return await self.reads.list_instances(
             workflow, statuses, created_min, created_max, lookup_key, page_size, page_token
         )
+
+    async def count_instances(
+        self,
+        workflow: str = "",
+        created_min: int | None = None,
+        created_max: int | None = None,
+        lookup_key: str = "",
+    ) -> list[tuple[str, InstanceStatus, int]]:
+        """(workflow, status, count) per workflow and status, by workflow then
+        status, with ListInstances' filters but statuses."""
+        return await self.reads.count_instances(workflow, created_min, created_max, lookup_key)
 
     async def pause(self, instance_id: str) -> InstanceStatus:
         """Pause at the next step boundary (WAITING_FOR_PAUSE until then)."""

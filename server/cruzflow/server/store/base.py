@@ -173,6 +173,12 @@ class Store(Protocol):
         costs what page 1 does. Records carry ``last_seq``.
         """
 
+    async def count_instances(self, query: InstanceQuery) -> list[tuple[str, InstanceStatus, int]]:
+        """(workflow, status, count) of the instances matching ``query``, one per
+        workflow and status that has any, in no particular order; one GROUP BY
+        statement. ``query.statuses`` and ``older_than`` are not used: every
+        status is counted."""
+
     async def ended_before(self, before: int, limit: int) -> list[str]:
         """Ids of up to ``limit`` finished instances that ended before ``before``
         (ms), the longest ended first: retention's candidates."""

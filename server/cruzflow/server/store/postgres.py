@@ -677,6 +677,37 @@ def _page_query(
     return f"{select} WHERE true{bounds}{tail}", tuple(args)
 
 
+def _count_query(query: InstanceQuery, low: int, high: int) -> tuple[str, tuple[Any, ...]]:
+    """The count statement for ``query`` over positions [low, high) (used only
+    with a time filter), in the shapes of sqlite.py's. Unlike SQLite, no index
+    of workflow and status: PostgreSQL's (parallel) scan counted 100,000
+    instances in 14 ms, and an index would take a new entry at every status
+    update."""
+    where: list[str] = []
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if query.lookup_key is not None:
+        where.append(f"lookup_key = {arg(query.lookup_key)}")
+    if query.workflow is not None:
+        where.append(f"workflow = {arg(query.workflow)}")
+    if query.created_min is not None or query.created_max is not None:
+        created_min = -_FAR if query.created_min is None else query.created_min
+        created_max = _FAR if query.created_max is None else query.created_max
+        where.append(
+            f"pk >= {arg(low)} AND pk < {arg(high)}"
+            f" AND created_at >= {arg(created_min)} AND created_at < {arg(created_max)}"
+        )
+    sql = (
+        "SELECT workflow, status, count(*) FROM instances"
+        f" WHERE {' AND '.join(where) or 'true'} GROUP BY workflow, status"
+    )
+    return sql, tuple(args)
+
+
 # The statements on the hot path, for the query-plan test (their arguments).
 HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "get_instance": (_GET_INSTANCE, ("x",)),
@@ -1209,16 +1240,32 @@ class PostgresStore:
     async def list_instances(
         self, query: InstanceQuery, limit: int
     ) -> list[tuple[int, InstanceRecord]]:
-        low, high = 0, _FAR if query.older_than is None else query.older_than
-        if query.created_min is not None:
-            low = await self._position_at(query.created_min - _CLOCK_SLACK_MS)
-        if query.created_max is not None:
-            high = min(high, await self._position_at(query.created_max + _CLOCK_SLACK_MS))
+        low, high = await self._positions(
+            query, _FAR if query.older_than is None else query.older_than
+        )
         if low >= high:
             return []
         sql, args = _page_query(query, low, high, limit)
         rows = await self._fetch(sql, *args)
         return [(r[0], instance_of(r[1:])) for r in rows]
+
+    async def count_instances(self, query: InstanceQuery) -> list[tuple[str, InstanceStatus, int]]:
+        low, high = await self._positions(query, _FAR)
+        if low >= high:
+            return []
+        sql, args = _count_query(query, low, high)
+        rows = await self._fetch(sql, *args)
+        return [(r[0], InstanceStatus(r[1]), r[2]) for r in rows]
+
+    async def _positions(self, query: InstanceQuery, high: int) -> tuple[int, int]:
+        """The positions [low, high) that may hold instances of ``query``'s
+        creation times, at most ``high``."""
+        low = 0
+        if query.created_min is not None:
+            low = await self._position_at(query.created_min - _CLOCK_SLACK_MS)
+        if query.created_max is not None:
+            high = min(high, await self._position_at(query.created_max + _CLOCK_SLACK_MS))
+        return low, high
 
     async def _position_at(self, at: int) -> int:
         rows = await self._fetch(_POSITION_AT, at)

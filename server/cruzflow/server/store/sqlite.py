@@ -149,6 +149,12 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX commands_pending ON commands (instance_id, at) WHERE taken_by IS NULL;
     """,
+    """
+    -- CountInstances reads this index alone, never a row: a table scan of
+    -- 100,000 instances took 60 ms, this index 4 ms (and make bench's W1,
+    -- whose status updates write it, kept its pace).
+    CREATE INDEX instances_by_workflow_status ON instances (workflow, status);
+    """,
 ]
 
 _INSERT_INSTANCE = (
@@ -278,6 +284,37 @@ def _page_query(
         sql = f"{select} INDEXED BY instances_by_workflow WHERE i.workflow = ?{status_in}{bounds}{tail}"
         return sql, (query.workflow, *statuses, *bound_args, limit)
     return f"{select} WHERE 1{bounds}{tail}", (*bound_args, limit)
+
+
+def _count_query(query: InstanceQuery, low: int, high: int) -> tuple[str, tuple[Any, ...]]:
+    """The count statement for ``query`` over positions [low, high) (used
+    only with a time filter). A lookup key walks its index (its few rows);
+    a time filter, the rows of its positions' range; else only the covering
+    index of workflow and status is read, never a row."""
+    where: list[str] = []
+    args: list[Any] = []
+    timed = query.created_min is not None or query.created_max is not None
+    index = " NOT INDEXED" if timed else " INDEXED BY instances_by_workflow_status"
+    if query.lookup_key is not None:
+        index = " INDEXED BY instances_by_lookup"
+        where.append("lookup_key = ?")
+        args.append(query.lookup_key)
+    if query.workflow is not None:
+        where.append("workflow = ?")
+        args.append(query.workflow)
+    if timed:
+        where.append("pk >= ? AND pk < ? AND created_at >= ? AND created_at < ?")
+        args += [
+            low,
+            high,
+            -_FAR if query.created_min is None else query.created_min,
+            _FAR if query.created_max is None else query.created_max,
+        ]
+    sql = (
+        f"SELECT workflow, status, count(*) FROM instances{index}"
+        f" WHERE {' AND '.join(where) or '1'} GROUP BY workflow, status"
+    )
+    return sql, tuple(args)
 
 
 # ---- retention
@@ -781,16 +818,31 @@ class SqliteStore:
     async def list_instances(
         self, query: InstanceQuery, limit: int
     ) -> list[tuple[int, InstanceRecord]]:
-        low, high = 0, _FAR if query.older_than is None else query.older_than
-        if query.created_min is not None:
-            low = await self._position_at(query.created_min - _CLOCK_SLACK_MS)
-        if query.created_max is not None:
-            high = min(high, await self._position_at(query.created_max + _CLOCK_SLACK_MS))
+        low, high = await self._positions(
+            query, _FAR if query.older_than is None else query.older_than
+        )
         if low >= high:
             return []
         sql, args = _page_query(query, low, high, limit)
         rows = await self._fetch(sql, args)
         return [(r[0], instance_of(r[1:])) for r in rows]
+
+    async def count_instances(self, query: InstanceQuery) -> list[tuple[str, InstanceStatus, int]]:
+        low, high = await self._positions(query, _FAR)
+        if low >= high:
+            return []
+        rows = await self._fetch(*_count_query(query, low, high))
+        return [(r[0], InstanceStatus(r[1]), r[2]) for r in rows]
+
+    async def _positions(self, query: InstanceQuery, high: int) -> tuple[int, int]:
+        """The positions [low, high) that may hold instances of ``query``'s
+        creation times, at most ``high``."""
+        low = 0
+        if query.created_min is not None:
+            low = await self._position_at(query.created_min - _CLOCK_SLACK_MS)
+        if query.created_max is not None:
+            high = min(high, await self._position_at(query.created_max + _CLOCK_SLACK_MS))
+        return low, high
 
     async def _position_at(self, at: int) -> int:
         rows = await self._fetch(_POSITION_AT, (at,))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -32,6 +34,25 @@ def _text(data: bytes | None) -> str:
     return data.decode() if data is not None else ""
 
 
+# A W3C traceparent: version, trace id, parent id, flags (a later version
+# may add fields after them).
+_TRACE_PARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?")
+
+
+def trace_id(trace_parent: str | None) -> str:
+    """The trace id of a stored W3C ``traceparent``; "" when there is none or
+    it is malformed."""
+    match = _TRACE_PARENT.fullmatch(trace_parent or "")
+    if match is None:
+        return ""
+    version, trace, more = match.groups()
+    # Version ff is invalid, version 00 has exactly four fields, and an
+    # all-zero trace id is no trace.
+    if version == "ff" or (version == "00" and more) or trace == "0" * 32:
+        return ""
+    return trace
+
+
 def _error(name: str | None, message: str | None, traceback: str | None = None) -> pb.Error | None:
     if name is None:
         return None
@@ -54,6 +75,7 @@ def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
         lookup_key=record.lookup_key or "",
         wake_time=_ts(record.wake_at),
         start_time=_ts(record.run_started_at or record.created_at),
+        trace_id=trace_id(record.trace_parent),
     )
 
 
