@@ -22,9 +22,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cruzflow.client import Client, PermissionDenied, Unauthenticated, tls_credentials
+from cruzflow.client import (
+    CallerInfo,
+    Client,
+    PermissionDenied,
+    Unauthenticated,
+    tls_credentials,
+)
 from cruzflow.server.app import Service
 from cruzflow.server.auth import (
+    INTERNAL_NAME,
     TOKEN_ATTRIBUTE,
     UNAUTHENTICATED_MESSAGE,
     Gate,
@@ -423,6 +430,10 @@ async def test_a_workflow_token_counts_only_its_workflows_instances(
         DENIED,
         "token 'approver' may only count instances of approval; not 'three-steps'",
     )
+    async with Client(node.address, token=tokens.approver, retry=None) as client:
+        assert (await client.count_instances()).total == 1
+        with pytest.raises(PermissionDenied, match="may only count instances of approval"):
+            await client.count_instances(workflow="three-steps")
 
 
 async def test_get_caller_says_what_the_token_may_do(
@@ -448,6 +459,15 @@ async def test_get_caller_says_what_the_token_may_do(
         UNAUTHENTICATED,
         UNAUTHENTICATED_MESSAGE,
     )
+    # The token the server's own bindings call it with: every method, every workflow.
+    own = await node.service.own_link.client(10)
+    assert await own.caller() == CallerInfo(
+        auth_required=True, token_name=INTERNAL_NAME, read_only=False, workflows=()
+    )
+    async with Client(node.address, token=tokens.watcher) as client:
+        assert await client.caller() == CallerInfo(
+            auth_required=True, token_name="watcher", read_only=True, workflows=("approval",)
+        )
     await node.close()
     await node.service.stop(0.1)
     several = token_entry(

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from cruzflow.client import Client
 from cruzflow.server.app import Service
 from cruzflow.server.config import load_config
 from cruzflow.server.records import InstanceQuery
@@ -1013,6 +1014,8 @@ async def test_instances_carry_the_trace_id_of_their_creating_call(
     assert len(root) == 32 and int(root, 16) != 0 and root != TRACE
     listed = await traced.stub.ListInstances(pb.ListInstancesRequest(), timeout=TIMEOUT)
     assert {i.instance_id: i.trace_id for i in listed.instances} == {joined: TRACE, own: root}
+    async with Client(traced.address) as client:
+        assert (await client.instance(joined).status()).trace_id == TRACE
     # With tracing off, nothing is stored, and the field stays empty.
     plain = await make_server()
     untraced = await plain.stub.CreateInstance(

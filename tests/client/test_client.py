@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from cruzflow.client import (
+    CallerInfo,
     Client,
     CruzflowError,
     DeadlineExceeded,
@@ -70,6 +71,7 @@ async def test_create_then_result_and_status(client: Client) -> None:
     assert info.error is None
     assert info.lookup_key == "user:ada"
     assert info.wake_time is None
+    assert info.trace_id is None  # the server does not trace
     assert info.create_time is not None and info.create_time.tzinfo is not None
     assert info.create_time >= before
     assert info.update_time is not None and info.end_time is not None
@@ -533,3 +535,48 @@ async def test_list_workflows(client: Client) -> None:
     assert workflows["three-steps"].binding == "THREE_STEPS"
     assert workflows["three-steps"].class_name == "tests.workflows:ThreeSteps"
     assert "approval" in workflows
+
+
+async def test_count_instances_per_workflow_and_status(client: Client) -> None:
+    empty = await client.count_instances()
+    assert (empty.counts, empty.total) == ((), 0)
+    for n in range(3):
+        await client.workflow("three-steps").create(id=f"counted-{n}", lookup_key="counting")
+    failing = await client.workflow("raises").create(lookup_key="counting")
+    waiting = await client.workflow("approval").create()
+    for n in range(3):
+        await client.instance(f"counted-{n}").result(timeout=TIMEOUT)
+    with pytest.raises(WorkflowFailed):
+        await failing.result(timeout=TIMEOUT)
+    await eventually(
+        lambda: _status_is(client, waiting.id, InstanceStatus.WAITING), timeout=TIMEOUT
+    )
+
+    counts = await client.count_instances()
+    assert [(c.workflow, c.status, c.count) for c in counts.counts] == [
+        ("approval", InstanceStatus.WAITING, 1),
+        ("raises", InstanceStatus.ERRORED, 1),
+        ("three-steps", InstanceStatus.COMPLETE, 3),
+    ]
+    assert counts.total == 5
+    assert counts.of(status="errored") == 1
+    assert counts.of("three-steps") == 3
+    assert counts.of("three-steps", InstanceStatus.ERRORED) == 0
+    keyed = await client.count_instances(lookup_key="counting", workflow="three-steps")
+    assert keyed.total == 3 and keyed.of(status=InstanceStatus.COMPLETE) == 3
+    future = datetime.now(UTC) + timedelta(days=1)
+    assert (await client.count_instances(create_time_min=future)).total == 0
+    assert (await client.count_instances(create_time_max=future)).total == 5
+    with pytest.raises(InvalidArgument, match="create_time_min"):
+        await client.count_instances(create_time_min=future, create_time_max=future)
+    with pytest.raises(InvalidArgument, match="aware"):
+        await client.count_instances(create_time_min=datetime(2026, 1, 1))
+
+
+async def _status_is(client: Client, instance_id: str, status: InstanceStatus) -> bool:
+    return (await client.instance(instance_id).status()).status is status
+
+
+async def test_caller_of_a_server_without_tokens(client: Client) -> None:
+    caller = await client.caller()
+    assert caller == CallerInfo(auth_required=False, token_name=None, read_only=False, workflows=())

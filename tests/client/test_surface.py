@@ -11,6 +11,7 @@ from cruzflow.v1 import workflows_pb2 as pb
 
 def test_exports_are_pinned_and_documented() -> None:
     assert sorted(public.__all__) == [
+        "CallerInfo",
         "Client",
         "CruzflowError",
         "DeadlineExceeded",
@@ -18,6 +19,8 @@ def test_exports_are_pinned_and_documented() -> None:
         "EventKind",
         "FailedPrecondition",
         "InstanceAlreadyExists",
+        "InstanceCount",
+        "InstanceCounts",
         "InstanceHandle",
         "InstanceNotFound",
         "InstancePage",

@@ -56,6 +56,9 @@ async def test_sync_client_runs_every_call(server: Server) -> None:
             assert listed == ["sync-b2", "sync-b1", "sync-b0", "sync-1"]
             page = client.list_instances_page(lookup_key="sync", page_size=3)
             assert len(page.instances) == 3 and page.next_page_token
+            counts = client.count_instances(lookup_key="sync")
+            assert (counts.total, counts.of("three-steps", "complete")) == (4, 4)
+            assert not client.caller().auth_required
 
             waiting = client.workflow("approval").create(id="sync-approval")
             with pytest.raises(ResultTimeout):

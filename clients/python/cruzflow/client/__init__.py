@@ -23,8 +23,11 @@ from cruzflow.client._retry import RetryPolicy
 from cruzflow.client._sync import SyncClient, SyncInstanceHandle, SyncWorkflowBinding
 from cruzflow.client._tls import tls_credentials
 from cruzflow.client._types import (
+    CallerInfo,
     ErrorInfo,
     EventKind,
+    InstanceCount,
+    InstanceCounts,
     InstancePage,
     InstanceStatus,
     InstanceStatusInfo,
@@ -54,6 +57,7 @@ from cruzflow.client.errors import (
 )
 
 __all__ = [
+    "CallerInfo",
     "Client",
     "CruzflowError",
     "DeadlineExceeded",
@@ -61,6 +65,8 @@ __all__ = [
     "EventKind",
     "FailedPrecondition",
     "InstanceAlreadyExists",
+    "InstanceCount",
+    "InstanceCounts",
     "InstanceHandle",
     "InstanceNotFound",
     "InstancePage",

@@ -14,6 +14,8 @@ import grpc
 from cruzflow.client import _convert
 from cruzflow.client._retry import RetryPolicy, call_with_retry
 from cruzflow.client._types import (
+    CallerInfo,
+    InstanceCounts,
     InstancePage,
     InstanceStatus,
     InstanceStatusInfo,
@@ -112,7 +114,8 @@ class Client:
     method takes a ``timeout=`` of its own that overrides it. ``retry`` says
     how calls that are safe to repeat are retried (``None``: never):
 
-    * reads (``status``, ``get``, ``list_*``) always;
+    * reads (``status``, ``get``, ``list_*``, ``count_instances``, ``caller``)
+      always;
     * ``create`` and ``create_batch`` only when every instance has an ``id``
       (a lost answer to a create without one may hide an instance that was
       stored; it is never retried). An ``ALREADY_EXISTS`` answer to such a
@@ -308,6 +311,38 @@ class Client:
             if not page.next_page_token:
                 return
             token = page.next_page_token
+
+    async def count_instances(
+        self,
+        *,
+        workflow: str | None = None,
+        create_time_min: datetime | None = None,
+        create_time_max: datetime | None = None,
+        lookup_key: str | None = None,
+        timeout: float | None = None,
+    ) -> InstanceCounts:
+        """How many instances there are per workflow and status, in one call;
+        the filters are ``list_instances_page``'s, but the status."""
+        request = pb.CountInstancesRequest(workflow=workflow or "", lookup_key=lookup_key or "")
+        if create_time_min is not None:
+            request.create_time_min.CopyFrom(_convert.timestamp(create_time_min))
+        if create_time_max is not None:
+            request.create_time_max.CopyFrom(_convert.timestamp(create_time_max))
+        response = await self._unary(
+            self._rpc().CountInstances, request, timeout=self._deadline(timeout), retry=self.retry
+        )
+        return _convert.counts(response)
+
+    async def caller(self, *, timeout: float | None = None) -> CallerInfo:
+        """What this client's token may do: whether the server asks for one,
+        its name, whether it is read-only, and which workflows it is limited to."""
+        response = await self._unary(
+            self._rpc().GetCaller,
+            pb.GetCallerRequest(),
+            timeout=self._deadline(timeout),
+            retry=self.retry,
+        )
+        return _convert.caller(response)
 
     # ----------------------------------------------------------- plumbing
     def _rpc(self) -> WorkflowServiceAsyncStub:

@@ -10,8 +10,11 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cruzflow.client._types import (
+    CallerInfo,
     ErrorInfo,
     EventKind,
+    InstanceCount,
+    InstanceCounts,
     InstanceStatus,
     InstanceStatusInfo,
     StepInfo,
@@ -137,6 +140,7 @@ def instance(message: pb.Instance) -> InstanceStatusInfo:
         lookup_key=message.lookup_key or None,
         last_sequence=message.last_sequence,
         steps=tuple(step(s) for s in message.steps),
+        trace_id=message.trace_id or None,
     )
 
 
@@ -213,3 +217,24 @@ def event(message: pb.WatchInstanceResponse) -> WatchEvent:
 def workflow(message: pb.Workflow) -> WorkflowInfo:
     """A Workflow message."""
     return WorkflowInfo(message.name, message.binding, message.class_name)
+
+
+def counts(message: pb.CountInstancesResponse) -> InstanceCounts:
+    """A CountInstancesResponse message."""
+    return InstanceCounts(
+        counts=tuple(
+            InstanceCount(workflow=c.workflow, status=status(c.status), count=c.count)
+            for c in message.counts
+        ),
+        total=message.total,
+    )
+
+
+def caller(message: pb.GetCallerResponse) -> CallerInfo:
+    """A GetCallerResponse message."""
+    return CallerInfo(
+        auth_required=message.auth_required,
+        token_name=message.token_name or None,
+        read_only=message.read_only,
+        workflows=tuple(message.workflows),
+    )

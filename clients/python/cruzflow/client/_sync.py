@@ -27,6 +27,8 @@ from cruzflow.client._client import (
 )
 from cruzflow.client._retry import RetryPolicy
 from cruzflow.client._types import (
+    CallerInfo,
+    InstanceCounts,
     InstancePage,
     InstanceStatus,
     InstanceStatusInfo,
@@ -154,6 +156,30 @@ class SyncClient:
     def list_workflows(self, *, timeout: float | None = None) -> list[WorkflowInfo]:
         """See :meth:`Client.list_workflows`."""
         return self._loop.run(self._client.list_workflows(timeout=timeout))
+
+    def count_instances(
+        self,
+        *,
+        workflow: str | None = None,
+        create_time_min: datetime | None = None,
+        create_time_max: datetime | None = None,
+        lookup_key: str | None = None,
+        timeout: float | None = None,
+    ) -> InstanceCounts:
+        """See :meth:`Client.count_instances`."""
+        return self._loop.run(
+            self._client.count_instances(
+                workflow=workflow,
+                create_time_min=create_time_min,
+                create_time_max=create_time_max,
+                lookup_key=lookup_key,
+                timeout=timeout,
+            )
+        )
+
+    def caller(self, *, timeout: float | None = None) -> CallerInfo:
+        """See :meth:`Client.caller`."""
+        return self._loop.run(self._client.caller(timeout=timeout))
 
     def list_instances_page(
         self,

@@ -13,8 +13,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 __all__ = [
+    "CallerInfo",
     "ErrorInfo",
     "EventKind",
+    "InstanceCount",
+    "InstanceCounts",
     "InstancePage",
     "InstanceStatus",
     "InstanceStatusInfo",
@@ -153,6 +156,9 @@ class InstanceStatusInfo:
     """When the current run began: the creation, or the last restart."""
     steps: tuple[StepInfo, ...] = field(default=())
     """The steps so far, in the order ``run`` reached them; empty in listings."""
+    trace_id: str | None = None
+    """The W3C trace id (32 hex digits) of the trace the instance's runs belong
+    to, when the server traces; ``None`` otherwise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,3 +229,47 @@ class InstancePage:
     """Newest first, without their steps."""
     next_page_token: str
     """Pass it back (with the same filters) for the next page; empty on the last."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceCount:
+    """How many instances of a workflow are in a status."""
+
+    workflow: str
+    status: InstanceStatus
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceCounts:
+    """The answer of ``Client.count_instances``."""
+
+    counts: tuple[InstanceCount, ...]
+    """One per workflow and status that has instances, by workflow, then status."""
+    total: int
+    """The sum of the counts."""
+
+    def of(self, workflow: str | None = None, status: InstanceStatus | str | None = None) -> int:
+        """The sum of the counts of ``workflow`` and ``status`` (either ``None``:
+        any), e.g. ``counts.of(status="errored")``."""
+        wanted = None if status is None else InstanceStatus(status)
+        return sum(
+            c.count
+            for c in self.counts
+            if (workflow is None or c.workflow == workflow)
+            and (wanted is None or c.status is wanted)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CallerInfo:
+    """What the client's token may do (``Client.caller``)."""
+
+    auth_required: bool
+    """Whether the server asks for a token; without, every call is allowed."""
+    token_name: str | None
+    """The token's name in the server's config; ``None`` without auth."""
+    read_only: bool
+    """A read-only token may call only the methods that change nothing."""
+    workflows: tuple[str, ...]
+    """The workflows whose instances it may see and change, sorted; empty: all."""
