@@ -35,6 +35,8 @@ import {
 } from "./retry.js";
 import {
   isFinished,
+  type CallerInfo,
+  type InstanceCounts,
   type InstanceInfo,
   type InstancePage,
   type InstanceStatus,
@@ -57,7 +59,8 @@ export interface ClientOptions {
    * How calls that are safe to repeat are retried on `Unavailable` (`null`:
    * never); fields left out keep {@link DEFAULT_RETRY}'s. Retried are:
    *
-   * - reads (`status`, `get`, `listInstances`, `listWorkflows`) always;
+   * - reads (`status`, `get`, `listInstances`, `listWorkflows`, `countInstances`,
+   *   `caller`) always;
    * - `create` and `createMany` only when every instance has an `id` (a lost
    *   answer to a create without one may hide an instance that was stored). An
    *   `AlreadyExists` answer to such a retry is success when the instance found
@@ -282,6 +285,30 @@ export class Client {
       }
       pageToken = page.nextPageToken;
     }
+  }
+
+  /**
+   * How many instances there are per workflow and status, with the filters
+   * of `listInstances` but the status: the figures of a dashboard, in one call.
+   */
+  async countInstances(
+    filter: Omit<InstanceFilter, "status" | "pageSize"> = {},
+    options: CallOptions = {},
+  ): Promise<InstanceCounts> {
+    const request = {
+      workflow: filter.workflow ?? "",
+      lookupKey: filter.lookupKey ?? "",
+      ...(filter.createTimeMin && { createTimeMin: timestampFromDate(filter.createTimeMin) }),
+      ...(filter.createTimeMax && { createTimeMax: timestampFromDate(filter.createTimeMax) }),
+    };
+    const response = await this.unary((o) => this.rpc.countInstances(request, o), options, this.retry);
+    return convert.counts(response);
+  }
+
+  /** What this client's token may do: read-only or not, and which workflows. */
+  async caller(options: CallOptions = {}): Promise<CallerInfo> {
+    const response = await this.unary((o) => this.rpc.getCaller({}, o), options, this.retry);
+    return convert.caller(response);
   }
 
   /** @internal Connect's options for one call. */

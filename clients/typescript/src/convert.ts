@@ -9,7 +9,9 @@ import { InvalidArgument } from "./errors.js";
 import * as pb from "./gen/cruzflow/v1/workflows_pb.js";
 import { INSTANCE_STATUSES } from "./types.js";
 import type {
+  CallerInfo,
   ErrorInfo,
+  InstanceCounts,
   InstanceInfo,
   InstanceStatus,
   StepInfo,
@@ -152,6 +154,7 @@ export function instance<P, O>(value: pb.Instance | undefined): InstanceInfo<P, 
     lookupKey: value.lookupKey || undefined,
     lastSequence: Number(value.lastSequence),
     steps: value.steps.map(step),
+    traceId: value.traceId || undefined,
   };
 }
 
@@ -211,4 +214,22 @@ export function event<O>(value: pb.WatchInstanceResponse): WatchEvent<O> {
 /** A Workflow message as {@link WorkflowInfo}. */
 export function workflow(value: pb.Workflow): WorkflowInfo {
   return { name: value.name, binding: value.binding, className: value.className };
+}
+
+/** A CountInstancesResponse as {@link InstanceCounts}. */
+export function counts(value: pb.CountInstancesResponse): InstanceCounts {
+  return {
+    counts: value.counts.map((c) => ({ workflow: c.workflow, status: status(c.status), count: Number(c.count) })),
+    total: Number(value.total),
+  };
+}
+
+/** A GetCallerResponse as {@link CallerInfo}. */
+export function caller(value: pb.GetCallerResponse): CallerInfo {
+  return {
+    authRequired: value.authRequired,
+    tokenName: value.tokenName,
+    readOnly: value.readOnly,
+    workflows: [...value.workflows],
+  };
 }

@@ -126,6 +126,11 @@ export interface InstanceInfo<Params = unknown, Output = unknown> {
   readonly lastSequence: number;
   /** The steps so far, in the order `run` reached them; empty in listings. */
   readonly steps: readonly StepInfo[];
+  /**
+   * The W3C trace id (32 hex digits) of the trace the instance's runs belong
+   * to, when the server traces; `undefined` otherwise.
+   */
+  readonly traceId: string | undefined;
 }
 
 /** Which step a {@link WatchEvent} is about. */
@@ -224,4 +229,31 @@ export interface InstancePage {
   readonly instances: readonly InstanceInfo[];
   /** Pass it back (with the same filters) for the next page; empty on the last. */
   readonly nextPageToken: string;
+}
+
+/** How many instances of a workflow are in a status (`client.countInstances()`). */
+export interface InstanceCount {
+  readonly workflow: string;
+  readonly status: InstanceStatus;
+  readonly count: number;
+}
+
+/** The answer of `client.countInstances()`. */
+export interface InstanceCounts {
+  /** One per workflow and status that has instances, by workflow, then status. */
+  readonly counts: readonly InstanceCount[];
+  /** The sum of the counts. */
+  readonly total: number;
+}
+
+/** What the client's token may do (`client.caller()`). */
+export interface CallerInfo {
+  /** Whether the server asks for a token at all; without, every call is allowed. */
+  readonly authRequired: boolean;
+  /** The token's name in the server's config; `""` without auth. */
+  readonly tokenName: string;
+  /** A read-only token may call only the methods that change nothing. */
+  readonly readOnly: boolean;
+  /** The workflows whose instances it may see and change; empty: all. */
+  readonly workflows: readonly string[];
 }
