@@ -61,7 +61,7 @@ ifeq ($(strip $(PYTEST_ARGS)),)
 	CRUZFLOW_TEST_STORE=postgres $(BIN)/python -m pytest -q $(POSTGRES_SUITES)
 endif
 
-lint: $(STAMP) proto-check ts-lint
+lint: $(STAMP) proto-check ts-lint console-check
 	$(BIN)/ruff check server clients/python/cruzflow/client tests bench examples
 	$(BIN)/ruff format --check server clients/python/cruzflow/client tests bench examples
 	$(BIN)/mypy server/cruzflow clients/python/cruzflow/client examples tests bench
@@ -123,3 +123,5 @@ soak: $(STAMP)
 
 # The TypeScript client and its example: ts-install, ts-proto, ts-proto-check, ts-lint, ts-test.
 include clients/typescript/ts.mk
+# The web console's bundle: console, console-check, screenshots.
+include console/console.mk

@@ -1,0 +1,80 @@
+/** How the console writes times, durations, statuses and JSON. */
+
+import type { InstanceStatus } from "@cruzflow/client";
+
+export const STATUS_WORDS: Record<InstanceStatus, string> = {
+  queued: "queued",
+  running: "running",
+  paused: "paused",
+  waiting: "waiting",
+  waitingForPause: "pausing",
+  complete: "complete",
+  errored: "errored",
+  terminated: "terminated",
+  unknown: "unknown",
+};
+
+/** A time as the user's clock shows it, to the second (milliseconds when asked). */
+export function when(date: Date | undefined, ms = false): string {
+  if (date === undefined) {
+    return "—";
+  }
+  const pad = (n: number, width = 2): string => String(n).padStart(width, "0");
+  const day = `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}`;
+  const time = `${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}`;
+  return `${day} ${time}${ms ? `.${pad(date.getMilliseconds(), 3)}` : ""}`;
+}
+
+/** How long ago, in the largest unit that reads well ("3 s ago", "2 h ago"). */
+export function ago(date: Date | undefined, now = Date.now()): string {
+  if (date === undefined) {
+    return "—";
+  }
+  const s = (now - date.getTime()) / 1000;
+  if (s < 0) {
+    return `in ${span(-s * 1000)}`;
+  }
+  return `${span(s * 1000)} ago`;
+}
+
+/** A duration in ms, e.g. "850 ms", "12.4 s", "3 min 5 s", "2 h 10 min". */
+export function span(ms: number): string {
+  if (ms < 1000) {
+    return `${Math.round(ms)} ms`;
+  }
+  const s = ms / 1000;
+  if (s < 60) {
+    return `${s < 10 ? s.toFixed(1) : Math.round(s)} s`;
+  }
+  const m = Math.floor(s / 60);
+  if (m < 60) {
+    return `${m} min ${Math.round(s - m * 60)} s`;
+  }
+  const h = Math.floor(m / 60);
+  if (h < 48) {
+    return `${h} h ${m - h * 60} min`;
+  }
+  return `${Math.floor(h / 24)} d ${h % 24} h`;
+}
+
+/** A JSON value, indented; `undefined` and `null` read as "null". */
+export function json(value: unknown): string {
+  return JSON.stringify(value ?? null, null, 2);
+}
+
+/** "datetime-local" input text for a date, and back. */
+export function toLocalInput(date: Date | undefined): string {
+  if (date === undefined) {
+    return "";
+  }
+  const local = new Date(date.getTime() - date.getTimezoneOffset() * 60_000);
+  return local.toISOString().slice(0, 16);
+}
+
+export function fromLocalInput(text: string): Date | undefined {
+  if (!text) {
+    return undefined;
+  }
+  const date = new Date(text);
+  return Number.isNaN(date.getTime()) ? undefined : date;
+}
