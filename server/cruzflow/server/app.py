@@ -35,6 +35,7 @@ from cruzflow.server.store.base import StoreError
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.server.telemetry import Providers, configure_logging
 from cruzflow.server.transport.api import WorkflowApi
+from cruzflow.server.transport.console import Console
 from cruzflow.server.transport.http import (
     CORS_REQUEST_HEADERS,
     CORS_RESPONSE_HEADERS,
@@ -123,7 +124,8 @@ class Service:
 
     def http_app(self) -> Any:
         """The HTTP listener's ASGI application: Connect, the /workflows/
-        routes, and CORS when [http] cors_origins names origins."""
+        routes, the web console ([console] enabled), and CORS when [http]
+        cors_origins names origins."""
         config = self.config
         # Room for a full payload plus its envelope, as gRPC's receive limit.
         read_max_bytes = 2 * config.limits.max_payload_bytes + 64 * 1024
@@ -138,6 +140,7 @@ class Service:
             read_max_bytes,
             self.serving,
             self.gate,
+            Console(config.file.console.trace_url) if config.file.console.enabled else None,
         )
         if config.file.http.cors_origins:
             from starlette.middleware.cors import CORSMiddleware
@@ -390,6 +393,9 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             else "",
         )
         print(f"cruzflow http listening on {http_host}:{service.http_port}", flush=True)
+        if config.file.console.enabled:
+            scheme = "https" if config.file.server.tls_cert_file else "http"
+            log.info("web console at %s://%s:%d/", scheme, http_host, service.http_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -109,6 +109,26 @@ class HttpSection(_Strict):
         return value
 
 
+class ConsoleSection(_Strict):
+    enabled: bool = True
+    """Serve the web console at / of the HTTP listener ([http] listen): static
+    files that call the same API as every client, with the caller's token."""
+    trace_url: str = ""
+    """A link to an instance's trace, with ``{trace_id}`` where its id goes,
+    e.g. "http://127.0.0.1:16686/trace/{trace_id}" (Jaeger); empty: no link."""
+
+    @field_validator("trace_url")
+    @classmethod
+    def _trace_url(cls, value: str) -> str:
+        if value and (not re.fullmatch(r"https?://\S+", value) or "{trace_id}" not in value):
+            raise ValueError(
+                f"{value!r} is not a trace link template: expected an http(s) URL with "
+                f"{{trace_id}} where the trace id goes, e.g. "
+                f"'http://127.0.0.1:16686/trace/{{trace_id}}'"
+            )
+        return value
+
+
 STORE_URL_ENV = "CRUZFLOW_STORE_URL"
 """The environment variable that names a PostgreSQL store; it wins over the file."""
 _DEFAULT_STORE_PATH = "data/cruzflow.db"
@@ -318,6 +338,7 @@ class ConfigFile(_Strict):
     """Folders, relative to the config file, to import workflow modules from."""
     server: ServerSection = ServerSection()
     http: HttpSection = HttpSection()
+    console: ConsoleSection = ConsoleSection()
     # Validated also when absent: CRUZFLOW_STORE_URL is checked with the section.
     store: StoreSection = Field(default_factory=dict, validate_default=True)
     limits: LimitsSection = LimitsSection()

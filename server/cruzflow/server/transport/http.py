@@ -40,6 +40,7 @@ from cruzflow.server import auth
 from cruzflow.server.engine import validate
 from cruzflow.server.records import InstanceStatus
 from cruzflow.server.transport.api import SERVICE, WorkflowApi, malformed, refusal
+from cruzflow.server.transport.console import Console
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1.workflows_connect import WorkflowServiceASGIApplication
 
@@ -293,10 +294,11 @@ class _TooLarge(Exception):
 class HttpApp:
     """The ASGI application of the HTTP listener: Connect under
     ``/cruzflow.v1.WorkflowService/``, the seed's two routes under
-    ``/workflows/``, and ``GET /healthz`` for load balancers and probes
-    (open, like gRPC's health service: 200 while ``serving()``, else 503);
-    anything else is a 404. ``read_max_bytes``: the largest body a route
-    reads (as the Connect application's)."""
+    ``/workflows/``, ``GET /healthz`` for load balancers and probes
+    (open, like gRPC's health service: 200 while ``serving()``, else 503),
+    and the web ``console`` at ``/`` when given; anything else is a 404.
+    ``read_max_bytes``: the largest body a route reads (as the Connect
+    application's)."""
 
     def __init__(
         self,
@@ -304,11 +306,13 @@ class HttpApp:
         read_max_bytes: int,
         serving: Callable[[], bool] = lambda: True,
         gate: auth.Gate | None = None,
+        console: Console | None = None,
     ) -> None:
         self._connect = connect
         self._read_max_bytes = read_max_bytes
         self._serving = serving
         self._gate = gate
+        self._console = console
 
     async def __call__(
         self,
@@ -337,6 +341,9 @@ class HttpApp:
             status = "SERVING" if serving else "NOT_SERVING"
             await _send_json(send, 200 if serving else 503, {"status": status})
             return
+        if self._console is not None and self._console.serves(path):
+            await self._console(scope, send)
+            return
         await _send_json(
             send,
             404,
@@ -344,7 +351,7 @@ class HttpApp:
                 "code": "not_found",
                 "message": f"no route {path}; the API is at {_SERVICE_PATH}<Method> (Connect), "
                 f"and POST /workflows/<name>/trigger, GET /workflows/<name>/status/<id>, "
-                f"GET /healthz",
+                f"GET /healthz{', and the console at GET /' if self._console else ''}",
             },
         )
 
