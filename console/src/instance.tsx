@@ -310,6 +310,12 @@ export function InstancePage({ session, id }: { session: Session; id: string }) 
       </div>
       <h2>Steps</h2>
       <StepsTable steps={info.steps} now={now} />
+      <details class="events">
+        <summary>
+          Event log <span class="muted">({events.length} events)</span>
+        </summary>
+        <EventLog events={events} />
+      </details>
     </section>
   );
 }
@@ -372,6 +378,49 @@ function StepsTable({ steps, now }: { steps: readonly StepInfo[]; now: number })
       </tbody>
     </table>
   );
+}
+
+/** The durable event log, as WatchInstance streams it (and `cruzflow watch` prints it). */
+function EventLog({ events }: { events: readonly WatchEvent[] }) {
+  return (
+    <table class="event-log">
+      <thead>
+        <tr>
+          <th>#</th>
+          <th>Time</th>
+          <th>Event</th>
+        </tr>
+      </thead>
+      <tbody>
+        {events.map((e) => (
+          <tr key={e.sequence} data-sequence={e.sequence} data-kind={e.kind}>
+            <td>{e.sequence}</td>
+            <td class="mono">{when(e.time, true)}</td>
+            <td>{eventText(e)}</td>
+          </tr>
+        ))}
+      </tbody>
+    </table>
+  );
+}
+
+function eventText(e: WatchEvent): string {
+  const error = (x: { error: { name: string; message: string } | undefined }): string =>
+    x.error ? `: ${x.error.name}: ${x.error.message}` : "";
+  switch (e.kind) {
+    case "statusChanged":
+      return `status ${e.status}${e.output !== null && e.status === "complete" ? `, output ${short(JSON.stringify(e.output))}` : ""}${error(e)}`;
+    case "stepStarted":
+      return `${stepLabel(e.step)} started (attempt ${e.attempt})`;
+    case "attemptFailed":
+      return `${stepLabel(e.step)} attempt ${e.attempt} failed${error(e)}; retry ${ago(e.nextAttemptTime)}`;
+    case "stepSucceeded":
+      return `${stepLabel(e.step)} succeeded (attempt ${e.attempt}), output ${short(JSON.stringify(e.output ?? null))}`;
+    case "stepFailed":
+      return `${stepLabel(e.step)} failed for good (attempt ${e.attempt})${error(e)}`;
+    default:
+      return "an event this console does not know";
+  }
 }
 
 function short(text: string): string {

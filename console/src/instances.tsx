@@ -131,6 +131,19 @@ export function InstancesPage({ session, query }: { session: Session; query: URL
     <section>
       <div class="page-head">
         <h1>Instances</h1>
+        <form
+          class="open-id"
+          aria-label="Open an instance"
+          onSubmit={(e) => {
+            e.preventDefault();
+            const id = new FormData(e.currentTarget).get("instanceId");
+            if (typeof id === "string" && id.trim()) {
+              window.location.hash = `#/instances/${encodeURIComponent(id.trim())}`;
+            }
+          }}
+        >
+          <input name="instanceId" type="search" placeholder="Open an instance by id" aria-label="Instance id" />
+        </form>
         <label class="live">
           <input type="checkbox" checked={live} onChange={(e) => setLive(e.currentTarget.checked)} /> live
         </label>

@@ -117,6 +117,13 @@ def test_the_list_filters_pages_counts_and_refreshes(
     expect(page.locator(".empty")).to_have_text("No instances match these filters.")
     expect(page.get_by_test_id("count-total")).to_have_text("0 instances")
 
+    # Open an instance by its id.
+    page.get_by_role("searchbox", name="Instance id").fill("fb-001")
+    page.get_by_role("searchbox", name="Instance id").press("Enter")
+    expect(page.get_by_test_id("instance-id")).to_have_text("fb-001")
+    expect(page.get_by_test_id("instance-error")).to_contain_text("ValueError: no such account")
+    expect(page.get_by_test_id("instance-error")).to_contain_text("Raised by step charge")
+
     # Live: an instance created while the page is open shows up by itself.
     page.goto(f"{base}/#/instances?key=batch-live")
     expect(page.locator(".empty")).to_be_visible()
@@ -205,6 +212,17 @@ def test_the_timeline_shows_a_retry_a_sleep_and_an_event_wait(
         page.locator('.timeline g.row[data-step="pay"] [data-type="attempt"]')
     ).to_have_attribute("data-outcome", "succeeded")
     expect(page.locator("[data-control]")).to_have_count(1)  # only Restart is left
+    # The event log, as WatchInstance streams it: every event once, in order.
+    page.locator("details.events summary").click()
+    last = int(api.status("expense-1")["lastSequence"])
+    sequences = page.locator(".event-log tbody tr").evaluate_all(
+        "rows => rows.map(r => +r.dataset.sequence)"
+    )
+    assert sequences == list(range(1, last + 1))
+    expect(page.locator(".event-log tbody tr").last).to_contain_text("status complete")
+    expect(page.locator('.event-log tr[data-kind="attemptFailed"]')).to_contain_text(
+        "fetch-receipt attempt 1 failed: ConnectionError"
+    )
     assert page.errors == []  # type: ignore[attr-defined]
 
 
