@@ -66,7 +66,7 @@ async def test_the_page_and_its_files_are_served_at_the_root(start: Start) -> No
     # Other paths are the API's 404, which names the console.
     missing = await node.http.request("GET", "/console/nope.js")
     assert missing.status == 404
-    assert "the console at GET /" in missing.json()["message"]
+    assert "the web console is at GET /" in missing.json()["message"]
 
 
 async def test_the_page_needs_no_token_but_every_call_it_makes_does(
@@ -85,7 +85,7 @@ async def test_the_console_can_be_switched_off(start: Start) -> None:
     for path in ("/", "/console/console.js"):
         reply = await node.http.request("GET", path)
         assert reply.status == 404
-        assert "the console at" not in reply.json()["message"]
+        assert "web console" not in reply.json()["message"]
     # The API is still there.
     assert (await node.http.call("ListWorkflows", {})).status == 200
 

@@ -397,7 +397,7 @@ async def test_status_of_another_workflows_instance_is_not_found(node: Node) -> 
 
 async def test_an_unknown_path_is_a_json_404(node: Node) -> None:
     for method, path in (
-        ("GET", "/"),
+        ("GET", "/index.html"),  # the console is at / only
         ("GET", "/workflows/three-steps"),
         ("POST", "/workflows/three-steps/trigger/more"),
         ("GET", "/workflows/three-steps/status/a/b"),

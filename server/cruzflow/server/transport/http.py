@@ -351,7 +351,7 @@ class HttpApp:
                 "code": "not_found",
                 "message": f"no route {path}; the API is at {_SERVICE_PATH}<Method> (Connect), "
                 f"and POST /workflows/<name>/trigger, GET /workflows/<name>/status/<id>, "
-                f"GET /healthz{', and the console at GET /' if self._console else ''}",
+                f"GET /healthz{'; the web console is at GET /' if self._console else ''}",
             },
         )
 
