@@ -243,6 +243,41 @@ for (const transport of TRANSPORTS) {
       await client.instance(`${key}-other`).terminate();
     });
 
+    test("countInstances counts per workflow and status, with the filters", async () => {
+      const key = uniqueId("count");
+      const done = await client.workflow("three-steps").createMany([
+        { params: 1, lookupKey: key },
+        { params: 2, lookupKey: key },
+      ]);
+      await Promise.all(done.map((h) => h.wait({ timeoutMs: 10_000 })));
+      const waiting = await client.workflow("approval").create(null, { lookupKey: key });
+      await eventually(async () => (await waiting.status()).status === "waiting");
+      const counted = await client.countInstances({ lookupKey: key });
+      assert.deepEqual(counted, {
+        counts: [
+          { workflow: "approval", status: "waiting", count: 1 },
+          { workflow: "three-steps", status: "complete", count: 2 },
+        ],
+        total: 3,
+      });
+      const mine = await client.countInstances({ lookupKey: key, workflow: "approval" });
+      assert.deepEqual(mine.counts, [{ workflow: "approval", status: "waiting", count: 1 }]);
+      const later = await client.countInstances({ lookupKey: key, createTimeMin: new Date(Date.now() + 60_000) });
+      assert.deepEqual(later, { counts: [], total: 0 });
+      // Without tracing on the server, an instance has no trace id.
+      assert.equal((await waiting.status()).traceId, undefined);
+      await waiting.terminate();
+    });
+
+    test("caller: without tokens, every call is allowed", async () => {
+      assert.deepEqual(await client.caller(), {
+        authRequired: false,
+        tokenName: "",
+        readOnly: false,
+        workflows: [],
+      });
+    });
+
     test("sendEvent before the wait starts is kept for it", async () => {
       const id = uniqueId("early");
       const instance = await client.workflow("approval").create(null, { id });

@@ -224,6 +224,20 @@ for (const transport of TRANSPORTS) {
       await made.terminate();
     });
 
+    test("caller says what each token may do", async () => {
+      const asked = await Promise.all(
+        [secrets.admin, secrets.reader, secrets.approver].map((token) =>
+          guarded.client(transport, { token }).caller(),
+        ),
+      );
+      assert.deepEqual(asked, [
+        { authRequired: true, tokenName: "admin", readOnly: false, workflows: [] },
+        { authRequired: true, tokenName: "reader", readOnly: true, workflows: [] },
+        { authRequired: true, tokenName: "approver", readOnly: false, workflows: ["approval"] },
+      ]);
+      await assert.rejects(guarded.client(transport).caller(), Unauthenticated);
+    });
+
     test("a token for some workflows only: PermissionDenied for the others", async () => {
       const approver = guarded.client(transport, { token: secrets.approver });
       const mine = await approver.workflow("approval").create(null, { id: uniqueId("apv") });
