@@ -54,6 +54,7 @@ export function TimelineChart({ events, info, now }: { events: readonly WatchEve
         </p>
       )}
       <svg
+        class="chart"
         width={width}
         height={height}
         viewBox={`0 0 ${width} ${height}`}
@@ -115,7 +116,39 @@ export function TimelineChart({ events, info, now }: { events: readonly WatchEve
           ),
         )}
       </svg>
+      <Legend />
     </div>
+  );
+}
+
+function Legend() {
+  const items: [string, string][] = [
+    ["attempt outcome-succeeded", "attempt succeeded"],
+    ["attempt outcome-retrying", "attempt failed"],
+    ["attempt outcome-running", "attempt running"],
+    ["attempt outcome-cut", "attempt cut short"],
+    ["sleep", "sleep"],
+    ["wait", "event wait"],
+    ["pause", "paused"],
+  ];
+  return (
+    <ul class="legend" aria-label="Legend">
+      {items.map(([cls, text]) => (
+        <li key={cls}>
+          <svg width="14" height="10" aria-hidden="true">
+            {cls === "pause" ? (
+              <rect class="mark-pause" x="0.5" y="0.5" width="13" height="9" />
+            ) : (
+              <g class={`bar ${cls}`}>
+                <rect x="0.5" y="0.5" width="13" height="9" rx="2" />
+              </g>
+            )}
+          </svg>
+          {text}
+        </li>
+      ))}
+      <li>hover a bar for its times and error</li>
+    </ul>
   );
 }
 

@@ -43,16 +43,18 @@ export function span(ms: number): string {
     return `${Math.round(ms)} ms`;
   }
   const s = ms / 1000;
-  if (s < 60) {
-    return `${s < 10 ? s.toFixed(1) : Math.round(s)} s`;
+  if (s < 59.5) {
+    return `${s < 9.95 ? s.toFixed(1) : Math.round(s)} s`;
   }
-  const m = Math.floor(s / 60);
+  // Whole seconds first, so that 59.6 s reads "1 min 0 s", never "0 min 60 s".
+  const total = Math.round(s);
+  const m = Math.floor(total / 60);
   if (m < 60) {
-    return `${m} min ${Math.round(s - m * 60)} s`;
+    return `${m} min ${total % 60} s`;
   }
   const h = Math.floor(m / 60);
   if (h < 48) {
-    return `${h} h ${m - h * 60} min`;
+    return `${h} h ${m % 60} min`;
   }
   return `${Math.floor(h / 24)} d ${h % 24} h`;
 }

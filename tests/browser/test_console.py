@@ -182,7 +182,7 @@ def test_the_timeline_shows_a_retry_a_sleep_and_an_event_wait(
     assert "wait for event 'approval'" in bars(page, "approval")[0]["title"]
 
     # To scale: the sleep's bar is as wide as its time is of the chart's span.
-    chart = page.locator(".timeline svg").evaluate(
+    chart = page.locator(".timeline svg.chart").evaluate(
         "s => ({start: +s.dataset.start, end: +s.dataset.end, width: +s.getAttribute('width'),"
         " bar: +s.querySelector('g.row[data-step=\"cool-off\"] rect[x]:not(.row-bg)').getAttribute('width')})"
     )
