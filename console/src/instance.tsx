@@ -427,6 +427,27 @@ function short(text: string): string {
   return text.length > 80 ? `${text.slice(0, 77)}...` : text;
 }
 
+/**
+ * A control's call: busy while it runs, `onDone` once it is accepted, and
+ * the server's message (the dialog stays open) when it is refused.
+ */
+function useAction(onDone: () => void) {
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState<string | undefined>();
+  const run = async (call: () => Promise<unknown>): Promise<void> => {
+    setBusy(true);
+    setError(undefined);
+    try {
+      await call();
+      onDone();
+    } catch (e) {
+      setError(describe(e));
+      setBusy(false);
+    }
+  };
+  return { busy, error, setError, run };
+}
+
 function ConfirmControl(props: {
   control: Exclude<Control, "event">;
   info: InstanceInfo;
@@ -434,26 +455,19 @@ function ConfirmControl(props: {
   onDone: () => void;
 }) {
   const { control, info, session } = props;
-  const [busy, setBusy] = useState(false);
-  const [error, setError] = useState<string | undefined>();
+  const { busy, error, run } = useAction(props.onDone);
   const spec = CONTROLS[control];
-  const act = async (): Promise<void> => {
-    setBusy(true);
-    setError(undefined);
+  const act = (): Promise<void> => {
     const handle = session.client.instance(info.id);
-    try {
-      await (control === "pause"
+    return run(() =>
+      control === "pause"
         ? handle.pause()
         : control === "resume"
           ? handle.resume()
           : control === "terminate"
             ? handle.terminate()
-            : handle.restart());
-      props.onDone();
-    } catch (e) {
-      setError(describe(e));
-      setBusy(false);
-    }
+            : handle.restart(),
+    );
   };
   return (
     <Dialog
@@ -473,8 +487,7 @@ function ConfirmControl(props: {
 function SendEvent(props: { info: InstanceInfo; session: Session; waiting: readonly StepInfo[]; onDone: () => void }) {
   const [type, setType] = useState(props.waiting[0]?.eventType ?? "");
   const [payload, setPayload] = useState("{}");
-  const [busy, setBusy] = useState(false);
-  const [error, setError] = useState<string | undefined>();
+  const { busy, error, setError, run } = useAction(props.onDone);
   const send = async (): Promise<void> => {
     let value: unknown;
     try {
@@ -483,15 +496,7 @@ function SendEvent(props: { info: InstanceInfo; session: Session; waiting: reado
       setError(`The payload is not JSON: ${(e as Error).message}`);
       return;
     }
-    setBusy(true);
-    setError(undefined);
-    try {
-      await props.session.client.instance(props.info.id).sendEvent(type, value);
-      props.onDone();
-    } catch (e) {
-      setError(describe(e));
-      setBusy(false);
-    }
+    await run(() => props.session.client.instance(props.info.id).sendEvent(type, value));
   };
   return (
     <Dialog
