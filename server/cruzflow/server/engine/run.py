@@ -44,7 +44,7 @@ class Run:
     __slots__ = (
         "claimed", "core", "created_at", "error", "held", "id", "last_write", "next_index",
         "occurrences", "params", "pause_requested", "poked", "queued", "replay", "resumed",
-        "run_started_at", "seq", "span", "spec", "status", "task", "trace_parent",
+        "run_started_at", "seq", "span", "spec", "status", "strays", "task", "trace_parent",
     )  # fmt: skip
 
     def __init__(
@@ -77,6 +77,9 @@ class Run:
         self.error: tuple[str, str, str | None] | None = None
         # The observer's token for the run in memory (its span).
         self.span: Any = None
+        # Tasks other than ``task`` that took a step (asyncio.gather,
+        # TaskGroup): cut when run() ends, so none writes after the end.
+        self.strays: set[asyncio.Task[Any]] = set()
 
     @property
     def active(self) -> bool:
@@ -186,6 +189,25 @@ class Run:
             raise Suspend() from exc
         if record is None or record.last_seq != self.seq:
             raise Suspend()  # purged, or moved on elsewhere
+
+    def took_step(self) -> None:
+        """Called as a step starts: a step in a task of its own (a parallel
+        branch) is remembered until that task ends."""
+        task = asyncio.current_task()
+        if task is not self.task and task is not None and task not in self.strays:
+            self.strays.add(task)
+            task.add_done_callback(self.strays.discard)
+
+    async def cut_strays(self) -> None:
+        """Cancel the parallel branches still in a step once run() has ended
+        (returned, raised, or unwound to suspend), and wait for them: an
+        attempt still running is cut short, as at a server stop, and nothing
+        of theirs is written after the run's own end."""
+        strays = [task for task in self.strays if not task.done()]
+        for task in strays:
+            task.cancel()
+        if strays:
+            await asyncio.gather(*strays, return_exceptions=True)
 
     async def enter_step(self) -> None:
         """A step boundary: prior writes durable, and a stop or pause taken here."""

@@ -305,7 +305,11 @@ class Scheduler:
                 timestamp=datetime.fromtimestamp(run.created_at / 1000, UTC),
                 instance_id=run.id,
             )
-            result = await workflow.run(event, WorkflowStep(StepRunner(self._core, run)))
+            try:
+                result = await workflow.run(event, WorkflowStep(StepRunner(self._core, run)))
+            finally:
+                # Parallel steps run() left behind end with it, before its end is written.
+                await run.cut_strays()
             try:
                 output = to_json(result)
             except (TypeError, ValueError, RecursionError) as exc:

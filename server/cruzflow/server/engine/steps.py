@@ -289,6 +289,7 @@ class StepRunner:
                 f"the instance reached {limits.max_steps_per_instance:,} steps "
                 f"(limits.max_steps_per_instance); split the work across instances",
             )
+        run.took_step()
         stored = run.replay.get(index) if run.replay else None
         if stored is not None and (
             stored.name != name or stored.occurrence != occurrence or stored.kind != kind
