@@ -27,6 +27,17 @@ class WorkflowEvent(Generic[P]):
     instance_id: str
     """The instance's id."""
 
+    def __getitem__(self, key: str) -> Any:
+        """``event["payload"]``, ``event["timestamp"]``, ``event["instanceId"]``:
+        the event as Cloudflare's Python Workflows hand it to ``run`` (a dict)."""
+        if key == "payload":
+            return self.payload
+        if key == "timestamp":
+            return self.timestamp
+        if key in ("instanceId", "instance_id"):
+            return self.instance_id
+        raise KeyError(f"{key!r}: an event has 'payload', 'timestamp' and 'instanceId'")
+
 
 @dataclass(frozen=True, slots=True)
 class StepContext:

@@ -9,7 +9,9 @@ a step is stored, so this module imports nothing of the server.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import datetime
 from typing import Any, Protocol, TypeVar, overload
 
@@ -37,13 +39,15 @@ class StepRuntime(Protocol):
 class WorkflowStep:
     """Runs steps for one instance: each result is checkpointed before it is used."""
 
-    __slots__ = ("_runtime",)
+    __slots__ = ("_declared", "_runtime")
 
     def __init__(self, runtime: StepRuntime) -> None:
         self._runtime = runtime
+        # The step functions declared with the decorator form, by function name.
+        self._declared: dict[str, StepFunction] = {}
 
     @overload
-    async def do(
+    def do(
         self,
         name: str,
         fn: Callable[..., Awaitable[T]],
@@ -51,10 +55,10 @@ class WorkflowStep:
         *,
         retries: RetryConfig | Mapping[str, Any] | None = None,
         timeout: Duration | None = None,
-    ) -> T: ...
+    ) -> Coroutine[Any, Any, T]: ...
 
     @overload
-    async def do(
+    def do(
         self,
         name: str,
         fn: Callable[..., T],
@@ -62,57 +66,104 @@ class WorkflowStep:
         *,
         retries: RetryConfig | Mapping[str, Any] | None = None,
         timeout: Duration | None = None,
-    ) -> T: ...
+    ) -> Coroutine[Any, Any, T]: ...
 
     @overload
-    async def do(
+    def do(
         self,
         name: str,
         config: StepConfig | Mapping[str, Any],
         fn: Callable[..., Awaitable[T]],
         /,
-    ) -> T: ...
+    ) -> Coroutine[Any, Any, T]: ...
 
     @overload
-    async def do(
+    def do(
         self,
         name: str,
         config: StepConfig | Mapping[str, Any],
         fn: Callable[..., T],
         /,
-    ) -> T: ...
+    ) -> Coroutine[Any, Any, T]: ...
 
-    async def do(
+    @overload
+    def do(
         self,
-        name: str,
-        config_or_fn: Any,
+        name: str | None = None,
+        *,
+        concurrent: bool = False,
+        config: StepConfig | Mapping[str, Any] | None = None,
+    ) -> Callable[[Callable[..., Any]], StepFunction]: ...
+
+    def do(
+        self,
+        name: str | None = None,
+        config_or_fn: Any = None,
         fn: Any = None,
-        /,
         *,
         retries: RetryConfig | Mapping[str, Any] | None = None,
         timeout: Duration | None = None,
+        concurrent: bool = False,
+        config: StepConfig | Mapping[str, Any] | None = None,
     ) -> Any:
-        """Run ``fn`` as a durable step named ``name`` and return its result.
+        """Run ``fn`` as a durable step named ``name``; await it for its result.
 
         ``step.do(name, fn)``, ``step.do(name, config, fn)`` or
         ``step.do(name, fn, retries=..., timeout=...)``. ``fn`` is an async
         (or plain) callable taking no argument or a StepContext. Its result
-        must be JSON; it is stored before ``do`` returns, and on a replay
-        ``do`` returns the stored result without calling ``fn``.
+        must be JSON; it is stored before the step returns, and on a replay
+        the stored result is returned without calling ``fn``. Steps may run
+        in parallel (``asyncio.gather``, ``TaskGroup``): each is checkpointed
+        on its own, and keeps the position of its call.
+
+        Without a body it is Cloudflare's decorator form,
+        ``@step.do(name=None, *, concurrent=False, config=None)``: see
+        :class:`StepFunction`.
         """
+        if config_or_fn is None and fn is None:
+            if retries is not None or timeout is not None:
+                raise TypeError(
+                    "step.do(...) as a decorator takes config={'retries': ..., 'timeout': ...}, "
+                    "not retries= or timeout="
+                )
+            return self._decorator(name, concurrent, config)
+        if concurrent or config is not None:
+            raise TypeError(
+                f"step.do({name!r}, fn): concurrent= and config= belong to the decorator form "
+                f"@step.do(name, concurrent=..., config=...); pass the config positionally: "
+                f"step.do(name, config, fn)"
+            )
         if fn is None:
-            fn, config = config_or_fn, None
+            fn, given = config_or_fn, None
         else:
-            config = config_or_fn
+            given = config_or_fn
+        if not isinstance(name, str):
+            raise TypeError(f"step.do: the step name must be a string, got {type(name).__name__}")
         if not callable(fn):
             raise TypeError(
                 f"step.do({name!r}): the step body must be a callable, got {type(fn).__name__}"
             )
-        if config is None and retries is None and timeout is None:
+        if given is None and retries is None and timeout is None:
             policy = DEFAULT_POLICY
         else:
-            policy = resolve(config, retries, timeout)
-        return await self._runtime.do(name, fn, policy)
+            policy = resolve(given, retries, timeout)
+        return self._runtime.do(name, fn, policy)
+
+    def _decorator(
+        self, name: str | None, concurrent: bool, config: StepConfig | Mapping[str, Any] | None
+    ) -> Callable[[Callable[..., Any]], StepFunction]:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"@step.do: the step name must be a string, got {type(name).__name__}")
+        policy = DEFAULT_POLICY if config is None else resolve(config)
+
+        def declare(func: Callable[..., Any]) -> StepFunction:
+            if not callable(func):
+                raise TypeError(f"@step.do decorates a function, got {type(func).__name__}")
+            declared = StepFunction(self, func, name or func.__name__, concurrent, policy)
+            self._declared[func.__name__] = declared
+            return declared
+
+        return declare
 
     async def sleep(self, name: str, duration: Duration) -> None:
         """Sleep durably: the instance waits (holding no coroutine) and resumes on time,
@@ -135,11 +186,109 @@ class WorkflowStep:
         await self._runtime.sleep_until(name, lambda start: int(target * 1000))
 
     async def wait_for_event(
-        self, name: str, *, type: str, timeout: Duration = "24 hours"
+        self,
+        name: str,
+        event_type: str | None = None,
+        timeout: Duration = "24 hours",
+        *,
+        type: str | None = None,
     ) -> dict[str, Any]:
         """Wait durably for an event of ``type`` sent with SendEvent; return it as
         ``{"type", "payload", "timestamp"}``. An event sent before the wait began
         is delivered too; each event is delivered to one wait, once. Past
-        ``timeout`` it raises EventTimeoutError (a StepFailedError)."""
+        ``timeout`` it raises EventTimeoutError (a StepFailedError).
+
+        ``wait_for_event(name, type="approval")``, or as Cloudflare's Python
+        Workflows spell it, ``wait_for_event(name, "approval", timeout)``."""
+        if (event_type is None) == (type is None):
+            raise TypeError(
+                f"step.wait_for_event({name!r}): give the event type once, as "
+                f"type='approval' or as the second argument"
+            )
         seconds = to_seconds(timeout, "step.wait_for_event timeout")
-        return await self._runtime.wait_for_event(name, type, seconds)
+        return await self._runtime.wait_for_event(name, event_type or type or "", seconds)
+
+
+class StepFunction:
+    """A step declared with ``@step.do(...)`` (Cloudflare's Python Workflows
+    form); ``await f()`` runs it.
+
+    * Its name is the decorator's, or the function's own.
+    * Its parameters name what it needs: a parameter named after a step
+      function declared before it on the same ``step`` receives that step's
+      result, and one named ``ctx`` the StepContext of the attempt; any other
+      parameter must have a default, which it keeps.
+    * Each step function runs once per run: the first ``await f()`` runs it
+      (and the steps it needs that have not run yet: one after another in the
+      order of its parameters, or all at once with ``concurrent=True``); a
+      later call, or a step that needs it, gets the same result (or error).
+      The steps keep deterministic positions: those of their first calls.
+    """
+
+    __slots__ = (
+        "_func", "_needs", "_policy", "_step", "_task", "_wants_ctx", "concurrent", "name",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        step: WorkflowStep,
+        func: Callable[..., Any],
+        name: str,
+        concurrent: bool,
+        policy: StepPolicy,
+    ) -> None:
+        self._step = step
+        self._func = func
+        self._policy = policy
+        self._task: asyncio.Task[Any] | None = None
+        self.name = name
+        self.concurrent = concurrent
+        try:
+            params = list(inspect.signature(func).parameters.values())
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"@step.do({name!r}): cannot read the function's parameters") from exc
+        self._needs: list[str] = []
+        for param in params:
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                raise TypeError(
+                    f"@step.do({name!r}): *{param.name} is not a step; name each step it needs"
+                )
+            if param.name == "ctx":
+                continue
+            if param.name not in step._declared:
+                if param.default is not param.empty:
+                    continue  # not a step: it keeps its default
+
+                declared = ", ".join(sorted(step._declared)) or "none yet"
+                raise TypeError(
+                    f"@step.do({name!r}): parameter {param.name!r} names no step function "
+                    f"declared before it (declared: {declared}); a parameter is 'ctx', the "
+                    f"name of an earlier @step.do function, or has a default"
+                )
+            self._needs.append(param.name)
+        self._wants_ctx = any(p.name == "ctx" for p in params)
+
+    def __call__(self) -> Coroutine[Any, Any, Any]:
+        return self._result()
+
+    async def _result(self) -> Any:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+        # A caller cancelled while it waits leaves the step to its other callers.
+        return await asyncio.shield(self._task)
+
+    async def _run(self) -> Any:
+        needs = [self._step._declared[name] for name in self._needs]
+        if self.concurrent:
+            values = await asyncio.gather(*(need() for need in needs))
+        else:
+            values = [await need() for need in needs]
+        given = dict(zip(self._needs, values, strict=True))
+        func, wants_ctx = self._func, self._wants_ctx
+
+        async def body(ctx: Any) -> Any:
+            kwargs = {**given, "ctx": ctx} if wants_ctx else given
+            result = func(**kwargs)
+            return await result if inspect.isawaitable(result) else result
+
+        return await self._step._runtime.do(self.name, body, self._policy)
