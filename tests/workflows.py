@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import uuid
 from typing import Any, NotRequired, TypedDict
 
@@ -563,3 +564,32 @@ class Replicated(WorkflowEntrypoint):
         b = await step.do("b", body("b", 2 * n, pause))
         c = await step.do("c", body("c", a["v"] + b["v"], 0))
         return {"n": n, "result": c["v"]}
+
+
+class FanOutRandom(WorkflowEntrypoint):
+    """params.steps steps at once (asyncio.gather), each sleeping a random
+    time drawn anew for every attempt, so that they finish in another order
+    each run and each server; then one step that sums them. Each body marks
+    "<tag>:<name>:start" when it begins and "<tag>:<name>:done" when its
+    work is done (before its result is stored)."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        tag = event.payload["tag"]
+        most = event.payload.get("max_ms", 300) / 1000
+
+        def part(i: int) -> Any:
+            async def body(ctx: StepContext) -> int:
+                name = f"part-{i}"
+                mark(f"{tag}:{name}:start")
+                await asyncio.sleep(
+                    random.Random(f"{tag}:{i}:{ctx.attempt}:{os.getpid()}").uniform(0, most)
+                )
+                mark(f"{tag}:{name}:done")
+                return i
+
+            return body
+
+        values = await asyncio.gather(
+            *(step.do(f"part-{i}", part(i)) for i in range(event.payload["steps"]))
+        )
+        return await step.do("sum", lambda: {"values": values, "sum": sum(values)})

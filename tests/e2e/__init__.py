@@ -32,6 +32,7 @@ from tests.procs import ServerProcess, wait_for, write_config
 WORKFLOWS: dict[str, str] = {
     **ALL_WORKFLOWS,
     "long-first-attempt": "tests.workflows:LongFirstAttempt",
+    "fan-out-random": "tests.workflows:FanOutRandom",
 }
 
 FINISHED = (
