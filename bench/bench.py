@@ -43,7 +43,9 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 
 from bench.harness import (
+    FAN_OUT_WORKFLOW,
     SQLITE,
+    W4_STEPS,
     WORKFLOW,
     Server,
     Store,
@@ -110,6 +112,7 @@ class Options:
     wait_on: str = "same"
     pg_statements: bool = False
     http: bool = True
+    w4: int = 20
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -227,11 +230,19 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="--store postgres: load pg_stat_statements and report the statements each "
         "phase ran per workflow (round trips; it costs the database some CPU)",
     )
+    parser.add_argument(
+        "--w4",
+        type=int,
+        default=20,
+        help=f"W4: instances of {W4_STEPS} parallel steps, one at a time, then all at once "
+        "(20; 0 skips W4)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
     n, m, warmup = args.n, args.m, args.warmup
     if args.quick:
         n, m, warmup = 200, 30, 10
+        args.w4 = min(args.w4, 5)
     for name, value in (("--n", n), ("--m", m), ("--channels", args.channels)):
         if value < 1:
             parser.error(f"{name} must be at least 1")
@@ -270,6 +281,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         wait_on=args.wait_on,
         pg_statements=args.pg_statements,
         http=not args.no_http,
+        w4=max(args.w4, 0),
     )
 
 
@@ -839,6 +851,48 @@ class Bench:
             )
         return figures
 
+    async def w4(self) -> dict[str, Any]:
+        """W4: instances of W4_STEPS trivial steps run in parallel (asyncio.gather):
+        one instance at a time (its latency), then all of them at once."""
+        o = self.opts
+        stub = self.stubs[0][0]
+        server = self.servers[0]
+
+        async def one(number: int) -> float:
+            start = time.perf_counter()
+            created = await stub.CreateInstance(
+                pb.CreateInstanceRequest(
+                    workflow=FAN_OUT_WORKFLOW, params_json=f'{{"n":{number},"steps":{W4_STEPS}}}'
+                ),
+                timeout=o.rpc_timeout,
+            )
+            done = await stub.WaitInstance(
+                pb.WaitInstanceRequest(instance_id=created.instance_id), timeout=o.rpc_timeout
+            )
+            if done.instance.status != pb.INSTANCE_STATUS_COMPLETE:
+                raise RuntimeError(f"W4 instance ended {done.instance.status}: {done.instance}")
+            return (time.perf_counter() - start) * 1000
+
+        await one(-1)  # warm-up
+        cpu = server.cpu_seconds()
+        lat = sorted([await one(i) for i in range(o.w4)])
+        cpu_one = server.cpu_seconds() - cpu
+        cpu = server.cpu_seconds()
+        start = time.perf_counter()
+        await asyncio.gather(*(one(o.w4 + i) for i in range(o.w4)))
+        wall = time.perf_counter() - start
+        cpu_all = server.cpu_seconds() - cpu
+        steps = o.w4 * (W4_STEPS + 1)
+        return {
+            "instances": o.w4,
+            "parallel_steps": W4_STEPS,
+            "one_at_a_time_p50_ms": round(percentile(lat, 50), 2),
+            "one_at_a_time_p90_ms": round(percentile(lat, 90), 2),
+            "all_at_once_wall_s": round(wall, 3),
+            "all_at_once_steps_per_s": round(steps / wall, 1),
+            "server_cpu_ms_per_step": round((cpu_one + cpu_all) * 1000 / (2 * steps), 4),
+        }
+
 
 async def drive(
     servers: list[Server], opts: Options, fsync_method: str, db: Database | None = None
@@ -870,6 +924,7 @@ async def drive(
         w1 = await bench.w1()
         w1_watch = await bench.w1(watch=True)
         w2 = await bench.w2()
+        w4 = await bench.w4() if opts.w4 else None
         if http_stubs:
             bench.stubs = cast("list[list[Stub]]", http_stubs)
             http["w1_http"] = await bench.w1(label=" HTTP/1.1")
@@ -891,6 +946,7 @@ async def drive(
         "w1": w1,
         "w1_watch": w1_watch,
         "w2": w2,
+        **({"w4": w4} if w4 is not None else {}),
         **http,
         "warmup_failed": bench.warm.failed,
         "failures": failures,
@@ -1008,6 +1064,14 @@ def summary(report: dict[str, Any]) -> Iterator[str]:
         f"{w2['client_cpu_ms_per_wf']} ms/wf, fsyncs {w2['fsyncs_per_wf']}/wf"
     )
     yield from _pg_lines(w2)
+    w4 = report.get("w4")
+    if w4 is not None:
+        yield (
+            f"W4 {w4['instances']} instances of {w4['parallel_steps']} parallel steps: one at a "
+            f"time p50 {w4['one_at_a_time_p50_ms']} ms an instance; all at once "
+            f"{w4['all_at_once_steps_per_s']:.0f} steps/s; server CPU "
+            f"{w4['server_cpu_ms_per_step']} ms/step"
+        )
     w = report.get("w3")
     if w is not None and w.get("restart_to_all_done_s") is not None:
         after = w["after_slow_step_s"]

@@ -33,6 +33,9 @@ HTTP_LISTENING = "cruzflow http listening on "
 WORKFLOW = "bench-three-steps"
 SLOW_WORKFLOW = "bench-slow-step"
 SLEEPER_WORKFLOW = "bench-sleeper"
+FAN_OUT_WORKFLOW = "bench-fan-out"
+W4_STEPS = 100
+"""W4: the steps one instance runs at once (then one more that sums them)."""
 # Where bench.workflows appends a line per step body it runs (see there).
 MARKS_ENV = "CRUZFLOW_BENCH_MARKS"
 # The server's PostgreSQL URL, in its environment rather than its config file.
@@ -130,6 +133,10 @@ def write_config(
         'binding = "SLEEPER"',
         f'name = "{SLEEPER_WORKFLOW}"',
         'class_name = "bench.workflows:Sleeper"',
+        "[[workflows]]",
+        'binding = "FAN_OUT"',
+        f'name = "{FAN_OUT_WORKFLOW}"',
+        'class_name = "bench.workflows:FanOut"',
         "[telemetry]",
         f'rpc_spans = "{rpc_spans}"',
     ]

@@ -92,6 +92,20 @@ class SlowStep(WorkflowEntrypoint[Any]):
         return {"steps": [a["step"], b["step"], c["step"]], "params": event.payload}
 
 
+async def _part(ctx: StepContext) -> int:
+    return int(ctx.step_name.rpartition("-")[2])
+
+
+class FanOut(WorkflowEntrypoint[Any]):
+    """W4: params.steps trivial steps at once (asyncio.gather), then one that sums them."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> int:
+        parts = await asyncio.gather(
+            *(step.do(f"part-{i}", _part) for i in range(event.payload["steps"]))
+        )
+        return await step.do("sum", lambda: sum(parts))
+
+
 class Sleeper(WorkflowEntrypoint[Any]):
     """One tiny step, then a durable sleep of a day: what ``--sleepers`` piles up."""
 
