@@ -856,7 +856,11 @@ async def test_wait_instance_long_polls_until_final(server: Server, gate: asynci
     assert final.status == pb.INSTANCE_STATUS_COMPLETE
     # Built from the final event, it must equal what the store says.
     stored = await server.stub.GetStatus(pb.GetStatusRequest(instance_id=instance_id))
-    assert final == stored.instance
+    assert final == stored.instance, [
+        (f.name, getattr(final, f.name), getattr(stored.instance, f.name))
+        for f in pb.Instance.DESCRIPTOR.fields
+        if getattr(final, f.name) != getattr(stored.instance, f.name)
+    ]
     assert json.loads(final.output_json) == "released"
     assert [s.name for s in final.steps] == ["wait"]
     again = await server.stub.WaitInstance(pb.WaitInstanceRequest(instance_id=instance_id))
