@@ -875,7 +875,9 @@ class Bench:
 
         await one(-1)  # warm-up
         cpu = server.cpu_seconds()
+        self.fsyncs.begin()
         lat = sorted([await one(i) for i in range(o.w4)])
+        fsyncs = self.fsyncs.end()
         cpu_one = server.cpu_seconds() - cpu
         cpu = server.cpu_seconds()
         start = time.perf_counter()
@@ -891,6 +893,8 @@ class Bench:
             "all_at_once_wall_s": round(wall, 3),
             "all_at_once_steps_per_s": round(steps / wall, 1),
             "server_cpu_ms_per_step": round((cpu_one + cpu_all) * 1000 / (2 * steps), 4),
+            # One at a time: what storing an instance's 101 steps took.
+            "fsyncs_per_instance": None if fsyncs is None else round(fsyncs / o.w4, 2),
         }
 
 
@@ -1070,7 +1074,8 @@ def summary(report: dict[str, Any]) -> Iterator[str]:
             f"W4 {w4['instances']} instances of {w4['parallel_steps']} parallel steps: one at a "
             f"time p50 {w4['one_at_a_time_p50_ms']} ms an instance; all at once "
             f"{w4['all_at_once_steps_per_s']:.0f} steps/s; server CPU "
-            f"{w4['server_cpu_ms_per_step']} ms/step"
+            f"{w4['server_cpu_ms_per_step']} ms/step, fsyncs {w4['fsyncs_per_instance']} an "
+            f"instance one at a time"
         )
     w = report.get("w3")
     if w is not None and w.get("restart_to_all_done_s") is not None:
