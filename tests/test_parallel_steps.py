@@ -353,3 +353,45 @@ async def test_a_cloudflare_python_workflow_runs_with_only_its_import_changed() 
         ("final_step", "do"),
         ("approval", "wait_for_event"),
     ]
+
+
+class TwoLanes(WorkflowEntrypoint):
+    """Two branches of three steps each: one fast, one slow."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        async def lane(name: str, seconds: float) -> list[str]:
+            done = []
+            for i in range(3):
+
+                async def body(i: int = i) -> str:
+                    await asyncio.sleep(seconds)
+                    BODIES[f"{name}-{i}"] += 1
+                    return f"{name}-{i}"
+
+                done.append(await step.do(f"{name}-{i}", body))
+            return done
+
+        return await asyncio.gather(lane("fast", 0.02), lane("slow", 0.4))
+
+
+async def test_a_pause_lets_every_branch_finish_its_attempt_first() -> None:
+    BODIES.clear()
+    async with WorkflowTestEnv(TwoLanes) as t:
+        handle = await t.start({})
+        await asyncio.sleep(0.1)
+        # The fast branch is at a boundary, the slow one inside its first attempt.
+        assert await handle.pause() == "waitingForPause"
+        assert await handle.wait_for_status("paused", timeout=5) == "paused"
+        paused = await handle.snapshot()
+        slow = paused.step("slow-0")
+        # The slow attempt was not cut: it finished and its result is stored.
+        assert (slow.outcome, slow.attempts) == ("succeeded", 1)
+        assert BODIES["slow-0"] == 1
+        await asyncio.sleep(0.5)
+        assert (await handle.snapshot()).status == "paused"  # nothing ran on
+        await handle.resume()
+        run = await handle.result()
+    assert run.status == "complete", run.error
+    assert run.output == [[f"fast-{i}" for i in range(3)], [f"slow-{i}" for i in range(3)]]
+    assert all(s.attempts == 1 for s in run.steps), [(s.name, s.attempts) for s in run.steps]
+    assert all(count == 1 for count in BODIES.values()), BODIES

@@ -567,29 +567,30 @@ class Replicated(WorkflowEntrypoint):
 
 
 class FanOutRandom(WorkflowEntrypoint):
-    """params.steps steps at once (asyncio.gather), each sleeping a random
-    time drawn anew for every attempt, so that they finish in another order
-    each run and each server; then one step that sums them. Each body marks
-    "<tag>:<name>:start" when it begins and "<tag>:<name>:done" when its
-    work is done (before its result is stored)."""
+    """params.steps branches at once (asyncio.gather), each two steps in a
+    row ("part-<i>", then "part-<i>-b"), each sleeping a random time drawn
+    anew for every attempt, so that the steps finish, and the second ones
+    begin, in another order each run and each server; then one step that
+    sums them. Each body marks "<tag>:<name>:start" when it begins and
+    "<tag>:<name>:done" when its work is done (before its result is stored)."""
 
     async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
         tag = event.payload["tag"]
         most = event.payload.get("max_ms", 300) / 1000
 
-        def part(i: int) -> Any:
+        def work(name: str, value: int) -> Any:
             async def body(ctx: StepContext) -> int:
-                name = f"part-{i}"
                 mark(f"{tag}:{name}:start")
-                await asyncio.sleep(
-                    random.Random(f"{tag}:{i}:{ctx.attempt}:{os.getpid()}").uniform(0, most)
-                )
+                draw = random.Random(f"{tag}:{name}:{ctx.attempt}:{os.getpid()}")
+                await asyncio.sleep(draw.uniform(0, most))
                 mark(f"{tag}:{name}:done")
-                return i
+                return value
 
             return body
 
-        values = await asyncio.gather(
-            *(step.do(f"part-{i}", part(i)) for i in range(event.payload["steps"]))
-        )
+        async def branch(i: int) -> int:
+            first = await step.do(f"part-{i}", work(f"part-{i}", i))
+            return await step.do(f"part-{i}-b", work(f"part-{i}-b", first * 10))
+
+        values = await asyncio.gather(*(branch(i) for i in range(event.payload["steps"])))
         return await step.do("sum", lambda: {"values": values, "sum": sum(values)})

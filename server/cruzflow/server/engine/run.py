@@ -42,8 +42,10 @@ class Run:
     by a control call). At most one exists per instance: see ``Controls.hold``."""
 
     __slots__ = (
-        "claimed", "core", "created_at", "error", "held", "id", "last_write", "next_index",
-        "occurrences", "params", "pause_requested", "poked", "queued", "replay", "resumed",
+        "busy", "claimed", "core", "created_at", "error", "held", "id", "idle", "last_write",
+        "next_index",
+        "occurrences", "params", "pause_requested", "poked", "queued", "replay", "replay_names",
+        "resumed",
         "run_started_at", "seq", "span", "spec", "status", "strays", "task", "trace_parent",
     )  # fmt: skip
 
@@ -62,6 +64,8 @@ class Run:
         self.next_index = 0
         self.occurrences: dict[str, int] = {}
         self.replay: dict[int, StepRecord] | None = None
+        # The same records by (name, occurrence): built when first asked for.
+        self.replay_names: dict[tuple[str, int], StepRecord] | None = None
         self.last_write: Durable | None = None
         self.task: asyncio.Task[None] | None = None
         # A pause asked for while running: taken at the next step boundary.
@@ -80,6 +84,10 @@ class Run:
         # Tasks other than ``task`` that took a step (asyncio.gather,
         # TaskGroup): cut when run() ends, so none writes after the end.
         self.strays: set[asyncio.Task[Any]] = set()
+        # Attempts of step bodies in flight (more than one with parallel steps),
+        # and what a branch waiting at a boundary for them to end waits on.
+        self.busy = 0
+        self.idle: asyncio.Event | None = None
 
     @property
     def active(self) -> bool:
@@ -91,6 +99,7 @@ class Run:
         self.next_index = 0
         self.occurrences = {}
         self.replay = None
+        self.replay_names = None
         self.claimed = set()
         self.poked = False
 
@@ -190,6 +199,12 @@ class Run:
         if record is None or record.last_seq != self.seq:
             raise Suspend()  # purged, or moved on elsewhere
 
+    def recorded(self, name: str, occurrence: int) -> StepRecord | None:
+        """The replayed step of that name and occurrence, wherever it was recorded."""
+        if self.replay_names is None:
+            self.replay_names = {(s.name, s.occurrence): s for s in (self.replay or {}).values()}
+        return self.replay_names.get((name, occurrence))
+
     def took_step(self) -> None:
         """Called as a step starts: a step in a task of its own (a parallel
         branch) is remembered until that task ends."""
@@ -209,16 +224,34 @@ class Run:
         if strays:
             await asyncio.gather(*strays, return_exceptions=True)
 
+    def attempt_ended(self) -> None:
+        self.busy -= 1
+        if not self.busy and self.idle is not None:
+            self.idle.set()
+
     async def enter_step(self) -> None:
-        """A step boundary: prior writes durable, and a stop or pause taken here."""
+        """A step boundary: prior writes durable, and a stop or pause taken here.
+
+        A pause waits for the attempts in flight in parallel branches to end,
+        as it waits for a single running step: none is cut short by it, and
+        this branch starts nothing meanwhile."""
         await self.barrier()
         if self.core.stopping:
             raise Suspend()
         if self.pause_requested:
-            self.pause_requested = False
-            self.set_status(InstanceStatus.PAUSED)
-            await self.barrier()
-            raise Suspend()
+            while self.busy and self.pause_requested and not self.core.stopping:
+                if self.idle is None or self.idle.is_set():
+                    self.idle = asyncio.Event()
+                await self.idle.wait()
+            if self.core.stopping:
+                raise Suspend()
+            if self.pause_requested:
+                self.pause_requested = False
+                self.set_status(InstanceStatus.PAUSED)
+                await self.barrier()
+                raise Suspend()
+        if self.status == InstanceStatus.PAUSED:
+            raise Suspend()  # another branch took the pause while this one waited
 
     async def park(self, wake_at: int) -> None:
         """Leave memory until ``wake_at`` (or an event); the run replays then.

@@ -299,6 +299,7 @@ class Scheduler:
         try:
             if run.resumed:
                 run.replay = {s.index: s for s in await self._core.store.get_steps(run.id)}
+                run.replay_names = None
             workflow = run.spec.cls(self._core.env)
             event = WorkflowEvent(
                 payload=json.loads(run.params),

@@ -114,6 +114,17 @@ class _Slot:
         await self.run.barrier()
 
 
+def _changed(
+    index: int, name: str, occurrence: int, kind: StepKind, stored: StepRecord
+) -> NonDeterminismError:
+    return NonDeterminismError(
+        f"step #{index} is {kind.name.lower()} {name!r} (occurrence {occurrence}) in the "
+        f"code but was recorded as {stored.kind.name.lower()} {stored.name!r} (occurrence "
+        f"{stored.occurrence}): the workflow code changed under a running instance; "
+        f"restart the instance or deploy the change under a new workflow name"
+    )
+
+
 def _err(name: str, message: str, traceback: str | None) -> list[str]:
     """An error as events carry it: name, message, and the traceback if any."""
     return [name, message] if traceback is None else [name, message, traceback]
@@ -212,21 +223,31 @@ class StepRunner:
                 fn = core.hooks.step_body(run.id, name, slot.occurrence, attempt, body)
 
             observer = core.observer
-            if observer is None:
-                output, error_name, error_message, error_tb, retryable = await self._attempt(
-                    run, name, fn, attempt, policy, occurrence=slot.occurrence
-                )
-            else:
-                span = observer.attempt_started(
-                    run.span, name, slot.occurrence, slot.index, attempt
-                )
-                try:
+            run.busy += 1
+            try:
+                if observer is None:
                     output, error_name, error_message, error_tb, retryable = await self._attempt(
-                        run, name, fn, attempt, policy, span, occurrence=slot.occurrence
+                        run, name, fn, attempt, policy, occurrence=slot.occurrence
                     )
-                except BaseException as exc:  # cancelled (terminate) or cut by shutdown
-                    observer.attempt_ended(span, "interrupted", (type(exc).__name__, ""), None)
-                    raise
+                else:
+                    span = observer.attempt_started(
+                        run.span, name, slot.occurrence, slot.index, attempt
+                    )
+                    try:
+                        (
+                            output,
+                            error_name,
+                            error_message,
+                            error_tb,
+                            retryable,
+                        ) = await self._attempt(
+                            run, name, fn, attempt, policy, span, occurrence=slot.occurrence
+                        )
+                    except BaseException as exc:  # cancelled (terminate) or cut by shutdown
+                        observer.attempt_ended(span, "interrupted", (type(exc).__name__, ""), None)
+                        raise
+            finally:
+                run.attempt_ended()
             last = output is not None or not retryable or attempt >= policy.max_attempts
             delay = 0.0
             if not last:
@@ -281,24 +302,34 @@ class StepRunner:
                 f"{limits.max_step_name_length} characters, got {name!r:.80}"
             )
         occurrence = run.occurrences[name] = run.occurrences.get(name, 0) + 1
+        run.took_step()
+        replay = run.replay
+        stored = None
         index = run.next_index
-        run.next_index = index + 1
+        if replay:
+            # A step is its name and occurrence. In order, the recorded one is
+            # at this position; parallel branches may reach their steps in
+            # another order than they did when recorded, so it is looked up.
+            stored = replay.get(index)
+            if stored is None or stored.name != name or stored.occurrence != occurrence:
+                found = run.recorded(name, occurrence)
+                if found is None and stored is not None and not run.strays:
+                    # Steps in order, and another one recorded here: the code changed.
+                    raise _changed(index, name, occurrence, kind, stored)
+                stored = found
+                if stored is None:
+                    while index in replay:  # a new step goes past the recorded ones
+                        index += 1
+                else:
+                    index = stored.index
+            if stored is not None and stored.kind != kind:
+                raise _changed(index, name, occurrence, kind, stored)
+        run.next_index = max(run.next_index, index + 1)
         if index >= limits.max_steps_per_instance:
             raise FatalWorkflowError(
                 "StepLimitError",
                 f"the instance reached {limits.max_steps_per_instance:,} steps "
                 f"(limits.max_steps_per_instance); split the work across instances",
-            )
-        run.took_step()
-        stored = run.replay.get(index) if run.replay else None
-        if stored is not None and (
-            stored.name != name or stored.occurrence != occurrence or stored.kind != kind
-        ):
-            raise NonDeterminismError(
-                f"step #{index} is {kind.name.lower()} {name!r} (occurrence {occurrence}) in the "
-                f"code but was recorded as {stored.kind.name.lower()} {stored.name!r} (occurrence "
-                f"{stored.occurrence}): the workflow code changed under a running instance; "
-                f"restart the instance or deploy the change under a new workflow name"
             )
         return _Slot(run, index, name, occurrence, kind), stored
 
