@@ -258,7 +258,6 @@ class StepFunction:
             if param.name not in step._declared:
                 if param.default is not param.empty:
                     continue  # not a step: it keeps its default
-
                 declared = ", ".join(sorted(step._declared)) or "none yet"
                 raise TypeError(
                     f"@step.do({name!r}): parameter {param.name!r} names no step function "

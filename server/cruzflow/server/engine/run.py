@@ -43,10 +43,9 @@ class Run:
 
     __slots__ = (
         "busy", "claimed", "core", "created_at", "error", "held", "id", "idle", "last_write",
-        "next_index",
-        "occurrences", "params", "pause_requested", "poked", "queued", "replay", "replay_names",
-        "resumed",
-        "run_started_at", "seq", "span", "spec", "status", "strays", "task", "trace_parent",
+        "next_index", "occurrences", "params", "pause_requested", "poked", "queued", "replay",
+        "replay_names", "resumed", "run_started_at", "seq", "span", "spec", "status", "strays",
+        "task", "trace_parent",
     )  # fmt: skip
 
     def __init__(
