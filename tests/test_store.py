@@ -20,6 +20,7 @@ from cruzflow.server.records import (
     InstanceRecord,
     InstanceStatus,
     InstanceUpdate,
+    Lease,
     Refusal,
     StepRecord,
     StepStatus,
@@ -289,21 +290,31 @@ async def test_a_restart_clears_the_steps_before_the_batch_lands(store: Store) -
     assert record is not None and record.run_started_at == 20
 
 
+_STATUSES = (InstanceStatus.COMPLETE, InstanceStatus.RUNNING, InstanceStatus.QUEUED)
+
+
+async def _twelve(store: Store) -> Lease:
+    """i00 to i11, created at 1000 to 1011: workflow "even" or "odd", status
+    complete, running, queued in turn, lookup key "key" on i03, i07, i08;
+    stored under the lease returned."""
+    lease = await store.acquire("test")
+    batch = Batch()
+    for n in range(12):
+        record = InstanceRecord(
+            f"i{n:02d}", "even" if n % 2 == 0 else "odd", _STATUSES[n % 3], b"{}", 1000 + n, 1000
+        )
+        record.lookup_key = "key" if n in (3, 7, 8) else None
+        batch.new_instances.append(record)
+    await store.apply(batch, lease)
+    return lease
+
+
 def _listed(rows: list[tuple[int, InstanceRecord]]) -> list[str]:
     return [r.id for _, r in rows]
 
 
 async def test_listing_newest_first_by_pages_and_filters(store: Store) -> None:
-    lease = await store.acquire("test")
-    batch = Batch()
-    statuses = [InstanceStatus.COMPLETE, InstanceStatus.RUNNING, InstanceStatus.QUEUED]
-    for n in range(12):
-        record = InstanceRecord(
-            f"i{n:02d}", "even" if n % 2 == 0 else "odd", statuses[n % 3], b"{}", 1000 + n, 1000
-        )
-        record.lookup_key = "key" if n in (3, 7, 8) else None
-        batch.new_instances.append(record)
-    await store.apply(batch, lease)
+    await _twelve(store)
     everything = await store.list_instances(InstanceQuery(), 100)
     assert _listed(everything) == [f"i{n:02d}" for n in reversed(range(12))]
     # Keyset pages: each starts below the last position of the one before.
@@ -342,21 +353,12 @@ async def test_listing_newest_first_by_pages_and_filters(store: Store) -> None:
 
 async def test_counts_per_workflow_and_status_with_the_listing_filters(store: Store) -> None:
     assert await store.count_instances(InstanceQuery()) == []
-    lease = await store.acquire("test")
-    batch = Batch()
-    statuses = [InstanceStatus.COMPLETE, InstanceStatus.RUNNING, InstanceStatus.QUEUED]
-    for n in range(12):
-        record = InstanceRecord(
-            f"i{n:02d}", "even" if n % 2 == 0 else "odd", statuses[n % 3], b"{}", 1000 + n, 1000
-        )
-        record.lookup_key = "key" if n in (3, 7, 8) else None
-        batch.new_instances.append(record)
-    await store.apply(batch, lease)
+    lease = await _twelve(store)
 
     async def counts(**filters: Any) -> list[tuple[str, InstanceStatus, int]]:
         return sorted(await store.count_instances(InstanceQuery(**filters)))
 
-    complete, running, queued = statuses
+    complete, running, queued = _STATUSES
     # The store's order is its own; sorted, by workflow then status number.
     assert await counts() == [
         ("even", queued, 2),
