@@ -215,9 +215,12 @@ class Controls:
         else:
             run.reset_for_replay()
             durable = self._scheduler.enqueue(run, announce=True)
+        # The status the resume set: the run may move past it (even finish)
+        # while its write commits.
+        resumed = run.status
         if durable is not None:
             await self._core.durable(durable, "the resume could not be stored", run.id)
-        return run.status
+        return resumed
 
     async def _terminate(self, run: Run) -> InstanceStatus:
         if run.status.finished:
@@ -242,8 +245,9 @@ class Controls:
         run.pause_requested = False
         durable = self._scheduler.enqueue(run, announce=True)
         assert durable is not None
+        restarted = run.status  # RUNNING or QUEUED, whatever the run reaches meanwhile
         await self._core.durable(durable, "the restart could not be stored", run.id)
-        return run.status
+        return restarted
 
     # ------------------------------------------------ calls across servers
     async def _ask(self, kind: str, instance_id: str) -> InstanceStatus | None:
