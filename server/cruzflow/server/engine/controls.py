@@ -342,6 +342,11 @@ class Controls:
             raise self._refuse("sent events", run, "unfinished")
         if self._core.shared and run.status == InstanceStatus.WAITING:
             # Stored waiting, it is free: take it before writing its wake-up.
+            # The write that parks it (and frees it) may still be on its way;
+            # claimed before it lands, the instance is free again after, and
+            # the event's own write below is fenced. So it lands first.
+            if run.last_write is not None:
+                await self._core.durable(run.last_write, "the event could not be stored")
             await self._core.store.claim_one(self._core.lease, run.id)
         now = ms()
         # The sender's trace context, for the wait that takes the event to link to.
