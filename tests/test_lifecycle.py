@@ -363,3 +363,29 @@ async def test_wait_instance_equals_the_stored_status_for_each_ending(server: Se
         else:
             final = await _wait(server, instance_id)
         assert final == await _status(server, instance_id), workflow
+
+
+async def test_pause_and_resume_right_after_create_lose_nothing(server: Server) -> None:
+    """A pause that lands while the run is on its way to park for an event (its
+    inbox read in flight) is kept: the instance ends paused, not waiting, and
+    the resume and the event finish it. Raced many times on purpose."""
+    stub = server.stub
+    for round in range(40):
+        instance_id = await _create(server, "approval", {"timeout": 300})
+        paused = await stub.PauseInstance(pb.PauseInstanceRequest(instance_id=instance_id))
+        assert paused.status in (S.INSTANCE_STATUS_WAITING_FOR_PAUSE, S.INSTANCE_STATUS_PAUSED)
+        await _until(server, instance_id, S.INSTANCE_STATUS_PAUSED)
+        resumed = await stub.ResumeInstance(pb.ResumeInstanceRequest(instance_id=instance_id))
+        assert resumed.status == S.INSTANCE_STATUS_RUNNING, round
+        await stub.SendEvent(
+            pb.SendEventRequest(instance_id=instance_id, type="approval", payload_json=str(round))
+        )
+        done = await _wait(server, instance_id)
+        assert json.loads(done.output_json) == {"approved": round, "type": "approval"}
+        statuses = await _statuses(server, instance_id)
+        # Paused exactly once; a pending pause is followed by the pause itself,
+        # never by the wait that raced it.
+        assert statuses.count(S.INSTANCE_STATUS_PAUSED) == 1, statuses
+        for at, status in enumerate(statuses):
+            if status == S.INSTANCE_STATUS_WAITING_FOR_PAUSE:
+                assert statuses[at + 1] == S.INSTANCE_STATUS_PAUSED, statuses

@@ -34,6 +34,8 @@ from cruzflow.server.store.base import HELD_ELSEWHERE, StoreError
 
 # What a wake-up runs again (queued: taken up from a shared store).
 _WAKEABLE = (InstanceStatus.WAITING, InstanceStatus.QUEUED)
+# Stored so, an instance is free on a shared store: a call takes it first.
+_PARKED = InstanceStatus.WAITING
 # Tries of a control call of an instance another server runs: that server may
 # die meanwhile, and the next try finds the instance free (or held anew).
 _ASKS = 3
@@ -80,10 +82,16 @@ class Controls:
         try:
             async with lock:
                 run = self._core.live.get(instance_id)
-                if run is None or (self._core.shared and not (run.active or run.queued)):
-                    # Not in memory; or, on a shared store, parked here (a write
-                    # that parks an instance frees it for any server): take it
-                    # (again), and drop a handle another server has moved past.
+                parking = self._core.shared and run is not None and run.status == _PARKED
+                if parking and run is not None and run.last_write is not None:
+                    # The write that parks it frees it for any server: let it
+                    # land first, or the claim below lands before it and the
+                    # instance is free again after (this server's writes fenced).
+                    await self._core.durable(run.last_write, "the call could not be stored")
+                if run is None or parking or (self._core.shared and not (run.active or run.queued)):
+                    # Not in memory; or, on a shared store, parked (or parking)
+                    # here: take it (again), and drop a handle another server
+                    # has moved past.
                     record = await self._core.store.claim_one(self._core.lease, instance_id)
                     if record is None:
                         raise NotFound(not_found_message(instance_id))
@@ -196,14 +204,17 @@ class Controls:
         if status.finished or status == InstanceStatus.PAUSED:
             raise self._refuse("paused", run, "queued, running or waiting")
         if run.active:
+            # Taken at the run's next step boundary, or as it parks.
             run.pause_requested = True
             durable = run.set_status(InstanceStatus.WAITING_FOR_PAUSE)
         else:
             self._scheduler.dequeue(run)
             self._timers.cancel(run.id)
             durable = run.set_status(InstanceStatus.PAUSED)
+        # The status the pause set: the run may move past it while its write commits.
+        paused = run.status
         await self._core.durable(durable, "the pause could not be stored", run.id)
-        return run.status
+        return paused
 
     async def _resume(self, run: Run) -> InstanceStatus:
         status = run.status
@@ -340,14 +351,6 @@ class Controls:
         """Store an event for ``run``, held by this server, and wake it if it waits."""
         if run.status.finished:
             raise self._refuse("sent events", run, "unfinished")
-        if self._core.shared and run.status == InstanceStatus.WAITING:
-            # Stored waiting, it is free: take it before writing its wake-up.
-            # The write that parks it (and frees it) may still be on its way;
-            # claimed before it lands, the instance is free again after, and
-            # the event's own write below is fenced. So it lands first.
-            if run.last_write is not None:
-                await self._core.durable(run.last_write, "the event could not be stored")
-            await self._core.store.claim_one(self._core.lease, run.id)
         now = ms()
         # The sender's trace context, for the wait that takes the event to link to.
         sender = self._core.observer.sending() if self._core.observer is not None else None

@@ -256,9 +256,16 @@ class Run:
         """Leave memory until ``wake_at`` (or an event); the run replays then.
 
         Returns instead if an event arrived meanwhile, so the caller re-checks.
+        A pause asked for on the way here is taken instead of parking.
         """
+        if self.pause_requested:
+            await self.enter_step()
         self.set_status(InstanceStatus.WAITING, wake_at=wake_at)
         await self.barrier()
+        if self.pause_requested:
+            # Asked for while the park was committing: it leaves paused
+            # (Scheduler.settle), not waiting; a resume replays the wait.
+            raise Suspend()
         if self.poked or (not self.core.stopping and wake_at <= ms()):
             await self.reclaim()
             self.set_status(InstanceStatus.RUNNING)
