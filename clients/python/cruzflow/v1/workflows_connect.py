@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .workflows_pb2 import CountInstancesRequest, CountInstancesResponse, CreateInstanceRequest, CreateInstanceResponse, CreateInstancesRequest, CreateInstancesResponse, GetCallerRequest, GetCallerResponse, GetStatusRequest, GetStatusResponse, ListInstancesRequest, ListInstancesResponse, ListWorkflowsRequest, ListWorkflowsResponse, PauseInstanceRequest, PauseInstanceResponse, RestartInstanceRequest, RestartInstanceResponse, ResumeInstanceRequest, ResumeInstanceResponse, SendEventRequest, SendEventResponse, TerminateInstanceRequest, TerminateInstanceResponse, WaitInstanceRequest, WaitInstanceResponse, WatchInstanceRequest, WatchInstanceResponse
+from .workflows_pb2 import CountInstancesRequest, CountInstancesResponse, CreateInstanceRequest, CreateInstanceResponse, CreateInstancesRequest, CreateInstancesResponse, CreateScheduleRequest, CreateScheduleResponse, DeleteScheduleRequest, DeleteScheduleResponse, GetCallerRequest, GetCallerResponse, GetScheduleRequest, GetScheduleResponse, GetStatusRequest, GetStatusResponse, ListInstancesRequest, ListInstancesResponse, ListSchedulesRequest, ListSchedulesResponse, ListWorkflowsRequest, ListWorkflowsResponse, PauseInstanceRequest, PauseInstanceResponse, PauseScheduleRequest, PauseScheduleResponse, RestartInstanceRequest, RestartInstanceResponse, ResumeInstanceRequest, ResumeInstanceResponse, ResumeScheduleRequest, ResumeScheduleResponse, SendEventRequest, SendEventResponse, TerminateInstanceRequest, TerminateInstanceResponse, TriggerScheduleRequest, TriggerScheduleResponse, WaitInstanceRequest, WaitInstanceResponse, WatchInstanceRequest, WatchInstanceResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -137,6 +137,52 @@ class WorkflowService(Protocol):
         """
         GetCaller says what the calling token may do, so that a client (the web
         console) shows only the controls that would be accepted.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def create_schedule(self, request: CreateScheduleRequest, ctx: RequestContext[CreateScheduleRequest, CreateScheduleResponse], /) -> CreateScheduleResponse:
+        """
+        CreateSchedule stores a cron schedule that creates an instance of a
+        workflow at each due time (see Schedule).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def get_schedule(self, request: GetScheduleRequest, ctx: RequestContext[GetScheduleRequest, GetScheduleResponse], /) -> GetScheduleResponse:
+        """
+        GetSchedule returns a schedule, with its last and next due times.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_schedules(self, request: ListSchedulesRequest, ctx: RequestContext[ListSchedulesRequest, ListSchedulesResponse], /) -> ListSchedulesResponse:
+        """
+        ListSchedules lists schedules by id, paginated.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def pause_schedule(self, request: PauseScheduleRequest, ctx: RequestContext[PauseScheduleRequest, PauseScheduleResponse], /) -> PauseScheduleResponse:
+        """
+        PauseSchedule stops a schedule from firing until ResumeSchedule; the due
+        times that pass meanwhile are not caught up.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def resume_schedule(self, request: ResumeScheduleRequest, ctx: RequestContext[ResumeScheduleRequest, ResumeScheduleResponse], /) -> ResumeScheduleResponse:
+        """
+        ResumeSchedule lets a paused schedule fire again, from its next due time.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def delete_schedule(self, request: DeleteScheduleRequest, ctx: RequestContext[DeleteScheduleRequest, DeleteScheduleResponse], /) -> DeleteScheduleResponse:
+        """
+        DeleteSchedule removes a schedule made with CreateSchedule; the instances
+        it created stay.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def trigger_schedule(self, request: TriggerScheduleRequest, ctx: RequestContext[TriggerScheduleRequest, TriggerScheduleResponse], /) -> TriggerScheduleResponse:
+        """
+        TriggerSchedule creates an instance of the schedule's workflow now, with
+        its params, apart from its due times (paused or not).
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -307,6 +353,83 @@ class WorkflowServiceASGIApplication(ConnectASGIApplication[WorkflowService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.get_caller,
+                ),
+                "/cruzflow.v1.WorkflowService/CreateSchedule": Endpoint.unary(
+                    method=MethodInfo(
+                        name="CreateSchedule",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=CreateScheduleRequest,
+                        output=CreateScheduleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.create_schedule,
+                ),
+                "/cruzflow.v1.WorkflowService/GetSchedule": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetSchedule",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=GetScheduleRequest,
+                        output=GetScheduleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.get_schedule,
+                ),
+                "/cruzflow.v1.WorkflowService/ListSchedules": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListSchedules",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=ListSchedulesRequest,
+                        output=ListSchedulesResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_schedules,
+                ),
+                "/cruzflow.v1.WorkflowService/PauseSchedule": Endpoint.unary(
+                    method=MethodInfo(
+                        name="PauseSchedule",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=PauseScheduleRequest,
+                        output=PauseScheduleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.pause_schedule,
+                ),
+                "/cruzflow.v1.WorkflowService/ResumeSchedule": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ResumeSchedule",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=ResumeScheduleRequest,
+                        output=ResumeScheduleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.resume_schedule,
+                ),
+                "/cruzflow.v1.WorkflowService/DeleteSchedule": Endpoint.unary(
+                    method=MethodInfo(
+                        name="DeleteSchedule",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=DeleteScheduleRequest,
+                        output=DeleteScheduleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.delete_schedule,
+                ),
+                "/cruzflow.v1.WorkflowService/TriggerSchedule": Endpoint.unary(
+                    method=MethodInfo(
+                        name="TriggerSchedule",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=TriggerScheduleRequest,
+                        output=TriggerScheduleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.trigger_schedule,
                 ),
             },
             interceptors=interceptors,
@@ -686,6 +809,171 @@ class WorkflowServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def create_schedule(
+        self,
+        request: CreateScheduleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CreateScheduleResponse:
+        """
+        CreateSchedule stores a cron schedule that creates an instance of a
+        workflow at each due time (see Schedule).
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CreateSchedule",
+                service_name="cruzflow.v1.WorkflowService",
+                input=CreateScheduleRequest,
+                output=CreateScheduleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def get_schedule(
+        self,
+        request: GetScheduleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetScheduleResponse:
+        """
+        GetSchedule returns a schedule, with its last and next due times.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetSchedule",
+                service_name="cruzflow.v1.WorkflowService",
+                input=GetScheduleRequest,
+                output=GetScheduleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_schedules(
+        self,
+        request: ListSchedulesRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListSchedulesResponse:
+        """
+        ListSchedules lists schedules by id, paginated.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListSchedules",
+                service_name="cruzflow.v1.WorkflowService",
+                input=ListSchedulesRequest,
+                output=ListSchedulesResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def pause_schedule(
+        self,
+        request: PauseScheduleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> PauseScheduleResponse:
+        """
+        PauseSchedule stops a schedule from firing until ResumeSchedule; the due
+        times that pass meanwhile are not caught up.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="PauseSchedule",
+                service_name="cruzflow.v1.WorkflowService",
+                input=PauseScheduleRequest,
+                output=PauseScheduleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def resume_schedule(
+        self,
+        request: ResumeScheduleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ResumeScheduleResponse:
+        """
+        ResumeSchedule lets a paused schedule fire again, from its next due time.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ResumeSchedule",
+                service_name="cruzflow.v1.WorkflowService",
+                input=ResumeScheduleRequest,
+                output=ResumeScheduleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def delete_schedule(
+        self,
+        request: DeleteScheduleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> DeleteScheduleResponse:
+        """
+        DeleteSchedule removes a schedule made with CreateSchedule; the instances
+        it created stay.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="DeleteSchedule",
+                service_name="cruzflow.v1.WorkflowService",
+                input=DeleteScheduleRequest,
+                output=DeleteScheduleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def trigger_schedule(
+        self,
+        request: TriggerScheduleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> TriggerScheduleResponse:
+        """
+        TriggerSchedule creates an instance of the schedule's workflow now, with
+        its params, apart from its due times (paused or not).
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="TriggerSchedule",
+                service_name="cruzflow.v1.WorkflowService",
+                input=TriggerScheduleRequest,
+                output=TriggerScheduleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class WorkflowServiceSync(Protocol):
     """
@@ -787,6 +1075,52 @@ class WorkflowServiceSync(Protocol):
         """
         GetCaller says what the calling token may do, so that a client (the web
         console) shows only the controls that would be accepted.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def create_schedule(self, request: CreateScheduleRequest, ctx: RequestContext[CreateScheduleRequest, CreateScheduleResponse], /) -> CreateScheduleResponse:
+        """
+        CreateSchedule stores a cron schedule that creates an instance of a
+        workflow at each due time (see Schedule).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def get_schedule(self, request: GetScheduleRequest, ctx: RequestContext[GetScheduleRequest, GetScheduleResponse], /) -> GetScheduleResponse:
+        """
+        GetSchedule returns a schedule, with its last and next due times.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_schedules(self, request: ListSchedulesRequest, ctx: RequestContext[ListSchedulesRequest, ListSchedulesResponse], /) -> ListSchedulesResponse:
+        """
+        ListSchedules lists schedules by id, paginated.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def pause_schedule(self, request: PauseScheduleRequest, ctx: RequestContext[PauseScheduleRequest, PauseScheduleResponse], /) -> PauseScheduleResponse:
+        """
+        PauseSchedule stops a schedule from firing until ResumeSchedule; the due
+        times that pass meanwhile are not caught up.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def resume_schedule(self, request: ResumeScheduleRequest, ctx: RequestContext[ResumeScheduleRequest, ResumeScheduleResponse], /) -> ResumeScheduleResponse:
+        """
+        ResumeSchedule lets a paused schedule fire again, from its next due time.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def delete_schedule(self, request: DeleteScheduleRequest, ctx: RequestContext[DeleteScheduleRequest, DeleteScheduleResponse], /) -> DeleteScheduleResponse:
+        """
+        DeleteSchedule removes a schedule made with CreateSchedule; the instances
+        it created stay.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def trigger_schedule(self, request: TriggerScheduleRequest, ctx: RequestContext[TriggerScheduleRequest, TriggerScheduleResponse], /) -> TriggerScheduleResponse:
+        """
+        TriggerSchedule creates an instance of the schedule's workflow now, with
+        its params, apart from its due times (paused or not).
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -955,6 +1289,83 @@ class WorkflowServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.get_caller,
+                ),
+                "/cruzflow.v1.WorkflowService/CreateSchedule": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="CreateSchedule",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=CreateScheduleRequest,
+                        output=CreateScheduleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.create_schedule,
+                ),
+                "/cruzflow.v1.WorkflowService/GetSchedule": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetSchedule",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=GetScheduleRequest,
+                        output=GetScheduleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.get_schedule,
+                ),
+                "/cruzflow.v1.WorkflowService/ListSchedules": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListSchedules",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=ListSchedulesRequest,
+                        output=ListSchedulesResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_schedules,
+                ),
+                "/cruzflow.v1.WorkflowService/PauseSchedule": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="PauseSchedule",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=PauseScheduleRequest,
+                        output=PauseScheduleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.pause_schedule,
+                ),
+                "/cruzflow.v1.WorkflowService/ResumeSchedule": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ResumeSchedule",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=ResumeScheduleRequest,
+                        output=ResumeScheduleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.resume_schedule,
+                ),
+                "/cruzflow.v1.WorkflowService/DeleteSchedule": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="DeleteSchedule",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=DeleteScheduleRequest,
+                        output=DeleteScheduleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.delete_schedule,
+                ),
+                "/cruzflow.v1.WorkflowService/TriggerSchedule": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="TriggerSchedule",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=TriggerScheduleRequest,
+                        output=TriggerScheduleResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.trigger_schedule,
                 ),
             },
             interceptors=interceptors,
@@ -1328,6 +1739,171 @@ class WorkflowServiceClientSync(ConnectClientSync):
                 service_name="cruzflow.v1.WorkflowService",
                 input=GetCallerRequest,
                 output=GetCallerResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def create_schedule(
+        self,
+        request: CreateScheduleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> CreateScheduleResponse:
+        """
+        CreateSchedule stores a cron schedule that creates an instance of a
+        workflow at each due time (see Schedule).
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="CreateSchedule",
+                service_name="cruzflow.v1.WorkflowService",
+                input=CreateScheduleRequest,
+                output=CreateScheduleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def get_schedule(
+        self,
+        request: GetScheduleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetScheduleResponse:
+        """
+        GetSchedule returns a schedule, with its last and next due times.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetSchedule",
+                service_name="cruzflow.v1.WorkflowService",
+                input=GetScheduleRequest,
+                output=GetScheduleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_schedules(
+        self,
+        request: ListSchedulesRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListSchedulesResponse:
+        """
+        ListSchedules lists schedules by id, paginated.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListSchedules",
+                service_name="cruzflow.v1.WorkflowService",
+                input=ListSchedulesRequest,
+                output=ListSchedulesResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def pause_schedule(
+        self,
+        request: PauseScheduleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> PauseScheduleResponse:
+        """
+        PauseSchedule stops a schedule from firing until ResumeSchedule; the due
+        times that pass meanwhile are not caught up.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="PauseSchedule",
+                service_name="cruzflow.v1.WorkflowService",
+                input=PauseScheduleRequest,
+                output=PauseScheduleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def resume_schedule(
+        self,
+        request: ResumeScheduleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ResumeScheduleResponse:
+        """
+        ResumeSchedule lets a paused schedule fire again, from its next due time.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ResumeSchedule",
+                service_name="cruzflow.v1.WorkflowService",
+                input=ResumeScheduleRequest,
+                output=ResumeScheduleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def delete_schedule(
+        self,
+        request: DeleteScheduleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> DeleteScheduleResponse:
+        """
+        DeleteSchedule removes a schedule made with CreateSchedule; the instances
+        it created stay.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="DeleteSchedule",
+                service_name="cruzflow.v1.WorkflowService",
+                input=DeleteScheduleRequest,
+                output=DeleteScheduleResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def trigger_schedule(
+        self,
+        request: TriggerScheduleRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> TriggerScheduleResponse:
+        """
+        TriggerSchedule creates an instance of the schedule's workflow now, with
+        its params, apart from its due times (paused or not).
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="TriggerSchedule",
+                service_name="cruzflow.v1.WorkflowService",
+                input=TriggerScheduleRequest,
+                output=TriggerScheduleResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

@@ -109,6 +109,55 @@ STEP_KIND_WAIT_FOR_EVENT: StepKind.ValueType  # 3
 """step.wait_for_event."""
 Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
 
+class _CatchUpPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CatchUpPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CatchUpPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CATCH_UP_POLICY_UNSPECIFIED: _CatchUpPolicy.ValueType  # 0
+    """ONCE when creating."""
+    CATCH_UP_POLICY_SKIP: _CatchUpPolicy.ValueType  # 1
+    """Missed due times are skipped: only the next one fires."""
+    CATCH_UP_POLICY_ONCE: _CatchUpPolicy.ValueType  # 2
+    """The most recent missed due time fires, once, however many were missed."""
+
+class CatchUpPolicy(_CatchUpPolicy, metaclass=_CatchUpPolicyEnumTypeWrapper):
+    """CatchUpPolicy says what a schedule does about due times that no server
+    fired in time (later than the grace, limits.schedule_grace: the servers
+    were down, or the schedule's store could not be reached).
+    """
+
+CATCH_UP_POLICY_UNSPECIFIED: CatchUpPolicy.ValueType  # 0
+"""ONCE when creating."""
+CATCH_UP_POLICY_SKIP: CatchUpPolicy.ValueType  # 1
+"""Missed due times are skipped: only the next one fires."""
+CATCH_UP_POLICY_ONCE: CatchUpPolicy.ValueType  # 2
+"""The most recent missed due time fires, once, however many were missed."""
+Global___CatchUpPolicy: _TypeAlias = CatchUpPolicy  # noqa: Y015
+
+class _ScheduleOrigin:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScheduleOriginEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScheduleOrigin.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHEDULE_ORIGIN_UNSPECIFIED: _ScheduleOrigin.ValueType  # 0
+    SCHEDULE_ORIGIN_CONFIG: _ScheduleOrigin.ValueType  # 1
+    """A [[schedules]] entry of the server's config: changed by editing it."""
+    SCHEDULE_ORIGIN_API: _ScheduleOrigin.ValueType  # 2
+    """CreateSchedule."""
+
+class ScheduleOrigin(_ScheduleOrigin, metaclass=_ScheduleOriginEnumTypeWrapper):
+    """ScheduleOrigin is where a schedule was defined."""
+
+SCHEDULE_ORIGIN_UNSPECIFIED: ScheduleOrigin.ValueType  # 0
+SCHEDULE_ORIGIN_CONFIG: ScheduleOrigin.ValueType  # 1
+"""A [[schedules]] entry of the server's config: changed by editing it."""
+SCHEDULE_ORIGIN_API: ScheduleOrigin.ValueType  # 2
+"""CreateSchedule."""
+Global___ScheduleOrigin: _TypeAlias = ScheduleOrigin  # noqa: Y015
+
 @_typing.final
 class Error(_message.Message):
     """Error names an error the way Python does: the exception class and its text."""
@@ -263,6 +312,7 @@ class Instance(_message.Message):
     WAKE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     workflow: _builtins.str
     status: Global___InstanceStatus.ValueType
@@ -277,6 +327,10 @@ class Instance(_message.Message):
     trace_id: _builtins.str
     """The W3C trace id (32 hex digits) of the trace the instance's runs belong
     to: the creating call's when tracing is on. Empty when there is none.
+    """
+    schedule_id: _builtins.str
+    """The schedule that created the instance (see Schedule); empty when a
+    caller created it.
     """
     @_builtins.property
     def error(self) -> Global___Error:
@@ -322,10 +376,11 @@ class Instance(_message.Message):
         wake_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         trace_id: _builtins.str = ...,
+        schedule_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time", "update_time", b"update_time", "wake_time", b"wake_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "schedule_id", b"schedule_id", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -766,6 +821,7 @@ class ListInstancesRequest(_message.Message):
     LOOKUP_KEY_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     """Only instances of this workflow."""
     lookup_key: _builtins.str
@@ -774,6 +830,8 @@ class ListInstancesRequest(_message.Message):
     """At most this many instances (1 to 1000; 0 means 100)."""
     page_token: _builtins.str
     """From a previous response's next_page_token, with the same filters."""
+    schedule_id: _builtins.str
+    """Only instances that this schedule created."""
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___InstanceStatus.ValueType]:
         """Only instances in one of these statuses."""
@@ -796,10 +854,11 @@ class ListInstancesRequest(_message.Message):
         lookup_key: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        schedule_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min", "lookup_key", b"lookup_key", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min", "lookup_key", b"lookup_key", "page_size", b"page_size", "page_token", b"page_token", "schedule_id", b"schedule_id", "statuses", b"statuses", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1217,7 +1276,7 @@ class GetCallerResponse(_message.Message):
     read_only: _builtins.bool
     """A token with access = "read": it may call only the methods that change
     nothing (GetStatus, WatchInstance, WaitInstance, ListInstances,
-    ListWorkflows, CountInstances, GetCaller).
+    ListWorkflows, CountInstances, GetCaller, GetSchedule, ListSchedules).
     """
     @_builtins.property
     def workflows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1238,3 +1297,380 @@ class GetCallerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCallerResponse: _TypeAlias = GetCallerResponse  # noqa: Y015
+
+@_typing.final
+class Schedule(_message.Message):
+    """Schedule creates an instance of a workflow at each due time of a cron
+    expression, with the id "sched-<schedule_id>-<due time, UTC, as
+    20260105T090000Z>": each due time fires once, across restarts and
+    servers sharing a store.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    CRON_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    CATCH_UP_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    LAST_DUE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    NEXT_DUE_TIME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    """1 to 64 characters of [A-Za-z0-9_-], not starting with "-"."""
+    workflow: _builtins.str
+    """The workflow to create instances of (see ListWorkflows)."""
+    cron: _builtins.str
+    """Five fields (minute hour day-of-month month day-of-week, e.g.
+    "0 9 * * MON"), or six with seconds first ("*/10 * * * * *").
+    """
+    timezone: _builtins.str
+    """The IANA time zone the cron expression is read in, e.g. "Europe/Paris";
+    empty means "UTC".
+    """
+    params_json: _builtins.str
+    """The params of every instance it creates, as JSON text. Empty means null."""
+    catch_up: Global___CatchUpPolicy.ValueType
+    paused: _builtins.bool
+    """A paused schedule does not fire (TriggerSchedule still does). May be set
+    when creating; then PauseSchedule and ResumeSchedule.
+    """
+    origin: Global___ScheduleOrigin.ValueType
+    """Output only."""
+    last_instance_id: _builtins.str
+    """Output only: the id of that instance."""
+    @_builtins.property
+    def last_due_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: the due time of the last instance it created at a due time."""
+
+    @_builtins.property
+    def next_due_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: the next due time; unset while paused."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only."""
+
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+        workflow: _builtins.str = ...,
+        cron: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+        params_json: _builtins.str = ...,
+        catch_up: Global___CatchUpPolicy.ValueType = ...,
+        paused: _builtins.bool = ...,
+        origin: Global___ScheduleOrigin.ValueType = ...,
+        last_due_time: _timestamp_pb2.Timestamp | None = ...,
+        last_instance_id: _builtins.str = ...,
+        next_due_time: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_due_time", b"last_due_time", "next_due_time", b"next_due_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catch_up", b"catch_up", "create_time", b"create_time", "cron", b"cron", "last_due_time", b"last_due_time", "last_instance_id", b"last_instance_id", "next_due_time", b"next_due_time", "origin", b"origin", "params_json", b"params_json", "paused", b"paused", "schedule_id", b"schedule_id", "timezone", b"timezone", "update_time", b"update_time", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
+
+@_typing.final
+class CreateScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """Its output-only fields are ignored."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateScheduleRequest: _TypeAlias = CreateScheduleRequest  # noqa: Y015
+
+@_typing.final
+class CreateScheduleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule: ...
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateScheduleResponse: _TypeAlias = CreateScheduleResponse  # noqa: Y015
+
+@_typing.final
+class GetScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule_id", b"schedule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetScheduleRequest: _TypeAlias = GetScheduleRequest  # noqa: Y015
+
+@_typing.final
+class GetScheduleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule: ...
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetScheduleResponse: _TypeAlias = GetScheduleResponse  # noqa: Y015
+
+@_typing.final
+class ListSchedulesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    workflow: _builtins.str
+    """Only schedules of this workflow."""
+    page_size: _builtins.int
+    """At most this many schedules (1 to 1000; 0 means 100)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token, with the same filter."""
+    def __init__(
+        self,
+        *,
+        workflow: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesRequest: _TypeAlias = ListSchedulesRequest  # noqa: Y015
+
+@_typing.final
+class ListSchedulesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]:
+        """By id."""
+
+    def __init__(
+        self,
+        *,
+        schedules: _abc.Iterable[Global___Schedule] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "schedules", b"schedules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesResponse: _TypeAlias = ListSchedulesResponse  # noqa: Y015
+
+@_typing.final
+class PauseScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule_id", b"schedule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseScheduleRequest: _TypeAlias = PauseScheduleRequest  # noqa: Y015
+
+@_typing.final
+class PauseScheduleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule: ...
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseScheduleResponse: _TypeAlias = PauseScheduleResponse  # noqa: Y015
+
+@_typing.final
+class ResumeScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule_id", b"schedule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeScheduleRequest: _TypeAlias = ResumeScheduleRequest  # noqa: Y015
+
+@_typing.final
+class ResumeScheduleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule: ...
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeScheduleResponse: _TypeAlias = ResumeScheduleResponse  # noqa: Y015
+
+@_typing.final
+class DeleteScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule_id", b"schedule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduleRequest: _TypeAlias = DeleteScheduleRequest  # noqa: Y015
+
+@_typing.final
+class DeleteScheduleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduleResponse: _TypeAlias = DeleteScheduleResponse  # noqa: Y015
+
+@_typing.final
+class TriggerScheduleRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    schedule_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        schedule_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule_id", b"schedule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TriggerScheduleRequest: _TypeAlias = TriggerScheduleRequest  # noqa: Y015
+
+@_typing.final
+class TriggerScheduleResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """"sched-<schedule_id>-now-<the time, UTC, to the ms>"."""
+    status: Global___InstanceStatus.ValueType
+    """QUEUED or RUNNING."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        status: Global___InstanceStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TriggerScheduleResponse: _TypeAlias = TriggerScheduleResponse  # noqa: Y015

@@ -109,6 +109,41 @@ class WorkflowServiceStub:
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.GetCallerRequest.SerializeToString,
                 response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.GetCallerResponse.FromString,
                 _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/CreateSchedule',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.CreateScheduleResponse.FromString,
+                _registered_method=True)
+        self.GetSchedule = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/GetSchedule',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.GetScheduleRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.GetScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/ListSchedules',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/PauseSchedule',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.PauseScheduleRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.PauseScheduleResponse.FromString,
+                _registered_method=True)
+        self.ResumeSchedule = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/ResumeSchedule',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.ResumeScheduleRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.ResumeScheduleResponse.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/DeleteSchedule',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
+        self.TriggerSchedule = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/TriggerSchedule',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.TriggerScheduleRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.TriggerScheduleResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -228,6 +263,59 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSchedule(self, request, context):
+        """CreateSchedule stores a cron schedule that creates an instance of a
+        workflow at each due time (see Schedule).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSchedule(self, request, context):
+        """GetSchedule returns a schedule, with its last and next due times.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """ListSchedules lists schedules by id, paginated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """PauseSchedule stops a schedule from firing until ResumeSchedule; the due
+        times that pass meanwhile are not caught up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSchedule(self, request, context):
+        """ResumeSchedule lets a paused schedule fire again, from its next due time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """DeleteSchedule removes a schedule made with CreateSchedule; the instances
+        it created stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TriggerSchedule(self, request, context):
+        """TriggerSchedule creates an instance of the schedule's workflow now, with
+        its params, apart from its due times (paused or not).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -300,6 +388,41 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.GetCaller,
                     request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.GetCallerRequest.FromString,
                     response_serializer=cruzflow_dot_v1_dot_workflows__pb2.GetCallerResponse.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.CreateScheduleResponse.SerializeToString,
+            ),
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.GetScheduleRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.GetScheduleResponse.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.PauseScheduleRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.PauseScheduleResponse.SerializeToString,
+            ),
+            'ResumeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSchedule,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.ResumeScheduleRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.ResumeScheduleResponse.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'TriggerSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.TriggerSchedule,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.TriggerScheduleRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.TriggerScheduleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -685,6 +808,195 @@ class WorkflowService:
             '/cruzflow.v1.WorkflowService/GetCaller',
             cruzflow_dot_v1_dot_workflows__pb2.GetCallerRequest.SerializeToString,
             cruzflow_dot_v1_dot_workflows__pb2.GetCallerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/CreateSchedule',
+            cruzflow_dot_v1_dot_workflows__pb2.CreateScheduleRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.CreateScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/GetSchedule',
+            cruzflow_dot_v1_dot_workflows__pb2.GetScheduleRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.GetScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/ListSchedules',
+            cruzflow_dot_v1_dot_workflows__pb2.ListSchedulesRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/PauseSchedule',
+            cruzflow_dot_v1_dot_workflows__pb2.PauseScheduleRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.PauseScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/ResumeSchedule',
+            cruzflow_dot_v1_dot_workflows__pb2.ResumeScheduleRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.ResumeScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/DeleteSchedule',
+            cruzflow_dot_v1_dot_workflows__pb2.DeleteScheduleRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TriggerSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/TriggerSchedule',
+            cruzflow_dot_v1_dot_workflows__pb2.TriggerScheduleRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.TriggerScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

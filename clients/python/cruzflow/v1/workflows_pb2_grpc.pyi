@@ -87,6 +87,28 @@ class WorkflowServiceStub:
     """GetCaller says what the calling token may do, so that a client (the web
     console) shows only the controls that would be accepted.
     """
+    CreateSchedule: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.CreateScheduleRequest, _workflows_pb2.CreateScheduleResponse]
+    """CreateSchedule stores a cron schedule that creates an instance of a
+    workflow at each due time (see Schedule).
+    """
+    GetSchedule: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.GetScheduleRequest, _workflows_pb2.GetScheduleResponse]
+    """GetSchedule returns a schedule, with its last and next due times."""
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.ListSchedulesRequest, _workflows_pb2.ListSchedulesResponse]
+    """ListSchedules lists schedules by id, paginated."""
+    PauseSchedule: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.PauseScheduleRequest, _workflows_pb2.PauseScheduleResponse]
+    """PauseSchedule stops a schedule from firing until ResumeSchedule; the due
+    times that pass meanwhile are not caught up.
+    """
+    ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.ResumeScheduleRequest, _workflows_pb2.ResumeScheduleResponse]
+    """ResumeSchedule lets a paused schedule fire again, from its next due time."""
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.DeleteScheduleRequest, _workflows_pb2.DeleteScheduleResponse]
+    """DeleteSchedule removes a schedule made with CreateSchedule; the instances
+    it created stay.
+    """
+    TriggerSchedule: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.TriggerScheduleRequest, _workflows_pb2.TriggerScheduleResponse]
+    """TriggerSchedule creates an instance of the schedule's workflow now, with
+    its params, apart from its due times (paused or not).
+    """
 
 @_typing.type_check_only
 class WorkflowServiceAsyncStub(WorkflowServiceStub):
@@ -146,6 +168,28 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     GetCaller: _aio.UnaryUnaryMultiCallable[_workflows_pb2.GetCallerRequest, _workflows_pb2.GetCallerResponse]  # type: ignore[assignment]
     """GetCaller says what the calling token may do, so that a client (the web
     console) shows only the controls that would be accepted.
+    """
+    CreateSchedule: _aio.UnaryUnaryMultiCallable[_workflows_pb2.CreateScheduleRequest, _workflows_pb2.CreateScheduleResponse]  # type: ignore[assignment]
+    """CreateSchedule stores a cron schedule that creates an instance of a
+    workflow at each due time (see Schedule).
+    """
+    GetSchedule: _aio.UnaryUnaryMultiCallable[_workflows_pb2.GetScheduleRequest, _workflows_pb2.GetScheduleResponse]  # type: ignore[assignment]
+    """GetSchedule returns a schedule, with its last and next due times."""
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_workflows_pb2.ListSchedulesRequest, _workflows_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    """ListSchedules lists schedules by id, paginated."""
+    PauseSchedule: _aio.UnaryUnaryMultiCallable[_workflows_pb2.PauseScheduleRequest, _workflows_pb2.PauseScheduleResponse]  # type: ignore[assignment]
+    """PauseSchedule stops a schedule from firing until ResumeSchedule; the due
+    times that pass meanwhile are not caught up.
+    """
+    ResumeSchedule: _aio.UnaryUnaryMultiCallable[_workflows_pb2.ResumeScheduleRequest, _workflows_pb2.ResumeScheduleResponse]  # type: ignore[assignment]
+    """ResumeSchedule lets a paused schedule fire again, from its next due time."""
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_workflows_pb2.DeleteScheduleRequest, _workflows_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
+    """DeleteSchedule removes a schedule made with CreateSchedule; the instances
+    it created stay.
+    """
+    TriggerSchedule: _aio.UnaryUnaryMultiCallable[_workflows_pb2.TriggerScheduleRequest, _workflows_pb2.TriggerScheduleResponse]  # type: ignore[assignment]
+    """TriggerSchedule creates an instance of the schedule's workflow now, with
+    its params, apart from its due times (paused or not).
     """
 
 class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -287,6 +331,70 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_workflows_pb2.GetCallerResponse, _abc.Awaitable[_workflows_pb2.GetCallerResponse]]:
         """GetCaller says what the calling token may do, so that a client (the web
         console) shows only the controls that would be accepted.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateSchedule(
+        self,
+        request: _workflows_pb2.CreateScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.CreateScheduleResponse, _abc.Awaitable[_workflows_pb2.CreateScheduleResponse]]:
+        """CreateSchedule stores a cron schedule that creates an instance of a
+        workflow at each due time (see Schedule).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSchedule(
+        self,
+        request: _workflows_pb2.GetScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.GetScheduleResponse, _abc.Awaitable[_workflows_pb2.GetScheduleResponse]]:
+        """GetSchedule returns a schedule, with its last and next due times."""
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _workflows_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.ListSchedulesResponse, _abc.Awaitable[_workflows_pb2.ListSchedulesResponse]]:
+        """ListSchedules lists schedules by id, paginated."""
+
+    @_abc_1.abstractmethod
+    def PauseSchedule(
+        self,
+        request: _workflows_pb2.PauseScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.PauseScheduleResponse, _abc.Awaitable[_workflows_pb2.PauseScheduleResponse]]:
+        """PauseSchedule stops a schedule from firing until ResumeSchedule; the due
+        times that pass meanwhile are not caught up.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeSchedule(
+        self,
+        request: _workflows_pb2.ResumeScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.ResumeScheduleResponse, _abc.Awaitable[_workflows_pb2.ResumeScheduleResponse]]:
+        """ResumeSchedule lets a paused schedule fire again, from its next due time."""
+
+    @_abc_1.abstractmethod
+    def DeleteSchedule(
+        self,
+        request: _workflows_pb2.DeleteScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.DeleteScheduleResponse, _abc.Awaitable[_workflows_pb2.DeleteScheduleResponse]]:
+        """DeleteSchedule removes a schedule made with CreateSchedule; the instances
+        it created stay.
+        """
+
+    @_abc_1.abstractmethod
+    def TriggerSchedule(
+        self,
+        request: _workflows_pb2.TriggerScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.TriggerScheduleResponse, _abc.Awaitable[_workflows_pb2.TriggerScheduleResponse]]:
+        """TriggerSchedule creates an instance of the schedule's workflow now, with
+        its params, apart from its due times (paused or not).
         """
 
 def add_WorkflowServiceServicer_to_server(servicer: WorkflowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

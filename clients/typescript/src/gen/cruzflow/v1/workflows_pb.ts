@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cruzflow/v1/workflows.proto.
  */
 export const file_cruzflow_v1_workflows: GenFile = /*@__PURE__*/
-  fileDesc("ChtjcnV6Zmxvdy92MS93b3JrZmxvd3MucHJvdG8SC2NydXpmbG93LnYxIjkKBUVycm9yEgwKBG5hbWUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRIRCgl0cmFjZWJhY2sYAyABKAkiZwoVQ3JlYXRlSW5zdGFuY2VSZXF1ZXN0EhAKCHdvcmtmbG93GAEgASgJEhMKC2luc3RhbmNlX2lkGAIgASgJEhMKC3BhcmFtc19qc29uGAMgASgJEhIKCmxvb2t1cF9rZXkYBCABKAkiWgoWQ3JlYXRlSW5zdGFuY2VSZXNwb25zZRITCgtpbnN0YW5jZV9pZBgBIAEoCRIrCgZzdGF0dXMYAiABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cyInChBHZXRTdGF0dXNSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJIjwKEUdldFN0YXR1c1Jlc3BvbnNlEicKCGluc3RhbmNlGAEgASgLMhUuY3J1emZsb3cudjEuSW5zdGFuY2Ui+QMKCEluc3RhbmNlEhMKC2luc3RhbmNlX2lkGAEgASgJEhAKCHdvcmtmbG93GAIgASgJEisKBnN0YXR1cxgDIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzEhMKC3BhcmFtc19qc29uGAQgASgJEhMKC291dHB1dF9qc29uGAUgASgJEiEKBWVycm9yGAYgASgLMhIuY3J1emZsb3cudjEuRXJyb3ISLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIAoFc3RlcHMYCiADKAsyES5jcnV6Zmxvdy52MS5TdGVwEhUKDWxhc3Rfc2VxdWVuY2UYCyABKAMSEgoKbG9va3VwX2tleRgMIAEoCRItCgl3YWtlX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHRyYWNlX2lkGA8gASgJIvgCCgRTdGVwEgwKBG5hbWUYASABKAkSEgoKb2NjdXJyZW5jZRgCIAEoBRINCgVpbmRleBgDIAEoBRInCgZzdGF0dXMYBCABKA4yFy5jcnV6Zmxvdy52MS5TdGVwU3RhdHVzEhAKCGF0dGVtcHRzGAUgASgFEi4KCnN0YXJ0X3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtvdXRwdXRfanNvbhgIIAEoCRIhCgVlcnJvchgJIAEoCzISLmNydXpmbG93LnYxLkVycm9yEjUKEW5leHRfYXR0ZW1wdF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIjCgRraW5kGAsgASgOMhUuY3J1emZsb3cudjEuU3RlcEtpbmQSEgoKZXZlbnRfdHlwZRgMIAEoCSJDChRXYXRjaEluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIWCg5hZnRlcl9zZXF1ZW5jZRgCIAEoAyL1AgoVV2F0Y2hJbnN0YW5jZVJlc3BvbnNlEhMKC2luc3RhbmNlX2lkGAEgASgJEhAKCHNlcXVlbmNlGAIgASgDEigKBHRpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjQKDnN0YXR1c19jaGFuZ2VkGAQgASgLMhouY3J1emZsb3cudjEuU3RhdHVzQ2hhbmdlZEgAEjAKDHN0ZXBfc3RhcnRlZBgFIAEoCzIYLmNydXpmbG93LnYxLlN0ZXBTdGFydGVkSAASNAoOYXR0ZW1wdF9mYWlsZWQYBiABKAsyGi5jcnV6Zmxvdy52MS5BdHRlbXB0RmFpbGVkSAASNAoOc3RlcF9zdWNjZWVkZWQYByABKAsyGi5jcnV6Zmxvdy52MS5TdGVwU3VjY2VlZGVkSAASLgoLc3RlcF9mYWlsZWQYCCABKAsyFy5jcnV6Zmxvdy52MS5TdGVwRmFpbGVkSABCBwoFZXZlbnQidAoNU3RhdHVzQ2hhbmdlZBIrCgZzdGF0dXMYASABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cxITCgtvdXRwdXRfanNvbhgCIAEoCRIhCgVlcnJvchgDIAEoCzISLmNydXpmbG93LnYxLkVycm9yIkIKC1N0ZXBTdGFydGVkEiIKBHN0ZXAYASABKAsyFC5jcnV6Zmxvdy52MS5TdGVwUmVmEg8KB2F0dGVtcHQYAiABKAUizgEKDUF0dGVtcHRGYWlsZWQSIgoEc3RlcBgBIAEoCzIULmNydXpmbG93LnYxLlN0ZXBSZWYSDwoHYXR0ZW1wdBgCIAEoBRIhCgVlcnJvchgDIAEoCzISLmNydXpmbG93LnYxLkVycm9yEjUKEW5leHRfYXR0ZW1wdF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgtyZXRyeV9kZWxheRgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJZCg1TdGVwU3VjY2VlZGVkEiIKBHN0ZXAYASABKAsyFC5jcnV6Zmxvdy52MS5TdGVwUmVmEg8KB2F0dGVtcHQYAiABKAUSEwoLb3V0cHV0X2pzb24YAyABKAkiZAoKU3RlcEZhaWxlZBIiCgRzdGVwGAEgASgLMhQuY3J1emZsb3cudjEuU3RlcFJlZhIPCgdhdHRlbXB0GAIgASgFEiEKBWVycm9yGAMgASgLMhIuY3J1emZsb3cudjEuRXJyb3IiXwoHU3RlcFJlZhIMCgRuYW1lGAEgASgJEhIKCm9jY3VycmVuY2UYAiABKAUSDQoFaW5kZXgYAyABKAUSIwoEa2luZBgEIAEoDjIVLmNydXpmbG93LnYxLlN0ZXBLaW5kIm0KE1dhaXRJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkSKgoHdGltZW91dBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIVCg1pbmNsdWRlX3N0ZXBzGAMgASgIIj8KFFdhaXRJbnN0YW5jZVJlc3BvbnNlEicKCGluc3RhbmNlGAEgASgLMhUuY3J1emZsb3cudjEuSW5zdGFuY2UiTgoWQ3JlYXRlSW5zdGFuY2VzUmVxdWVzdBI0CghyZXF1ZXN0cxgBIAMoCzIiLmNydXpmbG93LnYxLkNyZWF0ZUluc3RhbmNlUmVxdWVzdCJRChdDcmVhdGVJbnN0YW5jZXNSZXNwb25zZRI2CglpbnN0YW5jZXMYASADKAsyIy5jcnV6Zmxvdy52MS5DcmVhdGVJbnN0YW5jZVJlc3BvbnNlIvwBChRMaXN0SW5zdGFuY2VzUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRItCghzdGF0dXNlcxgCIAMoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzEjMKD2NyZWF0ZV90aW1lX21pbhgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPY3JlYXRlX3RpbWVfbWF4GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpsb29rdXBfa2V5GAUgASgJEhEKCXBhZ2Vfc2l6ZRgGIAEoBRISCgpwYWdlX3Rva2VuGAcgASgJIloKFUxpc3RJbnN0YW5jZXNSZXNwb25zZRIoCglpbnN0YW5jZXMYASADKAsyFS5jcnV6Zmxvdy52MS5JbnN0YW5jZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKwoUUGF1c2VJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiRAoVUGF1c2VJbnN0YW5jZVJlc3BvbnNlEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIiwKFVJlc3VtZUluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJFChZSZXN1bWVJbnN0YW5jZVJlc3BvbnNlEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIi8KGFRlcm1pbmF0ZUluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJIChlUZXJtaW5hdGVJbnN0YW5jZVJlc3BvbnNlEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIi0KFlJlc3RhcnRJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiRgoXUmVzdGFydEluc3RhbmNlUmVzcG9uc2USKwoGc3RhdHVzGAEgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMiSwoQU2VuZEV2ZW50UmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIMCgR0eXBlGAIgASgJEhQKDHBheWxvYWRfanNvbhgDIAEoCSITChFTZW5kRXZlbnRSZXNwb25zZSIWChRMaXN0V29ya2Zsb3dzUmVxdWVzdCJBChVMaXN0V29ya2Zsb3dzUmVzcG9uc2USKAoJd29ya2Zsb3dzGAEgAygLMhUuY3J1emZsb3cudjEuV29ya2Zsb3ciPQoIV29ya2Zsb3cSDAoEbmFtZRgBIAEoCRIPCgdiaW5kaW5nGAIgASgJEhIKCmNsYXNzX25hbWUYAyABKAkipwEKFUNvdW50SW5zdGFuY2VzUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRIzCg9jcmVhdGVfdGltZV9taW4YAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2NyZWF0ZV90aW1lX21heBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKbG9va3VwX2tleRgEIAEoCSJTChZDb3VudEluc3RhbmNlc1Jlc3BvbnNlEioKBmNvdW50cxgBIAMoCzIaLmNydXpmbG93LnYxLkluc3RhbmNlQ291bnQSDQoFdG90YWwYAiABKAMiXQoNSW5zdGFuY2VDb3VudBIQCgh3b3JrZmxvdxgBIAEoCRIrCgZzdGF0dXMYAiABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cxINCgVjb3VudBgDIAEoAyISChBHZXRDYWxsZXJSZXF1ZXN0ImQKEUdldENhbGxlclJlc3BvbnNlEhUKDWF1dGhfcmVxdWlyZWQYASABKAgSEgoKdG9rZW5fbmFtZRgCIAEoCRIRCglyZWFkX29ubHkYAyABKAgSEQoJd29ya2Zsb3dzGAQgAygJKsICCg5JbnN0YW5jZVN0YXR1cxIfChtJTlNUQU5DRV9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZJTlNUQU5DRV9TVEFUVVNfUVVFVUVEEAESGwoXSU5TVEFOQ0VfU1RBVFVTX1JVTk5JTkcQAhIaChZJTlNUQU5DRV9TVEFUVVNfUEFVU0VEEAMSGwoXSU5TVEFOQ0VfU1RBVFVTX1dBSVRJTkcQBBIlCiFJTlNUQU5DRV9TVEFUVVNfV0FJVElOR19GT1JfUEFVU0UQBRIcChhJTlNUQU5DRV9TVEFUVVNfQ09NUExFVEUQBhIbChdJTlNUQU5DRV9TVEFUVVNfRVJST1JFRBAHEh4KGklOU1RBTkNFX1NUQVRVU19URVJNSU5BVEVEEAgSGwoXSU5TVEFOQ0VfU1RBVFVTX1VOS05PV04QCSp1CgpTdGVwU3RhdHVzEhsKF1NURVBfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTU1RFUF9TVEFUVVNfUlVOTklORxABEhkKFVNURVBfU1RBVFVTX1NVQ0NFRURFRBACEhYKElNURVBfU1RBVFVTX0ZBSUxFRBADKmoKCFN0ZXBLaW5kEhkKFVNURVBfS0lORF9VTlNQRUNJRklFRBAAEhAKDFNURVBfS0lORF9ETxABEhMKD1NURVBfS0lORF9TTEVFUBACEhwKGFNURVBfS0lORF9XQUlUX0ZPUl9FVkVOVBADMt0JCg9Xb3JrZmxvd1NlcnZpY2USWQoOQ3JlYXRlSW5zdGFuY2USIi5jcnV6Zmxvdy52MS5DcmVhdGVJbnN0YW5jZVJlcXVlc3QaIy5jcnV6Zmxvdy52MS5DcmVhdGVJbnN0YW5jZVJlc3BvbnNlElwKD0NyZWF0ZUluc3RhbmNlcxIjLmNydXpmbG93LnYxLkNyZWF0ZUluc3RhbmNlc1JlcXVlc3QaJC5jcnV6Zmxvdy52MS5DcmVhdGVJbnN0YW5jZXNSZXNwb25zZRJKCglHZXRTdGF0dXMSHS5jcnV6Zmxvdy52MS5HZXRTdGF0dXNSZXF1ZXN0Gh4uY3J1emZsb3cudjEuR2V0U3RhdHVzUmVzcG9uc2USWAoNV2F0Y2hJbnN0YW5jZRIhLmNydXpmbG93LnYxLldhdGNoSW5zdGFuY2VSZXF1ZXN0GiIuY3J1emZsb3cudjEuV2F0Y2hJbnN0YW5jZVJlc3BvbnNlMAESUwoMV2FpdEluc3RhbmNlEiAuY3J1emZsb3cudjEuV2FpdEluc3RhbmNlUmVxdWVzdBohLmNydXpmbG93LnYxLldhaXRJbnN0YW5jZVJlc3BvbnNlElYKDUxpc3RJbnN0YW5jZXMSIS5jcnV6Zmxvdy52MS5MaXN0SW5zdGFuY2VzUmVxdWVzdBoiLmNydXpmbG93LnYxLkxpc3RJbnN0YW5jZXNSZXNwb25zZRJWCg1QYXVzZUluc3RhbmNlEiEuY3J1emZsb3cudjEuUGF1c2VJbnN0YW5jZVJlcXVlc3QaIi5jcnV6Zmxvdy52MS5QYXVzZUluc3RhbmNlUmVzcG9uc2USWQoOUmVzdW1lSW5zdGFuY2USIi5jcnV6Zmxvdy52MS5SZXN1bWVJbnN0YW5jZVJlcXVlc3QaIy5jcnV6Zmxvdy52MS5SZXN1bWVJbnN0YW5jZVJlc3BvbnNlEmIKEVRlcm1pbmF0ZUluc3RhbmNlEiUuY3J1emZsb3cudjEuVGVybWluYXRlSW5zdGFuY2VSZXF1ZXN0GiYuY3J1emZsb3cudjEuVGVybWluYXRlSW5zdGFuY2VSZXNwb25zZRJcCg9SZXN0YXJ0SW5zdGFuY2USIy5jcnV6Zmxvdy52MS5SZXN0YXJ0SW5zdGFuY2VSZXF1ZXN0GiQuY3J1emZsb3cudjEuUmVzdGFydEluc3RhbmNlUmVzcG9uc2USSgoJU2VuZEV2ZW50Eh0uY3J1emZsb3cudjEuU2VuZEV2ZW50UmVxdWVzdBoeLmNydXpmbG93LnYxLlNlbmRFdmVudFJlc3BvbnNlElYKDUxpc3RXb3JrZmxvd3MSIS5jcnV6Zmxvdy52MS5MaXN0V29ya2Zsb3dzUmVxdWVzdBoiLmNydXpmbG93LnYxLkxpc3RXb3JrZmxvd3NSZXNwb25zZRJZCg5Db3VudEluc3RhbmNlcxIiLmNydXpmbG93LnYxLkNvdW50SW5zdGFuY2VzUmVxdWVzdBojLmNydXpmbG93LnYxLkNvdW50SW5zdGFuY2VzUmVzcG9uc2USSgoJR2V0Q2FsbGVyEh0uY3J1emZsb3cudjEuR2V0Q2FsbGVyUmVxdWVzdBoeLmNydXpmbG93LnYxLkdldENhbGxlclJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChtjcnV6Zmxvdy92MS93b3JrZmxvd3MucHJvdG8SC2NydXpmbG93LnYxIjkKBUVycm9yEgwKBG5hbWUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRIRCgl0cmFjZWJhY2sYAyABKAkiZwoVQ3JlYXRlSW5zdGFuY2VSZXF1ZXN0EhAKCHdvcmtmbG93GAEgASgJEhMKC2luc3RhbmNlX2lkGAIgASgJEhMKC3BhcmFtc19qc29uGAMgASgJEhIKCmxvb2t1cF9rZXkYBCABKAkiWgoWQ3JlYXRlSW5zdGFuY2VSZXNwb25zZRITCgtpbnN0YW5jZV9pZBgBIAEoCRIrCgZzdGF0dXMYAiABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cyInChBHZXRTdGF0dXNSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJIjwKEUdldFN0YXR1c1Jlc3BvbnNlEicKCGluc3RhbmNlGAEgASgLMhUuY3J1emZsb3cudjEuSW5zdGFuY2UijgQKCEluc3RhbmNlEhMKC2luc3RhbmNlX2lkGAEgASgJEhAKCHdvcmtmbG93GAIgASgJEisKBnN0YXR1cxgDIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzEhMKC3BhcmFtc19qc29uGAQgASgJEhMKC291dHB1dF9qc29uGAUgASgJEiEKBWVycm9yGAYgASgLMhIuY3J1emZsb3cudjEuRXJyb3ISLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIAoFc3RlcHMYCiADKAsyES5jcnV6Zmxvdy52MS5TdGVwEhUKDWxhc3Rfc2VxdWVuY2UYCyABKAMSEgoKbG9va3VwX2tleRgMIAEoCRItCgl3YWtlX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHRyYWNlX2lkGA8gASgJEhMKC3NjaGVkdWxlX2lkGBIgASgJIvgCCgRTdGVwEgwKBG5hbWUYASABKAkSEgoKb2NjdXJyZW5jZRgCIAEoBRINCgVpbmRleBgDIAEoBRInCgZzdGF0dXMYBCABKA4yFy5jcnV6Zmxvdy52MS5TdGVwU3RhdHVzEhAKCGF0dGVtcHRzGAUgASgFEi4KCnN0YXJ0X3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtvdXRwdXRfanNvbhgIIAEoCRIhCgVlcnJvchgJIAEoCzISLmNydXpmbG93LnYxLkVycm9yEjUKEW5leHRfYXR0ZW1wdF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIjCgRraW5kGAsgASgOMhUuY3J1emZsb3cudjEuU3RlcEtpbmQSEgoKZXZlbnRfdHlwZRgMIAEoCSJDChRXYXRjaEluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIWCg5hZnRlcl9zZXF1ZW5jZRgCIAEoAyL1AgoVV2F0Y2hJbnN0YW5jZVJlc3BvbnNlEhMKC2luc3RhbmNlX2lkGAEgASgJEhAKCHNlcXVlbmNlGAIgASgDEigKBHRpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjQKDnN0YXR1c19jaGFuZ2VkGAQgASgLMhouY3J1emZsb3cudjEuU3RhdHVzQ2hhbmdlZEgAEjAKDHN0ZXBfc3RhcnRlZBgFIAEoCzIYLmNydXpmbG93LnYxLlN0ZXBTdGFydGVkSAASNAoOYXR0ZW1wdF9mYWlsZWQYBiABKAsyGi5jcnV6Zmxvdy52MS5BdHRlbXB0RmFpbGVkSAASNAoOc3RlcF9zdWNjZWVkZWQYByABKAsyGi5jcnV6Zmxvdy52MS5TdGVwU3VjY2VlZGVkSAASLgoLc3RlcF9mYWlsZWQYCCABKAsyFy5jcnV6Zmxvdy52MS5TdGVwRmFpbGVkSABCBwoFZXZlbnQidAoNU3RhdHVzQ2hhbmdlZBIrCgZzdGF0dXMYASABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cxITCgtvdXRwdXRfanNvbhgCIAEoCRIhCgVlcnJvchgDIAEoCzISLmNydXpmbG93LnYxLkVycm9yIkIKC1N0ZXBTdGFydGVkEiIKBHN0ZXAYASABKAsyFC5jcnV6Zmxvdy52MS5TdGVwUmVmEg8KB2F0dGVtcHQYAiABKAUizgEKDUF0dGVtcHRGYWlsZWQSIgoEc3RlcBgBIAEoCzIULmNydXpmbG93LnYxLlN0ZXBSZWYSDwoHYXR0ZW1wdBgCIAEoBRIhCgVlcnJvchgDIAEoCzISLmNydXpmbG93LnYxLkVycm9yEjUKEW5leHRfYXR0ZW1wdF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgtyZXRyeV9kZWxheRgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJZCg1TdGVwU3VjY2VlZGVkEiIKBHN0ZXAYASABKAsyFC5jcnV6Zmxvdy52MS5TdGVwUmVmEg8KB2F0dGVtcHQYAiABKAUSEwoLb3V0cHV0X2pzb24YAyABKAkiZAoKU3RlcEZhaWxlZBIiCgRzdGVwGAEgASgLMhQuY3J1emZsb3cudjEuU3RlcFJlZhIPCgdhdHRlbXB0GAIgASgFEiEKBWVycm9yGAMgASgLMhIuY3J1emZsb3cudjEuRXJyb3IiXwoHU3RlcFJlZhIMCgRuYW1lGAEgASgJEhIKCm9jY3VycmVuY2UYAiABKAUSDQoFaW5kZXgYAyABKAUSIwoEa2luZBgEIAEoDjIVLmNydXpmbG93LnYxLlN0ZXBLaW5kIm0KE1dhaXRJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkSKgoHdGltZW91dBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIVCg1pbmNsdWRlX3N0ZXBzGAMgASgIIj8KFFdhaXRJbnN0YW5jZVJlc3BvbnNlEicKCGluc3RhbmNlGAEgASgLMhUuY3J1emZsb3cudjEuSW5zdGFuY2UiTgoWQ3JlYXRlSW5zdGFuY2VzUmVxdWVzdBI0CghyZXF1ZXN0cxgBIAMoCzIiLmNydXpmbG93LnYxLkNyZWF0ZUluc3RhbmNlUmVxdWVzdCJRChdDcmVhdGVJbnN0YW5jZXNSZXNwb25zZRI2CglpbnN0YW5jZXMYASADKAsyIy5jcnV6Zmxvdy52MS5DcmVhdGVJbnN0YW5jZVJlc3BvbnNlIpECChRMaXN0SW5zdGFuY2VzUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRItCghzdGF0dXNlcxgCIAMoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzEjMKD2NyZWF0ZV90aW1lX21pbhgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPY3JlYXRlX3RpbWVfbWF4GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpsb29rdXBfa2V5GAUgASgJEhEKCXBhZ2Vfc2l6ZRgGIAEoBRISCgpwYWdlX3Rva2VuGAcgASgJEhMKC3NjaGVkdWxlX2lkGAkgASgJIloKFUxpc3RJbnN0YW5jZXNSZXNwb25zZRIoCglpbnN0YW5jZXMYASADKAsyFS5jcnV6Zmxvdy52MS5JbnN0YW5jZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKwoUUGF1c2VJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiRAoVUGF1c2VJbnN0YW5jZVJlc3BvbnNlEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIiwKFVJlc3VtZUluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJFChZSZXN1bWVJbnN0YW5jZVJlc3BvbnNlEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIi8KGFRlcm1pbmF0ZUluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJIChlUZXJtaW5hdGVJbnN0YW5jZVJlc3BvbnNlEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIi0KFlJlc3RhcnRJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiRgoXUmVzdGFydEluc3RhbmNlUmVzcG9uc2USKwoGc3RhdHVzGAEgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMiSwoQU2VuZEV2ZW50UmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIMCgR0eXBlGAIgASgJEhQKDHBheWxvYWRfanNvbhgDIAEoCSITChFTZW5kRXZlbnRSZXNwb25zZSIWChRMaXN0V29ya2Zsb3dzUmVxdWVzdCJBChVMaXN0V29ya2Zsb3dzUmVzcG9uc2USKAoJd29ya2Zsb3dzGAEgAygLMhUuY3J1emZsb3cudjEuV29ya2Zsb3ciPQoIV29ya2Zsb3cSDAoEbmFtZRgBIAEoCRIPCgdiaW5kaW5nGAIgASgJEhIKCmNsYXNzX25hbWUYAyABKAkipwEKFUNvdW50SW5zdGFuY2VzUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRIzCg9jcmVhdGVfdGltZV9taW4YAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2NyZWF0ZV90aW1lX21heBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKbG9va3VwX2tleRgEIAEoCSJTChZDb3VudEluc3RhbmNlc1Jlc3BvbnNlEioKBmNvdW50cxgBIAMoCzIaLmNydXpmbG93LnYxLkluc3RhbmNlQ291bnQSDQoFdG90YWwYAiABKAMiXQoNSW5zdGFuY2VDb3VudBIQCgh3b3JrZmxvdxgBIAEoCRIrCgZzdGF0dXMYAiABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cxINCgVjb3VudBgDIAEoAyISChBHZXRDYWxsZXJSZXF1ZXN0ImQKEUdldENhbGxlclJlc3BvbnNlEhUKDWF1dGhfcmVxdWlyZWQYASABKAgSEgoKdG9rZW5fbmFtZRgCIAEoCRIRCglyZWFkX29ubHkYAyABKAgSEQoJd29ya2Zsb3dzGAQgAygJIrMDCghTY2hlZHVsZRITCgtzY2hlZHVsZV9pZBgBIAEoCRIQCgh3b3JrZmxvdxgCIAEoCRIMCgRjcm9uGAMgASgJEhAKCHRpbWV6b25lGAQgASgJEhMKC3BhcmFtc19qc29uGAUgASgJEiwKCGNhdGNoX3VwGAYgASgOMhouY3J1emZsb3cudjEuQ2F0Y2hVcFBvbGljeRIOCgZwYXVzZWQYByABKAgSKwoGb3JpZ2luGAggASgOMhsuY3J1emZsb3cudjEuU2NoZWR1bGVPcmlnaW4SMQoNbGFzdF9kdWVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQbGFzdF9pbnN0YW5jZV9pZBgKIAEoCRIxCg1uZXh0X2R1ZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtjcmVhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkAKFUNyZWF0ZVNjaGVkdWxlUmVxdWVzdBInCghzY2hlZHVsZRgBIAEoCzIVLmNydXpmbG93LnYxLlNjaGVkdWxlIkEKFkNyZWF0ZVNjaGVkdWxlUmVzcG9uc2USJwoIc2NoZWR1bGUYASABKAsyFS5jcnV6Zmxvdy52MS5TY2hlZHVsZSIpChJHZXRTY2hlZHVsZVJlcXVlc3QSEwoLc2NoZWR1bGVfaWQYASABKAkiPgoTR2V0U2NoZWR1bGVSZXNwb25zZRInCghzY2hlZHVsZRgBIAEoCzIVLmNydXpmbG93LnYxLlNjaGVkdWxlIk8KFExpc3RTY2hlZHVsZXNSZXF1ZXN0EhAKCHdvcmtmbG93GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIloKFUxpc3RTY2hlZHVsZXNSZXNwb25zZRIoCglzY2hlZHVsZXMYASADKAsyFS5jcnV6Zmxvdy52MS5TY2hlZHVsZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKwoUUGF1c2VTY2hlZHVsZVJlcXVlc3QSEwoLc2NoZWR1bGVfaWQYASABKAkiQAoVUGF1c2VTY2hlZHVsZVJlc3BvbnNlEicKCHNjaGVkdWxlGAEgASgLMhUuY3J1emZsb3cudjEuU2NoZWR1bGUiLAoVUmVzdW1lU2NoZWR1bGVSZXF1ZXN0EhMKC3NjaGVkdWxlX2lkGAEgASgJIkEKFlJlc3VtZVNjaGVkdWxlUmVzcG9uc2USJwoIc2NoZWR1bGUYASABKAsyFS5jcnV6Zmxvdy52MS5TY2hlZHVsZSIsChVEZWxldGVTY2hlZHVsZVJlcXVlc3QSEwoLc2NoZWR1bGVfaWQYASABKAkiGAoWRGVsZXRlU2NoZWR1bGVSZXNwb25zZSItChZUcmlnZ2VyU2NoZWR1bGVSZXF1ZXN0EhMKC3NjaGVkdWxlX2lkGAEgASgJIlsKF1RyaWdnZXJTY2hlZHVsZVJlc3BvbnNlEhMKC2luc3RhbmNlX2lkGAEgASgJEisKBnN0YXR1cxgCIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzKsICCg5JbnN0YW5jZVN0YXR1cxIfChtJTlNUQU5DRV9TVEFUVVNfVU5TUEVDSUZJRUQQABIaChZJTlNUQU5DRV9TVEFUVVNfUVVFVUVEEAESGwoXSU5TVEFOQ0VfU1RBVFVTX1JVTk5JTkcQAhIaChZJTlNUQU5DRV9TVEFUVVNfUEFVU0VEEAMSGwoXSU5TVEFOQ0VfU1RBVFVTX1dBSVRJTkcQBBIlCiFJTlNUQU5DRV9TVEFUVVNfV0FJVElOR19GT1JfUEFVU0UQBRIcChhJTlNUQU5DRV9TVEFUVVNfQ09NUExFVEUQBhIbChdJTlNUQU5DRV9TVEFUVVNfRVJST1JFRBAHEh4KGklOU1RBTkNFX1NUQVRVU19URVJNSU5BVEVEEAgSGwoXSU5TVEFOQ0VfU1RBVFVTX1VOS05PV04QCSp1CgpTdGVwU3RhdHVzEhsKF1NURVBfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTU1RFUF9TVEFUVVNfUlVOTklORxABEhkKFVNURVBfU1RBVFVTX1NVQ0NFRURFRBACEhYKElNURVBfU1RBVFVTX0ZBSUxFRBADKmoKCFN0ZXBLaW5kEhkKFVNURVBfS0lORF9VTlNQRUNJRklFRBAAEhAKDFNURVBfS0lORF9ETxABEhMKD1NURVBfS0lORF9TTEVFUBACEhwKGFNURVBfS0lORF9XQUlUX0ZPUl9FVkVOVBADKmQKDUNhdGNoVXBQb2xpY3kSHwobQ0FUQ0hfVVBfUE9MSUNZX1VOU1BFQ0lGSUVEEAASGAoUQ0FUQ0hfVVBfUE9MSUNZX1NLSVAQARIYChRDQVRDSF9VUF9QT0xJQ1lfT05DRRACKmYKDlNjaGVkdWxlT3JpZ2luEh8KG1NDSEVEVUxFX09SSUdJTl9VTlNQRUNJRklFRBAAEhoKFlNDSEVEVUxFX09SSUdJTl9DT05GSUcQARIXChNTQ0hFRFVMRV9PUklHSU5fQVBJEAIyzg4KD1dvcmtmbG93U2VydmljZRJZCg5DcmVhdGVJbnN0YW5jZRIiLmNydXpmbG93LnYxLkNyZWF0ZUluc3RhbmNlUmVxdWVzdBojLmNydXpmbG93LnYxLkNyZWF0ZUluc3RhbmNlUmVzcG9uc2USXAoPQ3JlYXRlSW5zdGFuY2VzEiMuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VzUmVxdWVzdBokLmNydXpmbG93LnYxLkNyZWF0ZUluc3RhbmNlc1Jlc3BvbnNlEkoKCUdldFN0YXR1cxIdLmNydXpmbG93LnYxLkdldFN0YXR1c1JlcXVlc3QaHi5jcnV6Zmxvdy52MS5HZXRTdGF0dXNSZXNwb25zZRJYCg1XYXRjaEluc3RhbmNlEiEuY3J1emZsb3cudjEuV2F0Y2hJbnN0YW5jZVJlcXVlc3QaIi5jcnV6Zmxvdy52MS5XYXRjaEluc3RhbmNlUmVzcG9uc2UwARJTCgxXYWl0SW5zdGFuY2USIC5jcnV6Zmxvdy52MS5XYWl0SW5zdGFuY2VSZXF1ZXN0GiEuY3J1emZsb3cudjEuV2FpdEluc3RhbmNlUmVzcG9uc2USVgoNTGlzdEluc3RhbmNlcxIhLmNydXpmbG93LnYxLkxpc3RJbnN0YW5jZXNSZXF1ZXN0GiIuY3J1emZsb3cudjEuTGlzdEluc3RhbmNlc1Jlc3BvbnNlElYKDVBhdXNlSW5zdGFuY2USIS5jcnV6Zmxvdy52MS5QYXVzZUluc3RhbmNlUmVxdWVzdBoiLmNydXpmbG93LnYxLlBhdXNlSW5zdGFuY2VSZXNwb25zZRJZCg5SZXN1bWVJbnN0YW5jZRIiLmNydXpmbG93LnYxLlJlc3VtZUluc3RhbmNlUmVxdWVzdBojLmNydXpmbG93LnYxLlJlc3VtZUluc3RhbmNlUmVzcG9uc2USYgoRVGVybWluYXRlSW5zdGFuY2USJS5jcnV6Zmxvdy52MS5UZXJtaW5hdGVJbnN0YW5jZVJlcXVlc3QaJi5jcnV6Zmxvdy52MS5UZXJtaW5hdGVJbnN0YW5jZVJlc3BvbnNlElwKD1Jlc3RhcnRJbnN0YW5jZRIjLmNydXpmbG93LnYxLlJlc3RhcnRJbnN0YW5jZVJlcXVlc3QaJC5jcnV6Zmxvdy52MS5SZXN0YXJ0SW5zdGFuY2VSZXNwb25zZRJKCglTZW5kRXZlbnQSHS5jcnV6Zmxvdy52MS5TZW5kRXZlbnRSZXF1ZXN0Gh4uY3J1emZsb3cudjEuU2VuZEV2ZW50UmVzcG9uc2USVgoNTGlzdFdvcmtmbG93cxIhLmNydXpmbG93LnYxLkxpc3RXb3JrZmxvd3NSZXF1ZXN0GiIuY3J1emZsb3cudjEuTGlzdFdvcmtmbG93c1Jlc3BvbnNlElkKDkNvdW50SW5zdGFuY2VzEiIuY3J1emZsb3cudjEuQ291bnRJbnN0YW5jZXNSZXF1ZXN0GiMuY3J1emZsb3cudjEuQ291bnRJbnN0YW5jZXNSZXNwb25zZRJKCglHZXRDYWxsZXISHS5jcnV6Zmxvdy52MS5HZXRDYWxsZXJSZXF1ZXN0Gh4uY3J1emZsb3cudjEuR2V0Q2FsbGVyUmVzcG9uc2USWQoOQ3JlYXRlU2NoZWR1bGUSIi5jcnV6Zmxvdy52MS5DcmVhdGVTY2hlZHVsZVJlcXVlc3QaIy5jcnV6Zmxvdy52MS5DcmVhdGVTY2hlZHVsZVJlc3BvbnNlElAKC0dldFNjaGVkdWxlEh8uY3J1emZsb3cudjEuR2V0U2NoZWR1bGVSZXF1ZXN0GiAuY3J1emZsb3cudjEuR2V0U2NoZWR1bGVSZXNwb25zZRJWCg1MaXN0U2NoZWR1bGVzEiEuY3J1emZsb3cudjEuTGlzdFNjaGVkdWxlc1JlcXVlc3QaIi5jcnV6Zmxvdy52MS5MaXN0U2NoZWR1bGVzUmVzcG9uc2USVgoNUGF1c2VTY2hlZHVsZRIhLmNydXpmbG93LnYxLlBhdXNlU2NoZWR1bGVSZXF1ZXN0GiIuY3J1emZsb3cudjEuUGF1c2VTY2hlZHVsZVJlc3BvbnNlElkKDlJlc3VtZVNjaGVkdWxlEiIuY3J1emZsb3cudjEuUmVzdW1lU2NoZWR1bGVSZXF1ZXN0GiMuY3J1emZsb3cudjEuUmVzdW1lU2NoZWR1bGVSZXNwb25zZRJZCg5EZWxldGVTY2hlZHVsZRIiLmNydXpmbG93LnYxLkRlbGV0ZVNjaGVkdWxlUmVxdWVzdBojLmNydXpmbG93LnYxLkRlbGV0ZVNjaGVkdWxlUmVzcG9uc2USXAoPVHJpZ2dlclNjaGVkdWxlEiMuY3J1emZsb3cudjEuVHJpZ2dlclNjaGVkdWxlUmVxdWVzdBokLmNydXpmbG93LnYxLlRyaWdnZXJTY2hlZHVsZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Error names an error the way Python does: the exception class and its text.
@@ -254,6 +254,14 @@ export type Instance = Message<"cruzflow.v1.Instance"> & {
    * @generated from field: string trace_id = 15;
    */
   traceId: string;
+
+  /**
+   * The schedule that created the instance (see Schedule); empty when a
+   * caller created it.
+   *
+   * @generated from field: string schedule_id = 18;
+   */
+  scheduleId: string;
 };
 
 /**
@@ -773,6 +781,13 @@ export type ListInstancesRequest = Message<"cruzflow.v1.ListInstancesRequest"> &
    * @generated from field: string page_token = 7;
    */
   pageToken: string;
+
+  /**
+   * Only instances that this schedule created.
+   *
+   * @generated from field: string schedule_id = 9;
+   */
+  scheduleId: string;
 };
 
 /**
@@ -1192,7 +1207,7 @@ export type GetCallerResponse = Message<"cruzflow.v1.GetCallerResponse"> & {
   /**
    * A token with access = "read": it may call only the methods that change
    * nothing (GetStatus, WatchInstance, WaitInstance, ListInstances,
-   * ListWorkflows, CountInstances, GetCaller).
+   * ListWorkflows, CountInstances, GetCaller, GetSchedule, ListSchedules).
    *
    * @generated from field: bool read_only = 3;
    */
@@ -1212,6 +1227,385 @@ export type GetCallerResponse = Message<"cruzflow.v1.GetCallerResponse"> & {
  */
 export const GetCallerResponseSchema: GenMessage<GetCallerResponse> = /*@__PURE__*/
   messageDesc(file_cruzflow_v1_workflows, 38);
+
+/**
+ * Schedule creates an instance of a workflow at each due time of a cron
+ * expression, with the id "sched-<schedule_id>-<due time, UTC, as
+ * 20260105T090000Z>": each due time fires once, across restarts and
+ * servers sharing a store.
+ *
+ * @generated from message cruzflow.v1.Schedule
+ */
+export type Schedule = Message<"cruzflow.v1.Schedule"> & {
+  /**
+   * 1 to 64 characters of [A-Za-z0-9_-], not starting with "-".
+   *
+   * @generated from field: string schedule_id = 1;
+   */
+  scheduleId: string;
+
+  /**
+   * The workflow to create instances of (see ListWorkflows).
+   *
+   * @generated from field: string workflow = 2;
+   */
+  workflow: string;
+
+  /**
+   * Five fields (minute hour day-of-month month day-of-week, e.g.
+   * "0 9 * * MON"), or six with seconds first ("*\/10 * * * * *").
+   *
+   * @generated from field: string cron = 3;
+   */
+  cron: string;
+
+  /**
+   * The IANA time zone the cron expression is read in, e.g. "Europe/Paris";
+   * empty means "UTC".
+   *
+   * @generated from field: string timezone = 4;
+   */
+  timezone: string;
+
+  /**
+   * The params of every instance it creates, as JSON text. Empty means null.
+   *
+   * @generated from field: string params_json = 5;
+   */
+  paramsJson: string;
+
+  /**
+   * @generated from field: cruzflow.v1.CatchUpPolicy catch_up = 6;
+   */
+  catchUp: CatchUpPolicy;
+
+  /**
+   * A paused schedule does not fire (TriggerSchedule still does). May be set
+   * when creating; then PauseSchedule and ResumeSchedule.
+   *
+   * @generated from field: bool paused = 7;
+   */
+  paused: boolean;
+
+  /**
+   * Output only.
+   *
+   * @generated from field: cruzflow.v1.ScheduleOrigin origin = 8;
+   */
+  origin: ScheduleOrigin;
+
+  /**
+   * Output only: the due time of the last instance it created at a due time.
+   *
+   * @generated from field: google.protobuf.Timestamp last_due_time = 9;
+   */
+  lastDueTime?: Timestamp | undefined;
+
+  /**
+   * Output only: the id of that instance.
+   *
+   * @generated from field: string last_instance_id = 10;
+   */
+  lastInstanceId: string;
+
+  /**
+   * Output only: the next due time; unset while paused.
+   *
+   * @generated from field: google.protobuf.Timestamp next_due_time = 11;
+   */
+  nextDueTime?: Timestamp | undefined;
+
+  /**
+   * Output only.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 12;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * Output only.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 13;
+   */
+  updateTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message cruzflow.v1.Schedule.
+ * Use `create(ScheduleSchema)` to create a new message.
+ */
+export const ScheduleSchema: GenMessage<Schedule> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 39);
+
+/**
+ * @generated from message cruzflow.v1.CreateScheduleRequest
+ */
+export type CreateScheduleRequest = Message<"cruzflow.v1.CreateScheduleRequest"> & {
+  /**
+   * Its output-only fields are ignored.
+   *
+   * @generated from field: cruzflow.v1.Schedule schedule = 1;
+   */
+  schedule?: Schedule | undefined;
+};
+
+/**
+ * Describes the message cruzflow.v1.CreateScheduleRequest.
+ * Use `create(CreateScheduleRequestSchema)` to create a new message.
+ */
+export const CreateScheduleRequestSchema: GenMessage<CreateScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 40);
+
+/**
+ * @generated from message cruzflow.v1.CreateScheduleResponse
+ */
+export type CreateScheduleResponse = Message<"cruzflow.v1.CreateScheduleResponse"> & {
+  /**
+   * @generated from field: cruzflow.v1.Schedule schedule = 1;
+   */
+  schedule?: Schedule | undefined;
+};
+
+/**
+ * Describes the message cruzflow.v1.CreateScheduleResponse.
+ * Use `create(CreateScheduleResponseSchema)` to create a new message.
+ */
+export const CreateScheduleResponseSchema: GenMessage<CreateScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 41);
+
+/**
+ * @generated from message cruzflow.v1.GetScheduleRequest
+ */
+export type GetScheduleRequest = Message<"cruzflow.v1.GetScheduleRequest"> & {
+  /**
+   * @generated from field: string schedule_id = 1;
+   */
+  scheduleId: string;
+};
+
+/**
+ * Describes the message cruzflow.v1.GetScheduleRequest.
+ * Use `create(GetScheduleRequestSchema)` to create a new message.
+ */
+export const GetScheduleRequestSchema: GenMessage<GetScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 42);
+
+/**
+ * @generated from message cruzflow.v1.GetScheduleResponse
+ */
+export type GetScheduleResponse = Message<"cruzflow.v1.GetScheduleResponse"> & {
+  /**
+   * @generated from field: cruzflow.v1.Schedule schedule = 1;
+   */
+  schedule?: Schedule | undefined;
+};
+
+/**
+ * Describes the message cruzflow.v1.GetScheduleResponse.
+ * Use `create(GetScheduleResponseSchema)` to create a new message.
+ */
+export const GetScheduleResponseSchema: GenMessage<GetScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 43);
+
+/**
+ * @generated from message cruzflow.v1.ListSchedulesRequest
+ */
+export type ListSchedulesRequest = Message<"cruzflow.v1.ListSchedulesRequest"> & {
+  /**
+   * Only schedules of this workflow.
+   *
+   * @generated from field: string workflow = 1;
+   */
+  workflow: string;
+
+  /**
+   * At most this many schedules (1 to 1000; 0 means 100).
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * From a previous response's next_page_token, with the same filter.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message cruzflow.v1.ListSchedulesRequest.
+ * Use `create(ListSchedulesRequestSchema)` to create a new message.
+ */
+export const ListSchedulesRequestSchema: GenMessage<ListSchedulesRequest> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 44);
+
+/**
+ * @generated from message cruzflow.v1.ListSchedulesResponse
+ */
+export type ListSchedulesResponse = Message<"cruzflow.v1.ListSchedulesResponse"> & {
+  /**
+   * By id.
+   *
+   * @generated from field: repeated cruzflow.v1.Schedule schedules = 1;
+   */
+  schedules: Schedule[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message cruzflow.v1.ListSchedulesResponse.
+ * Use `create(ListSchedulesResponseSchema)` to create a new message.
+ */
+export const ListSchedulesResponseSchema: GenMessage<ListSchedulesResponse> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 45);
+
+/**
+ * @generated from message cruzflow.v1.PauseScheduleRequest
+ */
+export type PauseScheduleRequest = Message<"cruzflow.v1.PauseScheduleRequest"> & {
+  /**
+   * @generated from field: string schedule_id = 1;
+   */
+  scheduleId: string;
+};
+
+/**
+ * Describes the message cruzflow.v1.PauseScheduleRequest.
+ * Use `create(PauseScheduleRequestSchema)` to create a new message.
+ */
+export const PauseScheduleRequestSchema: GenMessage<PauseScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 46);
+
+/**
+ * @generated from message cruzflow.v1.PauseScheduleResponse
+ */
+export type PauseScheduleResponse = Message<"cruzflow.v1.PauseScheduleResponse"> & {
+  /**
+   * @generated from field: cruzflow.v1.Schedule schedule = 1;
+   */
+  schedule?: Schedule | undefined;
+};
+
+/**
+ * Describes the message cruzflow.v1.PauseScheduleResponse.
+ * Use `create(PauseScheduleResponseSchema)` to create a new message.
+ */
+export const PauseScheduleResponseSchema: GenMessage<PauseScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 47);
+
+/**
+ * @generated from message cruzflow.v1.ResumeScheduleRequest
+ */
+export type ResumeScheduleRequest = Message<"cruzflow.v1.ResumeScheduleRequest"> & {
+  /**
+   * @generated from field: string schedule_id = 1;
+   */
+  scheduleId: string;
+};
+
+/**
+ * Describes the message cruzflow.v1.ResumeScheduleRequest.
+ * Use `create(ResumeScheduleRequestSchema)` to create a new message.
+ */
+export const ResumeScheduleRequestSchema: GenMessage<ResumeScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 48);
+
+/**
+ * @generated from message cruzflow.v1.ResumeScheduleResponse
+ */
+export type ResumeScheduleResponse = Message<"cruzflow.v1.ResumeScheduleResponse"> & {
+  /**
+   * @generated from field: cruzflow.v1.Schedule schedule = 1;
+   */
+  schedule?: Schedule | undefined;
+};
+
+/**
+ * Describes the message cruzflow.v1.ResumeScheduleResponse.
+ * Use `create(ResumeScheduleResponseSchema)` to create a new message.
+ */
+export const ResumeScheduleResponseSchema: GenMessage<ResumeScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 49);
+
+/**
+ * @generated from message cruzflow.v1.DeleteScheduleRequest
+ */
+export type DeleteScheduleRequest = Message<"cruzflow.v1.DeleteScheduleRequest"> & {
+  /**
+   * @generated from field: string schedule_id = 1;
+   */
+  scheduleId: string;
+};
+
+/**
+ * Describes the message cruzflow.v1.DeleteScheduleRequest.
+ * Use `create(DeleteScheduleRequestSchema)` to create a new message.
+ */
+export const DeleteScheduleRequestSchema: GenMessage<DeleteScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 50);
+
+/**
+ * @generated from message cruzflow.v1.DeleteScheduleResponse
+ */
+export type DeleteScheduleResponse = Message<"cruzflow.v1.DeleteScheduleResponse"> & {
+};
+
+/**
+ * Describes the message cruzflow.v1.DeleteScheduleResponse.
+ * Use `create(DeleteScheduleResponseSchema)` to create a new message.
+ */
+export const DeleteScheduleResponseSchema: GenMessage<DeleteScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 51);
+
+/**
+ * @generated from message cruzflow.v1.TriggerScheduleRequest
+ */
+export type TriggerScheduleRequest = Message<"cruzflow.v1.TriggerScheduleRequest"> & {
+  /**
+   * @generated from field: string schedule_id = 1;
+   */
+  scheduleId: string;
+};
+
+/**
+ * Describes the message cruzflow.v1.TriggerScheduleRequest.
+ * Use `create(TriggerScheduleRequestSchema)` to create a new message.
+ */
+export const TriggerScheduleRequestSchema: GenMessage<TriggerScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 52);
+
+/**
+ * @generated from message cruzflow.v1.TriggerScheduleResponse
+ */
+export type TriggerScheduleResponse = Message<"cruzflow.v1.TriggerScheduleResponse"> & {
+  /**
+   * "sched-<schedule_id>-now-<the time, UTC, to the ms>".
+   *
+   * @generated from field: string instance_id = 1;
+   */
+  instanceId: string;
+
+  /**
+   * QUEUED or RUNNING.
+   *
+   * @generated from field: cruzflow.v1.InstanceStatus status = 2;
+   */
+  status: InstanceStatus;
+};
+
+/**
+ * Describes the message cruzflow.v1.TriggerScheduleResponse.
+ * Use `create(TriggerScheduleResponseSchema)` to create a new message.
+ */
+export const TriggerScheduleResponseSchema: GenMessage<TriggerScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 53);
 
 /**
  * InstanceStatus is the lifecycle state of a workflow instance.
@@ -1357,6 +1751,74 @@ export enum StepKind {
  */
 export const StepKindSchema: GenEnum<StepKind> = /*@__PURE__*/
   enumDesc(file_cruzflow_v1_workflows, 2);
+
+/**
+ * CatchUpPolicy says what a schedule does about due times that no server
+ * fired in time (later than the grace, limits.schedule_grace: the servers
+ * were down, or the schedule's store could not be reached).
+ *
+ * @generated from enum cruzflow.v1.CatchUpPolicy
+ */
+export enum CatchUpPolicy {
+  /**
+   * ONCE when creating.
+   *
+   * @generated from enum value: CATCH_UP_POLICY_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Missed due times are skipped: only the next one fires.
+   *
+   * @generated from enum value: CATCH_UP_POLICY_SKIP = 1;
+   */
+  SKIP = 1,
+
+  /**
+   * The most recent missed due time fires, once, however many were missed.
+   *
+   * @generated from enum value: CATCH_UP_POLICY_ONCE = 2;
+   */
+  ONCE = 2,
+}
+
+/**
+ * Describes the enum cruzflow.v1.CatchUpPolicy.
+ */
+export const CatchUpPolicySchema: GenEnum<CatchUpPolicy> = /*@__PURE__*/
+  enumDesc(file_cruzflow_v1_workflows, 3);
+
+/**
+ * ScheduleOrigin is where a schedule was defined.
+ *
+ * @generated from enum cruzflow.v1.ScheduleOrigin
+ */
+export enum ScheduleOrigin {
+  /**
+   * @generated from enum value: SCHEDULE_ORIGIN_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A [[schedules]] entry of the server's config: changed by editing it.
+   *
+   * @generated from enum value: SCHEDULE_ORIGIN_CONFIG = 1;
+   */
+  CONFIG = 1,
+
+  /**
+   * CreateSchedule.
+   *
+   * @generated from enum value: SCHEDULE_ORIGIN_API = 2;
+   */
+  API = 2,
+}
+
+/**
+ * Describes the enum cruzflow.v1.ScheduleOrigin.
+ */
+export const ScheduleOriginSchema: GenEnum<ScheduleOrigin> = /*@__PURE__*/
+  enumDesc(file_cruzflow_v1_workflows, 4);
 
 /**
  * WorkflowService hosts durable workflows: create instances of the registered
@@ -1518,6 +1980,80 @@ export const WorkflowService: GenService<{
     methodKind: "unary";
     input: typeof GetCallerRequestSchema;
     output: typeof GetCallerResponseSchema;
+  },
+  /**
+   * CreateSchedule stores a cron schedule that creates an instance of a
+   * workflow at each due time (see Schedule).
+   *
+   * @generated from rpc cruzflow.v1.WorkflowService.CreateSchedule
+   */
+  createSchedule: {
+    methodKind: "unary";
+    input: typeof CreateScheduleRequestSchema;
+    output: typeof CreateScheduleResponseSchema;
+  },
+  /**
+   * GetSchedule returns a schedule, with its last and next due times.
+   *
+   * @generated from rpc cruzflow.v1.WorkflowService.GetSchedule
+   */
+  getSchedule: {
+    methodKind: "unary";
+    input: typeof GetScheduleRequestSchema;
+    output: typeof GetScheduleResponseSchema;
+  },
+  /**
+   * ListSchedules lists schedules by id, paginated.
+   *
+   * @generated from rpc cruzflow.v1.WorkflowService.ListSchedules
+   */
+  listSchedules: {
+    methodKind: "unary";
+    input: typeof ListSchedulesRequestSchema;
+    output: typeof ListSchedulesResponseSchema;
+  },
+  /**
+   * PauseSchedule stops a schedule from firing until ResumeSchedule; the due
+   * times that pass meanwhile are not caught up.
+   *
+   * @generated from rpc cruzflow.v1.WorkflowService.PauseSchedule
+   */
+  pauseSchedule: {
+    methodKind: "unary";
+    input: typeof PauseScheduleRequestSchema;
+    output: typeof PauseScheduleResponseSchema;
+  },
+  /**
+   * ResumeSchedule lets a paused schedule fire again, from its next due time.
+   *
+   * @generated from rpc cruzflow.v1.WorkflowService.ResumeSchedule
+   */
+  resumeSchedule: {
+    methodKind: "unary";
+    input: typeof ResumeScheduleRequestSchema;
+    output: typeof ResumeScheduleResponseSchema;
+  },
+  /**
+   * DeleteSchedule removes a schedule made with CreateSchedule; the instances
+   * it created stay.
+   *
+   * @generated from rpc cruzflow.v1.WorkflowService.DeleteSchedule
+   */
+  deleteSchedule: {
+    methodKind: "unary";
+    input: typeof DeleteScheduleRequestSchema;
+    output: typeof DeleteScheduleResponseSchema;
+  },
+  /**
+   * TriggerSchedule creates an instance of the schedule's workflow now, with
+   * its params, apart from its due times (paused or not).
+   *
+   * @generated from rpc cruzflow.v1.WorkflowService.TriggerSchedule
+   */
+  triggerSchedule: {
+    methodKind: "unary";
+    input: typeof TriggerScheduleRequestSchema;
+    output: typeof TriggerScheduleResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cruzflow_v1_workflows, 0);
