@@ -31,6 +31,7 @@ from cruzflow.server.bindings import (
 from cruzflow.server.config import Config
 from cruzflow.server.engine.errors import InvalidArgument
 from cruzflow.server.engine.runtime import Engine
+from cruzflow.server.engine.schedules import check_schedule_id
 from cruzflow.server.store.base import StoreError
 from cruzflow.server.store.sqlite import SqliteStore
 from cruzflow.server.telemetry import Providers, configure_logging
@@ -79,6 +80,7 @@ class Service:
             Gate(
                 [*config.tokens, TokenRule(INTERNAL_NAME, digest(self._own_token))],
                 self._workflow_of,
+                self._workflow_of_schedule,
             )
             if self._own_token is not None
             else None
@@ -87,7 +89,12 @@ class Service:
         values.update(bind_workflows(config.workflow_bindings, self.own_link))
         self.env = Env(values)
         self.engine = Engine(
-            self.store, config.workflows, self.env, config.limits, self.telemetry.observer
+            self.store,
+            config.workflows,
+            self.env,
+            config.limits,
+            self.telemetry.observer,
+            schedules=config.schedules,
         )
         self.api = WorkflowApi(self.engine)
         """The service's handlers, served over gRPC and (with [http]) over HTTP."""
@@ -236,6 +243,17 @@ class Service:
         try:
             self.engine.check_id(instance_id)
             record = await self.store.get_instance(instance_id)
+        except InvalidArgument as exc:
+            raise Refusal("INVALID_ARGUMENT", str(exc)) from None
+        except StoreError as exc:
+            raise Refusal("UNAVAILABLE", str(exc)) from None
+        return None if record is None else record.workflow
+
+    async def _workflow_of_schedule(self, schedule_id: str) -> str | None:
+        """The workflow of a schedule, for tokens limited to some workflows."""
+        try:
+            check_schedule_id(schedule_id)
+            record = await self.store.get_schedule(schedule_id)
         except InvalidArgument as exc:
             raise Refusal("INVALID_ARGUMENT", str(exc)) from None
         except StoreError as exc:

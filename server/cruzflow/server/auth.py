@@ -12,7 +12,8 @@ What the gate answers (over gRPC and over HTTP alike):
   another workflow (or listing without naming a workflow):
   ``PERMISSION_DENIED``, naming the workflows it may use; counting without
   naming one counts its workflows' instances only;
-* a workflow-limited token naming an instance of another workflow:
+* a workflow-limited token naming a schedule of another workflow, or an
+  instance of another workflow:
   ``NOT_FOUND``, worded as for an instance that does not exist. Instance ids
   are chosen by callers ("onboarding-user-42"), so telling "exists, but not
   yours" from "does not exist" would let a limited token probe the other
@@ -56,9 +57,14 @@ READ_METHODS = frozenset(
         "ListWorkflows",
         "CountInstances",
         "GetCaller",
+        "GetSchedule",
+        "ListSchedules",
     }
 )
 """What a token with ``access = "read"`` may call: nothing it does changes an instance."""
+_SCHEDULE_METHODS = frozenset(
+    {"GetSchedule", "PauseSchedule", "ResumeSchedule", "DeleteSchedule", "TriggerSchedule"}
+)
 _INSTANCE_METHODS = frozenset(
     {
         "GetStatus",
@@ -117,7 +123,8 @@ class Refusal(Exception):
 
 InstanceLookup = Callable[[str], Awaitable[str | None]]
 """The workflow of an instance, by id; None when there is no such instance.
-May raise :class:`Refusal` (a malformed id, a store that cannot read)."""
+May raise :class:`Refusal` (a malformed id, a store that cannot read). The
+same for a schedule, by its id."""
 
 
 class Gate:
@@ -125,11 +132,17 @@ class Gate:
     transport. ``lookup`` finds an instance's workflow, for the tokens limited
     to named workflows (the only ones that cost a read per call)."""
 
-    def __init__(self, tokens: Sequence[TokenRule], lookup: InstanceLookup) -> None:
+    def __init__(
+        self,
+        tokens: Sequence[TokenRule],
+        lookup: InstanceLookup,
+        schedule_lookup: InstanceLookup | None = None,
+    ) -> None:
         if not tokens:
             raise ValueError("a Gate needs at least one token")
         self._tokens = tuple(tokens)
         self._lookup = lookup
+        self._schedule_lookup = schedule_lookup
 
     def match(self, authorization: str | None) -> TokenRule | None:
         """The rule of the bearer token in an ``authorization`` header's value, or None."""
@@ -202,6 +215,22 @@ class Gate:
                 "PERMISSION_DENIED",
                 f"token {rule.name!r} may only list instances of {rule.allowed()}; {what}",
             )
+        elif name in _SCHEDULE_METHODS:
+            await self._schedule(rule, request.schedule_id)
+        elif name == "CreateSchedule" and not rule.allows(request.schedule.workflow):
+            raise Refusal(
+                "PERMISSION_DENIED",
+                f"token {rule.name!r} may only schedule instances of {rule.allowed()}; "
+                f"not of {request.schedule.workflow!r}",
+            )
+        elif name == "ListSchedules" and not rule.allows(request.workflow):
+            what = (
+                f"not {request.workflow!r}" if request.workflow else "set workflow to one of them"
+            )
+            raise Refusal(
+                "PERMISSION_DENIED",
+                f"token {rule.name!r} may only list schedules of {rule.allowed()}; {what}",
+            )
         elif name == "CountInstances" and request.workflow and not rule.allows(request.workflow):
             # Without a workflow, the answer keeps only the token's (see response).
             raise Refusal(
@@ -218,6 +247,17 @@ class Gate:
             # Deliberately the answer for an id that does not exist: see the
             # module's docstring. Only the log says what happened.
             raise _Hidden("NOT_FOUND", not_found_message(instance_id))
+
+    async def _schedule(self, rule: TokenRule, schedule_id: str) -> None:
+        missing = f"schedule_id: no schedule {schedule_id!r}; see ListSchedules for those there are"
+        if self._schedule_lookup is None:
+            raise _Hidden("NOT_FOUND", missing)
+        workflow = await self._schedule_lookup(schedule_id)
+        if workflow is None:
+            raise Refusal("NOT_FOUND", missing)
+        if not rule.allows(workflow):
+            # As for an instance: another workflow's schedule does not exist for it.
+            raise _Hidden("NOT_FOUND", missing)
 
     @staticmethod
     def response(rule: TokenRule, name: str, response: Any) -> Any:
@@ -469,11 +509,17 @@ def _scoped(gate: Gate, rule: TokenRule, method: str) -> Wrapper:
     return wrapper
 
 
-_SCOPED = _INSTANCE_METHODS | {
-    "CreateInstance",
-    "CreateInstances",
-    "ListInstances",
-    "ListWorkflows",
-    "CountInstances",
-    "GetCaller",
-}
+_SCOPED = (
+    _INSTANCE_METHODS
+    | _SCHEDULE_METHODS
+    | {
+        "CreateSchedule",
+        "ListSchedules",
+        "CreateInstance",
+        "CreateInstances",
+        "ListInstances",
+        "ListWorkflows",
+        "CountInstances",
+        "GetCaller",
+    }
+)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import ipaddress
+import json
 import os
 import re
 import ssl
@@ -33,7 +34,11 @@ from cruzflow.sdk.api import WorkflowEntrypoint
 from cruzflow.sdk.durations import to_seconds
 from cruzflow.server.auth import TokenRule, digest
 from cruzflow.server.bindings import TlsFiles, WorkflowTarget
+from cruzflow.server.engine import validate
+from cruzflow.server.engine.errors import InvalidArgument
 from cruzflow.server.engine.runtime import Limits, WorkflowSpec
+from cruzflow.server.engine.schedules import Cron, ScheduleSpec, check_schedule_id
+from cruzflow.server.records import CatchUp
 from cruzflow.server.store.base import Store
 from cruzflow.server.telemetry import Settings as TelemetrySettings
 
@@ -211,8 +216,9 @@ class LimitsSection(_Strict):
     max_json_depth: int = Field(64, ge=1, le=500)
     max_watchers: int = Field(10_000, ge=1, le=1_000_000)
     max_concurrent_rpcs: int = Field(20_000, ge=1, le=1_000_000)
+    schedule_grace: str | int = "1 minute"
 
-    @field_validator("max_sleep", "retention")
+    @field_validator("max_sleep", "retention", "schedule_grace")
     @classmethod
     def _duration(cls, value: str | int) -> str | int:
         to_seconds(value)
@@ -324,6 +330,24 @@ class AuthSection(_Strict):
     """The accepted tokens; none means no authentication."""
 
 
+class ScheduleSection(_Strict):
+    """A cron schedule: an instance of ``workflow`` at each due time."""
+
+    id: str
+    """The schedule's id, e.g. weekly-report (its instances are sched-<id>-<time>)."""
+    workflow: str
+    """A workflow hosted here (a [[workflows]] name with class_name)."""
+    cron: str
+    """Five fields, or six with seconds first, e.g. "0 9 * * MON"."""
+    timezone: str = "UTC"
+    """The IANA time zone the cron expression is read in, e.g. Europe/Paris."""
+    params: Any = None
+    """The params of every instance it creates (any TOML value, as JSON)."""
+    catch_up: Literal["skip", "once"] = "once"
+    """What happens to due times missed while no server ran: skip them, or
+    fire the most recent once."""
+
+
 class SqliteDatabaseSection(_Strict):
     binding: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """Name in ``env``, e.g. DB."""
@@ -345,6 +369,7 @@ class ConfigFile(_Strict):
     telemetry: TelemetrySection = TelemetrySection()
     auth: AuthSection = AuthSection()
     workflows: list[WorkflowSection] = []
+    schedules: list[ScheduleSection] = []
     sqlite_databases: list[SqliteDatabaseSection] = []
     vars: dict[str, str | int | float | bool] = {}
 
@@ -370,6 +395,8 @@ class Config:
         """The [server] tls_* files' contents; None: plaintext."""
         self.tokens: list[TokenRule] = []
         """The [[auth.tokens]], resolved; empty: no authentication."""
+        self.schedules: list[ScheduleSpec] = []
+        """The [[schedules]], checked."""
         self.warnings: list[str] = []
         """What the service logs as warnings when it starts (plaintext or no
         authentication allowed off loopback, a token file others can read)."""
@@ -423,6 +450,7 @@ class Config:
         values["max_sleep_s"] = to_seconds(values.pop("max_sleep"))
         values["retention_s"] = to_seconds(values.pop("retention"))
         values["purge_interval_s"] = to_seconds(values.pop("purge_interval"))
+        values["schedule_grace_s"] = to_seconds(values.pop("schedule_grace"))
         return Limits(**values)
 
     @property
@@ -508,7 +536,51 @@ def load_config(
     }
     config = Config(path, data, specs, targets)
     config.server_tls, config.tokens, config.warnings = server_tls, tokens, warnings
+    config.schedules = _schedules(path, data, specs, config.limits)
     return config
+
+
+def _schedules(
+    path: Path, data: ConfigFile, specs: dict[str, WorkflowSpec], limits: Limits
+) -> list[ScheduleSpec]:
+    """The [[schedules]], each checked as CreateSchedule checks one."""
+    out: list[ScheduleSpec] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(data.schedules):
+        where = f"{path}: schedules[{i}]"
+        try:
+            check_schedule_id(entry.id, "id")
+        except InvalidArgument as exc:
+            raise ConfigError(f"{where}.{exc}") from None
+        where = f"{where} ({entry.id!r})"
+        if entry.id in seen:
+            raise ConfigError(f"{where}.id: used twice (also at schedules[{seen[entry.id]}])")
+        seen[entry.id] = i
+        if entry.workflow not in specs:
+            hosted = ", ".join(sorted(specs)) or "none"
+            raise ConfigError(
+                f"{where}.workflow: {entry.workflow!r} is not a workflow hosted here (with "
+                f"class_name; hosted: {hosted})"
+            )
+        try:
+            Cron(entry.cron, entry.timezone)
+            params = json.dumps(entry.params, separators=(",", ":")).encode()
+            validate.parse_json_field(
+                params, "params", limits.max_payload_bytes, limits.max_json_depth
+            )
+        except InvalidArgument as exc:
+            raise ConfigError(f"{where}.{exc}") from None
+        out.append(
+            ScheduleSpec(
+                id=entry.id,
+                workflow=entry.workflow,
+                cron=entry.cron,
+                timezone=entry.timezone,
+                params=params,
+                catch_up=CatchUp.SKIP if entry.catch_up == "skip" else CatchUp.ONCE,
+            )
+        )
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,6 +92,8 @@ class InstanceRecord:
     run_started_at: int | None = None
     """When the current run began: the creation, or the last RestartInstance
     (None in rows stored before it was kept: the creation)."""
+    schedule_id: str | None = None
+    """The schedule that created the instance; None when a caller did."""
 
 
 @dataclass(slots=True)
@@ -225,6 +227,8 @@ class InstanceQuery:
     """Only instances created before this time (ms since the epoch)."""
     lookup_key: str | None = None
     """Only instances created with this lookup key."""
+    schedule_id: str | None = None
+    """Only instances that this schedule created."""
     older_than: int | None = None
     """Keyset cursor: only instances stored before this position (the position
     the store returned with the previous page's last instance)."""
@@ -293,3 +297,41 @@ class Command:
 COMMAND_KINDS = ("pause", "resume", "terminate", "restart")
 ABANDONED = "abandoned"
 """The outcome the asking server records for a command nobody took in time."""
+
+
+# ------------------------------------------------------------ schedules
+
+
+class CatchUp(enum.IntEnum):
+    """What a schedule does about due times no server fired in time (the
+    numbers of the protobuf enum CatchUpPolicy)."""
+
+    SKIP = 1
+    ONCE = 2
+
+
+class ScheduleOrigin(enum.IntEnum):
+    CONFIG = 1
+    API = 2
+
+
+@dataclass(slots=True)
+class ScheduleRecord:
+    """A cron schedule as stored (times in ms since the epoch)."""
+
+    id: str
+    workflow: str
+    cron: str
+    timezone: str
+    params: bytes
+    catch_up: CatchUp
+    paused: bool
+    origin: ScheduleOrigin
+    created_at: int
+    updated_at: int
+    cursor_at: int
+    """Every due time up to this one is done with: fired, or passed over (the
+    catch-up policy, a pause). Due times after it are still to fire."""
+    last_due_at: int | None = None
+    """The due time of the last instance fired at a due time."""
+    last_instance_id: str | None = None

@@ -46,8 +46,10 @@ class Admission:
         instance_id: str = "",
         params: str | bytes = b"",
         lookup_key: str = "",
+        schedule_id: str | None = None,
     ) -> tuple[str, InstanceStatus]:
-        """Store a new instance durably and schedule it; returns its id and status."""
+        """Store a new instance durably and schedule it; returns its id and status.
+        ``schedule_id``: the schedule creating it (engine/schedules.py)."""
         self._core.refuse_while_store_fails()
         spec, params_bytes = self.check_new(workflow, instance_id, params, lookup_key)
         if instance_id:
@@ -55,7 +57,7 @@ class Admission:
         else:
             instance_id = uuid.uuid4().hex
         try:
-            status, durable = self.admit(spec, instance_id, params_bytes, lookup_key)
+            status, durable = self.admit(spec, instance_id, params_bytes, lookup_key, schedule_id)
             await self._core.durable(durable, "the instance could not be stored", instance_id)
         finally:
             self._creating.discard(instance_id)
@@ -116,7 +118,12 @@ class Admission:
             raise
 
     def admit(
-        self, spec: WorkflowSpec, instance_id: str, params: bytes, lookup_key: str = ""
+        self,
+        spec: WorkflowSpec,
+        instance_id: str,
+        params: bytes,
+        lookup_key: str = "",
+        schedule_id: str | None = None,
     ) -> tuple[InstanceStatus, Durable]:
         """Add a validated instance to the open batch and start or queue it.
 
@@ -132,6 +139,7 @@ class Admission:
         record = InstanceRecord(
             instance_id, spec.name, status, params, now, now, lookup_key=lookup_key or None,
             trace_parent=observer.creating() if observer is not None else None,
+            schedule_id=schedule_id,
         )  # fmt: skip
         if observer is not None:
             observer.created(spec.name, 1)

@@ -76,6 +76,9 @@ class Limits:
     max_concurrent_rpcs: int = 20_000
     """RPCs the gRPC server handles at once (watchers included); past it a call
     gets RESOURCE_EXHAUSTED at once instead of queueing without bound."""
+    schedule_grace_s: float = 60.0
+    """A schedule's due time fired up to this late is on time; one later was
+    missed, and its schedule's catch-up policy applies (engine/schedules.py)."""
 
 
 @dataclass(frozen=True, slots=True)

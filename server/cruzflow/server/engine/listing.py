@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 
 from cruzflow.server.engine import validate
 from cruzflow.server.engine.errors import InvalidArgument
+from cruzflow.server.engine.schedules import check_schedule_id
 from cruzflow.server.records import InstanceQuery, InstanceRecord, InstanceStatus
 
 DEFAULT_PAGE_SIZE = 100
@@ -48,6 +49,7 @@ def query(
     created_max: int | None,
     lookup_key: str,
     max_lookup_key_length: int,
+    schedule_id: str = "",
 ) -> InstanceQuery:
     """The filters of a ListInstances request; raises InvalidArgument naming the field."""
     if workflow:
@@ -83,12 +85,15 @@ def query(
     validate.check_text(
         lookup_key, "lookup_key", max_lookup_key_length, "max_lookup_key_length", required=False
     )
+    if schedule_id:
+        check_schedule_id(schedule_id)
     return InstanceQuery(
         workflow=workflow or None,
         statuses=tuple(sorted(known)),
         created_min=created_min,
         created_max=created_max,
         lookup_key=lookup_key or None,
+        schedule_id=schedule_id or None,
     )
 
 
@@ -137,6 +142,9 @@ def _digest(q: InstanceQuery) -> str:
         q.created_max,
         q.lookup_key,
     ]
+    if q.schedule_id is not None:
+        # Only when set: the tokens issued before the filter existed still hold.
+        filters.append(q.schedule_id)
     text = json.dumps(filters, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -187,7 +195,7 @@ def decode_token(token: str, q: InstanceQuery, key: bytes) -> int:
     if digest != _digest(q):
         raise InvalidArgument(
             f"page_token: issued for other filters; send the same workflow, statuses, "
-            f"create_time_min, create_time_max and lookup_key as the call that returned it, "
+            f"create_time_min, create_time_max, lookup_key and schedule_id as the call that returned it, "
             f"or {_RESTART}"
         )
     return position

@@ -152,6 +152,7 @@ class Reads:
         lookup_key: str = "",
         page_size: int = 0,
         page_token: str = "",
+        schedule_id: str = "",
     ) -> tuple[list[InstanceRecord], str]:
         """A page of instances, newest first, and the token of the next page ("" on
         the last). Times are ms since the epoch; records come without steps."""
@@ -162,6 +163,7 @@ class Reads:
             created_max,
             lookup_key,
             self._core.limits.max_lookup_key_length,
+            schedule_id,
         )
         size = listing.page_size(page_size)
         # The store's own secret: a token survives restarts, and one altered or

@@ -11,6 +11,7 @@ A thin facade over its parts, each in a file of its own:
 - ``reads.py``: GetStatus, WaitInstance, WatchInstance, ListInstances,
   CountInstances;
 - ``retention.py``: finished instances purged after their retention;
+- ``schedules.py``: cron schedules, an instance at each due time;
 - ``core.py``: what they share; ``journal.py``: group commit.
 
 It imports neither grpc nor a database driver: it talks to a ``Store`` and
@@ -22,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from cruzflow.server.engine.admission import Admission
@@ -34,8 +35,15 @@ from cruzflow.server.engine.observer import Observer
 from cruzflow.server.engine.reads import Reads
 from cruzflow.server.engine.retention import Retention
 from cruzflow.server.engine.scheduler import Scheduler
+from cruzflow.server.engine.schedules import Schedules, ScheduleSpec
 from cruzflow.server.engine.timers import Timers
-from cruzflow.server.records import EventRecord, InstanceRecord, InstanceStatus, StepRecord
+from cruzflow.server.records import (
+    EventRecord,
+    InstanceRecord,
+    InstanceStatus,
+    ScheduleRecord,
+    StepRecord,
+)
 from cruzflow.server.store.base import Store, StoreError
 
 __all__ = ["Engine", "Limits", "WorkflowSpec"]
@@ -54,6 +62,7 @@ class Engine:
         limits: Limits | None = None,
         observer: Observer | None = None,
         hooks: EngineHooks | None = None,
+        schedules: Sequence[ScheduleSpec] = (),
     ) -> None:
         self.core = core = Core(store, workflows, env, limits or Limits(), observer, hooks)
         self.timers = Timers(core)
@@ -62,6 +71,7 @@ class Engine:
         self.admission = Admission(core, self.scheduler)
         self.reads = Reads(core)
         self.retention = Retention(core)
+        self.schedules = Schedules(core, self.admission, schedules)
         core.wake_at = self.timers.schedule
         self.timers.on_due = self.controls.wake
         self.scheduler.wake = self.controls.wake
@@ -92,6 +102,7 @@ class Engine:
                 core.observer.census(status, count)
         core.store.subscribe(self.scheduler.heard)
         await self.scheduler.claim()
+        await self.schedules.start()
         self._background.append(asyncio.create_task(self.timers.loop(), name="cruzflow-timers"))
         period = core.store.lease_period_s
         if period is not None:
@@ -112,6 +123,9 @@ class Engine:
     def _start_background(self) -> None:
         """Start the engine's housekeeping tasks; shutdown cancels them."""
         self._background.append(asyncio.create_task(self.retention.loop(), name="cruzflow-purge"))
+        self._background.append(
+            asyncio.create_task(self.schedules.loop(), name="cruzflow-schedules")
+        )
 
     async def shutdown(self, grace: float) -> None:
         """Stop taking work, let attempts in flight finish for ``grace`` s, then stop."""
@@ -226,10 +240,18 @@ class Engine:
         lookup_key: str = "",
         page_size: int = 0,
         page_token: str = "",
+        schedule_id: str = "",
     ) -> tuple[list[InstanceRecord], str]:
         """A page of instances, newest first, and the token of the next page."""
         return await self.reads.list_instances(
-            workflow, statuses, created_min, created_max, lookup_key, page_size, page_token
+            workflow,
+            statuses,
+            created_min,
+            created_max,
+            lookup_key,
+            page_size,
+            page_token,
+            schedule_id,
         )
 
     async def count_instances(
@@ -264,3 +286,35 @@ class Engine:
     async def purge_finished(self) -> int:
         """Delete the finished instances past their retention; how many went."""
         return await self.retention.purge_finished()
+
+    # ------------------------------------------------------------ schedules
+    async def create_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
+        """Store a new cron schedule (see engine/schedules.py)."""
+        return await self.schedules.create(spec)
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord:
+        return await self.schedules.get(schedule_id)
+
+    async def list_schedules(
+        self, workflow: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[ScheduleRecord], str]:
+        """A page of schedules by id, and the token of the next page."""
+        return await self.schedules.list(workflow, page_size, page_token)
+
+    async def pause_schedule(self, schedule_id: str) -> ScheduleRecord:
+        return await self.schedules.pause(schedule_id, True)
+
+    async def resume_schedule(self, schedule_id: str) -> ScheduleRecord:
+        """Fire again from the next due time; what passed while paused is not caught up."""
+        return await self.schedules.pause(schedule_id, False)
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        await self.schedules.delete(schedule_id)
+
+    async def trigger_schedule(self, schedule_id: str) -> tuple[str, InstanceStatus]:
+        """Create an instance of the schedule now; its id and status."""
+        return await self.schedules.trigger(schedule_id)
+
+    def next_due(self, schedule: ScheduleRecord) -> int | None:
+        """When the schedule fires next (ms); None while paused."""
+        return self.schedules.next_due(schedule)

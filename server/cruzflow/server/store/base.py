@@ -24,6 +24,7 @@ from cruzflow.server.records import (
     Lease,
     Notice,
     Refusal,
+    ScheduleRecord,
     StepRecord,
 )
 
@@ -182,3 +183,38 @@ class Store(Protocol):
     async def ended_before(self, before: int, limit: int) -> list[str]:
         """Ids of up to ``limit`` finished instances that ended before ``before``
         (ms), the longest ended first: retention's candidates."""
+
+    # ------------------------------------------------------------ schedules
+    # Written at once (not through a batch): a schedule changes seldom, and
+    # what makes a due time fire once is its instance's id, not these rows.
+    async def put_schedule(self, schedule: ScheduleRecord, *, replace: bool = False) -> bool:
+        """Store a new schedule: True, or False if its id is taken. With
+        ``replace`` (a config schedule at start) a stored one of that id takes
+        the new definition and origin, keeping its paused flag and cursor."""
+
+    async def drop_config_schedules(self, keep: list[str]) -> list[str]:
+        """Delete the schedules of the config (origin CONFIG) whose id is not in
+        ``keep``; the ids deleted."""
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None: ...
+
+    async def list_schedules(
+        self, workflow: str | None, after: str, limit: int
+    ) -> list[ScheduleRecord]:
+        """Up to ``limit`` schedules with an id after ``after`` (bytewise), by id;
+        only those of ``workflow`` unless it is None."""
+
+    async def pause_schedule(self, schedule_id: str, paused: bool, at: int) -> bool:
+        """Set the paused flag; resuming also moves the cursor to ``at`` (the due
+        times that passed while paused are not caught up). False: no such
+        schedule."""
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """False: no such schedule."""
+
+    async def mark_schedule(
+        self, schedule_id: str, cursor_at: int, instance_id: str | None = None
+    ) -> None:
+        """Every due time up to ``cursor_at`` is done with (the cursor never
+        moves back); with ``instance_id``, the instance fired at that due time
+        (kept as the last fired unless a later one is)."""

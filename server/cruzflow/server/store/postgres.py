@@ -49,10 +49,12 @@ from cruzflow.server.records import (
     Notice,
     NoticeKind,
     Refusal,
+    ScheduleOrigin,
+    ScheduleRecord,
     StepRecord,
 )
 from cruzflow.server.store.base import HELD_ELSEWHERE, StoreError
-from cruzflow.server.store.rows import event_of, inbox_of, instance_of, step_of
+from cruzflow.server.store.rows import event_of, inbox_of, instance_of, schedule_of, step_of
 
 log = logging.getLogger("cruzflow.store")
 
@@ -542,6 +544,30 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX commands_pending ON commands (instance_id, at) WHERE taken_by IS NULL;
     """,
+    """
+    -- Cron schedules (engine/schedules.py); cursor_at: every due time up to
+    -- it is done with (fired, or passed over).
+    CREATE TABLE schedules (
+        id text PRIMARY KEY,
+        workflow text NOT NULL,
+        cron text NOT NULL,
+        timezone text NOT NULL,
+        params bytea NOT NULL,
+        catch_up smallint NOT NULL,
+        paused boolean NOT NULL,
+        origin smallint NOT NULL,
+        created_at bigint NOT NULL,
+        updated_at bigint NOT NULL,
+        cursor_at bigint NOT NULL,
+        last_due_at bigint,
+        last_instance_id text
+    );
+    -- The schedule that created an instance (set beside cruzflow_apply, in
+    -- its transaction: see PostgresStore.apply), and ListInstances by it.
+    ALTER TABLE instances ADD COLUMN schedule_id text;
+    CREATE INDEX instances_by_schedule ON instances (schedule_id, pk)
+        WHERE schedule_id IS NOT NULL;
+    """,
 ]
 
 # The lease (2), the token, then one array per column: new instances (15),
@@ -586,7 +612,18 @@ _RENEW = (
     " WHERE epoch = $2 AND owner = $1 AND expires_at > clock_timestamp() RETURNING epoch"
 )
 
-_INSTANCE_COLUMNS = f"{_prefixed('i')}, {_LAST_SEQ.format('i')}"
+_INSTANCE_COLUMNS = f"{_prefixed('i')}, {_LAST_SEQ.format('i')}, i.schedule_id"
+# Only for the new instances a schedule created, and only those inserted
+# (a taken id, $3, keeps its row as it was).
+_SET_SCHEDULE = (
+    "UPDATE instances i SET schedule_id = s.schedule_id"
+    " FROM unnest($1::text[], $2::text[]) AS s(id, schedule_id)"
+    " WHERE i.id = s.id AND NOT (s.id = ANY($3::text[]))"
+)
+_SCHEDULE_COLUMNS = (
+    "id, workflow, cron, timezone, params, catch_up, paused, origin, created_at, updated_at,"
+    " cursor_at, last_due_at, last_instance_id"
+)
 _GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.id = $1"
 _COUNT_UNFINISHED = (
     "SELECT status, count(*) FROM instances"
@@ -663,8 +700,14 @@ def _page_query(
 
     by_workflow = f" AND i.workflow = {arg(query.workflow)}" if query.workflow is not None else ""
     select = f"SELECT i.pk, {_INSTANCE_COLUMNS} FROM instances i"
+    by_schedule = (
+        f" AND i.schedule_id = {arg(query.schedule_id)}" if query.schedule_id is not None else ""
+    )
     if query.lookup_key is not None:
-        where = f"i.lookup_key = {arg(query.lookup_key)}{by_workflow}{status_in()}"
+        where = f"i.lookup_key = {arg(query.lookup_key)}{by_schedule}{by_workflow}{status_in()}"
+        return f"{select} WHERE {where}{bounds}{tail}", tuple(args)
+    if query.schedule_id is not None:
+        where = f"true{by_schedule}{by_workflow}{status_in()}"
         return f"{select} WHERE {where}{bounds}{tail}", tuple(args)
     if statuses and (query.workflow is None or all(s in _LIVE_STATUSES for s in statuses)):
         # One index range per status, merged in pk order.
@@ -732,6 +775,7 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "list_by_lookup": _page_query(
         InstanceQuery(workflow="w", lookup_key="k", statuses=(InstanceStatus.RUNNING,)), 0, 10, 10
     ),
+    "list_by_schedule": _page_query(InstanceQuery(schedule_id="s"), 0, 10, 10),
     "position_at": (_POSITION_AT, (0,)),
     "ended_before": (_ENDED_BEFORE, (0, 10)),
 }
@@ -1112,7 +1156,7 @@ class PostgresStore:
         self._tokens[key] = (batch, token)
         args = _apply_args(lease, token, batch)
         try:
-            row = await self._call_apply(args)
+            row = await self._call_apply(args, batch)
         except Exception as exc:
             if not _is_fault(exc):
                 self._tokens.pop(key, None)
@@ -1127,9 +1171,22 @@ class PostgresStore:
         refused.update(dict.fromkeys(row[1], Refusal.FENCED))
         return refused
 
-    async def _call_apply(self, args: list[Any]) -> asyncpg.Record:
+    async def _call_apply(self, args: list[Any], batch: Batch) -> asyncpg.Record:
+        scheduled = [r for r in batch.new_instances if r.schedule_id]
         async with self._pool_or_fail().acquire() as conn:
-            row: asyncpg.Record = await conn.fetchrow(_APPLY, *args)
+            if not scheduled:
+                row: asyncpg.Record = await conn.fetchrow(_APPLY, *args)
+                return row
+            # A schedule's instances: their schedule id in the same
+            # transaction (a retry of a batch that landed sets it again).
+            async with conn.transaction():
+                row = await conn.fetchrow(_APPLY, *args)
+                await conn.execute(
+                    _SET_SCHEDULE,
+                    [r.id for r in scheduled],
+                    [r.schedule_id for r in scheduled],
+                    list(row[0]) + list(row[1]),
+                )
             return row
 
     # ------------------------------------------------------------ commands
@@ -1274,6 +1331,83 @@ class PostgresStore:
     async def ended_before(self, before: int, limit: int) -> list[str]:
         rows = await self._fetch(_ENDED_BEFORE, before, limit)
         return [r[0] for r in rows]
+
+    # ------------------------------------------------------------ schedules
+    async def put_schedule(self, schedule: ScheduleRecord, *, replace: bool = False) -> bool:
+        s = schedule
+        conflict = (
+            " ON CONFLICT (id) DO UPDATE SET workflow = excluded.workflow,"
+            " cron = excluded.cron, timezone = excluded.timezone, params = excluded.params,"
+            " catch_up = excluded.catch_up, origin = excluded.origin,"
+            " updated_at = excluded.updated_at"
+            if replace
+            else " ON CONFLICT (id) DO NOTHING"
+        )
+        rows = await self._fetch(
+            f"INSERT INTO schedules ({_SCHEDULE_COLUMNS}) VALUES"
+            f" ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13){conflict} RETURNING id",
+            s.id, s.workflow, s.cron, s.timezone, s.params, int(s.catch_up), s.paused,
+            int(s.origin), s.created_at, s.updated_at, s.cursor_at, s.last_due_at,
+            s.last_instance_id,
+        )  # fmt: skip
+        return bool(rows)
+
+    async def drop_config_schedules(self, keep: list[str]) -> list[str]:
+        rows = await self._fetch(
+            "DELETE FROM schedules WHERE origin = $1 AND NOT (id = ANY($2::text[])) RETURNING id",
+            int(ScheduleOrigin.CONFIG),
+            keep,
+        )
+        return [r[0] for r in rows]
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        rows = await self._fetch(
+            f"SELECT {_SCHEDULE_COLUMNS} FROM schedules WHERE id = $1", schedule_id
+        )
+        return schedule_of(rows[0]) if rows else None
+
+    async def list_schedules(
+        self, workflow: str | None, after: str, limit: int
+    ) -> list[ScheduleRecord]:
+        rows = await self._fetch(
+            f'SELECT {_SCHEDULE_COLUMNS} FROM schedules WHERE id COLLATE "C" > $1'
+            ' AND ($2::text IS NULL OR workflow = $2) ORDER BY id COLLATE "C" LIMIT $3',
+            after,
+            workflow,
+            limit,
+        )
+        return [schedule_of(r) for r in rows]
+
+    async def pause_schedule(self, schedule_id: str, paused: bool, at: int) -> bool:
+        # Resuming moves the cursor to now: what passed while paused is not caught up.
+        rows = await self._fetch(
+            "UPDATE schedules SET paused = $2, updated_at = $3,"
+            " cursor_at = CASE WHEN $2 THEN cursor_at ELSE greatest(cursor_at, $3) END"
+            " WHERE id = $1 RETURNING id",
+            schedule_id,
+            paused,
+            at,
+        )
+        return bool(rows)
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        rows = await self._fetch("DELETE FROM schedules WHERE id = $1 RETURNING id", schedule_id)
+        return bool(rows)
+
+    async def mark_schedule(
+        self, schedule_id: str, cursor_at: int, instance_id: str | None = None
+    ) -> None:
+        await self._fetch(
+            "UPDATE schedules SET cursor_at = greatest(cursor_at, $2),"
+            " last_due_at = CASE WHEN $3::text IS NOT NULL AND $2 > coalesce(last_due_at, -1)"
+            " THEN $2 ELSE last_due_at END,"
+            " last_instance_id = CASE WHEN $3::text IS NOT NULL"
+            " AND $2 > coalesce(last_due_at, -1) THEN $3 ELSE last_instance_id END"
+            " WHERE id = $1",
+            schedule_id,
+            cursor_at,
+            instance_id,
+        )
 
 
 def _is_fault(exc: BaseException) -> bool:

@@ -8,11 +8,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from cruzflow.server.records import (
+    CatchUp,
     EventKind,
     EventRecord,
     InboxEvent,
     InstanceRecord,
     InstanceStatus,
+    ScheduleOrigin,
+    ScheduleRecord,
     StepKind,
     StepRecord,
     StepStatus,
@@ -22,7 +25,9 @@ from cruzflow.server.records import (
 def instance_of(row: Sequence[Any]) -> InstanceRecord:
     """id, workflow, status, params, created_at, updated_at, output, error_name,
     error_message, ended_at, lookup_key, wake_at, trace_parent,
-    error_traceback, run_started_at, then the newest event's sequence."""
+    error_traceback, run_started_at, then the newest event's sequence, then
+    (where a read asks for it) schedule_id: the claims of a shared store
+    leave it out, as a run has no use for it."""
     return InstanceRecord(
         id=row[0],
         workflow=row[1],
@@ -40,6 +45,7 @@ def instance_of(row: Sequence[Any]) -> InstanceRecord:
         error_traceback=row[13],
         run_started_at=row[14],
         last_seq=row[15],
+        schedule_id=row[16] if len(row) > 16 else None,
     )
 
 
@@ -74,3 +80,23 @@ def event_of(r: Sequence[Any]) -> EventRecord:
 def inbox_of(r: Sequence[Any]) -> InboxEvent:
     """id, instance_id, type, payload, at, trace_parent."""
     return InboxEvent(r[1], r[2], r[3], r[4], r[0], r[5])
+
+
+def schedule_of(r: Sequence[Any]) -> ScheduleRecord:
+    """id, workflow, cron, timezone, params, catch_up, paused, origin,
+    created_at, updated_at, cursor_at, last_due_at, last_instance_id."""
+    return ScheduleRecord(
+        id=r[0],
+        workflow=r[1],
+        cron=r[2],
+        timezone=r[3],
+        params=bytes(r[4]),
+        catch_up=CatchUp(r[5]),
+        paused=bool(r[6]),
+        origin=ScheduleOrigin(r[7]),
+        created_at=r[8],
+        updated_at=r[9],
+        cursor_at=r[10],
+        last_due_at=r[11],
+        last_instance_id=r[12],
+    )

@@ -35,10 +35,12 @@ from cruzflow.server.records import (
     Lease,
     Notice,
     Refusal,
+    ScheduleOrigin,
+    ScheduleRecord,
     StepRecord,
 )
 from cruzflow.server.store.base import StoreError
-from cruzflow.server.store.rows import event_of, inbox_of, instance_of, step_of
+from cruzflow.server.store.rows import event_of, inbox_of, instance_of, schedule_of, step_of
 
 log = logging.getLogger("cruzflow.store")
 
@@ -155,6 +157,29 @@ MIGRATIONS: list[str] = [
     -- whose status updates write it, kept its pace).
     CREATE INDEX instances_by_workflow_status ON instances (workflow, status);
     """,
+    """
+    -- Cron schedules (engine/schedules.py); cursor_at: every due time up to
+    -- it is done with (fired, or passed over).
+    CREATE TABLE schedules (
+        id TEXT PRIMARY KEY,
+        workflow TEXT NOT NULL,
+        cron TEXT NOT NULL,
+        timezone TEXT NOT NULL,
+        params BLOB NOT NULL,
+        catch_up INTEGER NOT NULL,
+        paused INTEGER NOT NULL,
+        origin INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        cursor_at INTEGER NOT NULL,
+        last_due_at INTEGER,
+        last_instance_id TEXT
+    ) WITHOUT ROWID;
+    -- The schedule that created an instance, and ListInstances by it.
+    ALTER TABLE instances ADD COLUMN schedule_id TEXT;
+    CREATE INDEX instances_by_schedule ON instances (schedule_id, pk)
+        WHERE schedule_id IS NOT NULL;
+    """,
 ]
 
 _INSERT_INSTANCE = (
@@ -197,7 +222,14 @@ _INSTANCE_COLUMNS = (
     " i.error_name, i.error_message, i.ended_at, i.lookup_key, i.wake_at, i.trace_parent,"
     " i.error_traceback, i.run_started_at,"
     " COALESCE((SELECT e.seq FROM events e WHERE e.instance_id = i.id"
-    " ORDER BY e.seq DESC LIMIT 1), 0)"
+    " ORDER BY e.seq DESC LIMIT 1), 0), i.schedule_id"
+)
+# Written after the insert, in its transaction, only for the instances a
+# schedule created: the insert of every other instance stays as it was.
+_SET_SCHEDULE = "UPDATE instances SET schedule_id = ? WHERE id = ?"
+_SCHEDULE_COLUMNS = (
+    "id, workflow, cron, timezone, params, catch_up, paused, origin, created_at, updated_at,"
+    " cursor_at, last_due_at, last_instance_id"
 )
 _GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.id = ?"
 # Walks only the unfinished part of the status index, however long the history.
@@ -269,11 +301,23 @@ def _page_query(
     tail = " ORDER BY 1 DESC LIMIT ?"
     select = f"SELECT {_LIST_COLUMNS} FROM instances i"
     if query.lookup_key is not None:
+        by_schedule = " AND i.schedule_id = ?" if query.schedule_id is not None else ""
+        schedule_args: tuple[Any, ...] = (
+            (query.schedule_id,) if query.schedule_id is not None else ()
+        )
         sql = (
             f"{select} INDEXED BY instances_by_lookup WHERE i.lookup_key = ?"
+            f"{by_schedule}{by_workflow}{status_in}{bounds}{tail}"
+        )
+        return sql, (
+            query.lookup_key, *schedule_args, *workflow_args, *statuses, *bound_args, limit,
+        )  # fmt: skip
+    if query.schedule_id is not None:
+        sql = (
+            f"{select} INDEXED BY instances_by_schedule WHERE i.schedule_id = ?"
             f"{by_workflow}{status_in}{bounds}{tail}"
         )
-        return sql, (query.lookup_key, *workflow_args, *statuses, *bound_args, limit)
+        return sql, (query.schedule_id, *workflow_args, *statuses, *bound_args, limit)
     if statuses and (query.workflow is None or all(s in _LIVE for s in statuses)):
         arm = f"{select} INDEXED BY instances_by_status WHERE i.status = ?{by_workflow}{bounds}"
         args: list[Any] = []
@@ -363,6 +407,7 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "list_by_lookup": _page_query(
         InstanceQuery(workflow="w", lookup_key="k", statuses=(InstanceStatus.RUNNING,)), 0, 10, 10
     ),
+    "list_by_schedule": _page_query(InstanceQuery(schedule_id="s"), 0, 10, 10),
     "position_at": (_POSITION_AT, (0,)),
     "ended_before": (_ENDED_BEFORE, (0, 10)),
     **{
@@ -580,6 +625,9 @@ class SqliteStore:
                     for r in batch.new_instances
                 ],
             )  # fmt: skip
+            scheduled = [(r.schedule_id, r.id) for r in batch.new_instances if r.schedule_id]
+            if scheduled:
+                await conn.executemany(_SET_SCHEDULE, scheduled)
         if batch.instance_updates:
             await conn.executemany(
                 _UPDATE_INSTANCE,
@@ -851,3 +899,83 @@ class SqliteStore:
     async def ended_before(self, before: int, limit: int) -> list[str]:
         rows = await self._fetch(_ENDED_BEFORE, (before, limit))
         return [r[0] for r in rows]
+
+    # ------------------------------------------------------------ schedules
+    # Single statements in autocommit on the reader connection, as commands:
+    # a schedule changes seldom, and never inside a batch's transaction.
+    async def put_schedule(self, schedule: ScheduleRecord, *, replace: bool = False) -> bool:
+        s = schedule
+        values = (
+            s.id, s.workflow, s.cron, s.timezone, s.params, int(s.catch_up), int(s.paused),
+            int(s.origin), s.created_at, s.updated_at, s.cursor_at, s.last_due_at,
+            s.last_instance_id,
+        )  # fmt: skip
+        conflict = (
+            " ON CONFLICT (id) DO UPDATE SET workflow = excluded.workflow,"
+            " cron = excluded.cron, timezone = excluded.timezone, params = excluded.params,"
+            " catch_up = excluded.catch_up, origin = excluded.origin,"
+            " updated_at = excluded.updated_at"
+            if replace
+            else " ON CONFLICT (id) DO NOTHING"
+        )
+        changed = await self._command_write(
+            f"INSERT INTO schedules ({_SCHEDULE_COLUMNS}) VALUES"
+            f" (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?){conflict}",
+            values,
+        )
+        return changed == 1
+
+    async def drop_config_schedules(self, keep: list[str]) -> list[str]:
+        rows = await self._fetch(
+            "SELECT id FROM schedules WHERE origin = ?", (int(ScheduleOrigin.CONFIG),)
+        )
+        gone = [r[0] for r in rows if r[0] not in keep]
+        for schedule_id in gone:
+            await self._command_write(
+                "DELETE FROM schedules WHERE id = ? AND origin = ?",
+                (schedule_id, int(ScheduleOrigin.CONFIG)),
+            )
+        return gone
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        rows = await self._fetch(
+            f"SELECT {_SCHEDULE_COLUMNS} FROM schedules WHERE id = ?", (schedule_id,)
+        )
+        return schedule_of(rows[0]) if rows else None
+
+    async def list_schedules(
+        self, workflow: str | None, after: str, limit: int
+    ) -> list[ScheduleRecord]:
+        by_workflow = " AND workflow = ?" if workflow is not None else ""
+        args: tuple[Any, ...] = (after, workflow, limit) if workflow is not None else (after, limit)
+        rows = await self._fetch(
+            f"SELECT {_SCHEDULE_COLUMNS} FROM schedules WHERE id > ?{by_workflow}"
+            " ORDER BY id LIMIT ?",
+            args,
+        )
+        return [schedule_of(r) for r in rows]
+
+    async def pause_schedule(self, schedule_id: str, paused: bool, at: int) -> bool:
+        # Resuming moves the cursor to now: what passed while paused is not caught up.
+        changed = await self._command_write(
+            "UPDATE schedules SET paused = ?, updated_at = ?,"
+            " cursor_at = CASE WHEN ? THEN cursor_at ELSE max(cursor_at, ?) END WHERE id = ?",
+            (int(paused), at, int(paused), at, schedule_id),
+        )
+        return changed == 1
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        changed = await self._command_write("DELETE FROM schedules WHERE id = ?", (schedule_id,))
+        return changed == 1
+
+    async def mark_schedule(
+        self, schedule_id: str, cursor_at: int, instance_id: str | None = None
+    ) -> None:
+        await self._command_write(
+            "UPDATE schedules SET cursor_at = max(cursor_at, ?1),"
+            " last_due_at = CASE WHEN ?2 IS NOT NULL AND ?1 > COALESCE(last_due_at, -1)"
+            " THEN ?1 ELSE last_due_at END,"
+            " last_instance_id = CASE WHEN ?2 IS NOT NULL AND ?1 > COALESCE(last_due_at, -1)"
+            " THEN ?2 ELSE last_instance_id END WHERE id = ?3",
+            (cursor_at, instance_id, schedule_id),
+        )

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 
 from cruzflow.server.engine import errors, validate
 from cruzflow.server.engine.runtime import Engine
+from cruzflow.server.engine.schedules import ScheduleSpec
+from cruzflow.server.records import CatchUp, ScheduleRecord
 from cruzflow.server.store.base import StoreError
 from cruzflow.server.transport import convert
 from cruzflow.v1 import workflows_pb2 as pb
@@ -121,6 +123,7 @@ class WorkflowApi:
             lookup_key=request.lookup_key,
             page_size=request.page_size,
             page_token=request.page_token,
+            schedule_id=request.schedule_id,
         )
         return pb.ListInstancesResponse(
             instances=[convert.instance(record, []) for record in page], next_page_token=token
@@ -183,6 +186,60 @@ class WorkflowApi:
         # gate (auth.Gate.response) fills in the calling token's rule on
         # every transport: only the gate knows which token called.
         return pb.GetCallerResponse(auth_required=False)
+
+    # ------------------------------------------------------------ schedules
+    def _schedule(self, record: ScheduleRecord) -> pb.Schedule:
+        return convert.schedule(record, self._engine.next_due(record))
+
+    async def CreateSchedule(self, request: pb.CreateScheduleRequest) -> pb.CreateScheduleResponse:
+        given = request.schedule
+        catch_up = int(given.catch_up) or int(CatchUp.ONCE)
+        if catch_up not in CatchUp._value2member_map_:
+            raise errors.InvalidArgument(
+                f"schedule.catch_up: {catch_up} is not a catch-up policy; use "
+                f"CATCH_UP_POLICY_SKIP or CATCH_UP_POLICY_ONCE (the default when unset)"
+            )
+        spec = ScheduleSpec(
+            id=given.schedule_id,
+            workflow=given.workflow,
+            cron=given.cron,
+            timezone=given.timezone or "UTC",
+            params=given.params_json.encode(),
+            catch_up=CatchUp(catch_up),
+            paused=given.paused,
+        )
+        record = await self._engine.create_schedule(spec)
+        return pb.CreateScheduleResponse(schedule=self._schedule(record))
+
+    async def GetSchedule(self, request: pb.GetScheduleRequest) -> pb.GetScheduleResponse:
+        record = await self._engine.get_schedule(request.schedule_id)
+        return pb.GetScheduleResponse(schedule=self._schedule(record))
+
+    async def ListSchedules(self, request: pb.ListSchedulesRequest) -> pb.ListSchedulesResponse:
+        page, token = await self._engine.list_schedules(
+            request.workflow, request.page_size, request.page_token
+        )
+        return pb.ListSchedulesResponse(
+            schedules=[self._schedule(r) for r in page], next_page_token=token
+        )
+
+    async def PauseSchedule(self, request: pb.PauseScheduleRequest) -> pb.PauseScheduleResponse:
+        record = await self._engine.pause_schedule(request.schedule_id)
+        return pb.PauseScheduleResponse(schedule=self._schedule(record))
+
+    async def ResumeSchedule(self, request: pb.ResumeScheduleRequest) -> pb.ResumeScheduleResponse:
+        record = await self._engine.resume_schedule(request.schedule_id)
+        return pb.ResumeScheduleResponse(schedule=self._schedule(record))
+
+    async def DeleteSchedule(self, request: pb.DeleteScheduleRequest) -> pb.DeleteScheduleResponse:
+        await self._engine.delete_schedule(request.schedule_id)
+        return pb.DeleteScheduleResponse()
+
+    async def TriggerSchedule(
+        self, request: pb.TriggerScheduleRequest
+    ) -> pb.TriggerScheduleResponse:
+        instance_id, status = await self._engine.trigger_schedule(request.schedule_id)
+        return pb.TriggerScheduleResponse(instance_id=instance_id, status=_status(status))
 
 
 def _created(

@@ -8,7 +8,13 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cruzflow.server.engine import validate
-from cruzflow.server.records import EventKind, EventRecord, InstanceRecord, StepRecord
+from cruzflow.server.records import (
+    EventKind,
+    EventRecord,
+    InstanceRecord,
+    ScheduleRecord,
+    StepRecord,
+)
 from cruzflow.v1 import workflows_pb2 as pb
 
 
@@ -76,6 +82,25 @@ def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
         wake_time=_ts(record.wake_at),
         start_time=_ts(record.run_started_at or record.created_at),
         trace_id=trace_id(record.trace_parent),
+        schedule_id=record.schedule_id or "",
+    )
+
+
+def schedule(record: ScheduleRecord, next_due: int | None) -> pb.Schedule:
+    return pb.Schedule(
+        schedule_id=record.id,
+        workflow=record.workflow,
+        cron=record.cron,
+        timezone=record.timezone,
+        params_json=_text(record.params),
+        catch_up=pb.CatchUpPolicy.ValueType(int(record.catch_up)),
+        paused=record.paused,
+        origin=pb.ScheduleOrigin.ValueType(int(record.origin)),
+        last_due_time=_ts(record.last_due_at),
+        last_instance_id=record.last_instance_id or "",
+        next_due_time=_ts(next_due),
+        create_time=_ts(record.created_at),
+        update_time=_ts(record.updated_at),
     )
 
 
