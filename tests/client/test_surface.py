@@ -33,6 +33,7 @@ def test_exports_are_pinned_and_documented() -> None:
         "ResourceExhausted",
         "ResultTimeout",
         "RetryPolicy",
+        "ScheduleInfo",
         "StepInfo",
         "StepKind",
         "StepRef",

@@ -19,6 +19,7 @@ from cruzflow.client._types import (
     InstancePage,
     InstanceStatus,
     InstanceStatusInfo,
+    ScheduleInfo,
     WatchEvent,
     WorkflowInfo,
 )
@@ -114,8 +115,8 @@ class Client:
     method takes a ``timeout=`` of its own that overrides it. ``retry`` says
     how calls that are safe to repeat are retried (``None``: never):
 
-    * reads (``status``, ``get``, ``list_*``, ``count_instances``, ``caller``)
-      always;
+    * reads (``status``, ``get``, ``list_*``, ``count_instances``, ``caller``,
+      ``get_schedule``) always, and ``pause_schedule``, ``resume_schedule``;
     * ``create`` and ``create_batch`` only when every instance has an ``id``
       (a lost answer to a create without one may hide an instance that was
       stored; it is never retried). An ``ALREADY_EXISTS`` answer to such a
@@ -255,13 +256,14 @@ class Client:
         page_size: int | None = None,
         page_token: str | None = None,
         timeout: float | None = None,
+        schedule_id: str | None = None,
     ) -> InstancePage:
         """One page of instances, newest first, without their steps.
 
         Each filter narrows: ``workflow`` by name, ``status`` one status or
         several, ``create_time_min`` (inclusive) and ``create_time_max``
-        (exclusive) aware datetimes, ``lookup_key`` the key given at creation.
-        ``page_size`` is 1 to 1000 (the server's default, 100, when ``None``).
+        (exclusive) aware datetimes, ``lookup_key`` the key given at creation,
+        ``schedule_id`` the schedule that created them. ``page_size`` is 1 to 1000 (the server's default, 100, when ``None``).
         Pass the page's ``next_page_token`` back, with the same filters, for
         the next page.
         """
@@ -271,6 +273,7 @@ class Client:
             lookup_key=lookup_key or "",
             page_size=page_size or 0,
             page_token=page_token or "",
+            schedule_id=schedule_id or "",
         )
         if create_time_min is not None:
             request.create_time_min.CopyFrom(_convert.timestamp(create_time_min))
@@ -291,6 +294,7 @@ class Client:
         lookup_key: str | None = None,
         page_size: int | None = None,
         timeout: float | None = None,
+        schedule_id: str | None = None,
     ) -> AsyncGenerator[InstanceStatusInfo, None]:
         """Every instance that matches the filters (see ``list_instances_page``),
         newest first, fetching page after page as the iteration goes on."""
@@ -305,6 +309,7 @@ class Client:
                 page_size=page_size,
                 page_token=token,
                 timeout=timeout,
+                schedule_id=schedule_id,
             )
             for info in page.instances:
                 yield info
@@ -343,6 +348,109 @@ class Client:
             retry=self.retry,
         )
         return _convert.caller(response)
+
+    # ---------------------------------------------------------- schedules
+    async def create_schedule(
+        self,
+        id: str,
+        workflow: str,
+        cron: str,
+        *,
+        params: Any = None,
+        timezone: str = "UTC",
+        catch_up: str = "once",
+        paused: bool = False,
+        timeout: float | None = None,
+    ) -> ScheduleInfo:
+        """Store a cron schedule: an instance of ``workflow`` with ``params`` at
+        each due time of ``cron`` (five fields, or six with seconds first) in
+        ``timezone``. ``catch_up`` says what happens to due times missed while
+        no server ran: ``"once"`` fires the most recent, ``"skip"`` none. Not
+        retried (a lost answer may hide a schedule that was stored)."""
+        request = pb.CreateScheduleRequest(
+            schedule=pb.Schedule(
+                schedule_id=_check_text(id, "schedule_id"),
+                workflow=_check_text(workflow, "workflow"),
+                cron=cron,
+                timezone=timezone,
+                params_json=_convert.encode_json(params, "params"),
+                catch_up=_convert.catch_up_to_pb(catch_up),
+                paused=paused,
+            )
+        )
+        response = await self._unary(
+            self._rpc().CreateSchedule, request, timeout=self._deadline(timeout), retry=None
+        )
+        return _convert.schedule(response.schedule)
+
+    async def get_schedule(self, id: str, *, timeout: float | None = None) -> ScheduleInfo:
+        """The schedule ``id``, with its last and next due times."""
+        response = await self._unary(
+            self._rpc().GetSchedule,
+            pb.GetScheduleRequest(schedule_id=_check_text(id, "schedule_id")),
+            timeout=self._deadline(timeout),
+            retry=self.retry,
+        )
+        return _convert.schedule(response.schedule)
+
+    async def list_schedules(
+        self, *, workflow: str | None = None, timeout: float | None = None
+    ) -> list[ScheduleInfo]:
+        """Every schedule (of ``workflow``, if given), by id, page after page."""
+        out: list[ScheduleInfo] = []
+        token = ""
+        while True:
+            response = await self._unary(
+                self._rpc().ListSchedules,
+                pb.ListSchedulesRequest(workflow=workflow or "", page_size=1000, page_token=token),
+                timeout=self._deadline(timeout),
+                retry=self.retry,
+            )
+            out += [_convert.schedule(s) for s in response.schedules]
+            token = response.next_page_token
+            if not token:
+                return out
+
+    async def pause_schedule(self, id: str, *, timeout: float | None = None) -> ScheduleInfo:
+        """Stop the schedule firing until ``resume_schedule`` (retried: pausing
+        twice is pausing once)."""
+        response = await self._unary(
+            self._rpc().PauseSchedule,
+            pb.PauseScheduleRequest(schedule_id=_check_text(id, "schedule_id")),
+            timeout=self._deadline(timeout),
+            retry=self.retry,
+        )
+        return _convert.schedule(response.schedule)
+
+    async def resume_schedule(self, id: str, *, timeout: float | None = None) -> ScheduleInfo:
+        """Let a paused schedule fire again, from its next due time."""
+        response = await self._unary(
+            self._rpc().ResumeSchedule,
+            pb.ResumeScheduleRequest(schedule_id=_check_text(id, "schedule_id")),
+            timeout=self._deadline(timeout),
+            retry=self.retry,
+        )
+        return _convert.schedule(response.schedule)
+
+    async def delete_schedule(self, id: str, *, timeout: float | None = None) -> None:
+        """Delete a schedule made through the API; its instances stay."""
+        await self._unary(
+            self._rpc().DeleteSchedule,
+            pb.DeleteScheduleRequest(schedule_id=_check_text(id, "schedule_id")),
+            timeout=self._deadline(timeout),
+            retry=None,
+        )
+
+    async def trigger_schedule(self, id: str, *, timeout: float | None = None) -> InstanceHandle:
+        """Create an instance of the schedule now (paused or not); its handle.
+        Not retried: a repeat would create a second instance."""
+        response = await self._unary(
+            self._rpc().TriggerSchedule,
+            pb.TriggerScheduleRequest(schedule_id=_check_text(id, "schedule_id")),
+            timeout=self._deadline(timeout),
+            retry=None,
+        )
+        return InstanceHandle(self, response.instance_id)
 
     # ----------------------------------------------------------- plumbing
     def _rpc(self) -> WorkflowServiceAsyncStub:

@@ -17,6 +17,7 @@ from cruzflow.client._types import (
     InstanceCounts,
     InstanceStatus,
     InstanceStatusInfo,
+    ScheduleInfo,
     StepInfo,
     StepKind,
     StepRef,
@@ -141,6 +142,7 @@ def instance(message: pb.Instance) -> InstanceStatusInfo:
         last_sequence=message.last_sequence,
         steps=tuple(step(s) for s in message.steps),
         trace_id=message.trace_id or None,
+        schedule_id=message.schedule_id or None,
     )
 
 
@@ -237,4 +239,35 @@ def caller(message: pb.GetCallerResponse) -> CallerInfo:
         token_name=message.token_name or None,
         read_only=message.read_only,
         workflows=tuple(message.workflows),
+    )
+
+
+_CATCH_UP = {pb.CATCH_UP_POLICY_SKIP: "skip", pb.CATCH_UP_POLICY_ONCE: "once"}
+_ORIGIN = {pb.SCHEDULE_ORIGIN_CONFIG: "config", pb.SCHEDULE_ORIGIN_API: "api"}
+
+
+def catch_up_to_pb(value: str) -> pb.CatchUpPolicy.ValueType:
+    """``"skip"`` or ``"once"`` as the proto's enum; InvalidArgument otherwise."""
+    for number, name in _CATCH_UP.items():
+        if value == name:
+            return number
+    raise InvalidArgument(f"catch_up: {value!r} is not a catch-up policy; use 'skip' or 'once'")
+
+
+def schedule(message: pb.Schedule) -> ScheduleInfo:
+    """A Schedule message."""
+    return ScheduleInfo(
+        id=message.schedule_id,
+        workflow=message.workflow,
+        cron=message.cron,
+        timezone=message.timezone,
+        params=decode_json(message.params_json),
+        catch_up=_CATCH_UP.get(message.catch_up, "once"),
+        paused=message.paused,
+        origin=_ORIGIN.get(message.origin, "api"),
+        last_due_time=_time(message, "last_due_time"),
+        last_instance_id=message.last_instance_id or None,
+        next_due_time=_time(message, "next_due_time"),
+        create_time=_time(message, "create_time"),
+        update_time=_time(message, "update_time"),
     )

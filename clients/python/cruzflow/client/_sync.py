@@ -32,6 +32,7 @@ from cruzflow.client._types import (
     InstancePage,
     InstanceStatus,
     InstanceStatusInfo,
+    ScheduleInfo,
     WatchEvent,
     WorkflowInfo,
 )
@@ -192,6 +193,7 @@ class SyncClient:
         page_size: int | None = None,
         page_token: str | None = None,
         timeout: float | None = None,
+        schedule_id: str | None = None,
     ) -> InstancePage:
         """See :meth:`Client.list_instances_page`."""
         return self._loop.run(
@@ -204,6 +206,7 @@ class SyncClient:
                 page_size=page_size,
                 page_token=page_token,
                 timeout=timeout,
+                schedule_id=schedule_id,
             )
         )
 
@@ -217,6 +220,7 @@ class SyncClient:
         lookup_key: str | None = None,
         page_size: int | None = None,
         timeout: float | None = None,
+        schedule_id: str | None = None,
     ) -> Generator[InstanceStatusInfo, None, None]:
         """See :meth:`Client.list_instances`; a plain iterator."""
         return self._loop.iterate(
@@ -228,8 +232,63 @@ class SyncClient:
                 lookup_key=lookup_key,
                 page_size=page_size,
                 timeout=timeout,
+                schedule_id=schedule_id,
             )
         )
+
+    # ---------------------------------------------------------- schedules
+    def create_schedule(
+        self,
+        id: str,
+        workflow: str,
+        cron: str,
+        *,
+        params: Any = None,
+        timezone: str = "UTC",
+        catch_up: str = "once",
+        paused: bool = False,
+        timeout: float | None = None,
+    ) -> ScheduleInfo:
+        """See :meth:`Client.create_schedule`."""
+        return self._loop.run(
+            self._client.create_schedule(
+                id,
+                workflow,
+                cron,
+                params=params,
+                timezone=timezone,
+                catch_up=catch_up,
+                paused=paused,
+                timeout=timeout,
+            )
+        )
+
+    def get_schedule(self, id: str, *, timeout: float | None = None) -> ScheduleInfo:
+        """See :meth:`Client.get_schedule`."""
+        return self._loop.run(self._client.get_schedule(id, timeout=timeout))
+
+    def list_schedules(
+        self, *, workflow: str | None = None, timeout: float | None = None
+    ) -> list[ScheduleInfo]:
+        """See :meth:`Client.list_schedules`."""
+        return self._loop.run(self._client.list_schedules(workflow=workflow, timeout=timeout))
+
+    def pause_schedule(self, id: str, *, timeout: float | None = None) -> ScheduleInfo:
+        """See :meth:`Client.pause_schedule`."""
+        return self._loop.run(self._client.pause_schedule(id, timeout=timeout))
+
+    def resume_schedule(self, id: str, *, timeout: float | None = None) -> ScheduleInfo:
+        """See :meth:`Client.resume_schedule`."""
+        return self._loop.run(self._client.resume_schedule(id, timeout=timeout))
+
+    def delete_schedule(self, id: str, *, timeout: float | None = None) -> None:
+        """See :meth:`Client.delete_schedule`."""
+        self._loop.run(self._client.delete_schedule(id, timeout=timeout))
+
+    def trigger_schedule(self, id: str, *, timeout: float | None = None) -> SyncInstanceHandle:
+        """See :meth:`Client.trigger_schedule`."""
+        handle = self._loop.run(self._client.trigger_schedule(id, timeout=timeout))
+        return SyncInstanceHandle(handle, self._loop)
 
 
 class SyncWorkflowBinding:

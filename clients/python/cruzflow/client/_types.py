@@ -159,6 +159,8 @@ class InstanceStatusInfo:
     trace_id: str | None = None
     """The W3C trace id (32 hex digits) of the trace the instance's runs belong
     to, when the server traces; ``None`` otherwise."""
+    schedule_id: str | None = None
+    """The schedule that created the instance; ``None`` when a caller did."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,3 +275,30 @@ class CallerInfo:
     """A read-only token may call only the methods that change nothing."""
     workflows: tuple[str, ...]
     """The workflows whose instances it may see and change, sorted; empty: all."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleInfo:
+    """A cron schedule (``Client.create_schedule``): an instance of ``workflow``
+    at each due time, with the id ``sched-<id>-<due time, UTC>``."""
+
+    id: str
+    workflow: str
+    cron: str
+    """Five fields, or six with seconds first, e.g. ``"0 9 * * MON"``."""
+    timezone: str
+    """The IANA time zone the cron expression is read in."""
+    params: Any
+    """The params of every instance it creates, decoded from JSON."""
+    catch_up: str
+    """``"once"``: the most recent missed due time fires once; ``"skip"``: none."""
+    paused: bool
+    origin: str
+    """``"config"`` (the server's [[schedules]]) or ``"api"``."""
+    last_due_time: datetime | None
+    """The due time of the last instance it created at a due time."""
+    last_instance_id: str | None
+    next_due_time: datetime | None
+    """``None`` while paused."""
+    create_time: datetime | None
+    update_time: datetime | None
