@@ -21,6 +21,7 @@ import {
   WorkflowTerminated,
   fromConnectError,
 } from "./errors.js";
+import * as pb from "./gen/cruzflow/v1/workflows_pb.js";
 import { WorkflowService } from "./gen/cruzflow/v1/workflows_pb.js";
 import {
   DEFAULT_RECONNECT,
@@ -36,10 +37,12 @@ import {
 import {
   isFinished,
   type CallerInfo,
+  type CatchUpPolicy,
   type InstanceCounts,
   type InstanceInfo,
   type InstancePage,
   type InstanceStatus,
+  type ScheduleInfo,
   type WatchEvent,
   type WorkflowInfo,
 } from "./types.js";
@@ -100,8 +103,22 @@ export interface InstanceFilter {
   createTimeMax?: Date | undefined;
   /** Only instances created with this lookup key. */
   lookupKey?: string | undefined;
+  /** Only instances that this schedule created. */
+  scheduleId?: string | undefined;
   /** Instances per page: 1 to 1000 (the server's default, 100, when left out). */
   pageSize?: number | undefined;
+}
+
+/** Options of `client.createSchedule`. */
+export interface ScheduleOptions extends CallOptions {
+  /** The params of every instance it creates (JSON-serialisable). */
+  params?: unknown;
+  /** The IANA time zone the cron expression is read in; default `"UTC"`. */
+  timezone?: string | undefined;
+  /** Missed due times: `"once"` (the default) fires the most recent, `"skip"` none. */
+  catchUp?: CatchUpPolicy | undefined;
+  /** Create it paused. */
+  paused?: boolean | undefined;
 }
 
 /** Options of `WorkflowBinding.create`. */
@@ -252,6 +269,7 @@ export class Client {
       workflow: filter.workflow ?? "",
       statuses: statuses.map(convert.statusToPb),
       lookupKey: filter.lookupKey ?? "",
+      scheduleId: filter.scheduleId ?? "",
       pageSize: filter.pageSize ?? 0,
       pageToken: filter.pageToken ?? "",
       ...(filter.createTimeMin && { createTimeMin: timestampFromDate(filter.createTimeMin) }),
@@ -303,6 +321,86 @@ export class Client {
     };
     const response = await this.unary((o) => this.rpc.countInstances(request, o), options, this.retry);
     return convert.counts(response);
+  }
+
+  /**
+   * Store a cron schedule: an instance of `workflow` with `params` at each due
+   * time of `cron` (five fields, or six with seconds first) in `timezone`
+   * (default UTC). `catchUp` (default `"once"`) says what happens to due
+   * times missed while no server ran. Not retried.
+   */
+  async createSchedule(
+    id: string,
+    workflow: string,
+    cron: string,
+    options: ScheduleOptions = {},
+  ): Promise<ScheduleInfo> {
+    const catchUp = options.catchUp ?? "once";
+    if (catchUp !== "once" && catchUp !== "skip") {
+      throw new InvalidArgument(`catchUp: ${JSON.stringify(catchUp)} is not a catch-up policy; use "skip" or "once"`);
+    }
+    const request = {
+      schedule: {
+        scheduleId: checkText(id, "scheduleId"),
+        workflow: checkText(workflow, "workflow"),
+        cron,
+        timezone: options.timezone ?? "UTC",
+        paramsJson: convert.encodeJson(options.params, "params"),
+        catchUp: catchUp === "skip" ? pb.CatchUpPolicy.SKIP : pb.CatchUpPolicy.ONCE,
+        paused: options.paused ?? false,
+      },
+    };
+    const response = await this.unary((o) => this.rpc.createSchedule(request, o), options, null);
+    return convert.schedule(response.schedule);
+  }
+
+  /** The schedule `id`, with its last and next due times. */
+  async getSchedule(id: string, options: CallOptions = {}): Promise<ScheduleInfo> {
+    const request = { scheduleId: checkText(id, "scheduleId") };
+    const response = await this.unary((o) => this.rpc.getSchedule(request, o), options, this.retry);
+    return convert.schedule(response.schedule);
+  }
+
+  /** Every schedule (of `filter.workflow`, if given), by id, page after page. */
+  async listSchedules(filter: { workflow?: string | undefined } = {}, options: CallOptions = {}): Promise<ScheduleInfo[]> {
+    const out: ScheduleInfo[] = [];
+    let pageToken = "";
+    for (;;) {
+      const request = { workflow: filter.workflow ?? "", pageSize: 1000, pageToken };
+      const response = await this.unary((o) => this.rpc.listSchedules(request, o), options, this.retry);
+      out.push(...response.schedules.map(convert.schedule));
+      pageToken = response.nextPageToken;
+      if (!pageToken) {
+        return out;
+      }
+    }
+  }
+
+  /** Stop the schedule firing until `resumeSchedule` (retried: pausing twice is pausing once). */
+  async pauseSchedule(id: string, options: CallOptions = {}): Promise<ScheduleInfo> {
+    const request = { scheduleId: checkText(id, "scheduleId") };
+    const response = await this.unary((o) => this.rpc.pauseSchedule(request, o), options, this.retry);
+    return convert.schedule(response.schedule);
+  }
+
+  /** Let a paused schedule fire again, from its next due time. */
+  async resumeSchedule(id: string, options: CallOptions = {}): Promise<ScheduleInfo> {
+    const request = { scheduleId: checkText(id, "scheduleId") };
+    const response = await this.unary((o) => this.rpc.resumeSchedule(request, o), options, this.retry);
+    return convert.schedule(response.schedule);
+  }
+
+  /** Delete a schedule made through the API; its instances stay. */
+  async deleteSchedule(id: string, options: CallOptions = {}): Promise<void> {
+    const request = { scheduleId: checkText(id, "scheduleId") };
+    await this.unary((o) => this.rpc.deleteSchedule(request, o), options, null);
+  }
+
+  /** Create an instance of the schedule now (paused or not); its handle. Not retried. */
+  async triggerSchedule(id: string, options: CallOptions = {}): Promise<InstanceHandle> {
+    const request = { scheduleId: checkText(id, "scheduleId") };
+    const response = await this.unary((o) => this.rpc.triggerSchedule(request, o), options, null);
+    return new InstanceHandle(this, response.instanceId);
   }
 
   /** What this client's token may do: read-only or not, and which workflows. */

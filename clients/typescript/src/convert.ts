@@ -14,6 +14,7 @@ import type {
   InstanceCounts,
   InstanceInfo,
   InstanceStatus,
+  ScheduleInfo,
   StepInfo,
   StepKind,
   StepRef,
@@ -155,6 +156,7 @@ export function instance<P, O>(value: pb.Instance | undefined): InstanceInfo<P, 
     lastSequence: Number(value.lastSequence),
     steps: value.steps.map(step),
     traceId: value.traceId || undefined,
+    scheduleId: value.scheduleId || undefined,
   };
 }
 
@@ -231,5 +233,27 @@ export function caller(value: pb.GetCallerResponse): CallerInfo {
     tokenName: value.tokenName,
     readOnly: value.readOnly,
     workflows: [...value.workflows],
+  };
+}
+
+/** A Schedule as a {@link ScheduleInfo}. */
+export function schedule(value: pb.Schedule | undefined): ScheduleInfo {
+  if (value === undefined) {
+    throw new TypeError("the server's answer has no schedule");
+  }
+  return {
+    id: value.scheduleId,
+    workflow: value.workflow,
+    cron: value.cron,
+    timezone: value.timezone,
+    params: decodeJson(value.paramsJson),
+    catchUp: value.catchUp === pb.CatchUpPolicy.SKIP ? "skip" : "once",
+    paused: value.paused,
+    origin: value.origin === pb.ScheduleOrigin.CONFIG ? "config" : "api",
+    lastDueTime: date(value.lastDueTime),
+    lastInstanceId: value.lastInstanceId || undefined,
+    nextDueTime: date(value.nextDueTime),
+    createTime: date(value.createTime),
+    updateTime: date(value.updateTime),
   };
 }

@@ -26,6 +26,7 @@ export {
   type CreateOptions,
   type InstanceFilter,
   type NewInstance,
+  type ScheduleOptions,
   type WaitOptions,
   type WatchOptions,
 } from "./client.js";

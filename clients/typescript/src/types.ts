@@ -131,6 +131,8 @@ export interface InstanceInfo<Params = unknown, Output = unknown> {
    * to, when the server traces; `undefined` otherwise.
    */
   readonly traceId: string | undefined;
+  /** The schedule that created the instance; `undefined` when a caller did. */
+  readonly scheduleId: string | undefined;
 }
 
 /** Which step a {@link WatchEvent} is about. */
@@ -256,4 +258,34 @@ export interface CallerInfo {
   readonly readOnly: boolean;
   /** The workflows whose instances it may see and change; empty: all. */
   readonly workflows: readonly string[];
+}
+
+/** What a schedule does about due times no server fired in time. */
+export type CatchUpPolicy = "skip" | "once";
+
+/**
+ * A cron schedule (`client.createSchedule()`): an instance of `workflow` at
+ * each due time, with the id `sched-<id>-<due time, UTC>`.
+ */
+export interface ScheduleInfo {
+  readonly id: string;
+  readonly workflow: string;
+  /** Five fields, or six with seconds first, e.g. `"0 9 * * MON"`. */
+  readonly cron: string;
+  /** The IANA time zone the cron expression is read in. */
+  readonly timezone: string;
+  /** The params of every instance it creates, parsed from JSON. */
+  readonly params: unknown;
+  /** `"once"`: the most recent missed due time fires once; `"skip"`: none. */
+  readonly catchUp: CatchUpPolicy;
+  readonly paused: boolean;
+  /** `"config"` (the server's `[[schedules]]`) or `"api"`. */
+  readonly origin: "config" | "api";
+  /** The due time of the last instance it created at a due time. */
+  readonly lastDueTime: Date | undefined;
+  readonly lastInstanceId: string | undefined;
+  /** `undefined` while paused. */
+  readonly nextDueTime: Date | undefined;
+  readonly createTime: Date | undefined;
+  readonly updateTime: Date | undefined;
 }
