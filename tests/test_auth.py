@@ -661,3 +661,78 @@ async def test_no_secret_reaches_logs_spans_or_error_messages(
     secrets_ += [digest(t).hex() for t in tokens.all()]
     leaked = [s[:6] + "..." for s in secrets_ if s in haystack]
     assert leaked == []
+
+
+# ------------------------------------------------------------- schedules
+
+
+def _schedule(schedule_id: str, workflow: str) -> pb.CreateScheduleRequest:
+    return pb.CreateScheduleRequest(
+        schedule=pb.Schedule(
+            schedule_id=schedule_id, workflow=workflow, cron="0 9 * * MON", paused=True
+        )
+    )
+
+
+async def test_schedules_under_tokens(start: Start, tokens: Tokens) -> None:
+    """Read tokens get and list; writes need a write token; a workflow token
+    sees and changes only its workflows' schedules (another's is not found)."""
+    node = await start()
+    admin, reader = bearer(tokens.admin), bearer(tokens.reader)
+    approver, watcher = bearer(tokens.approver), bearer(tokens.watcher)
+    assert await node.code("CreateSchedule", _schedule("theirs", "three-steps"), admin) == (OK, "")
+    assert await node.code("CreateSchedule", _schedule("mine", "approval"), approver) == (OK, "")
+    code, details = await node.code("CreateSchedule", _schedule("nope", "three-steps"), approver)
+    assert code == DENIED and "may only schedule instances of approval" in details
+
+    # The read-only token reads, and changes nothing.
+    assert (await node.code("GetSchedule", pb.GetScheduleRequest(schedule_id="theirs"), reader))[
+        0
+    ] == OK
+    assert (await node.code("ListSchedules", pb.ListSchedulesRequest(), reader))[0] == OK
+    for method, request in (
+        ("CreateSchedule", _schedule("ro", "approval")),
+        ("PauseSchedule", pb.PauseScheduleRequest(schedule_id="theirs")),
+        ("ResumeSchedule", pb.ResumeScheduleRequest(schedule_id="theirs")),
+        ("DeleteSchedule", pb.DeleteScheduleRequest(schedule_id="theirs")),
+        ("TriggerSchedule", pb.TriggerScheduleRequest(schedule_id="theirs")),
+    ):
+        code, details = await node.code(method, request, reader)
+        assert code == DENIED, method
+        assert details.startswith(f"token 'reader' is read-only; {method}")
+
+    # The workflow tokens: their own schedules, and nothing of the others'.
+    for token in (approver, watcher):
+        ok = await node.code("GetSchedule", pb.GetScheduleRequest(schedule_id="mine"), token)
+        assert ok == (OK, "")
+        hidden = await node.code("GetSchedule", pb.GetScheduleRequest(schedule_id="theirs"), token)
+        missing = await node.code("GetSchedule", pb.GetScheduleRequest(schedule_id="ghost"), token)
+        assert hidden[0] == missing[0] == NOT_FOUND
+        assert hidden[1].replace("theirs", "ghost") == missing[1]
+        code, details = await node.code("ListSchedules", pb.ListSchedulesRequest(), token)
+        assert code == DENIED and "set workflow to one of them" in details
+        listed = await node.stub.ListSchedules(
+            pb.ListSchedulesRequest(workflow="approval"), metadata=token
+        )
+        assert [s.schedule_id for s in listed.schedules] == ["mine"]
+    for method, request in (
+        ("PauseSchedule", pb.PauseScheduleRequest(schedule_id="theirs")),
+        ("DeleteSchedule", pb.DeleteScheduleRequest(schedule_id="theirs")),
+        ("TriggerSchedule", pb.TriggerScheduleRequest(schedule_id="theirs")),
+    ):
+        assert (await node.code(method, request, approver))[0] == NOT_FOUND, method
+    triggered = await node.stub.TriggerSchedule(
+        pb.TriggerScheduleRequest(schedule_id="mine"), metadata=approver
+    )
+    assert triggered.instance_id.startswith("sched-mine-now-")
+    assert await node.code(
+        "DeleteSchedule", pb.DeleteScheduleRequest(schedule_id="mine"), approver
+    ) == (
+        OK,
+        "",
+    )
+    # Nothing of the other workflow's schedule changed.
+    theirs = await node.stub.GetSchedule(
+        pb.GetScheduleRequest(schedule_id="theirs"), metadata=admin
+    )
+    assert theirs.schedule.paused and not theirs.schedule.last_instance_id
