@@ -59,7 +59,9 @@ MAX_SCHEDULE_ID_LENGTH = 64
 """Longest schedule id: with ``sched-`` and the trigger suffix its instance
 ids stay within the default 100 characters."""
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
-_EXAMPLES = "e.g. '0 9 * * MON' (09:00 on Mondays), or with seconds first '*/10 * * * * *'"
+_EXAMPLES = (
+    "e.g. '0 9 * * MON' (09:00 on Mondays), or six with seconds first, e.g. '*/10 * * * * *'"
+)
 # The longest suffix of a derived instance id: "-now-" and a time to the ms.
 _SUFFIX = len("-now-20260101T000000000Z")
 # On a store several servers share: how often the schedules are read again,
@@ -96,7 +98,7 @@ class Cron:
         if not expression.startswith("@") and len(fields) not in (5, 6):
             raise InvalidArgument(
                 f"cron: {expression!r} has {len(fields)} fields; give five (minute hour "
-                f"day-of-month month day-of-week) or six with seconds first, {_EXAMPLES}"
+                f"day-of-month month day-of-week), {_EXAMPLES}"
             )
         self._seconds = len(fields) == 6
         hour = fields[2 if self._seconds else 1] if len(fields) >= 5 else ""
