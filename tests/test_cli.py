@@ -27,10 +27,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from cruzflow.server import cli, render
 from cruzflow.server.render import ErrorView, EventView, InstanceView, StepView
+from cruzflow.v1 import workflows_pb2 as pb
+from cruzflow.v1.workflows_pb2_grpc import WorkflowServiceStub
 from tests.conftest import ALL_WORKFLOWS
 from tests.procs import ROOT, ServerProcess, wait_for, write_config
 
@@ -753,3 +756,58 @@ def test_the_live_view_and_its_redraw() -> None:
     assert screen.frame(["x"]).startswith("\x1b[3F\x1b[J")
     coloured = render.Style(color=True).status("errored")
     assert coloured == "\x1b[31merrored\x1b[0m" and render.strip_ansi(coloured) == "errored"
+
+
+def test_schedules_list_trigger_pause_resume_delete(run: Run, server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        WorkflowServiceStub(channel).CreateSchedule(
+            pb.CreateScheduleRequest(
+                schedule=pb.Schedule(
+                    schedule_id="cli-weekly",
+                    workflow="three-steps",
+                    cron="0 9 * * MON",
+                    timezone="Europe/Paris",
+                    paused=True,
+                )
+            ),
+            timeout=10,
+        )
+    table = ok(run("schedules", "list")).splitlines()
+    assert table[0].split() == [
+        "ID",
+        "WORKFLOW",
+        "CRON",
+        "TIMEZONE",
+        "STATE",
+        "NEXT",
+        "DUE",
+        "(UTC)",
+        "LAST",
+    ]
+    assert table[1].split() == [
+        "cli-weekly",
+        "three-steps",
+        "0",
+        "9",
+        "*",
+        "*",
+        "MON",
+        "Europe/Paris",
+        "paused",
+    ]
+    instance_id = ok(run("schedules", "trigger", "cli-weekly")).strip()
+    assert instance_id.startswith("sched-cli-weekly-now-")
+    listed = json.loads(ok(run("list", "--schedule", "cli-weekly", "--json")))
+    assert [i["instance_id"] for i in listed] == [instance_id]
+    resumed = ok(run("schedules", "resume", "cli-weekly"))
+    assert resumed.startswith("cli-weekly: resumed (next due ") and resumed.endswith(" UTC)\n")
+    data = json.loads(ok(run("schedules", "list", "--workflow", "three-steps", "--json")))
+    assert [(s["id"], s["paused"], s["catch_up"]) for s in data] == [("cli-weekly", False, "once")]
+    assert ok(run("schedules", "pause", "cli-weekly")) == "cli-weekly: paused\n"
+    assert (
+        ok(run("schedules", "delete", "cli-weekly")) == "cli-weekly: deleted (its instances stay)\n"
+    )
+    assert ok(run("schedules", "list")) == "no schedules\n"
+    missing = run("schedules", "trigger", "cli-weekly")
+    assert missing.returncode == 1 and "no schedule 'cli-weekly'" in missing.stderr
+    assert run("schedules", "pause").returncode == 2

@@ -34,6 +34,7 @@ from cruzflow.client import (
     InstanceStatusInfo,
     InvalidArgument,
     PermissionDenied,
+    ScheduleInfo,
     StepInfo,
     Unauthenticated,
     Unavailable,
@@ -267,6 +268,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], epilog: s
         + ", ".join(s.value for s in InstanceStatus if s is not InstanceStatus.UNKNOWN),
     )
     listing.add_argument("--lookup-key", metavar="KEY", help="only those created with this key")
+    listing.add_argument("--schedule", metavar="ID", help="only those this schedule created")
     listing.add_argument(
         "--limit",
         "-n",
@@ -291,6 +293,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], epilog: s
     ):
         control = command(verb, handler, text, text[0].upper() + text[1:] + ".")
         control.add_argument("instance_id", metavar="ID")
+
+    schedules = command(
+        "schedules",
+        _schedules,
+        "list cron schedules, or trigger, pause, resume or delete one",
+        "Cron schedules (see the README's Schedules): `schedules list [--workflow W]`; "
+        "`schedules trigger ID` creates an instance of it now and prints its id; "
+        "`schedules pause ID`, `resume ID`, `delete ID`.",
+    )
+    schedules.add_argument(
+        "action", choices=("list", "trigger", "pause", "resume", "delete"), metavar="ACTION",
+        help="list, trigger, pause, resume or delete",
+    )  # fmt: skip
+    schedules.add_argument("schedule_id", metavar="ID", nargs="?", help="the schedule's id")
+    schedules.add_argument("--workflow", "-w", metavar="NAME", help="list: only this workflow's")
 
     send = command(
         "send-event",
@@ -386,6 +403,12 @@ def explain(exc: CruzflowError, args: argparse.Namespace) -> tuple[str, int]:
     """A client error as a message that says how to mend it, and its exit code."""
     address = args.address
     instance = exc.instance_id or getattr(args, "instance_id", None)
+    schedule = getattr(args, "schedule_id", None)
+    if schedule is not None and exc.details.startswith("schedule_id:"):
+        return (
+            f"no schedule {schedule!r} on {address}; `cruzflow schedules list` shows them",
+            EXIT_FAILED,
+        )
     if isinstance(exc, InstanceNotFound):
         return (
             f"no instance {instance!r} on {address}; check the id "
@@ -642,6 +665,7 @@ async def _list(ctx: Context) -> int:
         status=statuses or None,
         lookup_key=args.lookup_key,
         page_size=min(limit + 1, 1000),
+        schedule_id=args.schedule,
     )
     async with _closing(instances) as stream:
         async for info in stream:
@@ -654,7 +678,8 @@ async def _list(ctx: Context) -> int:
         return EXIT_OK
     if not found:
         ctx.print(
-            "no instances" + (" match" if args.workflow or statuses or args.lookup_key else "")
+            "no instances"
+            + (" match" if args.workflow or statuses or args.lookup_key or args.schedule else "")
         )
         return EXIT_OK
     ctx.print(render.instances_table(found, _now()))
@@ -705,6 +730,82 @@ async def _restart(ctx: Context) -> int:
     return _control_output(
         ctx, status, f"restarted from scratch (now {render.status_word(status.value)})"
     )
+
+
+def _schedule_json(info: ScheduleInfo) -> dict[str, Any]:
+    def iso(when: datetime | None) -> str | None:
+        return None if when is None else when.isoformat(timespec="milliseconds")
+
+    return {
+        "id": info.id,
+        "workflow": info.workflow,
+        "cron": info.cron,
+        "timezone": info.timezone,
+        "params": info.params,
+        "catch_up": info.catch_up,
+        "paused": info.paused,
+        "origin": info.origin,
+        "last_due_time": iso(info.last_due_time),
+        "last_instance_id": info.last_instance_id,
+        "next_due_time": iso(info.next_due_time),
+    }
+
+
+async def _schedules(ctx: Context) -> int:
+    args = ctx.args
+    if args.action == "list":
+        if args.schedule_id:
+            raise UsageError("schedules list takes no ID; --workflow NAME narrows it")
+        found = await ctx.client.list_schedules(workflow=args.workflow)
+        if ctx.json:
+            ctx.print(render.json_doc([_schedule_json(s) for s in found]))
+        elif not found:
+            ctx.print("no schedules" + (" of that workflow" if args.workflow else ""))
+        else:
+            ctx.print(
+                render.table(
+                    ["ID", "WORKFLOW", "CRON", "TIMEZONE", "STATE", "NEXT DUE (UTC)", "LAST"],
+                    [
+                        [
+                            s.id,
+                            s.workflow,
+                            s.cron,
+                            s.timezone,
+                            "paused" if s.paused else "active",
+                            ""
+                            if s.next_due_time is None
+                            else f"{s.next_due_time:%Y-%m-%d %H:%M:%S}",
+                            s.last_instance_id or "",
+                        ]
+                        for s in found
+                    ],
+                )
+            )
+        return EXIT_OK
+    if not args.schedule_id:
+        raise UsageError(f"schedules {args.action} needs the schedule's ID")
+    schedule_id: str = args.schedule_id
+    if args.action == "trigger":
+        handle = await ctx.client.trigger_schedule(schedule_id)
+        ctx.print(render.json_doc({"instance_id": handle.id}) if ctx.json else handle.id)
+        return EXIT_OK
+    if args.action == "delete":
+        await ctx.client.delete_schedule(schedule_id)
+        ctx.print(
+            render.json_doc({"schedule_id": schedule_id, "deleted": True})
+            if ctx.json
+            else f"{schedule_id}: deleted (its instances stay)"
+        )
+        return EXIT_OK
+    if args.action == "pause":
+        info = await ctx.client.pause_schedule(schedule_id)
+        done = "paused"
+    else:
+        info = await ctx.client.resume_schedule(schedule_id)
+        due = info.next_due_time
+        done = "resumed" + ("" if due is None else f" (next due {due:%Y-%m-%d %H:%M:%S} UTC)")
+    ctx.print(render.json_doc(_schedule_json(info)) if ctx.json else f"{schedule_id}: {done}")
+    return EXIT_OK
 
 
 async def _send_event(ctx: Context) -> int:

@@ -82,7 +82,7 @@ class CruzflowError(Exception):
 
 
 class NotFound(CruzflowError, LookupError):
-    """``NOT_FOUND``: the named instance or workflow does not exist."""
+    """``NOT_FOUND``: the named instance, workflow or schedule does not exist."""
 
 
 class InstanceNotFound(NotFound):
@@ -209,7 +209,11 @@ def from_rpc_error(error: grpc.RpcError, instance_id: str | None = None) -> Cruz
         code, details = grpc.StatusCode.UNKNOWN, str(error) or "unknown gRPC error"
     kind: type[CruzflowError]
     if code == grpc.StatusCode.NOT_FOUND:
-        kind = WorkflowNotFound if _WORKFLOW_FIELD.match(details) else InstanceNotFound
+        if details.startswith("schedule_id:"):
+            # An unknown schedule: neither an instance nor a workflow.
+            kind = NotFound
+        else:
+            kind = WorkflowNotFound if _WORKFLOW_FIELD.match(details) else InstanceNotFound
     else:
         kind = _BY_CODE.get(code, CruzflowError)
     return kind(details, code=code, instance_id=instance_id)
