@@ -189,3 +189,62 @@ def test_server_does_not_start_on_a_bad_config(tmp_path: Path) -> None:
     assert "server.lisen: unknown key" in result.stderr
     assert "listening" not in result.stdout
     assert not (tmp_path / "data").exists()
+
+
+_HOSTED = (
+    "[[workflows]]\nbinding = 'T'\nname = 'three'\nclass_name = 'tests.workflows:ThreeSteps'\n"
+)
+
+
+def _schedule(**fields: str) -> str:
+    values = {"id": "'nightly'", "workflow": "'three'", "cron": "'0 3 * * *'", **fields}
+    return "[[schedules]]\n" + "".join(f"{k} = {v}\n" for k, v in values.items())
+
+
+def test_schedules_load_checked(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        _HOSTED
+        + _schedule(timezone="'Europe/Paris'", params="{ a = 1, b = [true] }", catch_up="'skip'")
+        + "[limits]\nschedule_grace = '5 minutes'\n",
+    )
+    config = load_config(path)
+    [spec] = config.schedules
+    assert (spec.id, spec.workflow, spec.cron, spec.timezone) == (
+        "nightly",
+        "three",
+        "0 3 * * *",
+        "Europe/Paris",
+    )
+    assert spec.params == b'{"a":1,"b":[true]}' and spec.catch_up.name == "SKIP"
+    assert config.limits.schedule_grace_s == 300
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"cron": "'0 3 * *'"}, "schedules[0] ('nightly').cron: '0 3 * *' has 4 fields"),
+        ({"cron": "'99 * * * *'"}, "schedules[0] ('nightly').cron: '99 * * * *' is not a valid"),
+        (
+            {"timezone": "'Moon/Base'"},
+            "schedules[0] ('nightly').timezone: 'Moon/Base' is not an IANA",
+        ),
+        ({"workflow": "'elsewhere'"}, "schedules[0] ('nightly').workflow: 'elsewhere' is not a"),
+        ({"id": "'bad id'"}, "schedules[0].id: 'bad id' is not a valid schedule id"),
+        ({"catch_up": "'all'"}, "schedules[0].catch_up"),
+    ],
+)
+def test_a_bad_schedule_names_itself_and_the_key(
+    tmp_path: Path, fields: dict[str, str], words: str
+) -> None:
+    path = _write(tmp_path, _HOSTED + _schedule(**fields))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+    assert words in str(caught.value)
+
+
+def test_a_schedule_id_used_twice_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, _HOSTED + _schedule() + _schedule(cron="'0 4 * * *'"))
+    with pytest.raises(ConfigError, match=r"schedules\[1\] \('nightly'\)\.id: used twice"):
+        load_config(path)
