@@ -451,7 +451,7 @@ async def test_rpcs_create_get_list_pause_resume_trigger_delete(server: Server) 
         (_schedule(workflow="nope"), grpc.StatusCode.NOT_FOUND, "workflow:"),
         (_schedule(""), grpc.StatusCode.INVALID_ARGUMENT, "schedule_id: required"),
         (
-            _schedule(catch_up=7),  # type: ignore[arg-type]
+            _schedule(catch_up=7),
             grpc.StatusCode.INVALID_ARGUMENT,
             "catch_up",
         ),

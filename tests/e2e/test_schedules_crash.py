@@ -115,7 +115,11 @@ def test_a_schedule_fires_each_due_time_once_across_kills(tmp_path: Path, stores
             # Two more due times at least, then a kill at a random moment of
             # a second: before, during or after the next fire.
             stub = live.stub
-            wait_for(lambda stub=stub, seen=seen: len(_fired(stub)) >= seen + 2, timeout=60)
+
+            def fired_since(stub: pb_grpc.WorkflowServiceStub = stub, seen: int = seen) -> bool:
+                return len(_fired(stub)) >= seen + 2
+
+            wait_for(fired_since, timeout=60)
             time.sleep(rng.uniform(0, 0.9))
             live.kill()
             kills += 1

@@ -1156,7 +1156,11 @@ class PostgresStore:
         self._tokens[key] = (batch, token)
         args = _apply_args(lease, token, batch)
         try:
-            row = await self._call_apply(args, batch)
+            # Only the instances a schedule created take the longer way.
+            scheduled = [r for r in batch.new_instances if r.schedule_id]
+            row = await (
+                self._call_apply_scheduled(args, scheduled) if scheduled else self._call_apply(args)
+            )
         except Exception as exc:
             if not _is_fault(exc):
                 self._tokens.pop(key, None)
@@ -1171,22 +1175,24 @@ class PostgresStore:
         refused.update(dict.fromkeys(row[1], Refusal.FENCED))
         return refused
 
-    async def _call_apply(self, args: list[Any], batch: Batch) -> asyncpg.Record:
-        scheduled = [r for r in batch.new_instances if r.schedule_id]
+    async def _call_apply(self, args: list[Any]) -> asyncpg.Record:
         async with self._pool_or_fail().acquire() as conn:
-            if not scheduled:
-                row: asyncpg.Record = await conn.fetchrow(_APPLY, *args)
-                return row
-            # A schedule's instances: their schedule id in the same
-            # transaction (a retry of a batch that landed sets it again).
-            async with conn.transaction():
-                row = await conn.fetchrow(_APPLY, *args)
-                await conn.execute(
-                    _SET_SCHEDULE,
-                    [r.id for r in scheduled],
-                    [r.schedule_id for r in scheduled],
-                    list(row[0]) + list(row[1]),
-                )
+            row: asyncpg.Record = await conn.fetchrow(_APPLY, *args)
+            return row
+
+    async def _call_apply_scheduled(
+        self, args: list[Any], scheduled: list[InstanceRecord]
+    ) -> asyncpg.Record:
+        """The batch, and the schedule id of its instances a schedule created,
+        in one transaction (a retry of a batch that landed sets it again)."""
+        async with self._pool_or_fail().acquire() as conn, conn.transaction():
+            row: asyncpg.Record = await conn.fetchrow(_APPLY, *args)
+            await conn.execute(
+                _SET_SCHEDULE,
+                [r.id for r in scheduled],
+                [r.schedule_id for r in scheduled],
+                list(row[0]) + list(row[1]),
+            )
             return row
 
     # ------------------------------------------------------------ commands
