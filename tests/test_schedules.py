@@ -278,6 +278,24 @@ async def test_a_fire_cut_short_by_a_crash_is_not_fired_twice(engines: Factory) 
     assert all(i in later for i in ids)
 
 
+async def test_a_stored_schedule_this_server_cannot_read_does_not_stop_the_others(
+    engines: Factory,
+) -> None:
+    """A row whose cron this server does not know (written by another version,
+    say) is left out; the other schedules fire."""
+
+    async def before(store: Store) -> None:
+        assert await store.put_schedule(_old("odd", "every full moon", CatchUp.ONCE, ms()))
+
+    engine = await engines(before=before)
+    await engine.create_schedule(spec("fine"))
+    await eventually(lambda: _at_least(engine, "fine", 2))
+    assert await fired(engine, "odd") == []
+    # Still listed, with no next due time here.
+    listed = {r.id: r for r in (await engine.list_schedules())[0]}
+    assert engine.next_due(listed["odd"]) is None
+
+
 def test_plan_fires_on_time_dues_and_applies_the_policy_to_missed_ones() -> None:
     """The rule itself, at a chosen now: on time within the grace, missed before."""
     cron = Cron("*/10 * * * * *", "UTC")

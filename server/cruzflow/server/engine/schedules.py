@@ -267,6 +267,9 @@ class Schedules:
         reload_at = 0
         while not self._core.stopping:
             now = ms()
+            # After a failure, nothing is tried again for a second (a store
+            # that is down must not make this loop spin).
+            calm_until = 0
             try:
                 if now >= reload_at:
                     await self._reload()
@@ -278,11 +281,13 @@ class Schedules:
                 # A store that cannot be reached now must not end the schedules.
                 log.warning("schedules: %s; trying again in 1 s", exc)
                 reload_at = min(reload_at, ms() + 1000)
+                calm_until = ms() + 1000
             except Exception:
                 log.exception("schedules: unexpected error; trying again in 1 s")
                 reload_at = min(reload_at, ms() + 1000)
+                calm_until = ms() + 1000
             dues = [due for _, _, due in self._known.values() if due is not None]
-            until = min([reload_at, *dues])
+            until = max(min([reload_at, *dues]), calm_until)
             self._kick.clear()
             # At least a millisecond: a wait of 0 would not yield to the loop.
             with contextlib.suppress(TimeoutError):
@@ -294,7 +299,12 @@ class Schedules:
         while True:
             page = await self._core.store.list_schedules(None, after, 1000)
             for record in page:
-                seen[record.id] = self._entry(record)
+                try:
+                    seen[record.id] = self._entry(record)
+                except ServiceError as exc:
+                    # One schedule this server cannot read (a cron or zone it
+                    # does not know) must not stop the others.
+                    log.warning("schedule %r is left out: %s", record.id, exc)
             if len(page) < 1000:
                 break
             after = page[-1].id
@@ -371,7 +381,10 @@ class Schedules:
         """When the schedule fires next; None while paused."""
         if record.paused:
             return None
-        return Cron(record.cron, record.timezone).next_after(max(record.cursor_at, ms()))
+        try:
+            return Cron(record.cron, record.timezone).next_after(max(record.cursor_at, ms()))
+        except ServiceError:
+            return None  # a cron this server cannot read: it does not fire here
 
     async def create(self, spec: ScheduleSpec) -> ScheduleRecord:
         self._core.refuse_while_store_fails()
