@@ -266,6 +266,46 @@ def get_caller() -> st.SearchStrategy[Message]:
     return st.just(pb.GetCallerRequest())
 
 
+# Schedules: a known one (made paused before the fuzzing), new ids, anything.
+SCHEDULE_IDS = st.one_of(
+    st.just("fuzz-paused"), st.from_regex(r"sched-[a-z0-9]{1,8}", fullmatch=True), TEXT, st.just("")
+)
+CRONS = st.one_of(
+    st.sampled_from(["0 9 * * MON", "*/10 * * * * *", "@daily", "0 0 30 2 *", "61 * * * *"]),
+    TEXT,
+)
+ZONES = st.one_of(st.sampled_from(["", "UTC", "Europe/Paris", "../etc", "Mars/Base"]), TEXT)
+
+
+@st.composite
+def create_schedule(draw: st.DrawFn) -> Message:
+    # Paused, so that what the fuzzing creates never fires on its own.
+    return pb.CreateScheduleRequest(
+        schedule=pb.Schedule(
+            schedule_id=draw(SCHEDULE_IDS),
+            workflow=draw(WORKFLOWS),
+            cron=draw(CRONS),
+            timezone=draw(ZONES),
+            params_json=draw(JSON_TEXT),
+            catch_up=pb.CatchUpPolicy.ValueType(draw(st.integers(0, 5))),
+            paused=True,
+        )
+    )
+
+
+@st.composite
+def list_schedules(draw: st.DrawFn) -> Message:
+    return pb.ListSchedulesRequest(
+        workflow=draw(FILTER_WORKFLOWS),
+        page_size=draw(st.one_of(st.integers(-2, 1002), INT32)),
+        page_token=draw(st.one_of(st.just(""), TEXT)),
+    )
+
+
+def by_schedule(kind: Callable[..., Message]) -> st.SearchStrategy[Message]:
+    return SCHEDULE_IDS.map(lambda schedule_id: kind(schedule_id=schedule_id))
+
+
 RequestStrategy = Callable[[list[str]], st.SearchStrategy[Message]]
 RPCS: dict[str, RequestStrategy] = {
     "CreateInstance": lambda _: create_instance(),
@@ -282,6 +322,16 @@ RPCS: dict[str, RequestStrategy] = {
     "ListWorkflows": lambda _: list_workflows(),
     "CountInstances": lambda _: count_instances(),
     "GetCaller": lambda _: get_caller(),
+    "CreateSchedule": lambda _: create_schedule(),
+    "GetSchedule": lambda _: by_schedule(pb.GetScheduleRequest),
+    "ListSchedules": lambda _: list_schedules(),
+    "PauseSchedule": lambda _: by_schedule(pb.PauseScheduleRequest),
+    # Resuming would let a schedule fire: only ids that are not there.
+    "ResumeSchedule": lambda _: st.one_of(MISSING, TEXT).map(
+        lambda schedule_id: pb.ResumeScheduleRequest(schedule_id=schedule_id)
+    ),
+    "DeleteSchedule": lambda _: by_schedule(pb.DeleteScheduleRequest),
+    "TriggerSchedule": lambda _: by_schedule(pb.TriggerScheduleRequest),
 }
 STREAMING = {"WatchInstance"}
 
@@ -462,6 +512,8 @@ def stored_ids(rpc: str, responses: list[bytes]) -> set[str]:
             for r in responses
             for item in pb.CreateInstancesResponse.FromString(r).instances
         }
+    if rpc == "TriggerSchedule":
+        return {pb.TriggerScheduleResponse.FromString(r).instance_id for r in responses}
     return set()
 
 
@@ -521,6 +573,13 @@ async def fuzzed(make_server: ServerFactory) -> Fuzzed:
     await _settled(server, "gone", pb.INSTANCE_STATUS_WAITING)
     await stub.SendEvent(pb.SendEventRequest(instance_id="gone", type="other", payload_json="1"))
     await stub.TerminateInstance(pb.TerminateInstanceRequest(instance_id="gone"))
+    await stub.CreateSchedule(
+        pb.CreateScheduleRequest(
+            schedule=pb.Schedule(
+                schedule_id="fuzz-paused", workflow="three-steps", cron="0 9 * * MON", paused=True
+            )
+        )
+    )
     first = await stub.ListInstances(pb.ListInstancesRequest(page_size=1))
     keyed = await stub.ListInstances(
         pb.ListInstancesRequest(
