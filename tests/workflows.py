@@ -14,6 +14,7 @@ import uuid
 from typing import Any, NotRequired, TypedDict
 
 from cruzflow.workflows import (
+    ChildWorkflowError,
     EventTimeoutError,
     NonRetryableError,
     StepContext,
@@ -594,3 +595,74 @@ class FanOutRandom(WorkflowEntrypoint):
 
         values = await asyncio.gather(*(branch(i) for i in range(event.payload["steps"])))
         return await step.do("sum", lambda: {"values": values, "sum": sum(values)})
+
+
+class Kid(WorkflowEntrypoint):
+    """A child: step "work" marks "<tag>:kid-<n>:start" and sleeps params.ms
+    (a random time up to it, drawn per attempt and process, if params.random),
+    then marks "...:done"; with params.wait it then waits for a "go" event;
+    with params.fail its step "boom" fails for good. Returns {"n", "v": 10n}."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        p = event.payload
+        tag, n = p.get("tag", "kid"), p["n"]
+
+        async def work(ctx: StepContext) -> int:
+            mark(f"{tag}:kid-{n}:start")
+            most = p.get("ms", 0) / 1000
+            if p.get("random"):
+                most = random.Random(f"{tag}:{n}:{ctx.attempt}:{os.getpid()}").uniform(0, most)
+            await asyncio.sleep(most)
+            mark(f"{tag}:kid-{n}:done")
+            return 10 * int(n)
+
+        v = await step.do("work", work)
+        if p.get("wait"):
+            await step.wait_for_event("go", type="go")
+        if p.get("fail"):
+
+            def boom() -> None:
+                raise NonRetryableError(f"kid {n} gives up")
+
+            await step.do("boom", boom)
+        return {"n": n, "v": v}
+
+
+class Parent(WorkflowEntrypoint):
+    """Starts params.children children of workflow "kid" at once (asyncio.gather
+    of step.child "kid-<i>", params {"n": i, **params.kid}, parent_close from
+    params), then sums their values in step "total". With params.catch, a
+    ChildWorkflowError is caught and returned as {"caught": child id, "message"}."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        p = event.payload
+        close = p.get("parent_close", "terminate")
+
+        async def kid(i: int) -> Any:
+            params = {"n": i, "tag": p.get("tag", "kid"), **p.get("kid", {})}
+            return await step.child(f"kid-{i}", p.get("workflow", "kid"), params,
+                                    parent_close=close, id=p.get("ids", {}).get(str(i)))  # fmt: skip
+
+        try:
+            kids = await asyncio.gather(*(kid(i) for i in range(p.get("children", 1))))
+        except ChildWorkflowError as exc:
+            if not p.get("catch"):
+                raise
+            return {"caught": exc.child_id, "message": exc.error_message}
+        return await step.do("total", lambda: {"kids": kids, "sum": sum(k["v"] for k in kids)})
+
+
+class WaitsTogether(WorkflowEntrypoint):
+    """Three branches at once: a wait for an "a" event, a wait for a "b" event,
+    and a step then a sleep of params.ms; returns the three results."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        async def nap() -> str:
+            await step.do("before-nap", lambda: "ok")
+            await step.sleep("nap", event.payload.get("ms", 100))
+            return "rested"
+
+        a, b, c = await asyncio.gather(
+            step.wait_for_event("a", type="a"), step.wait_for_event("b", type="b"), nap()
+        )
+        return {"a": a["payload"], "b": b["payload"], "nap": c}

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cruzflow.sdk.api import Env, StepContext, WorkflowEntrypoint, WorkflowEvent
 from cruzflow.sdk.durations import Duration
 from cruzflow.sdk.errors import (
+    ChildWorkflowError,
     EventTimeoutError,
     NonRetryableError,
     StepFailedError,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from cruzflow.server.bindings import SqliteDatabase
 
 __all__ = [
+    "ChildWorkflowError",
     "Duration",
     "Env",
     "EventTimeoutError",

@@ -100,6 +100,8 @@ export interface InstanceFilter {
   createTimeMax?: Date | undefined;
   /** Only instances created with this lookup key. */
   lookupKey?: string | undefined;
+  /** Only the children of this instance (started by its `step.child`). */
+  parentId?: string | undefined;
   /** Instances per page: 1 to 1000 (the server's default, 100, when left out). */
   pageSize?: number | undefined;
 }
@@ -252,6 +254,7 @@ export class Client {
       workflow: filter.workflow ?? "",
       statuses: statuses.map(convert.statusToPb),
       lookupKey: filter.lookupKey ?? "",
+      parentId: filter.parentId ?? "",
       pageSize: filter.pageSize ?? 0,
       pageToken: filter.pageToken ?? "",
       ...(filter.createTimeMin && { createTimeMin: timestampFromDate(filter.createTimeMin) }),
@@ -292,7 +295,7 @@ export class Client {
    * of `listInstances` but the status: the figures of a dashboard, in one call.
    */
   async countInstances(
-    filter: Omit<InstanceFilter, "status" | "pageSize"> = {},
+    filter: Omit<InstanceFilter, "status" | "pageSize" | "parentId"> = {},
     options: CallOptions = {},
   ): Promise<InstanceCounts> {
     const request = {

@@ -35,6 +35,17 @@ class StepRuntime(Protocol):
     async def wait_for_event(self, name: str, type: str, timeout_s: float) -> dict[str, Any]:
         """Wait durably for an event of ``type``, at most ``timeout_s`` seconds."""
 
+    async def child(
+        self,
+        name: str,
+        workflow: str,
+        params: Any,
+        instance_id: str | None,
+        lookup_key: str | None,
+        abandon: bool,
+    ) -> Any:
+        """Start a child instance once and wait durably for its output."""
+
 
 class WorkflowStep:
     """Runs steps for one instance: each result is checkpointed before it is used."""
@@ -207,6 +218,37 @@ class WorkflowStep:
             )
         seconds = to_seconds(timeout, "step.wait_for_event timeout")
         return await self._runtime.wait_for_event(name, event_type or type or "", seconds)
+
+    async def child(
+        self,
+        name: str,
+        workflow: str,
+        params: Any = None,
+        *,
+        id: str | None = None,
+        lookup_key: str | None = None,
+        parent_close: str = "terminate",
+    ) -> Any:
+        """Start an instance of ``workflow`` with ``params`` as a child of this one,
+        exactly once, and wait durably (holding no coroutine) for its output.
+
+        The child's id is derived from this instance, its current run and the
+        step (a replay finds the same child; a restarted parent starts new
+        ones), unless ``id`` gives one. If the child errors or is terminated,
+        ChildWorkflowError (a StepFailedError) is raised here. ``parent_close``
+        says what terminating or restarting this instance does to the child
+        while it runs: "terminate" it (the default) or "abandon" it (it runs on).
+        """
+        if parent_close not in ("terminate", "abandon"):
+            raise ValueError(
+                f"step.child({name!r}): parent_close must be 'terminate' or 'abandon', "
+                f"got {parent_close!r}"
+            )
+        if not isinstance(workflow, str) or not workflow:
+            raise TypeError(f"step.child({name!r}): workflow must be a workflow's name")
+        return await self._runtime.child(
+            name, workflow, params, id, lookup_key, parent_close == "abandon"
+        )
 
 
 class StepFunction:

@@ -60,6 +60,14 @@ class StepKind(enum.IntEnum):
     DO = 1
     SLEEP = 2
     WAIT_FOR_EVENT = 3
+    CHILD = 4
+
+
+# Inbox events of types starting so are the engine's own: SendEvent and
+# wait_for_event refuse them. A child's end is told to its parent as
+# CHILD_ENDED + the child's id (the parent's wait reads the child's record).
+RESERVED_EVENT_PREFIX = "cruzflow:"
+CHILD_ENDED = "cruzflow:child:"
 
 
 class EventKind(enum.IntEnum):
@@ -92,6 +100,11 @@ class InstanceRecord:
     run_started_at: int | None = None
     """When the current run began: the creation, or the last RestartInstance
     (None in rows stored before it was kept: the creation)."""
+    parent_id: str | None = None
+    """The instance whose ``step.child`` started this one."""
+    abandon: bool = False
+    """With a parent: left running when the parent is terminated or restarted
+    (``parent_close="abandon"``), instead of terminated with it."""
 
 
 @dataclass(slots=True)
@@ -127,6 +140,8 @@ class StepRecord:
     next_attempt_at: int | None = None
     kind: StepKind = StepKind.DO
     event_type: str | None = None
+    """For an event wait, the type it waits for; for a child (CHILD), the
+    child's instance id."""
     error_traceback: str | None = None
 
 
@@ -225,6 +240,8 @@ class InstanceQuery:
     """Only instances created before this time (ms since the epoch)."""
     lookup_key: str | None = None
     """Only instances created with this lookup key."""
+    parent_id: str | None = None
+    """Only the children of this instance (started by its ``step.child``)."""
     older_than: int | None = None
     """Keyset cursor: only instances stored before this position (the position
     the store returned with the previous page's last instance)."""

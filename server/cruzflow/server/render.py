@@ -20,6 +20,8 @@ FINAL_STATUSES = frozenset({"complete", "errored", "terminated"})
 # How each status is spelt for people: the model's camelCase label is fine
 # for JSON (scripts match on it), but "waiting for pause" reads better.
 _STATUS_WORDS = {"waitingForPause": "waiting for pause"}
+# How a step of each kind is named in event lines ("step" for step.do).
+_WHAT = {"sleep": "sleep", "waitForEvent": "wait", "child": "child"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,7 +492,7 @@ def event_line(event: EventView, took: float | None = None) -> str:
         if event.step_occurrence <= 1
         else (f"{event.step_name} #{event.step_occurrence}")
     )
-    what = {"sleep": "sleep", "waitForEvent": "wait"}.get(event.step_kind, "step")
+    what = _WHAT.get(event.step_kind, "step")
     after = "" if took is None else f" after {duration(took)}"
     if event.kind == "step_started":
         attempt = f" (attempt {event.attempt})" if event.step_kind == "do" else ""
@@ -522,7 +524,7 @@ class EventLines:
         if event.kind == "step_started":
             if event.time is not None:
                 self._started[event.step_index] = event.time
-            what = {"sleep": "sleep", "waitForEvent": "wait"}.get(event.step_kind, "step")
+            what = _WHAT.get(event.step_kind, "step")
             self._current = f"{what} {event.step_name}"
         elif event.kind in ("attempt_failed", "step_succeeded", "step_failed"):
             began = self._started.get(event.step_index)

@@ -252,6 +252,7 @@ class Client:
         create_time_min: datetime | None = None,
         create_time_max: datetime | None = None,
         lookup_key: str | None = None,
+        parent_id: str | None = None,
         page_size: int | None = None,
         page_token: str | None = None,
         timeout: float | None = None,
@@ -260,7 +261,8 @@ class Client:
 
         Each filter narrows: ``workflow`` by name, ``status`` one status or
         several, ``create_time_min`` (inclusive) and ``create_time_max``
-        (exclusive) aware datetimes, ``lookup_key`` the key given at creation.
+        (exclusive) aware datetimes, ``lookup_key`` the key given at creation,
+        ``parent_id`` the instance whose ``step.child`` started them.
         ``page_size`` is 1 to 1000 (the server's default, 100, when ``None``).
         Pass the page's ``next_page_token`` back, with the same filters, for
         the next page.
@@ -271,6 +273,7 @@ class Client:
             lookup_key=lookup_key or "",
             page_size=page_size or 0,
             page_token=page_token or "",
+            parent_id=parent_id or "",
         )
         if create_time_min is not None:
             request.create_time_min.CopyFrom(_convert.timestamp(create_time_min))
@@ -289,6 +292,7 @@ class Client:
         create_time_min: datetime | None = None,
         create_time_max: datetime | None = None,
         lookup_key: str | None = None,
+        parent_id: str | None = None,
         page_size: int | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerator[InstanceStatusInfo, None]:
@@ -302,6 +306,7 @@ class Client:
                 create_time_min=create_time_min,
                 create_time_max=create_time_max,
                 lookup_key=lookup_key,
+                parent_id=parent_id,
                 page_size=page_size,
                 page_token=token,
                 timeout=timeout,

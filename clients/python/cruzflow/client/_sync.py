@@ -189,6 +189,7 @@ class SyncClient:
         create_time_min: datetime | None = None,
         create_time_max: datetime | None = None,
         lookup_key: str | None = None,
+        parent_id: str | None = None,
         page_size: int | None = None,
         page_token: str | None = None,
         timeout: float | None = None,
@@ -201,6 +202,7 @@ class SyncClient:
                 create_time_min=create_time_min,
                 create_time_max=create_time_max,
                 lookup_key=lookup_key,
+                parent_id=parent_id,
                 page_size=page_size,
                 page_token=page_token,
                 timeout=timeout,
@@ -215,6 +217,7 @@ class SyncClient:
         create_time_min: datetime | None = None,
         create_time_max: datetime | None = None,
         lookup_key: str | None = None,
+        parent_id: str | None = None,
         page_size: int | None = None,
         timeout: float | None = None,
     ) -> Generator[InstanceStatusInfo, None, None]:
@@ -226,6 +229,7 @@ class SyncClient:
                 create_time_min=create_time_min,
                 create_time_max=create_time_max,
                 lookup_key=lookup_key,
+                parent_id=parent_id,
                 page_size=page_size,
                 timeout=timeout,
             )

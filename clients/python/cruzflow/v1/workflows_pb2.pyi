@@ -96,6 +96,8 @@ class _StepKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepKind.Val
     """step.sleep / step.sleep_until."""
     STEP_KIND_WAIT_FOR_EVENT: _StepKind.ValueType  # 3
     """step.wait_for_event."""
+    STEP_KIND_CHILD: _StepKind.ValueType  # 4
+    """step.child: starts a child instance and waits for its end."""
 
 class StepKind(_StepKind, metaclass=_StepKindEnumTypeWrapper):
     """StepKind is what a step does."""
@@ -107,6 +109,8 @@ STEP_KIND_SLEEP: StepKind.ValueType  # 2
 """step.sleep / step.sleep_until."""
 STEP_KIND_WAIT_FOR_EVENT: StepKind.ValueType  # 3
 """step.wait_for_event."""
+STEP_KIND_CHILD: StepKind.ValueType  # 4
+"""step.child: starts a child instance and waits for its end."""
 Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
 
 @_typing.final
@@ -263,6 +267,7 @@ class Instance(_message.Message):
     WAKE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     workflow: _builtins.str
     status: Global___InstanceStatus.ValueType
@@ -277,6 +282,10 @@ class Instance(_message.Message):
     trace_id: _builtins.str
     """The W3C trace id (32 hex digits) of the trace the instance's runs belong
     to: the creating call's when tracing is on. Empty when there is none.
+    """
+    parent_id: _builtins.str
+    """The instance whose step.child started this one; empty for an instance
+    created through the API. Its children: ListInstances with parent_id.
     """
     @_builtins.property
     def error(self) -> Global___Error:
@@ -322,10 +331,11 @@ class Instance(_message.Message):
         wake_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         trace_id: _builtins.str = ...,
+        parent_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time", "update_time", b"update_time", "wake_time", b"wake_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -349,6 +359,7 @@ class Step(_message.Message):
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    CHILD_INSTANCE_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The step name given to step.do."""
     occurrence: _builtins.int
@@ -363,6 +374,8 @@ class Step(_message.Message):
     kind: Global___StepKind.ValueType
     event_type: _builtins.str
     """For an event wait: the event type it waits for."""
+    child_instance_id: _builtins.str
+    """For a child step: the child instance's id."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -394,10 +407,11 @@ class Step(_message.Message):
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
         kind: Global___StepKind.ValueType = ...,
         event_type: _builtins.str = ...,
+        child_instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "next_attempt_time", b"next_attempt_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "end_time", b"end_time", "error", b"error", "event_type", b"event_type", "index", b"index", "kind", b"kind", "name", b"name", "next_attempt_time", b"next_attempt_time", "occurrence", b"occurrence", "output_json", b"output_json", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "child_instance_id", b"child_instance_id", "end_time", b"end_time", "error", b"error", "event_type", b"event_type", "index", b"index", "kind", b"kind", "name", b"name", "next_attempt_time", b"next_attempt_time", "occurrence", b"occurrence", "output_json", b"output_json", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -766,6 +780,7 @@ class ListInstancesRequest(_message.Message):
     LOOKUP_KEY_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     """Only instances of this workflow."""
     lookup_key: _builtins.str
@@ -774,6 +789,8 @@ class ListInstancesRequest(_message.Message):
     """At most this many instances (1 to 1000; 0 means 100)."""
     page_token: _builtins.str
     """From a previous response's next_page_token, with the same filters."""
+    parent_id: _builtins.str
+    """Only the children of this instance (started by its step.child)."""
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___InstanceStatus.ValueType]:
         """Only instances in one of these statuses."""
@@ -796,10 +813,11 @@ class ListInstancesRequest(_message.Message):
         lookup_key: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        parent_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min", "lookup_key", b"lookup_key", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min", "lookup_key", b"lookup_key", "page_size", b"page_size", "page_token", b"page_token", "parent_id", b"parent_id", "statuses", b"statuses", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -58,7 +58,7 @@ class Admission:
             status, durable = self.admit(spec, instance_id, params_bytes, lookup_key)
             await self._core.durable(durable, "the instance could not be stored", instance_id)
         finally:
-            self._creating.discard(instance_id)
+            self.release_id(instance_id)
         return instance_id, status
 
     def check_new(
@@ -115,13 +115,23 @@ class Admission:
             self._creating.discard(instance_id)
             raise
 
+    def release_id(self, instance_id: str) -> None:
+        """End the claim ``reserve_id`` took (the instance is admitted, or not)."""
+        self._creating.discard(instance_id)
+
     def admit(
-        self, spec: WorkflowSpec, instance_id: str, params: bytes, lookup_key: str = ""
+        self,
+        spec: WorkflowSpec,
+        instance_id: str,
+        params: bytes,
+        lookup_key: str = "",
+        parent: tuple[str, bool] | None = None,
     ) -> tuple[InstanceStatus, Durable]:
-        """Add a validated instance to the open batch and start or queue it.
+        """Add a validated instance to the open batch and start or queue it;
+        ``parent`` (id, abandon) for a child started by a step.child.
 
         Synchronous: instances admitted with no await in between commit in
-        the same transaction.
+        the same transaction (a child with its parent's step).
         """
         start_now = (
             not self._core.queue and len(self._core.runs) < self._core.limits.max_running_instances
@@ -132,6 +142,7 @@ class Admission:
         record = InstanceRecord(
             instance_id, spec.name, status, params, now, now, lookup_key=lookup_key or None,
             trace_parent=observer.creating() if observer is not None else None,
+            parent_id=parent[0] if parent else None, abandon=bool(parent and parent[1]),
         )  # fmt: skip
         if observer is not None:
             observer.created(spec.name, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -29,7 +30,16 @@ from cruzflow.server.engine.journal import Durable
 from cruzflow.server.engine.run import Run
 from cruzflow.server.engine.scheduler import Scheduler
 from cruzflow.server.engine.timers import Timers
-from cruzflow.server.records import ABANDONED, Command, InboxEvent, InstanceStatus, InstanceUpdate
+from cruzflow.server.records import (
+    ABANDONED,
+    RESERVED_EVENT_PREFIX,
+    UNFINISHED,
+    Command,
+    InboxEvent,
+    InstanceQuery,
+    InstanceStatus,
+    InstanceUpdate,
+)
 from cruzflow.server.store.base import HELD_ELSEWHERE, StoreError
 
 # What a wake-up runs again (queued: taken up from a shared store).
@@ -148,6 +158,34 @@ class Controls:
                 "instance %s not woken: %s", instance_id, exc, extra={"instance_id": instance_id}
             )
 
+    def poke(self, instance_id: str) -> None:
+        """An event came for the instance (a child of it ended): its run looks
+        at its inbox again if it is running here, else it is woken (on a
+        shared store, by whichever server gets to it first)."""
+        core = self._core
+        run = core.live.get(instance_id)
+        if run is not None and run.active:
+            run.poke()
+        elif not core.stopping:
+            core.spawn(self.wake(instance_id))
+
+    async def _end_children(self, parent_id: str) -> None:
+        """Terminate the unfinished children of ``parent_id`` that were not
+        started with parent_close="abandon" (and, through their own
+        termination, theirs)."""
+        store = self._core.store
+        query = InstanceQuery(parent_id=parent_id, statuses=UNFINISHED)
+        while True:
+            page = await store.list_instances(query, 100)
+            for _, child in page:
+                if child.abandon:
+                    continue
+                with contextlib.suppress(FailedPrecondition, NotFound):
+                    await self.terminate(child.id)
+            if len(page) < 100:
+                return
+            query = dataclasses.replace(query, older_than=page[-1][0])
+
     def _refuse(self, verb: str, run: Run, allowed: str) -> FailedPrecondition:
         return FailedPrecondition(
             f"instance {run.id!r} is {run.status.label}; only {allowed} instances can be {verb}"
@@ -239,6 +277,8 @@ class Controls:
         await self._scheduler.stop_task(run)
         self._scheduler.dequeue(run)
         self._timers.cancel(run.id)
+        # Its children first: a crash meanwhile leaves none running unowned.
+        await self._end_children(run.id)
         run.pause_requested = False
         durable = run.set_status(InstanceStatus.TERMINATED)
         await self._core.durable(durable, "the termination could not be stored", run.id)
@@ -249,6 +289,8 @@ class Controls:
         await self._scheduler.stop_task(run)
         self._scheduler.dequeue(run)
         self._timers.cancel(run.id)
+        # The new run starts new children; the old run's go as at a terminate.
+        await self._end_children(run.id)
         self._core.journal.clear_steps(run.id)
         run.run_started_at = ms()
         run.reset_for_replay()
@@ -317,6 +359,11 @@ class Controls:
                 f"type: required, 1 to {limit} characters (limits.max_event_type_length)"
             )
         validate.check_text(type, "type", limit, "max_event_type_length", required=True)
+        if type.startswith(RESERVED_EVENT_PREFIX):
+            raise InvalidArgument(
+                f"type: {RESERVED_EVENT_PREFIX!r} starts the engine's own event types; "
+                f"name yours otherwise"
+            )
         data = validate.parse_json_field(
             payload,
             "payload_json",
@@ -379,7 +426,7 @@ class Controls:
             )
         await self._core.durable(durable, "the event could not be stored", run.id)
         if run.active:
-            run.poked = True
+            run.poke()
         elif run.status == InstanceStatus.WAITING and not run.queued:
             self._timers.cancel(run.id)
             run.reset_for_replay()

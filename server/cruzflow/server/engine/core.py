@@ -35,6 +35,7 @@ from cruzflow.server.records import InboxEvent, InstanceRecord, Lease, Refusal
 from cruzflow.server.store.base import Store, StoreError
 
 if TYPE_CHECKING:
+    from cruzflow.server.engine.admission import Admission
     from cruzflow.server.engine.run import Run
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
@@ -147,6 +148,11 @@ class Core:
         self.spawned: set[asyncio.Task[None]] = set()
         # Set by the engine: remember that an instance wakes at a time (ms).
         self.wake_at: Callable[[str, int], None] = lambda _id, _at: None
+        # Set by the engine: an event came for an instance (a child of it
+        # ended): its run looks at its inbox again, or it is woken.
+        self.poke: Callable[[str], None] = lambda _id: None
+        # Set by the engine: creates instances (step.child creates children).
+        self.admission: Admission
         # The error the last lease renewal failed with, while the store cannot
         # be reached (a shared store), so that an idle server reports it too.
         self.lease_fault: StoreError | None = None

@@ -15,6 +15,7 @@ Three families, kept apart on purpose:
 from __future__ import annotations
 
 from cruzflow.sdk.errors import (
+    ChildWorkflowError,
     EventTimeoutError,
     NonRetryableError,
     StepFailedError,
@@ -24,6 +25,7 @@ from cruzflow.sdk.errors import (
 
 __all__ = [
     "AlreadyExists",
+    "ChildWorkflowError",
     "EventTimeoutError",
     "FailedPrecondition",
     "FatalWorkflowError",

@@ -137,6 +137,8 @@ def _digest(q: InstanceQuery) -> str:
         q.created_max,
         q.lookup_key,
     ]
+    if q.parent_id is not None:
+        filters.append(q.parent_id)  # only then: tokens issued before it stay valid
     text = json.dumps(filters, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -187,7 +189,8 @@ def decode_token(token: str, q: InstanceQuery, key: bytes) -> int:
     if digest != _digest(q):
         raise InvalidArgument(
             f"page_token: issued for other filters; send the same workflow, statuses, "
-            f"create_time_min, create_time_max and lookup_key as the call that returned it, "
+            f"create_time_min, create_time_max, lookup_key and parent_id as the call that "
+            f"returned it, "
             f"or {_RESTART}"
         )
     return position

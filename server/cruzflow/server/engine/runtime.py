@@ -63,6 +63,8 @@ class Engine:
         self.reads = Reads(core)
         self.retention = Retention(core)
         core.wake_at = self.timers.schedule
+        core.poke = self.controls.poke
+        core.admission = self.admission
         self.timers.on_due = self.controls.wake
         self.scheduler.wake = self.controls.wake
         self.scheduler.serve_commands = self.controls.serve_commands
@@ -226,11 +228,13 @@ class Engine:
         lookup_key: str = "",
         page_size: int = 0,
         page_token: str = "",
+        parent_id: str = "",
     ) -> tuple[list[InstanceRecord], str]:
         """A page of instances, newest first, and the token of the next page."""
         return await self.reads.list_instances(
-            workflow, statuses, created_min, created_max, lookup_key, page_size, page_token
-        )
+            workflow, statuses, created_min, created_max, lookup_key, page_size, page_token,
+            parent_id,
+        )  # fmt: skip
 
     async def count_instances(
         self,

@@ -108,8 +108,10 @@ class Scheduler:
             elif notice.kind is NoticeKind.RUNNABLE and not core.stopping:
                 run = core.live.get(notice.instance_id)
                 if run is not None and run.active:
-                    run.poked = True  # its wait looks at its inbox again
-                elif run is None and self.wake is not None:
+                    run.poke()  # its wait looks at its inbox again
+                elif (run is None or not run.queued) and self.wake is not None:
+                    # Parked, or just parking (its handle not yet released):
+                    # the wake-up takes it if it is stored waiting.
                     core.spawn(self.wake(notice.instance_id))
                 self._maybe_waiting = True
                 self._runnable.set()

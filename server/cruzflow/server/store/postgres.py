@@ -98,122 +98,26 @@ def _prefixed(alias: str) -> str:
 # A lease is alive while its row says so, by the database's clock.
 _LIVE = "EXISTS (SELECT 1 FROM servers s WHERE s.epoch = {0} AND s.expires_at > clock_timestamp())"
 
-# Each entry moves the schema one version up; never edit a released one.
-MIGRATIONS: list[str] = [
-    f"""
-    CREATE TABLE meta (
-        key text PRIMARY KEY,
-        value bytea NOT NULL
-    );
-    -- One row per lease. The last batch applied under it is remembered, so a
-    -- batch retried after the reply to its commit was lost is not applied twice.
-    CREATE TABLE servers (
-        epoch bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        owner text NOT NULL,
-        expires_at timestamptz NOT NULL,
-        batch_token uuid,
-        batch_result jsonb
-    );
-    CREATE TABLE instances (
-        pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        id text NOT NULL UNIQUE,
-        workflow text NOT NULL,
-        status smallint NOT NULL,
-        params bytea NOT NULL,
-        output bytea,
-        error_name text,
-        error_message text,
-        error_traceback text,
-        created_at bigint NOT NULL,
-        updated_at bigint NOT NULL,
-        ended_at bigint,
-        lookup_key text,
-        wake_at bigint,
-        trace_parent text,
-        run_started_at bigint,
-        -- The lease that holds the instance, or NULL.
-        owner text,
-        epoch bigint
-    );
-    -- What claim takes: runnable instances no lease holds, oldest first ...
-    CREATE INDEX instances_claimable ON instances (pk)
-        WHERE status IN ({_RUNNABLE}) AND epoch IS NULL;
-    -- ... and those of dead leases; release frees its own by this index too.
-    CREATE INDEX instances_held ON instances (epoch) WHERE epoch IS NOT NULL;
-    -- When a WAITING instance resumes by itself (sleep end, event timeout).
-    CREATE INDEX instances_waking ON instances (wake_at) WHERE wake_at IS NOT NULL;
-    -- Listing, newest first (pk order is creation order), by each filter.
-    CREATE INDEX instances_by_workflow ON instances (workflow, pk);
-    CREATE INDEX instances_by_status ON instances (status, pk);
-    CREATE INDEX instances_by_lookup ON instances (lookup_key, pk) WHERE lookup_key IS NOT NULL;
-    -- Retention: finished instances by when they ended.
-    CREATE INDEX instances_ended ON instances (ended_at) WHERE ended_at IS NOT NULL;
-    CREATE TABLE steps (
-        instance_id text NOT NULL,
-        idx integer NOT NULL,
-        name text NOT NULL,
-        occurrence integer NOT NULL,
-        status smallint NOT NULL,
-        attempts integer NOT NULL,
-        started_at bigint NOT NULL,
-        ended_at bigint,
-        output bytea,
-        error_name text,
-        error_message text,
-        next_attempt_at bigint,
-        kind smallint NOT NULL DEFAULT 1,
-        event_type text,
-        error_traceback text,
-        PRIMARY KEY (instance_id, idx)
-    );
-    CREATE TABLE events (
-        instance_id text NOT NULL,
-        seq bigint NOT NULL,
-        at bigint NOT NULL,
-        kind smallint NOT NULL,
-        data jsonb NOT NULL,
-        payload bytea,
-        PRIMARY KEY (instance_id, seq)
-    );
-    CREATE TABLE inbox (
-        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        instance_id text NOT NULL,
-        type text NOT NULL,
-        payload bytea NOT NULL,
-        at bigint NOT NULL,
-        trace_parent text,
-        consumed_by integer
-    );
-    CREATE INDEX inbox_pending ON inbox (instance_id, type, id) WHERE consumed_by IS NULL;
-    CREATE INDEX inbox_by_instance ON inbox (instance_id);
+# Columns of a new instance added after the first schema (see _apply_function).
+_LINK_COLUMNS = (("parent_id", "text"), ("abandon", "boolean"))
 
-    -- Tell the other servers: items are JSON arrays [kind, instance id, seq],
-    -- sent as {{"from": epoch, "n": [items]}} in payloads under the limit.
-    CREATE FUNCTION cruzflow_notify(sender bigint, items text[]) RETURNS void
-    LANGUAGE plpgsql AS $$
-    DECLARE
-        chunk text := '';
-        item text;
-    BEGIN
-        FOREACH item IN ARRAY items LOOP
-            IF chunk <> '' AND octet_length(chunk) + octet_length(item) > {_NOTIFY_BYTES} THEN
-                PERFORM pg_notify('{CHANNEL}', '{{"from":' || sender || ',"n":[' || chunk || ']}}');
-                chunk := '';
-            END IF;
-            chunk := CASE WHEN chunk = '' THEN item ELSE chunk || ',' || item END;
-        END LOOP;
-        IF chunk <> '' THEN
-            PERFORM pg_notify('{CHANNEL}', '{{"from":' || sender || ',"n":[' || chunk || ']}}');
-        END IF;
-    END $$;
 
-    -- One batch, in the caller's one statement: see PostgresStore.apply.
+def _apply_function(extra: tuple[tuple[str, str], ...] = ()) -> str:
+    """cruzflow_apply's definition, its new instances carrying the ``extra``
+    columns (name, type) beyond those of the first schema. Each migration that
+    adds such a column redefines the function with them all; the first
+    migration's is the one without."""
+    n_args = "".join(f"\n        n_{name} {kind}[]," for name, kind in extra)
+    cols = "".join(f", {name}" for name, _ in extra)
+    n_cols = "".join(f", n.{name}" for name, _ in extra)
+    n_arrays = "".join(f", n_{name}" for name, _ in extra)
+    return f"""    -- One batch, in the caller's one statement: see PostgresStore.apply.
     CREATE FUNCTION cruzflow_apply(
         lease_owner text, lease_epoch bigint, token uuid,
         n_id text[], n_workflow text[], n_status smallint[], n_params bytea[],
         n_output bytea[], n_error_name text[], n_error_message text[], n_created_at bigint[],
         n_updated_at bigint[], n_ended_at bigint[], n_lookup_key text[], n_wake_at bigint[],
-        n_trace_parent text[], n_error_traceback text[], n_run_started_at bigint[],
+        n_trace_parent text[], n_error_traceback text[], n_run_started_at bigint[],{n_args}
         u_id text[], u_status smallint[], u_updated_at bigint[], u_output bytea[],
         u_error_name text[], u_error_message text[], u_ended_at bigint[], u_wake_at bigint[],
         u_error_traceback text[], u_run_started_at bigint[],
@@ -284,18 +188,18 @@ MIGRATIONS: list[str] = [
         WITH ins AS (
             INSERT INTO instances (id, workflow, status, params, output, error_name,
                 error_message, created_at, updated_at, ended_at, lookup_key, wake_at,
-                trace_parent, error_traceback, run_started_at, owner, epoch)
+                trace_parent, error_traceback, run_started_at{cols}, owner, epoch)
             SELECT n.id, n.workflow, n.status, n.params, n.output, n.error_name,
                 n.error_message, n.created_at, n.updated_at, n.ended_at, n.lookup_key,
-                n.wake_at, n.trace_parent, n.error_traceback, n.run_started_at,
+                n.wake_at, n.trace_parent, n.error_traceback, n.run_started_at{n_cols},
                 CASE WHEN n.status IN (2, 5) THEN lease_owner END,
                 CASE WHEN n.status IN (2, 5) THEN lease_epoch END
             FROM unnest(n_id, n_workflow, n_status, n_params, n_output, n_error_name,
                 n_error_message, n_created_at, n_updated_at, n_ended_at, n_lookup_key,
-                n_wake_at, n_trace_parent, n_error_traceback, n_run_started_at)
+                n_wake_at, n_trace_parent, n_error_traceback, n_run_started_at{n_arrays})
                 WITH ORDINALITY AS n(id, workflow, status, params, output, error_name,
                 error_message, created_at, updated_at, ended_at, lookup_key, wake_at,
-                trace_parent, error_traceback, run_started_at, ord)
+                trace_parent, error_traceback, run_started_at{cols}, ord)
             WHERE live OR n.status NOT IN (2, 5)
             ORDER BY n.ord
             ON CONFLICT (id) DO NOTHING
@@ -430,7 +334,119 @@ MIGRATIONS: list[str] = [
                 'conflicts', to_jsonb(conflicts), 'fenced', to_jsonb(fenced), 'purged', purged)
         WHERE epoch = lease_epoch AND owner = lease_owner;
     END $$;
+"""
 
+
+# Each entry moves the schema one version up; never edit a released one.
+MIGRATIONS: list[str] = [
+    f"""
+    CREATE TABLE meta (
+        key text PRIMARY KEY,
+        value bytea NOT NULL
+    );
+    -- One row per lease. The last batch applied under it is remembered, so a
+    -- batch retried after the reply to its commit was lost is not applied twice.
+    CREATE TABLE servers (
+        epoch bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        owner text NOT NULL,
+        expires_at timestamptz NOT NULL,
+        batch_token uuid,
+        batch_result jsonb
+    );
+    CREATE TABLE instances (
+        pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        workflow text NOT NULL,
+        status smallint NOT NULL,
+        params bytea NOT NULL,
+        output bytea,
+        error_name text,
+        error_message text,
+        error_traceback text,
+        created_at bigint NOT NULL,
+        updated_at bigint NOT NULL,
+        ended_at bigint,
+        lookup_key text,
+        wake_at bigint,
+        trace_parent text,
+        run_started_at bigint,
+        -- The lease that holds the instance, or NULL.
+        owner text,
+        epoch bigint
+    );
+    -- What claim takes: runnable instances no lease holds, oldest first ...
+    CREATE INDEX instances_claimable ON instances (pk)
+        WHERE status IN ({_RUNNABLE}) AND epoch IS NULL;
+    -- ... and those of dead leases; release frees its own by this index too.
+    CREATE INDEX instances_held ON instances (epoch) WHERE epoch IS NOT NULL;
+    -- When a WAITING instance resumes by itself (sleep end, event timeout).
+    CREATE INDEX instances_waking ON instances (wake_at) WHERE wake_at IS NOT NULL;
+    -- Listing, newest first (pk order is creation order), by each filter.
+    CREATE INDEX instances_by_workflow ON instances (workflow, pk);
+    CREATE INDEX instances_by_status ON instances (status, pk);
+    CREATE INDEX instances_by_lookup ON instances (lookup_key, pk) WHERE lookup_key IS NOT NULL;
+    -- Retention: finished instances by when they ended.
+    CREATE INDEX instances_ended ON instances (ended_at) WHERE ended_at IS NOT NULL;
+    CREATE TABLE steps (
+        instance_id text NOT NULL,
+        idx integer NOT NULL,
+        name text NOT NULL,
+        occurrence integer NOT NULL,
+        status smallint NOT NULL,
+        attempts integer NOT NULL,
+        started_at bigint NOT NULL,
+        ended_at bigint,
+        output bytea,
+        error_name text,
+        error_message text,
+        next_attempt_at bigint,
+        kind smallint NOT NULL DEFAULT 1,
+        event_type text,
+        error_traceback text,
+        PRIMARY KEY (instance_id, idx)
+    );
+    CREATE TABLE events (
+        instance_id text NOT NULL,
+        seq bigint NOT NULL,
+        at bigint NOT NULL,
+        kind smallint NOT NULL,
+        data jsonb NOT NULL,
+        payload bytea,
+        PRIMARY KEY (instance_id, seq)
+    );
+    CREATE TABLE inbox (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        instance_id text NOT NULL,
+        type text NOT NULL,
+        payload bytea NOT NULL,
+        at bigint NOT NULL,
+        trace_parent text,
+        consumed_by integer
+    );
+    CREATE INDEX inbox_pending ON inbox (instance_id, type, id) WHERE consumed_by IS NULL;
+    CREATE INDEX inbox_by_instance ON inbox (instance_id);
+
+    -- Tell the other servers: items are JSON arrays [kind, instance id, seq],
+    -- sent as {{"from": epoch, "n": [items]}} in payloads under the limit.
+    CREATE FUNCTION cruzflow_notify(sender bigint, items text[]) RETURNS void
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        chunk text := '';
+        item text;
+    BEGIN
+        FOREACH item IN ARRAY items LOOP
+            IF chunk <> '' AND octet_length(chunk) + octet_length(item) > {_NOTIFY_BYTES} THEN
+                PERFORM pg_notify('{CHANNEL}', '{{"from":' || sender || ',"n":[' || chunk || ']}}');
+                chunk := '';
+            END IF;
+            chunk := CASE WHEN chunk = '' THEN item ELSE chunk || ',' || item END;
+        END LOOP;
+        IF chunk <> '' THEN
+            PERFORM pg_notify('{CHANNEL}', '{{"from":' || sender || ',"n":[' || chunk || ']}}');
+        END IF;
+    END $$;
+
+{_apply_function()}
     -- Up to p_limit runnable instances no live lease holds, oldest first, now
     -- held by the caller's lease.
     CREATE FUNCTION cruzflow_claim(p_owner text, p_epoch bigint, p_limit integer)
@@ -542,18 +558,47 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX commands_pending ON commands (instance_id, at) WHERE taken_by IS NULL;
     """,
+    f"""
+    -- Child workflows: the instance whose step.child started this one, and
+    -- whether it is left running when that parent is terminated or restarted.
+    ALTER TABLE instances ADD COLUMN parent_id text,
+        ADD COLUMN abandon boolean NOT NULL DEFAULT false;
+    -- ListInstances by parent, newest first; a parent's terminate finds its children.
+    CREATE INDEX instances_by_parent ON instances (parent_id, pk) WHERE parent_id IS NOT NULL;
+    DROP FUNCTION cruzflow_apply;
+{_apply_function(_LINK_COLUMNS)}
+    -- A child's end, told to its parent in the child's last commit, makes a
+    -- waiting parent due in that commit: if no server wakes it (all were
+    -- killed), the next to start does, through the wake index.
+    CREATE FUNCTION cruzflow_child_ended() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE instances SET wake_at = NEW.at
+        WHERE id = NEW.instance_id AND status = 4 AND wake_at > NEW.at;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER inbox_child_ended AFTER INSERT ON inbox FOR EACH ROW
+        WHEN (NEW.type LIKE 'cruzflow:child:%') EXECUTE FUNCTION cruzflow_child_ended();
+    """,
 ]
 
-# The lease (2), the token, then one array per column: new instances (15),
+# The lease (2), the token, then one array per column: new instances (17),
 # updates (10), cleared steps (1), steps (15), events (6), inbox (5), consumed
 # marks (3), purges (2).
-APPLY_ARGS = 60
+APPLY_ARGS = 62
 _APPLY = (
     "SELECT conflicts, fenced, purged FROM cruzflow_apply("
     f"{', '.join(f'${n}' for n in range(1, APPLY_ARGS + 1))})"
 )
-_CLAIM = "SELECT * FROM cruzflow_claim($1, $2, $3)"
-_CLAIM_ONE = "SELECT * FROM cruzflow_claim_one($1, $2, $3)"
+# The claim functions return the first schema's columns; the parent link is
+# joined on (it never changes, so the statement's snapshot of it is current),
+# one index lookup per row (LIMIT keeps the planner from turning the LATERAL
+# subquery into a join that reads the whole table).
+_LINK = (
+    " LEFT JOIN LATERAL (SELECT i.parent_id, i.abandon FROM instances i WHERE i.id = c.r_id"
+    " LIMIT 1) l ON true"
+)
+_CLAIM = f"SELECT c.*, l.* FROM cruzflow_claim($1, $2, $3) c{_LINK}"
+_CLAIM_ONE = f"SELECT c.*, l.* FROM cruzflow_claim_one($1, $2, $3) c{_LINK}"
 _RELEASE = "SELECT cruzflow_release($1, $2)"
 # A command and, in the same transaction, the notice to every server.
 _SEND_COMMAND = (
@@ -586,7 +631,7 @@ _RENEW = (
     " WHERE epoch = $2 AND owner = $1 AND expires_at > clock_timestamp() RETURNING epoch"
 )
 
-_INSTANCE_COLUMNS = f"{_prefixed('i')}, {_LAST_SEQ.format('i')}"
+_INSTANCE_COLUMNS = f"{_prefixed('i')}, {_LAST_SEQ.format('i')}, i.parent_id, i.abandon"
 _GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.id = $1"
 _COUNT_UNFINISHED = (
     "SELECT status, count(*) FROM instances"
@@ -663,9 +708,14 @@ def _page_query(
 
     by_workflow = f" AND i.workflow = {arg(query.workflow)}" if query.workflow is not None else ""
     select = f"SELECT i.pk, {_INSTANCE_COLUMNS} FROM instances i"
+    by_parent = f" AND i.parent_id = {arg(query.parent_id)}" if query.parent_id is not None else ""
     if query.lookup_key is not None:
-        where = f"i.lookup_key = {arg(query.lookup_key)}{by_workflow}{status_in()}"
+        where = f"i.lookup_key = {arg(query.lookup_key)}{by_parent}{by_workflow}{status_in()}"
         return f"{select} WHERE {where}{bounds}{tail}", tuple(args)
+    if query.parent_id is not None:
+        return f"{select} WHERE true{by_parent}{by_workflow}{status_in()}{bounds}{tail}", tuple(
+            args
+        )
     if statuses and (query.workflow is None or all(s in _LIVE_STATUSES for s in statuses)):
         # One index range per status, merged in pk order.
         arms = [f"{select} WHERE i.status = {s}{by_workflow}{bounds}" for s in statuses]
@@ -731,6 +781,9 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     ),
     "list_by_lookup": _page_query(
         InstanceQuery(workflow="w", lookup_key="k", statuses=(InstanceStatus.RUNNING,)), 0, 10, 10
+    ),
+    "list_by_parent": _page_query(
+        InstanceQuery(parent_id="p", statuses=(InstanceStatus.COMPLETE,)), 0, 10, 10
     ),
     "position_at": (_POSITION_AT, (0,)),
     "ended_before": (_ENDED_BEFORE, (0, 10)),
@@ -850,10 +903,11 @@ def _apply_args(lease: Lease, token: uuid.UUID, batch: Batch) -> list[Any]:
             [
                 (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
                  r.error_message, r.created_at, r.updated_at, r.ended_at, r.lookup_key,
-                 r.wake_at, r.trace_parent, r.error_traceback, r.run_started_at)
+                 r.wake_at, r.trace_parent, r.error_traceback, r.run_started_at, r.parent_id,
+                 r.abandon)
                 for r in batch.new_instances
             ],
-            15,
+            17,
         ),
         *_transpose(
             [

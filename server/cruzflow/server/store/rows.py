@@ -22,7 +22,8 @@ from cruzflow.server.records import (
 def instance_of(row: Sequence[Any]) -> InstanceRecord:
     """id, workflow, status, params, created_at, updated_at, output, error_name,
     error_message, ended_at, lookup_key, wake_at, trace_parent,
-    error_traceback, run_started_at, then the newest event's sequence."""
+    error_traceback, run_started_at, then the newest event's sequence, then
+    parent_id and abandon."""
     return InstanceRecord(
         id=row[0],
         workflow=row[1],
@@ -40,6 +41,8 @@ def instance_of(row: Sequence[Any]) -> InstanceRecord:
         error_traceback=row[13],
         run_started_at=row[14],
         last_seq=row[15],
+        parent_id=row[16],
+        abandon=bool(row[17]),
     )
 
 

@@ -155,12 +155,30 @@ MIGRATIONS: list[str] = [
     -- whose status updates write it, kept its pace).
     CREATE INDEX instances_by_workflow_status ON instances (workflow, status);
     """,
+    """
+    -- Child workflows: the instance whose step.child started this one, and
+    -- whether it is left running when that parent is terminated or restarted.
+    ALTER TABLE instances ADD COLUMN parent_id TEXT;
+    ALTER TABLE instances ADD COLUMN abandon INTEGER NOT NULL DEFAULT 0;
+    -- ListInstances by parent, newest first; a parent's terminate finds its children.
+    CREATE INDEX instances_by_parent ON instances (parent_id, pk) WHERE parent_id IS NOT NULL;
+    -- A child's end, told to its parent in the child's last commit, makes a
+    -- waiting parent due in that commit: a server killed before it wakes the
+    -- parent wakes it through the wake index when it starts again.
+    CREATE TRIGGER inbox_child_ended AFTER INSERT ON inbox
+    WHEN NEW.type LIKE 'cruzflow:child:%'
+    BEGIN
+        UPDATE instances SET wake_at = NEW.at
+        WHERE id = NEW.instance_id AND status = 4 AND wake_at > NEW.at;
+    END;
+    """,
 ]
 
 _INSERT_INSTANCE = (
     "INSERT INTO instances (id, workflow, status, params, output, error_name, error_message,"
     " created_at, updated_at, ended_at, lookup_key, wake_at, trace_parent, error_traceback,"
-    " run_started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " run_started_at, parent_id, abandon) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+    " ?, ?)"
 )
 _UPDATE_INSTANCE = (
     "UPDATE instances SET status = ?, output = ?, error_name = ?, error_message = ?,"
@@ -197,7 +215,7 @@ _INSTANCE_COLUMNS = (
     " i.error_name, i.error_message, i.ended_at, i.lookup_key, i.wake_at, i.trace_parent,"
     " i.error_traceback, i.run_started_at,"
     " COALESCE((SELECT e.seq FROM events e WHERE e.instance_id = i.id"
-    " ORDER BY e.seq DESC LIMIT 1), 0)"
+    " ORDER BY e.seq DESC LIMIT 1), 0), i.parent_id, i.abandon"
 )
 _GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.id = ?"
 # Walks only the unfinished part of the status index, however long the history.
@@ -269,11 +287,19 @@ def _page_query(
     tail = " ORDER BY 1 DESC LIMIT ?"
     select = f"SELECT {_LIST_COLUMNS} FROM instances i"
     if query.lookup_key is not None:
+        by_parent = " AND i.parent_id = ?" if query.parent_id is not None else ""
+        parent_args = (query.parent_id,) if query.parent_id is not None else ()
         sql = (
             f"{select} INDEXED BY instances_by_lookup WHERE i.lookup_key = ?"
+            f"{by_parent}{by_workflow}{status_in}{bounds}{tail}"
+        )
+        return sql, (query.lookup_key, *parent_args, *workflow_args, *statuses, *bound_args, limit)
+    if query.parent_id is not None:
+        sql = (
+            f"{select} INDEXED BY instances_by_parent WHERE i.parent_id = ?"
             f"{by_workflow}{status_in}{bounds}{tail}"
         )
-        return sql, (query.lookup_key, *workflow_args, *statuses, *bound_args, limit)
+        return sql, (query.parent_id, *workflow_args, *statuses, *bound_args, limit)
     if statuses and (query.workflow is None or all(s in _LIVE for s in statuses)):
         arm = f"{select} INDEXED BY instances_by_status WHERE i.status = ?{by_workflow}{bounds}"
         args: list[Any] = []
@@ -362,6 +388,9 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     ),
     "list_by_lookup": _page_query(
         InstanceQuery(workflow="w", lookup_key="k", statuses=(InstanceStatus.RUNNING,)), 0, 10, 10
+    ),
+    "list_by_parent": _page_query(
+        InstanceQuery(parent_id="p", statuses=(InstanceStatus.COMPLETE,)), 0, 10, 10
     ),
     "position_at": (_POSITION_AT, (0,)),
     "ended_before": (_ENDED_BEFORE, (0, 10)),
@@ -576,7 +605,7 @@ class SqliteStore:
                     (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
                      r.error_message, r.created_at, r.updated_at, r.ended_at,
                      r.lookup_key, r.wake_at, r.trace_parent, r.error_traceback,
-                     r.run_started_at)
+                     r.run_started_at, r.parent_id, r.abandon)
                     for r in batch.new_instances
                 ],
             )  # fmt: skip

@@ -121,6 +121,7 @@ class WorkflowApi:
             lookup_key=request.lookup_key,
             page_size=request.page_size,
             page_token=request.page_token,
+            parent_id=request.parent_id,
         )
         return pb.ListInstancesResponse(
             instances=[convert.instance(record, []) for record in page], next_page_token=token

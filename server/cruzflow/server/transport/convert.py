@@ -8,7 +8,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cruzflow.server.engine import validate
-from cruzflow.server.records import EventKind, EventRecord, InstanceRecord, StepRecord
+from cruzflow.server.records import EventKind, EventRecord, InstanceRecord, StepKind, StepRecord
 from cruzflow.v1 import workflows_pb2 as pb
 
 
@@ -76,6 +76,7 @@ def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
         wake_time=_ts(record.wake_at),
         start_time=_ts(record.run_started_at or record.created_at),
         trace_id=trace_id(record.trace_parent),
+        parent_id=record.parent_id or "",
     )
 
 
@@ -92,7 +93,9 @@ def step(record: StepRecord) -> pb.Step:
         error=_error(record.error_name, record.error_message, record.error_traceback),
         next_attempt_time=_ts(record.next_attempt_at),
         kind=pb.StepKind.ValueType(int(record.kind)),
-        event_type=record.event_type or "",
+        # The store keeps a child step's child id where an event wait's type goes.
+        event_type=(record.event_type or "") if record.kind != StepKind.CHILD else "",
+        child_instance_id=(record.event_type or "") if record.kind == StepKind.CHILD else "",
     )
 
 
