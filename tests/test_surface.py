@@ -15,6 +15,7 @@ from cruzflow.v1 import workflows_pb2 as pb
 
 def test_authoring_api_is_pinned() -> None:
     assert sorted(public.__all__) == [
+        "ChildWorkflowError",
         "Duration",
         "Env",
         "EventTimeoutError",
