@@ -141,6 +141,8 @@ def instance(message: pb.Instance) -> InstanceStatusInfo:
         last_sequence=message.last_sequence,
         steps=tuple(step(s) for s in message.steps),
         trace_id=message.trace_id or None,
+        priority=message.priority,
+        concurrency_key=message.concurrency_key or None,
     )
 
 

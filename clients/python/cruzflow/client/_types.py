@@ -159,6 +159,12 @@ class InstanceStatusInfo:
     trace_id: str | None = None
     """The W3C trace id (32 hex digits) of the trace the instance's runs belong
     to, when the server traces; ``None`` otherwise."""
+    priority: int = 0
+    """The priority given at creation: among instances waiting for a slot of a
+    workflow's concurrency limit, higher starts first."""
+    concurrency_key: str | None = None
+    """The concurrency key whose slot the instance takes (a workflow limited per
+    key); None otherwise."""
 
 
 @dataclass(frozen=True, slots=True)

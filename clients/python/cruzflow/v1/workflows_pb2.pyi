@@ -150,6 +150,8 @@ class CreateInstanceRequest(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     PARAMS_JSON_FIELD_NUMBER: _builtins.int
     LOOKUP_KEY_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     """Name of a registered workflow (see ListWorkflows), e.g. "onboarding-workflow"."""
     instance_id: _builtins.str
@@ -162,6 +164,16 @@ class CreateInstanceRequest(_message.Message):
     """Optional key of the caller's own, e.g. "user:42", to find the instance
     by with ListInstances. Up to 256 characters; need not be unique.
     """
+    priority: _builtins.int
+    """For a workflow with a concurrency or rate limit: among the instances
+    waiting for a slot of their key, higher priority starts first (then the
+    oldest). 0 by default; negative values wait behind the default.
+    """
+    concurrency_key: _builtins.str
+    """For a workflow that limits per concurrency key: the key to take the
+    slots of, instead of the one at the config's concurrency_key path in the
+    params. Up to 256 characters. Refused for a workflow without such a limit.
+    """
     def __init__(
         self,
         *,
@@ -169,10 +181,12 @@ class CreateInstanceRequest(_message.Message):
         instance_id: _builtins.str = ...,
         params_json: _builtins.str = ...,
         lookup_key: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        concurrency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "lookup_key", b"lookup_key", "params_json", b"params_json", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "instance_id", b"instance_id", "lookup_key", b"lookup_key", "params_json", b"params_json", "priority", b"priority", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -263,6 +277,8 @@ class Instance(_message.Message):
     WAKE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     workflow: _builtins.str
     status: Global___InstanceStatus.ValueType
@@ -277,6 +293,12 @@ class Instance(_message.Message):
     trace_id: _builtins.str
     """The W3C trace id (32 hex digits) of the trace the instance's runs belong
     to: the creating call's when tracing is on. Empty when there is none.
+    """
+    priority: _builtins.int
+    """The priority given at creation (see CreateInstanceRequest.priority)."""
+    concurrency_key: _builtins.str
+    """The concurrency key whose slot the instance takes (a workflow with limits
+    per key); empty for a workflow with one limit for all, or with none.
     """
     @_builtins.property
     def error(self) -> Global___Error:
@@ -322,10 +344,12 @@ class Instance(_message.Message):
         wake_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         trace_id: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        concurrency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time", "update_time", b"update_time", "wake_time", b"wake_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "priority", b"priority", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,7 +22,8 @@ from cruzflow.server.records import (
 def instance_of(row: Sequence[Any]) -> InstanceRecord:
     """id, workflow, status, params, created_at, updated_at, output, error_name,
     error_message, ended_at, lookup_key, wake_at, trace_parent,
-    error_traceback, run_started_at, then the newest event's sequence."""
+    error_traceback, run_started_at, then the newest event's sequence; then,
+    where the query reads them, priority, concurrency_key and gate."""
     return InstanceRecord(
         id=row[0],
         workflow=row[1],
@@ -40,6 +41,10 @@ def instance_of(row: Sequence[Any]) -> InstanceRecord:
         error_traceback=row[13],
         run_started_at=row[14],
         last_seq=row[15],
+        # Past the record table PostgreSQL's functions return: reads add them.
+        priority=row[16] if len(row) > 16 else 0,
+        concurrency_key=row[17] if len(row) > 17 else None,
+        gate=row[18] if len(row) > 18 else None,
     )
 
 

@@ -76,6 +76,8 @@ def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
         wake_time=_ts(record.wake_at),
         start_time=_ts(record.run_started_at or record.created_at),
         trace_id=trace_id(record.trace_parent),
+        priority=record.priority,
+        concurrency_key=record.concurrency_key or "",
     )
 
 
