@@ -96,7 +96,11 @@ class Engine:
         # Instances left waiting for a concurrency slot: the commit that would
         # have let them through may have been lost with the last server, and a
         # workflow may have lost its limits (then all of them go through).
-        core.journal.gate_sweep(core.gates)
+        # Done before anything else is taken, so it is one commit of its own.
+        try:
+            await core.journal.gate_sweep(core.gates)
+        except Exception as exc:  # the journal logged why; the next start looks again
+            log.warning("opening the concurrency gates at start failed (%s)", exc)
         self._background.append(asyncio.create_task(self.timers.loop(), name="cruzflow-timers"))
         period = core.store.lease_period_s
         if period is not None:
