@@ -155,6 +155,8 @@ export function instance<P, O>(value: pb.Instance | undefined): InstanceInfo<P, 
     lastSequence: Number(value.lastSequence),
     steps: value.steps.map(step),
     traceId: value.traceId || undefined,
+    priority: value.priority,
+    concurrencyKey: value.concurrencyKey || undefined,
   };
 }
 

@@ -131,6 +131,10 @@ export interface InstanceInfo<Params = unknown, Output = unknown> {
    * to, when the server traces; `undefined` otherwise.
    */
   readonly traceId: string | undefined;
+  /** The priority given at creation (orders the instances waiting for a concurrency slot). */
+  readonly priority: number;
+  /** The concurrency key whose slot the instance takes (a workflow limited per key). */
+  readonly concurrencyKey: string | undefined;
 }
 
 /** Which step a {@link WatchEvent} is about. */
