@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from cruzflow.server.config import ConfigError, load_config
@@ -18,10 +19,12 @@ from cruzflow.server.engine.errors import InvalidArgument
 from cruzflow.server.engine.runtime import Engine, Limits, WorkflowSpec
 from cruzflow.server.records import Gate, InstanceStatus
 from cruzflow.server.store.base import Store
-from tests.conftest import ON_POSTGRES, Stores, eventually, finished
+from cruzflow.v1 import workflows_pb2 as pb
+from tests.conftest import BOTH, ON_POSTGRES, Server, Stores, eventually, finished
 from tests.workflows import Limited
 
 GatedEngines = Callable[..., Awaitable[Engine]]
+TRANSPORTS = BOTH
 
 
 @pytest.fixture
@@ -327,3 +330,31 @@ async def _gated_at(engine: Engine, ids: list[str]) -> list[int]:
         marks = ", ".join("?" * len(ids))
         rows = await store._fetch(f"SELECT gated_at FROM instances WHERE id IN ({marks})", ids)
     return [r[0] for r in rows]
+
+
+async def test_the_api_carries_priority_and_refuses_a_key_without_limits(server: Server) -> None:
+    created = await server.stub.CreateInstance(
+        pb.CreateInstanceRequest(workflow="three-steps", params_json="{}", priority=-3)
+    )
+    status = await server.stub.WaitInstance(pb.WaitInstanceRequest(instance_id=created.instance_id))
+    assert status.instance.priority == -3
+    assert status.instance.concurrency_key == ""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await server.stub.CreateInstance(
+            pb.CreateInstanceRequest(workflow="three-steps", instance_id="k", concurrency_key="a")
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no concurrency or rate limit" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await server.stub.GetStatus(pb.GetStatusRequest(instance_id="k"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # The batch call takes them too.
+    batch = await server.stub.CreateInstances(
+        pb.CreateInstancesRequest(
+            requests=[pb.CreateInstanceRequest(workflow="three-steps", priority=9)]
+        )
+    )
+    status = await server.stub.WaitInstance(
+        pb.WaitInstanceRequest(instance_id=batch.instances[0].instance_id)
+    )
+    assert status.instance.priority == 9
