@@ -540,6 +540,8 @@ def instance_view(info: InstanceStatusInfo) -> InstanceView:
         lookup_key=info.lookup_key or "",
         last_sequence=info.last_sequence,
         steps=[step_view(s) for s in info.steps],
+        priority=info.priority,
+        concurrency_key=info.concurrency_key or "",
     )
 
 
