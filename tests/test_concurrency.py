@@ -182,6 +182,22 @@ async def test_a_rate_limit_holds_the_rest_queued(gated: GatedEngines) -> None:
     assert len(Limited.order) == 2
 
 
+async def test_a_rate_limit_survives_a_restart(gated: GatedEngines) -> None:
+    engine = await gated(Gate(starts=2, per_ms=400))
+    ids = await _create(engine, 6)
+    for instance_id in ids:
+        Limited.let_go(instance_id)
+    await finished(engine, ids[1])
+    await engine.shutdown(0.1)
+    await engine.store.close()
+    # The next server finds the rest waiting, and keeps the spacing.
+    engine = await gated(Gate(starts=2, per_ms=400))
+    for instance_id in ids:
+        assert (await finished(engine, instance_id)).status is InstanceStatus.COMPLETE
+    starts = sorted(await _gated_at(engine, ids))
+    assert all(later - earlier >= 400 for earlier, later in zip(starts, starts[2:], strict=False))
+
+
 async def test_limits_survive_a_restart(gated: GatedEngines) -> None:
     engine = await gated(Gate(limit=2))
     ids = await _create(engine, 5)
