@@ -5,6 +5,10 @@ server (``claim``: at start every unfinished one; with several servers on
 one database, those no live lease holds), starts up to
 ``max_running_instances`` and queues the rest, drives each run of
 ``run()`` (``drive``), and settles an instance's handle when its run ends.
+
+An instance of a workflow with a concurrency or rate limit waits at its
+key's gate before that: the store lets it through in the commit that creates
+it or finishes another (``Journal.gate``), and ``let_through`` starts it.
 """
 
 from __future__ import annotations
