@@ -16,7 +16,7 @@ from tests.conftest import Server, eventually
 S = pb.InstanceStatus
 
 
-async def _create(server: Server, workflow: str, params: Any = None, **kw: str) -> str:
+async def _create(server: Server, workflow: str, params: Any = None, **kw: Any) -> str:
     created = await server.stub.CreateInstance(
         pb.CreateInstanceRequest(
             workflow=workflow, params_json=json.dumps(params) if params is not None else "", **kw

@@ -11,7 +11,7 @@ import asyncio
 import os
 import random
 import uuid
-from typing import Any, NotRequired, TypedDict
+from typing import Any, ClassVar, NotRequired, TypedDict
 
 from cruzflow.workflows import (
     ChildWorkflowError,
@@ -666,3 +666,76 @@ class WaitsTogether(WorkflowEntrypoint):
             step.wait_for_event("a", type="a"), step.wait_for_event("b", type="b"), nap()
         )
         return {"a": a["payload"], "b": b["payload"], "nap": c}
+
+
+class Limited(WorkflowEntrypoint):
+    """For concurrency limits: step "work" records the instance as in it, waits
+    until the test lets the instance go (``Limited.let_go``), and records its
+    end; ``running`` is who is in the step now, ``most`` the most at once,
+    ``order`` the order they entered it (in-process tests)."""
+
+    running: ClassVar[set[str]] = set()
+    most = 0
+    order: ClassVar[list[str]] = []
+    gates: ClassVar[dict[str, asyncio.Event]] = {}
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.running, cls.most, cls.order, cls.gates = set(), 0, [], {}
+
+    @classmethod
+    def let_go(cls, instance_id: str) -> None:
+        cls.gates.setdefault(instance_id, asyncio.Event()).set()
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        me = event.instance_id
+
+        async def work() -> str:
+            cls = Limited
+            cls.running.add(me)
+            cls.order.append(me)
+            cls.most = max(cls.most, len(cls.running))
+            try:
+                await cls.gates.setdefault(me, asyncio.Event()).wait()
+            finally:
+                cls.running.discard(me)
+            return me
+
+        done = await step.do("work", work)
+        await step.do("after", lambda: None)  # a boundary, where a pause is taken
+        return done
+
+
+def log_line(line: str) -> None:
+    """Append a line to the side file at once (fsynced): a step log that
+    outlives a SIGKILL of the server that wrote it."""
+    path = os.environ.get("CRUZFLOW_TEST_SIDE_FILE")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class KeyedWork(WorkflowEntrypoint):
+    """For the concurrency e2e test: step "begin" logs "start <key> <id> <pid>",
+    a short nap, step "end" logs "end <key> <id> <pid>" (params: key, nap in s)."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        key = str(event.payload.get("user", "-"))
+        me = event.instance_id
+        nap = float(event.payload.get("nap", 0.02))
+
+        async def begin() -> None:
+            log_line(f"start {key} {me} {os.getpid()}")
+            await asyncio.sleep(nap)
+
+        async def end() -> None:
+            await asyncio.sleep(nap)
+            log_line(f"end {key} {me} {os.getpid()}")
+
+        await step.do("begin", begin)
+        await step.do("end", end)
+        return key

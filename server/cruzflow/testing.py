@@ -511,14 +511,14 @@ class WorkflowTestEnv:
         if id is not None and id in self._ids:
             raise ValueError(f"instance {id!r} exists already in this env; choose another id")
         try:
-            spec, data = engine.admission.check_new(self._spec.name, id or "", data, "")
+            spec, data, key = engine.admission.check_new(self._spec.name, id or "", data, "")
         except ServiceError as exc:
             raise ValueError(str(exc)) from None
         instance_id = id or uuid.uuid4().hex
         self._ids.add(instance_id)
         # No await from the admit to the last event: they commit in one batch,
         # so the first wait for an event already finds it stored.
-        _, durable = engine.admission.admit(spec, instance_id, data)
+        _, durable = engine.admission.admit(spec, instance_id, data, key=key)
         now = int(time.time() * 1000)
         for event_type, payload in self._events:
             engine.journal.add_inbox(InboxEvent(instance_id, event_type, payload, now))

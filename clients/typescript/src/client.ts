@@ -117,6 +117,13 @@ export interface CreateOptions extends CallOptions {
   /** A key to find the instance by with `listInstances({ lookupKey })`, e.g. `"user:42"`. */
   lookupKey?: string | undefined;
   /**
+   * For a workflow with a concurrency or rate limit: among the instances
+   * waiting for a slot, higher starts first (0 by default).
+   */
+  priority?: number | undefined;
+  /** For a workflow limited per key: the key to take a slot of, instead of the params'. */
+  concurrencyKey?: string | undefined;
+  /**
    * If the id is taken: `"error"` (the default) throws
    * {@link InstanceAlreadyExists}; `"return"` returns the existing instance of
    * this workflow, whatever its params (use it with an id derived from an
@@ -130,6 +137,8 @@ export interface NewInstance<Params = unknown> {
   params?: Params;
   id?: string | undefined;
   lookupKey?: string | undefined;
+  priority?: number | undefined;
+  concurrencyKey?: string | undefined;
 }
 
 /** Options of `InstanceHandle.wait` and `result`. */
@@ -392,7 +401,7 @@ export class WorkflowBinding<Params = unknown, Output = unknown> {
    */
   async create(params?: Params, options: CreateOptions = {}): Promise<InstanceHandle<Params, Output>> {
     const client = this.#client;
-    const { id, lookupKey, ifExists = "error" } = options;
+    const { id, lookupKey, priority, concurrencyKey, ifExists = "error" } = options;
     if (ifExists !== "error" && ifExists !== "return") {
       throw new InvalidArgument(`ifExists: must be "error" or "return", got ${JSON.stringify(ifExists)}`);
     }
@@ -404,6 +413,8 @@ export class WorkflowBinding<Params = unknown, Output = unknown> {
       instanceId: id ?? "",
       paramsJson: convert.encodeJson(params, "params"),
       lookupKey: lookupKey ?? "",
+      priority: priority ?? 0,
+      concurrencyKey: concurrencyKey ?? "",
     };
     let retried = false;
     try {
@@ -456,6 +467,8 @@ export class WorkflowBinding<Params = unknown, Output = unknown> {
         instanceId: item.id ?? "",
         paramsJson: convert.encodeJson(item.params, `items[${i}].params`),
         lookupKey: item.lookupKey ?? "",
+        priority: item.priority ?? 0,
+        concurrencyKey: item.concurrencyKey ?? "",
       };
     });
     const allIds = requests.length > 0 && requests.every((r) => r.instanceId !== "");

@@ -157,6 +157,8 @@ export function instance<P, O>(value: pb.Instance | undefined): InstanceInfo<P, 
     steps: value.steps.map(step),
     traceId: value.traceId || undefined,
     parentId: value.parentId || undefined,
+    priority: value.priority,
+    concurrencyKey: value.concurrencyKey || undefined,
   };
 }
 

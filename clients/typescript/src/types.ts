@@ -140,6 +140,10 @@ export interface InstanceInfo<Params = unknown, Output = unknown> {
    * `listInstances({ parentId })`).
    */
   readonly parentId: string | undefined;
+  /** The priority given at creation (orders the instances waiting for a concurrency slot). */
+  readonly priority: number;
+  /** The concurrency key whose slot the instance takes (a workflow limited per key). */
+  readonly concurrencyKey: string | undefined;
 }
 
 /** Which step a {@link WatchEvent} is about. */

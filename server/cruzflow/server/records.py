@@ -105,6 +105,15 @@ class InstanceRecord:
     abandon: bool = False
     """With a parent: left running when the parent is terminated or restarted
     (``parent_close="abandon"``), instead of terminated with it."""
+    priority: int = 0
+    """Higher starts first among the instances waiting for a concurrency slot."""
+    concurrency_key: str | None = None
+    """The key whose slots the instance takes ("" for a workflow-wide limit);
+    None for a workflow without limits."""
+    gate: int | None = None
+    """None: no limit applies; 0: waiting for a slot; 1: let through (holds a
+    slot until it finishes). Unknown (None) in records a shared store's claim
+    returns: those are never 0."""
 
 
 @dataclass(slots=True)
@@ -175,6 +184,26 @@ class EventRecord:
     payload: bytes | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """A workflow's concurrency and rate limits, which hold per concurrency key
+    (one key for the whole workflow when it names none)."""
+
+    limit: int | None = None
+    """Instances that hold a slot at once, per key; None: no bound."""
+    starts: int | None = None
+    """Starts (slots granted) per ``per_ms``, per key; None: no rate limit."""
+    per_ms: int = 0
+    """The rate limit's window, in ms."""
+    key_path: tuple[str, ...] = ()
+    """Where the key is in the params (object members, outer first); empty:
+    one key ("") for the whole workflow."""
+
+
+UNGATED = Gate()
+"""What a workflow that lost its limits (from the config) lets through: all."""
+
+
 @dataclass(slots=True)
 class Batch:
     """Writes that commit together in one transaction.
@@ -198,6 +227,22 @@ class Batch:
     purge: dict[str, int] = field(default_factory=dict)
     # Set by the store once applied: how many instances the purge removed.
     purged: int = 0
+    # Concurrency gates, opened as far as their limits allow after the batch's
+    # other writes, in its transaction: the limits of each workflow named; the
+    # instances whose (workflow, key) to look at (created, finished, resumed);
+    # (workflow, key) pairs to look at (a rate limit's window moved on); and
+    # whether to look at every key that has instances waiting (at start).
+    gates: dict[str, Gate] = field(default_factory=dict)
+    gate_ids: set[str] = field(default_factory=set)
+    gate_keys: set[tuple[str, str]] = field(default_factory=set)
+    gate_sweep: bool = False
+    # Existing instances stored as waiting for a slot again (resumed, restarted).
+    gate_hold: set[str] = field(default_factory=set)
+    # Set by the store once applied: the instances let through (now queued
+    # for a server slot, holding their key's slot), and the keys a rate limit
+    # holds back with when to look again (workflow, key, ms).
+    promoted: list[str] = field(default_factory=list)
+    gate_retry: list[tuple[str, str, int]] = field(default_factory=list)
 
     def without(self, ids: set[str] | frozenset[str]) -> Batch:
         """A copy of the batch with no write of the instances ``ids`` (the
@@ -211,6 +256,11 @@ class Batch:
             inbox=[e for e in self.inbox if e.instance_id not in ids],
             consumed={k: v for k, v in self.consumed.items() if v[0] not in ids},
             purge={k: v for k, v in self.purge.items() if k not in ids},
+            gates=self.gates,
+            gate_ids=self.gate_ids - ids,
+            gate_keys=self.gate_keys,
+            gate_sweep=self.gate_sweep,
+            gate_hold=self.gate_hold - ids,
         )
 
     def __bool__(self) -> bool:
@@ -223,6 +273,9 @@ class Batch:
             or self.inbox
             or self.consumed
             or self.purge
+            or self.gate_ids
+            or self.gate_keys
+            or self.gate_sweep
         )
 
 

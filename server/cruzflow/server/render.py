@@ -112,6 +112,8 @@ class InstanceView:
     last_sequence: int = 0
     steps: list[StepView] = field(default_factory=list)
     start_time: datetime | None = None  # the current run's: the creation or the last restart
+    priority: int = 0  # orders the instances waiting for a concurrency slot
+    concurrency_key: str = ""  # the key whose slot it takes (a workflow limited per key)
 
     @property
     def final(self) -> bool:
@@ -404,6 +406,10 @@ def instance_lines(view: InstanceView, now: datetime, style: Style = PLAIN) -> l
     ]
     if view.lookup_key:
         rows.append(("lookup key", view.lookup_key))
+    if view.concurrency_key:
+        rows.append(("concurrency key", view.concurrency_key))
+    if view.priority:
+        rows.append(("priority", str(view.priority)))
     rows.append(("created", local_time(view.create_time)))
     began = view.start_time or view.create_time
     if view.start_time is not None and view.start_time != view.create_time:

@@ -82,6 +82,12 @@ class NewInstance:
     params: Any = None
     id: str | None = None
     lookup_key: str | None = None
+    priority: int = 0
+    """Among instances waiting for a slot of the workflow's concurrency limit,
+    higher starts first."""
+    concurrency_key: str | None = None
+    """The concurrency key to take a slot of, instead of the one the config's
+    ``concurrency_key`` path finds in the params."""
 
 
 def _check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
@@ -466,6 +472,8 @@ class WorkflowBinding:
         *,
         id: str | None = None,
         lookup_key: str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
         if_exists: Literal["error", "return"] = "error",
         timeout: float | None = None,
     ) -> InstanceHandle:
@@ -474,7 +482,10 @@ class WorkflowBinding:
         ``params`` (any JSON value) reach ``run`` as ``event.payload``. ``id``
         is your own instance id (the server makes one when ``None``);
         ``lookup_key`` a key to find the instance by with
-        ``Client.list_instances(lookup_key=...)``.
+        ``Client.list_instances(lookup_key=...)``. For a workflow with a
+        concurrency or rate limit, ``priority`` orders the instances waiting
+        for a slot (higher first), and ``concurrency_key`` names the key to
+        take a slot of instead of the one in the params.
 
         With an ``id`` the create is retried on ``UNAVAILABLE`` (it cannot
         create twice). If the id is taken, ``if_exists="error"`` raises
@@ -495,6 +506,8 @@ class WorkflowBinding:
             instance_id=id or "",
             params_json=params_json,
             lookup_key=lookup_key or "",
+            priority=priority,
+            concurrency_key=concurrency_key or "",
         )
         client = self._client
         retried = False
@@ -549,6 +562,8 @@ class WorkflowBinding:
                 instance_id=new.id or "",
                 params_json=_convert.encode_json(new.params, f"items[{i}].params"),
                 lookup_key=new.lookup_key or "",
+                priority=new.priority,
+                concurrency_key=new.concurrency_key or "",
             )
             for i, new in enumerate(news)
         ]
@@ -612,11 +627,11 @@ def _new_instance(item: NewInstance | Mapping[str, Any], index: int) -> NewInsta
     if isinstance(item, NewInstance):
         new = item
     elif isinstance(item, Mapping):
-        unknown = sorted(set(item) - {"params", "id", "lookup_key"})
+        unknown = sorted(set(item) - {"params", "id", "lookup_key", "priority", "concurrency_key"})
         if unknown:
             raise InvalidArgument(
                 f"items[{index}]: unknown key(s) {', '.join(map(repr, unknown))}; "
-                f"use 'params', 'id' and 'lookup_key'"
+                f"use 'params', 'id', 'lookup_key', 'priority' and 'concurrency_key'"
             )
         new = NewInstance(**item)
     else:

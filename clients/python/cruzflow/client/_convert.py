@@ -143,6 +143,8 @@ def instance(message: pb.Instance) -> InstanceStatusInfo:
         steps=tuple(step(s) for s in message.steps),
         trace_id=message.trace_id or None,
         parent_id=message.parent_id or None,
+        priority=message.priority,
+        concurrency_key=message.concurrency_key or None,
     )
 
 

@@ -259,13 +259,21 @@ class SyncWorkflowBinding:
         *,
         id: str | None = None,
         lookup_key: str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
         if_exists: Literal["error", "return"] = "error",
         timeout: float | None = None,
     ) -> SyncInstanceHandle:
         """See :meth:`WorkflowBinding.create`."""
         handle = self._loop.run(
             self._binding.create(
-                params, id=id, lookup_key=lookup_key, if_exists=if_exists, timeout=timeout
+                params,
+                id=id,
+                lookup_key=lookup_key,
+                priority=priority,
+                concurrency_key=concurrency_key,
+                if_exists=if_exists,
+                timeout=timeout,
             )
         )
         return SyncInstanceHandle(handle, self._loop)

@@ -167,6 +167,12 @@ class InstanceStatusInfo:
     """The instance whose ``step.child`` started this one; ``None`` for one
     created through the API (list a parent's children with
     ``list_instances(parent_id=...)``)."""
+    priority: int = 0
+    """The priority given at creation: among instances waiting for a slot of a
+    workflow's concurrency limit, higher starts first."""
+    concurrency_key: str | None = None
+    """The concurrency key whose slot the instance takes (a workflow limited per
+    key); None otherwise."""
 
 
 @dataclass(frozen=True, slots=True)

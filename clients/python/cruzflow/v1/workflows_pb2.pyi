@@ -154,6 +154,8 @@ class CreateInstanceRequest(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     PARAMS_JSON_FIELD_NUMBER: _builtins.int
     LOOKUP_KEY_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     """Name of a registered workflow (see ListWorkflows), e.g. "onboarding-workflow"."""
     instance_id: _builtins.str
@@ -166,6 +168,16 @@ class CreateInstanceRequest(_message.Message):
     """Optional key of the caller's own, e.g. "user:42", to find the instance
     by with ListInstances. Up to 256 characters; need not be unique.
     """
+    priority: _builtins.int
+    """For a workflow with a concurrency or rate limit: among the instances
+    waiting for a slot of their key, higher priority starts first (then the
+    oldest). 0 by default; negative values wait behind the default.
+    """
+    concurrency_key: _builtins.str
+    """For a workflow that limits per concurrency key: the key to take the
+    slots of, instead of the one at the config's concurrency_key path in the
+    params. Up to 256 characters. Refused for a workflow without such a limit.
+    """
     def __init__(
         self,
         *,
@@ -173,10 +185,12 @@ class CreateInstanceRequest(_message.Message):
         instance_id: _builtins.str = ...,
         params_json: _builtins.str = ...,
         lookup_key: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        concurrency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "lookup_key", b"lookup_key", "params_json", b"params_json", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "instance_id", b"instance_id", "lookup_key", b"lookup_key", "params_json", b"params_json", "priority", b"priority", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -268,6 +282,8 @@ class Instance(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     workflow: _builtins.str
     status: Global___InstanceStatus.ValueType
@@ -286,6 +302,12 @@ class Instance(_message.Message):
     parent_id: _builtins.str
     """The instance whose step.child started this one; empty for an instance
     created through the API. Its children: ListInstances with parent_id.
+    """
+    priority: _builtins.int
+    """The priority given at creation (see CreateInstanceRequest.priority)."""
+    concurrency_key: _builtins.str
+    """The concurrency key whose slot the instance takes (a workflow with limits
+    per key); empty for a workflow with one limit for all, or with none.
     """
     @_builtins.property
     def error(self) -> Global___Error:
@@ -332,10 +354,12 @@ class Instance(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         trace_id: _builtins.str = ...,
         parent_id: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        concurrency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time", "update_time", b"update_time", "wake_time", b"wake_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "priority", b"priority", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

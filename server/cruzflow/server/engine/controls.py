@@ -117,8 +117,15 @@ class Controls:
                                 f"instance {instance_id!r} is of workflow {record.workflow!r}, "
                                 f"which this server's config does not host; add it back first"
                             )
-                        run = Run(self._core, record, spec, resumed=True)
-                        self._core.live[instance_id] = run
+                        if spec.gate is not None:
+                            # Whether it waits for a concurrency slot: a shared
+                            # store's claim does not say (see InstanceRecord.gate).
+                            record = await self._core.store.get_instance(instance_id) or record
+                            # (A claim may have taken it up during that await.)
+                            run = self._core.live.get(instance_id)
+                        if run is None:
+                            run = Run(self._core, record, spec, resumed=True)
+                            self._core.live[instance_id] = run
                 run.held += 1
                 try:
                     yield run
@@ -145,8 +152,8 @@ class Controls:
                 # Only a waiting or queued instance is taken over for this: a
                 # paused one stays free for whoever resumes it.
                 record = await core.store.get_instance(instance_id)
-                if record is None or record.status not in _WAKEABLE:
-                    return
+                if record is None or record.status not in _WAKEABLE or record.gate == 0:
+                    return  # (one waiting for a concurrency slot is let through first)
             async with self.hold(instance_id) as run:
                 if run.active or run.queued or run.status not in _WAKEABLE:
                     return
@@ -292,6 +299,9 @@ class Controls:
         # The new run starts new children; the old run's go as at a terminate.
         await self._end_children(run.id)
         self._core.journal.clear_steps(run.id)
+        if run.gate is not None and run.status.finished:
+            # Its key's slot was freed as it finished: it waits for one again.
+            run.gate = 0
         run.run_started_at = ms()
         run.reset_for_replay()
         run.resumed = False  # nothing to replay: the steps are gone

@@ -31,7 +31,7 @@ from cruzflow.server.engine.hooks import EngineHooks
 from cruzflow.server.engine.hub import Hub
 from cruzflow.server.engine.journal import Durable, Journal
 from cruzflow.server.engine.observer import Observer
-from cruzflow.server.records import InboxEvent, InstanceRecord, Lease, Refusal
+from cruzflow.server.records import Gate, InboxEvent, InstanceRecord, Lease, Refusal
 from cruzflow.server.store.base import Store, StoreError
 
 if TYPE_CHECKING:
@@ -87,6 +87,8 @@ class WorkflowSpec:
     binding: str
     class_name: str
     cls: type[WorkflowEntrypoint[Any]]
+    gate: Gate | None = None
+    """Its concurrency and rate limits (config), or None: it has none."""
 
 
 def ms() -> int:
@@ -136,6 +138,11 @@ class Core:
         self.live: dict[str, Run] = {}
         self.runs: dict[str, Run] = {}
         self.queue: deque[Run] = deque()
+        # Instances of limited workflows waiting for their key's slot (one
+        # server per store only: on a shared store they wait in the store).
+        self.gated: dict[str, Run] = {}
+        # The limits of the workflows that have them.
+        self.gates = {n: s.gate for n, s in self.workflows.items() if s.gate is not None}
         # Per instance, the lock control calls hold it with and its users
         # (see Controls.hold); retention fences idle instances with it too.
         self.locks: dict[str, tuple[asyncio.Lock, int]] = {}

@@ -44,8 +44,8 @@ class Run:
     by a control call). At most one exists per instance: see ``Controls.hold``."""
 
     __slots__ = (
-        "abandon", "busy", "claimed", "core", "created_at", "error", "held", "id", "idle",
-        "last_write", "next_index", "occurrences", "params", "parent_id", "parked",
+        "abandon", "busy", "claimed", "core", "created_at", "error", "gate", "held", "id",
+        "idle", "last_write", "next_index", "occurrences", "params", "parent_id", "parked",
         "pause_requested", "poked", "pokes", "queued", "replay", "replay_names", "resumed",
         "run_started_at", "seq", "span", "spec", "status", "stirred", "strays", "task",
         "trace_parent",
@@ -82,6 +82,8 @@ class Run:
         self.queued = False
         self.held = 0
         self.trace_parent = record.trace_parent
+        # 0 while it waits for its concurrency key's slot (see Scheduler.enqueue).
+        self.gate = record.gate
         # The error this run ended the instance with, and its traceback, for the observer.
         self.error: tuple[str, str, str | None] | None = None
         # The observer's token for the run in memory (its span).
@@ -142,6 +144,10 @@ class Run:
             self.error = None if error is None else (*error, traceback)
         self.status = status
         finished = status.finished
+        if finished and self.spec.gate is not None:
+            # Its key's slot frees in the same commit, and the next waiting
+            # instance of the key is let through in it.
+            self.core.journal.gate(self.id, self.spec.name, self.spec.gate)
         self.core.journal.update_instance(
             InstanceUpdate(
                 self.id, status, now, output,

@@ -5,6 +5,10 @@ server (``claim``: at start every unfinished one; with several servers on
 one database, those no live lease holds), starts up to
 ``max_running_instances`` and queues the rest, drives each run of
 ``run()`` (``drive``), and settles an instance's handle when its run ends.
+
+An instance of a workflow with a concurrency or rate limit waits at its
+key's gate before that: the store lets it through in the commit that creates
+it or finishes another (``Journal.gate``), and ``let_through`` starts it.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ from typing import Any
 
 from cruzflow.sdk.api import WorkflowEvent
 from cruzflow.sdk.step import WorkflowStep
-from cruzflow.server.engine.core import Core
+from cruzflow.server.engine.core import Core, ms
 from cruzflow.server.engine.errors import FatalWorkflowError, StepFailedError, Suspend
 from cruzflow.server.engine.journal import Durable
 from cruzflow.server.engine.run import Run, about
 from cruzflow.server.engine.steps import StepRunner, to_json
 from cruzflow.server.engine.timers import Timers
 from cruzflow.server.engine.tracebacks import format_error
-from cruzflow.server.records import InstanceStatus, Notice, NoticeKind
+from cruzflow.server.records import UNGATED, InstanceStatus, Notice, NoticeKind
 from cruzflow.server.store.base import StoreError
 
 log = logging.getLogger("cruzflow.engine")
@@ -50,6 +54,8 @@ class Scheduler:
         # cut short by the slots this server had free).
         self._runnable = asyncio.Event()
         self._maybe_waiting = False
+        # Keys a rate limit holds back: when their gate is opened again.
+        self._gate_timers: dict[tuple[str, str], tuple[int, asyncio.TimerHandle]] = {}
 
     def free_slots(self) -> int:
         core = self._core
@@ -81,6 +87,11 @@ class Scheduler:
             run = Run(self._core, record, spec, resumed=True)
             run.queued = True
             self._core.live[run.id] = run
+            if record.gate == 0:
+                # Waits for its key's slot (one server: the engine's start
+                # opens every gate that has instances waiting).
+                self._core.gated[run.id] = run
+                continue
             self._core.queue.append(run)
             resumed += 1
         for name, count in missing.items():
@@ -135,6 +146,10 @@ class Scheduler:
                     await self.claim()
                 except StoreError as exc:
                     log.warning("claiming runnable instances failed (%s); trying again", exc)
+            if any(g.starts is not None for g in self._core.gates.values()):
+                # A rate limit's window moves on by time alone, and the server
+                # that would have opened the gate then may have died.
+                self._core.journal.gate_sweep(self._core.gates)
 
     async def keep_lease(self, period: float) -> None:
         """Shared store: renew this server's lease three times a period. Once it
@@ -210,7 +225,10 @@ class Scheduler:
             self._runnable.set()
 
     def enqueue(self, run: Run, announce: bool = False) -> Durable | None:
-        """Start a run now if a slot is free, else queue it; record the status."""
+        """Start a run now if a slot is free, else queue it; record the status.
+        One waiting for its concurrency key's slot waits for that first."""
+        if run.gate == 0:
+            return self._hold_at_gate(run)
         start = (
             not self._core.queue and len(self._core.runs) < self._core.limits.max_running_instances
         )
@@ -224,9 +242,57 @@ class Scheduler:
             self._core.queue.append(run)
         return durable
 
+    def _hold_at_gate(self, run: Run) -> Durable:
+        """Store the run queued, waiting for its key's slot (resumed, or restarted
+        once finished), and open the gate as far as the limits allow."""
+        core = self._core
+        durable = run.set_status(InstanceStatus.QUEUED)
+        core.journal.gate_hold(run.id, run.spec.name, run.spec.gate or UNGATED)
+        if not core.shared:
+            # On a shared store it waits there, free for any server once let through.
+            core.live[run.id] = run
+            run.queued = True
+            core.gated[run.id] = run
+        return durable
+
+    def let_through(self, promoted: list[str], retry: list[tuple[str, str, int]]) -> None:
+        """A commit opened concurrency gates: start (or queue for a server slot)
+        the instances it let through; look again at the keys a rate limit held
+        back when their window has moved on."""
+        core = self._core
+        if core.shared:
+            if promoted:
+                # Stored unowned: whichever server has a slot takes them (the
+                # store told the others), this one included.
+                self.runnable_elsewhere()
+        else:
+            for instance_id in promoted:
+                run = core.gated.pop(instance_id, None)
+                if run is None or core.stopping:
+                    continue  # held by a control call; or it resumes at the next start
+                run.queued = False
+                run.gate = 1
+                self.enqueue(run)
+        loop = asyncio.get_running_loop()
+        for workflow, key, at in retry:
+            known = self._gate_timers.get((workflow, key))
+            if known is not None:
+                if known[0] <= at:
+                    continue
+                known[1].cancel()
+            handle = loop.call_later(max(0, at - ms()) / 1000, self._gate_due, workflow, key)
+            self._gate_timers[(workflow, key)] = (at, handle)
+
+    def _gate_due(self, workflow: str, key: str) -> None:
+        self._gate_timers.pop((workflow, key), None)
+        if not self._core.stopping:
+            gate = self._core.gates.get(workflow, UNGATED)
+            self._core.journal.gate_key(workflow, key, gate)
+
     def dequeue(self, run: Run) -> None:
         if run.queued:
-            self._core.queue.remove(run)
+            if self._core.gated.pop(run.id, None) is None:
+                self._core.queue.remove(run)
             run.queued = False
 
     def settle(self, run: Run) -> None:

@@ -540,7 +540,7 @@ class StepRunner:
         except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"step.child({slot.name!r}): params are not JSON ({exc})") from None
         try:
-            spec, params_bytes = admission.check_new(
+            spec, params_bytes, key = admission.check_new(
                 workflow, child_id, params_json, lookup_key or ""
             )
             await admission.reserve_id(child_id)
@@ -550,7 +550,7 @@ class StepRunner:
             slot.started_at = _ms()
             slot.event_type = child_id
             _, durable = admission.admit(
-                spec, child_id, params_bytes, lookup_key or "", parent=(run.id, abandon)
+                spec, child_id, params_bytes, lookup_key or "", parent=(run.id, abandon), key=key
             )
             slot.record(StepStatus.RUNNING, 1)
             slot.emit(EventKind.STEP_STARTED, 1)

@@ -28,6 +28,7 @@ import json
 import logging
 import secrets
 import socket
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable
@@ -68,6 +69,8 @@ _FINISHED = "6, 7, 8"
 # Held by this lock while migrating: several servers starting at once migrate
 # one after the other (the later ones find the schema current).
 _MIGRATION_LOCK = 0x63727A666C6F77  # "crzflow"
+# The first key of the advisory locks that serialize a workflow's gate openings.
+_GATE_LOCK = 0x67617465  # "gate"
 # A notification's payload must stay under 8,000 bytes: larger batches are
 # told in several, still in the batch's one transaction.
 _NOTIFY_BYTES = 7000
@@ -579,6 +582,126 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER inbox_child_ended AFTER INSERT ON inbox FOR EACH ROW
         WHEN (NEW.type LIKE 'cruzflow:child:%') EXECUTE FUNCTION cruzflow_child_ended();
     """,
+    f"""
+    -- Concurrency and rate limits of a workflow ([[workflows]] concurrency,
+    -- concurrency_key, rate_limit): the key whose slots an instance takes, and
+    -- gate NULL (no limit), 0 (waiting for a slot) or 1 (let through at
+    -- gated_at: it holds its slot until it finishes). One waiting is held by
+    -- the lease epoch 0, which no server has: claim passes it over.
+    ALTER TABLE instances ADD COLUMN priority integer NOT NULL DEFAULT 0,
+        ADD COLUMN concurrency_key text, ADD COLUMN gate smallint, ADD COLUMN gated_at bigint;
+    -- Who goes next: higher priority first, then creation order.
+    CREATE INDEX instances_gate_waiting
+        ON instances (workflow, concurrency_key, priority DESC, pk) WHERE gate = 0;
+    -- Who holds a slot: counted, never a history scan.
+    CREATE INDEX instances_gate_holding
+        ON instances (workflow, concurrency_key) WHERE gate = 1 AND status NOT IN ({_FINISHED});
+    -- Starts within a rate limit's window.
+    CREATE INDEX instances_gate_starts
+        ON instances (workflow, concurrency_key, gated_at) WHERE gate = 1;
+
+    -- After cruzflow_apply, in its statement (so in its transaction): the new
+    -- instances' gate columns, instances held at their gate again, then each
+    -- (workflow, key) named opened as far as its limits allow. Openings of
+    -- one workflow are serialized across servers by an advisory lock, taken
+    -- in name order; the count each makes sees every opening committed
+    -- before (each statement here reads afresh), so the servers together
+    -- never let more through than the limit.
+    CREATE FUNCTION cruzflow_gate(
+        lease_owner text, lease_epoch bigint, now_ms bigint, skipped text[],
+        n_id text[], n_priority integer[], n_key text[], n_gate smallint[],
+        h_id text[],
+        g_workflow text[], g_limit integer[], g_starts integer[], g_per bigint[],
+        i_id text[], k_workflow text[], k_key text[], sweep boolean,
+        OUT promoted text[], OUT retry_workflow text[], OUT retry_key text[],
+        OUT retry_at bigint[]
+    ) LANGUAGE plpgsql AS $$
+    #variable_conflict use_column
+    DECLARE
+        flow text;
+        k record;
+        lim integer;
+        st integer;
+        per bigint;
+        free integer;
+        got text[];
+        recent bigint[];
+    BEGIN
+        promoted := '{{}}'; retry_workflow := '{{}}'; retry_key := '{{}}'; retry_at := '{{}}';
+        IF cardinality(n_id) > 0 THEN
+            UPDATE instances i SET priority = n.priority, concurrency_key = n.key, gate = n.gate,
+                owner = CASE WHEN n.gate = 0 THEN 'concurrency' ELSE i.owner END,
+                epoch = CASE WHEN n.gate = 0 THEN 0 ELSE i.epoch END
+            FROM unnest(n_id, n_priority, n_key, n_gate) AS n(id, priority, key, gate)
+            WHERE i.id = n.id AND NOT (n.id = ANY(skipped));
+        END IF;
+        IF cardinality(h_id) > 0 THEN
+            UPDATE instances i SET gate = 0, owner = 'concurrency', epoch = 0
+            WHERE i.id = ANY(h_id) AND i.gate IS NOT NULL AND i.status = 1
+              AND i.owner = lease_owner AND i.epoch = lease_epoch;
+        END IF;
+        FOR flow IN SELECT DISTINCT x FROM unnest(g_workflow) AS g(x) ORDER BY 1 LOOP
+            PERFORM pg_advisory_xact_lock({_GATE_LOCK}, hashtext(flow));
+        END LOOP;
+        FOR k IN
+            SELECT DISTINCT x.workflow, x.key FROM (
+                SELECT i.workflow, i.concurrency_key FROM instances i
+                WHERE i.id = ANY(i_id) AND i.gate IS NOT NULL
+                UNION ALL SELECT * FROM unnest(k_workflow, k_key)
+                UNION ALL SELECT i.workflow, i.concurrency_key FROM instances i
+                WHERE sweep AND i.gate = 0 AND i.status = 1
+            ) AS x(workflow, key) ORDER BY 1, 2
+        LOOP
+            lim := NULL; st := NULL; per := 0;
+            SELECT g.lim, g.st, g.per INTO lim, st, per
+              FROM unnest(g_workflow, g_limit, g_starts, g_per) AS g(flow, lim, st, per)
+              WHERE g.flow = k.workflow;
+            free := 2147483647;
+            IF lim IS NOT NULL THEN
+                free := lim - (SELECT count(*) FROM instances i
+                    WHERE i.workflow = k.workflow AND i.concurrency_key = k.key AND i.gate = 1
+                      AND i.status NOT IN ({_FINISHED}));
+            END IF;
+            recent := '{{}}';
+            IF st IS NOT NULL THEN
+                recent := ARRAY(SELECT i.gated_at FROM instances i
+                    WHERE i.workflow = k.workflow AND i.concurrency_key = k.key AND i.gate = 1
+                      AND i.gated_at > now_ms - per
+                    ORDER BY i.gated_at DESC LIMIT st);
+                free := least(free, st - cardinality(recent));
+            END IF;
+            got := '{{}}';
+            IF free > 0 THEN
+                WITH up AS (
+                    UPDATE instances i SET gate = 1, gated_at = now_ms, owner = NULL, epoch = NULL
+                    WHERE i.pk IN (
+                        SELECT w.pk FROM instances w
+                        WHERE w.workflow = k.workflow AND w.concurrency_key = k.key
+                          AND w.gate = 0 AND w.status = 1
+                        ORDER BY w.priority DESC, w.pk LIMIT free
+                        FOR UPDATE SKIP LOCKED)
+                    RETURNING i.id)
+                SELECT coalesce(array_agg(up.id), '{{}}') INTO got FROM up;
+                promoted := promoted || got;
+            END IF;
+            IF st IS NOT NULL AND cardinality(recent) + cardinality(got) >= st
+               AND EXISTS (SELECT 1 FROM instances w
+                   WHERE w.workflow = k.workflow AND w.concurrency_key = k.key
+                     AND w.gate = 0 AND w.status = 1) THEN
+                -- A start frees once the st-th newest start leaves the window.
+                recent := array_fill(now_ms, ARRAY[cardinality(got)]) || recent;
+                retry_workflow := retry_workflow || k.workflow;
+                retry_key := retry_key || k.key;
+                retry_at := retry_at || (recent[st] + per + 1);
+            END IF;
+        END LOOP;
+        IF cardinality(promoted) > 0 THEN
+            PERFORM cruzflow_notify(lease_epoch, ARRAY(
+                SELECT json_build_array({int(NoticeKind.RUNNABLE)}, p, 0)::text
+                FROM unnest(promoted) AS p));
+        END IF;
+    END $$;
+    """,
 ]
 
 # The lease (2), the token, then one array per column: new instances (17),
@@ -588,6 +711,16 @@ APPLY_ARGS = 62
 _APPLY = (
     "SELECT conflicts, fenced, purged FROM cruzflow_apply("
     f"{', '.join(f'${n}' for n in range(1, APPLY_ARGS + 1))})"
+)
+# A batch that touches concurrency gates: cruzflow_gate after cruzflow_apply,
+# in the same statement (one round trip, one transaction).
+GATE_ARGS = 14
+_APPLY_GATED = (
+    "SELECT a.conflicts, a.fenced, a.purged, g.promoted, g.retry_workflow, g.retry_key,"
+    f" g.retry_at FROM cruzflow_apply({', '.join(f'${n}' for n in range(1, APPLY_ARGS + 1))}) a"
+    " CROSS JOIN LATERAL cruzflow_gate($1, $2, "
+    f"${APPLY_ARGS + 1}, a.conflicts || a.fenced, "
+    f"{', '.join(f'${n}' for n in range(APPLY_ARGS + 2, APPLY_ARGS + GATE_ARGS + 1))}) g"
 )
 # The claim functions return the first schema's columns; the parent link is
 # joined on (it never changes, so the statement's snapshot of it is current),
@@ -631,7 +764,10 @@ _RENEW = (
     " WHERE epoch = $2 AND owner = $1 AND expires_at > clock_timestamp() RETURNING epoch"
 )
 
-_INSTANCE_COLUMNS = f"{_prefixed('i')}, {_LAST_SEQ.format('i')}, i.parent_id, i.abandon"
+_INSTANCE_COLUMNS = (
+    f"{_prefixed('i')}, {_LAST_SEQ.format('i')}, i.parent_id, i.abandon, i.priority,"
+    " i.concurrency_key, i.gate"
+)
 _GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.id = $1"
 _COUNT_UNFINISHED = (
     "SELECT status, count(*) FROM instances"
@@ -945,6 +1081,32 @@ def _apply_args(lease: Lease, token: uuid.UUID, batch: Batch) -> list[Any]:
     ]  # fmt: skip
 
 
+def _gated(batch: Batch) -> bool:
+    """Whether the batch touches concurrency gates (or sets a priority)."""
+    return bool(
+        batch.gate_ids
+        or batch.gate_keys
+        or batch.gate_sweep
+        or batch.gate_hold
+        or any(r.gate is not None or r.priority for r in batch.new_instances)
+    )
+
+
+def _gate_args(batch: Batch) -> list[Any]:
+    now = int(time.time() * 1000)
+    new = [r for r in batch.new_instances if r.gate is not None or r.priority]
+    gates = sorted(batch.gates.items())
+    return [
+        now,
+        *_transpose([(r.id, r.priority, r.concurrency_key, r.gate) for r in new], 4),
+        sorted(batch.gate_hold),
+        *_transpose([(w, g.limit, g.starts, g.per_ms) for w, g in gates], 4),
+        sorted(batch.gate_ids),
+        *_transpose(sorted(batch.gate_keys), 2),
+        batch.gate_sweep,
+    ]
+
+
 async def _no_reset(conn: asyncpg.Connection) -> None:
     """A connection goes back to the pool as it is: every statement of this
     store is its own transaction and sets nothing, so the default reset would
@@ -1165,6 +1327,9 @@ class PostgresStore:
         token = known[1] if known is not None and known[0] is batch else uuid.uuid4()
         self._tokens[key] = (batch, token)
         args = _apply_args(lease, token, batch)
+        gated = _gated(batch)
+        if gated:
+            args += _gate_args(batch)
         try:
             row = await self._call_apply(args)
         except Exception as exc:
@@ -1177,13 +1342,18 @@ class PostgresStore:
             raise fault from exc
         self._tokens.pop(key, None)
         batch.purged = row[2]
+        if gated:
+            batch.promoted = list(row[3])
+            batch.gate_retry = list(zip(row[4], row[5], row[6], strict=True))
         refused = dict.fromkeys(row[0], Refusal.CONFLICT)
         refused.update(dict.fromkeys(row[1], Refusal.FENCED))
         return refused
 
     async def _call_apply(self, args: list[Any]) -> asyncpg.Record:
+        # The arguments of cruzflow_gate follow those of cruzflow_apply, if any.
+        sql = _APPLY_GATED if len(args) > APPLY_ARGS else _APPLY
         async with self._pool_or_fail().acquire() as conn:
-            row: asyncpg.Record = await conn.fetchrow(_APPLY, *args)
+            row: asyncpg.Record = await conn.fetchrow(sql, *args)
             return row
 
     # ------------------------------------------------------------ commands

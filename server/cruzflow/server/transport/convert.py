@@ -77,6 +77,8 @@ def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
         start_time=_ts(record.run_started_at or record.created_at),
         trace_id=trace_id(record.trace_parent),
         parent_id=record.parent_id or "",
+        priority=record.priority,
+        concurrency_key=record.concurrency_key or "",
     )
 
 
