@@ -88,6 +88,7 @@ ALL_WORKFLOWS: dict[str, str] = {
     "kid": "tests.workflows:Kid",
     "parent": "tests.workflows:Parent",
     "waits-together": "tests.workflows:WaitsTogether",
+    "booking": "tests.workflows:Booking",
 }
 
 

@@ -21,6 +21,7 @@ def test_authoring_api_is_pinned() -> None:
         "EventTimeoutError",
         "NonRetryableError",
         "RetryConfig",
+        "RollbackContext",
         "SqliteDatabase",
         "StepConfig",
         "StepContext",

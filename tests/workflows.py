@@ -17,6 +17,7 @@ from cruzflow.workflows import (
     ChildWorkflowError,
     EventTimeoutError,
     NonRetryableError,
+    RollbackContext,
     StepContext,
     StepFailedError,
     WorkflowEntrypoint,
@@ -739,3 +740,37 @@ class KeyedWork(WorkflowEntrypoint):
         await step.do("begin", begin)
         await step.do("end", end)
         return key
+
+
+class Booking(WorkflowEntrypoint):
+    """A saga: steps "reserve", "charge", "notify" (no rollback) and "ship",
+    the first two with rollbacks that mark "<id>:undo:<step>:<attempt>:<output
+    value>" (params.undo_fails: a step whose rollback raises on its first
+    params.undo_fails[step] attempts; retried after params.undo_delay ms). With
+    params.wait it waits for a "go"
+    event before "ship"; "ship" fails for good when params.fail is true."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        p = event.payload
+        me = event.instance_id
+
+        def undo(name: str) -> Any:
+            async def rollback(r: RollbackContext) -> None:
+                mark(f"{me}:undo:{name}:{r.attempt}:{r.output['v']}:{r.error_name}")
+                if r.attempt <= p.get("undo_fails", {}).get(name, 0):
+                    raise ConnectionError(f"{name}: undo failed")
+
+            return rollback
+
+        def ship() -> str:
+            if p.get("fail"):
+                raise NonRetryableError("no courier")
+            return "shipped"
+
+        fast = {"retries": {"limit": 2, "delay": p.get("undo_delay", 10)}}
+        await step.do("reserve", lambda: {"v": 1}, rollback=undo("reserve"), rollback_config=fast)
+        await step.do("charge", lambda: {"v": 2}, rollback=undo("charge"), rollback_config=fast)
+        await step.do("notify", lambda: {"v": 3})
+        if p.get("wait"):
+            await step.wait_for_event("go", type="go")
+        return await step.do("ship", ship)

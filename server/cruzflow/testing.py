@@ -75,6 +75,7 @@ _KINDS = {
     StepKind.SLEEP: "sleep",
     StepKind.WAIT_FOR_EVENT: "wait_for_event",
     StepKind.CHILD: "child",
+    StepKind.ROLLBACK: "rollback",
 }
 _EVENT_PAGE = 1000
 
@@ -110,7 +111,7 @@ class StepResult:
     index: int
     """The step's position in the run, from 0."""
     kind: str
-    """``"do"``, ``"sleep"``, ``"wait_for_event"`` or ``"child"``."""
+    """``"do"``, ``"sleep"``, ``"wait_for_event"``, ``"child"`` or ``"rollback"``."""
     outcome: str
     """``"succeeded"``, ``"failed"``, or ``"running"`` while it is not decided."""
     attempts: int

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from cruzflow.sdk.api import Env, StepContext, WorkflowEntrypoint, WorkflowEvent
+from cruzflow.sdk.api import Env, RollbackContext, StepContext, WorkflowEntrypoint, WorkflowEvent
 from cruzflow.sdk.durations import Duration
 from cruzflow.sdk.errors import (
     ChildWorkflowError,
@@ -40,6 +40,7 @@ __all__ = [
     "EventTimeoutError",
     "NonRetryableError",
     "RetryConfig",
+    "RollbackContext",
     "SqliteDatabase",
     "StepConfig",
     "StepContext",

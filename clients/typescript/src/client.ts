@@ -584,13 +584,16 @@ export class InstanceHandle<Params = unknown, Output = unknown> {
 
   /**
    * Ends the instance now as `"terminated"` (an attempt in flight is
-   * cancelled). Throws {@link FailedPrecondition} once it is finished.
+   * cancelled). Throws {@link FailedPrecondition} once it is finished. With
+   * `rollback: true` the rollbacks of its succeeded steps run first: it
+   * resolves to `"running"`, and the instance ends terminated once they ran.
    */
-  terminate(options: CallOptions = {}): Promise<InstanceStatus> {
+  terminate(options: CallOptions & { rollback?: boolean | undefined } = {}): Promise<InstanceStatus> {
+    const { rollback = false, ...call } = options;
     return this.control(
-      (o) => this.#client.rpc.terminateInstance({ instanceId: this.id }, o),
+      (o) => this.#client.rpc.terminateInstance({ instanceId: this.id, rollback }, o),
       (s) => s === "terminated",
-      options,
+      call,
     );
   }
 

@@ -52,9 +52,11 @@ export type StepStatus = "running" | "succeeded" | "failed" | "unknown";
 /**
  * What a step does: `"do"` runs a callback (`step.do`), `"sleep"` is
  * `step.sleep`/`step.sleep_until`, `"waitForEvent"` is `step.wait_for_event`,
- * `"child"` is `step.child` (it starts a child instance and waits for it).
+ * `"child"` is `step.child` (it starts a child instance and waits for it),
+ * `"rollback"` a step's rollback (run when the instance failed or was
+ * terminated with rollback).
  */
-export type StepKind = "do" | "sleep" | "waitForEvent" | "child" | "unknown";
+export type StepKind = "do" | "sleep" | "waitForEvent" | "child" | "rollback" | "unknown";
 
 /**
  * An error the way Python names it: the exception class and its text, and

@@ -24,9 +24,16 @@ T = TypeVar("T")
 class StepRuntime(Protocol):
     """What runs a run's steps: the engine, one per run in memory."""
 
-    async def do(self, name: str, fn: Callable[..., Any], policy: StepPolicy) -> Any:
+    async def do(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        policy: StepPolicy,
+        rollback: tuple[Callable[..., Any], StepPolicy] | None = None,
+    ) -> Any:
         """Run ``fn`` as the step ``name`` under ``policy``; its JSON result, stored
-        before it is returned (or the stored one, on a replay)."""
+        before it is returned (or the stored one, on a replay). ``rollback``
+        (its callback and policy) undoes it if the instance fails later."""
 
     async def sleep_until(self, name: str, due_at: Callable[[int], int]) -> None:
         """Sleep durably until ``due_at(start)`` (ms since the epoch), where
@@ -66,6 +73,8 @@ class WorkflowStep:
         *,
         retries: RetryConfig | Mapping[str, Any] | None = None,
         timeout: Duration | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: StepConfig | Mapping[str, Any] | None = None,
     ) -> Coroutine[Any, Any, T]: ...
 
     @overload
@@ -77,6 +86,8 @@ class WorkflowStep:
         *,
         retries: RetryConfig | Mapping[str, Any] | None = None,
         timeout: Duration | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: StepConfig | Mapping[str, Any] | None = None,
     ) -> Coroutine[Any, Any, T]: ...
 
     @overload
@@ -86,6 +97,9 @@ class WorkflowStep:
         config: StepConfig | Mapping[str, Any],
         fn: Callable[..., Awaitable[T]],
         /,
+        *,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: StepConfig | Mapping[str, Any] | None = None,
     ) -> Coroutine[Any, Any, T]: ...
 
     @overload
@@ -95,6 +109,9 @@ class WorkflowStep:
         config: StepConfig | Mapping[str, Any],
         fn: Callable[..., T],
         /,
+        *,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: StepConfig | Mapping[str, Any] | None = None,
     ) -> Coroutine[Any, Any, T]: ...
 
     @overload
@@ -116,6 +133,8 @@ class WorkflowStep:
         timeout: Duration | None = None,
         concurrent: bool = False,
         config: StepConfig | Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: StepConfig | Mapping[str, Any] | None = None,
     ) -> Any:
         """Run ``fn`` as a durable step named ``name``; await it for its result.
 
@@ -127,11 +146,20 @@ class WorkflowStep:
         in parallel (``asyncio.gather``, ``TaskGroup``): each is checkpointed
         on its own, and keeps the position of its call.
 
+        ``rollback`` (a callable taking no argument or a RollbackContext)
+        registers a compensation once the step has succeeded: if the instance
+        later fails for good, or is terminated with rollback, the
+        compensations of its succeeded steps run in reverse order of their
+        steps' starts, each a durable step (kind "rollback") with its own
+        retries and timeout (``rollback_config``, as ``config``).
+
         Without a body it is Cloudflare's decorator form,
         ``@step.do(name=None, *, concurrent=False, config=None)``: see
         :class:`StepFunction`.
         """
         if config_or_fn is None and fn is None:
+            if rollback is not None or rollback_config is not None:
+                raise TypeError("step.do(...) as a decorator does not take rollback= yet")
             if retries is not None or timeout is not None:
                 raise TypeError(
                     "step.do(...) as a decorator takes config={'retries': ..., 'timeout': ...}, "
@@ -158,7 +186,16 @@ class WorkflowStep:
             policy = DEFAULT_POLICY
         else:
             policy = resolve(given, retries, timeout)
-        return self._runtime.do(name, fn, policy)
+        if rollback is None:
+            if rollback_config is not None:
+                raise TypeError(f"step.do({name!r}): rollback_config= needs rollback=")
+            return self._runtime.do(name, fn, policy)
+        if not callable(rollback):
+            raise TypeError(
+                f"step.do({name!r}): rollback must be a callable, got {type(rollback).__name__}"
+            )
+        undo = DEFAULT_POLICY if rollback_config is None else resolve(rollback_config)
+        return self._runtime.do(name, fn, policy, (rollback, undo))
 
     def _decorator(
         self, name: str | None, concurrent: bool, config: StepConfig | Mapping[str, Any] | None

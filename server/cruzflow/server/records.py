@@ -61,12 +61,16 @@ class StepKind(enum.IntEnum):
     SLEEP = 2
     WAIT_FOR_EVENT = 3
     CHILD = 4
+    ROLLBACK = 5
 
 
 # Inbox events of types starting so are the engine's own: SendEvent and
 # wait_for_event refuse them. A child's end is told to its parent as
 # CHILD_ENDED + the child's id (the parent's wait reads the child's record).
 RESERVED_EVENT_PREFIX = "cruzflow:"
+# The step row that records a terminate with rollback until it is done (a
+# position no step of run() takes): kind ROLLBACK, name "terminate".
+TERMINATE_STEP = -1
 CHILD_ENDED = "cruzflow:child:"
 
 

@@ -699,13 +699,19 @@ class InstanceHandle:
             timeout,
         )
 
-    async def terminate(self, *, timeout: float | None = None) -> InstanceStatus:
+    async def terminate(
+        self, *, rollback: bool = False, timeout: float | None = None
+    ) -> InstanceStatus:
         """End the instance now as ``TERMINATED`` (an attempt in flight is
-        cancelled). Raises :class:`FailedPrecondition` once it is finished."""
+        cancelled). Raises :class:`FailedPrecondition` once it is finished.
+
+        With ``rollback``, the rollbacks of its succeeded steps run first
+        (``step.do(..., rollback=...)``); it answers ``RUNNING`` meanwhile, and
+        ends ``TERMINATED`` once they have run."""
         client = self._client
         return await self._control(
             client._rpc().TerminateInstance,
-            pb.TerminateInstanceRequest(instance_id=self._id),
+            pb.TerminateInstanceRequest(instance_id=self._id, rollback=rollback),
             lambda status: status is InstanceStatus.TERMINATED,
             timeout,
         )

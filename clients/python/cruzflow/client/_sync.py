@@ -321,9 +321,9 @@ class SyncInstanceHandle:
         """See :meth:`InstanceHandle.resume`."""
         return self._loop.run(self._handle.resume(timeout=timeout))
 
-    def terminate(self, *, timeout: float | None = None) -> InstanceStatus:
+    def terminate(self, *, rollback: bool = False, timeout: float | None = None) -> InstanceStatus:
         """See :meth:`InstanceHandle.terminate`."""
-        return self._loop.run(self._handle.terminate(timeout=timeout))
+        return self._loop.run(self._handle.terminate(rollback=rollback, timeout=timeout))
 
     def restart(self, *, timeout: float | None = None) -> InstanceStatus:
         """See :meth:`InstanceHandle.restart`."""

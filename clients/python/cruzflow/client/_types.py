@@ -78,6 +78,9 @@ class StepKind(enum.StrEnum):
     """``step.wait_for_event``."""
     CHILD = "child"
     """``step.child``: starts a child instance and waits for its end."""
+    ROLLBACK = "rollback"
+    """A step's rollback, run when the instance failed or was terminated with
+    rollback (and the "terminate" row of the latter)."""
     UNKNOWN = "unknown"
 
 

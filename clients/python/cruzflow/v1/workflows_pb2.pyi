@@ -98,6 +98,10 @@ class _StepKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepKind.Val
     """step.wait_for_event."""
     STEP_KIND_CHILD: _StepKind.ValueType  # 4
     """step.child: starts a child instance and waits for its end."""
+    STEP_KIND_ROLLBACK: _StepKind.ValueType  # 5
+    """A step's rollback (step.do's rollback=), run when the instance failed or
+    was terminated with rollback; also the "terminate" row of the latter.
+    """
 
 class StepKind(_StepKind, metaclass=_StepKindEnumTypeWrapper):
     """StepKind is what a step does."""
@@ -111,6 +115,10 @@ STEP_KIND_WAIT_FOR_EVENT: StepKind.ValueType  # 3
 """step.wait_for_event."""
 STEP_KIND_CHILD: StepKind.ValueType  # 4
 """step.child: starts a child instance and waits for its end."""
+STEP_KIND_ROLLBACK: StepKind.ValueType  # 5
+"""A step's rollback (step.do's rollback=), run when the instance failed or
+was terminated with rollback; also the "terminate" row of the latter.
+"""
 Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
 
 @_typing.final
@@ -956,15 +964,22 @@ class TerminateInstanceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
+    rollback: _builtins.bool
+    """Run the rollbacks (step.do's rollback=) of the steps that succeeded, in
+    reverse order of their starts, before the instance ends TERMINATED; it
+    answers RUNNING meanwhile. Without it the instance ends at once.
+    """
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
+        rollback: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "rollback", b"rollback"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

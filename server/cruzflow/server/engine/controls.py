@@ -33,12 +33,16 @@ from cruzflow.server.engine.timers import Timers
 from cruzflow.server.records import (
     ABANDONED,
     RESERVED_EVENT_PREFIX,
+    TERMINATE_STEP,
     UNFINISHED,
     Command,
     InboxEvent,
     InstanceQuery,
     InstanceStatus,
     InstanceUpdate,
+    StepKind,
+    StepRecord,
+    StepStatus,
 )
 from cruzflow.server.store.base import HELD_ELSEWHERE, StoreError
 
@@ -205,8 +209,10 @@ class Controls:
     async def resume(self, instance_id: str) -> InstanceStatus:
         return await self._control("resume", instance_id)
 
-    async def terminate(self, instance_id: str) -> InstanceStatus:
-        return await self._control("terminate", instance_id)
+    async def terminate(self, instance_id: str, rollback: bool = False) -> InstanceStatus:
+        """End the instance now; with ``rollback``, once the compensations of its
+        succeeded steps have run (it runs until then, and answers RUNNING)."""
+        return await self._control("terminate-rollback" if rollback else "terminate", instance_id)
 
     async def restart(self, instance_id: str) -> InstanceStatus:
         """Run again from scratch: same id and params, step results cleared."""
@@ -240,6 +246,8 @@ class Controls:
             return await self._resume(run)
         if kind == "terminate":
             return await self._terminate(run)
+        if kind == "terminate-rollback":
+            return await self._terminate_rolling_back(run)
         return await self._restart(run)
 
     async def _pause(self, run: Run) -> InstanceStatus:
@@ -291,6 +299,32 @@ class Controls:
         await self._core.durable(durable, "the termination could not be stored", run.id)
         self._scheduler.fill_slots()
         return run.status
+
+    async def _terminate_rolling_back(self, run: Run) -> InstanceStatus:
+        """Record the terminate (a step row the run finds when it replays), then
+        run the instance again: at its first step not yet done it unwinds,
+        runs its compensations, and ends terminated (Scheduler.drive)."""
+        if run.status.finished:
+            raise self._refuse("terminated", run, "unfinished")
+        await self._scheduler.stop_task(run)
+        self._scheduler.dequeue(run)
+        self._timers.cancel(run.id)
+        await self._end_children(run.id)
+        run.pause_requested = False
+        now = ms()
+        run.put_step(
+            StepRecord(run.id, TERMINATE_STEP, "terminate", 1, StepStatus.RUNNING, 1, now,
+                       kind=StepKind.ROLLBACK)
+        )  # fmt: skip
+        # Durable before the run replays its records, so that it finds it.
+        assert run.last_write is not None
+        await self._core.durable(run.last_write, "the termination could not be stored", run.id)
+        run.reset_for_replay()
+        durable = self._scheduler.enqueue(run, announce=True)
+        assert durable is not None
+        status = run.status
+        await self._core.durable(durable, "the termination could not be stored", run.id)
+        return status
 
     async def _restart(self, run: Run) -> InstanceStatus:
         await self._scheduler.stop_task(run)

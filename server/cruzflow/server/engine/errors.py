@@ -38,6 +38,7 @@ __all__ = [
     "StepFailedError",
     "StepTimeoutError",
     "Suspend",
+    "Terminating",
     "Unavailable",
     "WorkflowError",
 ]
@@ -97,3 +98,8 @@ class NonDeterminismError(FatalWorkflowError):
 
 class Suspend(BaseException):
     """Unwinds ``run`` without recording anything (the server is stopping)."""
+
+
+class Terminating(BaseException):
+    """Unwinds ``run`` at its first step not yet done, once the instance was
+    terminated with rollback: its compensations run, then it ends terminated."""

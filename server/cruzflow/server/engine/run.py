@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from cruzflow.server.engine.core import Core, WorkflowSpec, ms
-from cruzflow.server.engine.errors import Suspend
+from cruzflow.server.engine.errors import Suspend, Terminating
 from cruzflow.server.engine.journal import Durable
 from cruzflow.server.records import (
     CHILD_ENDED,
@@ -44,11 +44,11 @@ class Run:
     by a control call). At most one exists per instance: see ``Controls.hold``."""
 
     __slots__ = (
-        "abandon", "busy", "claimed", "core", "created_at", "error", "gate", "held", "id",
-        "idle", "last_write", "next_index", "occurrences", "params", "parent_id", "parked",
-        "pause_requested", "poked", "pokes", "queued", "replay", "replay_names", "resumed",
-        "run_started_at", "seq", "span", "spec", "status", "stirred", "strays", "task",
-        "trace_parent",
+        "abandon", "busy", "claimed", "compensations", "core", "created_at", "error", "gate",
+        "held", "id", "idle", "last_write", "next_index", "occurrences", "params", "parent_id",
+        "parked", "pause_requested", "poked", "pokes", "queued", "replay", "replay_names",
+        "resumed", "run_started_at", "seq", "span", "spec", "status", "stirred", "strays",
+        "task", "terminating", "trace_parent",
     )  # fmt: skip
 
     def __init__(
@@ -102,6 +102,10 @@ class Run:
         # The instance whose step.child started this one, told when it ends.
         self.parent_id = record.parent_id
         self.abandon = record.abandon
+        # The rollbacks of the steps that succeeded, registered as run() goes
+        # (replayed steps too), and whether a terminate with rollback unwinds it.
+        self.compensations: list[Any] = []
+        self.terminating = False
 
     @property
     def active(self) -> bool:
@@ -116,6 +120,7 @@ class Run:
         self.replay_names = None
         self.claimed = set()
         self.poked = False
+        self.compensations = []
 
     def emit(self, kind: EventKind, data: dict[str, Any], payload: bytes | None = None) -> Durable:
         self.seq += 1
@@ -292,6 +297,8 @@ class Run:
         await self.barrier()
         if self.core.stopping:
             raise Suspend()
+        if self.terminating:
+            raise Terminating()
         if self.pause_requested:
             while self.busy and self.pause_requested and not self.core.stopping:
                 if self.idle is None or self.idle.is_set():

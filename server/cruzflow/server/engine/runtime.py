@@ -266,8 +266,8 @@ class Engine:
     async def resume(self, instance_id: str) -> InstanceStatus:
         return await self.controls.resume(instance_id)
 
-    async def terminate(self, instance_id: str) -> InstanceStatus:
-        return await self.controls.terminate(instance_id)
+    async def terminate(self, instance_id: str, rollback: bool = False) -> InstanceStatus:
+        return await self.controls.terminate(instance_id, rollback)
 
     async def restart(self, instance_id: str) -> InstanceStatus:
         """Run again from scratch: same id and params, step results cleared."""

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -24,13 +25,25 @@ from typing import Any
 from cruzflow.sdk.api import WorkflowEvent
 from cruzflow.sdk.step import WorkflowStep
 from cruzflow.server.engine.core import Core, ms
-from cruzflow.server.engine.errors import FatalWorkflowError, StepFailedError, Suspend
+from cruzflow.server.engine.errors import (
+    FatalWorkflowError,
+    StepFailedError,
+    Suspend,
+    Terminating,
+)
 from cruzflow.server.engine.journal import Durable
 from cruzflow.server.engine.run import Run, about
 from cruzflow.server.engine.steps import StepRunner, to_json
 from cruzflow.server.engine.timers import Timers
 from cruzflow.server.engine.tracebacks import format_error
-from cruzflow.server.records import UNGATED, InstanceStatus, Notice, NoticeKind
+from cruzflow.server.records import (
+    TERMINATE_STEP,
+    UNGATED,
+    InstanceStatus,
+    Notice,
+    NoticeKind,
+    StepStatus,
+)
 from cruzflow.server.store.base import StoreError
 
 log = logging.getLogger("cruzflow.engine")
@@ -360,14 +373,40 @@ class Scheduler:
         if run.task is asyncio.current_task():
             run.set_status(status, output, error, traceback=traceback)
 
+    async def _roll_back(self, run: Run, runner: StepRunner, name: str, message: str) -> bool:
+        """Run the compensations the run registered (none: nothing to do). False
+        when the run was unwound meanwhile (a stop, a pause): it stays as
+        stored, and rolls back again from its records when it runs again."""
+        if not run.compensations:
+            return True
+        run.terminating = False  # the compensations' own steps pass their boundaries
+        try:
+            failed = await runner.roll_back(name, message)
+        except (Suspend, asyncio.CancelledError):
+            return False
+        except FatalWorkflowError as exc:
+            log.error("instance %s: its rollback stopped: %s", run.id, exc, extra=about(run))
+            return True
+        if failed:
+            log.warning(
+                "instance %s: the rollback of step(s) %s failed",
+                run.id, ", ".join(repr(f) for f in failed), extra=about(run),
+            )  # fmt: skip
+        return True
+
     async def drive(self, run: Run) -> None:
         observer = self._core.observer
         if observer is not None:
             run.span = observer.run_started(run.spec.name, run.id, run.trace_parent, run.created_at)
+        runner = StepRunner(self._core, run)
+        marker = None
         try:
             if run.resumed:
                 run.replay = {s.index: s for s in await self._core.store.get_steps(run.id)}
                 run.replay_names = None
+                # A terminate with rollback asked for, and not yet done.
+                marker = run.replay.pop(TERMINATE_STEP, None)
+                run.terminating = marker is not None and marker.status is StepStatus.RUNNING
             workflow = run.spec.cls(self._core.env)
             event = WorkflowEvent(
                 payload=json.loads(run.params),
@@ -375,7 +414,7 @@ class Scheduler:
                 instance_id=run.id,
             )
             try:
-                result = await workflow.run(event, WorkflowStep(StepRunner(self._core, run)))
+                result = await workflow.run(event, WorkflowStep(runner))
             finally:
                 # Parallel steps run() left behind end with it, before its end is written.
                 await run.cut_strays()
@@ -409,12 +448,19 @@ class Scheduler:
                 "instance %s errored: step %r failed: %s: %s",
                 run.id, exc.step_name, exc.error_name, exc.error_message, extra=about(run),
             )  # fmt: skip
-            self.finish(
-                run,
-                InstanceStatus.ERRORED,
-                error=(exc.error_name, exc.error_message),
-                traceback=exc.error_traceback,
-            )
+            if await self._roll_back(run, runner, exc.error_name, exc.error_message):
+                self.finish(
+                    run,
+                    InstanceStatus.ERRORED,
+                    error=(exc.error_name, exc.error_message),
+                    traceback=exc.error_traceback,
+                )
+        except Terminating:
+            if await self._roll_back(run, runner, "Terminated", "terminated with rollback"):
+                if marker is not None:
+                    marker.status, marker.ended_at = StepStatus.SUCCEEDED, int(time.time() * 1000)
+                    run.put_step(marker)
+                self.finish(run, InstanceStatus.TERMINATED)
         except FatalWorkflowError as exc:
             where = format_error(exc)
             log.error("instance %s failed: %s", run.id, exc, extra=about(run, traceback=where))
@@ -432,9 +478,11 @@ class Scheduler:
                 "instance %s errored: run() raised %s: %s",
                 run.id, type(exc).__name__, exc, extra=about(run, traceback=where),
             )  # fmt: skip
-            self.finish(
-                run, InstanceStatus.ERRORED, error=(type(exc).__name__, str(exc)), traceback=where
-            )
+            if await self._roll_back(run, runner, type(exc).__name__, str(exc)):
+                self.finish(
+                    run, InstanceStatus.ERRORED, error=(type(exc).__name__, str(exc)),
+                    traceback=where,
+                )  # fmt: skip
         finally:
             if observer is not None:
                 observer.run_ended(run.span, run.status, len(run.replay or ()), run.error)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from cruzflow.sdk.api import StepContext
+from cruzflow.sdk.api import RollbackContext, StepContext
 from cruzflow.sdk.retries import StepPolicy
 from cruzflow.server.engine.errors import (
     ChildWorkflowError,
@@ -167,6 +167,34 @@ def _ms() -> int:
 _CHILD_RECHECK_MS = 3_600_000
 
 
+@dataclass(slots=True)
+class _Compensation:
+    """A succeeded step's rollback, waiting for the instance to fail."""
+
+    index: int
+    name: str
+    occurrence: int
+    output: bytes | None
+    fn: Callable[..., Any]
+    policy: StepPolicy
+
+
+def _undo(comp: _Compensation, error_name: str, error_message: str, instance_id: str) -> Any:
+    """The body of a compensation's step: its rollback callback, given what it
+    undoes (a RollbackContext) if it takes an argument."""
+
+    async def body(ctx: StepContext) -> None:
+        output = json.loads(comp.output) if comp.output is not None else None
+        info = RollbackContext(
+            comp.name, comp.occurrence, output, error_name, error_message, ctx.attempt, instance_id
+        )
+        result = comp.fn(info) if _takes_context(comp.fn) else comp.fn()
+        if inspect.isawaitable(result):
+            await result
+
+    return body
+
+
 def _child_id(run: Run, name: str, occurrence: int) -> str:
     """A child's id: the parent's, then a digest of the parent's id, its
     current run's start and the step, so a replay derives the same one and a
@@ -186,16 +214,28 @@ class StepRunner:
         self._core = core
         self._run = run
 
-    async def do(self, name: str, fn: Callable[..., Any], policy: StepPolicy) -> Any:
-        """One ``step.do``: its stored result on a replay, else its attempts."""
+    async def do(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        policy: StepPolicy,
+        rollback: tuple[Callable[..., Any], StepPolicy] | None = None,
+        kind: StepKind = StepKind.DO,
+    ) -> Any:
+        """One ``step.do``: its stored result on a replay, else its attempts.
+        Once it succeeded, its ``rollback`` is registered with the run."""
         run = self._run
         core = self._core
-        slot, stored = self._next(name, StepKind.DO)
+        slot, stored = self._next(name, kind)
 
         attempt = 0
         next_at: int | None = None
         if stored is not None:
             if stored.status is StepStatus.SUCCEEDED:
+                if rollback is not None:
+                    run.compensations.append(
+                        _Compensation(slot.index, name, slot.occurrence, stored.output, *rollback)
+                    )
                 return json.loads(stored.output) if stored.output is not None else None
             if stored.status is StepStatus.FAILED:
                 raise StepFailedError(
@@ -300,6 +340,10 @@ class StepRunner:
                     observer.attempt_ended(span, outcome, (error_name, error_message), retry)
             if output is not None:
                 slot.succeed(attempt, output)
+                if rollback is not None:
+                    run.compensations.append(
+                        _Compensation(slot.index, name, slot.occurrence, output, *rollback)
+                    )
                 # Round-trip through JSON so a replay returns exactly the same value.
                 return json.loads(output)
             if last:
@@ -320,7 +364,9 @@ class StepRunner:
         """Take the next step slot, and what replay recorded there."""
         run = self._run
         limits = self._core.limits
-        if not isinstance(name, str) or not name or len(name) > limits.max_step_name_length:
+        if kind is StepKind.ROLLBACK:
+            pass  # named after a step that passed this check
+        elif not isinstance(name, str) or not name or len(name) > limits.max_step_name_length:
             raise ValueError(
                 f"step name must be a non-empty string of at most "
                 f"{limits.max_step_name_length} characters, got {name!r:.80}"
@@ -459,6 +505,21 @@ class StepRunner:
                 await slot.fail(1, "EventTimeoutError", message)
                 raise EventTimeoutError(name, "EventTimeoutError", message)
             await run.park(deadline, seen)
+
+    async def roll_back(self, error_name: str, error_message: str) -> list[str]:
+        """Run the registered compensations, the last-started step's first, each
+        a durable step of its own ("rollback:NAME", kind ROLLBACK) with its
+        retries; one that fails for good does not stop the others. Returns
+        the names of the steps whose rollback failed."""
+        run = self._run
+        failed: list[str] = []
+        for comp in sorted(run.compensations, key=lambda c: c.index, reverse=True):
+            body = _undo(comp, error_name, error_message, run.id)
+            try:
+                await self.do(f"rollback:{comp.name}", body, comp.policy, kind=StepKind.ROLLBACK)
+            except StepFailedError:
+                failed.append(comp.name)
+        return failed
 
     async def child(
         self,

@@ -148,7 +148,7 @@ class WorkflowApi:
         self, request: pb.TerminateInstanceRequest
     ) -> pb.TerminateInstanceResponse:
         return pb.TerminateInstanceResponse(
-            status=_status(await self._engine.terminate(request.instance_id))
+            status=_status(await self._engine.terminate(request.instance_id, request.rollback))
         )
 
     async def RestartInstance(
