@@ -55,7 +55,7 @@ POSTGRES_SUITES := tests/test_engine.py tests/test_lifecycle.py tests/test_grpc_
   tests/client/test_client.py tests/client/test_errors_and_retries.py tests/client/test_sync.py \
   tests/e2e/test_crash_recovery.py tests/e2e/test_lifecycle_restart.py tests/e2e/test_shutdown.py \
   tests/test_child_workflows.py tests/e2e/test_child_workflows_crash.py \
-  tests/test_concurrency.py tests/e2e/test_concurrency_crash.py
+  tests/test_concurrency.py tests/e2e/test_concurrency_crash.py tests/test_rollback.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
