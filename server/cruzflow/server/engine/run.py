@@ -122,9 +122,16 @@ class Run:
         self.poked = False
         self.compensations = []
 
-    def emit(self, kind: EventKind, data: dict[str, Any], payload: bytes | None = None) -> Durable:
+    def emit(
+        self,
+        kind: EventKind,
+        data: dict[str, Any],
+        payload: bytes | None = None,
+        at: int | None = None,
+    ) -> Durable:
         self.seq += 1
-        fut = self.core.journal.append(EventRecord(self.id, self.seq, ms(), kind, data, payload))
+        at = ms() if at is None else at
+        fut = self.core.journal.append(EventRecord(self.id, self.seq, at, kind, data, payload))
         self.last_write = fut
         return fut
 
@@ -165,9 +172,11 @@ class Run:
             data["err"] = [*error] if traceback is None else [*error, traceback]
         if wake_at is not None:
             data["wake"] = wake_at
+        # The event carries the instance's own update time: a status built from
+        # it (WaitInstance) equals the stored one to the millisecond.
         if finished and self.parent_id is not None:
             return self._tell_parent(self.parent_id, now, data, output)
-        return self.emit(EventKind.STATUS_CHANGED, data, output)
+        return self.emit(EventKind.STATUS_CHANGED, data, output, now)
 
     def _tell_parent(
         self, parent_id: str, now: int, data: dict[str, Any], output: bytes | None
@@ -176,7 +185,7 @@ class Run:
         a crash cannot lose it (the store also sets a waiting parent due, see
         the stores' inbox trigger), and the parent is poked once it is durable."""
         self.core.journal.add_inbox(InboxEvent(parent_id, CHILD_ENDED + self.id, b"null", now))
-        durable = self.emit(EventKind.STATUS_CHANGED, data, output)
+        durable = self.emit(EventKind.STATUS_CHANGED, data, output, now)
         poke = self.core.poke
 
         def told(fut: Durable) -> None:
