@@ -286,15 +286,20 @@ class Controls:
             await self._core.durable(durable, "the resume could not be stored", run.id)
         return resumed
 
-    async def _terminate(self, run: Run) -> InstanceStatus:
+    async def _stop_to_end(self, run: Run) -> None:
+        """Take an unfinished instance out of running, waiting and the queue,
+        and terminate its children first (a crash meanwhile leaves none
+        running unowned); refused once it is finished."""
         if run.status.finished:
             raise self._refuse("terminated", run, "unfinished")
         await self._scheduler.stop_task(run)
         self._scheduler.dequeue(run)
         self._timers.cancel(run.id)
-        # Its children first: a crash meanwhile leaves none running unowned.
         await self._end_children(run.id)
         run.pause_requested = False
+
+    async def _terminate(self, run: Run) -> InstanceStatus:
+        await self._stop_to_end(run)
         durable = run.set_status(InstanceStatus.TERMINATED)
         await self._core.durable(durable, "the termination could not be stored", run.id)
         self._scheduler.fill_slots()
@@ -304,13 +309,7 @@ class Controls:
         """Record the terminate (a step row the run finds when it replays), then
         run the instance again: at its first step not yet done it unwinds,
         runs its compensations, and ends terminated (Scheduler.drive)."""
-        if run.status.finished:
-            raise self._refuse("terminated", run, "unfinished")
-        await self._scheduler.stop_task(run)
-        self._scheduler.dequeue(run)
-        self._timers.cancel(run.id)
-        await self._end_children(run.id)
-        run.pause_requested = False
+        await self._stop_to_end(run)
         now = ms()
         run.put_step(
             StepRecord(run.id, TERMINATE_STEP, "terminate", 1, StepStatus.RUNNING, 1, now,
