@@ -54,6 +54,8 @@ POSTGRES_SUITES := tests/test_engine.py tests/test_lifecycle.py tests/test_grpc_
   tests/test_batch_retention.py tests/test_hostile.py tests/test_listing.py \
   tests/client/test_client.py tests/client/test_errors_and_retries.py tests/client/test_sync.py \
   tests/e2e/test_crash_recovery.py tests/e2e/test_lifecycle_restart.py tests/e2e/test_shutdown.py \
+  tests/test_child_workflows.py tests/e2e/test_child_workflows_crash.py \
+  tests/test_concurrency.py tests/e2e/test_concurrency_crash.py tests/test_rollback.py \
   tests/test_schedules.py tests/client/test_schedules_client.py tests/e2e/test_schedules_crash.py
 
 test: $(STAMP)

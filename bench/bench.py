@@ -62,6 +62,7 @@ from bench.sleepers import sleepers
 from bench.sleepers import summary as sleepers_summary
 from bench.takeover import w3_replicas
 from bench.w3 import w3
+from bench.w5 import w5
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
 from tests.connect_stub import ConnectStub
@@ -113,6 +114,8 @@ class Options:
     pg_statements: bool = False
     http: bool = True
     w4: int = 20
+    w5: int = 10_000
+    w5_limit: int = 50
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -237,12 +240,23 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help=f"W4: instances of {W4_STEPS} parallel steps, one at a time, then all at once "
         "(20; 0 skips W4)",
     )
+    parser.add_argument(
+        "--w5",
+        type=int,
+        default=10_000,
+        help="W5: instances through a workflow with a concurrency limit, all created at once "
+        "(10000; 0 skips W5)",
+    )
+    parser.add_argument(
+        "--w5-limit", type=int, default=50, help="W5: the workflow's concurrency limit (50)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
     n, m, warmup = args.n, args.m, args.warmup
     if args.quick:
         n, m, warmup = 200, 30, 10
         args.w4 = min(args.w4, 5)
+        args.w5 = min(args.w5, 1000)
     for name, value in (("--n", n), ("--m", m), ("--channels", args.channels)):
         if value < 1:
             parser.error(f"{name} must be at least 1")
@@ -252,6 +266,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error("--concurrency must be at least 1 and --warmup at least 0")
     if args.replicas < 1 or (args.replicas > 1 and args.store != "postgres"):
         parser.error("--replicas must be at least 1, and more than 1 only with --store postgres")
+    if args.w5_limit < 1:
+        parser.error("--w5-limit must be at least 1")
     if args.lease_period <= 0:
         parser.error("--lease-period must be more than 0")
     if args.sleepers and args.store != "sqlite":
@@ -282,6 +298,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         pg_statements=args.pg_statements,
         http=not args.no_http,
         w4=max(args.w4, 0),
+        w5=max(args.w5, 0),
+        w5_limit=args.w5_limit,
     )
 
 
@@ -1077,6 +1095,15 @@ def summary(report: dict[str, Any]) -> Iterator[str]:
             f"{w4['server_cpu_ms_per_step']} ms/step, fsyncs {w4['fsyncs_per_instance']} an "
             f"instance one at a time"
         )
+    w5 = report.get("w5")
+    if w5 is not None:
+        yield (
+            f"W5 {w5['completed']}/{w5['n']} instances through a concurrency limit of "
+            f"{w5['limit']}: {w5['instances_per_s']} instances/s, at most "
+            f"{w5['max_concurrency']} in flight (from the step log), queue wait p50 "
+            f"{w5['queue_wait_p50_ms']} ms, server CPU {w5['server_cpu_ms_per_instance']} "
+            f"ms/instance"
+        )
     w = report.get("w3")
     if w is not None and w.get("restart_to_all_done_s") is not None:
         after = w["after_slow_step_s"]
@@ -1243,6 +1270,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     w3(
                         folder / "w3",
                         n=opts.w3_n,
+                        timeout=opts.rpc_timeout,
+                        server_uvloop=opts.server_uvloop,
+                        store=own,
+                    )
+                )
+            if opts.w5:
+                # On a server and store of its own: the limited workflow alone.
+                own = SQLITE if pg is None else Store(pg.database("bench_w5"), opts.lease_period)
+                results["w5"] = runner.run(
+                    w5(
+                        folder / "w5",
+                        n=opts.w5,
+                        limit=opts.w5_limit,
                         timeout=opts.rpc_timeout,
                         server_uvloop=opts.server_uvloop,
                         store=own,

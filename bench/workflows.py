@@ -113,3 +113,19 @@ class Sleeper(WorkflowEntrypoint[Any]):
         a = await step.do("tiny", _first)
         await step.sleep("long", SLEEPER_SLEEP)
         return {"steps": [a["step"]], "params": event.payload}
+
+
+async def _limited_step(ctx: StepContext) -> dict[str, Any]:
+    _mark(ctx, "begin")
+    _mark(ctx, "end")
+    return {"ok": True}
+
+
+class Limited(WorkflowEntrypoint[Any]):
+    """W5: two trivial steps, run under the config's concurrency limit; the
+    marks show when each instance began its first step and ended its last."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> dict[str, Any]:
+        await step.do("w5-a", _limited_step)
+        await step.do("w5-b", _limited_step)
+        return {"n": event.payload}

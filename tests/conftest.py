@@ -85,6 +85,10 @@ ALL_WORKFLOWS: dict[str, str] = {
     "blocks-then-waits": "tests.workflows:BlocksThenWaits",
     "traced": "tests.workflows:Traced",
     "waits-for-type": "tests.workflows:WaitsForType",
+    "kid": "tests.workflows:Kid",
+    "parent": "tests.workflows:Parent",
+    "waits-together": "tests.workflows:WaitsTogether",
+    "booking": "tests.workflows:Booking",
 }
 
 

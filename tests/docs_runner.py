@@ -275,6 +275,8 @@ _NORMALISE: list[tuple[re.Pattern[str], str]] = [
         "<uuid>",
     ),
     (re.compile(r"\b[0-9a-f]{32}\b"), "<id>"),
+    # A child's derived id: its parent's, then 24 hex digits of a digest.
+    (re.compile(r"-[0-9a-f]{24}\b"), "-<child>"),
     (re.compile(r'("(?:next_)?page_token": )"[^"]+"'), r'\1"<token>"'),
     (re.compile(rf"(?<![\w.]){_NUMBER} ?{_UNIT}(?: {_NUMBER} ?{_UNIT})*"), "<duration>"),
 ]

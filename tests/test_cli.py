@@ -172,6 +172,16 @@ def test_status_human_and_json(run: Run) -> None:
     assert data["create_time"].endswith("Z") and data["end_time"] >= data["create_time"]
 
 
+def test_create_takes_a_priority_and_status_shows_it(run: Run) -> None:
+    ok(run("create", "three-steps", "--id", "cli-priority", "--wait", "--priority", "4"))
+    human = ok(run("status", "cli-priority"))
+    assert re.search(r"^priority\s+4$", human, re.M)
+    # A concurrency key means nothing to a workflow without limits: refused.
+    refused = run("create", "three-steps", "--concurrency-key", "user:7")
+    assert refused.returncode != 0
+    assert "no concurrency or rate limit" in refused.stderr
+
+
 def test_create_wait_on_an_instance_that_errors_exits_1(run: Run) -> None:
     result = run("create", "raises", "--id", "cli-raises", "--wait")
     assert result.returncode == 1

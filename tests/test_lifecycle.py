@@ -16,7 +16,7 @@ from tests.conftest import Server, eventually
 S = pb.InstanceStatus
 
 
-async def _create(server: Server, workflow: str, params: Any = None, **kw: str) -> str:
+async def _create(server: Server, workflow: str, params: Any = None, **kw: Any) -> str:
     created = await server.stub.CreateInstance(
         pb.CreateInstanceRequest(
             workflow=workflow, params_json=json.dumps(params) if params is not None else "", **kw
@@ -389,3 +389,31 @@ async def test_pause_and_resume_right_after_create_lose_nothing(server: Server) 
         for at, status in enumerate(statuses):
             if status == S.INSTANCE_STATUS_WAITING_FOR_PAUSE:
                 assert statuses[at + 1] == S.INSTANCE_STATUS_PAUSED, statuses
+
+
+async def test_parallel_waits_park_the_run_once_all_wait(server: Server) -> None:
+    """Branches that wait (two event waits, a sleep) park the instance only
+    when none runs any more: out of memory while all wait, woken by each
+    event, and done once all three are. Events in both orders."""
+    engine = server.service.engine
+    for first, second in (("a", "b"), ("b", "a")):
+        created = await server.stub.CreateInstance(
+            pb.CreateInstanceRequest(workflow="waits-together", params_json='{"ms": 300}')
+        )
+        instance_id = created.instance_id
+
+        async def parked(instance_id: str = instance_id) -> bool | None:
+            reply = await server.stub.GetStatus(pb.GetStatusRequest(instance_id=instance_id))
+            waiting = reply.instance.status == pb.INSTANCE_STATUS_WAITING
+            return (waiting and instance_id not in engine.core.live) or None
+
+        await eventually(parked)
+        for kind in (first, second):
+            await server.stub.SendEvent(
+                pb.SendEventRequest(instance_id=instance_id, type=kind, payload_json=f'"{kind}!"')
+            )
+        reply = await server.stub.WaitInstance(
+            pb.WaitInstanceRequest(instance_id=instance_id), timeout=30
+        )
+        assert reply.instance.status == pb.INSTANCE_STATUS_COMPLETE, reply.instance
+        assert json.loads(reply.instance.output_json) == {"a": "a!", "b": "b!", "nap": "rested"}

@@ -239,3 +239,31 @@ async def test_a_call_for_a_server_that_died_is_given_up_and_done_elsewhere(
     finally:
         Blocks.gate.set()
     assert await _status(b, instance_id) is InstanceStatus.TERMINATED
+
+
+async def test_children_on_one_server_wake_their_parent_on_the_other(start: Start) -> None:
+    """A parent on A whose children B runs (A has one slot): each child's end,
+    committed by B, wakes the parent wherever it is; terminating the parent
+    through B ends the children A or B runs."""
+    a = await start(max_running_instances=1)
+    b = await start()
+    parent_id, _ = await a.create("parent", "parent-ab", json.dumps({"children": 4}))
+    record = await finished(b, parent_id)
+    assert record.status is InstanceStatus.COMPLETE, record
+    assert json.loads(record.output or b"null")["sum"] == 60
+    kids, _ = await b.list_instances(parent_id=parent_id)
+    assert len(kids) == 4 and all(k.status is InstanceStatus.COMPLETE for k in kids)
+
+    waiting, _ = await a.create(
+        "parent", "parent-waits", json.dumps({"children": 3, "kid": {"wait": True}})
+    )
+
+    async def all_waiting() -> list[Any] | None:
+        kids, _ = await a.list_instances(parent_id=waiting)
+        ready = [k for k in kids if k.status is InstanceStatus.WAITING]
+        return kids if len(ready) == 3 else None
+
+    kids = await eventually(all_waiting)
+    await b.terminate(waiting)
+    for kid in kids:
+        assert await _status(a, kid.id) is InstanceStatus.TERMINATED

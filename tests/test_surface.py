@@ -15,11 +15,13 @@ from cruzflow.v1 import workflows_pb2 as pb
 
 def test_authoring_api_is_pinned() -> None:
     assert sorted(public.__all__) == [
+        "ChildWorkflowError",
         "Duration",
         "Env",
         "EventTimeoutError",
         "NonRetryableError",
         "RetryConfig",
+        "RollbackContext",
         "SqliteDatabase",
         "StepConfig",
         "StepContext",

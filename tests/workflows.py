@@ -11,11 +11,13 @@ import asyncio
 import os
 import random
 import uuid
-from typing import Any, NotRequired, TypedDict
+from typing import Any, ClassVar, NotRequired, TypedDict
 
 from cruzflow.workflows import (
+    ChildWorkflowError,
     EventTimeoutError,
     NonRetryableError,
+    RollbackContext,
     StepContext,
     StepFailedError,
     WorkflowEntrypoint,
@@ -594,3 +596,181 @@ class FanOutRandom(WorkflowEntrypoint):
 
         values = await asyncio.gather(*(branch(i) for i in range(event.payload["steps"])))
         return await step.do("sum", lambda: {"values": values, "sum": sum(values)})
+
+
+class Kid(WorkflowEntrypoint):
+    """A child: step "work" marks "<tag>:kid-<n>:start" and sleeps params.ms
+    (a random time up to it, drawn per attempt and process, if params.random),
+    then marks "...:done"; with params.wait it then waits for a "go" event;
+    with params.fail its step "boom" fails for good. Returns {"n", "v": 10n}."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        p = event.payload
+        tag, n = p.get("tag", "kid"), p["n"]
+
+        async def work(ctx: StepContext) -> int:
+            mark(f"{tag}:kid-{n}:start")
+            most = p.get("ms", 0) / 1000
+            if p.get("random"):
+                most = random.Random(f"{tag}:{n}:{ctx.attempt}:{os.getpid()}").uniform(0, most)
+            await asyncio.sleep(most)
+            mark(f"{tag}:kid-{n}:done")
+            return 10 * int(n)
+
+        v = await step.do("work", work)
+        if p.get("wait"):
+            await step.wait_for_event("go", type="go")
+        if p.get("fail"):
+
+            def boom() -> None:
+                raise NonRetryableError(f"kid {n} gives up")
+
+            await step.do("boom", boom)
+        return {"n": n, "v": v}
+
+
+class Parent(WorkflowEntrypoint):
+    """Starts params.children children of workflow "kid" at once (asyncio.gather
+    of step.child "kid-<i>", params {"n": i, **params.kid}, parent_close from
+    params), then sums their values in step "total". With params.catch, a
+    ChildWorkflowError is caught and returned as {"caught": child id, "message"}."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        p = event.payload
+        close = p.get("parent_close", "terminate")
+
+        async def kid(i: int) -> Any:
+            params = {"n": i, "tag": p.get("tag", "kid"), **p.get("kid", {})}
+            return await step.child(f"kid-{i}", p.get("workflow", "kid"), params,
+                                    parent_close=close, id=p.get("ids", {}).get(str(i)))  # fmt: skip
+
+        try:
+            kids = await asyncio.gather(*(kid(i) for i in range(p.get("children", 1))))
+        except ChildWorkflowError as exc:
+            if not p.get("catch"):
+                raise
+            return {"caught": exc.child_id, "message": exc.error_message}
+        return await step.do("total", lambda: {"kids": kids, "sum": sum(k["v"] for k in kids)})
+
+
+class WaitsTogether(WorkflowEntrypoint):
+    """Three branches at once: a wait for an "a" event, a wait for a "b" event,
+    and a step then a sleep of params.ms; returns the three results."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        async def nap() -> str:
+            await step.do("before-nap", lambda: "ok")
+            await step.sleep("nap", event.payload.get("ms", 100))
+            return "rested"
+
+        a, b, c = await asyncio.gather(
+            step.wait_for_event("a", type="a"), step.wait_for_event("b", type="b"), nap()
+        )
+        return {"a": a["payload"], "b": b["payload"], "nap": c}
+
+
+class Limited(WorkflowEntrypoint):
+    """For concurrency limits: step "work" records the instance as in it, waits
+    until the test lets the instance go (``Limited.let_go``), and records its
+    end; ``running`` is who is in the step now, ``most`` the most at once,
+    ``order`` the order they entered it (in-process tests)."""
+
+    running: ClassVar[set[str]] = set()
+    most = 0
+    order: ClassVar[list[str]] = []
+    gates: ClassVar[dict[str, asyncio.Event]] = {}
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.running, cls.most, cls.order, cls.gates = set(), 0, [], {}
+
+    @classmethod
+    def let_go(cls, instance_id: str) -> None:
+        cls.gates.setdefault(instance_id, asyncio.Event()).set()
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        me = event.instance_id
+
+        async def work() -> str:
+            cls = Limited
+            cls.running.add(me)
+            cls.order.append(me)
+            cls.most = max(cls.most, len(cls.running))
+            try:
+                await cls.gates.setdefault(me, asyncio.Event()).wait()
+            finally:
+                cls.running.discard(me)
+            return me
+
+        done = await step.do("work", work)
+        await step.do("after", lambda: None)  # a boundary, where a pause is taken
+        return done
+
+
+def log_line(line: str) -> None:
+    """Append a line to the side file at once (fsynced): a step log that
+    outlives a SIGKILL of the server that wrote it."""
+    path = os.environ.get("CRUZFLOW_TEST_SIDE_FILE")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class KeyedWork(WorkflowEntrypoint):
+    """For the concurrency e2e test: step "begin" logs "start <key> <id> <pid>",
+    a short nap, step "end" logs "end <key> <id> <pid>" (params: key, nap in s)."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        key = str(event.payload.get("user", "-"))
+        me = event.instance_id
+        nap = float(event.payload.get("nap", 0.02))
+
+        async def begin() -> None:
+            log_line(f"start {key} {me} {os.getpid()}")
+            await asyncio.sleep(nap)
+
+        async def end() -> None:
+            await asyncio.sleep(nap)
+            log_line(f"end {key} {me} {os.getpid()}")
+
+        await step.do("begin", begin)
+        await step.do("end", end)
+        return key
+
+
+class Booking(WorkflowEntrypoint):
+    """A saga: steps "reserve", "charge", "notify" (no rollback) and "ship",
+    the first two with rollbacks that mark "<id>:undo:<step>:<attempt>:<output
+    value>" (params.undo_fails: a step whose rollback raises on its first
+    params.undo_fails[step] attempts; retried after params.undo_delay ms). With
+    params.wait it waits for a "go"
+    event before "ship"; "ship" fails for good when params.fail is true."""
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        p = event.payload
+        me = event.instance_id
+
+        def undo(name: str) -> Any:
+            async def rollback(r: RollbackContext) -> None:
+                mark(f"{me}:undo:{name}:{r.attempt}:{r.output['v']}:{r.error_name}")
+                if r.attempt <= p.get("undo_fails", {}).get(name, 0):
+                    raise ConnectionError(f"{name}: undo failed")
+
+            return rollback
+
+        def ship() -> str:
+            if p.get("fail"):
+                raise NonRetryableError("no courier")
+            return "shipped"
+
+        fast = {"retries": {"limit": 2, "delay": p.get("undo_delay", 10)}}
+        await step.do("reserve", lambda: {"v": 1}, rollback=undo("reserve"), rollback_config=fast)
+        await step.do("charge", lambda: {"v": 2}, rollback=undo("charge"), rollback_config=fast)
+        await step.do("notify", lambda: {"v": 3})
+        if p.get("wait"):
+            await step.wait_for_event("go", type="go")
+        return await step.do("ship", ship)

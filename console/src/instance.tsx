@@ -254,6 +254,14 @@ export function InstancePage({ session, id }: { session: Session; id: string }) 
             </dd>
           </>
         )}
+        {info.parentId && (
+          <>
+            <dt>Parent</dt>
+            <dd class="mono" data-testid="parent">
+              <a href={`#/instances/${encodeURIComponent(info.parentId)}`}>{info.parentId}</a>
+            </dd>
+          </>
+        )}
         {info.lookupKey && (
           <>
             <dt>Lookup key</dt>
@@ -347,7 +355,17 @@ function StepsTable({ steps, now }: { steps: readonly StepInfo[]; now: number })
           <tr key={s.index} data-step={s.name} data-step-status={s.status}>
             <td>{s.index}</td>
             <td class="mono">{stepLabel(s)}</td>
-            <td>{s.kind === "waitForEvent" ? `wait for ${s.eventType ?? "event"}` : s.kind}</td>
+            <td>
+              {s.kind === "waitForEvent" ? (
+                `wait for ${s.eventType ?? "event"}`
+              ) : s.kind === "child" && s.childId ? (
+                <a href={`#/instances/${encodeURIComponent(s.childId)}`} data-testid="child">
+                  child {s.childId}
+                </a>
+              ) : (
+                s.kind
+              )}
+            </td>
             <td>
               <span class={`step-status step-${s.status}`}>{s.status}</span>
             </td>

@@ -70,7 +70,13 @@ _OUTCOMES = {
     StepStatus.SUCCEEDED: "succeeded",
     StepStatus.FAILED: "failed",
 }
-_KINDS = {StepKind.DO: "do", StepKind.SLEEP: "sleep", StepKind.WAIT_FOR_EVENT: "wait_for_event"}
+_KINDS = {
+    StepKind.DO: "do",
+    StepKind.SLEEP: "sleep",
+    StepKind.WAIT_FOR_EVENT: "wait_for_event",
+    StepKind.CHILD: "child",
+    StepKind.ROLLBACK: "rollback",
+}
 _EVENT_PAGE = 1000
 
 
@@ -105,7 +111,7 @@ class StepResult:
     index: int
     """The step's position in the run, from 0."""
     kind: str
-    """``"do"``, ``"sleep"`` or ``"wait_for_event"``."""
+    """``"do"``, ``"sleep"``, ``"wait_for_event"``, ``"child"`` or ``"rollback"``."""
     outcome: str
     """``"succeeded"``, ``"failed"``, or ``"running"`` while it is not decided."""
     attempts: int
@@ -305,7 +311,8 @@ class WorkflowTestEnv:
     ``directory`` holds the store (``cruzflow.db``); a temporary folder, removed
     at the end, when None. ``limits`` overrides fields of the engine's limits,
     e.g. ``{"max_steps_per_instance": 50}``. ``name`` is the workflow's name
-    (default: the class name in kebab case).
+    (default: the class name in kebab case). ``workflows`` hosts other
+    workflows beside it, by name: the ones its ``step.child`` calls start.
     """
 
     def __init__(
@@ -319,6 +326,7 @@ class WorkflowTestEnv:
         directory: str | PathLike[str] | None = None,
         limits: Mapping[str, Any] | None = None,
         name: str | None = None,
+        workflows: Mapping[str, type[WorkflowEntrypoint[Any]]] | None = None,
     ) -> None:
         if not (inspect.isclass(workflow) and issubclass(workflow, WorkflowEntrypoint)):
             raise TypeError(
@@ -336,6 +344,12 @@ class WorkflowTestEnv:
             f"{workflow.__module__}:{workflow.__qualname__}",
             workflow,
         )
+        # Other workflows the env hosts, by name: the children its step.child starts.
+        self._others = {
+            other: WorkflowSpec(other, re.sub(r"\W", "_", other).upper(),
+                                f"{cls.__module__}:{cls.__qualname__}", cls)
+            for other, cls in (workflows or {}).items()
+        }  # fmt: skip
         self._env = env if isinstance(env, Env) else Env(dict(env or {}))
         self._limits = _limits(limits)
         self._hooks = _Hooks(skip_sleeps, skip_retry_delays, skip_event_timeouts)
@@ -396,7 +410,7 @@ class WorkflowTestEnv:
         try:
             engine = Engine(
                 store,
-                {self._spec.name: self._spec},
+                {**self._others, self._spec.name: self._spec},
                 self._env,
                 self._limits,
                 hooks=self._hooks,
@@ -498,14 +512,14 @@ class WorkflowTestEnv:
         if id is not None and id in self._ids:
             raise ValueError(f"instance {id!r} exists already in this env; choose another id")
         try:
-            spec, data = engine.admission.check_new(self._spec.name, id or "", data, "")
+            spec, data, key = engine.admission.check_new(self._spec.name, id or "", data, "")
         except ServiceError as exc:
             raise ValueError(str(exc)) from None
         instance_id = id or uuid.uuid4().hex
         self._ids.add(instance_id)
         # No await from the admit to the last event: they commit in one batch,
         # so the first wait for an event already finds it stored.
-        _, durable = engine.admission.admit(spec, instance_id, data)
+        _, durable = engine.admission.admit(spec, instance_id, data, key=key)
         now = int(time.time() * 1000)
         for event_type, payload in self._events:
             engine.journal.add_inbox(InboxEvent(instance_id, event_type, payload, now))

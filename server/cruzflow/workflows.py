@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from cruzflow.sdk.api import Env, StepContext, WorkflowEntrypoint, WorkflowEvent
+from cruzflow.sdk.api import Env, RollbackContext, StepContext, WorkflowEntrypoint, WorkflowEvent
 from cruzflow.sdk.durations import Duration
 from cruzflow.sdk.errors import (
+    ChildWorkflowError,
     EventTimeoutError,
     NonRetryableError,
     StepFailedError,
@@ -33,11 +34,13 @@ if TYPE_CHECKING:
     from cruzflow.server.bindings import SqliteDatabase
 
 __all__ = [
+    "ChildWorkflowError",
     "Duration",
     "Env",
     "EventTimeoutError",
     "NonRetryableError",
     "RetryConfig",
+    "RollbackContext",
     "SqliteDatabase",
     "StepConfig",
     "StepContext",

@@ -26,6 +26,8 @@ WORKFLOWS = {
     "ticks": "tests.browser.workflows:Ticks",
     "quick": "tests.browser.workflows:Quick",
     "fails": "tests.browser.workflows:Fails",
+    "parent": "tests.workflows:Parent",
+    "kid": "tests.workflows:Kid",
 }
 TRACE_URL = "http://127.0.0.1:16686/trace/{trace_id}"
 SCREENSHOTS = ROOT / "docs" / "images"

@@ -297,6 +297,25 @@ def test_a_refused_control_shows_the_servers_message(page: Page, api: Api, base:
     api("TerminateInstance", {"instanceId": "ticks-2"})
 
 
+def test_a_parent_and_its_child_link_to_each_other(page: Page, api: Api, base: str) -> None:
+    api(
+        "CreateInstance",
+        {"workflow": "parent", "instanceId": "parent-1", "paramsJson": '{"kid": {"wait": true}}'},
+    )
+    api.wait_status("parent-1", "waiting")
+    child_id = api.status("parent-1")["steps"][0]["childInstanceId"]
+    page.goto(f"{base}/#/instances/parent-1")
+    link = page.get_by_test_id("child")
+    expect(link).to_have_text(f"child {child_id}")
+    link.click()
+    expect(page.locator(".page-head")).to_contain_text(child_id)
+    expect(page.get_by_test_id("parent")).to_have_text("parent-1")
+    page.get_by_test_id("parent").locator("a").click()
+    expect(page.get_by_test_id("child")).to_be_visible()
+    api("TerminateInstance", {"instanceId": "parent-1"})
+    assert api.status(child_id)["status"] == "INSTANCE_STATUS_TERMINATED"
+
+
 def test_a_long_instance_draws_its_newest_steps(page: Page, api: Api, base: str) -> None:
     api(
         "CreateInstance",

@@ -103,6 +103,8 @@ export interface InstanceFilter {
   createTimeMax?: Date | undefined;
   /** Only instances created with this lookup key. */
   lookupKey?: string | undefined;
+  /** Only the children of this instance (started by its `step.child`). */
+  parentId?: string | undefined;
   /** Only instances that this schedule created. */
   scheduleId?: string | undefined;
   /** Instances per page: 1 to 1000 (the server's default, 100, when left out). */
@@ -132,6 +134,13 @@ export interface CreateOptions extends CallOptions {
   /** A key to find the instance by with `listInstances({ lookupKey })`, e.g. `"user:42"`. */
   lookupKey?: string | undefined;
   /**
+   * For a workflow with a concurrency or rate limit: among the instances
+   * waiting for a slot, higher starts first (0 by default).
+   */
+  priority?: number | undefined;
+  /** For a workflow limited per key: the key to take a slot of, instead of the params'. */
+  concurrencyKey?: string | undefined;
+  /**
    * If the id is taken: `"error"` (the default) throws
    * {@link InstanceAlreadyExists}; `"return"` returns the existing instance of
    * this workflow, whatever its params (use it with an id derived from an
@@ -145,6 +154,8 @@ export interface NewInstance<Params = unknown> {
   params?: Params;
   id?: string | undefined;
   lookupKey?: string | undefined;
+  priority?: number | undefined;
+  concurrencyKey?: string | undefined;
 }
 
 /** Options of `InstanceHandle.wait` and `result`. */
@@ -269,6 +280,7 @@ export class Client {
       workflow: filter.workflow ?? "",
       statuses: statuses.map(convert.statusToPb),
       lookupKey: filter.lookupKey ?? "",
+      parentId: filter.parentId ?? "",
       scheduleId: filter.scheduleId ?? "",
       pageSize: filter.pageSize ?? 0,
       pageToken: filter.pageToken ?? "",
@@ -310,7 +322,7 @@ export class Client {
    * of `listInstances` but the status: the figures of a dashboard, in one call.
    */
   async countInstances(
-    filter: Omit<InstanceFilter, "status" | "pageSize"> = {},
+    filter: Omit<InstanceFilter, "status" | "pageSize" | "parentId"> = {},
     options: CallOptions = {},
   ): Promise<InstanceCounts> {
     const request = {
@@ -487,7 +499,7 @@ export class WorkflowBinding<Params = unknown, Output = unknown> {
    */
   async create(params?: Params, options: CreateOptions = {}): Promise<InstanceHandle<Params, Output>> {
     const client = this.#client;
-    const { id, lookupKey, ifExists = "error" } = options;
+    const { id, lookupKey, priority, concurrencyKey, ifExists = "error" } = options;
     if (ifExists !== "error" && ifExists !== "return") {
       throw new InvalidArgument(`ifExists: must be "error" or "return", got ${JSON.stringify(ifExists)}`);
     }
@@ -499,6 +511,8 @@ export class WorkflowBinding<Params = unknown, Output = unknown> {
       instanceId: id ?? "",
       paramsJson: convert.encodeJson(params, "params"),
       lookupKey: lookupKey ?? "",
+      priority: priority ?? 0,
+      concurrencyKey: concurrencyKey ?? "",
     };
     let retried = false;
     try {
@@ -551,6 +565,8 @@ export class WorkflowBinding<Params = unknown, Output = unknown> {
         instanceId: item.id ?? "",
         paramsJson: convert.encodeJson(item.params, `items[${i}].params`),
         lookupKey: item.lookupKey ?? "",
+        priority: item.priority ?? 0,
+        concurrencyKey: item.concurrencyKey ?? "",
       };
     });
     const allIds = requests.length > 0 && requests.every((r) => r.instanceId !== "");
@@ -666,13 +682,16 @@ export class InstanceHandle<Params = unknown, Output = unknown> {
 
   /**
    * Ends the instance now as `"terminated"` (an attempt in flight is
-   * cancelled). Throws {@link FailedPrecondition} once it is finished.
+   * cancelled). Throws {@link FailedPrecondition} once it is finished. With
+   * `rollback: true` the rollbacks of its succeeded steps run first: it
+   * resolves to `"running"`, and the instance ends terminated once they ran.
    */
-  terminate(options: CallOptions = {}): Promise<InstanceStatus> {
+  terminate(options: CallOptions & { rollback?: boolean | undefined } = {}): Promise<InstanceStatus> {
+    const { rollback = false, ...call } = options;
     return this.control(
-      (o) => this.#client.rpc.terminateInstance({ instanceId: this.id }, o),
+      (o) => this.#client.rpc.terminateInstance({ instanceId: this.id, rollback }, o),
       (s) => s === "terminated",
-      options,
+      call,
     );
   }
 

@@ -48,7 +48,7 @@ const STEP_STATUS_WORDS = wordsOf(pb.StepStatus, ["running", "succeeded", "faile
   number,
   StepStatus
 >;
-const STEP_KIND_WORDS = wordsOf(pb.StepKind, ["do", "sleep", "waitForEvent"]) as Map<
+const STEP_KIND_WORDS = wordsOf(pb.StepKind, ["do", "sleep", "waitForEvent", "child", "rollback"]) as Map<
   number,
   StepKind
 >;
@@ -123,6 +123,7 @@ function step(value: pb.Step): StepInfo {
     error: error(value.error),
     nextAttemptTime: date(value.nextAttemptTime),
     eventType: value.eventType || undefined,
+    childId: value.childInstanceId || undefined,
   };
 }
 
@@ -156,6 +157,9 @@ export function instance<P, O>(value: pb.Instance | undefined): InstanceInfo<P, 
     lastSequence: Number(value.lastSequence),
     steps: value.steps.map(step),
     traceId: value.traceId || undefined,
+    parentId: value.parentId || undefined,
+    priority: value.priority,
+    concurrencyKey: value.concurrencyKey || undefined,
     scheduleId: value.scheduleId || undefined,
   };
 }

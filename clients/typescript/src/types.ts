@@ -51,9 +51,12 @@ export type StepStatus = "running" | "succeeded" | "failed" | "unknown";
 
 /**
  * What a step does: `"do"` runs a callback (`step.do`), `"sleep"` is
- * `step.sleep`/`step.sleep_until`, `"waitForEvent"` is `step.wait_for_event`.
+ * `step.sleep`/`step.sleep_until`, `"waitForEvent"` is `step.wait_for_event`,
+ * `"child"` is `step.child` (it starts a child instance and waits for it),
+ * `"rollback"` a step's rollback (run when the instance failed or was
+ * terminated with rollback).
  */
-export type StepKind = "do" | "sleep" | "waitForEvent" | "unknown";
+export type StepKind = "do" | "sleep" | "waitForEvent" | "child" | "rollback" | "unknown";
 
 /**
  * An error the way Python names it: the exception class and its text, and
@@ -95,6 +98,8 @@ export interface StepInfo {
   readonly nextAttemptTime: Date | undefined;
   /** For an event wait: the event type it waits for. */
   readonly eventType: string | undefined;
+  /** For a child step: the child instance's id. */
+  readonly childId: string | undefined;
 }
 
 /**
@@ -131,6 +136,16 @@ export interface InstanceInfo<Params = unknown, Output = unknown> {
    * to, when the server traces; `undefined` otherwise.
    */
   readonly traceId: string | undefined;
+  /**
+   * The instance whose `step.child` started this one; `undefined` for one
+   * created through the API (list a parent's children with
+   * `listInstances({ parentId })`).
+   */
+  readonly parentId: string | undefined;
+  /** The priority given at creation (orders the instances waiting for a concurrency slot). */
+  readonly priority: number;
+  /** The concurrency key whose slot the instance takes (a workflow limited per key). */
+  readonly concurrencyKey: string | undefined;
   /** The schedule that created the instance; `undefined` when a caller did. */
   readonly scheduleId: string | undefined;
 }

@@ -53,7 +53,7 @@ for (const transport of TRANSPORTS) {
         binding: "ONBOARDING_WORKFLOW",
         className: "onboarding.workflow:OnboardingWorkflow",
       });
-      assert.equal(workflows.length, 6);
+      assert.equal(workflows.length, 8);
     });
 
     test("create with an id and lookup key, then status and result", async () => {
@@ -210,6 +210,21 @@ for (const transport of TRANSPORTS) {
         outputs.map((o) => (o as { params: { i: number } }).params.i),
         [0, 1, 2],
       );
+    });
+
+    test("a parent's children are listed by parentId and linked both ways", async () => {
+      const parent = await client.workflow("parent").create({ children: 2 }, { id: uniqueId("parent") });
+      const done = await parent.wait({ timeoutMs: 10_000 });
+      assert.equal(done.status, "complete");
+      const kids: InstanceInfo[] = [];
+      for await (const info of client.listInstances({ parentId: parent.id })) {
+        kids.push(info);
+      }
+      assert.equal(kids.length, 2);
+      assert.ok(kids.every((k) => k.parentId === parent.id && k.workflow === "kid"));
+      const steps = (await parent.status()).steps.filter((s) => s.kind === "child");
+      assert.deepEqual(steps.map((s) => s.childId).sort(), kids.map((k) => k.id).sort());
+      assert.equal(done.parentId, undefined);
     });
 
     test("listInstances pages through the filters, newest first", async () => {

@@ -26,6 +26,8 @@ const WORKFLOWS: Record<string, string> = {
   approval: "tests.workflows:Approval",
   steps5: "tests.workflows:Steps5",
   naps: "tests.workflows:Naps",
+  parent: "tests.workflows:Parent",
+  kid: "tests.workflows:Kid",
   "onboarding-workflow": "onboarding.workflow:OnboardingWorkflow",
 };
 

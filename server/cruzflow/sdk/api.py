@@ -53,6 +53,26 @@ class StepContext:
     """When this attempt times out, as ``time.time()`` seconds."""
 
 
+@dataclass(frozen=True, slots=True)
+class RollbackContext:
+    """Handed to a step's ``rollback`` callback that takes one argument: what
+    it undoes, and why."""
+
+    step_name: str
+    """The name of the step being rolled back."""
+    occurrence: int
+    """Which step of that name in the run (1 for the first)."""
+    output: Any
+    """The result the step returned (and stored)."""
+    error_name: str
+    """Why the instance is rolled back: the error it failed with (its class
+    name), or ``"Terminated"`` for a terminate with rollback."""
+    error_message: str
+    attempt: int
+    """1 for the rollback's first attempt, 2 for its first retry, and so on."""
+    instance_id: str
+
+
 class WorkflowEntrypoint(Generic[P]):
     """Base class of a workflow: subclass it and define ``run``.
 

@@ -45,5 +45,15 @@ class EventTimeoutError(StepFailedError):
     """``step.wait_for_event`` timed out before an event of its type arrived."""
 
 
+class ChildWorkflowError(StepFailedError):
+    """The child instance of a ``step.child`` ended without completing: it
+    errored or was terminated. ``child_id`` is its instance id; the error's
+    message says how it ended (and the child's own error, if it errored)."""
+
+    def __init__(self, step_name: str, error_name: str, error_message: str, child_id: str) -> None:
+        super().__init__(step_name, error_name, error_message)
+        self.child_id = child_id
+
+
 class StepTimeoutError(WorkflowError):
     """An attempt of a step ran past its ``timeout``."""

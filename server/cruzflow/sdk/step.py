@@ -24,9 +24,16 @@ T = TypeVar("T")
 class StepRuntime(Protocol):
     """What runs a run's steps: the engine, one per run in memory."""
 
-    async def do(self, name: str, fn: Callable[..., Any], policy: StepPolicy) -> Any:
+    async def do(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        policy: StepPolicy,
+        rollback: tuple[Callable[..., Any], StepPolicy] | None = None,
+    ) -> Any:
         """Run ``fn`` as the step ``name`` under ``policy``; its JSON result, stored
-        before it is returned (or the stored one, on a replay)."""
+        before it is returned (or the stored one, on a replay). ``rollback``
+        (its callback and policy) undoes it if the instance fails later."""
 
     async def sleep_until(self, name: str, due_at: Callable[[int], int]) -> None:
         """Sleep durably until ``due_at(start)`` (ms since the epoch), where
@@ -34,6 +41,17 @@ class StepRuntime(Protocol):
 
     async def wait_for_event(self, name: str, type: str, timeout_s: float) -> dict[str, Any]:
         """Wait durably for an event of ``type``, at most ``timeout_s`` seconds."""
+
+    async def child(
+        self,
+        name: str,
+        workflow: str,
+        params: Any,
+        instance_id: str | None,
+        lookup_key: str | None,
+        abandon: bool,
+    ) -> Any:
+        """Start a child instance once and wait durably for its output."""
 
 
 class WorkflowStep:
@@ -55,6 +73,8 @@ class WorkflowStep:
         *,
         retries: RetryConfig | Mapping[str, Any] | None = None,
         timeout: Duration | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: StepConfig | Mapping[str, Any] | None = None,
     ) -> Coroutine[Any, Any, T]: ...
 
     @overload
@@ -66,6 +86,8 @@ class WorkflowStep:
         *,
         retries: RetryConfig | Mapping[str, Any] | None = None,
         timeout: Duration | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: StepConfig | Mapping[str, Any] | None = None,
     ) -> Coroutine[Any, Any, T]: ...
 
     @overload
@@ -75,6 +97,9 @@ class WorkflowStep:
         config: StepConfig | Mapping[str, Any],
         fn: Callable[..., Awaitable[T]],
         /,
+        *,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: StepConfig | Mapping[str, Any] | None = None,
     ) -> Coroutine[Any, Any, T]: ...
 
     @overload
@@ -84,6 +109,9 @@ class WorkflowStep:
         config: StepConfig | Mapping[str, Any],
         fn: Callable[..., T],
         /,
+        *,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: StepConfig | Mapping[str, Any] | None = None,
     ) -> Coroutine[Any, Any, T]: ...
 
     @overload
@@ -105,6 +133,8 @@ class WorkflowStep:
         timeout: Duration | None = None,
         concurrent: bool = False,
         config: StepConfig | Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: StepConfig | Mapping[str, Any] | None = None,
     ) -> Any:
         """Run ``fn`` as a durable step named ``name``; await it for its result.
 
@@ -116,11 +146,20 @@ class WorkflowStep:
         in parallel (``asyncio.gather``, ``TaskGroup``): each is checkpointed
         on its own, and keeps the position of its call.
 
+        ``rollback`` (a callable taking no argument or a RollbackContext)
+        registers a compensation once the step has succeeded: if the instance
+        later fails for good, or is terminated with rollback, the
+        compensations of its succeeded steps run in reverse order of their
+        steps' starts, each a durable step (kind "rollback") with its own
+        retries and timeout (``rollback_config``, as ``config``).
+
         Without a body it is Cloudflare's decorator form,
         ``@step.do(name=None, *, concurrent=False, config=None)``: see
         :class:`StepFunction`.
         """
         if config_or_fn is None and fn is None:
+            if rollback is not None or rollback_config is not None:
+                raise TypeError("step.do(...) as a decorator does not take rollback= yet")
             if retries is not None or timeout is not None:
                 raise TypeError(
                     "step.do(...) as a decorator takes config={'retries': ..., 'timeout': ...}, "
@@ -147,7 +186,16 @@ class WorkflowStep:
             policy = DEFAULT_POLICY
         else:
             policy = resolve(given, retries, timeout)
-        return self._runtime.do(name, fn, policy)
+        if rollback is None:
+            if rollback_config is not None:
+                raise TypeError(f"step.do({name!r}): rollback_config= needs rollback=")
+            return self._runtime.do(name, fn, policy)
+        if not callable(rollback):
+            raise TypeError(
+                f"step.do({name!r}): rollback must be a callable, got {type(rollback).__name__}"
+            )
+        undo = DEFAULT_POLICY if rollback_config is None else resolve(rollback_config)
+        return self._runtime.do(name, fn, policy, (rollback, undo))
 
     def _decorator(
         self, name: str | None, concurrent: bool, config: StepConfig | Mapping[str, Any] | None
@@ -207,6 +255,37 @@ class WorkflowStep:
             )
         seconds = to_seconds(timeout, "step.wait_for_event timeout")
         return await self._runtime.wait_for_event(name, event_type or type or "", seconds)
+
+    async def child(
+        self,
+        name: str,
+        workflow: str,
+        params: Any = None,
+        *,
+        id: str | None = None,
+        lookup_key: str | None = None,
+        parent_close: str = "terminate",
+    ) -> Any:
+        """Start an instance of ``workflow`` with ``params`` as a child of this one,
+        exactly once, and wait durably (holding no coroutine) for its output.
+
+        The child's id is derived from this instance, its current run and the
+        step (a replay finds the same child; a restarted parent starts new
+        ones), unless ``id`` gives one. If the child errors or is terminated,
+        ChildWorkflowError (a StepFailedError) is raised here. ``parent_close``
+        says what terminating or restarting this instance does to the child
+        while it runs: "terminate" it (the default) or "abandon" it (it runs on).
+        """
+        if parent_close not in ("terminate", "abandon"):
+            raise ValueError(
+                f"step.child({name!r}): parent_close must be 'terminate' or 'abandon', "
+                f"got {parent_close!r}"
+            )
+        if not isinstance(workflow, str) or not workflow:
+            raise TypeError(f"step.child({name!r}): workflow must be a workflow's name")
+        return await self._runtime.child(
+            name, workflow, params, id, lookup_key, parent_close == "abandon"
+        )
 
 
 class StepFunction:

@@ -472,9 +472,11 @@ class BoundInstance(InstanceHandle):
         self._bound._require_step("resume")
         return await super().resume(timeout=self._bound._timeout(timeout))
 
-    async def terminate(self, *, timeout: float | None = None) -> InstanceStatus:
+    async def terminate(
+        self, *, rollback: bool = False, timeout: float | None = None
+    ) -> InstanceStatus:
         self._bound._require_step("terminate")
-        return await super().terminate(timeout=self._bound._timeout(timeout))
+        return await super().terminate(rollback=rollback, timeout=self._bound._timeout(timeout))
 
     async def restart(self, *, timeout: float | None = None) -> InstanceStatus:
         self._bound._require_step("restart")

@@ -224,6 +224,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], epilog: s
     create.add_argument("--id", metavar="ID", help="instance id (default: the server makes one)")
     create.add_argument("--lookup-key", metavar="KEY", help="a key to find it by with `list`")
     create.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a limited workflow: higher starts first among those waiting for a slot (0)",
+    )
+    create.add_argument(
+        "--concurrency-key",
+        metavar="KEY",
+        help="a workflow limited per key: the key to take a slot of, instead of the params'",
+    )
+    create.add_argument(
         "--if-exists",
         choices=("error", "return"),
         default="error",
@@ -551,6 +563,8 @@ def instance_view(info: InstanceStatusInfo) -> InstanceView:
         lookup_key=info.lookup_key or "",
         last_sequence=info.last_sequence,
         steps=[step_view(s) for s in info.steps],
+        priority=info.priority,
+        concurrency_key=info.concurrency_key or "",
     )
 
 
@@ -626,7 +640,12 @@ async def _create(ctx: Context) -> int:
     args = ctx.args
     params = load_json(args.params, args.params_file, "--params")
     handle = await ctx.client.workflow(args.workflow).create(
-        params, id=args.id, lookup_key=args.lookup_key, if_exists=args.if_exists
+        params,
+        id=args.id,
+        lookup_key=args.lookup_key,
+        priority=args.priority,
+        concurrency_key=args.concurrency_key,
+        if_exists=args.if_exists,
     )
     if not args.wait:
         ctx.print(render.json_doc({"instance_id": handle.id}) if ctx.json else handle.id)

@@ -38,7 +38,7 @@ from cruzflow.server.engine import validate
 from cruzflow.server.engine.errors import InvalidArgument
 from cruzflow.server.engine.runtime import Limits, WorkflowSpec
 from cruzflow.server.engine.schedules import Cron, ScheduleSpec, check_schedule_id
-from cruzflow.server.records import CatchUp
+from cruzflow.server.records import CatchUp, Gate
 from cruzflow.server.store.base import Store
 from cruzflow.server.telemetry import Settings as TelemetrySettings
 
@@ -273,6 +273,20 @@ class TelemetrySection(_Strict):
         return _address(value, "127.0.0.1:9464")
 
 
+class RateLimitSection(_Strict):
+    starts: int = Field(ge=1, le=1_000_000)
+    """Instances that may start per ``per``, per concurrency key."""
+    per: str | int
+    """The window, e.g. "1 minute" (or ms)."""
+
+    @field_validator("per")
+    @classmethod
+    def _window(cls, value: str | int) -> str | int:
+        if to_seconds(value) * 1000 < 1:
+            raise ValueError("must be at least 1 ms, e.g. '1 minute'")
+        return value
+
+
 class WorkflowSection(_Strict):
     binding: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """Name under which the workflow appears in ``env``, e.g. ONBOARDING_WORKFLOW."""
@@ -292,6 +306,16 @@ class WorkflowSection(_Strict):
     """PEM private key of tls_cert_file (relative path)."""
     timeout: str | int | None = None
     """Default deadline of each call through the binding (default 10 seconds)."""
+    concurrency: int | None = Field(None, ge=1, le=1_000_000)
+    """At most this many instances hold a slot at once (per concurrency key);
+    the rest wait ``queued``, higher priority first, then oldest first."""
+    concurrency_key: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{1,100}(\.[A-Za-z0-9_-]{1,100}){0,15}$"
+    )
+    """Where the key is in the params, e.g. "user_id" or "user.id": the limits
+    hold per value of it. Unset: one limit for the whole workflow."""
+    rate_limit: RateLimitSection | None = None
+    """At most ``starts`` instances start per ``per`` (per concurrency key)."""
 
     @field_validator("address")
     @classmethod
@@ -530,7 +554,9 @@ def load_config(
         if entry not in sys.path:
             sys.path.insert(0, entry)
     specs = {
-        wf.name: WorkflowSpec(wf.name, wf.binding, wf.class_name, _import(path, i, wf.class_name))
+        wf.name: WorkflowSpec(
+            wf.name, wf.binding, wf.class_name, _import(path, i, wf.class_name), _gate(path, i, wf)
+        )
         for i, wf in enumerate(data.workflows)
         if wf.class_name is not None
     }
@@ -770,6 +796,25 @@ def _tokens(path: Path, data: ConfigFile) -> tuple[list[TokenRule], list[str]]:
     return rules, warnings
 
 
+def _gate(path: Path, index: int, wf: WorkflowSection) -> Gate | None:
+    """The entry's concurrency and rate limits, or None if it sets neither."""
+    where = f"{path}: workflows[{index}]"
+    if wf.concurrency is None and wf.rate_limit is None:
+        if wf.concurrency_key is not None:
+            raise ConfigError(
+                f"{where}.concurrency_key: a key to limit by, but no limit; add concurrency "
+                f"(instances at once per key) or rate_limit (starts per window per key)"
+            )
+        return None
+    rate = wf.rate_limit
+    return Gate(
+        limit=wf.concurrency,
+        starts=None if rate is None else rate.starts,
+        per_ms=0 if rate is None else max(1, round(to_seconds(rate.per) * 1000)),
+        key_path=tuple(wf.concurrency_key.split(".")) if wf.concurrency_key else (),
+    )
+
+
 _REMOTE_ONLY = ("token_env", "tls_ca_file", "tls_cert_file", "tls_key_file")
 
 
@@ -788,6 +833,13 @@ def _target(path: Path, index: int, wf: WorkflowSection) -> WorkflowTarget:
             f"or address (host:port) for one hosted by another cruzflow server"
         )
     timeout = 10.0 if wf.timeout is None else to_seconds(wf.timeout)
+    if wf.address is not None:
+        for key in ("concurrency", "concurrency_key", "rate_limit"):
+            if getattr(wf, key) is not None:
+                raise ConfigError(
+                    f"{where}.{key}: limits belong to the server that hosts the workflow "
+                    f"(with class_name); this one is hosted by {wf.address}"
+                )
     if wf.address is None:
         for key in _REMOTE_ONLY:
             if getattr(wf, key) is not None:

@@ -60,6 +60,18 @@ class StepKind(enum.IntEnum):
     DO = 1
     SLEEP = 2
     WAIT_FOR_EVENT = 3
+    CHILD = 4
+    ROLLBACK = 5
+
+
+# Inbox events of types starting so are the engine's own: SendEvent and
+# wait_for_event refuse them. A child's end is told to its parent as
+# CHILD_ENDED + the child's id (the parent's wait reads the child's record).
+RESERVED_EVENT_PREFIX = "cruzflow:"
+# The step row that records a terminate with rollback until it is done (a
+# position no step of run() takes): kind ROLLBACK, name "terminate".
+TERMINATE_STEP = -1
+CHILD_ENDED = "cruzflow:child:"
 
 
 class EventKind(enum.IntEnum):
@@ -92,6 +104,20 @@ class InstanceRecord:
     run_started_at: int | None = None
     """When the current run began: the creation, or the last RestartInstance
     (None in rows stored before it was kept: the creation)."""
+    parent_id: str | None = None
+    """The instance whose ``step.child`` started this one."""
+    abandon: bool = False
+    """With a parent: left running when the parent is terminated or restarted
+    (``parent_close="abandon"``), instead of terminated with it."""
+    priority: int = 0
+    """Higher starts first among the instances waiting for a concurrency slot."""
+    concurrency_key: str | None = None
+    """The key whose slots the instance takes ("" for a workflow-wide limit);
+    None for a workflow without limits."""
+    gate: int | None = None
+    """None: no limit applies; 0: waiting for a slot; 1: let through (holds a
+    slot until it finishes). Unknown (None) in records a shared store's claim
+    returns: those are never 0."""
     schedule_id: str | None = None
     """The schedule that created the instance; None when a caller did."""
 
@@ -129,6 +155,8 @@ class StepRecord:
     next_attempt_at: int | None = None
     kind: StepKind = StepKind.DO
     event_type: str | None = None
+    """For an event wait, the type it waits for; for a child (CHILD), the
+    child's instance id."""
     error_traceback: str | None = None
 
 
@@ -162,6 +190,26 @@ class EventRecord:
     payload: bytes | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """A workflow's concurrency and rate limits, which hold per concurrency key
+    (one key for the whole workflow when it names none)."""
+
+    limit: int | None = None
+    """Instances that hold a slot at once, per key; None: no bound."""
+    starts: int | None = None
+    """Starts (slots granted) per ``per_ms``, per key; None: no rate limit."""
+    per_ms: int = 0
+    """The rate limit's window, in ms."""
+    key_path: tuple[str, ...] = ()
+    """Where the key is in the params (object members, outer first); empty:
+    one key ("") for the whole workflow."""
+
+
+UNGATED = Gate()
+"""What a workflow that lost its limits (from the config) lets through: all."""
+
+
 @dataclass(slots=True)
 class Batch:
     """Writes that commit together in one transaction.
@@ -185,6 +233,22 @@ class Batch:
     purge: dict[str, int] = field(default_factory=dict)
     # Set by the store once applied: how many instances the purge removed.
     purged: int = 0
+    # Concurrency gates, opened as far as their limits allow after the batch's
+    # other writes, in its transaction: the limits of each workflow named; the
+    # instances whose (workflow, key) to look at (created, finished, resumed);
+    # (workflow, key) pairs to look at (a rate limit's window moved on); and
+    # whether to look at every key that has instances waiting (at start).
+    gates: dict[str, Gate] = field(default_factory=dict)
+    gate_ids: set[str] = field(default_factory=set)
+    gate_keys: set[tuple[str, str]] = field(default_factory=set)
+    gate_sweep: bool = False
+    # Existing instances stored as waiting for a slot again (resumed, restarted).
+    gate_hold: set[str] = field(default_factory=set)
+    # Set by the store once applied: the instances let through (now queued
+    # for a server slot, holding their key's slot), and the keys a rate limit
+    # holds back with when to look again (workflow, key, ms).
+    promoted: list[str] = field(default_factory=list)
+    gate_retry: list[tuple[str, str, int]] = field(default_factory=list)
 
     def without(self, ids: set[str] | frozenset[str]) -> Batch:
         """A copy of the batch with no write of the instances ``ids`` (the
@@ -198,6 +262,11 @@ class Batch:
             inbox=[e for e in self.inbox if e.instance_id not in ids],
             consumed={k: v for k, v in self.consumed.items() if v[0] not in ids},
             purge={k: v for k, v in self.purge.items() if k not in ids},
+            gates=self.gates,
+            gate_ids=self.gate_ids - ids,
+            gate_keys=self.gate_keys,
+            gate_sweep=self.gate_sweep,
+            gate_hold=self.gate_hold - ids,
         )
 
     def __bool__(self) -> bool:
@@ -210,6 +279,9 @@ class Batch:
             or self.inbox
             or self.consumed
             or self.purge
+            or self.gate_ids
+            or self.gate_keys
+            or self.gate_sweep
         )
 
 
@@ -227,6 +299,8 @@ class InstanceQuery:
     """Only instances created before this time (ms since the epoch)."""
     lookup_key: str | None = None
     """Only instances created with this lookup key."""
+    parent_id: str | None = None
+    """Only the children of this instance (started by its ``step.child``)."""
     schedule_id: str | None = None
     """Only instances that this schedule created."""
     older_than: int | None = None

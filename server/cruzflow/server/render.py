@@ -20,6 +20,8 @@ FINAL_STATUSES = frozenset({"complete", "errored", "terminated"})
 # How each status is spelt for people: the model's camelCase label is fine
 # for JSON (scripts match on it), but "waiting for pause" reads better.
 _STATUS_WORDS = {"waitingForPause": "waiting for pause"}
+# How a step of each kind is named in event lines ("step" for step.do).
+_WHAT = {"sleep": "sleep", "waitForEvent": "wait", "child": "child", "rollback": "rollback"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,8 @@ class InstanceView:
     last_sequence: int = 0
     steps: list[StepView] = field(default_factory=list)
     start_time: datetime | None = None  # the current run's: the creation or the last restart
+    priority: int = 0  # orders the instances waiting for a concurrency slot
+    concurrency_key: str = ""  # the key whose slot it takes (a workflow limited per key)
 
     @property
     def final(self) -> bool:
@@ -402,6 +406,10 @@ def instance_lines(view: InstanceView, now: datetime, style: Style = PLAIN) -> l
     ]
     if view.lookup_key:
         rows.append(("lookup key", view.lookup_key))
+    if view.concurrency_key:
+        rows.append(("concurrency key", view.concurrency_key))
+    if view.priority:
+        rows.append(("priority", str(view.priority)))
     rows.append(("created", local_time(view.create_time)))
     began = view.start_time or view.create_time
     if view.start_time is not None and view.start_time != view.create_time:
@@ -490,7 +498,7 @@ def event_line(event: EventView, took: float | None = None) -> str:
         if event.step_occurrence <= 1
         else (f"{event.step_name} #{event.step_occurrence}")
     )
-    what = {"sleep": "sleep", "waitForEvent": "wait"}.get(event.step_kind, "step")
+    what = _WHAT.get(event.step_kind, "step")
     after = "" if took is None else f" after {duration(took)}"
     if event.kind == "step_started":
         attempt = f" (attempt {event.attempt})" if event.step_kind == "do" else ""
@@ -522,7 +530,7 @@ class EventLines:
         if event.kind == "step_started":
             if event.time is not None:
                 self._started[event.step_index] = event.time
-            what = {"sleep": "sleep", "waitForEvent": "wait"}.get(event.step_kind, "step")
+            what = _WHAT.get(event.step_kind, "step")
             self._current = f"{what} {event.step_name}"
         elif event.kind in ("attempt_failed", "step_succeeded", "step_failed"):
             began = self._started.get(event.step_index)

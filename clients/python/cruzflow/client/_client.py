@@ -83,6 +83,12 @@ class NewInstance:
     params: Any = None
     id: str | None = None
     lookup_key: str | None = None
+    priority: int = 0
+    """Among instances waiting for a slot of the workflow's concurrency limit,
+    higher starts first."""
+    concurrency_key: str | None = None
+    """The concurrency key to take a slot of, instead of the one the config's
+    ``concurrency_key`` path finds in the params."""
 
 
 def _check_timeout(timeout: float | None, what: str = "timeout") -> float | None:
@@ -253,6 +259,7 @@ class Client:
         create_time_min: datetime | None = None,
         create_time_max: datetime | None = None,
         lookup_key: str | None = None,
+        parent_id: str | None = None,
         page_size: int | None = None,
         page_token: str | None = None,
         timeout: float | None = None,
@@ -263,7 +270,9 @@ class Client:
         Each filter narrows: ``workflow`` by name, ``status`` one status or
         several, ``create_time_min`` (inclusive) and ``create_time_max``
         (exclusive) aware datetimes, ``lookup_key`` the key given at creation,
-        ``schedule_id`` the schedule that created them. ``page_size`` is 1 to 1000 (the server's default, 100, when ``None``).
+        ``parent_id`` the instance whose ``step.child`` started them,
+        ``schedule_id`` the schedule that created them. ``page_size`` is 1 to
+        1000 (the server's default, 100, when ``None``).
         Pass the page's ``next_page_token`` back, with the same filters, for
         the next page.
         """
@@ -273,6 +282,7 @@ class Client:
             lookup_key=lookup_key or "",
             page_size=page_size or 0,
             page_token=page_token or "",
+            parent_id=parent_id or "",
             schedule_id=schedule_id or "",
         )
         if create_time_min is not None:
@@ -292,6 +302,7 @@ class Client:
         create_time_min: datetime | None = None,
         create_time_max: datetime | None = None,
         lookup_key: str | None = None,
+        parent_id: str | None = None,
         page_size: int | None = None,
         timeout: float | None = None,
         schedule_id: str | None = None,
@@ -306,6 +317,7 @@ class Client:
                 create_time_min=create_time_min,
                 create_time_max=create_time_max,
                 lookup_key=lookup_key,
+                parent_id=parent_id,
                 page_size=page_size,
                 page_token=token,
                 timeout=timeout,
@@ -569,6 +581,8 @@ class WorkflowBinding:
         *,
         id: str | None = None,
         lookup_key: str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
         if_exists: Literal["error", "return"] = "error",
         timeout: float | None = None,
     ) -> InstanceHandle:
@@ -577,7 +591,10 @@ class WorkflowBinding:
         ``params`` (any JSON value) reach ``run`` as ``event.payload``. ``id``
         is your own instance id (the server makes one when ``None``);
         ``lookup_key`` a key to find the instance by with
-        ``Client.list_instances(lookup_key=...)``.
+        ``Client.list_instances(lookup_key=...)``. For a workflow with a
+        concurrency or rate limit, ``priority`` orders the instances waiting
+        for a slot (higher first), and ``concurrency_key`` names the key to
+        take a slot of instead of the one in the params.
 
         With an ``id`` the create is retried on ``UNAVAILABLE`` (it cannot
         create twice). If the id is taken, ``if_exists="error"`` raises
@@ -598,6 +615,8 @@ class WorkflowBinding:
             instance_id=id or "",
             params_json=params_json,
             lookup_key=lookup_key or "",
+            priority=priority,
+            concurrency_key=concurrency_key or "",
         )
         client = self._client
         retried = False
@@ -652,6 +671,8 @@ class WorkflowBinding:
                 instance_id=new.id or "",
                 params_json=_convert.encode_json(new.params, f"items[{i}].params"),
                 lookup_key=new.lookup_key or "",
+                priority=new.priority,
+                concurrency_key=new.concurrency_key or "",
             )
             for i, new in enumerate(news)
         ]
@@ -715,11 +736,11 @@ def _new_instance(item: NewInstance | Mapping[str, Any], index: int) -> NewInsta
     if isinstance(item, NewInstance):
         new = item
     elif isinstance(item, Mapping):
-        unknown = sorted(set(item) - {"params", "id", "lookup_key"})
+        unknown = sorted(set(item) - {"params", "id", "lookup_key", "priority", "concurrency_key"})
         if unknown:
             raise InvalidArgument(
                 f"items[{index}]: unknown key(s) {', '.join(map(repr, unknown))}; "
-                f"use 'params', 'id' and 'lookup_key'"
+                f"use 'params', 'id', 'lookup_key', 'priority' and 'concurrency_key'"
             )
         new = NewInstance(**item)
     else:
@@ -787,13 +808,19 @@ class InstanceHandle:
             timeout,
         )
 
-    async def terminate(self, *, timeout: float | None = None) -> InstanceStatus:
+    async def terminate(
+        self, *, rollback: bool = False, timeout: float | None = None
+    ) -> InstanceStatus:
         """End the instance now as ``TERMINATED`` (an attempt in flight is
-        cancelled). Raises :class:`FailedPrecondition` once it is finished."""
+        cancelled). Raises :class:`FailedPrecondition` once it is finished.
+
+        With ``rollback``, the rollbacks of its succeeded steps run first
+        (``step.do(..., rollback=...)``); it answers ``RUNNING`` meanwhile, and
+        ends ``TERMINATED`` once they have run."""
         client = self._client
         return await self._control(
             client._rpc().TerminateInstance,
-            pb.TerminateInstanceRequest(instance_id=self._id),
+            pb.TerminateInstanceRequest(instance_id=self._id, rollback=rollback),
             lambda status: status is InstanceStatus.TERMINATED,
             timeout,
         )

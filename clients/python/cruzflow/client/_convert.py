@@ -121,6 +121,7 @@ def step(message: pb.Step) -> StepInfo:
         error=_error(message),
         next_attempt_time=_time(message, "next_attempt_time"),
         event_type=message.event_type or None,
+        child_id=message.child_instance_id or None,
     )
 
 
@@ -142,6 +143,9 @@ def instance(message: pb.Instance) -> InstanceStatusInfo:
         last_sequence=message.last_sequence,
         steps=tuple(step(s) for s in message.steps),
         trace_id=message.trace_id or None,
+        parent_id=message.parent_id or None,
+        priority=message.priority,
+        concurrency_key=message.concurrency_key or None,
         schedule_id=message.schedule_id or None,
     )
 

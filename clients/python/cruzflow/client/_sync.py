@@ -190,6 +190,7 @@ class SyncClient:
         create_time_min: datetime | None = None,
         create_time_max: datetime | None = None,
         lookup_key: str | None = None,
+        parent_id: str | None = None,
         page_size: int | None = None,
         page_token: str | None = None,
         timeout: float | None = None,
@@ -203,6 +204,7 @@ class SyncClient:
                 create_time_min=create_time_min,
                 create_time_max=create_time_max,
                 lookup_key=lookup_key,
+                parent_id=parent_id,
                 page_size=page_size,
                 page_token=page_token,
                 timeout=timeout,
@@ -218,6 +220,7 @@ class SyncClient:
         create_time_min: datetime | None = None,
         create_time_max: datetime | None = None,
         lookup_key: str | None = None,
+        parent_id: str | None = None,
         page_size: int | None = None,
         timeout: float | None = None,
         schedule_id: str | None = None,
@@ -230,6 +233,7 @@ class SyncClient:
                 create_time_min=create_time_min,
                 create_time_max=create_time_max,
                 lookup_key=lookup_key,
+                parent_id=parent_id,
                 page_size=page_size,
                 timeout=timeout,
                 schedule_id=schedule_id,
@@ -314,13 +318,21 @@ class SyncWorkflowBinding:
         *,
         id: str | None = None,
         lookup_key: str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
         if_exists: Literal["error", "return"] = "error",
         timeout: float | None = None,
     ) -> SyncInstanceHandle:
         """See :meth:`WorkflowBinding.create`."""
         handle = self._loop.run(
             self._binding.create(
-                params, id=id, lookup_key=lookup_key, if_exists=if_exists, timeout=timeout
+                params,
+                id=id,
+                lookup_key=lookup_key,
+                priority=priority,
+                concurrency_key=concurrency_key,
+                if_exists=if_exists,
+                timeout=timeout,
             )
         )
         return SyncInstanceHandle(handle, self._loop)
@@ -368,9 +380,9 @@ class SyncInstanceHandle:
         """See :meth:`InstanceHandle.resume`."""
         return self._loop.run(self._handle.resume(timeout=timeout))
 
-    def terminate(self, *, timeout: float | None = None) -> InstanceStatus:
+    def terminate(self, *, rollback: bool = False, timeout: float | None = None) -> InstanceStatus:
         """See :meth:`InstanceHandle.terminate`."""
-        return self._loop.run(self._handle.terminate(timeout=timeout))
+        return self._loop.run(self._handle.terminate(rollback=rollback, timeout=timeout))
 
     def restart(self, *, timeout: float | None = None) -> InstanceStatus:
         """See :meth:`InstanceHandle.restart`."""

@@ -76,6 +76,11 @@ class StepKind(enum.StrEnum):
     """``step.sleep`` or ``step.sleep_until``."""
     WAIT_FOR_EVENT = "waitForEvent"
     """``step.wait_for_event``."""
+    CHILD = "child"
+    """``step.child``: starts a child instance and waits for its end."""
+    ROLLBACK = "rollback"
+    """A step's rollback, run when the instance failed or was terminated with
+    rollback (and the "terminate" row of the latter)."""
     UNKNOWN = "unknown"
 
 
@@ -128,6 +133,8 @@ class StepInfo:
     when it times out."""
     event_type: str | None
     """For an event wait: the event type it waits for."""
+    child_id: str | None = None
+    """For a child step: the child instance's id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +166,16 @@ class InstanceStatusInfo:
     trace_id: str | None = None
     """The W3C trace id (32 hex digits) of the trace the instance's runs belong
     to, when the server traces; ``None`` otherwise."""
+    parent_id: str | None = None
+    """The instance whose ``step.child`` started this one; ``None`` for one
+    created through the API (list a parent's children with
+    ``list_instances(parent_id=...)``)."""
+    priority: int = 0
+    """The priority given at creation: among instances waiting for a slot of a
+    workflow's concurrency limit, higher starts first."""
+    concurrency_key: str | None = None
+    """The concurrency key whose slot the instance takes (a workflow limited per
+    key); None otherwise."""
     schedule_id: str | None = None
     """The schedule that created the instance; ``None`` when a caller did."""
 

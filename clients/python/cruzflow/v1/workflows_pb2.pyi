@@ -96,6 +96,12 @@ class _StepKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepKind.Val
     """step.sleep / step.sleep_until."""
     STEP_KIND_WAIT_FOR_EVENT: _StepKind.ValueType  # 3
     """step.wait_for_event."""
+    STEP_KIND_CHILD: _StepKind.ValueType  # 4
+    """step.child: starts a child instance and waits for its end."""
+    STEP_KIND_ROLLBACK: _StepKind.ValueType  # 5
+    """A step's rollback (step.do's rollback=), run when the instance failed or
+    was terminated with rollback; also the "terminate" row of the latter.
+    """
 
 class StepKind(_StepKind, metaclass=_StepKindEnumTypeWrapper):
     """StepKind is what a step does."""
@@ -107,6 +113,12 @@ STEP_KIND_SLEEP: StepKind.ValueType  # 2
 """step.sleep / step.sleep_until."""
 STEP_KIND_WAIT_FOR_EVENT: StepKind.ValueType  # 3
 """step.wait_for_event."""
+STEP_KIND_CHILD: StepKind.ValueType  # 4
+"""step.child: starts a child instance and waits for its end."""
+STEP_KIND_ROLLBACK: StepKind.ValueType  # 5
+"""A step's rollback (step.do's rollback=), run when the instance failed or
+was terminated with rollback; also the "terminate" row of the latter.
+"""
 Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
 
 class _CatchUpPolicy:
@@ -199,6 +211,8 @@ class CreateInstanceRequest(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     PARAMS_JSON_FIELD_NUMBER: _builtins.int
     LOOKUP_KEY_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     """Name of a registered workflow (see ListWorkflows), e.g. "onboarding-workflow"."""
     instance_id: _builtins.str
@@ -211,6 +225,16 @@ class CreateInstanceRequest(_message.Message):
     """Optional key of the caller's own, e.g. "user:42", to find the instance
     by with ListInstances. Up to 256 characters; need not be unique.
     """
+    priority: _builtins.int
+    """For a workflow with a concurrency or rate limit: among the instances
+    waiting for a slot of their key, higher priority starts first (then the
+    oldest). 0 by default; negative values wait behind the default.
+    """
+    concurrency_key: _builtins.str
+    """For a workflow that limits per concurrency key: the key to take the
+    slots of, instead of the one at the config's concurrency_key path in the
+    params. Up to 256 characters. Refused for a workflow without such a limit.
+    """
     def __init__(
         self,
         *,
@@ -218,10 +242,12 @@ class CreateInstanceRequest(_message.Message):
         instance_id: _builtins.str = ...,
         params_json: _builtins.str = ...,
         lookup_key: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        concurrency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "lookup_key", b"lookup_key", "params_json", b"params_json", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "instance_id", b"instance_id", "lookup_key", b"lookup_key", "params_json", b"params_json", "priority", b"priority", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -312,6 +338,9 @@ class Instance(_message.Message):
     WAKE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     SCHEDULE_ID_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     workflow: _builtins.str
@@ -327,6 +356,16 @@ class Instance(_message.Message):
     trace_id: _builtins.str
     """The W3C trace id (32 hex digits) of the trace the instance's runs belong
     to: the creating call's when tracing is on. Empty when there is none.
+    """
+    parent_id: _builtins.str
+    """The instance whose step.child started this one; empty for an instance
+    created through the API. Its children: ListInstances with parent_id.
+    """
+    priority: _builtins.int
+    """The priority given at creation (see CreateInstanceRequest.priority)."""
+    concurrency_key: _builtins.str
+    """The concurrency key whose slot the instance takes (a workflow with limits
+    per key); empty for a workflow with one limit for all, or with none.
     """
     schedule_id: _builtins.str
     """The schedule that created the instance (see Schedule); empty when a
@@ -376,11 +415,14 @@ class Instance(_message.Message):
         wake_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         trace_id: _builtins.str = ...,
+        parent_id: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        concurrency_key: _builtins.str = ...,
         schedule_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time", "update_time", b"update_time", "wake_time", b"wake_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "schedule_id", b"schedule_id", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "priority", b"priority", "schedule_id", b"schedule_id", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -404,6 +446,7 @@ class Step(_message.Message):
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    CHILD_INSTANCE_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The step name given to step.do."""
     occurrence: _builtins.int
@@ -418,6 +461,8 @@ class Step(_message.Message):
     kind: Global___StepKind.ValueType
     event_type: _builtins.str
     """For an event wait: the event type it waits for."""
+    child_instance_id: _builtins.str
+    """For a child step: the child instance's id."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -449,10 +494,11 @@ class Step(_message.Message):
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
         kind: Global___StepKind.ValueType = ...,
         event_type: _builtins.str = ...,
+        child_instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "next_attempt_time", b"next_attempt_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "end_time", b"end_time", "error", b"error", "event_type", b"event_type", "index", b"index", "kind", b"kind", "name", b"name", "next_attempt_time", b"next_attempt_time", "occurrence", b"occurrence", "output_json", b"output_json", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "child_instance_id", b"child_instance_id", "end_time", b"end_time", "error", b"error", "event_type", b"event_type", "index", b"index", "kind", b"kind", "name", b"name", "next_attempt_time", b"next_attempt_time", "occurrence", b"occurrence", "output_json", b"output_json", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -821,6 +867,7 @@ class ListInstancesRequest(_message.Message):
     LOOKUP_KEY_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
     SCHEDULE_ID_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     """Only instances of this workflow."""
@@ -830,6 +877,8 @@ class ListInstancesRequest(_message.Message):
     """At most this many instances (1 to 1000; 0 means 100)."""
     page_token: _builtins.str
     """From a previous response's next_page_token, with the same filters."""
+    parent_id: _builtins.str
+    """Only the children of this instance (started by its step.child)."""
     schedule_id: _builtins.str
     """Only instances that this schedule created."""
     @_builtins.property
@@ -854,11 +903,12 @@ class ListInstancesRequest(_message.Message):
         lookup_key: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        parent_id: _builtins.str = ...,
         schedule_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min", "lookup_key", b"lookup_key", "page_size", b"page_size", "page_token", b"page_token", "schedule_id", b"schedule_id", "statuses", b"statuses", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_max", b"create_time_max", "create_time_min", b"create_time_min", "lookup_key", b"lookup_key", "page_size", b"page_size", "page_token", b"page_token", "parent_id", b"parent_id", "schedule_id", b"schedule_id", "statuses", b"statuses", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -973,15 +1023,22 @@ class TerminateInstanceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    ROLLBACK_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
+    rollback: _builtins.bool
+    """Run the rollbacks (step.do's rollback=) of the steps that succeeded, in
+    reverse order of their starts, before the instance ends TERMINATED; it
+    answers RUNNING meanwhile. Without it the instance ends at once.
+    """
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
+        rollback: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "rollback", b"rollback"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

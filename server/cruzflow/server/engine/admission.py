@@ -10,7 +10,9 @@ commit in one transaction.
 
 from __future__ import annotations
 
+import json
 import uuid
+from typing import Any
 
 from cruzflow.server.engine import validate
 from cruzflow.server.engine.core import Core, WorkflowSpec, exists_message, ms
@@ -24,7 +26,42 @@ from cruzflow.server.engine.journal import Durable
 from cruzflow.server.engine.params import checker as params_checker
 from cruzflow.server.engine.run import Run
 from cruzflow.server.engine.scheduler import Scheduler
-from cruzflow.server.records import EventKind, InstanceRecord, InstanceStatus
+from cruzflow.server.records import EventKind, Gate, InstanceRecord, InstanceStatus
+
+NewInstance = tuple[str, str, str | bytes, str, int, str]
+"""What CreateInstances asks for each instance: workflow, instance id, params,
+lookup key, priority, concurrency key (see ``Admission.create_many``)."""
+
+
+def concurrency_key(workflow: str, gate: Gate, params: bytes, override: str) -> str:
+    """The key whose slots a new instance of a limited workflow takes: the
+    request's, else the one at the config's key path in the params ("" for a
+    workflow-wide limit). InvalidArgument when the params lack it."""
+    if override:
+        if not gate.key_path:
+            raise InvalidArgument(
+                f"concurrency_key: workflow {workflow!r} has one limit for all its instances "
+                f"(its config names no concurrency_key); leave this empty"
+            )
+        return override
+    if not gate.key_path:
+        return ""
+    path = ".".join(gate.key_path)
+    value: Any = json.loads(params) if params else None
+    for part in gate.key_path:
+        if not isinstance(value, dict) or part not in value:
+            raise InvalidArgument(
+                f"params_json: workflow {workflow!r} limits its instances per concurrency key "
+                f"params.{path} (concurrency_key in its config), which these params lack; add "
+                f"it to the params, or pass concurrency_key in the request"
+            )
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidArgument(
+            f"params_json: params.{path} is the concurrency key of workflow {workflow!r} and "
+            f"must be a string or an integer, not {type(value).__name__}"
+        )
+    return str(value)
 
 
 class Admission:
@@ -46,27 +83,39 @@ class Admission:
         instance_id: str = "",
         params: str | bytes = b"",
         lookup_key: str = "",
+        priority: int = 0,
+        concurrency_key: str = "",
         schedule_id: str | None = None,
     ) -> tuple[str, InstanceStatus]:
         """Store a new instance durably and schedule it; returns its id and status.
         ``schedule_id``: the schedule creating it (engine/schedules.py)."""
         self._core.refuse_while_store_fails()
-        spec, params_bytes = self.check_new(workflow, instance_id, params, lookup_key)
+        spec, params_bytes, key = self.check_new(
+            workflow, instance_id, params, lookup_key, concurrency_key
+        )
         if instance_id:
             await self.reserve_id(instance_id)
         else:
             instance_id = uuid.uuid4().hex
         try:
-            status, durable = self.admit(spec, instance_id, params_bytes, lookup_key, schedule_id)
+            status, durable = self.admit(
+                spec, instance_id, params_bytes, lookup_key, priority, key, schedule_id=schedule_id
+            )
             await self._core.durable(durable, "the instance could not be stored", instance_id)
         finally:
-            self._creating.discard(instance_id)
+            self.release_id(instance_id)
         return instance_id, status
 
     def check_new(
-        self, workflow: str, instance_id: str, params: str | bytes, lookup_key: str
-    ) -> tuple[WorkflowSpec, bytes]:
-        """Validate a new instance's fields; raises a ServiceError naming the field."""
+        self,
+        workflow: str,
+        instance_id: str,
+        params: str | bytes,
+        lookup_key: str,
+        key: str = "",
+    ) -> tuple[WorkflowSpec, bytes, str | None]:
+        """Validate a new instance's fields; raises a ServiceError naming the field.
+        Returns the spec, the params, and the concurrency key (None: no limits)."""
         if self._core.stopping:
             raise Unavailable("the server is shutting down; retry once it is back")
         if not workflow:
@@ -99,7 +148,22 @@ class Admission:
             "max_lookup_key_length",
             required=False,
         )
-        return spec, params_bytes
+        if spec.gate is None:
+            if key:
+                raise InvalidArgument(
+                    f"concurrency_key: workflow {workflow!r} has no concurrency or rate limit "
+                    f"(see its [[workflows]] entry); leave this empty"
+                )
+            return spec, params_bytes, None
+        key = concurrency_key(workflow, spec.gate, params_bytes, key)
+        validate.check_text(
+            key,
+            "concurrency_key",
+            self._core.limits.max_lookup_key_length,
+            "max_lookup_key_length",
+            required=False,
+        )
+        return spec, params_bytes, key
 
     async def reserve_id(self, instance_id: str) -> None:
         """Claim an id for creation, or raise AlreadyExists.
@@ -117,19 +181,34 @@ class Admission:
             self._creating.discard(instance_id)
             raise
 
+    def release_id(self, instance_id: str) -> None:
+        """End the claim ``reserve_id`` took (the instance is admitted, or not)."""
+        self._creating.discard(instance_id)
+
     def admit(
         self,
         spec: WorkflowSpec,
         instance_id: str,
         params: bytes,
         lookup_key: str = "",
+        priority: int = 0,
+        key: str | None = None,
+        parent: tuple[str, bool] | None = None,
         schedule_id: str | None = None,
     ) -> tuple[InstanceStatus, Durable]:
-        """Add a validated instance to the open batch and start or queue it.
+        """Add a validated instance to the open batch and start or queue it;
+        ``parent`` (id, abandon) for a child started by a step.child.
 
         Synchronous: instances admitted with no await in between commit in
-        the same transaction.
+        the same transaction (a child with its parent's step). An instance of a
+        limited workflow (``key`` set) is stored queued, waiting for its key's
+        slot; the same transaction lets it through if one is free
+        (Scheduler.let_through starts it).
         """
+        if key is not None:
+            return self._admit_gated(
+                spec, instance_id, params, lookup_key, priority, key, parent, schedule_id
+            )
         start_now = (
             not self._core.queue and len(self._core.runs) < self._core.limits.max_running_instances
         )
@@ -139,6 +218,8 @@ class Admission:
         record = InstanceRecord(
             instance_id, spec.name, status, params, now, now, lookup_key=lookup_key or None,
             trace_parent=observer.creating() if observer is not None else None,
+            parent_id=parent[0] if parent else None, abandon=bool(parent and parent[1]),
+            priority=priority,
             schedule_id=schedule_id,
         )  # fmt: skip
         if observer is not None:
@@ -160,13 +241,48 @@ class Admission:
             self._core.queue.append(run)
         return status, durable
 
-    async def create_many(
-        self, requests: list[tuple[str, str, str | bytes, str]]
-    ) -> list[tuple[str, InstanceStatus]]:
+    def _admit_gated(
+        self,
+        spec: WorkflowSpec,
+        instance_id: str,
+        params: bytes,
+        lookup_key: str,
+        priority: int,
+        key: str,
+        parent: tuple[str, bool] | None = None,
+        schedule_id: str | None = None,
+    ) -> tuple[InstanceStatus, Durable]:
+        assert spec.gate is not None
+        status = InstanceStatus.QUEUED
+        now = ms()
+        observer = self._core.observer
+        record = InstanceRecord(
+            instance_id, spec.name, status, params, now, now, lookup_key=lookup_key or None,
+            trace_parent=observer.creating() if observer is not None else None,
+            priority=priority, concurrency_key=key, gate=0,
+            parent_id=parent[0] if parent else None, abandon=bool(parent and parent[1]),
+            schedule_id=schedule_id,
+        )  # fmt: skip
+        if observer is not None:
+            observer.created(spec.name, 1)
+            observer.status_changed(spec.name, None, status)
+        run = Run(self._core, record, spec, resumed=False)
+        self._core.journal.insert_instance(record)
+        self._core.journal.gate(instance_id, spec.name, spec.gate)
+        durable = run.emit(EventKind.STATUS_CHANGED, {"status": int(status)})
+        if not self._core.shared:
+            # On a shared store it waits there, for any server to take once let through.
+            self._core.live[instance_id] = run
+            run.queued = True
+            self._core.gated[instance_id] = run
+        return status, durable
+
+    async def create_many(self, requests: list[NewInstance]) -> list[tuple[str, InstanceStatus]]:
         """Store new instances in one transaction, all of them or none; returns the
         id and status of each, in order.
 
-        ``requests`` holds (workflow, instance_id, params, lookup_key) each. A
+        ``requests`` holds (workflow, instance_id, params, lookup_key, priority,
+        concurrency_key) each. A
         refusal names every bad item: InvalidArgument if any is malformed (or
         repeats an id of the batch), else NotFound for unknown workflows, else
         AlreadyExists for ids taken.
@@ -183,11 +299,11 @@ class Admission:
                 f"(limits.max_batch_size); split them over several calls"
             )
         problems: list[tuple[int, InvalidArgument | NotFound | AlreadyExists]] = []
-        checked: list[tuple[WorkflowSpec, bytes] | None] = []
+        checked: list[tuple[WorkflowSpec, bytes, str | None] | None] = []
         first_use: dict[str, int] = {}
-        for i, (workflow, instance_id, params, lookup_key) in enumerate(requests):
+        for i, (workflow, instance_id, params, lookup_key, _, key) in enumerate(requests):
             try:
-                checked.append(self.check_new(workflow, instance_id, params, lookup_key))
+                checked.append(self.check_new(workflow, instance_id, params, lookup_key, key))
             except (InvalidArgument, NotFound) as exc:
                 problems.append((i, exc))
                 checked.append(None)
@@ -222,10 +338,14 @@ class Admission:
             # No await from here to the last admit: one batch, one transaction.
             created: list[tuple[str, InstanceStatus]] = []
             durables: list[Durable] = []
-            for item, (_, instance_id, _, lookup_key) in zip(checked, requests, strict=True):
+            for item, (_, instance_id, _, lookup_key, priority, _) in zip(
+                checked, requests, strict=True
+            ):
                 assert item is not None
                 new_id = instance_id or uuid.uuid4().hex
-                status, durable = self.admit(item[0], new_id, item[1], lookup_key)
+                status, durable = self.admit(
+                    item[0], new_id, item[1], lookup_key, priority, item[2]
+                )
                 created.append((new_id, status))
                 if durable not in durables:
                     durables.append(durable)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -29,7 +30,20 @@ from cruzflow.server.engine.journal import Durable
 from cruzflow.server.engine.run import Run
 from cruzflow.server.engine.scheduler import Scheduler
 from cruzflow.server.engine.timers import Timers
-from cruzflow.server.records import ABANDONED, Command, InboxEvent, InstanceStatus, InstanceUpdate
+from cruzflow.server.records import (
+    ABANDONED,
+    RESERVED_EVENT_PREFIX,
+    TERMINATE_STEP,
+    UNFINISHED,
+    Command,
+    InboxEvent,
+    InstanceQuery,
+    InstanceStatus,
+    InstanceUpdate,
+    StepKind,
+    StepRecord,
+    StepStatus,
+)
 from cruzflow.server.store.base import HELD_ELSEWHERE, StoreError
 
 # What a wake-up runs again (queued: taken up from a shared store).
@@ -107,8 +121,15 @@ class Controls:
                                 f"instance {instance_id!r} is of workflow {record.workflow!r}, "
                                 f"which this server's config does not host; add it back first"
                             )
-                        run = Run(self._core, record, spec, resumed=True)
-                        self._core.live[instance_id] = run
+                        if spec.gate is not None:
+                            # Whether it waits for a concurrency slot: a shared
+                            # store's claim does not say (see InstanceRecord.gate).
+                            record = await self._core.store.get_instance(instance_id) or record
+                            # (A claim may have taken it up during that await.)
+                            run = self._core.live.get(instance_id)
+                        if run is None:
+                            run = Run(self._core, record, spec, resumed=True)
+                            self._core.live[instance_id] = run
                 run.held += 1
                 try:
                     yield run
@@ -135,8 +156,8 @@ class Controls:
                 # Only a waiting or queued instance is taken over for this: a
                 # paused one stays free for whoever resumes it.
                 record = await core.store.get_instance(instance_id)
-                if record is None or record.status not in _WAKEABLE:
-                    return
+                if record is None or record.status not in _WAKEABLE or record.gate == 0:
+                    return  # (one waiting for a concurrency slot is let through first)
             async with self.hold(instance_id) as run:
                 if run.active or run.queued or run.status not in _WAKEABLE:
                     return
@@ -147,6 +168,34 @@ class Controls:
             log.debug(
                 "instance %s not woken: %s", instance_id, exc, extra={"instance_id": instance_id}
             )
+
+    def poke(self, instance_id: str) -> None:
+        """An event came for the instance (a child of it ended): its run looks
+        at its inbox again if it is running here, else it is woken (on a
+        shared store, by whichever server gets to it first)."""
+        core = self._core
+        run = core.live.get(instance_id)
+        if run is not None and run.active:
+            run.poke()
+        elif not core.stopping:
+            core.spawn(self.wake(instance_id))
+
+    async def _end_children(self, parent_id: str) -> None:
+        """Terminate the unfinished children of ``parent_id`` that were not
+        started with parent_close="abandon" (and, through their own
+        termination, theirs)."""
+        store = self._core.store
+        query = InstanceQuery(parent_id=parent_id, statuses=UNFINISHED)
+        while True:
+            page = await store.list_instances(query, 100)
+            for _, child in page:
+                if child.abandon:
+                    continue
+                with contextlib.suppress(FailedPrecondition, NotFound):
+                    await self.terminate(child.id)
+            if len(page) < 100:
+                return
+            query = dataclasses.replace(query, older_than=page[-1][0])
 
     def _refuse(self, verb: str, run: Run, allowed: str) -> FailedPrecondition:
         return FailedPrecondition(
@@ -160,8 +209,10 @@ class Controls:
     async def resume(self, instance_id: str) -> InstanceStatus:
         return await self._control("resume", instance_id)
 
-    async def terminate(self, instance_id: str) -> InstanceStatus:
-        return await self._control("terminate", instance_id)
+    async def terminate(self, instance_id: str, rollback: bool = False) -> InstanceStatus:
+        """End the instance now; with ``rollback``, once the compensations of its
+        succeeded steps have run (it runs until then, and answers RUNNING)."""
+        return await self._control("terminate-rollback" if rollback else "terminate", instance_id)
 
     async def restart(self, instance_id: str) -> InstanceStatus:
         """Run again from scratch: same id and params, step results cleared."""
@@ -195,6 +246,8 @@ class Controls:
             return await self._resume(run)
         if kind == "terminate":
             return await self._terminate(run)
+        if kind == "terminate-rollback":
+            return await self._terminate_rolling_back(run)
         return await self._restart(run)
 
     async def _pause(self, run: Run) -> InstanceStatus:
@@ -233,23 +286,55 @@ class Controls:
             await self._core.durable(durable, "the resume could not be stored", run.id)
         return resumed
 
-    async def _terminate(self, run: Run) -> InstanceStatus:
+    async def _stop_to_end(self, run: Run) -> None:
+        """Take an unfinished instance out of running, waiting and the queue,
+        and terminate its children first (a crash meanwhile leaves none
+        running unowned); refused once it is finished."""
         if run.status.finished:
             raise self._refuse("terminated", run, "unfinished")
         await self._scheduler.stop_task(run)
         self._scheduler.dequeue(run)
         self._timers.cancel(run.id)
+        await self._end_children(run.id)
         run.pause_requested = False
+
+    async def _terminate(self, run: Run) -> InstanceStatus:
+        await self._stop_to_end(run)
         durable = run.set_status(InstanceStatus.TERMINATED)
         await self._core.durable(durable, "the termination could not be stored", run.id)
         self._scheduler.fill_slots()
         return run.status
 
+    async def _terminate_rolling_back(self, run: Run) -> InstanceStatus:
+        """Record the terminate (a step row the run finds when it replays), then
+        run the instance again: at its first step not yet done it unwinds,
+        runs its compensations, and ends terminated (Scheduler.drive)."""
+        await self._stop_to_end(run)
+        now = ms()
+        run.put_step(
+            StepRecord(run.id, TERMINATE_STEP, "terminate", 1, StepStatus.RUNNING, 1, now,
+                       kind=StepKind.ROLLBACK)
+        )  # fmt: skip
+        # Durable before the run replays its records, so that it finds it.
+        assert run.last_write is not None
+        await self._core.durable(run.last_write, "the termination could not be stored", run.id)
+        run.reset_for_replay()
+        durable = self._scheduler.enqueue(run, announce=True)
+        assert durable is not None
+        status = run.status
+        await self._core.durable(durable, "the termination could not be stored", run.id)
+        return status
+
     async def _restart(self, run: Run) -> InstanceStatus:
         await self._scheduler.stop_task(run)
         self._scheduler.dequeue(run)
         self._timers.cancel(run.id)
+        # The new run starts new children; the old run's go as at a terminate.
+        await self._end_children(run.id)
         self._core.journal.clear_steps(run.id)
+        if run.gate is not None and run.status.finished:
+            # Its key's slot was freed as it finished: it waits for one again.
+            run.gate = 0
         run.run_started_at = ms()
         run.reset_for_replay()
         run.resumed = False  # nothing to replay: the steps are gone
@@ -317,6 +402,11 @@ class Controls:
                 f"type: required, 1 to {limit} characters (limits.max_event_type_length)"
             )
         validate.check_text(type, "type", limit, "max_event_type_length", required=True)
+        if type.startswith(RESERVED_EVENT_PREFIX):
+            raise InvalidArgument(
+                f"type: {RESERVED_EVENT_PREFIX!r} starts the engine's own event types; "
+                f"name yours otherwise"
+            )
         data = validate.parse_json_field(
             payload,
             "payload_json",
@@ -379,7 +469,7 @@ class Controls:
             )
         await self._core.durable(durable, "the event could not be stored", run.id)
         if run.active:
-            run.poked = True
+            run.poke()
         elif run.status == InstanceStatus.WAITING and not run.queued:
             self._timers.cancel(run.id)
             run.reset_for_replay()

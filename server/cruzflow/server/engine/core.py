@@ -31,10 +31,11 @@ from cruzflow.server.engine.hooks import EngineHooks
 from cruzflow.server.engine.hub import Hub
 from cruzflow.server.engine.journal import Durable, Journal
 from cruzflow.server.engine.observer import Observer
-from cruzflow.server.records import InboxEvent, InstanceRecord, Lease, Refusal
+from cruzflow.server.records import Gate, InboxEvent, InstanceRecord, Lease, Refusal
 from cruzflow.server.store.base import Store, StoreError
 
 if TYPE_CHECKING:
+    from cruzflow.server.engine.admission import Admission
     from cruzflow.server.engine.run import Run
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
@@ -89,6 +90,8 @@ class WorkflowSpec:
     binding: str
     class_name: str
     cls: type[WorkflowEntrypoint[Any]]
+    gate: Gate | None = None
+    """Its concurrency and rate limits (config), or None: it has none."""
 
 
 def ms() -> int:
@@ -138,6 +141,11 @@ class Core:
         self.live: dict[str, Run] = {}
         self.runs: dict[str, Run] = {}
         self.queue: deque[Run] = deque()
+        # Instances of limited workflows waiting for their key's slot (one
+        # server per store only: on a shared store they wait in the store).
+        self.gated: dict[str, Run] = {}
+        # The limits of the workflows that have them.
+        self.gates = {n: s.gate for n, s in self.workflows.items() if s.gate is not None}
         # Per instance, the lock control calls hold it with and its users
         # (see Controls.hold); retention fences idle instances with it too.
         self.locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -150,6 +158,11 @@ class Core:
         self.spawned: set[asyncio.Task[None]] = set()
         # Set by the engine: remember that an instance wakes at a time (ms).
         self.wake_at: Callable[[str, int], None] = lambda _id, _at: None
+        # Set by the engine: an event came for an instance (a child of it
+        # ended): its run looks at its inbox again, or it is woken.
+        self.poke: Callable[[str], None] = lambda _id: None
+        # Set by the engine: creates instances (step.child creates children).
+        self.admission: Admission
         # The error the last lease renewal failed with, while the store cannot
         # be reached (a shared store), so that an idle server reports it too.
         self.lease_fault: StoreError | None = None

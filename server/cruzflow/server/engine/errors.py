@@ -15,6 +15,7 @@ Three families, kept apart on purpose:
 from __future__ import annotations
 
 from cruzflow.sdk.errors import (
+    ChildWorkflowError,
     EventTimeoutError,
     NonRetryableError,
     StepFailedError,
@@ -24,6 +25,7 @@ from cruzflow.sdk.errors import (
 
 __all__ = [
     "AlreadyExists",
+    "ChildWorkflowError",
     "EventTimeoutError",
     "FailedPrecondition",
     "FatalWorkflowError",
@@ -36,6 +38,7 @@ __all__ = [
     "StepFailedError",
     "StepTimeoutError",
     "Suspend",
+    "Terminating",
     "Unavailable",
     "WorkflowError",
 ]
@@ -95,3 +98,8 @@ class NonDeterminismError(FatalWorkflowError):
 
 class Suspend(BaseException):
     """Unwinds ``run`` without recording anything (the server is stopping)."""
+
+
+class Terminating(BaseException):
+    """Unwinds ``run`` at its first step not yet done, once the instance was
+    terminated with rollback: its compensations run, then it ends terminated."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from cruzflow.server.records import (
     Batch,
     EventRecord,
+    Gate,
     InboxEvent,
     InstanceRecord,
     InstanceUpdate,
@@ -59,6 +60,7 @@ class Journal:
         on_durable: Callable[[list[EventRecord]], None],
         observer: Observer | None = None,
         on_fault: Callable[[StoreError | None], None] | None = None,
+        on_gates: Callable[[list[str], list[tuple[str, str, int]]], None] | None = None,
     ) -> None:
         self._store = store
         # The lease every batch is written under (fencing).
@@ -75,6 +77,9 @@ class Journal:
         self._dropping: StoreError | None = None
         self._observer = observer
         self._on_durable = on_durable
+        # Told, once a batch that opened concurrency gates is durable, which
+        # instances they let through and which keys a rate limit holds back.
+        self._on_gates = on_gates
         self._loop = asyncio.get_running_loop()
         self._batch = Batch()
         self._future: Durable = self._loop.create_future()
@@ -144,6 +149,35 @@ class Journal:
         durable.add_done_callback(done)
         return count
 
+    def gate(self, instance_id: str, workflow: str, gate: Gate) -> Durable:
+        """Open the gate of the instance's (workflow, key) as far as its limits
+        allow, in this batch's transaction (after its other writes)."""
+        batch = self._batch
+        batch.gates[workflow] = gate
+        batch.gate_ids.add(instance_id)
+        return self._touch()
+
+    def gate_key(self, workflow: str, key: str, gate: Gate) -> Durable:
+        """Open the gate of (workflow, key) as far as its limits allow."""
+        batch = self._batch
+        batch.gates[workflow] = gate
+        batch.gate_keys.add((workflow, key))
+        return self._touch()
+
+    def gate_hold(self, instance_id: str, workflow: str, gate: Gate) -> Durable:
+        """Store an existing instance as waiting for a slot again (it holds none),
+        and open its gate as far as the limits allow."""
+        self._batch.gate_hold.add(instance_id)
+        return self.gate(instance_id, workflow, gate)
+
+    def gate_sweep(self, gates: Mapping[str, Gate]) -> Durable:
+        """Open every gate that has instances waiting (at start: the commit that
+        would have let them through may have been lost with the server)."""
+        batch = self._batch
+        batch.gates.update(gates)
+        batch.gate_sweep = True
+        return self._touch()
+
     def _touch(self) -> Durable:
         self._wake.set()
         return self._future
@@ -186,6 +220,11 @@ class Journal:
                 events = [e for e in events if e.instance_id not in refused]
             if events:
                 self._on_durable(events)
+            if (batch.promoted or batch.gate_retry) and self._on_gates is not None:
+                try:
+                    self._on_gates(batch.promoted, batch.gate_retry)
+                except Exception:  # a listener's bug must not stop the writer
+                    log.exception("concurrency gate listener failed")
             future.set_result(refused)
 
     async def _commit(self, batch: Batch) -> tuple[float | BaseException, dict[str, Refusal]]:

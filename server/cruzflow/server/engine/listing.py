@@ -142,9 +142,11 @@ def _digest(q: InstanceQuery) -> str:
         q.created_max,
         q.lookup_key,
     ]
+    if q.parent_id is not None:
+        filters.append(q.parent_id)  # only then: tokens issued before it stay valid
     if q.schedule_id is not None:
         # Only when set: the tokens issued before the filter existed still hold.
-        filters.append(q.schedule_id)
+        filters.append(f"schedule:{q.schedule_id}")  # tagged: never a parent_id's
     text = json.dumps(filters, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -195,8 +197,8 @@ def decode_token(token: str, q: InstanceQuery, key: bytes) -> int:
     if digest != _digest(q):
         raise InvalidArgument(
             f"page_token: issued for other filters; send the same workflow, statuses, "
-            f"create_time_min, create_time_max, lookup_key and schedule_id as the call that returned it, "
-            f"or {_RESTART}"
+            f"create_time_min, create_time_max, lookup_key, parent_id and schedule_id as the "
+            f"call that returned it, or {_RESTART}"
         )
     return position
 

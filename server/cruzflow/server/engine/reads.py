@@ -152,6 +152,7 @@ class Reads:
         lookup_key: str = "",
         page_size: int = 0,
         page_token: str = "",
+        parent_id: str = "",
         schedule_id: str = "",
     ) -> tuple[list[InstanceRecord], str]:
         """A page of instances, newest first, and the token of the next page ("" on
@@ -165,6 +166,12 @@ class Reads:
             self._core.limits.max_lookup_key_length,
             schedule_id,
         )
+        if parent_id:
+            try:
+                self._core.check_id(parent_id)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"parent_id: {str(exc).partition(': ')[2]}") from None
+            query = dataclasses.replace(query, parent_id=parent_id)
         size = listing.page_size(page_size)
         # The store's own secret: a token survives restarts, and one altered or
         # made up by a caller fails its signature.

@@ -12,11 +12,13 @@ import logging
 from typing import Any
 
 from cruzflow.server.engine.core import Core, WorkflowSpec, ms
-from cruzflow.server.engine.errors import Suspend
+from cruzflow.server.engine.errors import Suspend, Terminating
 from cruzflow.server.engine.journal import Durable
 from cruzflow.server.records import (
+    CHILD_ENDED,
     EventKind,
     EventRecord,
+    InboxEvent,
     InstanceRecord,
     InstanceStatus,
     InstanceUpdate,
@@ -42,10 +44,11 @@ class Run:
     by a control call). At most one exists per instance: see ``Controls.hold``."""
 
     __slots__ = (
-        "busy", "claimed", "core", "created_at", "error", "held", "id", "idle", "last_write",
-        "next_index", "occurrences", "params", "pause_requested", "poked", "queued", "replay",
-        "replay_names", "resumed", "run_started_at", "seq", "span", "spec", "status", "strays",
-        "task", "trace_parent",
+        "abandon", "busy", "claimed", "compensations", "core", "created_at", "error", "gate",
+        "held", "id", "idle", "last_write", "next_index", "occurrences", "params", "parent_id",
+        "parked", "pause_requested", "poked", "pokes", "queued", "replay", "replay_names",
+        "resumed", "run_started_at", "seq", "span", "spec", "status", "stirred", "strays",
+        "task", "terminating", "trace_parent",
     )  # fmt: skip
 
     def __init__(
@@ -69,13 +72,18 @@ class Run:
         self.task: asyncio.Task[None] | None = None
         # A pause asked for while running: taken at the next step boundary.
         self.pause_requested = record.status == InstanceStatus.WAITING_FOR_PAUSE
-        # An event arrived for this instance while its run was in memory.
+        # An event arrived for this instance while its run was in memory; and
+        # how many have: a wait compares it with the count it saw when it last
+        # looked at what it waits for (see park).
         self.poked = False
+        self.pokes = 0
         # Inbox events this run has taken but whose taking is not yet durable.
         self.claimed: set[int] = set()
         self.queued = False
         self.held = 0
         self.trace_parent = record.trace_parent
+        # 0 while it waits for its concurrency key's slot (see Scheduler.enqueue).
+        self.gate = record.gate
         # The error this run ended the instance with, and its traceback, for the observer.
         self.error: tuple[str, str, str | None] | None = None
         # The observer's token for the run in memory (its span).
@@ -87,6 +95,17 @@ class Run:
         # and what a branch waiting at a boundary for them to end waits on.
         self.busy = 0
         self.idle: asyncio.Event | None = None
+        # Parallel branches waiting in memory while others run (see park):
+        # each one's wake time and the poke count it saw; and what they wait on.
+        self.parked: dict[asyncio.Task[Any] | None, tuple[int, int]] = {}
+        self.stirred: asyncio.Event | None = None
+        # The instance whose step.child started this one, told when it ends.
+        self.parent_id = record.parent_id
+        self.abandon = record.abandon
+        # The rollbacks of the steps that succeeded, registered as run() goes
+        # (replayed steps too), and whether a terminate with rollback unwinds it.
+        self.compensations: list[Any] = []
+        self.terminating = False
 
     @property
     def active(self) -> bool:
@@ -101,10 +120,18 @@ class Run:
         self.replay_names = None
         self.claimed = set()
         self.poked = False
+        self.compensations = []
 
-    def emit(self, kind: EventKind, data: dict[str, Any], payload: bytes | None = None) -> Durable:
+    def emit(
+        self,
+        kind: EventKind,
+        data: dict[str, Any],
+        payload: bytes | None = None,
+        at: int | None = None,
+    ) -> Durable:
         self.seq += 1
-        fut = self.core.journal.append(EventRecord(self.id, self.seq, ms(), kind, data, payload))
+        at = ms() if at is None else at
+        fut = self.core.journal.append(EventRecord(self.id, self.seq, at, kind, data, payload))
         self.last_write = fut
         return fut
 
@@ -129,6 +156,10 @@ class Run:
             self.error = None if error is None else (*error, traceback)
         self.status = status
         finished = status.finished
+        if finished and self.spec.gate is not None:
+            # Its key's slot frees in the same commit, and the next waiting
+            # instance of the key is let through in it.
+            self.core.journal.gate(self.id, self.spec.name, self.spec.gate)
         self.core.journal.update_instance(
             InstanceUpdate(
                 self.id, status, now, output,
@@ -141,7 +172,28 @@ class Run:
             data["err"] = [*error] if traceback is None else [*error, traceback]
         if wake_at is not None:
             data["wake"] = wake_at
-        return self.emit(EventKind.STATUS_CHANGED, data, output)
+        # The event carries the instance's own update time: a status built from
+        # it (WaitInstance) equals the stored one to the millisecond.
+        if finished and self.parent_id is not None:
+            return self._tell_parent(self.parent_id, now, data, output)
+        return self.emit(EventKind.STATUS_CHANGED, data, output, now)
+
+    def _tell_parent(
+        self, parent_id: str, now: int, data: dict[str, Any], output: bytes | None
+    ) -> Durable:
+        """A child's end: its parent's wake-up is stored in the same commit, so
+        a crash cannot lose it (the store also sets a waiting parent due, see
+        the stores' inbox trigger), and the parent is poked once it is durable."""
+        self.core.journal.add_inbox(InboxEvent(parent_id, CHILD_ENDED + self.id, b"null", now))
+        durable = self.emit(EventKind.STATUS_CHANGED, data, output, now)
+        poke = self.core.poke
+
+        def told(fut: Durable) -> None:
+            if not fut.cancelled() and fut.exception() is None:
+                poke(parent_id)
+
+        durable.add_done_callback(told)
+        return durable
 
     async def barrier(self) -> None:
         """Wait until every write of this instance so far is durable."""
@@ -210,7 +262,24 @@ class Run:
         task = asyncio.current_task()
         if task is not self.task and task is not None and task not in self.strays:
             self.strays.add(task)
-            task.add_done_callback(self.strays.discard)
+            task.add_done_callback(self._branch_ended)
+
+    def _branch_ended(self, task: asyncio.Task[Any]) -> None:
+        self.strays.discard(task)
+        if self.parked:
+            self._stir()  # the branches waiting in memory may be the last ones now
+
+    def poke(self) -> None:
+        """An event came for this instance: its waits look again."""
+        self.poked = True
+        self.pokes += 1
+        self._stir()
+
+    def _stir(self) -> None:
+        """Wake the branches waiting in memory, to look again."""
+        if self.stirred is not None:
+            self.stirred.set()
+            self.stirred = None
 
     async def cut_strays(self) -> None:
         """Cancel the parallel branches still in a step once run() has ended
@@ -237,6 +306,8 @@ class Run:
         await self.barrier()
         if self.core.stopping:
             raise Suspend()
+        if self.terminating:
+            raise Terminating()
         if self.pause_requested:
             while self.busy and self.pause_requested and not self.core.stopping:
                 if self.idle is None or self.idle.is_set():
@@ -252,23 +323,58 @@ class Run:
         if self.status == InstanceStatus.PAUSED:
             raise Suspend()  # another branch took the pause while this one waited
 
-    async def park(self, wake_at: int) -> None:
+    async def _wait_in_memory(
+        self, task: asyncio.Task[Any] | None, wake_at: int, seen: int
+    ) -> None:
+        """Wait until ``wake_at``, a poke, another branch's end, or a stop."""
+        if self.stirred is None:
+            self.stirred = asyncio.Event()
+        waits = [
+            asyncio.ensure_future(self.stirred.wait()),
+            asyncio.ensure_future(self.core.stopped.wait()),
+        ]
+        self.parked[task] = (wake_at, seen)
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, (wake_at - ms()) / 1000),
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            del self.parked[task]
+            for wait in waits:
+                wait.cancel()
+        if self.core.stopping:
+            raise Suspend()
+
+    async def park(self, wake_at: int, seen: int) -> None:
         """Leave memory until ``wake_at`` (or an event); the run replays then.
 
-        Returns instead if an event arrived meanwhile, so the caller re-checks.
-        A pause asked for on the way here is taken instead of parking.
+        ``seen`` is the poke count when the caller last looked at what it
+        waits for. Returns instead if an event arrived since, so the caller
+        looks again. A pause asked for on the way here is taken instead.
+
+        A parallel branch waits in memory while other branches run; the last
+        one to wait parks the run, until the soonest of their wake times.
         """
         if self.pause_requested:
             await self.enter_step()
+        if self.pokes != seen:
+            return
+        current = asyncio.current_task()
+        if any(t is not current and not t.done() and t not in self.parked for t in self.strays):
+            await self._wait_in_memory(current, wake_at, seen)
+            return
+        # Any event since the earliest look of a waiting branch wakes the run.
+        floor = min([seen, *(s for _, s in self.parked.values())])
+        wake_at = min([wake_at, *(w for w, _ in self.parked.values())])
         self.set_status(InstanceStatus.WAITING, wake_at=wake_at)
         await self.barrier()
         if self.pause_requested:
             # Asked for while the park was committing: it leaves paused
             # (Scheduler.settle), not waiting; a resume replays the wait.
             raise Suspend()
-        if self.poked or (not self.core.stopping and wake_at <= ms()):
+        if self.pokes != floor or (not self.core.stopping and wake_at <= ms()):
             await self.reclaim()
             self.set_status(InstanceStatus.RUNNING)
+            self._stir()
             return
         if self.core.observer is not None:
             self.core.observer.parked(self.span, wake_at)

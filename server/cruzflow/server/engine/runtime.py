@@ -26,7 +26,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
-from cruzflow.server.engine.admission import Admission
+from cruzflow.server.engine.admission import Admission, NewInstance
 from cruzflow.server.engine.controls import Controls
 from cruzflow.server.engine.core import Core, Limits, WorkflowSpec
 from cruzflow.server.engine.hooks import EngineHooks
@@ -73,6 +73,8 @@ class Engine:
         self.retention = Retention(core)
         self.schedules = Schedules(core, self.admission, schedules)
         core.wake_at = self.timers.schedule
+        core.poke = self.controls.poke
+        core.admission = self.admission
         self.timers.on_due = self.controls.wake
         self.scheduler.wake = self.controls.wake
         self.scheduler.serve_commands = self.controls.serve_commands
@@ -95,6 +97,7 @@ class Engine:
             core.hub.publish,
             core.observer,
             on_fault=lambda _: self._tell_store_fault(),
+            on_gates=self.scheduler.let_through,
         )
         core.journal.start()
         if core.observer is not None:
@@ -102,6 +105,14 @@ class Engine:
                 core.observer.census(status, count)
         core.store.subscribe(self.scheduler.heard)
         await self.scheduler.claim()
+        # Instances left waiting for a concurrency slot: the commit that would
+        # have let them through may have been lost with the last server, and a
+        # workflow may have lost its limits (then all of them go through).
+        # Done before anything else is taken, so it is one commit of its own.
+        try:
+            await core.journal.gate_sweep(core.gates)
+        except Exception as exc:  # the journal logged why; the next start looks again
+            log.warning("opening the concurrency gates at start failed (%s)", exc)
         await self.schedules.start()
         self._background.append(asyncio.create_task(self.timers.loop(), name="cruzflow-timers"))
         period = core.store.lease_period_s
@@ -206,13 +217,16 @@ class Engine:
         instance_id: str = "",
         params: str | bytes = b"",
         lookup_key: str = "",
+        priority: int = 0,
+        concurrency_key: str = "",
     ) -> tuple[str, InstanceStatus]:
-        """Store a new instance durably and schedule it; returns its id and status."""
-        return await self.admission.create(workflow, instance_id, params, lookup_key)
+        """Store a new instance durably and schedule it; returns its id and status.
+        ``priority`` and ``concurrency_key`` matter to a workflow with limits."""
+        return await self.admission.create(
+            workflow, instance_id, params, lookup_key, priority, concurrency_key
+        )
 
-    async def create_many(
-        self, requests: list[tuple[str, str, str | bytes, str]]
-    ) -> list[tuple[str, InstanceStatus]]:
+    async def create_many(self, requests: list[NewInstance]) -> list[tuple[str, InstanceStatus]]:
         """Store new instances in one transaction, all of them or none (see
         ``Admission.create_many``)."""
         return await self.admission.create_many(requests)
@@ -240,19 +254,14 @@ class Engine:
         lookup_key: str = "",
         page_size: int = 0,
         page_token: str = "",
+        parent_id: str = "",
         schedule_id: str = "",
     ) -> tuple[list[InstanceRecord], str]:
         """A page of instances, newest first, and the token of the next page."""
         return await self.reads.list_instances(
-            workflow,
-            statuses,
-            created_min,
-            created_max,
-            lookup_key,
-            page_size,
-            page_token,
-            schedule_id,
-        )
+            workflow, statuses, created_min, created_max, lookup_key, page_size, page_token,
+            parent_id, schedule_id,
+        )  # fmt: skip
 
     async def count_instances(
         self,
@@ -272,8 +281,8 @@ class Engine:
     async def resume(self, instance_id: str) -> InstanceStatus:
         return await self.controls.resume(instance_id)
 
-    async def terminate(self, instance_id: str) -> InstanceStatus:
-        return await self.controls.terminate(instance_id)
+    async def terminate(self, instance_id: str, rollback: bool = False) -> InstanceStatus:
+        return await self.controls.terminate(instance_id, rollback)
 
     async def restart(self, instance_id: str) -> InstanceStatus:
         """Run again from scratch: same id and params, step results cleared."""

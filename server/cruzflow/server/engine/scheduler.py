@@ -5,6 +5,10 @@ server (``claim``: at start every unfinished one; with several servers on
 one database, those no live lease holds), starts up to
 ``max_running_instances`` and queues the rest, drives each run of
 ``run()`` (``drive``), and settles an instance's handle when its run ends.
+
+An instance of a workflow with a concurrency or rate limit waits at its
+key's gate before that: the store lets it through in the commit that creates
+it or finishes another (``Journal.gate``), and ``let_through`` starts it.
 """
 
 from __future__ import annotations
@@ -13,20 +17,33 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
 from cruzflow.sdk.api import WorkflowEvent
 from cruzflow.sdk.step import WorkflowStep
-from cruzflow.server.engine.core import Core
-from cruzflow.server.engine.errors import FatalWorkflowError, StepFailedError, Suspend
+from cruzflow.server.engine.core import Core, ms
+from cruzflow.server.engine.errors import (
+    FatalWorkflowError,
+    StepFailedError,
+    Suspend,
+    Terminating,
+)
 from cruzflow.server.engine.journal import Durable
 from cruzflow.server.engine.run import Run, about
 from cruzflow.server.engine.steps import StepRunner, to_json
 from cruzflow.server.engine.timers import Timers
 from cruzflow.server.engine.tracebacks import format_error
-from cruzflow.server.records import InstanceStatus, Notice, NoticeKind
+from cruzflow.server.records import (
+    TERMINATE_STEP,
+    UNGATED,
+    InstanceStatus,
+    Notice,
+    NoticeKind,
+    StepStatus,
+)
 from cruzflow.server.store.base import StoreError
 
 log = logging.getLogger("cruzflow.engine")
@@ -50,6 +67,8 @@ class Scheduler:
         # cut short by the slots this server had free).
         self._runnable = asyncio.Event()
         self._maybe_waiting = False
+        # Keys a rate limit holds back: when their gate is opened again.
+        self._gate_timers: dict[tuple[str, str], tuple[int, asyncio.TimerHandle]] = {}
 
     def free_slots(self) -> int:
         core = self._core
@@ -81,6 +100,11 @@ class Scheduler:
             run = Run(self._core, record, spec, resumed=True)
             run.queued = True
             self._core.live[run.id] = run
+            if record.gate == 0:
+                # Waits for its key's slot (one server: the engine's start
+                # opens every gate that has instances waiting).
+                self._core.gated[run.id] = run
+                continue
             self._core.queue.append(run)
             resumed += 1
         for name, count in missing.items():
@@ -108,8 +132,10 @@ class Scheduler:
             elif notice.kind is NoticeKind.RUNNABLE and not core.stopping:
                 run = core.live.get(notice.instance_id)
                 if run is not None and run.active:
-                    run.poked = True  # its wait looks at its inbox again
-                elif run is None and self.wake is not None:
+                    run.poke()  # its wait looks at its inbox again
+                elif (run is None or not run.queued) and self.wake is not None:
+                    # Parked, or just parking (its handle not yet released):
+                    # the wake-up takes it if it is stored waiting.
                     core.spawn(self.wake(notice.instance_id))
                 self._maybe_waiting = True
                 self._runnable.set()
@@ -133,6 +159,10 @@ class Scheduler:
                     await self.claim()
                 except StoreError as exc:
                     log.warning("claiming runnable instances failed (%s); trying again", exc)
+            if any(g.starts is not None for g in self._core.gates.values()):
+                # A rate limit's window moves on by time alone, and the server
+                # that would have opened the gate then may have died.
+                self._core.journal.gate_sweep(self._core.gates)
 
     async def keep_lease(self, period: float) -> None:
         """Shared store: renew this server's lease three times a period. Once it
@@ -208,7 +238,10 @@ class Scheduler:
             self._runnable.set()
 
     def enqueue(self, run: Run, announce: bool = False) -> Durable | None:
-        """Start a run now if a slot is free, else queue it; record the status."""
+        """Start a run now if a slot is free, else queue it; record the status.
+        One waiting for its concurrency key's slot waits for that first."""
+        if run.gate == 0:
+            return self._hold_at_gate(run)
         start = (
             not self._core.queue and len(self._core.runs) < self._core.limits.max_running_instances
         )
@@ -222,9 +255,57 @@ class Scheduler:
             self._core.queue.append(run)
         return durable
 
+    def _hold_at_gate(self, run: Run) -> Durable:
+        """Store the run queued, waiting for its key's slot (resumed, or restarted
+        once finished), and open the gate as far as the limits allow."""
+        core = self._core
+        durable = run.set_status(InstanceStatus.QUEUED)
+        core.journal.gate_hold(run.id, run.spec.name, run.spec.gate or UNGATED)
+        if not core.shared:
+            # On a shared store it waits there, free for any server once let through.
+            core.live[run.id] = run
+            run.queued = True
+            core.gated[run.id] = run
+        return durable
+
+    def let_through(self, promoted: list[str], retry: list[tuple[str, str, int]]) -> None:
+        """A commit opened concurrency gates: start (or queue for a server slot)
+        the instances it let through; look again at the keys a rate limit held
+        back when their window has moved on."""
+        core = self._core
+        if core.shared:
+            if promoted:
+                # Stored unowned: whichever server has a slot takes them (the
+                # store told the others), this one included.
+                self.runnable_elsewhere()
+        else:
+            for instance_id in promoted:
+                run = core.gated.pop(instance_id, None)
+                if run is None or core.stopping:
+                    continue  # held by a control call; or it resumes at the next start
+                run.queued = False
+                run.gate = 1
+                self.enqueue(run)
+        loop = asyncio.get_running_loop()
+        for workflow, key, at in retry:
+            known = self._gate_timers.get((workflow, key))
+            if known is not None:
+                if known[0] <= at:
+                    continue
+                known[1].cancel()
+            handle = loop.call_later(max(0, at - ms()) / 1000, self._gate_due, workflow, key)
+            self._gate_timers[(workflow, key)] = (at, handle)
+
+    def _gate_due(self, workflow: str, key: str) -> None:
+        self._gate_timers.pop((workflow, key), None)
+        if not self._core.stopping:
+            gate = self._core.gates.get(workflow, UNGATED)
+            self._core.journal.gate_key(workflow, key, gate)
+
     def dequeue(self, run: Run) -> None:
         if run.queued:
-            self._core.queue.remove(run)
+            if self._core.gated.pop(run.id, None) is None:
+                self._core.queue.remove(run)
             run.queued = False
 
     def settle(self, run: Run) -> None:
@@ -292,14 +373,40 @@ class Scheduler:
         if run.task is asyncio.current_task():
             run.set_status(status, output, error, traceback=traceback)
 
+    async def _roll_back(self, run: Run, runner: StepRunner, name: str, message: str) -> bool:
+        """Run the compensations the run registered (none: nothing to do). False
+        when the run was unwound meanwhile (a stop, a pause): it stays as
+        stored, and rolls back again from its records when it runs again."""
+        if not run.compensations:
+            return True
+        run.terminating = False  # the compensations' own steps pass their boundaries
+        try:
+            failed = await runner.roll_back(name, message)
+        except (Suspend, asyncio.CancelledError):
+            return False
+        except FatalWorkflowError as exc:
+            log.error("instance %s: its rollback stopped: %s", run.id, exc, extra=about(run))
+            return True
+        if failed:
+            log.warning(
+                "instance %s: the rollback of step(s) %s failed",
+                run.id, ", ".join(repr(f) for f in failed), extra=about(run),
+            )  # fmt: skip
+        return True
+
     async def drive(self, run: Run) -> None:
         observer = self._core.observer
         if observer is not None:
             run.span = observer.run_started(run.spec.name, run.id, run.trace_parent, run.created_at)
+        runner = StepRunner(self._core, run)
+        marker = None
         try:
             if run.resumed:
                 run.replay = {s.index: s for s in await self._core.store.get_steps(run.id)}
                 run.replay_names = None
+                # A terminate with rollback asked for, and not yet done.
+                marker = run.replay.pop(TERMINATE_STEP, None)
+                run.terminating = marker is not None and marker.status is StepStatus.RUNNING
             workflow = run.spec.cls(self._core.env)
             event = WorkflowEvent(
                 payload=json.loads(run.params),
@@ -307,7 +414,7 @@ class Scheduler:
                 instance_id=run.id,
             )
             try:
-                result = await workflow.run(event, WorkflowStep(StepRunner(self._core, run)))
+                result = await workflow.run(event, WorkflowStep(runner))
             finally:
                 # Parallel steps run() left behind end with it, before its end is written.
                 await run.cut_strays()
@@ -341,12 +448,19 @@ class Scheduler:
                 "instance %s errored: step %r failed: %s: %s",
                 run.id, exc.step_name, exc.error_name, exc.error_message, extra=about(run),
             )  # fmt: skip
-            self.finish(
-                run,
-                InstanceStatus.ERRORED,
-                error=(exc.error_name, exc.error_message),
-                traceback=exc.error_traceback,
-            )
+            if await self._roll_back(run, runner, exc.error_name, exc.error_message):
+                self.finish(
+                    run,
+                    InstanceStatus.ERRORED,
+                    error=(exc.error_name, exc.error_message),
+                    traceback=exc.error_traceback,
+                )
+        except Terminating:
+            if await self._roll_back(run, runner, "Terminated", "terminated with rollback"):
+                if marker is not None:
+                    marker.status, marker.ended_at = StepStatus.SUCCEEDED, int(time.time() * 1000)
+                    run.put_step(marker)
+                self.finish(run, InstanceStatus.TERMINATED)
         except FatalWorkflowError as exc:
             where = format_error(exc)
             log.error("instance %s failed: %s", run.id, exc, extra=about(run, traceback=where))
@@ -364,9 +478,11 @@ class Scheduler:
                 "instance %s errored: run() raised %s: %s",
                 run.id, type(exc).__name__, exc, extra=about(run, traceback=where),
             )  # fmt: skip
-            self.finish(
-                run, InstanceStatus.ERRORED, error=(type(exc).__name__, str(exc)), traceback=where
-            )
+            if await self._roll_back(run, runner, type(exc).__name__, str(exc)):
+                self.finish(
+                    run, InstanceStatus.ERRORED, error=(type(exc).__name__, str(exc)),
+                    traceback=where,
+                )  # fmt: skip
         finally:
             if observer is not None:
                 observer.run_ended(run.span, run.status, len(run.replay or ()), run.error)

@@ -242,7 +242,7 @@ class Schedules:
         cron = Cron(spec.cron, spec.timezone or "UTC")
         # The workflow and params as CreateInstance checks them (with an id of
         # the schedule's, so that the id is checked too).
-        _, params = self._admission.check_new(
+        _, params, _ = self._admission.check_new(
             spec.workflow, trigger_instance_id(spec.id, ms()), spec.params, ""
         )
         return cron, params

@@ -9,6 +9,7 @@ step's row and events into the journal's open batch.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import json
 import logging
@@ -18,13 +19,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from cruzflow.sdk.api import StepContext
+from cruzflow.sdk.api import RollbackContext, StepContext
 from cruzflow.sdk.retries import StepPolicy
 from cruzflow.server.engine.errors import (
+    ChildWorkflowError,
     EventTimeoutError,
     FatalWorkflowError,
     NonDeterminismError,
     NonRetryableError,
+    ServiceError,
     StepFailedError,
     StepTimeoutError,
     Suspend,
@@ -32,7 +35,15 @@ from cruzflow.server.engine.errors import (
 from cruzflow.server.engine.scope import StepScope, current_step
 from cruzflow.server.engine.tracebacks import format_error
 from cruzflow.server.engine.validate import has_control
-from cruzflow.server.records import EventKind, StepKind, StepRecord, StepStatus
+from cruzflow.server.records import (
+    CHILD_ENDED,
+    RESERVED_EVENT_PREFIX,
+    EventKind,
+    InstanceStatus,
+    StepKind,
+    StepRecord,
+    StepStatus,
+)
 
 if TYPE_CHECKING:
     from cruzflow.server.engine.core import Core
@@ -151,6 +162,47 @@ def _ms() -> int:
     return int(time.time() * 1000)
 
 
+# How long a parent waits for a child's end before it looks again by itself:
+# a safety net for a wake-up lost with a server (it is normally woken at once).
+_CHILD_RECHECK_MS = 3_600_000
+
+
+@dataclass(slots=True)
+class _Compensation:
+    """A succeeded step's rollback, waiting for the instance to fail."""
+
+    index: int
+    name: str
+    occurrence: int
+    output: bytes | None
+    fn: Callable[..., Any]
+    policy: StepPolicy
+
+
+def _undo(comp: _Compensation, error_name: str, error_message: str, instance_id: str) -> Any:
+    """The body of a compensation's step: its rollback callback, given what it
+    undoes (a RollbackContext) if it takes an argument."""
+
+    async def body(ctx: StepContext) -> None:
+        output = json.loads(comp.output) if comp.output is not None else None
+        info = RollbackContext(
+            comp.name, comp.occurrence, output, error_name, error_message, ctx.attempt, instance_id
+        )
+        result = comp.fn(info) if _takes_context(comp.fn) else comp.fn()
+        if inspect.isawaitable(result):
+            await result
+
+    return body
+
+
+def _child_id(run: Run, name: str, occurrence: int) -> str:
+    """A child's id: the parent's, then a digest of the parent's id, its
+    current run's start and the step, so a replay derives the same one and a
+    restarted parent new ones."""
+    seed = f"{run.id}\0{run.run_started_at}\0{name}\0{occurrence}".encode()
+    return f"{run.id[:60]}-{hashlib.sha256(seed).hexdigest()[:24]}"
+
+
 class StepRunner:
     """Runs the steps of one run in memory (the ``StepRuntime`` that
     ``cruzflow.sdk.step.WorkflowStep`` calls): replays what is stored, runs
@@ -162,16 +214,28 @@ class StepRunner:
         self._core = core
         self._run = run
 
-    async def do(self, name: str, fn: Callable[..., Any], policy: StepPolicy) -> Any:
-        """One ``step.do``: its stored result on a replay, else its attempts."""
+    async def do(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        policy: StepPolicy,
+        rollback: tuple[Callable[..., Any], StepPolicy] | None = None,
+        kind: StepKind = StepKind.DO,
+    ) -> Any:
+        """One ``step.do``: its stored result on a replay, else its attempts.
+        Once it succeeded, its ``rollback`` is registered with the run."""
         run = self._run
         core = self._core
-        slot, stored = self._next(name, StepKind.DO)
+        slot, stored = self._next(name, kind)
 
         attempt = 0
         next_at: int | None = None
         if stored is not None:
             if stored.status is StepStatus.SUCCEEDED:
+                if rollback is not None:
+                    run.compensations.append(
+                        _Compensation(slot.index, name, slot.occurrence, stored.output, *rollback)
+                    )
                 return json.loads(stored.output) if stored.output is not None else None
             if stored.status is StepStatus.FAILED:
                 raise StepFailedError(
@@ -276,6 +340,10 @@ class StepRunner:
                     observer.attempt_ended(span, outcome, (error_name, error_message), retry)
             if output is not None:
                 slot.succeed(attempt, output)
+                if rollback is not None:
+                    run.compensations.append(
+                        _Compensation(slot.index, name, slot.occurrence, output, *rollback)
+                    )
                 # Round-trip through JSON so a replay returns exactly the same value.
                 return json.loads(output)
             if last:
@@ -296,7 +364,9 @@ class StepRunner:
         """Take the next step slot, and what replay recorded there."""
         run = self._run
         limits = self._core.limits
-        if not isinstance(name, str) or not name or len(name) > limits.max_step_name_length:
+        if kind is StepKind.ROLLBACK:
+            pass  # named after a step that passed this check
+        elif not isinstance(name, str) or not name or len(name) > limits.max_step_name_length:
             raise ValueError(
                 f"step name must be a non-empty string of at most "
                 f"{limits.max_step_name_length} characters, got {name!r:.80}"
@@ -353,7 +423,7 @@ class StepRunner:
             slot.record(StepStatus.RUNNING, 1, next_attempt_at=due)
             slot.emit(EventKind.STEP_STARTED, 1)
         while due > _ms():
-            await run.park(due)
+            await run.park(due, run.pokes)
         slot.succeed(1, b"null", next_attempt_at=due)
         if self._core.observer is not None:
             self._core.observer.waited(
@@ -386,11 +456,11 @@ class StepRunner:
                 f"step.wait_for_event: type must be a string of 1 to {limit} characters, "
                 f"got {type!r:.80}"
             )
-        if has_control(type):
+        if has_control(type) or type.startswith(RESERVED_EVENT_PREFIX):
             # SendEvent refuses such types, so this wait could never be answered.
             raise ValueError(
-                f"step.wait_for_event: type {type!r:.80} holds a control character; "
-                f"use printable characters only"
+                f"step.wait_for_event: type {type!r:.80} holds a control character or starts "
+                f"with {RESERVED_EVENT_PREFIX!r} (the engine's own types); name it otherwise"
             )
         slot.event_type = type
         await run.enter_step()
@@ -408,7 +478,7 @@ class StepRunner:
             slot.record(StepStatus.RUNNING, 1, next_attempt_at=deadline)
             slot.emit(EventKind.STEP_STARTED, 1)
         while True:
-            run.poked = False
+            seen = run.pokes
             event = await core.take_event(run, type)
             if event is not None:
                 output = to_json({
@@ -434,8 +504,120 @@ class StepRunner:
                     )  # fmt: skip
                 await slot.fail(1, "EventTimeoutError", message)
                 raise EventTimeoutError(name, "EventTimeoutError", message)
-            if not run.poked:
-                await run.park(deadline)
+            await run.park(deadline, seen)
+
+    async def roll_back(self, error_name: str, error_message: str) -> list[str]:
+        """Run the registered compensations, the last-started step's first, each
+        a durable step of its own ("rollback:NAME", kind ROLLBACK) with its
+        retries; one that fails for good does not stop the others. Returns
+        the names of the steps whose rollback failed."""
+        run = self._run
+        failed: list[str] = []
+        for comp in sorted(run.compensations, key=lambda c: c.index, reverse=True):
+            body = _undo(comp, error_name, error_message, run.id)
+            try:
+                await self.do(f"rollback:{comp.name}", body, comp.policy, kind=StepKind.ROLLBACK)
+            except StepFailedError:
+                failed.append(comp.name)
+        return failed
+
+    async def child(
+        self,
+        name: str,
+        workflow: str,
+        params: Any,
+        instance_id: str | None,
+        lookup_key: str | None,
+        abandon: bool,
+    ) -> Any:
+        """One ``step.child``: the child is created in the commit that records the
+        step (so exactly once), then its end is waited for parked; its output is
+        the step's result, its error or termination a ChildWorkflowError."""
+        run = self._run
+        core = self._core
+        slot, stored = self._next(name, StepKind.CHILD)
+        if stored is not None:
+            if stored.status is StepStatus.SUCCEEDED:
+                return json.loads(stored.output or b"null")
+            if stored.status is StepStatus.FAILED:
+                raise ChildWorkflowError(
+                    name, stored.error_name or "", stored.error_message or "",
+                    stored.event_type or "",
+                )  # fmt: skip
+        await run.enter_step()
+        if stored is not None and stored.event_type:
+            child_id, slot.started_at = stored.event_type, stored.started_at
+            slot.event_type = child_id
+        else:
+            child_id = instance_id or _child_id(run, name, slot.occurrence)
+            await self._create_child(slot, child_id, workflow, params, lookup_key, abandon)
+        wake_up = CHILD_ENDED + child_id
+        while True:
+            seen = run.pokes
+            child = await core.store.get_instance(child_id)
+            if child is None or child.parent_id != run.id:
+                message = (
+                    f"child instance {child_id!r} is gone (purged by retention before this "
+                    f"instance saw its end)"
+                    if child is None
+                    else f"instance {child_id!r} was not started by this step; give step.child "
+                    f"an id no other instance has, or none"
+                )
+                await slot.fail(1, "ChildWorkflowError", message)
+                raise ChildWorkflowError(name, "ChildWorkflowError", message, child_id)
+            if child.status.finished:
+                event = await core.take_event(run, wake_up)
+                if event is not None:
+                    core.journal.consume(run.id, event.id, slot.index)
+                if child.status is InstanceStatus.COMPLETE:
+                    output = child.output or b"null"
+                    slot.succeed(1, output)
+                    return json.loads(output)
+                how = child.status.label
+                if child.status is InstanceStatus.ERRORED:
+                    how += f": {child.error_name}: {child.error_message}"
+                message = f"child instance {child_id!r} ({child.workflow}) {how}"
+                await slot.fail(1, "ChildWorkflowError", message)
+                raise ChildWorkflowError(name, "ChildWorkflowError", message, child_id)
+            # Woken by the child's end (see Run._tell_parent); the recheck is
+            # a safety net only, for a wake-up lost with a server.
+            await run.park(_ms() + _CHILD_RECHECK_MS, seen)
+
+    async def _create_child(
+        self,
+        slot: _Slot,
+        child_id: str,
+        workflow: str,
+        params: Any,
+        lookup_key: str | None,
+        abandon: bool,
+    ) -> None:
+        """Create the child in the same commit as the step's first row."""
+        run = self._run
+        core = self._core
+        admission = core.admission
+        try:
+            params_json = to_json(params)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"step.child({slot.name!r}): params are not JSON ({exc})") from None
+        try:
+            spec, params_bytes, key = admission.check_new(
+                workflow, child_id, params_json, lookup_key or ""
+            )
+            await admission.reserve_id(child_id)
+        except ServiceError as exc:
+            raise ValueError(f"step.child({slot.name!r}): {exc}") from None
+        try:
+            slot.started_at = _ms()
+            slot.event_type = child_id
+            _, durable = admission.admit(
+                spec, child_id, params_bytes, lookup_key or "", parent=(run.id, abandon), key=key
+            )
+            slot.record(StepStatus.RUNNING, 1)
+            slot.emit(EventKind.STEP_STARTED, 1)
+        finally:
+            admission.release_id(child_id)
+        await core.durable(durable, "the child instance could not be stored", child_id)
 
     async def _attempt(
         self,

@@ -28,6 +28,7 @@ import json
 import logging
 import secrets
 import socket
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable
@@ -70,6 +71,8 @@ _FINISHED = "6, 7, 8"
 # Held by this lock while migrating: several servers starting at once migrate
 # one after the other (the later ones find the schema current).
 _MIGRATION_LOCK = 0x63727A666C6F77  # "crzflow"
+# The first key of the advisory locks that serialize a workflow's gate openings.
+_GATE_LOCK = 0x67617465  # "gate"
 # A notification's payload must stay under 8,000 bytes: larger batches are
 # told in several, still in the batch's one transaction.
 _NOTIFY_BYTES = 7000
@@ -100,122 +103,26 @@ def _prefixed(alias: str) -> str:
 # A lease is alive while its row says so, by the database's clock.
 _LIVE = "EXISTS (SELECT 1 FROM servers s WHERE s.epoch = {0} AND s.expires_at > clock_timestamp())"
 
-# Each entry moves the schema one version up; never edit a released one.
-MIGRATIONS: list[str] = [
-    f"""
-    CREATE TABLE meta (
-        key text PRIMARY KEY,
-        value bytea NOT NULL
-    );
-    -- One row per lease. The last batch applied under it is remembered, so a
-    -- batch retried after the reply to its commit was lost is not applied twice.
-    CREATE TABLE servers (
-        epoch bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        owner text NOT NULL,
-        expires_at timestamptz NOT NULL,
-        batch_token uuid,
-        batch_result jsonb
-    );
-    CREATE TABLE instances (
-        pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        id text NOT NULL UNIQUE,
-        workflow text NOT NULL,
-        status smallint NOT NULL,
-        params bytea NOT NULL,
-        output bytea,
-        error_name text,
-        error_message text,
-        error_traceback text,
-        created_at bigint NOT NULL,
-        updated_at bigint NOT NULL,
-        ended_at bigint,
-        lookup_key text,
-        wake_at bigint,
-        trace_parent text,
-        run_started_at bigint,
-        -- The lease that holds the instance, or NULL.
-        owner text,
-        epoch bigint
-    );
-    -- What claim takes: runnable instances no lease holds, oldest first ...
-    CREATE INDEX instances_claimable ON instances (pk)
-        WHERE status IN ({_RUNNABLE}) AND epoch IS NULL;
-    -- ... and those of dead leases; release frees its own by this index too.
-    CREATE INDEX instances_held ON instances (epoch) WHERE epoch IS NOT NULL;
-    -- When a WAITING instance resumes by itself (sleep end, event timeout).
-    CREATE INDEX instances_waking ON instances (wake_at) WHERE wake_at IS NOT NULL;
-    -- Listing, newest first (pk order is creation order), by each filter.
-    CREATE INDEX instances_by_workflow ON instances (workflow, pk);
-    CREATE INDEX instances_by_status ON instances (status, pk);
-    CREATE INDEX instances_by_lookup ON instances (lookup_key, pk) WHERE lookup_key IS NOT NULL;
-    -- Retention: finished instances by when they ended.
-    CREATE INDEX instances_ended ON instances (ended_at) WHERE ended_at IS NOT NULL;
-    CREATE TABLE steps (
-        instance_id text NOT NULL,
-        idx integer NOT NULL,
-        name text NOT NULL,
-        occurrence integer NOT NULL,
-        status smallint NOT NULL,
-        attempts integer NOT NULL,
-        started_at bigint NOT NULL,
-        ended_at bigint,
-        output bytea,
-        error_name text,
-        error_message text,
-        next_attempt_at bigint,
-        kind smallint NOT NULL DEFAULT 1,
-        event_type text,
-        error_traceback text,
-        PRIMARY KEY (instance_id, idx)
-    );
-    CREATE TABLE events (
-        instance_id text NOT NULL,
-        seq bigint NOT NULL,
-        at bigint NOT NULL,
-        kind smallint NOT NULL,
-        data jsonb NOT NULL,
-        payload bytea,
-        PRIMARY KEY (instance_id, seq)
-    );
-    CREATE TABLE inbox (
-        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        instance_id text NOT NULL,
-        type text NOT NULL,
-        payload bytea NOT NULL,
-        at bigint NOT NULL,
-        trace_parent text,
-        consumed_by integer
-    );
-    CREATE INDEX inbox_pending ON inbox (instance_id, type, id) WHERE consumed_by IS NULL;
-    CREATE INDEX inbox_by_instance ON inbox (instance_id);
+# Columns of a new instance added after the first schema (see _apply_function).
+_LINK_COLUMNS = (("parent_id", "text"), ("abandon", "boolean"))
 
-    -- Tell the other servers: items are JSON arrays [kind, instance id, seq],
-    -- sent as {{"from": epoch, "n": [items]}} in payloads under the limit.
-    CREATE FUNCTION cruzflow_notify(sender bigint, items text[]) RETURNS void
-    LANGUAGE plpgsql AS $$
-    DECLARE
-        chunk text := '';
-        item text;
-    BEGIN
-        FOREACH item IN ARRAY items LOOP
-            IF chunk <> '' AND octet_length(chunk) + octet_length(item) > {_NOTIFY_BYTES} THEN
-                PERFORM pg_notify('{CHANNEL}', '{{"from":' || sender || ',"n":[' || chunk || ']}}');
-                chunk := '';
-            END IF;
-            chunk := CASE WHEN chunk = '' THEN item ELSE chunk || ',' || item END;
-        END LOOP;
-        IF chunk <> '' THEN
-            PERFORM pg_notify('{CHANNEL}', '{{"from":' || sender || ',"n":[' || chunk || ']}}');
-        END IF;
-    END $$;
 
-    -- One batch, in the caller's one statement: see PostgresStore.apply.
+def _apply_function(extra: tuple[tuple[str, str], ...] = ()) -> str:
+    """cruzflow_apply's definition, its new instances carrying the ``extra``
+    columns (name, type) beyond those of the first schema. Each migration that
+    adds such a column redefines the function with them all; the first
+    migration's is the one without."""
+    n_args = "".join(f"\n        n_{name} {kind}[]," for name, kind in extra)
+    cols = "".join(f", {name}" for name, _ in extra)
+    n_cols = "".join(f", n.{name}" for name, _ in extra)
+    n_arrays = "".join(f", n_{name}" for name, _ in extra)
+    return f"""    -- One batch, in the caller's one statement: see PostgresStore.apply.
     CREATE FUNCTION cruzflow_apply(
         lease_owner text, lease_epoch bigint, token uuid,
         n_id text[], n_workflow text[], n_status smallint[], n_params bytea[],
         n_output bytea[], n_error_name text[], n_error_message text[], n_created_at bigint[],
         n_updated_at bigint[], n_ended_at bigint[], n_lookup_key text[], n_wake_at bigint[],
-        n_trace_parent text[], n_error_traceback text[], n_run_started_at bigint[],
+        n_trace_parent text[], n_error_traceback text[], n_run_started_at bigint[],{n_args}
         u_id text[], u_status smallint[], u_updated_at bigint[], u_output bytea[],
         u_error_name text[], u_error_message text[], u_ended_at bigint[], u_wake_at bigint[],
         u_error_traceback text[], u_run_started_at bigint[],
@@ -286,18 +193,18 @@ MIGRATIONS: list[str] = [
         WITH ins AS (
             INSERT INTO instances (id, workflow, status, params, output, error_name,
                 error_message, created_at, updated_at, ended_at, lookup_key, wake_at,
-                trace_parent, error_traceback, run_started_at, owner, epoch)
+                trace_parent, error_traceback, run_started_at{cols}, owner, epoch)
             SELECT n.id, n.workflow, n.status, n.params, n.output, n.error_name,
                 n.error_message, n.created_at, n.updated_at, n.ended_at, n.lookup_key,
-                n.wake_at, n.trace_parent, n.error_traceback, n.run_started_at,
+                n.wake_at, n.trace_parent, n.error_traceback, n.run_started_at{n_cols},
                 CASE WHEN n.status IN (2, 5) THEN lease_owner END,
                 CASE WHEN n.status IN (2, 5) THEN lease_epoch END
             FROM unnest(n_id, n_workflow, n_status, n_params, n_output, n_error_name,
                 n_error_message, n_created_at, n_updated_at, n_ended_at, n_lookup_key,
-                n_wake_at, n_trace_parent, n_error_traceback, n_run_started_at)
+                n_wake_at, n_trace_parent, n_error_traceback, n_run_started_at{n_arrays})
                 WITH ORDINALITY AS n(id, workflow, status, params, output, error_name,
                 error_message, created_at, updated_at, ended_at, lookup_key, wake_at,
-                trace_parent, error_traceback, run_started_at, ord)
+                trace_parent, error_traceback, run_started_at{cols}, ord)
             WHERE live OR n.status NOT IN (2, 5)
             ORDER BY n.ord
             ON CONFLICT (id) DO NOTHING
@@ -432,7 +339,119 @@ MIGRATIONS: list[str] = [
                 'conflicts', to_jsonb(conflicts), 'fenced', to_jsonb(fenced), 'purged', purged)
         WHERE epoch = lease_epoch AND owner = lease_owner;
     END $$;
+"""
 
+
+# Each entry moves the schema one version up; never edit a released one.
+MIGRATIONS: list[str] = [
+    f"""
+    CREATE TABLE meta (
+        key text PRIMARY KEY,
+        value bytea NOT NULL
+    );
+    -- One row per lease. The last batch applied under it is remembered, so a
+    -- batch retried after the reply to its commit was lost is not applied twice.
+    CREATE TABLE servers (
+        epoch bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        owner text NOT NULL,
+        expires_at timestamptz NOT NULL,
+        batch_token uuid,
+        batch_result jsonb
+    );
+    CREATE TABLE instances (
+        pk bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        workflow text NOT NULL,
+        status smallint NOT NULL,
+        params bytea NOT NULL,
+        output bytea,
+        error_name text,
+        error_message text,
+        error_traceback text,
+        created_at bigint NOT NULL,
+        updated_at bigint NOT NULL,
+        ended_at bigint,
+        lookup_key text,
+        wake_at bigint,
+        trace_parent text,
+        run_started_at bigint,
+        -- The lease that holds the instance, or NULL.
+        owner text,
+        epoch bigint
+    );
+    -- What claim takes: runnable instances no lease holds, oldest first ...
+    CREATE INDEX instances_claimable ON instances (pk)
+        WHERE status IN ({_RUNNABLE}) AND epoch IS NULL;
+    -- ... and those of dead leases; release frees its own by this index too.
+    CREATE INDEX instances_held ON instances (epoch) WHERE epoch IS NOT NULL;
+    -- When a WAITING instance resumes by itself (sleep end, event timeout).
+    CREATE INDEX instances_waking ON instances (wake_at) WHERE wake_at IS NOT NULL;
+    -- Listing, newest first (pk order is creation order), by each filter.
+    CREATE INDEX instances_by_workflow ON instances (workflow, pk);
+    CREATE INDEX instances_by_status ON instances (status, pk);
+    CREATE INDEX instances_by_lookup ON instances (lookup_key, pk) WHERE lookup_key IS NOT NULL;
+    -- Retention: finished instances by when they ended.
+    CREATE INDEX instances_ended ON instances (ended_at) WHERE ended_at IS NOT NULL;
+    CREATE TABLE steps (
+        instance_id text NOT NULL,
+        idx integer NOT NULL,
+        name text NOT NULL,
+        occurrence integer NOT NULL,
+        status smallint NOT NULL,
+        attempts integer NOT NULL,
+        started_at bigint NOT NULL,
+        ended_at bigint,
+        output bytea,
+        error_name text,
+        error_message text,
+        next_attempt_at bigint,
+        kind smallint NOT NULL DEFAULT 1,
+        event_type text,
+        error_traceback text,
+        PRIMARY KEY (instance_id, idx)
+    );
+    CREATE TABLE events (
+        instance_id text NOT NULL,
+        seq bigint NOT NULL,
+        at bigint NOT NULL,
+        kind smallint NOT NULL,
+        data jsonb NOT NULL,
+        payload bytea,
+        PRIMARY KEY (instance_id, seq)
+    );
+    CREATE TABLE inbox (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        instance_id text NOT NULL,
+        type text NOT NULL,
+        payload bytea NOT NULL,
+        at bigint NOT NULL,
+        trace_parent text,
+        consumed_by integer
+    );
+    CREATE INDEX inbox_pending ON inbox (instance_id, type, id) WHERE consumed_by IS NULL;
+    CREATE INDEX inbox_by_instance ON inbox (instance_id);
+
+    -- Tell the other servers: items are JSON arrays [kind, instance id, seq],
+    -- sent as {{"from": epoch, "n": [items]}} in payloads under the limit.
+    CREATE FUNCTION cruzflow_notify(sender bigint, items text[]) RETURNS void
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        chunk text := '';
+        item text;
+    BEGIN
+        FOREACH item IN ARRAY items LOOP
+            IF chunk <> '' AND octet_length(chunk) + octet_length(item) > {_NOTIFY_BYTES} THEN
+                PERFORM pg_notify('{CHANNEL}', '{{"from":' || sender || ',"n":[' || chunk || ']}}');
+                chunk := '';
+            END IF;
+            chunk := CASE WHEN chunk = '' THEN item ELSE chunk || ',' || item END;
+        END LOOP;
+        IF chunk <> '' THEN
+            PERFORM pg_notify('{CHANNEL}', '{{"from":' || sender || ',"n":[' || chunk || ']}}');
+        END IF;
+    END $$;
+
+{_apply_function()}
     -- Up to p_limit runnable instances no live lease holds, oldest first, now
     -- held by the caller's lease.
     CREATE FUNCTION cruzflow_claim(p_owner text, p_epoch bigint, p_limit integer)
@@ -544,6 +563,147 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX commands_pending ON commands (instance_id, at) WHERE taken_by IS NULL;
     """,
+    f"""
+    -- Child workflows: the instance whose step.child started this one, and
+    -- whether it is left running when that parent is terminated or restarted.
+    ALTER TABLE instances ADD COLUMN parent_id text,
+        ADD COLUMN abandon boolean NOT NULL DEFAULT false;
+    -- ListInstances by parent, newest first; a parent's terminate finds its children.
+    CREATE INDEX instances_by_parent ON instances (parent_id, pk) WHERE parent_id IS NOT NULL;
+    DROP FUNCTION cruzflow_apply;
+{_apply_function(_LINK_COLUMNS)}
+    -- A child's end, told to its parent in the child's last commit, makes a
+    -- waiting parent due in that commit: if no server wakes it (all were
+    -- killed), the next to start does, through the wake index.
+    CREATE FUNCTION cruzflow_child_ended() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE instances SET wake_at = NEW.at
+        WHERE id = NEW.instance_id AND status = 4 AND wake_at > NEW.at;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER inbox_child_ended AFTER INSERT ON inbox FOR EACH ROW
+        WHEN (NEW.type LIKE 'cruzflow:child:%') EXECUTE FUNCTION cruzflow_child_ended();
+    """,
+    f"""
+    -- Concurrency and rate limits of a workflow ([[workflows]] concurrency,
+    -- concurrency_key, rate_limit): the key whose slots an instance takes, and
+    -- gate NULL (no limit), 0 (waiting for a slot) or 1 (let through at
+    -- gated_at: it holds its slot until it finishes). One waiting is held by
+    -- the lease epoch 0, which no server has: claim passes it over.
+    ALTER TABLE instances ADD COLUMN priority integer NOT NULL DEFAULT 0,
+        ADD COLUMN concurrency_key text, ADD COLUMN gate smallint, ADD COLUMN gated_at bigint;
+    -- Who goes next: higher priority first, then creation order.
+    CREATE INDEX instances_gate_waiting
+        ON instances (workflow, concurrency_key, priority DESC, pk) WHERE gate = 0;
+    -- Who holds a slot: counted, never a history scan.
+    CREATE INDEX instances_gate_holding
+        ON instances (workflow, concurrency_key) WHERE gate = 1 AND status NOT IN ({_FINISHED});
+    -- Starts within a rate limit's window.
+    CREATE INDEX instances_gate_starts
+        ON instances (workflow, concurrency_key, gated_at) WHERE gate = 1;
+
+    -- After cruzflow_apply, in its statement (so in its transaction): the new
+    -- instances' gate columns, instances held at their gate again, then each
+    -- (workflow, key) named opened as far as its limits allow. Openings of
+    -- one workflow are serialized across servers by an advisory lock, taken
+    -- in name order; the count each makes sees every opening committed
+    -- before (each statement here reads afresh), so the servers together
+    -- never let more through than the limit.
+    CREATE FUNCTION cruzflow_gate(
+        lease_owner text, lease_epoch bigint, now_ms bigint, skipped text[],
+        n_id text[], n_priority integer[], n_key text[], n_gate smallint[],
+        h_id text[],
+        g_workflow text[], g_limit integer[], g_starts integer[], g_per bigint[],
+        i_id text[], k_workflow text[], k_key text[], sweep boolean,
+        OUT promoted text[], OUT retry_workflow text[], OUT retry_key text[],
+        OUT retry_at bigint[]
+    ) LANGUAGE plpgsql AS $$
+    #variable_conflict use_column
+    DECLARE
+        flow text;
+        k record;
+        lim integer;
+        st integer;
+        per bigint;
+        free integer;
+        got text[];
+        recent bigint[];
+    BEGIN
+        promoted := '{{}}'; retry_workflow := '{{}}'; retry_key := '{{}}'; retry_at := '{{}}';
+        IF cardinality(n_id) > 0 THEN
+            UPDATE instances i SET priority = n.priority, concurrency_key = n.key, gate = n.gate,
+                owner = CASE WHEN n.gate = 0 THEN 'concurrency' ELSE i.owner END,
+                epoch = CASE WHEN n.gate = 0 THEN 0 ELSE i.epoch END
+            FROM unnest(n_id, n_priority, n_key, n_gate) AS n(id, priority, key, gate)
+            WHERE i.id = n.id AND NOT (n.id = ANY(skipped));
+        END IF;
+        IF cardinality(h_id) > 0 THEN
+            UPDATE instances i SET gate = 0, owner = 'concurrency', epoch = 0
+            WHERE i.id = ANY(h_id) AND i.gate IS NOT NULL AND i.status = 1
+              AND i.owner = lease_owner AND i.epoch = lease_epoch;
+        END IF;
+        FOR flow IN SELECT DISTINCT x FROM unnest(g_workflow) AS g(x) ORDER BY 1 LOOP
+            PERFORM pg_advisory_xact_lock({_GATE_LOCK}, hashtext(flow));
+        END LOOP;
+        FOR k IN
+            SELECT DISTINCT x.workflow, x.key FROM (
+                SELECT i.workflow, i.concurrency_key FROM instances i
+                WHERE i.id = ANY(i_id) AND i.gate IS NOT NULL
+                UNION ALL SELECT * FROM unnest(k_workflow, k_key)
+                UNION ALL SELECT i.workflow, i.concurrency_key FROM instances i
+                WHERE sweep AND i.gate = 0 AND i.status = 1
+            ) AS x(workflow, key) ORDER BY 1, 2
+        LOOP
+            lim := NULL; st := NULL; per := 0;
+            SELECT g.lim, g.st, g.per INTO lim, st, per
+              FROM unnest(g_workflow, g_limit, g_starts, g_per) AS g(flow, lim, st, per)
+              WHERE g.flow = k.workflow;
+            free := 2147483647;
+            IF lim IS NOT NULL THEN
+                free := lim - (SELECT count(*) FROM instances i
+                    WHERE i.workflow = k.workflow AND i.concurrency_key = k.key AND i.gate = 1
+                      AND i.status NOT IN ({_FINISHED}));
+            END IF;
+            recent := '{{}}';
+            IF st IS NOT NULL THEN
+                recent := ARRAY(SELECT i.gated_at FROM instances i
+                    WHERE i.workflow = k.workflow AND i.concurrency_key = k.key AND i.gate = 1
+                      AND i.gated_at > now_ms - per
+                    ORDER BY i.gated_at DESC LIMIT st);
+                free := least(free, st - cardinality(recent));
+            END IF;
+            got := '{{}}';
+            IF free > 0 THEN
+                WITH up AS (
+                    UPDATE instances i SET gate = 1, gated_at = now_ms, owner = NULL, epoch = NULL
+                    WHERE i.pk IN (
+                        SELECT w.pk FROM instances w
+                        WHERE w.workflow = k.workflow AND w.concurrency_key = k.key
+                          AND w.gate = 0 AND w.status = 1
+                        ORDER BY w.priority DESC, w.pk LIMIT free
+                        FOR UPDATE SKIP LOCKED)
+                    RETURNING i.id)
+                SELECT coalesce(array_agg(up.id), '{{}}') INTO got FROM up;
+                promoted := promoted || got;
+            END IF;
+            IF st IS NOT NULL AND cardinality(recent) + cardinality(got) >= st
+               AND EXISTS (SELECT 1 FROM instances w
+                   WHERE w.workflow = k.workflow AND w.concurrency_key = k.key
+                     AND w.gate = 0 AND w.status = 1) THEN
+                -- A start frees once the st-th newest start leaves the window.
+                recent := array_fill(now_ms, ARRAY[cardinality(got)]) || recent;
+                retry_workflow := retry_workflow || k.workflow;
+                retry_key := retry_key || k.key;
+                retry_at := retry_at || (recent[st] + per + 1);
+            END IF;
+        END LOOP;
+        IF cardinality(promoted) > 0 THEN
+            PERFORM cruzflow_notify(lease_epoch, ARRAY(
+                SELECT json_build_array({int(NoticeKind.RUNNABLE)}, p, 0)::text
+                FROM unnest(promoted) AS p));
+        END IF;
+    END $$;
+    """,
     """
     -- Cron schedules (engine/schedules.py); cursor_at: every due time up to
     -- it is done with (fired, or passed over).
@@ -570,16 +730,34 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-# The lease (2), the token, then one array per column: new instances (15),
+# The lease (2), the token, then one array per column: new instances (17),
 # updates (10), cleared steps (1), steps (15), events (6), inbox (5), consumed
 # marks (3), purges (2).
-APPLY_ARGS = 60
+APPLY_ARGS = 62
 _APPLY = (
     "SELECT conflicts, fenced, purged FROM cruzflow_apply("
     f"{', '.join(f'${n}' for n in range(1, APPLY_ARGS + 1))})"
 )
-_CLAIM = "SELECT * FROM cruzflow_claim($1, $2, $3)"
-_CLAIM_ONE = "SELECT * FROM cruzflow_claim_one($1, $2, $3)"
+# A batch that touches concurrency gates: cruzflow_gate after cruzflow_apply,
+# in the same statement (one round trip, one transaction).
+GATE_ARGS = 14
+_APPLY_GATED = (
+    "SELECT a.conflicts, a.fenced, a.purged, g.promoted, g.retry_workflow, g.retry_key,"
+    f" g.retry_at FROM cruzflow_apply({', '.join(f'${n}' for n in range(1, APPLY_ARGS + 1))}) a"
+    " CROSS JOIN LATERAL cruzflow_gate($1, $2, "
+    f"${APPLY_ARGS + 1}, a.conflicts || a.fenced, "
+    f"{', '.join(f'${n}' for n in range(APPLY_ARGS + 2, APPLY_ARGS + GATE_ARGS + 1))}) g"
+)
+# The claim functions return the first schema's columns; the parent link is
+# joined on (it never changes, so the statement's snapshot of it is current),
+# one index lookup per row (LIMIT keeps the planner from turning the LATERAL
+# subquery into a join that reads the whole table).
+_LINK = (
+    " LEFT JOIN LATERAL (SELECT i.parent_id, i.abandon FROM instances i WHERE i.id = c.r_id"
+    " LIMIT 1) l ON true"
+)
+_CLAIM = f"SELECT c.*, l.* FROM cruzflow_claim($1, $2, $3) c{_LINK}"
+_CLAIM_ONE = f"SELECT c.*, l.* FROM cruzflow_claim_one($1, $2, $3) c{_LINK}"
 _RELEASE = "SELECT cruzflow_release($1, $2)"
 # A command and, in the same transaction, the notice to every server.
 _SEND_COMMAND = (
@@ -612,7 +790,10 @@ _RENEW = (
     " WHERE epoch = $2 AND owner = $1 AND expires_at > clock_timestamp() RETURNING epoch"
 )
 
-_INSTANCE_COLUMNS = f"{_prefixed('i')}, {_LAST_SEQ.format('i')}, i.schedule_id"
+_INSTANCE_COLUMNS = (
+    f"{_prefixed('i')}, {_LAST_SEQ.format('i')}, i.parent_id, i.abandon, i.priority,"
+    " i.concurrency_key, i.gate, i.schedule_id"
+)
 # Only for the new instances a schedule created, and only those inserted
 # (a taken id, $3, keeps its row as it was).
 _SET_SCHEDULE = (
@@ -700,15 +881,23 @@ def _page_query(
 
     by_workflow = f" AND i.workflow = {arg(query.workflow)}" if query.workflow is not None else ""
     select = f"SELECT i.pk, {_INSTANCE_COLUMNS} FROM instances i"
+    by_parent = f" AND i.parent_id = {arg(query.parent_id)}" if query.parent_id is not None else ""
     by_schedule = (
         f" AND i.schedule_id = {arg(query.schedule_id)}" if query.schedule_id is not None else ""
     )
     if query.lookup_key is not None:
-        where = f"i.lookup_key = {arg(query.lookup_key)}{by_schedule}{by_workflow}{status_in()}"
+        where = (
+            f"i.lookup_key = {arg(query.lookup_key)}{by_parent}{by_schedule}{by_workflow}"
+            f"{status_in()}"
+        )
         return f"{select} WHERE {where}{bounds}{tail}", tuple(args)
     if query.schedule_id is not None:
-        where = f"true{by_schedule}{by_workflow}{status_in()}"
+        where = f"true{by_schedule}{by_parent}{by_workflow}{status_in()}"
         return f"{select} WHERE {where}{bounds}{tail}", tuple(args)
+    if query.parent_id is not None:
+        return f"{select} WHERE true{by_parent}{by_workflow}{status_in()}{bounds}{tail}", tuple(
+            args
+        )
     if statuses and (query.workflow is None or all(s in _LIVE_STATUSES for s in statuses)):
         # One index range per status, merged in pk order.
         arms = [f"{select} WHERE i.status = {s}{by_workflow}{bounds}" for s in statuses]
@@ -774,6 +963,9 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     ),
     "list_by_lookup": _page_query(
         InstanceQuery(workflow="w", lookup_key="k", statuses=(InstanceStatus.RUNNING,)), 0, 10, 10
+    ),
+    "list_by_parent": _page_query(
+        InstanceQuery(parent_id="p", statuses=(InstanceStatus.COMPLETE,)), 0, 10, 10
     ),
     "list_by_schedule": _page_query(InstanceQuery(schedule_id="s"), 0, 10, 10),
     "position_at": (_POSITION_AT, (0,)),
@@ -894,10 +1086,11 @@ def _apply_args(lease: Lease, token: uuid.UUID, batch: Batch) -> list[Any]:
             [
                 (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
                  r.error_message, r.created_at, r.updated_at, r.ended_at, r.lookup_key,
-                 r.wake_at, r.trace_parent, r.error_traceback, r.run_started_at)
+                 r.wake_at, r.trace_parent, r.error_traceback, r.run_started_at, r.parent_id,
+                 r.abandon)
                 for r in batch.new_instances
             ],
-            15,
+            17,
         ),
         *_transpose(
             [
@@ -933,6 +1126,32 @@ def _apply_args(lease: Lease, token: uuid.UUID, batch: Batch) -> list[Any]:
         ),
         *_transpose(sorted(batch.purge.items()), 2),
     ]  # fmt: skip
+
+
+def _gated(batch: Batch) -> bool:
+    """Whether the batch touches concurrency gates (or sets a priority)."""
+    return bool(
+        batch.gate_ids
+        or batch.gate_keys
+        or batch.gate_sweep
+        or batch.gate_hold
+        or any(r.gate is not None or r.priority for r in batch.new_instances)
+    )
+
+
+def _gate_args(batch: Batch) -> list[Any]:
+    now = int(time.time() * 1000)
+    new = [r for r in batch.new_instances if r.gate is not None or r.priority]
+    gates = sorted(batch.gates.items())
+    return [
+        now,
+        *_transpose([(r.id, r.priority, r.concurrency_key, r.gate) for r in new], 4),
+        sorted(batch.gate_hold),
+        *_transpose([(w, g.limit, g.starts, g.per_ms) for w, g in gates], 4),
+        sorted(batch.gate_ids),
+        *_transpose(sorted(batch.gate_keys), 2),
+        batch.gate_sweep,
+    ]
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -1155,6 +1374,9 @@ class PostgresStore:
         token = known[1] if known is not None and known[0] is batch else uuid.uuid4()
         self._tokens[key] = (batch, token)
         args = _apply_args(lease, token, batch)
+        gated = _gated(batch)
+        if gated:
+            args += _gate_args(batch)
         try:
             # Only the instances a schedule created take the longer way.
             scheduled = [r for r in batch.new_instances if r.schedule_id]
@@ -1171,13 +1393,18 @@ class PostgresStore:
             raise fault from exc
         self._tokens.pop(key, None)
         batch.purged = row[2]
+        if gated:
+            batch.promoted = list(row[3])
+            batch.gate_retry = list(zip(row[4], row[5], row[6], strict=True))
         refused = dict.fromkeys(row[0], Refusal.CONFLICT)
         refused.update(dict.fromkeys(row[1], Refusal.FENCED))
         return refused
 
     async def _call_apply(self, args: list[Any]) -> asyncpg.Record:
+        # The arguments of cruzflow_gate follow those of cruzflow_apply, if any.
+        sql = _APPLY_GATED if len(args) > APPLY_ARGS else _APPLY
         async with self._pool_or_fail().acquire() as conn:
-            row: asyncpg.Record = await conn.fetchrow(_APPLY, *args)
+            row: asyncpg.Record = await conn.fetchrow(sql, *args)
             return row
 
     async def _call_apply_scheduled(
@@ -1185,8 +1412,9 @@ class PostgresStore:
     ) -> asyncpg.Record:
         """The batch, and the schedule id of its instances a schedule created,
         in one transaction (a retry of a batch that landed sets it again)."""
+        sql = _APPLY_GATED if len(args) > APPLY_ARGS else _APPLY
         async with self._pool_or_fail().acquire() as conn, conn.transaction():
-            row: asyncpg.Record = await conn.fetchrow(_APPLY, *args)
+            row: asyncpg.Record = await conn.fetchrow(sql, *args)
             await conn.execute(
                 _SET_SCHEDULE,
                 [r.id for r in scheduled],

@@ -25,9 +25,9 @@ from cruzflow.server.records import (
 def instance_of(row: Sequence[Any]) -> InstanceRecord:
     """id, workflow, status, params, created_at, updated_at, output, error_name,
     error_message, ended_at, lookup_key, wake_at, trace_parent,
-    error_traceback, run_started_at, then the newest event's sequence, then
-    (where a read asks for it) schedule_id: the claims of a shared store
-    leave it out, as a run has no use for it."""
+    error_traceback, run_started_at, then the newest event's sequence; then,
+    where the query reads them, parent_id, abandon, priority, concurrency_key,
+    gate and schedule_id."""
     return InstanceRecord(
         id=row[0],
         workflow=row[1],
@@ -45,7 +45,13 @@ def instance_of(row: Sequence[Any]) -> InstanceRecord:
         error_traceback=row[13],
         run_started_at=row[14],
         last_seq=row[15],
-        schedule_id=row[16] if len(row) > 16 else None,
+        # Past the record table PostgreSQL's functions return: reads add them.
+        parent_id=row[16] if len(row) > 16 else None,
+        abandon=bool(row[17]) if len(row) > 17 else False,
+        priority=row[18] if len(row) > 18 else 0,
+        concurrency_key=row[19] if len(row) > 19 else None,
+        gate=row[20] if len(row) > 20 else None,
+        schedule_id=row[21] if len(row) > 21 else None,
     )
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import aiosqlite
 from cruzflow.server.records import (
     ABANDONED,
     UNFINISHED,
+    UNGATED,
     Batch,
     Command,
     EventRecord,
@@ -158,6 +160,42 @@ MIGRATIONS: list[str] = [
     CREATE INDEX instances_by_workflow_status ON instances (workflow, status);
     """,
     """
+    -- Child workflows: the instance whose step.child started this one, and
+    -- whether it is left running when that parent is terminated or restarted.
+    ALTER TABLE instances ADD COLUMN parent_id TEXT;
+    ALTER TABLE instances ADD COLUMN abandon INTEGER NOT NULL DEFAULT 0;
+    -- ListInstances by parent, newest first; a parent's terminate finds its children.
+    CREATE INDEX instances_by_parent ON instances (parent_id, pk) WHERE parent_id IS NOT NULL;
+    -- A child's end, told to its parent in the child's last commit, makes a
+    -- waiting parent due in that commit: a server killed before it wakes the
+    -- parent wakes it through the wake index when it starts again.
+    CREATE TRIGGER inbox_child_ended AFTER INSERT ON inbox
+    WHEN NEW.type LIKE 'cruzflow:child:%'
+    BEGIN
+        UPDATE instances SET wake_at = NEW.at
+        WHERE id = NEW.instance_id AND status = 4 AND wake_at > NEW.at;
+    END;
+    """,
+    """
+    -- Concurrency and rate limits of a workflow ([[workflows]] concurrency,
+    -- concurrency_key, rate_limit): the key whose slots an instance takes, and
+    -- gate NULL (no limit), 0 (waiting for a slot) or 1 (let through at
+    -- gated_at: it holds its slot until it finishes).
+    ALTER TABLE instances ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE instances ADD COLUMN concurrency_key TEXT;
+    ALTER TABLE instances ADD COLUMN gate INTEGER;
+    ALTER TABLE instances ADD COLUMN gated_at INTEGER;
+    -- Who goes next: higher priority first, then creation order.
+    CREATE INDEX instances_gate_waiting
+        ON instances (workflow, concurrency_key, priority DESC, pk) WHERE gate = 0;
+    -- Who holds a slot: counted, never a history scan.
+    CREATE INDEX instances_gate_holding
+        ON instances (workflow, concurrency_key) WHERE gate = 1 AND status NOT IN (6, 7, 8);
+    -- Starts within a rate limit's window.
+    CREATE INDEX instances_gate_starts
+        ON instances (workflow, concurrency_key, gated_at) WHERE gate = 1;
+    """,
+    """
     -- Cron schedules (engine/schedules.py); cursor_at: every due time up to
     -- it is done with (fired, or passed over).
     CREATE TABLE schedules (
@@ -185,7 +223,8 @@ MIGRATIONS: list[str] = [
 _INSERT_INSTANCE = (
     "INSERT INTO instances (id, workflow, status, params, output, error_name, error_message,"
     " created_at, updated_at, ended_at, lookup_key, wake_at, trace_parent, error_traceback,"
-    " run_started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " run_started_at, parent_id, abandon, priority, concurrency_key, gate)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_INSTANCE = (
     "UPDATE instances SET status = ?, output = ?, error_name = ?, error_message = ?,"
@@ -222,7 +261,8 @@ _INSTANCE_COLUMNS = (
     " i.error_name, i.error_message, i.ended_at, i.lookup_key, i.wake_at, i.trace_parent,"
     " i.error_traceback, i.run_started_at,"
     " COALESCE((SELECT e.seq FROM events e WHERE e.instance_id = i.id"
-    " ORDER BY e.seq DESC LIMIT 1), 0), i.schedule_id"
+    " ORDER BY e.seq DESC LIMIT 1), 0), i.parent_id, i.abandon, i.priority, i.concurrency_key,"
+    " i.gate, i.schedule_id"
 )
 # Written after the insert, in its transaction, only for the instances a
 # schedule created: the insert of every other instance stays as it was.
@@ -273,6 +313,33 @@ _POSITION_AT = (
     ") SELECT min(hi) FROM bisect"
 )
 _CLOCK_SLACK_MS = 10_000
+_UNBOUNDED = 2**31
+
+# ---- concurrency gates (see _open_gates)
+_GATE_HOLD = "UPDATE instances SET gate = 0 WHERE id = ? AND gate IS NOT NULL"
+_GATE_WAITING_KEYS = (
+    "SELECT DISTINCT workflow, concurrency_key FROM instances INDEXED BY instances_gate_waiting"
+    " WHERE gate = 0 AND status = 1"
+)
+_GATE_HOLDERS = (
+    "SELECT count(*) FROM instances INDEXED BY instances_gate_holding"
+    " WHERE workflow = ? AND concurrency_key = ? AND gate = 1 AND status NOT IN (6, 7, 8)"
+)
+_GATE_STARTS = (
+    "SELECT gated_at FROM instances INDEXED BY instances_gate_starts"
+    " WHERE workflow = ? AND concurrency_key = ? AND gate = 1 AND gated_at > ?"
+    " ORDER BY gated_at DESC LIMIT ?"
+)
+_GATE_LET_THROUGH = (
+    "UPDATE instances SET gate = 1, gated_at = ?4 WHERE pk IN ("
+    "SELECT pk FROM instances INDEXED BY instances_gate_waiting"
+    " WHERE workflow = ?1 AND concurrency_key = ?2 AND gate = 0 AND status = 1"
+    " ORDER BY priority DESC, pk LIMIT ?3) RETURNING id"
+)
+_GATE_ANY_WAITING = (
+    "SELECT 1 FROM instances INDEXED BY instances_gate_waiting"
+    " WHERE workflow = ? AND concurrency_key = ? AND gate = 0 AND status = 1 LIMIT 1"
+)
 _LIVE = frozenset(int(s) for s in UNFINISHED)
 
 
@@ -300,24 +367,33 @@ def _page_query(
     workflow_args: tuple[Any, ...] = (query.workflow,) if query.workflow is not None else ()
     tail = " ORDER BY 1 DESC LIMIT ?"
     select = f"SELECT {_LIST_COLUMNS} FROM instances i"
+    by_parent = " AND i.parent_id = ?" if query.parent_id is not None else ""
+    parent_args: tuple[Any, ...] = (query.parent_id,) if query.parent_id is not None else ()
+    by_schedule = " AND i.schedule_id = ?" if query.schedule_id is not None else ""
+    schedule_args: tuple[Any, ...] = (query.schedule_id,) if query.schedule_id is not None else ()
     if query.lookup_key is not None:
-        by_schedule = " AND i.schedule_id = ?" if query.schedule_id is not None else ""
-        schedule_args: tuple[Any, ...] = (
-            (query.schedule_id,) if query.schedule_id is not None else ()
-        )
         sql = (
             f"{select} INDEXED BY instances_by_lookup WHERE i.lookup_key = ?"
-            f"{by_schedule}{by_workflow}{status_in}{bounds}{tail}"
+            f"{by_parent}{by_schedule}{by_workflow}{status_in}{bounds}{tail}"
         )
         return sql, (
-            query.lookup_key, *schedule_args, *workflow_args, *statuses, *bound_args, limit,
+            query.lookup_key, *parent_args, *schedule_args, *workflow_args, *statuses,
+            *bound_args, limit,
         )  # fmt: skip
     if query.schedule_id is not None:
         sql = (
             f"{select} INDEXED BY instances_by_schedule WHERE i.schedule_id = ?"
+            f"{by_parent}{by_workflow}{status_in}{bounds}{tail}"
+        )
+        return sql, (
+            query.schedule_id, *parent_args, *workflow_args, *statuses, *bound_args, limit,
+        )  # fmt: skip
+    if query.parent_id is not None:
+        sql = (
+            f"{select} INDEXED BY instances_by_parent WHERE i.parent_id = ?"
             f"{by_workflow}{status_in}{bounds}{tail}"
         )
-        return sql, (query.schedule_id, *workflow_args, *statuses, *bound_args, limit)
+        return sql, (query.parent_id, *workflow_args, *statuses, *bound_args, limit)
     if statuses and (query.workflow is None or all(s in _LIVE for s in statuses)):
         arm = f"{select} INDEXED BY instances_by_status WHERE i.status = ?{by_workflow}{bounds}"
         args: list[Any] = []
@@ -406,6 +482,9 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     ),
     "list_by_lookup": _page_query(
         InstanceQuery(workflow="w", lookup_key="k", statuses=(InstanceStatus.RUNNING,)), 0, 10, 10
+    ),
+    "list_by_parent": _page_query(
+        InstanceQuery(parent_id="p", statuses=(InstanceStatus.COMPLETE,)), 0, 10, 10
     ),
     "list_by_schedule": _page_query(InstanceQuery(schedule_id="s"), 0, 10, 10),
     "position_at": (_POSITION_AT, (0,)),
@@ -582,6 +661,7 @@ class SqliteStore:
             except sqlite3.Error as again:
                 raise await self._failed(again) from again
             batch.purged = rest.purged
+            batch.promoted, batch.gate_retry = rest.promoted, rest.gate_retry
             return dict.fromkeys(taken, Refusal.CONFLICT)
         except sqlite3.Error as exc:
             raise await self._failed(exc) from exc
@@ -621,7 +701,8 @@ class SqliteStore:
                     (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
                      r.error_message, r.created_at, r.updated_at, r.ended_at,
                      r.lookup_key, r.wake_at, r.trace_parent, r.error_traceback,
-                     r.run_started_at)
+                     r.run_started_at, r.parent_id, r.abandon, r.priority, r.concurrency_key,
+                     r.gate)
                     for r in batch.new_instances
                 ],
             )  # fmt: skip
@@ -676,8 +757,67 @@ class SqliteStore:
             for sql in _PURGE_CHILDREN:
                 await conn.executemany(sql, targets)
             purged = (await conn.executemany(_PURGE_INSTANCE, targets)).rowcount
+        if batch.gate_hold:
+            await conn.executemany(_GATE_HOLD, [(i,) for i in batch.gate_hold])
+        promoted: list[str] = []
+        retry: list[tuple[str, str, int]] = []
+        if batch.gate_ids or batch.gate_keys or batch.gate_sweep:
+            promoted, retry = await self._open_gates(conn, batch)
         await conn.commit()
         batch.purged = purged
+        batch.promoted, batch.gate_retry = promoted, retry
+
+    async def _open_gates(
+        self, conn: aiosqlite.Connection, batch: Batch
+    ) -> tuple[list[str], list[tuple[str, str, int]]]:
+        """Let through as many instances waiting for a slot of each key the batch
+        names as its limits allow, in its transaction (this file has one
+        writer, so nothing else counts meanwhile). Returns the instances let
+        through, and the keys a rate limit holds back with when to look again."""
+        keys: set[tuple[str, str]] = set(batch.gate_keys)
+        ids = list(batch.gate_ids)
+        for at in range(0, len(ids), 500):
+            chunk = ids[at : at + 500]
+            rows = await conn.execute_fetchall(
+                "SELECT DISTINCT workflow, concurrency_key FROM instances"
+                f" WHERE id IN ({', '.join('?' * len(chunk))}) AND gate IS NOT NULL",
+                chunk,
+            )
+            keys.update((r[0], r[1]) for r in rows)
+        if batch.gate_sweep:
+            rows = await conn.execute_fetchall(_GATE_WAITING_KEYS)
+            keys.update((r[0], r[1]) for r in rows)
+        now = int(time.time() * 1000)
+        promoted: list[str] = []
+        retry: list[tuple[str, str, int]] = []
+        for workflow, key in sorted(keys):
+            gate = batch.gates.get(workflow, UNGATED)
+            free = _UNBOUNDED
+            if gate.limit is not None:
+                counted = await conn.execute_fetchall(_GATE_HOLDERS, (workflow, key))
+                holders = next(iter(counted))[0]
+                free = gate.limit - holders
+            starts: list[Any] = []
+            if gate.starts is not None:
+                starts = list(
+                    await conn.execute_fetchall(
+                        _GATE_STARTS, (workflow, key, now - gate.per_ms, gate.starts)
+                    )
+                )
+                free = min(free, gate.starts - len(starts))
+            if free > 0:
+                rows = list(
+                    await conn.execute_fetchall(_GATE_LET_THROUGH, (workflow, key, free, now))
+                )
+                promoted.extend(r[0] for r in rows)
+                starts[:0] = [(now,)] * len(rows)
+            if gate.starts is not None and len(starts) >= gate.starts:
+                waiting = await conn.execute_fetchall(_GATE_ANY_WAITING, (workflow, key))
+                if waiting:
+                    # The window frees a start once its oldest start in the
+                    # window leaves it.
+                    retry.append((workflow, key, starts[gate.starts - 1][0] + gate.per_ms + 1))
+        return promoted, retry
 
     async def _writable(self) -> aiosqlite.Connection:
         """The writer connection; after a read-only fault, new connections once the

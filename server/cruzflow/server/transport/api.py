@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from cruzflow.server.engine import errors, validate
+from cruzflow.server.engine.admission import NewInstance
 from cruzflow.server.engine.runtime import Engine
 from cruzflow.server.engine.schedules import ScheduleSpec
 from cruzflow.server.records import CatchUp, ScheduleRecord
@@ -78,15 +79,21 @@ class WorkflowApi:
 
     async def CreateInstance(self, request: pb.CreateInstanceRequest) -> pb.CreateInstanceResponse:
         instance_id, status = await self._engine.create(
-            request.workflow, request.instance_id, request.params_json, request.lookup_key
+            request.workflow,
+            request.instance_id,
+            request.params_json,
+            request.lookup_key,
+            request.priority,
+            request.concurrency_key,
         )
         return pb.CreateInstanceResponse(instance_id=instance_id, status=_status(status))
 
     async def CreateInstances(
         self, request: pb.CreateInstancesRequest
     ) -> pb.CreateInstancesResponse:
-        items: list[tuple[str, str, str | bytes, str]] = [
-            (r.workflow, r.instance_id, r.params_json, r.lookup_key) for r in request.requests
+        items: list[NewInstance] = [
+            (r.workflow, r.instance_id, r.params_json, r.lookup_key, r.priority, r.concurrency_key)
+            for r in request.requests
         ]
         created = await self._engine.create_many(items)
         return pb.CreateInstancesResponse(
@@ -123,6 +130,7 @@ class WorkflowApi:
             lookup_key=request.lookup_key,
             page_size=request.page_size,
             page_token=request.page_token,
+            parent_id=request.parent_id,
             schedule_id=request.schedule_id,
         )
         return pb.ListInstancesResponse(
@@ -143,7 +151,7 @@ class WorkflowApi:
         self, request: pb.TerminateInstanceRequest
     ) -> pb.TerminateInstanceResponse:
         return pb.TerminateInstanceResponse(
-            status=_status(await self._engine.terminate(request.instance_id))
+            status=_status(await self._engine.terminate(request.instance_id, request.rollback))
         )
 
     async def RestartInstance(

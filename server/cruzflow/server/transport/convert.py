@@ -13,6 +13,7 @@ from cruzflow.server.records import (
     EventRecord,
     InstanceRecord,
     ScheduleRecord,
+    StepKind,
     StepRecord,
 )
 from cruzflow.v1 import workflows_pb2 as pb
@@ -82,6 +83,9 @@ def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
         wake_time=_ts(record.wake_at),
         start_time=_ts(record.run_started_at or record.created_at),
         trace_id=trace_id(record.trace_parent),
+        parent_id=record.parent_id or "",
+        priority=record.priority,
+        concurrency_key=record.concurrency_key or "",
         schedule_id=record.schedule_id or "",
     )
 
@@ -117,7 +121,9 @@ def step(record: StepRecord) -> pb.Step:
         error=_error(record.error_name, record.error_message, record.error_traceback),
         next_attempt_time=_ts(record.next_attempt_at),
         kind=pb.StepKind.ValueType(int(record.kind)),
-        event_type=record.event_type or "",
+        # The store keeps a child step's child id where an event wait's type goes.
+        event_type=(record.event_type or "") if record.kind != StepKind.CHILD else "",
+        child_instance_id=(record.event_type or "") if record.kind == StepKind.CHILD else "",
     )
 
 
