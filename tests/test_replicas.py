@@ -17,7 +17,7 @@ import pytest
 
 from cruzflow.server.engine.errors import FailedPrecondition
 from cruzflow.server.engine.runtime import Engine, Limits
-from cruzflow.server.records import EventKind, InstanceStatus
+from cruzflow.server.records import EventKind, InstanceStatus, StepKind, StepStatus
 from cruzflow.server.store.postgres import PostgresStore
 from tests.conftest import eventually, finished, specs
 from tests.postgres import PostgresServer, postgres_server, postgres_url  # noqa: F401
@@ -267,3 +267,25 @@ async def test_children_on_one_server_wake_their_parent_on_the_other(start: Star
     await b.terminate(waiting)
     for kid in kids:
         assert await _status(a, kid.id) is InstanceStatus.TERMINATED
+
+
+async def test_a_terminate_with_rollback_through_the_other_server(start: Start) -> None:
+    """B asks A, which runs the instance, to terminate it with rollback: A does
+    it (the call goes through the command path), the instance runs to its
+    first unfinished step, and ends terminated with its terminate row done."""
+    a = await start()
+    b = await start()
+    Blocks.gate = asyncio.Event()
+    try:
+        instance_id, _ = await a.create("blocks", "rolled")
+        await eventually(lambda: _has_steps(a, instance_id))
+        assert await b.terminate(instance_id, rollback=True) is InstanceStatus.RUNNING
+        record = await finished(a, instance_id)
+    finally:
+        Blocks.gate.set()
+    assert record.status is InstanceStatus.TERMINATED
+    _, steps = await b.get(instance_id)
+    marker = [s for s in steps if s.name == "terminate"]
+    assert [(s.kind, s.status) for s in marker] == [(StepKind.ROLLBACK, StepStatus.SUCCEEDED)]
+    # The step the terminate cut short never ran to its end.
+    assert [s.status for s in steps if s.name != "terminate"] == [StepStatus.RUNNING]
