@@ -230,3 +230,33 @@ async def test_children_that_end_at_once_wake_their_parent(server: Server) -> No
         done = await _wait(server, parent_id)
         assert done.status == S.INSTANCE_STATUS_COMPLETE, done
         assert json.loads(done.output_json)["sum"] == 280
+
+
+async def test_a_parent_of_many_children_reads_each_childs_record_about_once(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each child's end wakes the parent, whose waiting branches learn from one
+    read of its inbox which children ended: the children's records are read
+    about once each, not once per branch per wake-up (N² for N children)."""
+    n = 20
+    parent_id = await _create(server, {"children": n, "kid": {"wait": True}})
+    kids = await _all_waiting(server, parent_id, n)
+    store = server.service.store
+    real = store.get_instance
+    reads: list[str] = []
+
+    async def counted(instance_id: str) -> Any:
+        if instance_id.startswith(f"{parent_id}-"):
+            reads.append(instance_id)
+        return await real(instance_id)
+
+    monkeypatch.setattr(store, "get_instance", counted)
+    for kid in kids:
+        await server.stub.SendEvent(pb.SendEventRequest(instance_id=kid.instance_id, type="go"))
+    done = await _wait(server, parent_id)
+    assert done.status == S.INSTANCE_STATUS_COMPLETE
+    assert json.loads(done.output_json)["sum"] == 10 * sum(range(n))
+    # Each child's record read once when its end is recorded, maybe again by
+    # a replay that raced it: far from the n * n / 2 = 200 of a read per wait.
+    assert len(reads) <= 2 * n, len(reads)
+    assert set(reads) == {k.instance_id for k in kids}

@@ -44,8 +44,9 @@ class Run:
     by a control call). At most one exists per instance: see ``Controls.hold``."""
 
     __slots__ = (
-        "abandon", "busy", "claimed", "compensations", "core", "created_at", "error", "gate",
-        "held", "id", "idle", "last_write", "next_index", "occurrences", "params", "parent_id",
+        "abandon", "busy", "claimed", "compensations", "core", "created_at", "ended", "error",
+        "gate", "held", "id", "idle", "last_write", "next_index", "occurrences", "params",
+        "parent_id",
         "parked", "pause_requested", "poked", "pokes", "queued", "replay", "replay_names",
         "resumed", "run_started_at", "seq", "span", "spec", "status", "stirred", "strays",
         "task", "terminating", "trace_parent",
@@ -106,6 +107,10 @@ class Run:
         # (replayed steps too), and whether a terminate with rollback unwinds it.
         self.compensations: list[Any] = []
         self.terminating = False
+        # The children whose end is in the inbox, not yet recorded, and the
+        # poke count when that was read (StepRunner.child reads it again after
+        # a poke): one read per wake-up, however many children wait.
+        self.ended: tuple[int, frozenset[str]] | None = None
 
     @property
     def active(self) -> bool:
@@ -121,6 +126,7 @@ class Run:
         self.claimed = set()
         self.poked = False
         self.compensations = []
+        self.ended = None
 
     def emit(
         self,

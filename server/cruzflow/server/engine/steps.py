@@ -554,6 +554,11 @@ class StepRunner:
         wake_up = CHILD_ENDED + child_id
         while True:
             seen = run.pokes
+            if child_id not in await self._ended_children(seen):
+                # Woken by the child's end (see Run._tell_parent); the recheck
+                # is a safety net only, for a wake-up lost with a server.
+                await run.park(_ms() + _CHILD_RECHECK_MS, seen)
+                continue
             child = await core.store.get_instance(child_id)
             if child is None or child.parent_id != run.id:
                 message = (
@@ -579,9 +584,19 @@ class StepRunner:
                 message = f"child instance {child_id!r} ({child.workflow}) {how}"
                 await slot.fail(1, "ChildWorkflowError", message)
                 raise ChildWorkflowError(name, "ChildWorkflowError", message, child_id)
-            # Woken by the child's end (see Run._tell_parent); the recheck is
-            # a safety net only, for a wake-up lost with a server.
+            # Its end was told, then it was restarted: it runs again.
             await run.park(_ms() + _CHILD_RECHECK_MS, seen)
+
+    async def _ended_children(self, seen: int) -> frozenset[str]:
+        """The run's children whose end is in its inbox and not yet recorded
+        (the child's last commit stores it): one read of the inbox, shared by
+        every waiting branch until the next poke, instead of one read of each
+        child's record per wake-up."""
+        run = self._run
+        if run.ended is None or run.ended[0] != seen:
+            types = await self._core.store.pending_types(run.id, CHILD_ENDED)
+            run.ended = (seen, frozenset(t[len(CHILD_ENDED) :] for t in types))
+        return run.ended[1]
 
     async def _create_child(
         self,

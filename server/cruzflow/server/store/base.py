@@ -157,6 +157,11 @@ class Store(Protocol):
     async def take_events(self, instance_id: str, type: str, limit: int) -> list[InboxEvent]:
         """Up to ``limit`` unconsumed inbox events of that type, oldest first."""
 
+    async def pending_types(self, instance_id: str, prefix: str) -> list[str]:
+        """The types of the instance's unconsumed inbox events that start with
+        ``prefix`` (one index range): which of a parent's children have ended
+        since it last recorded one."""
+
     async def due_wakes(self, before: int, limit: int) -> list[tuple[str, int]]:
         """(id, wake_at) of waiting instances due before ``before`` (ms), soonest first."""
 

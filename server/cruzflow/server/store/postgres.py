@@ -823,6 +823,11 @@ _TAKE_INBOX = (
     "SELECT id, instance_id, type, payload, at, trace_parent FROM inbox"
     " WHERE instance_id = $1 AND type = $2 AND consumed_by IS NULL ORDER BY id LIMIT $3"
 )
+# starts_with, not a range: the database's collation may not order text by code point.
+_PENDING_TYPES = (
+    "SELECT type FROM inbox"
+    " WHERE instance_id = $1 AND consumed_by IS NULL AND starts_with(type, $2)"
+)
 _DUE_WAKES = (
     "SELECT id, wake_at FROM instances WHERE wake_at IS NOT NULL AND wake_at <= $1"
     " ORDER BY wake_at LIMIT $2"
@@ -947,6 +952,7 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "read_events": (_READ_EVENTS, ("x", 0, 10)),
     "take_inbox": (_TAKE_INBOX, ("x", "t", 1)),
     "due_wakes": (_DUE_WAKES, (0, 10)),
+    "pending_types": (_PENDING_TYPES, ("x", "p:")),
     "count_unfinished": (_COUNT_UNFINISHED, ()),
     "list_all": _page_query(InstanceQuery(), 0, 10, 10),
     "list_by_workflow": _page_query(
@@ -1523,6 +1529,10 @@ class PostgresStore:
     async def take_events(self, instance_id: str, type: str, limit: int) -> list[InboxEvent]:
         rows = await self._fetch(_TAKE_INBOX, instance_id, type, limit)
         return [inbox_of(r) for r in rows]
+
+    async def pending_types(self, instance_id: str, prefix: str) -> list[str]:
+        rows = await self._fetch(_PENDING_TYPES, instance_id, prefix)
+        return [r[0] for r in rows]
 
     async def due_wakes(self, before: int, limit: int) -> list[tuple[str, int]]:
         rows = await self._fetch(_DUE_WAKES, before, limit)

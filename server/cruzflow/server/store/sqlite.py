@@ -240,6 +240,12 @@ _TAKE_INBOX = (
     "SELECT id, instance_id, type, payload, at, trace_parent FROM inbox INDEXED BY inbox_pending"
     " WHERE instance_id = ? AND type = ? AND consumed_by IS NULL ORDER BY id LIMIT ?"
 )
+# A range of the pending index: the types from ``prefix`` to the first string
+# past every one that starts with it (BINARY collation: code point order).
+_PENDING_TYPES = (
+    "SELECT type FROM inbox INDEXED BY inbox_pending"
+    " WHERE instance_id = ? AND type >= ? AND type < ? AND consumed_by IS NULL"
+)
 _DUE_WAKES = (
     "SELECT id, wake_at FROM instances INDEXED BY instances_waking"
     " WHERE wake_at IS NOT NULL AND wake_at <= ? ORDER BY wake_at LIMIT ?"
@@ -465,6 +471,7 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "take_inbox": (_TAKE_INBOX, ("x", "t", 1)),
     "consume_inbox": (_CONSUME_INBOX, (1, 1)),
     "due_wakes": (_DUE_WAKES, (0, 10)),
+    "pending_types": (_PENDING_TYPES, ("x", "p:", "p;")),
     "count_unfinished": (_COUNT_UNFINISHED, ()),
     "unfinished": (_UNFINISHED, ()),
     "list_all": _page_query(InstanceQuery(), 0, 10, 10),
@@ -920,6 +927,11 @@ class SqliteStore:
     async def take_events(self, instance_id: str, type: str, limit: int) -> list[InboxEvent]:
         rows = await self._fetch(_TAKE_INBOX, (instance_id, type, limit))
         return [inbox_of(r) for r in rows]
+
+    async def pending_types(self, instance_id: str, prefix: str) -> list[str]:
+        past = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = await self._fetch(_PENDING_TYPES, (instance_id, prefix, past))
+        return [r[0] for r in rows]
 
     async def due_wakes(self, before: int, limit: int) -> list[tuple[str, int]]:
         rows = await self._fetch(_DUE_WAKES, (before, limit))
