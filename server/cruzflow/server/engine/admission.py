@@ -206,28 +206,26 @@ class Admission:
         (Scheduler.let_through starts it).
         """
         if key is not None:
-            return self._admit_gated(
-                spec, instance_id, params, lookup_key, priority, key, parent, schedule_id
-            )
+            # Stored queued, waiting for its key's slot.
+            assert spec.gate is not None
+            run, durable = self._store_new(
+                spec, instance_id, params, InstanceStatus.QUEUED, lookup_key, priority, key,
+                parent, schedule_id,
+            )  # fmt: skip
+            self._core.journal.gate(instance_id, spec.name, spec.gate)
+            if not self._core.shared:
+                # On a shared store it waits there, for any server to take once let through.
+                self._core.live[instance_id] = run
+                run.queued = True
+                self._core.gated[instance_id] = run
+            return InstanceStatus.QUEUED, durable
         start_now = (
             not self._core.queue and len(self._core.runs) < self._core.limits.max_running_instances
         )
         status = InstanceStatus.RUNNING if start_now else InstanceStatus.QUEUED
-        now = ms()
-        observer = self._core.observer
-        record = InstanceRecord(
-            instance_id, spec.name, status, params, now, now, lookup_key=lookup_key or None,
-            trace_parent=observer.creating() if observer is not None else None,
-            parent_id=parent[0] if parent else None, abandon=bool(parent and parent[1]),
-            priority=priority,
-            schedule_id=schedule_id,
-        )  # fmt: skip
-        if observer is not None:
-            observer.created(spec.name, 1)
-            observer.status_changed(spec.name, None, status)
-        run = Run(self._core, record, spec, resumed=False)
-        self._core.journal.insert_instance(record)
-        durable = run.emit(EventKind.STATUS_CHANGED, {"status": int(status)})
+        run, durable = self._store_new(
+            spec, instance_id, params, status, lookup_key, priority, None, parent, schedule_id
+        )
         if start_now:
             self._core.live[instance_id] = run
             self._scheduler.start(run)
@@ -241,25 +239,26 @@ class Admission:
             self._core.queue.append(run)
         return status, durable
 
-    def _admit_gated(
+    def _store_new(
         self,
         spec: WorkflowSpec,
         instance_id: str,
         params: bytes,
+        status: InstanceStatus,
         lookup_key: str,
         priority: int,
-        key: str,
-        parent: tuple[str, bool] | None = None,
-        schedule_id: str | None = None,
-    ) -> tuple[InstanceStatus, Durable]:
-        assert spec.gate is not None
-        status = InstanceStatus.QUEUED
+        key: str | None,
+        parent: tuple[str, bool] | None,
+        schedule_id: str | None,
+    ) -> tuple[Run, Durable]:
+        """The new instance's row and first event in the open batch, and its
+        handle; ``key`` set: it waits at its concurrency gate (gate 0)."""
         now = ms()
         observer = self._core.observer
         record = InstanceRecord(
             instance_id, spec.name, status, params, now, now, lookup_key=lookup_key or None,
             trace_parent=observer.creating() if observer is not None else None,
-            priority=priority, concurrency_key=key, gate=0,
+            priority=priority, concurrency_key=key, gate=None if key is None else 0,
             parent_id=parent[0] if parent else None, abandon=bool(parent and parent[1]),
             schedule_id=schedule_id,
         )  # fmt: skip
@@ -268,14 +267,7 @@ class Admission:
             observer.status_changed(spec.name, None, status)
         run = Run(self._core, record, spec, resumed=False)
         self._core.journal.insert_instance(record)
-        self._core.journal.gate(instance_id, spec.name, spec.gate)
-        durable = run.emit(EventKind.STATUS_CHANGED, {"status": int(status)})
-        if not self._core.shared:
-            # On a shared store it waits there, for any server to take once let through.
-            self._core.live[instance_id] = run
-            run.queued = True
-            self._core.gated[instance_id] = run
-        return status, durable
+        return run, run.emit(EventKind.STATUS_CHANGED, {"status": int(status)})
 
     async def create_many(self, requests: list[NewInstance]) -> list[tuple[str, InstanceStatus]]:
         """Store new instances in one transaction, all of them or none; returns the
