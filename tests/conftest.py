@@ -10,7 +10,7 @@ import asyncio
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,6 +20,7 @@ import pytest
 from cruzflow.server.app import Service
 from cruzflow.server.config import load_config
 from cruzflow.server.engine.runtime import Engine, Limits, WorkflowSpec
+from cruzflow.server.engine.schedules import ScheduleSpec
 from cruzflow.server.store.base import Store
 from cruzflow.server.store.postgres import PostgresStore
 from cruzflow.server.store.sqlite import SqliteStore
@@ -152,10 +153,19 @@ async def make_engine(stores: Stores) -> AsyncIterator[EngineFactory]:
     """Start engines on a real store of the run's backend; all are shut down after."""
     started: list[tuple[Engine, Store]] = []
 
-    async def make(db: str = "store.db", env: Any = None, **limits: int) -> Engine:
+    async def make(
+        db: str = "store.db",
+        env: Any = None,
+        schedules: Sequence[ScheduleSpec] = (),
+        before: Callable[[Store], Awaitable[None]] | None = None,
+        **limits: Any,
+    ) -> Engine:
+        """``before`` gets the opened store ahead of the engine (to plant rows)."""
         store = stores.open(db)
         await store.open()
-        engine = Engine(store, specs(), env, Limits(**limits))
+        if before is not None:
+            await before(store)
+        engine = Engine(store, specs(), env, Limits(**limits), schedules=schedules)
         await engine.start()
         started.append((engine, store))
         return engine

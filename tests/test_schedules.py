@@ -11,7 +11,7 @@ is checked against another schedule's fires, the test's clock.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,12 +25,12 @@ from cruzflow.server.engine.errors import (
     InvalidArgument,
     NotFound,
 )
-from cruzflow.server.engine.runtime import Engine, Limits
+from cruzflow.server.engine.runtime import Engine
 from cruzflow.server.engine.schedules import Cron, ScheduleSpec, due_instance_id, plan
 from cruzflow.server.records import CatchUp, ScheduleOrigin, ScheduleRecord
 from cruzflow.server.store.base import Store
 from cruzflow.v1 import workflows_pb2 as pb
-from tests.conftest import ON_POSTGRES, Server, Stores, eventually, finished, specs
+from tests.conftest import ON_POSTGRES, Server, eventually, finished
 
 TRANSPORTS = ("grpc", "http")
 
@@ -40,30 +40,10 @@ Factory = Callable[..., Awaitable[Engine]]
 
 
 @pytest.fixture
-async def engines(stores: Stores) -> AsyncIterator[Factory]:
-    """Engines with schedules on the test's stores; all stopped afterwards."""
-    started: list[tuple[Engine, Store]] = []
-
-    async def make(
-        db: str = "store.db",
-        schedules: Sequence[ScheduleSpec] = (),
-        before: Callable[[Store], Awaitable[None]] | None = None,
-        **limits: Any,
-    ) -> Engine:
-        store = stores.open(db)
-        await store.open()
-        if before is not None:
-            await before(store)
-        engine = Engine(store, specs(), None, Limits(**limits), schedules=schedules)
-        await engine.start()
-        started.append((engine, store))
-        return engine
-
-    yield make
-    for engine, store in reversed(started):
-        if not engine.stopping:
-            await engine.shutdown(0.1)
-            await store.close()
+def engines(make_engine: Factory) -> Factory:
+    """Engines with schedules on the test's stores (conftest's make_engine,
+    with ``schedules=`` and ``before=``); all stopped afterwards."""
+    return make_engine
 
 
 async def stop(engine: Engine) -> None:
