@@ -30,8 +30,10 @@ DAY = 86400.0
 
 def test_public_names_are_pinned() -> None:
     assert sorted(kit.__all__) == [
+        "Divergence",
         "ErrorInfo",
         "InstanceHandle",
+        "ReplayResult",
         "StepResult",
         "WorkflowRun",
         "WorkflowTestEnv",

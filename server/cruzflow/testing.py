@@ -41,7 +41,9 @@ from typing import Any, cast
 
 from cruzflow.sdk.api import Env, WorkflowEntrypoint
 from cruzflow.server.bindings import SqliteDatabase
+from cruzflow.server.checking import export_instance, load_export
 from cruzflow.server.engine.errors import ServiceError, Unavailable
+from cruzflow.server.engine.replay import Divergence, ReplayResult, replay
 from cruzflow.server.engine.runtime import Engine, Limits, WorkflowSpec
 from cruzflow.server.engine.steps import to_json
 from cruzflow.server.records import (
@@ -56,8 +58,10 @@ from cruzflow.server.records import (
 from cruzflow.server.store.sqlite import SqliteStore
 
 __all__ = [
+    "Divergence",
     "ErrorInfo",
     "InstanceHandle",
+    "ReplayResult",
     "StepResult",
     "WorkflowRun",
     "WorkflowTestEnv",
@@ -76,6 +80,7 @@ _KINDS = {
     StepKind.WAIT_FOR_EVENT: "wait_for_event",
     StepKind.CHILD: "child",
     StepKind.ROLLBACK: "rollback",
+    StepKind.VERSION: "version",
 }
 _EVENT_PAGE = 1000
 
@@ -111,7 +116,8 @@ class StepResult:
     index: int
     """The step's position in the run, from 0."""
     kind: str
-    """``"do"``, ``"sleep"``, ``"wait_for_event"``, ``"child"`` or ``"rollback"``."""
+    """``"do"``, ``"sleep"``, ``"wait_for_event"``, ``"child"``, ``"rollback"`` or
+    ``"version"`` (a ``step.version`` marker)."""
     outcome: str
     """``"succeeded"``, ``"failed"``, or ``"running"`` while it is not decided."""
     attempts: int
@@ -502,6 +508,28 @@ class WorkflowTestEnv:
         self._events.clear()
 
     # ----------------------------------------------------------- instances
+    async def replay(self, fixture: Mapping[str, Any] | str | PathLike[str]) -> ReplayResult:
+        """Replay an exported instance against the code of this env's workflow
+        (or of the one in ``workflows`` named as the instance's), as a server
+        running this code would replay it: no step body runs and nothing is
+        stored; each step gets its recorded result or error.
+
+        ``fixture`` is what ``cruzflow export ID > fixture.json`` wrote (its
+        path, its text, or the parsed data; ``InstanceHandle.export`` gives
+        the same). The result says how the code went on from the history:
+        ``outcome`` "completed" (``output``), "errored" (``error``),
+        "waiting" (at ``next_step``, not done in the history) or "diverged":
+        ``divergence`` names the position, the recorded step and the code's.
+        """
+        history, _ = load_export(Path(fixture) if isinstance(fixture, PathLike) else fixture)
+        spec = self._others.get(history.workflow, self._spec)
+        return await replay(spec.cls, self._env, history)
+
+    def instance(self, id: str) -> InstanceHandle:
+        """The handle of an instance already in the store: one started before a
+        ``restart_engine``, or by an earlier env on the same ``directory``."""
+        return InstanceHandle(self, id)
+
     async def start(self, params: Any = None, *, id: str | None = None) -> InstanceHandle:
         """Create an instance with ``params`` (JSON) and return at once with its handle.
 
@@ -612,6 +640,11 @@ class InstanceHandle:
     async def snapshot(self) -> WorkflowRun:
         """The instance as stored now, with its steps so far."""
         return await self._env._snapshot(self.id)
+
+    async def export(self) -> dict[str, Any]:
+        """The instance's whole history, as ``cruzflow export`` writes it (a
+        fixture for ``WorkflowTestEnv.replay``)."""
+        return await export_instance(self._env.engine, self.id)
 
     async def send_event(self, type: str, payload: Any = None) -> None:
         """Send an event as the SendEvent RPC does: stored, then taken by the

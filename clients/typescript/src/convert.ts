@@ -48,7 +48,7 @@ const STEP_STATUS_WORDS = wordsOf(pb.StepStatus, ["running", "succeeded", "faile
   number,
   StepStatus
 >;
-const STEP_KIND_WORDS = wordsOf(pb.StepKind, ["do", "sleep", "waitForEvent", "child", "rollback"]) as Map<
+const STEP_KIND_WORDS = wordsOf(pb.StepKind, ["do", "sleep", "waitForEvent", "child", "rollback", "version"]) as Map<
   number,
   StepKind
 >;

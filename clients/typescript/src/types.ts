@@ -54,9 +54,17 @@ export type StepStatus = "running" | "succeeded" | "failed" | "unknown";
  * `step.sleep`/`step.sleep_until`, `"waitForEvent"` is `step.wait_for_event`,
  * `"child"` is `step.child` (it starts a child instance and waits for it),
  * `"rollback"` a step's rollback (run when the instance failed or was
- * terminated with rollback).
+ * terminated with rollback), `"version"` a version marker (`step.version`:
+ * where new code took a new path).
  */
-export type StepKind = "do" | "sleep" | "waitForEvent" | "child" | "rollback" | "unknown";
+export type StepKind =
+  | "do"
+  | "sleep"
+  | "waitForEvent"
+  | "child"
+  | "rollback"
+  | "version"
+  | "unknown";
 
 /**
  * An error the way Python names it: the exception class and its text, and

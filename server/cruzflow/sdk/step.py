@@ -53,6 +53,9 @@ class StepRuntime(Protocol):
     ) -> Any:
         """Start a child instance once and wait durably for its output."""
 
+    def version(self, name: str) -> bool:
+        """Whether this run takes the code path of version marker ``name``."""
+
 
 class WorkflowStep:
     """Runs steps for one instance: each result is checkpointed before it is used."""
@@ -286,6 +289,29 @@ class WorkflowStep:
         return await self._runtime.child(
             name, workflow, params, id, lookup_key, parent_close == "abandon"
         )
+
+    def version(self, name: str) -> bool:
+        """Whether this run takes the new code path marked ``name``: a safe way
+        to change a workflow's code under instances that are already running.
+
+        ::
+
+            if step.version("charge-v2"):
+                receipt = await step.do("charge with tax", charge_with_tax)
+            else:
+                receipt = await step.do("charge", charge)
+
+        True for an instance that reaches this point under code that has the
+        marker (the marker is recorded in its history, so every replay of it
+        answers True); False for one that had already gone past this point
+        under the code before (it keeps the old path, and its replays answer
+        False). Later calls with the same name in a run give the same answer.
+        Once no instance from before the marker runs, delete the old branch
+        and the call: recorded markers no longer asked for are passed over.
+        ``cruzflow check`` replays running instances against new code and
+        understands markers.
+        """
+        return self._runtime.version(name)
 
 
 class StepFunction:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from cruzflow.server import commands, scaffold
+from cruzflow.server import commands, deploy, scaffold
 
 EPILOG = """\
 exit codes:
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     scaffold.register(sub)
     commands.register(sub, epilog=EPILOG)
+    deploy.register(sub, epilog=EPILOG)
     return parser
 
 

@@ -202,7 +202,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], epilog: s
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        parser.set_defaults(func=_runner(handler))
+        parser.set_defaults(func=runner(handler))
         return parser
 
     create = command(
@@ -341,7 +341,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], epilog: s
 # --- running a command ------------------------------------------------------
 
 
-def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
+def runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             return asyncio.run(_run(handler, args))
@@ -353,7 +353,7 @@ def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _connection(args: argparse.Namespace) -> tuple[str | None, Any]:
+def connection(args: argparse.Namespace) -> tuple[str | None, Any]:
     """The token and channel credentials the options ask for."""
     token = args.token or None
     if getattr(args, "token_file", None):
@@ -386,7 +386,7 @@ def _connection(args: argparse.Namespace) -> tuple[str | None, Any]:
 
 async def _run(handler: Handler, args: argparse.Namespace) -> int:
     try:
-        token, credentials = _connection(args)
+        token, credentials = connection(args)
         async with Client(
             args.address, timeout=args.timeout, token=token, credentials=credentials
         ) as client:

@@ -62,6 +62,7 @@ class StepKind(enum.IntEnum):
     WAIT_FOR_EVENT = 3
     CHILD = 4
     ROLLBACK = 5
+    VERSION = 6
 
 
 # Inbox events of types starting so are the engine's own: SendEvent and

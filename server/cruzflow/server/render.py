@@ -21,7 +21,13 @@ FINAL_STATUSES = frozenset({"complete", "errored", "terminated"})
 # for JSON (scripts match on it), but "waiting for pause" reads better.
 _STATUS_WORDS = {"waitingForPause": "waiting for pause"}
 # How a step of each kind is named in event lines ("step" for step.do).
-_WHAT = {"sleep": "sleep", "waitForEvent": "wait", "child": "child", "rollback": "rollback"}
+_WHAT = {
+    "sleep": "sleep",
+    "waitForEvent": "wait",
+    "child": "child",
+    "rollback": "rollback",
+    "version": "version",
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 import grpc
+from google.protobuf import json_format
 
 from cruzflow.client import _convert
 from cruzflow.client._retry import RetryPolicy, call_with_retry
@@ -38,6 +39,9 @@ from cruzflow.client.errors import (
 )
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
+
+EXPORT_FORMAT = "cruzflow.instance/1"
+"""The ``format`` of what ``InstanceHandle.export`` returns."""
 
 if TYPE_CHECKING:
     from cruzflow.v1.workflows_pb2_grpc import WorkflowServiceAsyncStub
@@ -784,6 +788,43 @@ class InstanceHandle:
             instance_id=self._id,
         )
         return _convert.instance(response.instance)
+
+    async def export(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The instance's whole history as JSON-ready data: its status with
+        every step (params, results, errors, sleeps and waits) and every event
+        of its log so far, each in the proto's JSON form (as grpcurl and
+        HTTP/JSON show them). ``cruzflow export`` writes it to a file, and
+        ``cruzflow.testing.WorkflowTestEnv.replay`` replays it against code."""
+        client = self._client
+        response = await client._unary(
+            client._rpc().GetStatus,
+            pb.GetStatusRequest(instance_id=self._id),
+            timeout=client._deadline(timeout),
+            retry=client.retry,
+            instance_id=self._id,
+        )
+        instance = response.instance
+        events: list[dict[str, Any]] = []
+        if instance.last_sequence:
+            call = client._rpc().WatchInstance(
+                pb.WatchInstanceRequest(instance_id=self._id),
+                timeout=client._deadline(timeout),
+                metadata=client._metadata,
+            )
+            try:
+                async for message in call:
+                    events.append(json_format.MessageToDict(message))
+                    if message.sequence >= instance.last_sequence:
+                        break
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc, self._id) from exc
+            finally:
+                call.cancel()
+        return {
+            "format": EXPORT_FORMAT,
+            "instance": json_format.MessageToDict(instance),
+            "events": events,
+        }
 
     async def pause(self, *, timeout: float | None = None) -> InstanceStatus:
         """Pause at the next step boundary; returns ``PAUSED``, or

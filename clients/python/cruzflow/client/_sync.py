@@ -372,6 +372,10 @@ class SyncInstanceHandle:
         """See :meth:`InstanceHandle.status`."""
         return self._loop.run(self._handle.status(timeout=timeout))
 
+    def export(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """See :meth:`InstanceHandle.export`."""
+        return self._loop.run(self._handle.export(timeout=timeout))
+
     def pause(self, *, timeout: float | None = None) -> InstanceStatus:
         """See :meth:`InstanceHandle.pause`."""
         return self._loop.run(self._handle.pause(timeout=timeout))

@@ -81,6 +81,8 @@ class StepKind(enum.StrEnum):
     ROLLBACK = "rollback"
     """A step's rollback, run when the instance failed or was terminated with
     rollback (and the "terminate" row of the latter)."""
+    VERSION = "version"
+    """A version marker (``step.version``): where new code took a new path."""
     UNKNOWN = "unknown"
 
 

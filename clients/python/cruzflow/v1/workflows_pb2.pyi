@@ -102,6 +102,10 @@ class _StepKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepKind.Val
     """A step's rollback (step.do's rollback=), run when the instance failed or
     was terminated with rollback; also the "terminate" row of the latter.
     """
+    STEP_KIND_VERSION: _StepKind.ValueType  # 6
+    """A version marker (step.version): recorded where new code took a new path,
+    so that a replay takes the same one. Its output is true.
+    """
 
 class StepKind(_StepKind, metaclass=_StepKindEnumTypeWrapper):
     """StepKind is what a step does."""
@@ -118,6 +122,10 @@ STEP_KIND_CHILD: StepKind.ValueType  # 4
 STEP_KIND_ROLLBACK: StepKind.ValueType  # 5
 """A step's rollback (step.do's rollback=), run when the instance failed or
 was terminated with rollback; also the "terminate" row of the latter.
+"""
+STEP_KIND_VERSION: StepKind.ValueType  # 6
+"""A version marker (step.version): recorded where new code took a new path,
+so that a replay takes the same one. Its output is true.
 """
 Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
 

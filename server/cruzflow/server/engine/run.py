@@ -49,7 +49,7 @@ class Run:
         "parent_id",
         "parked", "pause_requested", "poked", "pokes", "queued", "replay", "replay_names",
         "resumed", "run_started_at", "seq", "span", "spec", "status", "stirred", "strays",
-        "task", "terminating", "trace_parent",
+        "task", "terminating", "trace_parent", "versions",
     )  # fmt: skip
 
     def __init__(
@@ -111,6 +111,8 @@ class Run:
         # poke count when that was read (StepRunner.child reads it again after
         # a poke): one read per wake-up, however many children wait.
         self.ended: tuple[int, frozenset[str]] | None = None
+        # What each step.version name answered in this run (made on first use).
+        self.versions: dict[str, bool] | None = None
 
     @property
     def active(self) -> bool:
@@ -127,6 +129,7 @@ class Run:
         self.poked = False
         self.compensations = []
         self.ended = None
+        self.versions = None
 
     def emit(
         self,

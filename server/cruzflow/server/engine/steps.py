@@ -125,15 +125,91 @@ class _Slot:
         await self.run.barrier()
 
 
+class StepChanged(NonDeterminismError):
+    """Another step was recorded where the code reached this one: ``stored``
+    at ``index``, against the code's ``kind`` ``name`` (``occurrence``)."""
+
+    def __init__(
+        self, message: str, index: int, stored: StepRecord, name: str, occurrence: int,
+        kind: StepKind,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.index, self.stored = index, stored
+        self.name, self.occurrence, self.kind = name, occurrence, kind
+
+
 def _changed(
     index: int, name: str, occurrence: int, kind: StepKind, stored: StepRecord
-) -> NonDeterminismError:
-    return NonDeterminismError(
+) -> StepChanged:
+    return StepChanged(
         f"step #{index} is {kind.name.lower()} {name!r} (occurrence {occurrence}) in the "
         f"code but was recorded as {stored.kind.name.lower()} {stored.name!r} (occurrence "
-        f"{stored.occurrence}): the workflow code changed under a running instance; "
-        f"restart the instance or deploy the change under a new workflow name"
-    )
+        f"{stored.occurrence}): the workflow code changed under a running instance; guard "
+        f"the change with step.version(...), restart the instance, or deploy the change "
+        f"under a new workflow name (`cruzflow check` finds such changes before a deploy)",
+        index, stored, name, occurrence, kind,
+    )  # fmt: skip
+
+
+def match_recorded(
+    replay: dict[int, StepRecord],
+    recorded: Callable[[str, int], StepRecord | None],
+    index: int,
+    name: str,
+    occurrence: int,
+    kind: StepKind,
+    in_order: bool,
+) -> tuple[int, StepRecord | None]:
+    """Where a step of a replayed run goes, and what was recorded for it: the
+    engine's rule, shared with the replay check (``engine.replay``).
+
+    A step is its name and occurrence. In order, the recorded one is at
+    ``index``; parallel branches (``in_order`` false) may reach their steps in
+    another order than they did when recorded, so it is looked up by name.
+    Version markers that the code no longer asks for are passed over. Raises
+    NonDeterminismError when another step was recorded where this one is.
+    """
+    stored = replay.get(index)
+    while stored is not None and stored.kind is StepKind.VERSION and kind is not StepKind.VERSION:
+        index += 1  # a marker of a step.version call since removed from the code
+        stored = replay.get(index)
+    if stored is None or stored.name != name or stored.occurrence != occurrence:
+        found = recorded(name, occurrence)
+        if found is None and stored is not None and in_order:
+            # Steps in order, and another one recorded here: the code changed.
+            raise _changed(index, name, occurrence, kind, stored)
+        stored = found
+        if stored is None:
+            while index in replay:  # a new step goes past the recorded ones
+                index += 1
+        else:
+            index = stored.index
+    if stored is not None and stored.kind != kind:
+        raise _changed(index, name, occurrence, kind, stored)
+    return index, stored
+
+
+def version_taken(
+    replay: dict[int, StepRecord] | None,
+    recorded: Callable[[str, int], StepRecord | None],
+    index: int,
+    name: str,
+) -> tuple[bool, bool]:
+    """What ``step.version(name)`` answers at ``index`` of a run, and whether it
+    records its marker there: True where the marker was recorded, or where
+    nothing was recorded yet at or past this position (new code reaches this
+    point for the first time: the marker is recorded); False for a run that
+    went past this point under the code before the marker (it keeps the old
+    path, and nothing is recorded)."""
+    if replay:
+        stored = recorded(name, 1)
+        if stored is not None:
+            if stored.kind is not StepKind.VERSION:
+                raise _changed(index, name, 1, StepKind.VERSION, stored)
+            return True, False
+        if max(replay) >= index:
+            return False, False
+    return True, True
 
 
 def _err(name: str, message: str, traceback: str | None) -> list[str]:
@@ -377,23 +453,9 @@ class StepRunner:
         stored = None
         index = run.next_index
         if replay:
-            # A step is its name and occurrence. In order, the recorded one is
-            # at this position; parallel branches may reach their steps in
-            # another order than they did when recorded, so it is looked up.
-            stored = replay.get(index)
-            if stored is None or stored.name != name or stored.occurrence != occurrence:
-                found = run.recorded(name, occurrence)
-                if found is None and stored is not None and not run.strays:
-                    # Steps in order, and another one recorded here: the code changed.
-                    raise _changed(index, name, occurrence, kind, stored)
-                stored = found
-                if stored is None:
-                    while index in replay:  # a new step goes past the recorded ones
-                        index += 1
-                else:
-                    index = stored.index
-            if stored is not None and stored.kind != kind:
-                raise _changed(index, name, occurrence, kind, stored)
+            index, stored = match_recorded(
+                replay, run.recorded, index, name, occurrence, kind, not run.strays
+            )
         run.next_index = max(run.next_index, index + 1)
         if index >= limits.max_steps_per_instance:
             raise FatalWorkflowError(
@@ -402,6 +464,36 @@ class StepRunner:
                 f"(limits.max_steps_per_instance); split the work across instances",
             )
         return _Slot(run, index, name, occurrence, kind), stored
+
+    def version(self, name: str) -> bool:
+        """One ``step.version``: True for a run that reaches this point under
+        the code that has it (its marker is recorded here, in the run's next
+        write), False for one that went past it before; the same answer for
+        every later call of that name in the run."""
+        run = self._run
+        taken = run.versions.get(name) if run.versions is not None else None
+        if taken is not None:
+            return taken
+        limit = self._core.limits.max_step_name_length
+        if not isinstance(name, str) or not name or len(name) > limit:
+            raise ValueError(
+                f"step.version: the name must be a non-empty string of at most {limit} "
+                f"characters, got {name!r:.80}"
+            )
+        taken, record = version_taken(run.replay, run.recorded, run.next_index, name)
+        if record:
+            slot, _ = self._next(name, StepKind.VERSION)
+            slot.started_at = _ms()
+            # Durable with the run's next write, before any step it guards runs.
+            slot.record(StepStatus.SUCCEEDED, 1, ended_at=slot.started_at, output=b"true")
+        elif taken:
+            stored = run.recorded(name, 1)
+            assert stored is not None
+            run.next_index = max(run.next_index, stored.index + 1)
+        if run.versions is None:
+            run.versions = {}
+        run.versions[name] = taken
+        return taken
 
     async def sleep_until(self, name: str, due_at: Callable[[int], int]) -> None:
         """A durable sleep until ``due_at(start)``; on a replay its stored due time."""

@@ -570,6 +570,30 @@ class SqliteStore:
             await self.close()
             raise
 
+    async def open_read_only(self) -> None:
+        """Open for reads only (``cruzflow check --store``), beside a server
+        that may be running on the file: no lock taken, nothing migrated or
+        written. Only ``get_instance``, ``get_steps`` and ``list_instances``."""
+        if not self.path.is_file():
+            raise StoreError(f"{self.path}: no such store file; check the path")
+        try:
+            uri = self.path.resolve().as_uri() + "?mode=ro"
+            self._reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+            await self._reader.execute("PRAGMA busy_timeout = 5000")
+            async with self._reader.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            await self.close()
+            raise self._fault("cannot open the store", exc) from exc
+        version = row[0] if row else 0
+        if version != len(MIGRATIONS):
+            await self.close()
+            raise StoreError(
+                f"{self.path}: schema version {version}, where this cruzflow reads version "
+                f"{len(MIGRATIONS)}; check against the server that runs it instead"
+            )
+        self._page_token_key = bytes(32)  # no page token is handed out
+
     def _take_lock(self) -> None:
         # Two servers on one file would both resume the same instances and run
         # their steps twice. The lock dies with the process, SIGKILL included.
