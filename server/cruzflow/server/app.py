@@ -23,9 +23,8 @@ from cruzflow.sdk.api import Env
 from cruzflow.server.auth import INTERNAL_NAME, AuthInterceptor, Gate, Refusal, TokenRule, digest
 from cruzflow.server.bindings import (
     ServerLink,
-    SqliteDatabase,
     WorkflowTarget,
-    bind_workflows,
+    config_values,
     local_address,
 )
 from cruzflow.server.config import Config
@@ -65,9 +64,6 @@ class Service:
             if config.store_url is None
             else config.postgres_store()
         )
-        values: dict[str, Any] = dict(config.file.vars)
-        for binding, path in config.database_paths().items():
-            values[binding] = SqliteDatabase(path)
         # Workflows hosted here are called through a client to this server's own
         # address, known once it listens (see start). With tokens, that client
         # holds one of its own, made anew at each start and never shown.
@@ -86,8 +82,7 @@ class Service:
             else None
         )
         """Who may call what, on every transport; None: no authentication."""
-        values.update(bind_workflows(config.workflow_bindings, self.own_link))
-        self.env = Env(values)
+        self.env = Env(config_values(config, self.own_link))
         self.engine = Engine(
             self.store,
             config.workflows,

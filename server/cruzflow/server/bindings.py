@@ -17,7 +17,7 @@ import re
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiosqlite
 import grpc
@@ -39,6 +39,9 @@ from cruzflow.client import (
 )
 from cruzflow.server.engine.errors import NonRetryableError
 from cruzflow.server.engine.scope import StepScope, current_step
+
+if TYPE_CHECKING:
+    from cruzflow.server.config import Config
 
 
 class SqliteDatabase:
@@ -223,6 +226,17 @@ def bind_workflows(targets: Iterable[WorkflowTarget], own: ServerLink) -> dict[s
     return {
         t.binding: BoundWorkflow(t, own if t.address is None else ServerLink(t)) for t in targets
     }
+
+
+def config_values(config: Config, own: ServerLink) -> dict[str, Any]:
+    """What ``self.env`` holds under ``config``: its [vars], a binding per
+    [[sqlite_databases]] entry (connected on first use) and per [[workflows]]
+    entry (its client made on first use, through ``own`` for those hosted here)."""
+    values: dict[str, Any] = dict(config.file.vars)
+    for binding, path in config.database_paths().items():
+        values[binding] = SqliteDatabase(path)
+    values.update(bind_workflows(config.workflow_bindings, own))
+    return values
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")

@@ -22,6 +22,7 @@ from cruzflow.client import InstanceStatus as ClientStatus
 from cruzflow.client._client import EXPORT_FORMAT
 from cruzflow.client._convert import instance as instance_info
 from cruzflow.sdk.api import Env
+from cruzflow.server.bindings import ServerLink, config_values
 from cruzflow.server.engine.replay import History, ReplayResult, breaks, replay
 from cruzflow.server.engine.steps import to_json
 from cruzflow.server.records import (
@@ -354,14 +355,20 @@ async def run_check(
             f"{', '.join(sorted(config.workflows)) or 'none'})"
         )
     started = time.monotonic()
-    checker = Checker(config.workflows, Env(dict(config.file.vars)))
+    # The env the new server would give the classes (run() may read a
+    # binding); nothing connects, as no step body runs.
+    env = Env(config_values(config, ServerLink()))
+    checker = Checker(config.workflows, env)
     finished_of = workflows or sorted(config.workflows)
     if store is not None:
         source = _from_store(Path(store), workflows, finished, finished_of)
     else:
         assert client is not None
         source = _from_server(client, workflows, finished, finished_of)
-    async for history in source:
-        await checker.check(history)
+    try:
+        async for history in source:
+            await checker.check(history)
+    finally:
+        await env.aclose()
     checker.report.seconds = time.monotonic() - started
     return checker.report

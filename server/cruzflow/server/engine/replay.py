@@ -355,11 +355,12 @@ def _result(history: History, sandbox: Sandbox, task: asyncio.Task[Any]) -> Repl
         error = ("ReplayStuck", "run() awaited something other than a step and never went on")
     left = sandbox.unreached()
     if left is not None:
-        where = (
-            f"the code stopped at {sandbox.next_step} (not done yet)"
-            if outcome == "waiting"
-            else f"the code {outcome} first"
-        )
+        if outcome == "waiting":
+            where = f"the code stopped at {sandbox.next_step}, not done yet"
+        elif error is not None:
+            where = f"the code raised {error[0]}: {error[1]:.200} first"
+        else:
+            where = "the code returned first"
         message = (
             f"step {_step_at(left)} was recorded but the code does not reach it ({where}): "
             f"a step was removed, renamed or moved"
