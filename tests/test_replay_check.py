@@ -2,7 +2,8 @@
 `cruzflow check`), step.version markers, and exported instances as fixtures.
 
 Histories are recorded by the real engine on a real SQLite store (the test
-kit), or by a real `cruzflow serve` process for the CLI and the SIGKILL test.
+kit), or by a real `cruzflow serve` process for the CLI and the SIGKILL test
+(on the run's store: SQLite, or PostgreSQL).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from cruzflow.client import Client
 from cruzflow.testing import WorkflowTestEnv
 from tests import deploy_workflows as dw
+from tests.conftest import ON_POSTGRES
 from tests.procs import ServerProcess, write_config
 
 ORDER = "order"
@@ -171,11 +173,25 @@ def _cli(*args: str, address: str = "") -> subprocess.CompletedProcess[str]:
     )
 
 
+def _store_url(request: pytest.FixtureRequest) -> str | None:
+    """A PostgreSQL database of its own on a PostgreSQL run; None: SQLite."""
+    if not ON_POSTGRES:
+        return None
+    cluster = request.getfixturevalue("postgres_server")
+    url: str = cluster.url(cluster.create_database())
+    return url
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[ServerProcess]:
     """A server running OrderV1 as "order", with A, B and C as above."""
     directory = tmp_path_factory.mktemp("check-server")
-    proc = ServerProcess(write_config(directory, {ORDER: "tests.deploy_workflows:OrderV1"}))
+    config = write_config(
+        directory, {ORDER: "tests.deploy_workflows:OrderV1"}, store_url=_store_url(request)
+    )
+    proc = ServerProcess(config)
     proc.start()
 
     async def populate() -> None:
@@ -243,6 +259,9 @@ def test_check_against_a_server_names_what_breaks_and_exits_1(
     assert "C (complete): step #4 waitForEvent 'delivered' was recorded" in text.stdout
 
 
+@pytest.mark.skipif(
+    ON_POSTGRES, reason="--store reads a SQLite file; PostgreSQL is checked through its server"
+)
 def test_check_reads_a_store_file_beside_its_running_server(
     server: ServerProcess, tmp_path: Path
 ) -> None:
@@ -276,10 +295,15 @@ def test_check_refuses_a_bad_config_or_store_with_exit_2(tmp_path: Path) -> None
     assert unknown.returncode == 2 and "not a workflow of" in unknown.stderr
 
 
-def test_an_instance_exported_after_a_sigkill_replays_to_its_result(tmp_path: Path) -> None:
+def test_an_instance_exported_after_a_sigkill_replays_to_its_result(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """Recorded across a SIGKILL and a restart of the server; exported with the
     CLI; replayed in the test kit to the same output, with no body run."""
-    proc = ServerProcess(write_config(tmp_path, {ORDER: "tests.deploy_workflows:OrderV1"}))
+    config = write_config(
+        tmp_path, {ORDER: "tests.deploy_workflows:OrderV1"}, store_url=_store_url(request)
+    )
+    proc = ServerProcess(config)
     proc.start()
     try:
 
