@@ -14,6 +14,8 @@ from typing import Any
 import grpc
 import pytest
 
+from cruzflow.client import Client, EventKind, FailedPrecondition, InvalidArgument, SyncClient
+from cruzflow.server import cli
 from cruzflow.v1 import workflows_pb2 as pb
 from tests.conftest import BOTH, Server, ServerFactory, eventually
 from tests.workflows import Blocks, Mends
@@ -256,3 +258,74 @@ async def test_a_restart_from_a_step_keeps_the_results_before_it(server: Server)
     await _final(server, "again-1")
     assert Mends.calls == {"fetch": 2, "charge": 3, "ship": 3}
     assert len((await _status(server, "again-1")).repairs) == 1
+
+
+# ---------------------------------------------------------- CLI and client
+def _cli(server: Server, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = cli.main(["--address", server.address, *argv])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+@pytest.mark.grpc_only
+async def test_the_cli_repairs_and_restarts_from_a_step(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    instance_id = await _errored(server)
+    code, out = await asyncio.to_thread(
+        _cli, server, capsys, "repair", instance_id, "--step", "charge", "--output", "{oops",
+        "--reason", "x",
+    )  # fmt: skip
+    assert code == 2 and "--output is not valid JSON" in out
+    code, out = await asyncio.to_thread(
+        _cli, server, capsys, "repair", instance_id, "--step", "charge",
+        "--output", '{"charged": 5}', "--reason", "paid at the desk",
+    )  # fmt: skip
+    assert code == 0, out
+    assert f"{instance_id}: step 'charge' repaired by anonymous" in out
+    done = await _final(server, instance_id)
+    assert json.loads(done.output_json) == {"shipped": {"charged": 5}}
+    Mends.failing = False
+    code, out = await asyncio.to_thread(
+        _cli, server, capsys, "restart", instance_id, "--from-step", "charge",
+        "--reason", "charge for real",
+    )  # fmt: skip
+    assert code == 0 and "restarted from step 'charge'" in out, out
+    done = await _final(server, instance_id)
+    assert json.loads(done.output_json) == {"shipped": {"charged": 7}}
+    assert Mends.calls == {"fetch": 1, "charge": 2, "ship": 2}
+    reasons = [r.reason for r in (await _status(server, instance_id)).repairs]
+    assert reasons == ["paid at the desk", "charge for real"]
+
+
+@pytest.mark.grpc_only
+async def test_the_python_client_repairs_and_restarts(server: Server) -> None:
+    instance_id = await _errored(server)
+    async with Client(server.address) as client:
+        handle = client.instance(instance_id)
+        with pytest.raises(InvalidArgument, match="not both"):
+            await handle.repair("charge", output=1, retry=True, reason="x")
+        entry = await handle.repair("charge", output=None, reason="nothing to charge")
+        assert (entry.action, entry.actor, entry.output) == ("set_output", "anonymous", None)
+        assert entry.step is not None and entry.step.name == "charge"
+        assert (await handle.result()) == {"shipped": None}
+        status = await handle.status()
+        assert status.repairs == (entry,)
+        events = [e async for e in handle.watch()]
+        assert [e.repair for e in events if e.kind is EventKind.REPAIRED] == [entry]
+        Mends.failing = False
+        await handle.restart(from_step="charge", reason="again")
+        assert (await handle.result()) == {"shipped": {"charged": 7}}
+    await asyncio.to_thread(_sync_part, server.address, instance_id)
+
+
+def _sync_part(address: str, instance_id: str) -> None:
+    """The sync client (its own loop, in a thread: the server runs on the test's)."""
+    with SyncClient(address) as sync:
+        handle = sync.instance(instance_id)
+        with pytest.raises(FailedPrecondition, match="is complete"):
+            handle.repair("charge", retry=True, reason="x")
+        handle.restart(from_step="ship", reason="ship again")
+        assert [r.action for r in handle.status().repairs] == [
+            "set_output", "restart", "restart",
+        ]  # fmt: skip
