@@ -808,19 +808,18 @@ async def _repair(ctx: Context) -> int:
         entry = await handle.repair(
             args.step, reason=args.reason, output=output, occurrence=args.occurrence
         )
-    status = (await handle.status()).status
     if ctx.json:
         ctx.print(
             render.json_doc({
-                "instance_id": args.instance_id, "status": status.value, "step": args.step,
-                "action": entry.action, "actor": entry.actor, "reason": entry.reason,
+                "instance_id": args.instance_id, "step": args.step, "action": entry.action,
+                "actor": entry.actor, "reason": entry.reason,
             })
         )  # fmt: skip
         return EXIT_OK
     done = "retried" if args.retry else "repaired"
+    # No status: it goes on at once, so any status printed would race it.
     ctx.print(
-        f"{args.instance_id}: step {args.step!r} {done} by {entry.actor} "
-        f"(now {render.status_word(status.value)})"
+        f"{args.instance_id}: step {args.step!r} {done} by {entry.actor}; it goes on from there"
     )
     return EXIT_OK
 
