@@ -90,6 +90,7 @@ ALL_WORKFLOWS: dict[str, str] = {
     "parent": "tests.workflows:Parent",
     "waits-together": "tests.workflows:WaitsTogether",
     "booking": "tests.workflows:Booking",
+    "mends": "tests.workflows:Mends",
 }
 
 

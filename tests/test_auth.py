@@ -8,6 +8,7 @@ and looks for every token and private key in all it recorded.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -305,6 +306,10 @@ async def test_a_read_only_token_reads_but_cannot_change_anything(
         ("TerminateInstance", pb.TerminateInstanceRequest(instance_id=instance)),
         ("RestartInstance", pb.RestartInstanceRequest(instance_id=instance)),
         ("SendEvent", pb.SendEventRequest(instance_id=instance, type="approval")),
+        (
+            "RepairInstance",
+            pb.RepairInstanceRequest(instance_id=instance, step="x", retry=True, reason="r"),
+        ),
     ):
         code, details = await node.code(method, change, reader)
         assert code == DENIED, method
@@ -312,6 +317,7 @@ async def test_a_read_only_token_reads_but_cannot_change_anything(
     # Nothing changed: the instance still waits for its approval.
     status = await node.stub.GetStatus(pb.GetStatusRequest(instance_id=instance), metadata=reader)
     assert status.instance.status != pb.INSTANCE_STATUS_TERMINATED
+    assert not status.instance.repairs
     async with Client(node.address, token=tokens.reader, retry=None) as client:
         with pytest.raises(PermissionDenied, match="read-only"):
             await client.instance(instance).terminate()
@@ -346,6 +352,14 @@ async def test_a_workflow_token_sees_and_changes_only_its_workflows(
     for method, request in (
         ("TerminateInstance", pb.TerminateInstanceRequest(instance_id="other-1")),
         ("RestartInstance", pb.RestartInstanceRequest(instance_id="other-1")),
+        (
+            "RestartInstance",
+            pb.RestartInstanceRequest(instance_id="other-1", from_step="one", reason="r"),
+        ),
+        (
+            "RepairInstance",
+            pb.RepairInstanceRequest(instance_id="other-1", step="one", retry=True, reason="r"),
+        ),
         ("SendEvent", pb.SendEventRequest(instance_id="other-1", type="approval")),
         ("WaitInstance", wait("other-1")),
     ):
@@ -353,6 +367,7 @@ async def test_a_workflow_token_sees_and_changes_only_its_workflows(
     assert await node.watch_code("other-1", approver) == NOT_FOUND
     status = await node.stub.GetStatus(pb.GetStatusRequest(instance_id="other-1"), metadata=admin)
     assert status.instance.status != pb.INSTANCE_STATUS_TERMINATED
+    assert not status.instance.repairs  # no refused repair or restart left a trace
     bad_id = await node.code("GetStatus", pb.GetStatusRequest(instance_id="bad id!"), approver)
     assert bad_id[0] == grpc.StatusCode.INVALID_ARGUMENT
     # Its own instances: every method.
@@ -736,3 +751,32 @@ async def test_schedules_under_tokens(start: Start, tokens: Tokens) -> None:
         pb.GetScheduleRequest(schedule_id="theirs"), metadata=admin
     )
     assert theirs.schedule.paused and not theirs.schedule.last_instance_id
+
+
+async def test_a_repair_records_the_token_that_made_it(start: Start, tokens: Tokens) -> None:
+    node = await start()
+    approver = bearer(tokens.approver)
+    await node.stub.CreateInstance(create("approval", "stuck-1"), metadata=approver)
+
+    async def waiting() -> bool:
+        reply = await node.stub.GetStatus(
+            pb.GetStatusRequest(instance_id="stuck-1"), metadata=approver
+        )
+        return reply.instance.status == pb.INSTANCE_STATUS_WAITING
+
+    await eventually(waiting)
+    # A stuck wait, answered by hand: the event never came.
+    answer = json.dumps({"type": "approval", "payload": "by hand", "timestamp": ""})
+    request = pb.RepairInstanceRequest(
+        instance_id="stuck-1", step="approval", output_json=answer, reason="mail approval"
+    )
+    reply = await node.stub.RepairInstance(request, metadata=approver)
+    assert (reply.repair.actor, reply.repair.reason) == ("approver", "mail approval")
+    done = await node.stub.WaitInstance(
+        pb.WaitInstanceRequest(instance_id="stuck-1"), metadata=approver, timeout=30
+    )
+    assert json.loads(done.instance.output_json) == {"approved": "by hand", "type": "approval"}
+    status = await node.stub.GetStatus(
+        pb.GetStatusRequest(instance_id="stuck-1"), metadata=approver
+    )
+    assert [r.actor for r in status.instance.repairs] == ["approver"]

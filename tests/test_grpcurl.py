@@ -101,6 +101,7 @@ async def test_list_services(server: Server) -> None:
             "ListWorkflows",
             "PauseInstance",
             "PauseSchedule",
+            "RepairInstance",
             "RestartInstance",
             "ResumeInstance",
             "ResumeSchedule",

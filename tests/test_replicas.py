@@ -21,7 +21,7 @@ from cruzflow.server.records import EventKind, InstanceStatus, StepKind, StepSta
 from cruzflow.server.store.postgres import PostgresStore
 from tests.conftest import eventually, finished, specs
 from tests.postgres import PostgresServer, postgres_server, postgres_url  # noqa: F401
-from tests.workflows import Blocks
+from tests.workflows import Blocks, Mends
 
 Start = Callable[..., Awaitable[Engine]]
 
@@ -289,3 +289,54 @@ async def test_a_terminate_with_rollback_through_the_other_server(start: Start) 
     assert [(s.kind, s.status) for s in marker] == [(StepKind.ROLLBACK, StepStatus.SUCCEEDED)]
     # The step the terminate cut short never ran to its end.
     assert [s.status for s in steps if s.name != "terminate"] == [StepStatus.RUNNING]
+
+
+async def test_a_restart_from_a_step_asked_of_the_other_server_is_done_by_its_holder(
+    start: Start,
+) -> None:
+    a = await start()
+    b = await start()
+    Mends.calls, Mends.failing, Mends.hold = {}, False, asyncio.Event()
+    try:
+        instance_id, _ = await a.create("mends", "mend-1")
+        await eventually(lambda: _running_here(a, instance_id))
+        await eventually(lambda: _charging())
+        before = await a.get(instance_id)
+        # Held running by A: a repair asked of B is refused there (through the
+        # command path), and changes nothing.
+        with pytest.raises(FailedPrecondition, match="pause it first"):
+            await b.repair(instance_id, "charge", output='{"charged": 1}', reason="x")
+        assert await a.get(instance_id) == before
+        # A restart from a step goes to A, which does it; the audit says who asked.
+        status, audit = await b.restart_audited(
+            instance_id, "charge", reason="over again", actor="ops", peer="b"
+        )
+        assert status in (InstanceStatus.RUNNING, InstanceStatus.QUEUED)
+        assert audit is not None and (audit["actor"], audit["why"]) == ("ops", "over again")
+        assert instance_id not in b.core.live
+        Mends.hold.set()
+        record = await finished(b, instance_id)
+        assert record.status is InstanceStatus.COMPLETE
+        assert Mends.calls == {"fetch": 1, "charge": 2, "ship": 1}
+        (entry,) = await b.repairs(await b.core.record(instance_id))
+        assert entry.kind is EventKind.REPAIRED and entry.data["name"] == "charge"
+    finally:
+        Mends.hold.set()
+        Mends.hold = None
+
+
+async def test_an_errored_instance_is_repaired_through_either_server(start: Start) -> None:
+    a = await start()
+    b = await start()
+    Mends.calls, Mends.failing, Mends.hold = {}, True, None
+    instance_id, _ = await a.create("mends", "mend-2")
+    assert (await finished(a, instance_id)).status is InstanceStatus.ERRORED
+    await b.repair(instance_id, "charge", output='{"charged": 3}', reason="by hand")
+    record = await finished(a, instance_id)
+    assert record.status is InstanceStatus.COMPLETE
+    assert json.loads(record.output) == {"shipped": {"charged": 3}}
+    assert Mends.calls == {"fetch": 1, "charge": 1, "ship": 1}
+
+
+async def _charging() -> bool:
+    return Mends.calls.get("charge") == 1

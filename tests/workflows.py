@@ -774,3 +774,32 @@ class Booking(WorkflowEntrypoint):
         if p.get("wait"):
             await step.wait_for_event("go", type="go")
         return await step.do("ship", ship)
+
+
+class Mends(WorkflowEntrypoint):
+    """Fetches, naps, charges (failing while ``failing``), then ships what the
+    charge gave: for RepairInstance and restarts from a step. ``calls``
+    counts each step body's calls (in-process tests only)."""
+
+    calls: ClassVar[dict[str, int]] = {}
+    failing: ClassVar[bool] = True
+    # Set: the charge step waits for it (an instance held running).
+    hold: ClassVar[asyncio.Event | None] = None
+
+    async def run(self, event: WorkflowEvent[Any], step: WorkflowStep) -> Any:
+        def counted(name: str, value: Any) -> Any:
+            async def body() -> Any:
+                Mends.calls[name] = Mends.calls.get(name, 0) + 1
+                if name == "charge" and Mends.failing:
+                    raise NonRetryableError("card declined")
+                if name == "charge" and Mends.hold is not None:
+                    await Mends.hold.wait()
+                return value
+
+            return body
+
+        order = await step.do("fetch", counted("fetch", {"order": 7}))
+        await step.sleep("nap", "1 millisecond")
+        charge = await step.do("charge", counted("charge", {"charged": order["order"]}))
+        shipped = await step.do("ship", counted("ship", {"shipped": charge}))
+        return shipped

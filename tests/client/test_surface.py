@@ -30,6 +30,7 @@ def test_exports_are_pinned_and_documented() -> None:
         "NewInstance",
         "NotFound",
         "PermissionDenied",
+        "RepairInfo",
         "ResourceExhausted",
         "ResultTimeout",
         "RetryPolicy",

@@ -42,6 +42,7 @@ import {
   type InstanceInfo,
   type InstancePage,
   type InstanceStatus,
+  type RepairInfo,
   type ScheduleInfo,
   type WatchEvent,
   type WorkflowInfo,
@@ -89,6 +90,28 @@ export interface CallOptions {
   timeoutMs?: number | null | undefined;
   /** Aborts the call (and its retries): it then throws a `CruzflowError` with `Code.Canceled`. */
   signal?: AbortSignal | undefined;
+}
+
+/** Options of `InstanceHandle.restart`. */
+export interface RestartOptions {
+  /** Restart from this step (by name) instead of from scratch. */
+  fromStep?: string | undefined;
+  /** Which occurrence of `fromStep`: 1 (the default) for the first in a run. */
+  occurrence?: number | undefined;
+  /** Why: kept in the instance's history (a restart from a step is always kept). */
+  reason?: string | undefined;
+}
+
+/** Options of `InstanceHandle.repair`: exactly one of `output` and `retry`. */
+export interface RepairOptions {
+  /** The step's new result (any JSON value; `null` too). */
+  output?: unknown;
+  /** Run the failed step again, afresh, with its full retries. */
+  retry?: boolean | undefined;
+  /** Why: required, kept in the instance's history. */
+  reason: string;
+  /** Which occurrence of the step: 1 (the default) for the first in a run. */
+  occurrence?: number | undefined;
 }
 
 /** Filters of `listInstances` and `listInstancesPage`; each narrows. */
@@ -698,16 +721,55 @@ export class InstanceHandle<Params = unknown, Output = unknown> {
   /**
    * Runs the instance again from scratch, same id and params; resolves to
    * `"running"` or `"queued"`. Never retried: a repeat would restart again.
+   * With `fromStep` (and its `occurrence`), from that step: the results
+   * recorded before it are kept, it and every step after it run again. A
+   * restart from a step, or with a `reason`, is recorded in `repairs`.
    */
-  async restart(options: CallOptions = {}): Promise<InstanceStatus> {
+  async restart(options: CallOptions & RestartOptions = {}): Promise<InstanceStatus> {
+    const { fromStep, occurrence = 1, reason = "", ...call } = options;
     const client = this.#client;
+    const request = {
+      instanceId: this.id,
+      fromStep: fromStep ?? "",
+      occurrence: fromStep ? occurrence : 0,
+      reason,
+    };
     const response = await client.unary(
-      (o) => client.rpc.restartInstance({ instanceId: this.id }, o),
-      options,
+      (o) => client.rpc.restartInstance(request, o),
+      call,
       null,
       { instanceId: this.id },
     );
     return convert.status(response.status);
+  }
+
+  /**
+   * Mends a stuck or failed instance: replaces the recorded result of `step`
+   * with `output` (any JSON value, `null` too), or with `retry: true` runs the
+   * failed step again with its full retries; then the instance goes on from
+   * there (the steps recorded after it are replayed, not run again). `reason`
+   * is required: the call is recorded in the instance's history with who made
+   * it. Allowed for errored, terminated, paused and waiting instances. Resolves
+   * to the audit entry recorded. Never retried.
+   */
+  async repair(step: string, options: CallOptions & RepairOptions): Promise<RepairInfo> {
+    const { output, retry = false, reason, occurrence = 1, ...call } = options;
+    const client = this.#client;
+    const request = {
+      instanceId: this.id,
+      step,
+      occurrence,
+      outputJson: "output" in options ? convert.encodeJson(output, "output") : "",
+      retry,
+      reason,
+    };
+    const response = await client.unary(
+      (o) => client.rpc.repairInstance(request, o),
+      call,
+      null,
+      { instanceId: this.id },
+    );
+    return convert.repair(response.repair);
   }
 
   /**

@@ -14,6 +14,7 @@ import type {
   InstanceCounts,
   InstanceInfo,
   InstanceStatus,
+  RepairInfo,
   ScheduleInfo,
   StepInfo,
   StepKind,
@@ -161,6 +162,26 @@ export function instance<P, O>(value: pb.Instance | undefined): InstanceInfo<P, 
     priority: value.priority,
     concurrencyKey: value.concurrencyKey || undefined,
     scheduleId: value.scheduleId || undefined,
+    repairs: value.repairs.map(repair),
+  };
+}
+
+const REPAIR_ACTIONS = new Map<number, RepairInfo["action"]>([
+  [pb.RepairAction.SET_OUTPUT, "setOutput"],
+  [pb.RepairAction.RETRY, "retry"],
+  [pb.RepairAction.RESTART, "restart"],
+]);
+
+/** A Repair message (an audit entry) as {@link RepairInfo}. */
+export function repair(value: pb.Repair | undefined): RepairInfo {
+  return {
+    time: date(value?.time),
+    actor: value?.actor ?? "",
+    peer: value?.peer || undefined,
+    reason: value?.reason ?? "",
+    action: REPAIR_ACTIONS.get(value?.action ?? 0) ?? "unknown",
+    step: value?.step === undefined ? undefined : stepRef(value.step),
+    output: decodeJson(value?.outputJson ?? ""),
   };
 }
 
@@ -212,6 +233,8 @@ export function event<O>(value: pb.WatchInstanceResponse): WatchEvent<O> {
         attempt: e.value.attempt,
         error: error(e.value.error),
       };
+    case "repaired":
+      return { ...base, kind: "repaired", repair: repair(e.value) };
     default:
       return { ...base, kind: "unknown" };
   }

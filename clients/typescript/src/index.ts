@@ -26,6 +26,8 @@ export {
   type CreateOptions,
   type InstanceFilter,
   type NewInstance,
+  type RepairOptions,
+  type RestartOptions,
   type ScheduleOptions,
   type WaitOptions,
   type WatchOptions,

@@ -156,6 +156,26 @@ export interface InstanceInfo<Params = unknown, Output = unknown> {
   readonly concurrencyKey: string | undefined;
   /** The schedule that created the instance; `undefined` when a caller did. */
   readonly scheduleId: string | undefined;
+  /** Its audited repairs and restarts from a step, oldest first; empty in listings. */
+  readonly repairs: readonly RepairInfo[];
+}
+
+/**
+ * One audited change of an instance's recorded steps: a repair
+ * (`InstanceHandle.repair`) or a restart from a step (or with a reason).
+ */
+export interface RepairInfo {
+  readonly time: Date | undefined;
+  /** The calling token's name; `"anonymous"` when the server has no authentication. */
+  readonly actor: string;
+  /** The caller's address as the server saw it. */
+  readonly peer: string | undefined;
+  readonly reason: string;
+  readonly action: "setOutput" | "retry" | "restart" | "unknown";
+  /** The step repaired, or restarted from; `undefined` for a restart from scratch. */
+  readonly step: StepRef | undefined;
+  /** With `"setOutput"`: the result set, parsed from JSON. */
+  readonly output: unknown;
 }
 
 /** Which step a {@link WatchEvent} is about. */
@@ -221,6 +241,12 @@ export interface StepFailedEvent extends EventBase {
   readonly error: ErrorInfo | undefined;
 }
 
+/** A repair or a restart from a step was recorded (see {@link RepairInfo}). */
+export interface RepairedEvent extends EventBase {
+  readonly kind: "repaired";
+  readonly repair: RepairInfo;
+}
+
 /** An event of a kind this client does not know yet. */
 export interface UnknownEvent extends EventBase {
   readonly kind: "unknown";
@@ -236,6 +262,7 @@ export type WatchEvent<Output = unknown> =
   | AttemptFailedEvent
   | StepSucceededEvent
   | StepFailedEvent
+  | RepairedEvent
   | UnknownEvent;
 
 /** A workflow class the server hosts. */

@@ -42,6 +42,7 @@ from opentelemetry import trace
 
 # A workflow-limited token gets the engine's words for an unknown id for another
 # workflow's instance too, so ids cannot be probed.
+from cruzflow.server import caller
 from cruzflow.server.engine.core import not_found_message
 from cruzflow.v1 import workflows_pb2 as pb
 
@@ -74,6 +75,7 @@ _INSTANCE_METHODS = frozenset(
         "ResumeInstance",
         "TerminateInstance",
         "RestartInstance",
+        "RepairInstance",
         "SendEvent",
     }
 )
@@ -307,11 +309,13 @@ def logged(refused: Refusal, method: str, peer: str, rule: TokenRule | None) -> 
 
 
 def annotate(rule: TokenRule | None) -> None:
-    """Record on the current span which token the call was made with."""
+    """Record on the current span which token the call was made with, and for
+    the handler (its audit entries: see caller.py)."""
     # The telemetry interceptor runs outside the auth one, so its server span
     # is current here; refused calls keep the status it records.
     if rule is not None:
         trace.get_current_span().set_attribute(TOKEN_ATTRIBUTE, rule.name)
+        caller.TOKEN.set(rule.name)
 
 
 def _bearer(authorization: str | None) -> str | None:

@@ -32,11 +32,13 @@ from cruzflow.client import (
     InstanceStatusInfo,
     InvalidArgument,
     NewInstance,
+    RepairInfo,
     Unavailable,
     WatchEvent,
     WorkflowFailed,
     WorkflowTerminated,
 )
+from cruzflow.client._client import _NO_OUTPUT
 from cruzflow.server.engine.errors import NonRetryableError
 from cruzflow.server.engine.scope import StepScope, current_step
 
@@ -492,9 +494,37 @@ class BoundInstance(InstanceHandle):
         self._bound._require_step("terminate")
         return await super().terminate(rollback=rollback, timeout=self._bound._timeout(timeout))
 
-    async def restart(self, *, timeout: float | None = None) -> InstanceStatus:
+    async def restart(
+        self,
+        *,
+        from_step: str | None = None,
+        occurrence: int = 1,
+        reason: str = "",
+        timeout: float | None = None,
+    ) -> InstanceStatus:
         self._bound._require_step("restart")
-        return await super().restart(timeout=self._bound._timeout(timeout))
+        return await super().restart(
+            from_step=from_step,
+            occurrence=occurrence,
+            reason=reason,
+            timeout=self._bound._timeout(timeout),
+        )
+
+    async def repair(
+        self,
+        step: str,
+        *,
+        reason: str,
+        output: Any = _NO_OUTPUT,
+        retry: bool = False,
+        occurrence: int = 1,
+        timeout: float | None = None,
+    ) -> RepairInfo:
+        self._bound._require_step("repair")
+        return await super().repair(
+            step, reason=reason, output=output, retry=retry, occurrence=occurrence,
+            timeout=self._bound._timeout(timeout),
+        )  # fmt: skip
 
     async def send_event(
         self, type: str, payload: Any = None, *, timeout: float | None = None

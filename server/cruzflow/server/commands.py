@@ -301,10 +301,44 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], epilog: s
         ("pause", _pause, "pause an instance at its next step boundary"),
         ("resume", _resume, "resume a paused instance"),
         ("terminate", _terminate, "end an instance now as terminated"),
-        ("restart", _restart, "run an instance again from scratch, same id and params"),
+        (
+            "restart",
+            _restart,
+            "run an instance again from scratch (or from a step), same id and params",
+        ),
     ):
         control = command(verb, handler, text, text[0].upper() + text[1:] + ".")
         control.add_argument("instance_id", metavar="ID")
+        if verb == "restart":
+            control.add_argument(
+                "--from-step", metavar="NAME",
+                help="keep the results recorded before this step; run it and the steps "
+                "after it again",
+            )  # fmt: skip
+            _occurrence_flag(control)
+            control.add_argument(
+                "--reason", metavar="TEXT", default="",
+                help="why, kept in the instance's history (a restart from a step is always kept)",
+            )  # fmt: skip
+
+    repair = command(
+        "repair",
+        _repair,
+        "replace a step's recorded result (or retry it), audited, and resume",
+        "Mend an errored, terminated, paused or waiting instance: record a step's result as "
+        "--output (JSON), or with --retry run the failed step again with its full retries; "
+        "then it goes on from there (the steps recorded after it are replayed). Kept in the "
+        "instance's history with who did it and --reason.",
+    )
+    repair.add_argument("instance_id", metavar="ID")
+    repair.add_argument("--step", required=True, metavar="NAME", help="the step to repair")
+    _occurrence_flag(repair)
+    what = repair.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--output", metavar="JSON", help="the step's new result as JSON text ('-' reads stdin)"
+    )
+    what.add_argument("--retry", action="store_true", help="run the failed step again")
+    repair.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the history)")
 
     schedules = command(
         "schedules",
@@ -744,11 +778,50 @@ async def _terminate(ctx: Context) -> int:
     return _control_output(ctx, status, "terminated")
 
 
+def _occurrence_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--occurrence", metavar="N", type=_positive_int, default=1,
+        help="which step of that name: 1 for the first in a run (default 1)",
+    )  # fmt: skip
+
+
 async def _restart(ctx: Context) -> int:
-    status = await ctx.client.instance(ctx.args.instance_id).restart()
-    return _control_output(
-        ctx, status, f"restarted from scratch (now {render.status_word(status.value)})"
+    args = ctx.args
+    status = await ctx.client.instance(args.instance_id).restart(
+        from_step=args.from_step, occurrence=args.occurrence, reason=args.reason
     )
+    where = "from scratch" if not args.from_step else f"from step {args.from_step!r}"
+    return _control_output(
+        ctx, status, f"restarted {where} (now {render.status_word(status.value)})"
+    )
+
+
+async def _repair(ctx: Context) -> int:
+    args = ctx.args
+    handle = ctx.client.instance(args.instance_id)
+    if args.retry:
+        entry = await handle.repair(
+            args.step, reason=args.reason, retry=True, occurrence=args.occurrence
+        )
+    else:
+        output = load_json(args.output, None, "--output")
+        entry = await handle.repair(
+            args.step, reason=args.reason, output=output, occurrence=args.occurrence
+        )
+    if ctx.json:
+        ctx.print(
+            render.json_doc({
+                "instance_id": args.instance_id, "step": args.step, "action": entry.action,
+                "actor": entry.actor, "reason": entry.reason,
+            })
+        )  # fmt: skip
+        return EXIT_OK
+    done = "retried" if args.retry else "repaired"
+    # No status: it goes on at once, so any status printed would race it.
+    ctx.print(
+        f"{args.instance_id}: step {args.step!r} {done} by {entry.actor}; it goes on from there"
+    )
+    return EXIT_OK
 
 
 def _schedule_json(info: ScheduleInfo) -> dict[str, Any]:

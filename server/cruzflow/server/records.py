@@ -10,6 +10,7 @@ name (a test pins that), so the transport converts them without a table.
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,10 @@ class EventKind(enum.IntEnum):
     ATTEMPT_FAILED = 3
     STEP_SUCCEEDED = 4
     STEP_FAILED = 5
+    REPAIRED = 6
+    """An audited change of the recorded steps (see Repair): data holds
+    ``act``, ``actor``, ``peer``, ``why`` and the step's ref if any; the
+    payload, the output set."""
 
 
 @dataclass(slots=True)
@@ -121,6 +126,9 @@ class InstanceRecord:
     returns: those are never 0."""
     schedule_id: str | None = None
     """The schedule that created the instance; None when a caller did."""
+    audited: bool = False
+    """Whether its event log holds REPAIRED events (set by ``get_instance``
+    only): GetStatus reads them only then."""
 
 
 @dataclass(slots=True)
@@ -354,6 +362,50 @@ class Notice:
     seq: int = 0
 
 
+class RepairAction(enum.IntEnum):
+    """What an audited change did (the numbers of the protobuf enum)."""
+
+    SET_OUTPUT = 1
+    RETRY = 2
+    RESTART = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """An audited change of an instance's recorded steps, as asked for:
+    RepairInstance (SET_OUTPUT, RETRY) or RestartInstance (RESTART, from
+    ``step`` or, with none, from scratch)."""
+
+    action: RepairAction
+    step: str | None
+    occurrence: int
+    reason: str
+    actor: str
+    """The calling token's name; "anonymous" without authentication."""
+    peer: str
+    at: int
+    """When it was asked (ms since the epoch)."""
+    output: bytes | None = None
+    """With SET_OUTPUT: the step's new result, as checked JSON."""
+
+    def encode(self) -> str:
+        """As a Command's kind (text in both stores): ``repair:`` and JSON."""
+        return "repair:" + json.dumps({
+            "act": int(self.action), "step": self.step, "occ": self.occurrence,
+            "why": self.reason, "actor": self.actor, "peer": self.peer, "at": self.at,
+            "out": None if self.output is None else self.output.decode(),
+        }, separators=(",", ":"))  # fmt: skip
+
+    @staticmethod
+    def decode(kind: str) -> Repair:
+        d = json.loads(kind.removeprefix("repair:"))
+        out = d["out"]
+        return Repair(
+            RepairAction(d["act"]), d["step"], d["occ"], d["why"], d["actor"], d["peer"],
+            d["at"], None if out is None else out.encode(),
+        )  # fmt: skip
+
+
 @dataclass(slots=True)
 class Command:
     """A control call (pause, resume, terminate, restart) for an instance that
@@ -364,7 +416,8 @@ class Command:
     """Made by the asking server (a uuid): the same in every store."""
     instance_id: str
     kind: str
-    """``pause``, ``resume``, ``terminate`` or ``restart``."""
+    """``pause``, ``resume``, ``terminate``, ``terminate-rollback``,
+    ``restart``, or an audited change: ``repair:`` and its JSON (Repair.encode)."""
     at: int = 0
     """When it was asked (ms since the epoch)."""
 

@@ -20,6 +20,7 @@ from cruzflow.client._types import (
     InstancePage,
     InstanceStatus,
     InstanceStatusInfo,
+    RepairInfo,
     ScheduleInfo,
     WatchEvent,
     WorkflowInfo,
@@ -75,6 +76,8 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
 }
 
 _PAUSED = (InstanceStatus.PAUSED, InstanceStatus.WAITING_FOR_PAUSE)
+# repair()'s output when none is given (None is an output: JSON null).
+_NO_OUTPUT: Any = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -866,18 +869,76 @@ class InstanceHandle:
             timeout,
         )
 
-    async def restart(self, *, timeout: float | None = None) -> InstanceStatus:
+    async def restart(
+        self,
+        *,
+        from_step: str | None = None,
+        occurrence: int = 1,
+        reason: str = "",
+        timeout: float | None = None,
+    ) -> InstanceStatus:
         """Run the instance again from scratch, same id and params; returns
-        ``RUNNING`` or ``QUEUED``. Never retried: a repeat would restart again."""
+        ``RUNNING`` or ``QUEUED``. Never retried: a repeat would restart again.
+
+        With ``from_step`` (and its ``occurrence``), from that step instead:
+        the results recorded before it are kept (replayed, not run again), it
+        and every step after it run again. A restart from a step, or one
+        given a ``reason``, is recorded in the instance's ``repairs``."""
         client = self._client
         response = await client._unary(
             client._rpc().RestartInstance,
-            pb.RestartInstanceRequest(instance_id=self._id),
+            pb.RestartInstanceRequest(
+                instance_id=self._id,
+                from_step=from_step or "",
+                occurrence=occurrence if from_step else 0,
+                reason=reason,
+            ),
             timeout=client._deadline(timeout),
             retry=None,
             instance_id=self._id,
         )
         return _convert.status(response.status)
+
+    async def repair(
+        self,
+        step: str,
+        *,
+        reason: str,
+        output: Any = _NO_OUTPUT,
+        retry: bool = False,
+        occurrence: int = 1,
+        timeout: float | None = None,
+    ) -> RepairInfo:
+        """Mend a stuck or failed instance: replace the recorded result of
+        ``step`` (its ``occurrence``) with ``output`` (any JSON value, None
+        too), or with ``retry`` run the failed step again with its full
+        retries; then the instance goes on from there (the steps recorded
+        after it are replayed, not run again). ``reason`` is required: the
+        call is recorded in the instance's history, with who made it.
+
+        Allowed for errored, terminated, paused and waiting instances; raises
+        :class:`FailedPrecondition` for others (pause a running one first),
+        :class:`NotFound` for a step it does not have, and
+        :class:`InvalidArgument` for a sleep, or for both or neither of
+        ``output`` and ``retry``. Returns the audit entry recorded. Never
+        retried."""
+        client = self._client
+        has_output = output is not _NO_OUTPUT
+        response = await client._unary(
+            client._rpc().RepairInstance,
+            pb.RepairInstanceRequest(
+                instance_id=self._id,
+                step=step,
+                occurrence=occurrence,
+                output_json=_convert.encode_json(output, "output") if has_output else "",
+                retry=retry,
+                reason=reason,
+            ),
+            timeout=client._deadline(timeout),
+            retry=None,
+            instance_id=self._id,
+        )
+        return _convert.repair(response.repair)
 
     async def send_event(
         self, type: str, payload: Any = None, *, timeout: float | None = None

@@ -17,6 +17,7 @@ from cruzflow.client._types import (
     InstanceCounts,
     InstanceStatus,
     InstanceStatusInfo,
+    RepairInfo,
     ScheduleInfo,
     StepInfo,
     StepKind,
@@ -147,6 +148,27 @@ def instance(message: pb.Instance) -> InstanceStatusInfo:
         priority=message.priority,
         concurrency_key=message.concurrency_key or None,
         schedule_id=message.schedule_id or None,
+        repairs=tuple(repair(r) for r in message.repairs),
+    )
+
+
+_ACTIONS = {
+    pb.REPAIR_ACTION_SET_OUTPUT: "set_output",
+    pb.REPAIR_ACTION_RETRY: "retry",
+    pb.REPAIR_ACTION_RESTART: "restart",
+}
+
+
+def repair(message: pb.Repair) -> RepairInfo:
+    """A Repair message (an audit entry)."""
+    return RepairInfo(
+        time=_time(message, "time"),
+        actor=message.actor,
+        peer=message.peer or None,
+        reason=message.reason,
+        action=_ACTIONS.get(message.action, "unknown"),
+        step=_ref(message.step) if message.HasField("step") else None,
+        output=decode_json(message.output_json),
     )
 
 
@@ -217,6 +239,9 @@ def event(message: pb.WatchInstanceResponse) -> WatchEvent:
             attempt=lost.attempt,
             error=_error(lost),
         )
+    if which == "repaired":
+        entry = repair(message.repaired)
+        return WatchEvent(**base, kind=EventKind.REPAIRED, step=entry.step, repair=entry)
     return WatchEvent(**base, kind=EventKind.UNKNOWN)
 
 

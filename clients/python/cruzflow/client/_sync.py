@@ -19,6 +19,7 @@ import grpc
 from cruzflow.client._client import (
     _DEFAULT_RECONNECT,
     _DEFAULT_RETRY,
+    _NO_OUTPUT,
     DEFAULT_TARGET,
     Client,
     InstanceHandle,
@@ -32,6 +33,7 @@ from cruzflow.client._types import (
     InstancePage,
     InstanceStatus,
     InstanceStatusInfo,
+    RepairInfo,
     ScheduleInfo,
     WatchEvent,
     WorkflowInfo,
@@ -388,9 +390,38 @@ class SyncInstanceHandle:
         """See :meth:`InstanceHandle.terminate`."""
         return self._loop.run(self._handle.terminate(rollback=rollback, timeout=timeout))
 
-    def restart(self, *, timeout: float | None = None) -> InstanceStatus:
+    def restart(
+        self,
+        *,
+        from_step: str | None = None,
+        occurrence: int = 1,
+        reason: str = "",
+        timeout: float | None = None,
+    ) -> InstanceStatus:
         """See :meth:`InstanceHandle.restart`."""
-        return self._loop.run(self._handle.restart(timeout=timeout))
+        return self._loop.run(
+            self._handle.restart(
+                from_step=from_step, occurrence=occurrence, reason=reason, timeout=timeout
+            )
+        )
+
+    def repair(
+        self,
+        step: str,
+        *,
+        reason: str,
+        output: Any = _NO_OUTPUT,
+        retry: bool = False,
+        occurrence: int = 1,
+        timeout: float | None = None,
+    ) -> RepairInfo:
+        """See :meth:`InstanceHandle.repair`."""
+        return self._loop.run(
+            self._handle.repair(
+                step, reason=reason, output=output, retry=retry, occurrence=occurrence,
+                timeout=timeout,
+            )
+        )  # fmt: skip
 
     def send_event(self, type: str, payload: Any = None, *, timeout: float | None = None) -> None:
         """See :meth:`InstanceHandle.send_event`."""

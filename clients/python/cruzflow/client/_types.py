@@ -94,6 +94,7 @@ class EventKind(enum.StrEnum):
     ATTEMPT_FAILED = "attempt_failed"
     STEP_SUCCEEDED = "step_succeeded"
     STEP_FAILED = "step_failed"
+    REPAIRED = "repaired"
     UNKNOWN = "unknown"
     """An event of a kind this client does not know yet."""
 
@@ -140,6 +141,35 @@ class StepInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class StepRef:
+    """Which step a :class:`WatchEvent` (or a :class:`RepairInfo`) is about."""
+
+    name: str
+    occurrence: int
+    index: int
+    kind: StepKind
+
+
+@dataclass(frozen=True, slots=True)
+class RepairInfo:
+    """One audited change of an instance's recorded steps: a repair
+    (``InstanceHandle.repair``) or a restart from a step (or with a reason)."""
+
+    time: datetime | None
+    actor: str
+    """The calling token's name; "anonymous" when the server has no authentication."""
+    peer: str | None
+    """The caller's address as the server saw it."""
+    reason: str
+    action: str
+    """``"set_output"``, ``"retry"`` or ``"restart"``."""
+    step: StepRef | None
+    """The step repaired, or restarted from; None for a restart from scratch."""
+    output: Any = None
+    """With ``set_output``: the result set, decoded from JSON."""
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceStatusInfo:
     """The durable state of one instance."""
 
@@ -180,16 +210,9 @@ class InstanceStatusInfo:
     key); None otherwise."""
     schedule_id: str | None = None
     """The schedule that created the instance; ``None`` when a caller did."""
-
-
-@dataclass(frozen=True, slots=True)
-class StepRef:
-    """Which step a :class:`WatchEvent` is about."""
-
-    name: str
-    occurrence: int
-    index: int
-    kind: StepKind
+    repairs: tuple[RepairInfo, ...] = field(default=())
+    """Its audited repairs and restarts from a step, oldest first (the newest
+    100; ``watch`` has them all); empty in listings."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +228,7 @@ class WatchEvent:
       ``next_attempt_time``, ``retry_delay``.
     * ``STEP_SUCCEEDED``: ``step``, ``attempt``, ``output``.
     * ``STEP_FAILED``: ``step``, ``attempt``, ``error``.
+    * ``REPAIRED``: ``repair`` (and ``step``, the step it is about, if any).
     """
 
     instance_id: str
@@ -219,6 +243,7 @@ class WatchEvent:
     error: ErrorInfo | None = None
     next_attempt_time: datetime | None = None
     retry_delay: timedelta | None = None
+    repair: RepairInfo | None = None
 
     @property
     def is_final(self) -> bool:

@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .workflows_pb2 import CountInstancesRequest, CountInstancesResponse, CreateInstanceRequest, CreateInstanceResponse, CreateInstancesRequest, CreateInstancesResponse, CreateScheduleRequest, CreateScheduleResponse, DeleteScheduleRequest, DeleteScheduleResponse, GetCallerRequest, GetCallerResponse, GetScheduleRequest, GetScheduleResponse, GetStatusRequest, GetStatusResponse, ListInstancesRequest, ListInstancesResponse, ListSchedulesRequest, ListSchedulesResponse, ListWorkflowsRequest, ListWorkflowsResponse, PauseInstanceRequest, PauseInstanceResponse, PauseScheduleRequest, PauseScheduleResponse, RestartInstanceRequest, RestartInstanceResponse, ResumeInstanceRequest, ResumeInstanceResponse, ResumeScheduleRequest, ResumeScheduleResponse, SendEventRequest, SendEventResponse, TerminateInstanceRequest, TerminateInstanceResponse, TriggerScheduleRequest, TriggerScheduleResponse, WaitInstanceRequest, WaitInstanceResponse, WatchInstanceRequest, WatchInstanceResponse
+from .workflows_pb2 import CountInstancesRequest, CountInstancesResponse, CreateInstanceRequest, CreateInstanceResponse, CreateInstancesRequest, CreateInstancesResponse, CreateScheduleRequest, CreateScheduleResponse, DeleteScheduleRequest, DeleteScheduleResponse, GetCallerRequest, GetCallerResponse, GetScheduleRequest, GetScheduleResponse, GetStatusRequest, GetStatusResponse, ListInstancesRequest, ListInstancesResponse, ListSchedulesRequest, ListSchedulesResponse, ListWorkflowsRequest, ListWorkflowsResponse, PauseInstanceRequest, PauseInstanceResponse, PauseScheduleRequest, PauseScheduleResponse, RepairInstanceRequest, RepairInstanceResponse, RestartInstanceRequest, RestartInstanceResponse, ResumeInstanceRequest, ResumeInstanceResponse, ResumeScheduleRequest, ResumeScheduleResponse, SendEventRequest, SendEventResponse, TerminateInstanceRequest, TerminateInstanceResponse, TriggerScheduleRequest, TriggerScheduleResponse, WaitInstanceRequest, WaitInstanceResponse, WatchInstanceRequest, WatchInstanceResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -110,6 +110,15 @@ class WorkflowService(Protocol):
         """
         RestartInstance runs the instance again from scratch with the same id
         and params; its step results are cleared.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def repair_instance(self, request: RepairInstanceRequest, ctx: RequestContext[RepairInstanceRequest, RepairInstanceResponse], /) -> RepairInstanceResponse:
+        """
+        RepairInstance replaces one recorded step result of an errored,
+        terminated, paused or waiting instance (or has a failed step run again
+        with its full retries), records who did it and why (see Repair), and
+        resumes the instance from there: the steps recorded after it are replayed.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -309,6 +318,17 @@ class WorkflowServiceASGIApplication(ConnectASGIApplication[WorkflowService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.restart_instance,
+                ),
+                "/cruzflow.v1.WorkflowService/RepairInstance": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RepairInstance",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=RepairInstanceRequest,
+                        output=RepairInstanceResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.repair_instance,
                 ),
                 "/cruzflow.v1.WorkflowService/SendEvent": Endpoint.unary(
                     method=MethodInfo(
@@ -714,6 +734,32 @@ class WorkflowServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def repair_instance(
+        self,
+        request: RepairInstanceRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RepairInstanceResponse:
+        """
+        RepairInstance replaces one recorded step result of an errored,
+        terminated, paused or waiting instance (or has a failed step run again
+        with its full retries), records who did it and why (see Repair), and
+        resumes the instance from there: the steps recorded after it are replayed.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RepairInstance",
+                service_name="cruzflow.v1.WorkflowService",
+                input=RepairInstanceRequest,
+                output=RepairInstanceResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
     async def send_event(
         self,
         request: SendEventRequest,
@@ -1051,6 +1097,15 @@ class WorkflowServiceSync(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def repair_instance(self, request: RepairInstanceRequest, ctx: RequestContext[RepairInstanceRequest, RepairInstanceResponse], /) -> RepairInstanceResponse:
+        """
+        RepairInstance replaces one recorded step result of an errored,
+        terminated, paused or waiting instance (or has a failed step run again
+        with its full retries), records who did it and why (see Repair), and
+        resumes the instance from there: the steps recorded after it are replayed.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     def send_event(self, request: SendEventRequest, ctx: RequestContext[SendEventRequest, SendEventResponse], /) -> SendEventResponse:
         """
         SendEvent delivers an event to the instance's `step.wait_for_event` of
@@ -1245,6 +1300,17 @@ class WorkflowServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.restart_instance,
+                ),
+                "/cruzflow.v1.WorkflowService/RepairInstance": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RepairInstance",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=RepairInstanceRequest,
+                        output=RepairInstanceResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.repair_instance,
                 ),
                 "/cruzflow.v1.WorkflowService/SendEvent": EndpointSync.unary(
                     method=MethodInfo(
@@ -1644,6 +1710,32 @@ class WorkflowServiceClientSync(ConnectClientSync):
                 service_name="cruzflow.v1.WorkflowService",
                 input=RestartInstanceRequest,
                 output=RestartInstanceResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def repair_instance(
+        self,
+        request: RepairInstanceRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RepairInstanceResponse:
+        """
+        RepairInstance replaces one recorded step result of an errored,
+        terminated, paused or waiting instance (or has a failed step run again
+        with its full retries), records who did it and why (see Repair), and
+        resumes the instance from there: the steps recorded after it are replayed.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RepairInstance",
+                service_name="cruzflow.v1.WorkflowService",
+                input=RepairInstanceRequest,
+                output=RepairInstanceResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

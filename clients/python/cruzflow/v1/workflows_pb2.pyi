@@ -129,6 +129,32 @@ so that a replay takes the same one. Its output is true.
 """
 Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
 
+class _RepairAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RepairActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RepairAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPAIR_ACTION_UNSPECIFIED: _RepairAction.ValueType  # 0
+    REPAIR_ACTION_SET_OUTPUT: _RepairAction.ValueType  # 1
+    """RepairInstance with output_json: the step's result was replaced."""
+    REPAIR_ACTION_RETRY: _RepairAction.ValueType  # 2
+    """RepairInstance with retry: the step's record was cleared to run again."""
+    REPAIR_ACTION_RESTART: _RepairAction.ValueType  # 3
+    """RestartInstance from a step (or from scratch, with a reason)."""
+
+class RepairAction(_RepairAction, metaclass=_RepairActionEnumTypeWrapper):
+    """RepairAction is what an audited change did."""
+
+REPAIR_ACTION_UNSPECIFIED: RepairAction.ValueType  # 0
+REPAIR_ACTION_SET_OUTPUT: RepairAction.ValueType  # 1
+"""RepairInstance with output_json: the step's result was replaced."""
+REPAIR_ACTION_RETRY: RepairAction.ValueType  # 2
+"""RepairInstance with retry: the step's record was cleared to run again."""
+REPAIR_ACTION_RESTART: RepairAction.ValueType  # 3
+"""RestartInstance from a step (or from scratch, with a reason)."""
+Global___RepairAction: _TypeAlias = RepairAction  # noqa: Y015
+
 class _CatchUpPolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -350,6 +376,7 @@ class Instance(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    REPAIRS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     workflow: _builtins.str
     status: Global___InstanceStatus.ValueType
@@ -405,6 +432,12 @@ class Instance(_message.Message):
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the current run began: the creation, or the last RestartInstance."""
 
+    @_builtins.property
+    def repairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Repair]:
+        """Output only: the audited changes of its recorded steps (RepairInstance,
+        RestartInstance from a step or with a reason), oldest first.
+        """
+
     def __init__(
         self,
         *,
@@ -427,10 +460,11 @@ class Instance(_message.Message):
         priority: _builtins.int = ...,
         concurrency_key: _builtins.str = ...,
         schedule_id: _builtins.str = ...,
+        repairs: _abc.Iterable[Global___Repair] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time", "update_time", b"update_time", "wake_time", b"wake_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "priority", b"priority", "schedule_id", b"schedule_id", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "priority", b"priority", "repairs", b"repairs", "schedule_id", b"schedule_id", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -551,6 +585,7 @@ class WatchInstanceResponse(_message.Message):
     ATTEMPT_FAILED_FIELD_NUMBER: _builtins.int
     STEP_SUCCEEDED_FIELD_NUMBER: _builtins.int
     STEP_FAILED_FIELD_NUMBER: _builtins.int
+    REPAIRED_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     sequence: _builtins.int
     """Starts at 1 and grows by one for every event of the instance."""
@@ -566,6 +601,8 @@ class WatchInstanceResponse(_message.Message):
     def step_succeeded(self) -> Global___StepSucceeded: ...
     @_builtins.property
     def step_failed(self) -> Global___StepFailed: ...
+    @_builtins.property
+    def repaired(self) -> Global___Repair: ...
     def __init__(
         self,
         *,
@@ -577,12 +614,13 @@ class WatchInstanceResponse(_message.Message):
         attempt_failed: Global___AttemptFailed | None = ...,
         step_succeeded: Global___StepSucceeded | None = ...,
         step_failed: Global___StepFailed | None = ...,
+        repaired: Global___Repair | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt_failed", b"attempt_failed", "event", b"event", "status_changed", b"status_changed", "step_failed", b"step_failed", "step_started", b"step_started", "step_succeeded", b"step_succeeded", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt_failed", b"attempt_failed", "event", b"event", "repaired", b"repaired", "status_changed", b"status_changed", "step_failed", b"step_failed", "step_started", b"step_started", "step_succeeded", b"step_succeeded", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_failed", b"attempt_failed", "event", b"event", "instance_id", b"instance_id", "sequence", b"sequence", "status_changed", b"status_changed", "step_failed", b"step_failed", "step_started", b"step_started", "step_succeeded", b"step_succeeded", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_failed", b"attempt_failed", "event", b"event", "instance_id", b"instance_id", "repaired", b"repaired", "sequence", b"sequence", "status_changed", b"status_changed", "step_failed", b"step_failed", "step_started", b"step_started", "step_succeeded", b"step_succeeded", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["status_changed", "step_started", "attempt_failed", "step_succeeded", "step_failed"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["status_changed", "step_started", "attempt_failed", "step_succeeded", "step_failed", "repaired"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -1077,15 +1115,34 @@ class RestartInstanceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    FROM_STEP_FIELD_NUMBER: _builtins.int
+    OCCURRENCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
+    from_step: _builtins.str
+    """Restart from this step (by name) instead of from scratch: the recorded
+    results before it are kept (replayed, not run again); it and every step
+    after it are cleared and run again. Empty: from scratch.
+    """
+    occurrence: _builtins.int
+    """Which occurrence of from_step (1 for the first step of that name in a
+    run); 0 means 1.
+    """
+    reason: _builtins.str
+    """Why, for the audit entry (see Repair). A restart from a step, or one
+    given a reason, is recorded in the instance's repairs.
+    """
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
+        from_step: _builtins.str = ...,
+        occurrence: _builtins.int = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_step", b"from_step", "instance_id", b"instance_id", "occurrence", b"occurrence", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1110,6 +1167,125 @@ class RestartInstanceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RestartInstanceResponse: _TypeAlias = RestartInstanceResponse  # noqa: Y015
+
+@_typing.final
+class RepairInstanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    OCCURRENCE_FIELD_NUMBER: _builtins.int
+    OUTPUT_JSON_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    step: _builtins.str
+    """The name of the step to repair."""
+    occurrence: _builtins.int
+    """Which occurrence of the step (1 for the first step of that name in a
+    run); 0 means 1.
+    """
+    output_json: _builtins.str
+    """The step's new result, as JSON text: it is recorded SUCCEEDED with it.
+    Exactly one of output_json and retry.
+    """
+    retry: _builtins.bool
+    """Run the failed (or retrying) step again, afresh, with its full retries."""
+    reason: _builtins.str
+    """Why: required, kept in the audit entry."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        step: _builtins.str = ...,
+        occurrence: _builtins.int = ...,
+        output_json: _builtins.str = ...,
+        retry: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "occurrence", b"occurrence", "output_json", b"output_json", "reason", b"reason", "retry", b"retry", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairInstanceRequest: _TypeAlias = RepairInstanceRequest  # noqa: Y015
+
+@_typing.final
+class RepairInstanceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    REPAIR_FIELD_NUMBER: _builtins.int
+    status: Global___InstanceStatus.ValueType
+    """Output only: RUNNING or QUEUED."""
+    @_builtins.property
+    def repair(self) -> Global___Repair:
+        """Output only: the audit entry recorded."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___InstanceStatus.ValueType = ...,
+        repair: Global___Repair | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["repair", b"repair"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["repair", b"repair", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairInstanceResponse: _TypeAlias = RepairInstanceResponse  # noqa: Y015
+
+@_typing.final
+class Repair(_message.Message):
+    """Repair is one audited change of an instance's recorded steps, kept in its
+    durable event log (WatchInstance's `repaired`) and shown by GetStatus.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    OUTPUT_JSON_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    """Who: the calling token's name, or "anonymous" when the server has no
+    authentication.
+    """
+    peer: _builtins.str
+    """The caller's address as the server saw it, when known."""
+    reason: _builtins.str
+    action: Global___RepairAction.ValueType
+    output_json: _builtins.str
+    """With REPAIR_ACTION_SET_OUTPUT: the result set, as JSON text."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def step(self) -> Global___StepRef:
+        """The step repaired, or restarted from; unset for a restart from scratch."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        action: Global___RepairAction.ValueType = ...,
+        step: Global___StepRef | None = ...,
+        output_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "output_json", b"output_json", "peer", b"peer", "reason", b"reason", "step", b"step", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Repair: _TypeAlias = Repair  # noqa: Y015
 
 @_typing.final
 class SendEventRequest(_message.Message):

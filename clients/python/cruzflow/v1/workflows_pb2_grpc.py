@@ -89,6 +89,11 @@ class WorkflowServiceStub:
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.RestartInstanceRequest.SerializeToString,
                 response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.RestartInstanceResponse.FromString,
                 _registered_method=True)
+        self.RepairInstance = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/RepairInstance',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.RepairInstanceRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.RepairInstanceResponse.FromString,
+                _registered_method=True)
         self.SendEvent = channel.unary_unary(
                 '/cruzflow.v1.WorkflowService/SendEvent',
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.SendEventRequest.SerializeToString,
@@ -232,6 +237,16 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RepairInstance(self, request, context):
+        """RepairInstance replaces one recorded step result of an errored,
+        terminated, paused or waiting instance (or has a failed step run again
+        with its full retries), records who did it and why (see Repair), and
+        resumes the instance from there: the steps recorded after it are replayed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SendEvent(self, request, context):
         """SendEvent delivers an event to the instance's `step.wait_for_event` of
         that type; an event sent before the wait starts is kept for it.
@@ -368,6 +383,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.RestartInstance,
                     request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.RestartInstanceRequest.FromString,
                     response_serializer=cruzflow_dot_v1_dot_workflows__pb2.RestartInstanceResponse.SerializeToString,
+            ),
+            'RepairInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepairInstance,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.RepairInstanceRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.RepairInstanceResponse.SerializeToString,
             ),
             'SendEvent': grpc.unary_unary_rpc_method_handler(
                     servicer.SendEvent,
@@ -700,6 +720,33 @@ class WorkflowService:
             '/cruzflow.v1.WorkflowService/RestartInstance',
             cruzflow_dot_v1_dot_workflows__pb2.RestartInstanceRequest.SerializeToString,
             cruzflow_dot_v1_dot_workflows__pb2.RestartInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepairInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/RepairInstance',
+            cruzflow_dot_v1_dot_workflows__pb2.RepairInstanceRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.RepairInstanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

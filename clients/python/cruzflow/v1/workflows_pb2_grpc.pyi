@@ -73,6 +73,12 @@ class WorkflowServiceStub:
     """RestartInstance runs the instance again from scratch with the same id
     and params; its step results are cleared.
     """
+    RepairInstance: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.RepairInstanceRequest, _workflows_pb2.RepairInstanceResponse]
+    """RepairInstance replaces one recorded step result of an errored,
+    terminated, paused or waiting instance (or has a failed step run again
+    with its full retries), records who did it and why (see Repair), and
+    resumes the instance from there: the steps recorded after it are replayed.
+    """
     SendEvent: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.SendEventRequest, _workflows_pb2.SendEventResponse]
     """SendEvent delivers an event to the instance's `step.wait_for_event` of
     that type; an event sent before the wait starts is kept for it.
@@ -154,6 +160,12 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     RestartInstance: _aio.UnaryUnaryMultiCallable[_workflows_pb2.RestartInstanceRequest, _workflows_pb2.RestartInstanceResponse]  # type: ignore[assignment]
     """RestartInstance runs the instance again from scratch with the same id
     and params; its step results are cleared.
+    """
+    RepairInstance: _aio.UnaryUnaryMultiCallable[_workflows_pb2.RepairInstanceRequest, _workflows_pb2.RepairInstanceResponse]  # type: ignore[assignment]
+    """RepairInstance replaces one recorded step result of an errored,
+    terminated, paused or waiting instance (or has a failed step run again
+    with its full retries), records who did it and why (see Repair), and
+    resumes the instance from there: the steps recorded after it are replayed.
     """
     SendEvent: _aio.UnaryUnaryMultiCallable[_workflows_pb2.SendEventRequest, _workflows_pb2.SendEventResponse]  # type: ignore[assignment]
     """SendEvent delivers an event to the instance's `step.wait_for_event` of
@@ -293,6 +305,18 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_workflows_pb2.RestartInstanceResponse, _abc.Awaitable[_workflows_pb2.RestartInstanceResponse]]:
         """RestartInstance runs the instance again from scratch with the same id
         and params; its step results are cleared.
+        """
+
+    @_abc_1.abstractmethod
+    def RepairInstance(
+        self,
+        request: _workflows_pb2.RepairInstanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.RepairInstanceResponse, _abc.Awaitable[_workflows_pb2.RepairInstanceResponse]]:
+        """RepairInstance replaces one recorded step result of an errored,
+        terminated, paused or waiting instance (or has a failed step run again
+        with its full retries), records who did it and why (see Repair), and
+        resumes the instance from there: the steps recorded after it are replayed.
         """
 
     @_abc_1.abstractmethod

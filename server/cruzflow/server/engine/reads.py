@@ -25,6 +25,8 @@ from cruzflow.server.records import (
 )
 
 _READ_PAGE = 512
+# The audit entries GetStatus shows (the newest); WatchInstance streams them all.
+_AUDIT_SHOWN = 100
 
 
 class Reads:
@@ -35,6 +37,14 @@ class Reads:
         """The durable status of an instance and its steps."""
         self._core.check_id(instance_id)
         return await self._core.record(instance_id), await self._core.store.get_steps(instance_id)
+
+    async def repairs(self, record: InstanceRecord) -> list[EventRecord]:
+        """The instance's audit entries (REPAIRED events), the newest
+        ``_AUDIT_SHOWN``, oldest first: read only for an instance that has any
+        (``get_instance`` tells, so GetStatus costs no read more without)."""
+        if not record.audited:
+            return []
+        return await self._core.store.read_audit(record.id, _AUDIT_SHOWN)
 
     async def wait(
         self, instance_id: str, timeout: float | None = None, include_steps: bool = False

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from cruzflow.server.engine.admission import Admission, NewInstance
-from cruzflow.server.engine.controls import Controls
+from cruzflow.server.engine.controls import Controls, Outcome, repair_request, restart_request
 from cruzflow.server.engine.core import Core, Limits, WorkflowSpec
 from cruzflow.server.engine.hooks import EngineHooks
 from cruzflow.server.engine.journal import Journal
@@ -235,6 +235,10 @@ class Engine:
         """The durable status of an instance and its steps."""
         return await self.reads.get(instance_id)
 
+    async def repairs(self, record: InstanceRecord) -> list[EventRecord]:
+        """The audit entries of an instance read by ``get`` (see Reads.repairs)."""
+        return await self.reads.repairs(record)
+
     async def wait(
         self, instance_id: str, timeout: float | None = None, include_steps: bool = False
     ) -> tuple[InstanceRecord, list[StepRecord]]:
@@ -284,9 +288,54 @@ class Engine:
     async def terminate(self, instance_id: str, rollback: bool = False) -> InstanceStatus:
         return await self.controls.terminate(instance_id, rollback)
 
-    async def restart(self, instance_id: str) -> InstanceStatus:
-        """Run again from scratch: same id and params, step results cleared."""
-        return await self.controls.restart(instance_id)
+    async def restart(
+        self,
+        instance_id: str,
+        from_step: str = "",
+        occurrence: int = 0,
+        reason: str = "",
+        actor: str = "anonymous",
+        peer: str = "",
+    ) -> InstanceStatus:
+        """Run again from scratch: same id and params, step results cleared; or
+        from ``from_step`` (its ``occurrence``), the results before it kept.
+        A restart from a step or with a ``reason`` is audited (see repair)."""
+        return (
+            await self.restart_audited(instance_id, from_step, occurrence, reason, actor, peer)
+        )[0]
+
+    async def restart_audited(
+        self,
+        instance_id: str,
+        from_step: str = "",
+        occurrence: int = 0,
+        reason: str = "",
+        actor: str = "anonymous",
+        peer: str = "",
+    ) -> Outcome:
+        """restart, and its audit entry if it has one."""
+        repair = restart_request(self.core, from_step, occurrence, reason, actor, peer)
+        return await self.controls.restart(instance_id, repair)
+
+    async def repair(
+        self,
+        instance_id: str,
+        step: str,
+        occurrence: int = 0,
+        output: str | bytes | None = None,
+        retry: bool = False,
+        reason: str = "",
+        actor: str = "anonymous",
+        peer: str = "",
+    ) -> Outcome:
+        """Replace the recorded result of step ``step`` (its ``occurrence``) with
+        ``output`` (JSON), or with ``retry`` clear a failed step to run again;
+        recorded in the instance's history as done by ``actor`` (from ``peer``)
+        for ``reason``; then the instance goes on from there. Allowed for
+        errored, terminated, paused and waiting instances. The status it left
+        the instance in, and the audit entry."""
+        spec = repair_request(self.core, step, occurrence, output, retry, reason, actor, peer)
+        return await self.controls.repair(instance_id, spec)
 
     async def send_event(self, instance_id: str, type: str, payload: str | bytes) -> None:
         """Store an event for the instance's wait_for_event of that type."""

@@ -146,13 +146,18 @@ class Store(Protocol):
 
     # --------------------------------------------------------------- reads
     async def get_instance(self, instance_id: str) -> InstanceRecord | None:
-        """The instance with its ``last_seq``, or None. One indexed lookup."""
+        """The instance with its ``last_seq`` and ``audited``, or None. One
+        indexed lookup (and a probe of the small audit index)."""
 
     async def get_steps(self, instance_id: str) -> list[StepRecord]:
         """The instance's steps in index order."""
 
     async def read_events(self, instance_id: str, after_seq: int, limit: int) -> list[EventRecord]:
         """Up to ``limit`` events with ``seq > after_seq``, in order."""
+
+    async def read_audit(self, instance_id: str, limit: int) -> list[EventRecord]:
+        """The newest ``limit`` of the instance's REPAIRED events, oldest first
+        (one range of the small audit index)."""
 
     async def take_events(self, instance_id: str, type: str, limit: int) -> list[InboxEvent]:
         """Up to ``limit`` unconsumed inbox events of that type, oldest first."""

@@ -728,6 +728,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX instances_by_schedule ON instances (schedule_id, pk)
         WHERE schedule_id IS NOT NULL;
     """,
+    """
+    -- The audited changes of an instance's steps (RepairInstance, a restart
+    -- from a step): few rows, so GetStatus finds whether an instance has any
+    -- with one probe of a small index, and reads them only then.
+    CREATE INDEX events_audit ON events (instance_id, seq) WHERE kind = 6;
+    """,
 ]
 
 # The lease (2), the token, then one array per column: new instances (17),
@@ -805,7 +811,15 @@ _SCHEDULE_COLUMNS = (
     "id, workflow, cron, timezone, params, catch_up, paused, origin, created_at, updated_at,"
     " cursor_at, last_due_at, last_instance_id"
 )
-_GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.id = $1"
+_GET_INSTANCE = (
+    f"SELECT {_INSTANCE_COLUMNS}, EXISTS (SELECT 1 FROM events e"
+    " WHERE e.instance_id = i.id AND e.kind = 6) FROM instances i WHERE i.id = $1"
+)
+# The audit entries (EventKind.REPAIRED), newest first (reversed by the caller).
+_READ_AUDIT = (
+    "SELECT instance_id, seq, at, kind, data::text, payload FROM events"
+    " WHERE instance_id = $1 AND kind = 6 ORDER BY seq DESC LIMIT $2"
+)
 _COUNT_UNFINISHED = (
     "SELECT status, count(*) FROM instances"
     f" WHERE status IN ({', '.join(str(int(s)) for s in UNFINISHED)}) GROUP BY status"
@@ -950,6 +964,7 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "get_instance": (_GET_INSTANCE, ("x",)),
     "get_steps": (_GET_STEPS, ("x",)),
     "read_events": (_READ_EVENTS, ("x", 0, 10)),
+    "read_audit": (_READ_AUDIT, ("x", 10)),
     "take_inbox": (_TAKE_INBOX, ("x", "t", 1)),
     "due_wakes": (_DUE_WAKES, (0, 10)),
     "pending_types": (_PENDING_TYPES, ("x", "p:")),
@@ -1512,7 +1527,15 @@ class PostgresStore:
     # ----------------------------------------------------------------- read
     async def get_instance(self, instance_id: str) -> InstanceRecord | None:
         rows = await self._fetch(_GET_INSTANCE, instance_id)
-        return instance_of(rows[0]) if rows else None
+        if not rows:
+            return None
+        record = instance_of(tuple(rows[0])[:-1])
+        record.audited = bool(rows[0][-1])
+        return record
+
+    async def read_audit(self, instance_id: str, limit: int) -> list[EventRecord]:
+        rows = await self._fetch(_READ_AUDIT, instance_id, limit)
+        return [event_of(r) for r in reversed(rows)]
 
     async def count_unfinished(self) -> dict[InstanceStatus, int]:
         rows = await self._fetch(_COUNT_UNFINISHED)

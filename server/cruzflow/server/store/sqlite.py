@@ -218,6 +218,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX instances_by_schedule ON instances (schedule_id, pk)
         WHERE schedule_id IS NOT NULL;
     """,
+    """
+    -- The audited changes of an instance's steps (RepairInstance, a restart
+    -- from a step): few rows, so GetStatus finds whether an instance has any
+    -- with one probe of a small index, and reads them only then.
+    CREATE INDEX events_audit ON events (instance_id, seq) WHERE kind = 6;
+    """,
 ]
 
 _INSERT_INSTANCE = (
@@ -277,7 +283,15 @@ _SCHEDULE_COLUMNS = (
     "id, workflow, cron, timezone, params, catch_up, paused, origin, created_at, updated_at,"
     " cursor_at, last_due_at, last_instance_id"
 )
-_GET_INSTANCE = f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE i.id = ?"
+_GET_INSTANCE = (
+    f"SELECT {_INSTANCE_COLUMNS}, EXISTS (SELECT 1 FROM events e INDEXED BY events_audit"
+    " WHERE e.instance_id = i.id AND e.kind = 6) FROM instances i WHERE i.id = ?"
+)
+# The audit entries (EventKind.REPAIRED), newest first (reversed by the caller).
+_READ_AUDIT = (
+    "SELECT instance_id, seq, at, kind, data, payload FROM events INDEXED BY events_audit"
+    " WHERE instance_id = ? AND kind = 6 ORDER BY seq DESC LIMIT ?"
+)
 # Walks only the unfinished part of the status index, however long the history.
 _COUNT_UNFINISHED = (
     "SELECT status, count(*) FROM instances INDEXED BY instances_by_status"
@@ -462,6 +476,7 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "get_instance": (_GET_INSTANCE, ("x",)),
     "get_steps": (_GET_STEPS, ("x",)),
     "read_events": (_READ_EVENTS, ("x", 0, 10)),
+    "read_audit": (_READ_AUDIT, ("x", 10)),
     "update_instance": (_UPDATE_INSTANCE, (1, None, None, None, 0, None, None, None, None, "x")),
     "upsert_step": (
         _UPSERT_STEP,
@@ -934,7 +949,15 @@ class SqliteStore:
     # they would all see an old state.
     async def get_instance(self, instance_id: str) -> InstanceRecord | None:
         rows = await self._fetch(_GET_INSTANCE, (instance_id,))
-        return instance_of(rows[0]) if rows else None
+        if not rows:
+            return None
+        record = instance_of(rows[0][:-1])
+        record.audited = bool(rows[0][-1])
+        return record
+
+    async def read_audit(self, instance_id: str, limit: int) -> list[EventRecord]:
+        rows = await self._fetch(_READ_AUDIT, (instance_id, limit))
+        return [event_of(r) for r in reversed(rows)]
 
     async def count_unfinished(self) -> dict[InstanceStatus, int]:
         rows = await self._fetch(_COUNT_UNFINISHED, ())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+from cruzflow.server import caller
 from cruzflow.server.engine import errors, validate
 from cruzflow.server.engine.admission import NewInstance
 from cruzflow.server.engine.runtime import Engine
@@ -105,7 +106,9 @@ class WorkflowApi:
 
     async def GetStatus(self, request: pb.GetStatusRequest) -> pb.GetStatusResponse:
         record, steps = await self._engine.get(request.instance_id)
-        return pb.GetStatusResponse(instance=convert.instance(record, steps))
+        message = convert.instance(record, steps)
+        message.repairs.extend(convert.repair_of(e) for e in await self._engine.repairs(record))
+        return pb.GetStatusResponse(instance=message)
 
     async def WatchInstance(
         self, request: pb.WatchInstanceRequest
@@ -157,9 +160,29 @@ class WorkflowApi:
     async def RestartInstance(
         self, request: pb.RestartInstanceRequest
     ) -> pb.RestartInstanceResponse:
-        return pb.RestartInstanceResponse(
-            status=_status(await self._engine.restart(request.instance_id))
+        status, _ = await self._engine.restart_audited(
+            request.instance_id,
+            request.from_step,
+            request.occurrence,
+            request.reason,
+            caller.actor(),
+            caller.peer(),
         )
+        return pb.RestartInstanceResponse(status=_status(status))
+
+    async def RepairInstance(self, request: pb.RepairInstanceRequest) -> pb.RepairInstanceResponse:
+        status, audit = await self._engine.repair(
+            request.instance_id,
+            request.step,
+            request.occurrence,
+            request.output_json,
+            request.retry,
+            request.reason,
+            caller.actor(),
+            caller.peer(),
+        )
+        assert audit is not None
+        return pb.RepairInstanceResponse(status=_status(status), repair=convert.repair(audit))
 
     async def SendEvent(self, request: pb.SendEventRequest) -> pb.SendEventResponse:
         await self._engine.send_event(request.instance_id, request.type, request.payload_json)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -127,12 +128,42 @@ def step(record: StepRecord) -> pb.Step:
     )
 
 
+def repair(audit: dict[str, Any]) -> pb.Repair:
+    """An audit entry: a REPAIRED event's data with its time ``at`` and the
+    output it set ``out`` (see Controls._audit)."""
+    step = None
+    if "name" in audit:
+        step = pb.StepRef(
+            name=audit["name"],
+            occurrence=audit["occ"],
+            index=audit["idx"],
+            kind=pb.StepKind.ValueType(audit.get("k", 1)),
+        )
+    return pb.Repair(
+        time=_ts(audit["at"]),
+        actor=audit.get("actor", ""),
+        peer=audit.get("peer", ""),
+        reason=audit.get("why", ""),
+        action=pb.RepairAction.ValueType(audit.get("act", 0)),
+        step=step,
+        output_json=audit.get("out") or "",
+    )
+
+
+def repair_of(record: EventRecord) -> pb.Repair:
+    """A REPAIRED event as its audit entry."""
+    return repair({**record.data, "at": record.at, "out": _text(record.payload) or None})
+
+
 def event(record: EventRecord) -> pb.WatchInstanceResponse:
     d = record.data
     msg = pb.WatchInstanceResponse(
         instance_id=record.instance_id, sequence=record.seq, time=_ts(record.at)
     )
     kind = record.kind
+    if kind == EventKind.REPAIRED:
+        msg.repaired.CopyFrom(repair_of(record))
+        return msg
     if kind == EventKind.STATUS_CHANGED:
         err = d.get("err")
         msg.status_changed.CopyFrom(

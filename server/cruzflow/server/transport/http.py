@@ -36,7 +36,7 @@ from connectrpc.request import RequestContext
 from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
 
-from cruzflow.server import auth
+from cruzflow.server import auth, caller
 from cruzflow.server.engine import validate
 from cruzflow.server.records import InstanceStatus
 from cruzflow.server.transport.api import SERVICE, WorkflowApi, malformed, refusal
@@ -152,9 +152,11 @@ class _Service:
         name: str, handler: Callable[[Any], Awaitable[Any]], gate: auth.Gate | None
     ) -> Callable[[Any, RequestContext[Any, Any]], Awaitable[Any]]:
         async def unary(request: Any, ctx: RequestContext[Any, Any]) -> Any:
+            caller.PEER.set(ctx.client_address or "")
             try:
                 if gate is not None:
                     rule = _rule()
+                    caller.TOKEN.set(rule.name)
                     await _checked(gate, rule, name, request, ctx)
                     return gate.response(rule, name, await handler(request))
                 return await handler(request)

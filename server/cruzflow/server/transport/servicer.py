@@ -14,6 +14,7 @@ from typing import Any, NoReturn, cast
 
 import grpc
 
+from cruzflow.server import caller
 from cruzflow.server.transport.api import SERVICE, WorkflowApi, malformed, refusal
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
 
@@ -26,6 +27,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) ->
 
 def _unary(handler: Callable[[Any], Any]) -> Callable[..., Any]:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        caller.PEER.set(context.peer() or "")
         try:
             return await handler(request)
         except Exception as exc:

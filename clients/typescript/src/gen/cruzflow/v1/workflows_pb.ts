@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cruzflow/v1/workflows.proto.
  */
 export const file_cruzflow_v1_workflows: GenFile = /*@__PURE__*/
-  fileDesc("ChtjcnV6Zmxvdy92MS93b3JrZmxvd3MucHJvdG8SC2NydXpmbG93LnYxIjkKBUVycm9yEgwKBG5hbWUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRIRCgl0cmFjZWJhY2sYAyABKAkikgEKFUNyZWF0ZUluc3RhbmNlUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRITCgtpbnN0YW5jZV9pZBgCIAEoCRITCgtwYXJhbXNfanNvbhgDIAEoCRISCgpsb29rdXBfa2V5GAQgASgJEhAKCHByaW9yaXR5GAUgASgFEhcKD2NvbmN1cnJlbmN5X2tleRgGIAEoCSJaChZDcmVhdGVJbnN0YW5jZVJlc3BvbnNlEhMKC2luc3RhbmNlX2lkGAEgASgJEisKBnN0YXR1cxgCIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIicKEEdldFN0YXR1c1JlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiPAoRR2V0U3RhdHVzUmVzcG9uc2USJwoIaW5zdGFuY2UYASABKAsyFS5jcnV6Zmxvdy52MS5JbnN0YW5jZSLMBAoISW5zdGFuY2USEwoLaW5zdGFuY2VfaWQYASABKAkSEAoId29ya2Zsb3cYAiABKAkSKwoGc3RhdHVzGAMgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMSEwoLcGFyYW1zX2pzb24YBCABKAkSEwoLb3V0cHV0X2pzb24YBSABKAkSIQoFZXJyb3IYBiABKAsyEi5jcnV6Zmxvdy52MS5FcnJvchIvCgtjcmVhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIgCgVzdGVwcxgKIAMoCzIRLmNydXpmbG93LnYxLlN0ZXASFQoNbGFzdF9zZXF1ZW5jZRgLIAEoAxISCgpsb29rdXBfa2V5GAwgASgJEi0KCXdha2VfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIdHJhY2VfaWQYDyABKAkSEQoJcGFyZW50X2lkGBAgASgJEhAKCHByaW9yaXR5GBMgASgFEhcKD2NvbmN1cnJlbmN5X2tleRgUIAEoCRITCgtzY2hlZHVsZV9pZBgSIAEoCSKTAwoEU3RlcBIMCgRuYW1lGAEgASgJEhIKCm9jY3VycmVuY2UYAiABKAUSDQoFaW5kZXgYAyABKAUSJwoGc3RhdHVzGAQgASgOMhcuY3J1emZsb3cudjEuU3RlcFN0YXR1cxIQCghhdHRlbXB0cxgFIAEoBRIuCgpzdGFydF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLb3V0cHV0X2pzb24YCCABKAkSIQoFZXJyb3IYCSABKAsyEi5jcnV6Zmxvdy52MS5FcnJvchI1ChFuZXh0X2F0dGVtcHRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIwoEa2luZBgLIAEoDjIVLmNydXpmbG93LnYxLlN0ZXBLaW5kEhIKCmV2ZW50X3R5cGUYDCABKAkSGQoRY2hpbGRfaW5zdGFuY2VfaWQYDSABKAkiQwoUV2F0Y2hJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKAMi9QIKFVdhdGNoSW5zdGFuY2VSZXNwb25zZRITCgtpbnN0YW5jZV9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0Cg5zdGF0dXNfY2hhbmdlZBgEIAEoCzIaLmNydXpmbG93LnYxLlN0YXR1c0NoYW5nZWRIABIwCgxzdGVwX3N0YXJ0ZWQYBSABKAsyGC5jcnV6Zmxvdy52MS5TdGVwU3RhcnRlZEgAEjQKDmF0dGVtcHRfZmFpbGVkGAYgASgLMhouY3J1emZsb3cudjEuQXR0ZW1wdEZhaWxlZEgAEjQKDnN0ZXBfc3VjY2VlZGVkGAcgASgLMhouY3J1emZsb3cudjEuU3RlcFN1Y2NlZWRlZEgAEi4KC3N0ZXBfZmFpbGVkGAggASgLMhcuY3J1emZsb3cudjEuU3RlcEZhaWxlZEgAQgcKBWV2ZW50InQKDVN0YXR1c0NoYW5nZWQSKwoGc3RhdHVzGAEgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMSEwoLb3V0cHV0X2pzb24YAiABKAkSIQoFZXJyb3IYAyABKAsyEi5jcnV6Zmxvdy52MS5FcnJvciJCCgtTdGVwU3RhcnRlZBIiCgRzdGVwGAEgASgLMhQuY3J1emZsb3cudjEuU3RlcFJlZhIPCgdhdHRlbXB0GAIgASgFIs4BCg1BdHRlbXB0RmFpbGVkEiIKBHN0ZXAYASABKAsyFC5jcnV6Zmxvdy52MS5TdGVwUmVmEg8KB2F0dGVtcHQYAiABKAUSIQoFZXJyb3IYAyABKAsyEi5jcnV6Zmxvdy52MS5FcnJvchI1ChFuZXh0X2F0dGVtcHRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoLcmV0cnlfZGVsYXkYBSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iWQoNU3RlcFN1Y2NlZWRlZBIiCgRzdGVwGAEgASgLMhQuY3J1emZsb3cudjEuU3RlcFJlZhIPCgdhdHRlbXB0GAIgASgFEhMKC291dHB1dF9qc29uGAMgASgJImQKClN0ZXBGYWlsZWQSIgoEc3RlcBgBIAEoCzIULmNydXpmbG93LnYxLlN0ZXBSZWYSDwoHYXR0ZW1wdBgCIAEoBRIhCgVlcnJvchgDIAEoCzISLmNydXpmbG93LnYxLkVycm9yIl8KB1N0ZXBSZWYSDAoEbmFtZRgBIAEoCRISCgpvY2N1cnJlbmNlGAIgASgFEg0KBWluZGV4GAMgASgFEiMKBGtpbmQYBCABKA4yFS5jcnV6Zmxvdy52MS5TdGVwS2luZCJtChNXYWl0SW5zdGFuY2VSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJEioKB3RpbWVvdXQYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SFQoNaW5jbHVkZV9zdGVwcxgDIAEoCCI/ChRXYWl0SW5zdGFuY2VSZXNwb25zZRInCghpbnN0YW5jZRgBIAEoCzIVLmNydXpmbG93LnYxLkluc3RhbmNlIk4KFkNyZWF0ZUluc3RhbmNlc1JlcXVlc3QSNAoIcmVxdWVzdHMYASADKAsyIi5jcnV6Zmxvdy52MS5DcmVhdGVJbnN0YW5jZVJlcXVlc3QiUQoXQ3JlYXRlSW5zdGFuY2VzUmVzcG9uc2USNgoJaW5zdGFuY2VzGAEgAygLMiMuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VSZXNwb25zZSKkAgoUTGlzdEluc3RhbmNlc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSLQoIc3RhdHVzZXMYAiADKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cxIzCg9jcmVhdGVfdGltZV9taW4YAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2NyZWF0ZV90aW1lX21heBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKbG9va3VwX2tleRgFIAEoCRIRCglwYWdlX3NpemUYBiABKAUSEgoKcGFnZV90b2tlbhgHIAEoCRIRCglwYXJlbnRfaWQYCCABKAkSEwoLc2NoZWR1bGVfaWQYCSABKAkiWgoVTGlzdEluc3RhbmNlc1Jlc3BvbnNlEigKCWluc3RhbmNlcxgBIAMoCzIVLmNydXpmbG93LnYxLkluc3RhbmNlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIrChRQYXVzZUluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJEChVQYXVzZUluc3RhbmNlUmVzcG9uc2USKwoGc3RhdHVzGAEgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMiLAoVUmVzdW1lSW5zdGFuY2VSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJIkUKFlJlc3VtZUluc3RhbmNlUmVzcG9uc2USKwoGc3RhdHVzGAEgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMiQQoYVGVybWluYXRlSW5zdGFuY2VSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJEhAKCHJvbGxiYWNrGAIgASgIIkgKGVRlcm1pbmF0ZUluc3RhbmNlUmVzcG9uc2USKwoGc3RhdHVzGAEgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMiLQoWUmVzdGFydEluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJGChdSZXN0YXJ0SW5zdGFuY2VSZXNwb25zZRIrCgZzdGF0dXMYASABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cyJLChBTZW5kRXZlbnRSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJEgwKBHR5cGUYAiABKAkSFAoMcGF5bG9hZF9qc29uGAMgASgJIhMKEVNlbmRFdmVudFJlc3BvbnNlIhYKFExpc3RXb3JrZmxvd3NSZXF1ZXN0IkEKFUxpc3RXb3JrZmxvd3NSZXNwb25zZRIoCgl3b3JrZmxvd3MYASADKAsyFS5jcnV6Zmxvdy52MS5Xb3JrZmxvdyI9CghXb3JrZmxvdxIMCgRuYW1lGAEgASgJEg8KB2JpbmRpbmcYAiABKAkSEgoKY2xhc3NfbmFtZRgDIAEoCSKnAQoVQ291bnRJbnN0YW5jZXNSZXF1ZXN0EhAKCHdvcmtmbG93GAEgASgJEjMKD2NyZWF0ZV90aW1lX21pbhgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPY3JlYXRlX3RpbWVfbWF4GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpsb29rdXBfa2V5GAQgASgJIlMKFkNvdW50SW5zdGFuY2VzUmVzcG9uc2USKgoGY291bnRzGAEgAygLMhouY3J1emZsb3cudjEuSW5zdGFuY2VDb3VudBINCgV0b3RhbBgCIAEoAyJdCg1JbnN0YW5jZUNvdW50EhAKCHdvcmtmbG93GAEgASgJEisKBnN0YXR1cxgCIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzEg0KBWNvdW50GAMgASgDIhIKEEdldENhbGxlclJlcXVlc3QiZAoRR2V0Q2FsbGVyUmVzcG9uc2USFQoNYXV0aF9yZXF1aXJlZBgBIAEoCBISCgp0b2tlbl9uYW1lGAIgASgJEhEKCXJlYWRfb25seRgDIAEoCBIRCgl3b3JrZmxvd3MYBCADKAkiswMKCFNjaGVkdWxlEhMKC3NjaGVkdWxlX2lkGAEgASgJEhAKCHdvcmtmbG93GAIgASgJEgwKBGNyb24YAyABKAkSEAoIdGltZXpvbmUYBCABKAkSEwoLcGFyYW1zX2pzb24YBSABKAkSLAoIY2F0Y2hfdXAYBiABKA4yGi5jcnV6Zmxvdy52MS5DYXRjaFVwUG9saWN5Eg4KBnBhdXNlZBgHIAEoCBIrCgZvcmlnaW4YCCABKA4yGy5jcnV6Zmxvdy52MS5TY2hlZHVsZU9yaWdpbhIxCg1sYXN0X2R1ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBsYXN0X2luc3RhbmNlX2lkGAogASgJEjEKDW5leHRfZHVlX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2NyZWF0ZV90aW1lGAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiQAoVQ3JlYXRlU2NoZWR1bGVSZXF1ZXN0EicKCHNjaGVkdWxlGAEgASgLMhUuY3J1emZsb3cudjEuU2NoZWR1bGUiQQoWQ3JlYXRlU2NoZWR1bGVSZXNwb25zZRInCghzY2hlZHVsZRgBIAEoCzIVLmNydXpmbG93LnYxLlNjaGVkdWxlIikKEkdldFNjaGVkdWxlUmVxdWVzdBITCgtzY2hlZHVsZV9pZBgBIAEoCSI+ChNHZXRTY2hlZHVsZVJlc3BvbnNlEicKCHNjaGVkdWxlGAEgASgLMhUuY3J1emZsb3cudjEuU2NoZWR1bGUiTwoUTGlzdFNjaGVkdWxlc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiWgoVTGlzdFNjaGVkdWxlc1Jlc3BvbnNlEigKCXNjaGVkdWxlcxgBIAMoCzIVLmNydXpmbG93LnYxLlNjaGVkdWxlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIrChRQYXVzZVNjaGVkdWxlUmVxdWVzdBITCgtzY2hlZHVsZV9pZBgBIAEoCSJAChVQYXVzZVNjaGVkdWxlUmVzcG9uc2USJwoIc2NoZWR1bGUYASABKAsyFS5jcnV6Zmxvdy52MS5TY2hlZHVsZSIsChVSZXN1bWVTY2hlZHVsZVJlcXVlc3QSEwoLc2NoZWR1bGVfaWQYASABKAkiQQoWUmVzdW1lU2NoZWR1bGVSZXNwb25zZRInCghzY2hlZHVsZRgBIAEoCzIVLmNydXpmbG93LnYxLlNjaGVkdWxlIiwKFURlbGV0ZVNjaGVkdWxlUmVxdWVzdBITCgtzY2hlZHVsZV9pZBgBIAEoCSIYChZEZWxldGVTY2hlZHVsZVJlc3BvbnNlIi0KFlRyaWdnZXJTY2hlZHVsZVJlcXVlc3QSEwoLc2NoZWR1bGVfaWQYASABKAkiWwoXVHJpZ2dlclNjaGVkdWxlUmVzcG9uc2USEwoLaW5zdGFuY2VfaWQYASABKAkSKwoGc3RhdHVzGAIgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMqwgIKDkluc3RhbmNlU3RhdHVzEh8KG0lOU1RBTkNFX1NUQVRVU19VTlNQRUNJRklFRBAAEhoKFklOU1RBTkNFX1NUQVRVU19RVUVVRUQQARIbChdJTlNUQU5DRV9TVEFUVVNfUlVOTklORxACEhoKFklOU1RBTkNFX1NUQVRVU19QQVVTRUQQAxIbChdJTlNUQU5DRV9TVEFUVVNfV0FJVElORxAEEiUKIUlOU1RBTkNFX1NUQVRVU19XQUlUSU5HX0ZPUl9QQVVTRRAFEhwKGElOU1RBTkNFX1NUQVRVU19DT01QTEVURRAGEhsKF0lOU1RBTkNFX1NUQVRVU19FUlJPUkVEEAcSHgoaSU5TVEFOQ0VfU1RBVFVTX1RFUk1JTkFURUQQCBIbChdJTlNUQU5DRV9TVEFUVVNfVU5LTk9XThAJKnUKClN0ZXBTdGF0dXMSGwoXU1RFUF9TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNTVEVQX1NUQVRVU19SVU5OSU5HEAESGQoVU1RFUF9TVEFUVVNfU1VDQ0VFREVEEAISFgoSU1RFUF9TVEFUVVNfRkFJTEVEEAMqrgEKCFN0ZXBLaW5kEhkKFVNURVBfS0lORF9VTlNQRUNJRklFRBAAEhAKDFNURVBfS0lORF9ETxABEhMKD1NURVBfS0lORF9TTEVFUBACEhwKGFNURVBfS0lORF9XQUlUX0ZPUl9FVkVOVBADEhMKD1NURVBfS0lORF9DSElMRBAEEhYKElNURVBfS0lORF9ST0xMQkFDSxAFEhUKEVNURVBfS0lORF9WRVJTSU9OEAYqZAoNQ2F0Y2hVcFBvbGljeRIfChtDQVRDSF9VUF9QT0xJQ1lfVU5TUEVDSUZJRUQQABIYChRDQVRDSF9VUF9QT0xJQ1lfU0tJUBABEhgKFENBVENIX1VQX1BPTElDWV9PTkNFEAIqZgoOU2NoZWR1bGVPcmlnaW4SHwobU0NIRURVTEVfT1JJR0lOX1VOU1BFQ0lGSUVEEAASGgoWU0NIRURVTEVfT1JJR0lOX0NPTkZJRxABEhcKE1NDSEVEVUxFX09SSUdJTl9BUEkQAjLODgoPV29ya2Zsb3dTZXJ2aWNlElkKDkNyZWF0ZUluc3RhbmNlEiIuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VSZXF1ZXN0GiMuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VSZXNwb25zZRJcCg9DcmVhdGVJbnN0YW5jZXMSIy5jcnV6Zmxvdy52MS5DcmVhdGVJbnN0YW5jZXNSZXF1ZXN0GiQuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VzUmVzcG9uc2USSgoJR2V0U3RhdHVzEh0uY3J1emZsb3cudjEuR2V0U3RhdHVzUmVxdWVzdBoeLmNydXpmbG93LnYxLkdldFN0YXR1c1Jlc3BvbnNlElgKDVdhdGNoSW5zdGFuY2USIS5jcnV6Zmxvdy52MS5XYXRjaEluc3RhbmNlUmVxdWVzdBoiLmNydXpmbG93LnYxLldhdGNoSW5zdGFuY2VSZXNwb25zZTABElMKDFdhaXRJbnN0YW5jZRIgLmNydXpmbG93LnYxLldhaXRJbnN0YW5jZVJlcXVlc3QaIS5jcnV6Zmxvdy52MS5XYWl0SW5zdGFuY2VSZXNwb25zZRJWCg1MaXN0SW5zdGFuY2VzEiEuY3J1emZsb3cudjEuTGlzdEluc3RhbmNlc1JlcXVlc3QaIi5jcnV6Zmxvdy52MS5MaXN0SW5zdGFuY2VzUmVzcG9uc2USVgoNUGF1c2VJbnN0YW5jZRIhLmNydXpmbG93LnYxLlBhdXNlSW5zdGFuY2VSZXF1ZXN0GiIuY3J1emZsb3cudjEuUGF1c2VJbnN0YW5jZVJlc3BvbnNlElkKDlJlc3VtZUluc3RhbmNlEiIuY3J1emZsb3cudjEuUmVzdW1lSW5zdGFuY2VSZXF1ZXN0GiMuY3J1emZsb3cudjEuUmVzdW1lSW5zdGFuY2VSZXNwb25zZRJiChFUZXJtaW5hdGVJbnN0YW5jZRIlLmNydXpmbG93LnYxLlRlcm1pbmF0ZUluc3RhbmNlUmVxdWVzdBomLmNydXpmbG93LnYxLlRlcm1pbmF0ZUluc3RhbmNlUmVzcG9uc2USXAoPUmVzdGFydEluc3RhbmNlEiMuY3J1emZsb3cudjEuUmVzdGFydEluc3RhbmNlUmVxdWVzdBokLmNydXpmbG93LnYxLlJlc3RhcnRJbnN0YW5jZVJlc3BvbnNlEkoKCVNlbmRFdmVudBIdLmNydXpmbG93LnYxLlNlbmRFdmVudFJlcXVlc3QaHi5jcnV6Zmxvdy52MS5TZW5kRXZlbnRSZXNwb25zZRJWCg1MaXN0V29ya2Zsb3dzEiEuY3J1emZsb3cudjEuTGlzdFdvcmtmbG93c1JlcXVlc3QaIi5jcnV6Zmxvdy52MS5MaXN0V29ya2Zsb3dzUmVzcG9uc2USWQoOQ291bnRJbnN0YW5jZXMSIi5jcnV6Zmxvdy52MS5Db3VudEluc3RhbmNlc1JlcXVlc3QaIy5jcnV6Zmxvdy52MS5Db3VudEluc3RhbmNlc1Jlc3BvbnNlEkoKCUdldENhbGxlchIdLmNydXpmbG93LnYxLkdldENhbGxlclJlcXVlc3QaHi5jcnV6Zmxvdy52MS5HZXRDYWxsZXJSZXNwb25zZRJZCg5DcmVhdGVTY2hlZHVsZRIiLmNydXpmbG93LnYxLkNyZWF0ZVNjaGVkdWxlUmVxdWVzdBojLmNydXpmbG93LnYxLkNyZWF0ZVNjaGVkdWxlUmVzcG9uc2USUAoLR2V0U2NoZWR1bGUSHy5jcnV6Zmxvdy52MS5HZXRTY2hlZHVsZVJlcXVlc3QaIC5jcnV6Zmxvdy52MS5HZXRTY2hlZHVsZVJlc3BvbnNlElYKDUxpc3RTY2hlZHVsZXMSIS5jcnV6Zmxvdy52MS5MaXN0U2NoZWR1bGVzUmVxdWVzdBoiLmNydXpmbG93LnYxLkxpc3RTY2hlZHVsZXNSZXNwb25zZRJWCg1QYXVzZVNjaGVkdWxlEiEuY3J1emZsb3cudjEuUGF1c2VTY2hlZHVsZVJlcXVlc3QaIi5jcnV6Zmxvdy52MS5QYXVzZVNjaGVkdWxlUmVzcG9uc2USWQoOUmVzdW1lU2NoZWR1bGUSIi5jcnV6Zmxvdy52MS5SZXN1bWVTY2hlZHVsZVJlcXVlc3QaIy5jcnV6Zmxvdy52MS5SZXN1bWVTY2hlZHVsZVJlc3BvbnNlElkKDkRlbGV0ZVNjaGVkdWxlEiIuY3J1emZsb3cudjEuRGVsZXRlU2NoZWR1bGVSZXF1ZXN0GiMuY3J1emZsb3cudjEuRGVsZXRlU2NoZWR1bGVSZXNwb25zZRJcCg9UcmlnZ2VyU2NoZWR1bGUSIy5jcnV6Zmxvdy52MS5UcmlnZ2VyU2NoZWR1bGVSZXF1ZXN0GiQuY3J1emZsb3cudjEuVHJpZ2dlclNjaGVkdWxlUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChtjcnV6Zmxvdy92MS93b3JrZmxvd3MucHJvdG8SC2NydXpmbG93LnYxIjkKBUVycm9yEgwKBG5hbWUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRIRCgl0cmFjZWJhY2sYAyABKAkikgEKFUNyZWF0ZUluc3RhbmNlUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRITCgtpbnN0YW5jZV9pZBgCIAEoCRITCgtwYXJhbXNfanNvbhgDIAEoCRISCgpsb29rdXBfa2V5GAQgASgJEhAKCHByaW9yaXR5GAUgASgFEhcKD2NvbmN1cnJlbmN5X2tleRgGIAEoCSJaChZDcmVhdGVJbnN0YW5jZVJlc3BvbnNlEhMKC2luc3RhbmNlX2lkGAEgASgJEisKBnN0YXR1cxgCIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIicKEEdldFN0YXR1c1JlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiPAoRR2V0U3RhdHVzUmVzcG9uc2USJwoIaW5zdGFuY2UYASABKAsyFS5jcnV6Zmxvdy52MS5JbnN0YW5jZSLyBAoISW5zdGFuY2USEwoLaW5zdGFuY2VfaWQYASABKAkSEAoId29ya2Zsb3cYAiABKAkSKwoGc3RhdHVzGAMgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMSEwoLcGFyYW1zX2pzb24YBCABKAkSEwoLb3V0cHV0X2pzb24YBSABKAkSIQoFZXJyb3IYBiABKAsyEi5jcnV6Zmxvdy52MS5FcnJvchIvCgtjcmVhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIgCgVzdGVwcxgKIAMoCzIRLmNydXpmbG93LnYxLlN0ZXASFQoNbGFzdF9zZXF1ZW5jZRgLIAEoAxISCgpsb29rdXBfa2V5GAwgASgJEi0KCXdha2VfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIdHJhY2VfaWQYDyABKAkSEQoJcGFyZW50X2lkGBAgASgJEhAKCHByaW9yaXR5GBMgASgFEhcKD2NvbmN1cnJlbmN5X2tleRgUIAEoCRITCgtzY2hlZHVsZV9pZBgSIAEoCRIkCgdyZXBhaXJzGBYgAygLMhMuY3J1emZsb3cudjEuUmVwYWlyIpMDCgRTdGVwEgwKBG5hbWUYASABKAkSEgoKb2NjdXJyZW5jZRgCIAEoBRINCgVpbmRleBgDIAEoBRInCgZzdGF0dXMYBCABKA4yFy5jcnV6Zmxvdy52MS5TdGVwU3RhdHVzEhAKCGF0dGVtcHRzGAUgASgFEi4KCnN0YXJ0X3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtvdXRwdXRfanNvbhgIIAEoCRIhCgVlcnJvchgJIAEoCzISLmNydXpmbG93LnYxLkVycm9yEjUKEW5leHRfYXR0ZW1wdF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIjCgRraW5kGAsgASgOMhUuY3J1emZsb3cudjEuU3RlcEtpbmQSEgoKZXZlbnRfdHlwZRgMIAEoCRIZChFjaGlsZF9pbnN0YW5jZV9pZBgNIAEoCSJDChRXYXRjaEluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIWCg5hZnRlcl9zZXF1ZW5jZRgCIAEoAyKeAwoVV2F0Y2hJbnN0YW5jZVJlc3BvbnNlEhMKC2luc3RhbmNlX2lkGAEgASgJEhAKCHNlcXVlbmNlGAIgASgDEigKBHRpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjQKDnN0YXR1c19jaGFuZ2VkGAQgASgLMhouY3J1emZsb3cudjEuU3RhdHVzQ2hhbmdlZEgAEjAKDHN0ZXBfc3RhcnRlZBgFIAEoCzIYLmNydXpmbG93LnYxLlN0ZXBTdGFydGVkSAASNAoOYXR0ZW1wdF9mYWlsZWQYBiABKAsyGi5jcnV6Zmxvdy52MS5BdHRlbXB0RmFpbGVkSAASNAoOc3RlcF9zdWNjZWVkZWQYByABKAsyGi5jcnV6Zmxvdy52MS5TdGVwU3VjY2VlZGVkSAASLgoLc3RlcF9mYWlsZWQYCCABKAsyFy5jcnV6Zmxvdy52MS5TdGVwRmFpbGVkSAASJwoIcmVwYWlyZWQYCSABKAsyEy5jcnV6Zmxvdy52MS5SZXBhaXJIAEIHCgVldmVudCJ0Cg1TdGF0dXNDaGFuZ2VkEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzEhMKC291dHB1dF9qc29uGAIgASgJEiEKBWVycm9yGAMgASgLMhIuY3J1emZsb3cudjEuRXJyb3IiQgoLU3RlcFN0YXJ0ZWQSIgoEc3RlcBgBIAEoCzIULmNydXpmbG93LnYxLlN0ZXBSZWYSDwoHYXR0ZW1wdBgCIAEoBSLOAQoNQXR0ZW1wdEZhaWxlZBIiCgRzdGVwGAEgASgLMhQuY3J1emZsb3cudjEuU3RlcFJlZhIPCgdhdHRlbXB0GAIgASgFEiEKBWVycm9yGAMgASgLMhIuY3J1emZsb3cudjEuRXJyb3ISNQoRbmV4dF9hdHRlbXB0X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KC3JldHJ5X2RlbGF5GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIlkKDVN0ZXBTdWNjZWVkZWQSIgoEc3RlcBgBIAEoCzIULmNydXpmbG93LnYxLlN0ZXBSZWYSDwoHYXR0ZW1wdBgCIAEoBRITCgtvdXRwdXRfanNvbhgDIAEoCSJkCgpTdGVwRmFpbGVkEiIKBHN0ZXAYASABKAsyFC5jcnV6Zmxvdy52MS5TdGVwUmVmEg8KB2F0dGVtcHQYAiABKAUSIQoFZXJyb3IYAyABKAsyEi5jcnV6Zmxvdy52MS5FcnJvciJfCgdTdGVwUmVmEgwKBG5hbWUYASABKAkSEgoKb2NjdXJyZW5jZRgCIAEoBRINCgVpbmRleBgDIAEoBRIjCgRraW5kGAQgASgOMhUuY3J1emZsb3cudjEuU3RlcEtpbmQibQoTV2FpdEluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIqCgd0aW1lb3V0GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhUKDWluY2x1ZGVfc3RlcHMYAyABKAgiPwoUV2FpdEluc3RhbmNlUmVzcG9uc2USJwoIaW5zdGFuY2UYASABKAsyFS5jcnV6Zmxvdy52MS5JbnN0YW5jZSJOChZDcmVhdGVJbnN0YW5jZXNSZXF1ZXN0EjQKCHJlcXVlc3RzGAEgAygLMiIuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VSZXF1ZXN0IlEKF0NyZWF0ZUluc3RhbmNlc1Jlc3BvbnNlEjYKCWluc3RhbmNlcxgBIAMoCzIjLmNydXpmbG93LnYxLkNyZWF0ZUluc3RhbmNlUmVzcG9uc2UipAIKFExpc3RJbnN0YW5jZXNSZXF1ZXN0EhAKCHdvcmtmbG93GAEgASgJEi0KCHN0YXR1c2VzGAIgAygOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMSMwoPY3JlYXRlX3RpbWVfbWluGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9jcmVhdGVfdGltZV9tYXgYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmxvb2t1cF9rZXkYBSABKAkSEQoJcGFnZV9zaXplGAYgASgFEhIKCnBhZ2VfdG9rZW4YByABKAkSEQoJcGFyZW50X2lkGAggASgJEhMKC3NjaGVkdWxlX2lkGAkgASgJIloKFUxpc3RJbnN0YW5jZXNSZXNwb25zZRIoCglpbnN0YW5jZXMYASADKAsyFS5jcnV6Zmxvdy52MS5JbnN0YW5jZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKwoUUGF1c2VJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiRAoVUGF1c2VJbnN0YW5jZVJlc3BvbnNlEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIiwKFVJlc3VtZUluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJFChZSZXN1bWVJbnN0YW5jZVJlc3BvbnNlEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIkEKGFRlcm1pbmF0ZUluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIQCghyb2xsYmFjaxgCIAEoCCJIChlUZXJtaW5hdGVJbnN0YW5jZVJlc3BvbnNlEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzImQKFlJlc3RhcnRJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkSEQoJZnJvbV9zdGVwGAIgASgJEhIKCm9jY3VycmVuY2UYAyABKAUSDgoGcmVhc29uGAQgASgJIkYKF1Jlc3RhcnRJbnN0YW5jZVJlc3BvbnNlEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIoIBChVSZXBhaXJJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkSDAoEc3RlcBgCIAEoCRISCgpvY2N1cnJlbmNlGAMgASgFEhMKC291dHB1dF9qc29uGAQgASgJEg0KBXJldHJ5GAUgASgIEg4KBnJlYXNvbhgGIAEoCSJqChZSZXBhaXJJbnN0YW5jZVJlc3BvbnNlEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzEiMKBnJlcGFpchgCIAEoCzITLmNydXpmbG93LnYxLlJlcGFpciLDAQoGUmVwYWlyEigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAIgASgJEgwKBHBlZXIYAyABKAkSDgoGcmVhc29uGAQgASgJEikKBmFjdGlvbhgFIAEoDjIZLmNydXpmbG93LnYxLlJlcGFpckFjdGlvbhIiCgRzdGVwGAYgASgLMhQuY3J1emZsb3cudjEuU3RlcFJlZhITCgtvdXRwdXRfanNvbhgHIAEoCSJLChBTZW5kRXZlbnRSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJEgwKBHR5cGUYAiABKAkSFAoMcGF5bG9hZF9qc29uGAMgASgJIhMKEVNlbmRFdmVudFJlc3BvbnNlIhYKFExpc3RXb3JrZmxvd3NSZXF1ZXN0IkEKFUxpc3RXb3JrZmxvd3NSZXNwb25zZRIoCgl3b3JrZmxvd3MYASADKAsyFS5jcnV6Zmxvdy52MS5Xb3JrZmxvdyI9CghXb3JrZmxvdxIMCgRuYW1lGAEgASgJEg8KB2JpbmRpbmcYAiABKAkSEgoKY2xhc3NfbmFtZRgDIAEoCSKnAQoVQ291bnRJbnN0YW5jZXNSZXF1ZXN0EhAKCHdvcmtmbG93GAEgASgJEjMKD2NyZWF0ZV90aW1lX21pbhgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPY3JlYXRlX3RpbWVfbWF4GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpsb29rdXBfa2V5GAQgASgJIlMKFkNvdW50SW5zdGFuY2VzUmVzcG9uc2USKgoGY291bnRzGAEgAygLMhouY3J1emZsb3cudjEuSW5zdGFuY2VDb3VudBINCgV0b3RhbBgCIAEoAyJdCg1JbnN0YW5jZUNvdW50EhAKCHdvcmtmbG93GAEgASgJEisKBnN0YXR1cxgCIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzEg0KBWNvdW50GAMgASgDIhIKEEdldENhbGxlclJlcXVlc3QiZAoRR2V0Q2FsbGVyUmVzcG9uc2USFQoNYXV0aF9yZXF1aXJlZBgBIAEoCBISCgp0b2tlbl9uYW1lGAIgASgJEhEKCXJlYWRfb25seRgDIAEoCBIRCgl3b3JrZmxvd3MYBCADKAkiswMKCFNjaGVkdWxlEhMKC3NjaGVkdWxlX2lkGAEgASgJEhAKCHdvcmtmbG93GAIgASgJEgwKBGNyb24YAyABKAkSEAoIdGltZXpvbmUYBCABKAkSEwoLcGFyYW1zX2pzb24YBSABKAkSLAoIY2F0Y2hfdXAYBiABKA4yGi5jcnV6Zmxvdy52MS5DYXRjaFVwUG9saWN5Eg4KBnBhdXNlZBgHIAEoCBIrCgZvcmlnaW4YCCABKA4yGy5jcnV6Zmxvdy52MS5TY2hlZHVsZU9yaWdpbhIxCg1sYXN0X2R1ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBsYXN0X2luc3RhbmNlX2lkGAogASgJEjEKDW5leHRfZHVlX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2NyZWF0ZV90aW1lGAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiQAoVQ3JlYXRlU2NoZWR1bGVSZXF1ZXN0EicKCHNjaGVkdWxlGAEgASgLMhUuY3J1emZsb3cudjEuU2NoZWR1bGUiQQoWQ3JlYXRlU2NoZWR1bGVSZXNwb25zZRInCghzY2hlZHVsZRgBIAEoCzIVLmNydXpmbG93LnYxLlNjaGVkdWxlIikKEkdldFNjaGVkdWxlUmVxdWVzdBITCgtzY2hlZHVsZV9pZBgBIAEoCSI+ChNHZXRTY2hlZHVsZVJlc3BvbnNlEicKCHNjaGVkdWxlGAEgASgLMhUuY3J1emZsb3cudjEuU2NoZWR1bGUiTwoUTGlzdFNjaGVkdWxlc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiWgoVTGlzdFNjaGVkdWxlc1Jlc3BvbnNlEigKCXNjaGVkdWxlcxgBIAMoCzIVLmNydXpmbG93LnYxLlNjaGVkdWxlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIrChRQYXVzZVNjaGVkdWxlUmVxdWVzdBITCgtzY2hlZHVsZV9pZBgBIAEoCSJAChVQYXVzZVNjaGVkdWxlUmVzcG9uc2USJwoIc2NoZWR1bGUYASABKAsyFS5jcnV6Zmxvdy52MS5TY2hlZHVsZSIsChVSZXN1bWVTY2hlZHVsZVJlcXVlc3QSEwoLc2NoZWR1bGVfaWQYASABKAkiQQoWUmVzdW1lU2NoZWR1bGVSZXNwb25zZRInCghzY2hlZHVsZRgBIAEoCzIVLmNydXpmbG93LnYxLlNjaGVkdWxlIiwKFURlbGV0ZVNjaGVkdWxlUmVxdWVzdBITCgtzY2hlZHVsZV9pZBgBIAEoCSIYChZEZWxldGVTY2hlZHVsZVJlc3BvbnNlIi0KFlRyaWdnZXJTY2hlZHVsZVJlcXVlc3QSEwoLc2NoZWR1bGVfaWQYASABKAkiWwoXVHJpZ2dlclNjaGVkdWxlUmVzcG9uc2USEwoLaW5zdGFuY2VfaWQYASABKAkSKwoGc3RhdHVzGAIgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMqwgIKDkluc3RhbmNlU3RhdHVzEh8KG0lOU1RBTkNFX1NUQVRVU19VTlNQRUNJRklFRBAAEhoKFklOU1RBTkNFX1NUQVRVU19RVUVVRUQQARIbChdJTlNUQU5DRV9TVEFUVVNfUlVOTklORxACEhoKFklOU1RBTkNFX1NUQVRVU19QQVVTRUQQAxIbChdJTlNUQU5DRV9TVEFUVVNfV0FJVElORxAEEiUKIUlOU1RBTkNFX1NUQVRVU19XQUlUSU5HX0ZPUl9QQVVTRRAFEhwKGElOU1RBTkNFX1NUQVRVU19DT01QTEVURRAGEhsKF0lOU1RBTkNFX1NUQVRVU19FUlJPUkVEEAcSHgoaSU5TVEFOQ0VfU1RBVFVTX1RFUk1JTkFURUQQCBIbChdJTlNUQU5DRV9TVEFUVVNfVU5LTk9XThAJKnUKClN0ZXBTdGF0dXMSGwoXU1RFUF9TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNTVEVQX1NUQVRVU19SVU5OSU5HEAESGQoVU1RFUF9TVEFUVVNfU1VDQ0VFREVEEAISFgoSU1RFUF9TVEFUVVNfRkFJTEVEEAMqrgEKCFN0ZXBLaW5kEhkKFVNURVBfS0lORF9VTlNQRUNJRklFRBAAEhAKDFNURVBfS0lORF9ETxABEhMKD1NURVBfS0lORF9TTEVFUBACEhwKGFNURVBfS0lORF9XQUlUX0ZPUl9FVkVOVBADEhMKD1NURVBfS0lORF9DSElMRBAEEhYKElNURVBfS0lORF9ST0xMQkFDSxAFEhUKEVNURVBfS0lORF9WRVJTSU9OEAYqfwoMUmVwYWlyQWN0aW9uEh0KGVJFUEFJUl9BQ1RJT05fVU5TUEVDSUZJRUQQABIcChhSRVBBSVJfQUNUSU9OX1NFVF9PVVRQVVQQARIXChNSRVBBSVJfQUNUSU9OX1JFVFJZEAISGQoVUkVQQUlSX0FDVElPTl9SRVNUQVJUEAMqZAoNQ2F0Y2hVcFBvbGljeRIfChtDQVRDSF9VUF9QT0xJQ1lfVU5TUEVDSUZJRUQQABIYChRDQVRDSF9VUF9QT0xJQ1lfU0tJUBABEhgKFENBVENIX1VQX1BPTElDWV9PTkNFEAIqZgoOU2NoZWR1bGVPcmlnaW4SHwobU0NIRURVTEVfT1JJR0lOX1VOU1BFQ0lGSUVEEAASGgoWU0NIRURVTEVfT1JJR0lOX0NPTkZJRxABEhcKE1NDSEVEVUxFX09SSUdJTl9BUEkQAjKpDwoPV29ya2Zsb3dTZXJ2aWNlElkKDkNyZWF0ZUluc3RhbmNlEiIuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VSZXF1ZXN0GiMuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VSZXNwb25zZRJcCg9DcmVhdGVJbnN0YW5jZXMSIy5jcnV6Zmxvdy52MS5DcmVhdGVJbnN0YW5jZXNSZXF1ZXN0GiQuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VzUmVzcG9uc2USSgoJR2V0U3RhdHVzEh0uY3J1emZsb3cudjEuR2V0U3RhdHVzUmVxdWVzdBoeLmNydXpmbG93LnYxLkdldFN0YXR1c1Jlc3BvbnNlElgKDVdhdGNoSW5zdGFuY2USIS5jcnV6Zmxvdy52MS5XYXRjaEluc3RhbmNlUmVxdWVzdBoiLmNydXpmbG93LnYxLldhdGNoSW5zdGFuY2VSZXNwb25zZTABElMKDFdhaXRJbnN0YW5jZRIgLmNydXpmbG93LnYxLldhaXRJbnN0YW5jZVJlcXVlc3QaIS5jcnV6Zmxvdy52MS5XYWl0SW5zdGFuY2VSZXNwb25zZRJWCg1MaXN0SW5zdGFuY2VzEiEuY3J1emZsb3cudjEuTGlzdEluc3RhbmNlc1JlcXVlc3QaIi5jcnV6Zmxvdy52MS5MaXN0SW5zdGFuY2VzUmVzcG9uc2USVgoNUGF1c2VJbnN0YW5jZRIhLmNydXpmbG93LnYxLlBhdXNlSW5zdGFuY2VSZXF1ZXN0GiIuY3J1emZsb3cudjEuUGF1c2VJbnN0YW5jZVJlc3BvbnNlElkKDlJlc3VtZUluc3RhbmNlEiIuY3J1emZsb3cudjEuUmVzdW1lSW5zdGFuY2VSZXF1ZXN0GiMuY3J1emZsb3cudjEuUmVzdW1lSW5zdGFuY2VSZXNwb25zZRJiChFUZXJtaW5hdGVJbnN0YW5jZRIlLmNydXpmbG93LnYxLlRlcm1pbmF0ZUluc3RhbmNlUmVxdWVzdBomLmNydXpmbG93LnYxLlRlcm1pbmF0ZUluc3RhbmNlUmVzcG9uc2USXAoPUmVzdGFydEluc3RhbmNlEiMuY3J1emZsb3cudjEuUmVzdGFydEluc3RhbmNlUmVxdWVzdBokLmNydXpmbG93LnYxLlJlc3RhcnRJbnN0YW5jZVJlc3BvbnNlElkKDlJlcGFpckluc3RhbmNlEiIuY3J1emZsb3cudjEuUmVwYWlySW5zdGFuY2VSZXF1ZXN0GiMuY3J1emZsb3cudjEuUmVwYWlySW5zdGFuY2VSZXNwb25zZRJKCglTZW5kRXZlbnQSHS5jcnV6Zmxvdy52MS5TZW5kRXZlbnRSZXF1ZXN0Gh4uY3J1emZsb3cudjEuU2VuZEV2ZW50UmVzcG9uc2USVgoNTGlzdFdvcmtmbG93cxIhLmNydXpmbG93LnYxLkxpc3RXb3JrZmxvd3NSZXF1ZXN0GiIuY3J1emZsb3cudjEuTGlzdFdvcmtmbG93c1Jlc3BvbnNlElkKDkNvdW50SW5zdGFuY2VzEiIuY3J1emZsb3cudjEuQ291bnRJbnN0YW5jZXNSZXF1ZXN0GiMuY3J1emZsb3cudjEuQ291bnRJbnN0YW5jZXNSZXNwb25zZRJKCglHZXRDYWxsZXISHS5jcnV6Zmxvdy52MS5HZXRDYWxsZXJSZXF1ZXN0Gh4uY3J1emZsb3cudjEuR2V0Q2FsbGVyUmVzcG9uc2USWQoOQ3JlYXRlU2NoZWR1bGUSIi5jcnV6Zmxvdy52MS5DcmVhdGVTY2hlZHVsZVJlcXVlc3QaIy5jcnV6Zmxvdy52MS5DcmVhdGVTY2hlZHVsZVJlc3BvbnNlElAKC0dldFNjaGVkdWxlEh8uY3J1emZsb3cudjEuR2V0U2NoZWR1bGVSZXF1ZXN0GiAuY3J1emZsb3cudjEuR2V0U2NoZWR1bGVSZXNwb25zZRJWCg1MaXN0U2NoZWR1bGVzEiEuY3J1emZsb3cudjEuTGlzdFNjaGVkdWxlc1JlcXVlc3QaIi5jcnV6Zmxvdy52MS5MaXN0U2NoZWR1bGVzUmVzcG9uc2USVgoNUGF1c2VTY2hlZHVsZRIhLmNydXpmbG93LnYxLlBhdXNlU2NoZWR1bGVSZXF1ZXN0GiIuY3J1emZsb3cudjEuUGF1c2VTY2hlZHVsZVJlc3BvbnNlElkKDlJlc3VtZVNjaGVkdWxlEiIuY3J1emZsb3cudjEuUmVzdW1lU2NoZWR1bGVSZXF1ZXN0GiMuY3J1emZsb3cudjEuUmVzdW1lU2NoZWR1bGVSZXNwb25zZRJZCg5EZWxldGVTY2hlZHVsZRIiLmNydXpmbG93LnYxLkRlbGV0ZVNjaGVkdWxlUmVxdWVzdBojLmNydXpmbG93LnYxLkRlbGV0ZVNjaGVkdWxlUmVzcG9uc2USXAoPVHJpZ2dlclNjaGVkdWxlEiMuY3J1emZsb3cudjEuVHJpZ2dlclNjaGVkdWxlUmVxdWVzdBokLmNydXpmbG93LnYxLlRyaWdnZXJTY2hlZHVsZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Error names an error the way Python does: the exception class and its text.
@@ -303,6 +303,14 @@ export type Instance = Message<"cruzflow.v1.Instance"> & {
    * @generated from field: string schedule_id = 18;
    */
   scheduleId: string;
+
+  /**
+   * Output only: the audited changes of its recorded steps (RepairInstance,
+   * RestartInstance from a step or with a reason), oldest first.
+   *
+   * @generated from field: repeated cruzflow.v1.Repair repairs = 22;
+   */
+  repairs: Repair[];
 };
 
 /**
@@ -493,6 +501,12 @@ export type WatchInstanceResponse = Message<"cruzflow.v1.WatchInstanceResponse">
      */
     value: StepFailed;
     case: "stepFailed";
+  } | {
+    /**
+     * @generated from field: cruzflow.v1.Repair repaired = 9;
+     */
+    value: Repair;
+    case: "repaired";
   } | { case: undefined; value?: undefined };
 };
 
@@ -1003,6 +1017,31 @@ export type RestartInstanceRequest = Message<"cruzflow.v1.RestartInstanceRequest
    * @generated from field: string instance_id = 1;
    */
   instanceId: string;
+
+  /**
+   * Restart from this step (by name) instead of from scratch: the recorded
+   * results before it are kept (replayed, not run again); it and every step
+   * after it are cleared and run again. Empty: from scratch.
+   *
+   * @generated from field: string from_step = 2;
+   */
+  fromStep: string;
+
+  /**
+   * Which occurrence of from_step (1 for the first step of that name in a
+   * run); 0 means 1.
+   *
+   * @generated from field: int32 occurrence = 3;
+   */
+  occurrence: number;
+
+  /**
+   * Why, for the audit entry (see Repair). A restart from a step, or one
+   * given a reason, is recorded in the instance's repairs.
+   *
+   * @generated from field: string reason = 4;
+   */
+  reason: string;
 };
 
 /**
@@ -1030,6 +1069,145 @@ export type RestartInstanceResponse = Message<"cruzflow.v1.RestartInstanceRespon
  */
 export const RestartInstanceResponseSchema: GenMessage<RestartInstanceResponse> = /*@__PURE__*/
   messageDesc(file_cruzflow_v1_workflows, 28);
+
+/**
+ * @generated from message cruzflow.v1.RepairInstanceRequest
+ */
+export type RepairInstanceRequest = Message<"cruzflow.v1.RepairInstanceRequest"> & {
+  /**
+   * @generated from field: string instance_id = 1;
+   */
+  instanceId: string;
+
+  /**
+   * The name of the step to repair.
+   *
+   * @generated from field: string step = 2;
+   */
+  step: string;
+
+  /**
+   * Which occurrence of the step (1 for the first step of that name in a
+   * run); 0 means 1.
+   *
+   * @generated from field: int32 occurrence = 3;
+   */
+  occurrence: number;
+
+  /**
+   * The step's new result, as JSON text: it is recorded SUCCEEDED with it.
+   * Exactly one of output_json and retry.
+   *
+   * @generated from field: string output_json = 4;
+   */
+  outputJson: string;
+
+  /**
+   * Run the failed (or retrying) step again, afresh, with its full retries.
+   *
+   * @generated from field: bool retry = 5;
+   */
+  retry: boolean;
+
+  /**
+   * Why: required, kept in the audit entry.
+   *
+   * @generated from field: string reason = 6;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message cruzflow.v1.RepairInstanceRequest.
+ * Use `create(RepairInstanceRequestSchema)` to create a new message.
+ */
+export const RepairInstanceRequestSchema: GenMessage<RepairInstanceRequest> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 29);
+
+/**
+ * @generated from message cruzflow.v1.RepairInstanceResponse
+ */
+export type RepairInstanceResponse = Message<"cruzflow.v1.RepairInstanceResponse"> & {
+  /**
+   * Output only: RUNNING or QUEUED.
+   *
+   * @generated from field: cruzflow.v1.InstanceStatus status = 1;
+   */
+  status: InstanceStatus;
+
+  /**
+   * Output only: the audit entry recorded.
+   *
+   * @generated from field: cruzflow.v1.Repair repair = 2;
+   */
+  repair?: Repair | undefined;
+};
+
+/**
+ * Describes the message cruzflow.v1.RepairInstanceResponse.
+ * Use `create(RepairInstanceResponseSchema)` to create a new message.
+ */
+export const RepairInstanceResponseSchema: GenMessage<RepairInstanceResponse> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 30);
+
+/**
+ * Repair is one audited change of an instance's recorded steps, kept in its
+ * durable event log (WatchInstance's `repaired`) and shown by GetStatus.
+ *
+ * @generated from message cruzflow.v1.Repair
+ */
+export type Repair = Message<"cruzflow.v1.Repair"> & {
+  /**
+   * @generated from field: google.protobuf.Timestamp time = 1;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * Who: the calling token's name, or "anonymous" when the server has no
+   * authentication.
+   *
+   * @generated from field: string actor = 2;
+   */
+  actor: string;
+
+  /**
+   * The caller's address as the server saw it, when known.
+   *
+   * @generated from field: string peer = 3;
+   */
+  peer: string;
+
+  /**
+   * @generated from field: string reason = 4;
+   */
+  reason: string;
+
+  /**
+   * @generated from field: cruzflow.v1.RepairAction action = 5;
+   */
+  action: RepairAction;
+
+  /**
+   * The step repaired, or restarted from; unset for a restart from scratch.
+   *
+   * @generated from field: cruzflow.v1.StepRef step = 6;
+   */
+  step?: StepRef | undefined;
+
+  /**
+   * With REPAIR_ACTION_SET_OUTPUT: the result set, as JSON text.
+   *
+   * @generated from field: string output_json = 7;
+   */
+  outputJson: string;
+};
+
+/**
+ * Describes the message cruzflow.v1.Repair.
+ * Use `create(RepairSchema)` to create a new message.
+ */
+export const RepairSchema: GenMessage<Repair> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 31);
 
 /**
  * @generated from message cruzflow.v1.SendEventRequest
@@ -1060,7 +1238,7 @@ export type SendEventRequest = Message<"cruzflow.v1.SendEventRequest"> & {
  * Use `create(SendEventRequestSchema)` to create a new message.
  */
 export const SendEventRequestSchema: GenMessage<SendEventRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 29);
+  messageDesc(file_cruzflow_v1_workflows, 32);
 
 /**
  * @generated from message cruzflow.v1.SendEventResponse
@@ -1073,7 +1251,7 @@ export type SendEventResponse = Message<"cruzflow.v1.SendEventResponse"> & {
  * Use `create(SendEventResponseSchema)` to create a new message.
  */
 export const SendEventResponseSchema: GenMessage<SendEventResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 30);
+  messageDesc(file_cruzflow_v1_workflows, 33);
 
 /**
  * @generated from message cruzflow.v1.ListWorkflowsRequest
@@ -1086,7 +1264,7 @@ export type ListWorkflowsRequest = Message<"cruzflow.v1.ListWorkflowsRequest"> &
  * Use `create(ListWorkflowsRequestSchema)` to create a new message.
  */
 export const ListWorkflowsRequestSchema: GenMessage<ListWorkflowsRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 31);
+  messageDesc(file_cruzflow_v1_workflows, 34);
 
 /**
  * @generated from message cruzflow.v1.ListWorkflowsResponse
@@ -1103,7 +1281,7 @@ export type ListWorkflowsResponse = Message<"cruzflow.v1.ListWorkflowsResponse">
  * Use `create(ListWorkflowsResponseSchema)` to create a new message.
  */
 export const ListWorkflowsResponseSchema: GenMessage<ListWorkflowsResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 32);
+  messageDesc(file_cruzflow_v1_workflows, 35);
 
 /**
  * Workflow is a workflow class the server hosts.
@@ -1138,7 +1316,7 @@ export type Workflow = Message<"cruzflow.v1.Workflow"> & {
  * Use `create(WorkflowSchema)` to create a new message.
  */
 export const WorkflowSchema: GenMessage<Workflow> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 33);
+  messageDesc(file_cruzflow_v1_workflows, 36);
 
 /**
  * @generated from message cruzflow.v1.CountInstancesRequest
@@ -1178,7 +1356,7 @@ export type CountInstancesRequest = Message<"cruzflow.v1.CountInstancesRequest">
  * Use `create(CountInstancesRequestSchema)` to create a new message.
  */
 export const CountInstancesRequestSchema: GenMessage<CountInstancesRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 34);
+  messageDesc(file_cruzflow_v1_workflows, 37);
 
 /**
  * @generated from message cruzflow.v1.CountInstancesResponse
@@ -1205,7 +1383,7 @@ export type CountInstancesResponse = Message<"cruzflow.v1.CountInstancesResponse
  * Use `create(CountInstancesResponseSchema)` to create a new message.
  */
 export const CountInstancesResponseSchema: GenMessage<CountInstancesResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 35);
+  messageDesc(file_cruzflow_v1_workflows, 38);
 
 /**
  * InstanceCount is how many instances of a workflow are in a status.
@@ -1234,7 +1412,7 @@ export type InstanceCount = Message<"cruzflow.v1.InstanceCount"> & {
  * Use `create(InstanceCountSchema)` to create a new message.
  */
 export const InstanceCountSchema: GenMessage<InstanceCount> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 36);
+  messageDesc(file_cruzflow_v1_workflows, 39);
 
 /**
  * @generated from message cruzflow.v1.GetCallerRequest
@@ -1247,7 +1425,7 @@ export type GetCallerRequest = Message<"cruzflow.v1.GetCallerRequest"> & {
  * Use `create(GetCallerRequestSchema)` to create a new message.
  */
 export const GetCallerRequestSchema: GenMessage<GetCallerRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 37);
+  messageDesc(file_cruzflow_v1_workflows, 40);
 
 /**
  * @generated from message cruzflow.v1.GetCallerResponse
@@ -1290,7 +1468,7 @@ export type GetCallerResponse = Message<"cruzflow.v1.GetCallerResponse"> & {
  * Use `create(GetCallerResponseSchema)` to create a new message.
  */
 export const GetCallerResponseSchema: GenMessage<GetCallerResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 38);
+  messageDesc(file_cruzflow_v1_workflows, 41);
 
 /**
  * Schedule creates an instance of a workflow at each due time of a cron
@@ -1399,7 +1577,7 @@ export type Schedule = Message<"cruzflow.v1.Schedule"> & {
  * Use `create(ScheduleSchema)` to create a new message.
  */
 export const ScheduleSchema: GenMessage<Schedule> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 39);
+  messageDesc(file_cruzflow_v1_workflows, 42);
 
 /**
  * @generated from message cruzflow.v1.CreateScheduleRequest
@@ -1418,7 +1596,7 @@ export type CreateScheduleRequest = Message<"cruzflow.v1.CreateScheduleRequest">
  * Use `create(CreateScheduleRequestSchema)` to create a new message.
  */
 export const CreateScheduleRequestSchema: GenMessage<CreateScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 40);
+  messageDesc(file_cruzflow_v1_workflows, 43);
 
 /**
  * @generated from message cruzflow.v1.CreateScheduleResponse
@@ -1435,7 +1613,7 @@ export type CreateScheduleResponse = Message<"cruzflow.v1.CreateScheduleResponse
  * Use `create(CreateScheduleResponseSchema)` to create a new message.
  */
 export const CreateScheduleResponseSchema: GenMessage<CreateScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 41);
+  messageDesc(file_cruzflow_v1_workflows, 44);
 
 /**
  * @generated from message cruzflow.v1.GetScheduleRequest
@@ -1452,7 +1630,7 @@ export type GetScheduleRequest = Message<"cruzflow.v1.GetScheduleRequest"> & {
  * Use `create(GetScheduleRequestSchema)` to create a new message.
  */
 export const GetScheduleRequestSchema: GenMessage<GetScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 42);
+  messageDesc(file_cruzflow_v1_workflows, 45);
 
 /**
  * @generated from message cruzflow.v1.GetScheduleResponse
@@ -1469,7 +1647,7 @@ export type GetScheduleResponse = Message<"cruzflow.v1.GetScheduleResponse"> & {
  * Use `create(GetScheduleResponseSchema)` to create a new message.
  */
 export const GetScheduleResponseSchema: GenMessage<GetScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 43);
+  messageDesc(file_cruzflow_v1_workflows, 46);
 
 /**
  * @generated from message cruzflow.v1.ListSchedulesRequest
@@ -1502,7 +1680,7 @@ export type ListSchedulesRequest = Message<"cruzflow.v1.ListSchedulesRequest"> &
  * Use `create(ListSchedulesRequestSchema)` to create a new message.
  */
 export const ListSchedulesRequestSchema: GenMessage<ListSchedulesRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 44);
+  messageDesc(file_cruzflow_v1_workflows, 47);
 
 /**
  * @generated from message cruzflow.v1.ListSchedulesResponse
@@ -1528,7 +1706,7 @@ export type ListSchedulesResponse = Message<"cruzflow.v1.ListSchedulesResponse">
  * Use `create(ListSchedulesResponseSchema)` to create a new message.
  */
 export const ListSchedulesResponseSchema: GenMessage<ListSchedulesResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 45);
+  messageDesc(file_cruzflow_v1_workflows, 48);
 
 /**
  * @generated from message cruzflow.v1.PauseScheduleRequest
@@ -1545,7 +1723,7 @@ export type PauseScheduleRequest = Message<"cruzflow.v1.PauseScheduleRequest"> &
  * Use `create(PauseScheduleRequestSchema)` to create a new message.
  */
 export const PauseScheduleRequestSchema: GenMessage<PauseScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 46);
+  messageDesc(file_cruzflow_v1_workflows, 49);
 
 /**
  * @generated from message cruzflow.v1.PauseScheduleResponse
@@ -1562,7 +1740,7 @@ export type PauseScheduleResponse = Message<"cruzflow.v1.PauseScheduleResponse">
  * Use `create(PauseScheduleResponseSchema)` to create a new message.
  */
 export const PauseScheduleResponseSchema: GenMessage<PauseScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 47);
+  messageDesc(file_cruzflow_v1_workflows, 50);
 
 /**
  * @generated from message cruzflow.v1.ResumeScheduleRequest
@@ -1579,7 +1757,7 @@ export type ResumeScheduleRequest = Message<"cruzflow.v1.ResumeScheduleRequest">
  * Use `create(ResumeScheduleRequestSchema)` to create a new message.
  */
 export const ResumeScheduleRequestSchema: GenMessage<ResumeScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 48);
+  messageDesc(file_cruzflow_v1_workflows, 51);
 
 /**
  * @generated from message cruzflow.v1.ResumeScheduleResponse
@@ -1596,7 +1774,7 @@ export type ResumeScheduleResponse = Message<"cruzflow.v1.ResumeScheduleResponse
  * Use `create(ResumeScheduleResponseSchema)` to create a new message.
  */
 export const ResumeScheduleResponseSchema: GenMessage<ResumeScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 49);
+  messageDesc(file_cruzflow_v1_workflows, 52);
 
 /**
  * @generated from message cruzflow.v1.DeleteScheduleRequest
@@ -1613,7 +1791,7 @@ export type DeleteScheduleRequest = Message<"cruzflow.v1.DeleteScheduleRequest">
  * Use `create(DeleteScheduleRequestSchema)` to create a new message.
  */
 export const DeleteScheduleRequestSchema: GenMessage<DeleteScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 50);
+  messageDesc(file_cruzflow_v1_workflows, 53);
 
 /**
  * @generated from message cruzflow.v1.DeleteScheduleResponse
@@ -1626,7 +1804,7 @@ export type DeleteScheduleResponse = Message<"cruzflow.v1.DeleteScheduleResponse
  * Use `create(DeleteScheduleResponseSchema)` to create a new message.
  */
 export const DeleteScheduleResponseSchema: GenMessage<DeleteScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 51);
+  messageDesc(file_cruzflow_v1_workflows, 54);
 
 /**
  * @generated from message cruzflow.v1.TriggerScheduleRequest
@@ -1643,7 +1821,7 @@ export type TriggerScheduleRequest = Message<"cruzflow.v1.TriggerScheduleRequest
  * Use `create(TriggerScheduleRequestSchema)` to create a new message.
  */
 export const TriggerScheduleRequestSchema: GenMessage<TriggerScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 52);
+  messageDesc(file_cruzflow_v1_workflows, 55);
 
 /**
  * @generated from message cruzflow.v1.TriggerScheduleResponse
@@ -1669,7 +1847,7 @@ export type TriggerScheduleResponse = Message<"cruzflow.v1.TriggerScheduleRespon
  * Use `create(TriggerScheduleResponseSchema)` to create a new message.
  */
 export const TriggerScheduleResponseSchema: GenMessage<TriggerScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 53);
+  messageDesc(file_cruzflow_v1_workflows, 56);
 
 /**
  * InstanceStatus is the lifecycle state of a workflow instance.
@@ -1840,6 +2018,45 @@ export const StepKindSchema: GenEnum<StepKind> = /*@__PURE__*/
   enumDesc(file_cruzflow_v1_workflows, 2);
 
 /**
+ * RepairAction is what an audited change did.
+ *
+ * @generated from enum cruzflow.v1.RepairAction
+ */
+export enum RepairAction {
+  /**
+   * @generated from enum value: REPAIR_ACTION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * RepairInstance with output_json: the step's result was replaced.
+   *
+   * @generated from enum value: REPAIR_ACTION_SET_OUTPUT = 1;
+   */
+  SET_OUTPUT = 1,
+
+  /**
+   * RepairInstance with retry: the step's record was cleared to run again.
+   *
+   * @generated from enum value: REPAIR_ACTION_RETRY = 2;
+   */
+  RETRY = 2,
+
+  /**
+   * RestartInstance from a step (or from scratch, with a reason).
+   *
+   * @generated from enum value: REPAIR_ACTION_RESTART = 3;
+   */
+  RESTART = 3,
+}
+
+/**
+ * Describes the enum cruzflow.v1.RepairAction.
+ */
+export const RepairActionSchema: GenEnum<RepairAction> = /*@__PURE__*/
+  enumDesc(file_cruzflow_v1_workflows, 3);
+
+/**
  * CatchUpPolicy says what a schedule does about due times that no server
  * fired in time (later than the grace, limits.schedule_grace: the servers
  * were down, or the schedule's store could not be reached).
@@ -1873,7 +2090,7 @@ export enum CatchUpPolicy {
  * Describes the enum cruzflow.v1.CatchUpPolicy.
  */
 export const CatchUpPolicySchema: GenEnum<CatchUpPolicy> = /*@__PURE__*/
-  enumDesc(file_cruzflow_v1_workflows, 3);
+  enumDesc(file_cruzflow_v1_workflows, 4);
 
 /**
  * ScheduleOrigin is where a schedule was defined.
@@ -1905,7 +2122,7 @@ export enum ScheduleOrigin {
  * Describes the enum cruzflow.v1.ScheduleOrigin.
  */
 export const ScheduleOriginSchema: GenEnum<ScheduleOrigin> = /*@__PURE__*/
-  enumDesc(file_cruzflow_v1_workflows, 4);
+  enumDesc(file_cruzflow_v1_workflows, 5);
 
 /**
  * WorkflowService hosts durable workflows: create instances of the registered
@@ -2024,6 +2241,19 @@ export const WorkflowService: GenService<{
     methodKind: "unary";
     input: typeof RestartInstanceRequestSchema;
     output: typeof RestartInstanceResponseSchema;
+  },
+  /**
+   * RepairInstance replaces one recorded step result of an errored,
+   * terminated, paused or waiting instance (or has a failed step run again
+   * with its full retries), records who did it and why (see Repair), and
+   * resumes the instance from there: the steps recorded after it are replayed.
+   *
+   * @generated from rpc cruzflow.v1.WorkflowService.RepairInstance
+   */
+  repairInstance: {
+    methodKind: "unary";
+    input: typeof RepairInstanceRequestSchema;
+    output: typeof RepairInstanceResponseSchema;
   },
   /**
    * SendEvent delivers an event to the instance's `step.wait_for_event` of
