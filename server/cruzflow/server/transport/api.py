@@ -76,6 +76,7 @@ class WorkflowApi:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._payload_limit = engine.limits.max_payload_bytes
 
     async def CreateInstance(self, request: pb.CreateInstanceRequest) -> pb.CreateInstanceResponse:
         instance_id, status = await self._engine.create(
@@ -105,7 +106,7 @@ class WorkflowApi:
 
     async def GetStatus(self, request: pb.GetStatusRequest) -> pb.GetStatusResponse:
         record, steps = await self._engine.get(request.instance_id)
-        return pb.GetStatusResponse(instance=convert.instance(record, steps))
+        return pb.GetStatusResponse(instance=convert.instance(record, steps, self._payload_limit))
 
     async def WatchInstance(
         self, request: pb.WatchInstanceRequest
@@ -118,7 +119,9 @@ class WorkflowApi:
             convert.seconds(request.timeout, "timeout") if request.HasField("timeout") else None
         )
         record, steps = await self._engine.wait(request.instance_id, timeout, request.include_steps)
-        return pb.WaitInstanceResponse(instance=convert.instance(record, steps))
+        return pb.WaitInstanceResponse(
+            instance=convert.instance(record, steps, self._payload_limit)
+        )
 
     async def ListInstances(self, request: pb.ListInstancesRequest) -> pb.ListInstancesResponse:
         created_min, created_max = _created(request)
@@ -134,7 +137,8 @@ class WorkflowApi:
             schedule_id=request.schedule_id,
         )
         return pb.ListInstancesResponse(
-            instances=[convert.instance(record, []) for record in page], next_page_token=token
+            instances=[convert.instance(record, [], self._payload_limit) for record in page],
+            next_page_token=token,
         )
 
     async def PauseInstance(self, request: pb.PauseInstanceRequest) -> pb.PauseInstanceResponse:

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cruzflow/v1/workflows.proto.
  */
 export const file_cruzflow_v1_workflows: GenFile = /*@__PURE__*/
-  fileDesc("ChtjcnV6Zmxvdy92MS93b3JrZmxvd3MucHJvdG8SC2NydXpmbG93LnYxIjkKBUVycm9yEgwKBG5hbWUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRIRCgl0cmFjZWJhY2sYAyABKAkikgEKFUNyZWF0ZUluc3RhbmNlUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRITCgtpbnN0YW5jZV9pZBgCIAEoCRITCgtwYXJhbXNfanNvbhgDIAEoCRISCgpsb29rdXBfa2V5GAQgASgJEhAKCHByaW9yaXR5GAUgASgFEhcKD2NvbmN1cnJlbmN5X2tleRgGIAEoCSJaChZDcmVhdGVJbnN0YW5jZVJlc3BvbnNlEhMKC2luc3RhbmNlX2lkGAEgASgJEisKBnN0YXR1cxgCIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIicKEEdldFN0YXR1c1JlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiPAoRR2V0U3RhdHVzUmVzcG9uc2USJwoIaW5zdGFuY2UYASABKAsyFS5jcnV6Zmxvdy52MS5JbnN0YW5jZSLMBAoISW5zdGFuY2USEwoLaW5zdGFuY2VfaWQYASABKAkSEAoId29ya2Zsb3cYAiABKAkSKwoGc3RhdHVzGAMgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMSEwoLcGFyYW1zX2pzb24YBCABKAkSEwoLb3V0cHV0X2pzb24YBSABKAkSIQoFZXJyb3IYBiABKAsyEi5jcnV6Zmxvdy52MS5FcnJvchIvCgtjcmVhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIgCgVzdGVwcxgKIAMoCzIRLmNydXpmbG93LnYxLlN0ZXASFQoNbGFzdF9zZXF1ZW5jZRgLIAEoAxISCgpsb29rdXBfa2V5GAwgASgJEi0KCXdha2VfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIdHJhY2VfaWQYDyABKAkSEQoJcGFyZW50X2lkGBAgASgJEhAKCHByaW9yaXR5GBMgASgFEhcKD2NvbmN1cnJlbmN5X2tleRgUIAEoCRITCgtzY2hlZHVsZV9pZBgSIAEoCSKTAwoEU3RlcBIMCgRuYW1lGAEgASgJEhIKCm9jY3VycmVuY2UYAiABKAUSDQoFaW5kZXgYAyABKAUSJwoGc3RhdHVzGAQgASgOMhcuY3J1emZsb3cudjEuU3RlcFN0YXR1cxIQCghhdHRlbXB0cxgFIAEoBRIuCgpzdGFydF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLb3V0cHV0X2pzb24YCCABKAkSIQoFZXJyb3IYCSABKAsyEi5jcnV6Zmxvdy52MS5FcnJvchI1ChFuZXh0X2F0dGVtcHRfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASIwoEa2luZBgLIAEoDjIVLmNydXpmbG93LnYxLlN0ZXBLaW5kEhIKCmV2ZW50X3R5cGUYDCABKAkSGQoRY2hpbGRfaW5zdGFuY2VfaWQYDSABKAkiQwoUV2F0Y2hJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKAMi9QIKFVdhdGNoSW5zdGFuY2VSZXNwb25zZRITCgtpbnN0YW5jZV9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoAxIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0Cg5zdGF0dXNfY2hhbmdlZBgEIAEoCzIaLmNydXpmbG93LnYxLlN0YXR1c0NoYW5nZWRIABIwCgxzdGVwX3N0YXJ0ZWQYBSABKAsyGC5jcnV6Zmxvdy52MS5TdGVwU3RhcnRlZEgAEjQKDmF0dGVtcHRfZmFpbGVkGAYgASgLMhouY3J1emZsb3cudjEuQXR0ZW1wdEZhaWxlZEgAEjQKDnN0ZXBfc3VjY2VlZGVkGAcgASgLMhouY3J1emZsb3cudjEuU3RlcFN1Y2NlZWRlZEgAEi4KC3N0ZXBfZmFpbGVkGAggASgLMhcuY3J1emZsb3cudjEuU3RlcEZhaWxlZEgAQgcKBWV2ZW50InQKDVN0YXR1c0NoYW5nZWQSKwoGc3RhdHVzGAEgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMSEwoLb3V0cHV0X2pzb24YAiABKAkSIQoFZXJyb3IYAyABKAsyEi5jcnV6Zmxvdy52MS5FcnJvciJCCgtTdGVwU3RhcnRlZBIiCgRzdGVwGAEgASgLMhQuY3J1emZsb3cudjEuU3RlcFJlZhIPCgdhdHRlbXB0GAIgASgFIs4BCg1BdHRlbXB0RmFpbGVkEiIKBHN0ZXAYASABKAsyFC5jcnV6Zmxvdy52MS5TdGVwUmVmEg8KB2F0dGVtcHQYAiABKAUSIQoFZXJyb3IYAyABKAsyEi5jcnV6Zmxvdy52MS5FcnJvchI1ChFuZXh0X2F0dGVtcHRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoLcmV0cnlfZGVsYXkYBSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iWQoNU3RlcFN1Y2NlZWRlZBIiCgRzdGVwGAEgASgLMhQuY3J1emZsb3cudjEuU3RlcFJlZhIPCgdhdHRlbXB0GAIgASgFEhMKC291dHB1dF9qc29uGAMgASgJImQKClN0ZXBGYWlsZWQSIgoEc3RlcBgBIAEoCzIULmNydXpmbG93LnYxLlN0ZXBSZWYSDwoHYXR0ZW1wdBgCIAEoBRIhCgVlcnJvchgDIAEoCzISLmNydXpmbG93LnYxLkVycm9yIl8KB1N0ZXBSZWYSDAoEbmFtZRgBIAEoCRISCgpvY2N1cnJlbmNlGAIgASgFEg0KBWluZGV4GAMgASgFEiMKBGtpbmQYBCABKA4yFS5jcnV6Zmxvdy52MS5TdGVwS2luZCJtChNXYWl0SW5zdGFuY2VSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJEioKB3RpbWVvdXQYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SFQoNaW5jbHVkZV9zdGVwcxgDIAEoCCI/ChRXYWl0SW5zdGFuY2VSZXNwb25zZRInCghpbnN0YW5jZRgBIAEoCzIVLmNydXpmbG93LnYxLkluc3RhbmNlIk4KFkNyZWF0ZUluc3RhbmNlc1JlcXVlc3QSNAoIcmVxdWVzdHMYASADKAsyIi5jcnV6Zmxvdy52MS5DcmVhdGVJbnN0YW5jZVJlcXVlc3QiUQoXQ3JlYXRlSW5zdGFuY2VzUmVzcG9uc2USNgoJaW5zdGFuY2VzGAEgAygLMiMuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VSZXNwb25zZSKkAgoUTGlzdEluc3RhbmNlc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSLQoIc3RhdHVzZXMYAiADKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cxIzCg9jcmVhdGVfdGltZV9taW4YAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2NyZWF0ZV90aW1lX21heBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKbG9va3VwX2tleRgFIAEoCRIRCglwYWdlX3NpemUYBiABKAUSEgoKcGFnZV90b2tlbhgHIAEoCRIRCglwYXJlbnRfaWQYCCABKAkSEwoLc2NoZWR1bGVfaWQYCSABKAkiWgoVTGlzdEluc3RhbmNlc1Jlc3BvbnNlEigKCWluc3RhbmNlcxgBIAMoCzIVLmNydXpmbG93LnYxLkluc3RhbmNlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIrChRQYXVzZUluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJEChVQYXVzZUluc3RhbmNlUmVzcG9uc2USKwoGc3RhdHVzGAEgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMiLAoVUmVzdW1lSW5zdGFuY2VSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJIkUKFlJlc3VtZUluc3RhbmNlUmVzcG9uc2USKwoGc3RhdHVzGAEgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMiQQoYVGVybWluYXRlSW5zdGFuY2VSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJEhAKCHJvbGxiYWNrGAIgASgIIkgKGVRlcm1pbmF0ZUluc3RhbmNlUmVzcG9uc2USKwoGc3RhdHVzGAEgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMiLQoWUmVzdGFydEluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCSJGChdSZXN0YXJ0SW5zdGFuY2VSZXNwb25zZRIrCgZzdGF0dXMYASABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cyJLChBTZW5kRXZlbnRSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJEgwKBHR5cGUYAiABKAkSFAoMcGF5bG9hZF9qc29uGAMgASgJIhMKEVNlbmRFdmVudFJlc3BvbnNlIhYKFExpc3RXb3JrZmxvd3NSZXF1ZXN0IkEKFUxpc3RXb3JrZmxvd3NSZXNwb25zZRIoCgl3b3JrZmxvd3MYASADKAsyFS5jcnV6Zmxvdy52MS5Xb3JrZmxvdyI9CghXb3JrZmxvdxIMCgRuYW1lGAEgASgJEg8KB2JpbmRpbmcYAiABKAkSEgoKY2xhc3NfbmFtZRgDIAEoCSKnAQoVQ291bnRJbnN0YW5jZXNSZXF1ZXN0EhAKCHdvcmtmbG93GAEgASgJEjMKD2NyZWF0ZV90aW1lX21pbhgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPY3JlYXRlX3RpbWVfbWF4GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpsb29rdXBfa2V5GAQgASgJIlMKFkNvdW50SW5zdGFuY2VzUmVzcG9uc2USKgoGY291bnRzGAEgAygLMhouY3J1emZsb3cudjEuSW5zdGFuY2VDb3VudBINCgV0b3RhbBgCIAEoAyJdCg1JbnN0YW5jZUNvdW50EhAKCHdvcmtmbG93GAEgASgJEisKBnN0YXR1cxgCIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzEg0KBWNvdW50GAMgASgDIhIKEEdldENhbGxlclJlcXVlc3QiZAoRR2V0Q2FsbGVyUmVzcG9uc2USFQoNYXV0aF9yZXF1aXJlZBgBIAEoCBISCgp0b2tlbl9uYW1lGAIgASgJEhEKCXJlYWRfb25seRgDIAEoCBIRCgl3b3JrZmxvd3MYBCADKAkiswMKCFNjaGVkdWxlEhMKC3NjaGVkdWxlX2lkGAEgASgJEhAKCHdvcmtmbG93GAIgASgJEgwKBGNyb24YAyABKAkSEAoIdGltZXpvbmUYBCABKAkSEwoLcGFyYW1zX2pzb24YBSABKAkSLAoIY2F0Y2hfdXAYBiABKA4yGi5jcnV6Zmxvdy52MS5DYXRjaFVwUG9saWN5Eg4KBnBhdXNlZBgHIAEoCBIrCgZvcmlnaW4YCCABKA4yGy5jcnV6Zmxvdy52MS5TY2hlZHVsZU9yaWdpbhIxCg1sYXN0X2R1ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBsYXN0X2luc3RhbmNlX2lkGAogASgJEjEKDW5leHRfZHVlX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2NyZWF0ZV90aW1lGAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiQAoVQ3JlYXRlU2NoZWR1bGVSZXF1ZXN0EicKCHNjaGVkdWxlGAEgASgLMhUuY3J1emZsb3cudjEuU2NoZWR1bGUiQQoWQ3JlYXRlU2NoZWR1bGVSZXNwb25zZRInCghzY2hlZHVsZRgBIAEoCzIVLmNydXpmbG93LnYxLlNjaGVkdWxlIikKEkdldFNjaGVkdWxlUmVxdWVzdBITCgtzY2hlZHVsZV9pZBgBIAEoCSI+ChNHZXRTY2hlZHVsZVJlc3BvbnNlEicKCHNjaGVkdWxlGAEgASgLMhUuY3J1emZsb3cudjEuU2NoZWR1bGUiTwoUTGlzdFNjaGVkdWxlc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiWgoVTGlzdFNjaGVkdWxlc1Jlc3BvbnNlEigKCXNjaGVkdWxlcxgBIAMoCzIVLmNydXpmbG93LnYxLlNjaGVkdWxlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIrChRQYXVzZVNjaGVkdWxlUmVxdWVzdBITCgtzY2hlZHVsZV9pZBgBIAEoCSJAChVQYXVzZVNjaGVkdWxlUmVzcG9uc2USJwoIc2NoZWR1bGUYASABKAsyFS5jcnV6Zmxvdy52MS5TY2hlZHVsZSIsChVSZXN1bWVTY2hlZHVsZVJlcXVlc3QSEwoLc2NoZWR1bGVfaWQYASABKAkiQQoWUmVzdW1lU2NoZWR1bGVSZXNwb25zZRInCghzY2hlZHVsZRgBIAEoCzIVLmNydXpmbG93LnYxLlNjaGVkdWxlIiwKFURlbGV0ZVNjaGVkdWxlUmVxdWVzdBITCgtzY2hlZHVsZV9pZBgBIAEoCSIYChZEZWxldGVTY2hlZHVsZVJlc3BvbnNlIi0KFlRyaWdnZXJTY2hlZHVsZVJlcXVlc3QSEwoLc2NoZWR1bGVfaWQYASABKAkiWwoXVHJpZ2dlclNjaGVkdWxlUmVzcG9uc2USEwoLaW5zdGFuY2VfaWQYASABKAkSKwoGc3RhdHVzGAIgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMqwgIKDkluc3RhbmNlU3RhdHVzEh8KG0lOU1RBTkNFX1NUQVRVU19VTlNQRUNJRklFRBAAEhoKFklOU1RBTkNFX1NUQVRVU19RVUVVRUQQARIbChdJTlNUQU5DRV9TVEFUVVNfUlVOTklORxACEhoKFklOU1RBTkNFX1NUQVRVU19QQVVTRUQQAxIbChdJTlNUQU5DRV9TVEFUVVNfV0FJVElORxAEEiUKIUlOU1RBTkNFX1NUQVRVU19XQUlUSU5HX0ZPUl9QQVVTRRAFEhwKGElOU1RBTkNFX1NUQVRVU19DT01QTEVURRAGEhsKF0lOU1RBTkNFX1NUQVRVU19FUlJPUkVEEAcSHgoaSU5TVEFOQ0VfU1RBVFVTX1RFUk1JTkFURUQQCBIbChdJTlNUQU5DRV9TVEFUVVNfVU5LTk9XThAJKnUKClN0ZXBTdGF0dXMSGwoXU1RFUF9TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNTVEVQX1NUQVRVU19SVU5OSU5HEAESGQoVU1RFUF9TVEFUVVNfU1VDQ0VFREVEEAISFgoSU1RFUF9TVEFUVVNfRkFJTEVEEAMqlwEKCFN0ZXBLaW5kEhkKFVNURVBfS0lORF9VTlNQRUNJRklFRBAAEhAKDFNURVBfS0lORF9ETxABEhMKD1NURVBfS0lORF9TTEVFUBACEhwKGFNURVBfS0lORF9XQUlUX0ZPUl9FVkVOVBADEhMKD1NURVBfS0lORF9DSElMRBAEEhYKElNURVBfS0lORF9ST0xMQkFDSxAFKmQKDUNhdGNoVXBQb2xpY3kSHwobQ0FUQ0hfVVBfUE9MSUNZX1VOU1BFQ0lGSUVEEAASGAoUQ0FUQ0hfVVBfUE9MSUNZX1NLSVAQARIYChRDQVRDSF9VUF9QT0xJQ1lfT05DRRACKmYKDlNjaGVkdWxlT3JpZ2luEh8KG1NDSEVEVUxFX09SSUdJTl9VTlNQRUNJRklFRBAAEhoKFlNDSEVEVUxFX09SSUdJTl9DT05GSUcQARIXChNTQ0hFRFVMRV9PUklHSU5fQVBJEAIyzg4KD1dvcmtmbG93U2VydmljZRJZCg5DcmVhdGVJbnN0YW5jZRIiLmNydXpmbG93LnYxLkNyZWF0ZUluc3RhbmNlUmVxdWVzdBojLmNydXpmbG93LnYxLkNyZWF0ZUluc3RhbmNlUmVzcG9uc2USXAoPQ3JlYXRlSW5zdGFuY2VzEiMuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VzUmVxdWVzdBokLmNydXpmbG93LnYxLkNyZWF0ZUluc3RhbmNlc1Jlc3BvbnNlEkoKCUdldFN0YXR1cxIdLmNydXpmbG93LnYxLkdldFN0YXR1c1JlcXVlc3QaHi5jcnV6Zmxvdy52MS5HZXRTdGF0dXNSZXNwb25zZRJYCg1XYXRjaEluc3RhbmNlEiEuY3J1emZsb3cudjEuV2F0Y2hJbnN0YW5jZVJlcXVlc3QaIi5jcnV6Zmxvdy52MS5XYXRjaEluc3RhbmNlUmVzcG9uc2UwARJTCgxXYWl0SW5zdGFuY2USIC5jcnV6Zmxvdy52MS5XYWl0SW5zdGFuY2VSZXF1ZXN0GiEuY3J1emZsb3cudjEuV2FpdEluc3RhbmNlUmVzcG9uc2USVgoNTGlzdEluc3RhbmNlcxIhLmNydXpmbG93LnYxLkxpc3RJbnN0YW5jZXNSZXF1ZXN0GiIuY3J1emZsb3cudjEuTGlzdEluc3RhbmNlc1Jlc3BvbnNlElYKDVBhdXNlSW5zdGFuY2USIS5jcnV6Zmxvdy52MS5QYXVzZUluc3RhbmNlUmVxdWVzdBoiLmNydXpmbG93LnYxLlBhdXNlSW5zdGFuY2VSZXNwb25zZRJZCg5SZXN1bWVJbnN0YW5jZRIiLmNydXpmbG93LnYxLlJlc3VtZUluc3RhbmNlUmVxdWVzdBojLmNydXpmbG93LnYxLlJlc3VtZUluc3RhbmNlUmVzcG9uc2USYgoRVGVybWluYXRlSW5zdGFuY2USJS5jcnV6Zmxvdy52MS5UZXJtaW5hdGVJbnN0YW5jZVJlcXVlc3QaJi5jcnV6Zmxvdy52MS5UZXJtaW5hdGVJbnN0YW5jZVJlc3BvbnNlElwKD1Jlc3RhcnRJbnN0YW5jZRIjLmNydXpmbG93LnYxLlJlc3RhcnRJbnN0YW5jZVJlcXVlc3QaJC5jcnV6Zmxvdy52MS5SZXN0YXJ0SW5zdGFuY2VSZXNwb25zZRJKCglTZW5kRXZlbnQSHS5jcnV6Zmxvdy52MS5TZW5kRXZlbnRSZXF1ZXN0Gh4uY3J1emZsb3cudjEuU2VuZEV2ZW50UmVzcG9uc2USVgoNTGlzdFdvcmtmbG93cxIhLmNydXpmbG93LnYxLkxpc3RXb3JrZmxvd3NSZXF1ZXN0GiIuY3J1emZsb3cudjEuTGlzdFdvcmtmbG93c1Jlc3BvbnNlElkKDkNvdW50SW5zdGFuY2VzEiIuY3J1emZsb3cudjEuQ291bnRJbnN0YW5jZXNSZXF1ZXN0GiMuY3J1emZsb3cudjEuQ291bnRJbnN0YW5jZXNSZXNwb25zZRJKCglHZXRDYWxsZXISHS5jcnV6Zmxvdy52MS5HZXRDYWxsZXJSZXF1ZXN0Gh4uY3J1emZsb3cudjEuR2V0Q2FsbGVyUmVzcG9uc2USWQoOQ3JlYXRlU2NoZWR1bGUSIi5jcnV6Zmxvdy52MS5DcmVhdGVTY2hlZHVsZVJlcXVlc3QaIy5jcnV6Zmxvdy52MS5DcmVhdGVTY2hlZHVsZVJlc3BvbnNlElAKC0dldFNjaGVkdWxlEh8uY3J1emZsb3cudjEuR2V0U2NoZWR1bGVSZXF1ZXN0GiAuY3J1emZsb3cudjEuR2V0U2NoZWR1bGVSZXNwb25zZRJWCg1MaXN0U2NoZWR1bGVzEiEuY3J1emZsb3cudjEuTGlzdFNjaGVkdWxlc1JlcXVlc3QaIi5jcnV6Zmxvdy52MS5MaXN0U2NoZWR1bGVzUmVzcG9uc2USVgoNUGF1c2VTY2hlZHVsZRIhLmNydXpmbG93LnYxLlBhdXNlU2NoZWR1bGVSZXF1ZXN0GiIuY3J1emZsb3cudjEuUGF1c2VTY2hlZHVsZVJlc3BvbnNlElkKDlJlc3VtZVNjaGVkdWxlEiIuY3J1emZsb3cudjEuUmVzdW1lU2NoZWR1bGVSZXF1ZXN0GiMuY3J1emZsb3cudjEuUmVzdW1lU2NoZWR1bGVSZXNwb25zZRJZCg5EZWxldGVTY2hlZHVsZRIiLmNydXpmbG93LnYxLkRlbGV0ZVNjaGVkdWxlUmVxdWVzdBojLmNydXpmbG93LnYxLkRlbGV0ZVNjaGVkdWxlUmVzcG9uc2USXAoPVHJpZ2dlclNjaGVkdWxlEiMuY3J1emZsb3cudjEuVHJpZ2dlclNjaGVkdWxlUmVxdWVzdBokLmNydXpmbG93LnYxLlRyaWdnZXJTY2hlZHVsZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChtjcnV6Zmxvdy92MS93b3JrZmxvd3MucHJvdG8SC2NydXpmbG93LnYxIjkKBUVycm9yEgwKBG5hbWUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRIRCgl0cmFjZWJhY2sYAyABKAkikgEKFUNyZWF0ZUluc3RhbmNlUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRITCgtpbnN0YW5jZV9pZBgCIAEoCRITCgtwYXJhbXNfanNvbhgDIAEoCRISCgpsb29rdXBfa2V5GAQgASgJEhAKCHByaW9yaXR5GAUgASgFEhcKD2NvbmN1cnJlbmN5X2tleRgGIAEoCSJaChZDcmVhdGVJbnN0YW5jZVJlc3BvbnNlEhMKC2luc3RhbmNlX2lkGAEgASgJEisKBnN0YXR1cxgCIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIicKEEdldFN0YXR1c1JlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiPAoRR2V0U3RhdHVzUmVzcG9uc2USJwoIaW5zdGFuY2UYASABKAsyFS5jcnV6Zmxvdy52MS5JbnN0YW5jZSL5BAoISW5zdGFuY2USEwoLaW5zdGFuY2VfaWQYASABKAkSEAoId29ya2Zsb3cYAiABKAkSKwoGc3RhdHVzGAMgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMSEwoLcGFyYW1zX2pzb24YBCABKAkSEwoLb3V0cHV0X2pzb24YBSABKAkSIQoFZXJyb3IYBiABKAsyEi5jcnV6Zmxvdy52MS5FcnJvchIvCgtjcmVhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIgCgVzdGVwcxgKIAMoCzIRLmNydXpmbG93LnYxLlN0ZXASFQoNbGFzdF9zZXF1ZW5jZRgLIAEoAxISCgpsb29rdXBfa2V5GAwgASgJEi0KCXdha2VfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIdHJhY2VfaWQYDyABKAkSEQoJcGFyZW50X2lkGBAgASgJEhAKCHByaW9yaXR5GBMgASgFEhcKD2NvbmN1cnJlbmN5X2tleRgUIAEoCRITCgtzY2hlZHVsZV9pZBgSIAEoCRIrCghwYXlsb2FkcxgVIAEoCzIZLmNydXpmbG93LnYxLlBheWxvYWRTaXplcyKAAQoMUGF5bG9hZFNpemVzEhQKDHBhcmFtc19ieXRlcxgBIAEoAxIUCgxvdXRwdXRfYnl0ZXMYAiABKAMSGgoSbGFyZ2VzdF9zdGVwX2J5dGVzGAMgASgDEhMKC3RvdGFsX2J5dGVzGAQgASgDEhMKC2xpbWl0X2J5dGVzGAUgASgDIq4DCgRTdGVwEgwKBG5hbWUYASABKAkSEgoKb2NjdXJyZW5jZRgCIAEoBRINCgVpbmRleBgDIAEoBRInCgZzdGF0dXMYBCABKA4yFy5jcnV6Zmxvdy52MS5TdGVwU3RhdHVzEhAKCGF0dGVtcHRzGAUgASgFEi4KCnN0YXJ0X3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtvdXRwdXRfanNvbhgIIAEoCRIhCgVlcnJvchgJIAEoCzISLmNydXpmbG93LnYxLkVycm9yEjUKEW5leHRfYXR0ZW1wdF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIjCgRraW5kGAsgASgOMhUuY3J1emZsb3cudjEuU3RlcEtpbmQSEgoKZXZlbnRfdHlwZRgMIAEoCRIZChFjaGlsZF9pbnN0YW5jZV9pZBgNIAEoCRIZChFvdXRwdXRfc2l6ZV9ieXRlcxgOIAEoAyJDChRXYXRjaEluc3RhbmNlUmVxdWVzdBITCgtpbnN0YW5jZV9pZBgBIAEoCRIWCg5hZnRlcl9zZXF1ZW5jZRgCIAEoAyL1AgoVV2F0Y2hJbnN0YW5jZVJlc3BvbnNlEhMKC2luc3RhbmNlX2lkGAEgASgJEhAKCHNlcXVlbmNlGAIgASgDEigKBHRpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjQKDnN0YXR1c19jaGFuZ2VkGAQgASgLMhouY3J1emZsb3cudjEuU3RhdHVzQ2hhbmdlZEgAEjAKDHN0ZXBfc3RhcnRlZBgFIAEoCzIYLmNydXpmbG93LnYxLlN0ZXBTdGFydGVkSAASNAoOYXR0ZW1wdF9mYWlsZWQYBiABKAsyGi5jcnV6Zmxvdy52MS5BdHRlbXB0RmFpbGVkSAASNAoOc3RlcF9zdWNjZWVkZWQYByABKAsyGi5jcnV6Zmxvdy52MS5TdGVwU3VjY2VlZGVkSAASLgoLc3RlcF9mYWlsZWQYCCABKAsyFy5jcnV6Zmxvdy52MS5TdGVwRmFpbGVkSABCBwoFZXZlbnQidAoNU3RhdHVzQ2hhbmdlZBIrCgZzdGF0dXMYASABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cxITCgtvdXRwdXRfanNvbhgCIAEoCRIhCgVlcnJvchgDIAEoCzISLmNydXpmbG93LnYxLkVycm9yIkIKC1N0ZXBTdGFydGVkEiIKBHN0ZXAYASABKAsyFC5jcnV6Zmxvdy52MS5TdGVwUmVmEg8KB2F0dGVtcHQYAiABKAUizgEKDUF0dGVtcHRGYWlsZWQSIgoEc3RlcBgBIAEoCzIULmNydXpmbG93LnYxLlN0ZXBSZWYSDwoHYXR0ZW1wdBgCIAEoBRIhCgVlcnJvchgDIAEoCzISLmNydXpmbG93LnYxLkVycm9yEjUKEW5leHRfYXR0ZW1wdF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgtyZXRyeV9kZWxheRgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJZCg1TdGVwU3VjY2VlZGVkEiIKBHN0ZXAYASABKAsyFC5jcnV6Zmxvdy52MS5TdGVwUmVmEg8KB2F0dGVtcHQYAiABKAUSEwoLb3V0cHV0X2pzb24YAyABKAkiZAoKU3RlcEZhaWxlZBIiCgRzdGVwGAEgASgLMhQuY3J1emZsb3cudjEuU3RlcFJlZhIPCgdhdHRlbXB0GAIgASgFEiEKBWVycm9yGAMgASgLMhIuY3J1emZsb3cudjEuRXJyb3IiXwoHU3RlcFJlZhIMCgRuYW1lGAEgASgJEhIKCm9jY3VycmVuY2UYAiABKAUSDQoFaW5kZXgYAyABKAUSIwoEa2luZBgEIAEoDjIVLmNydXpmbG93LnYxLlN0ZXBLaW5kIm0KE1dhaXRJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkSKgoHdGltZW91dBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIVCg1pbmNsdWRlX3N0ZXBzGAMgASgIIj8KFFdhaXRJbnN0YW5jZVJlc3BvbnNlEicKCGluc3RhbmNlGAEgASgLMhUuY3J1emZsb3cudjEuSW5zdGFuY2UiTgoWQ3JlYXRlSW5zdGFuY2VzUmVxdWVzdBI0CghyZXF1ZXN0cxgBIAMoCzIiLmNydXpmbG93LnYxLkNyZWF0ZUluc3RhbmNlUmVxdWVzdCJRChdDcmVhdGVJbnN0YW5jZXNSZXNwb25zZRI2CglpbnN0YW5jZXMYASADKAsyIy5jcnV6Zmxvdy52MS5DcmVhdGVJbnN0YW5jZVJlc3BvbnNlIqQCChRMaXN0SW5zdGFuY2VzUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRItCghzdGF0dXNlcxgCIAMoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzEjMKD2NyZWF0ZV90aW1lX21pbhgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMwoPY3JlYXRlX3RpbWVfbWF4GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpsb29rdXBfa2V5GAUgASgJEhEKCXBhZ2Vfc2l6ZRgGIAEoBRISCgpwYWdlX3Rva2VuGAcgASgJEhEKCXBhcmVudF9pZBgIIAEoCRITCgtzY2hlZHVsZV9pZBgJIAEoCSJaChVMaXN0SW5zdGFuY2VzUmVzcG9uc2USKAoJaW5zdGFuY2VzGAEgAygLMhUuY3J1emZsb3cudjEuSW5zdGFuY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIisKFFBhdXNlSW5zdGFuY2VSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJIkQKFVBhdXNlSW5zdGFuY2VSZXNwb25zZRIrCgZzdGF0dXMYASABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cyIsChVSZXN1bWVJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkiRQoWUmVzdW1lSW5zdGFuY2VSZXNwb25zZRIrCgZzdGF0dXMYASABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cyJBChhUZXJtaW5hdGVJbnN0YW5jZVJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkSEAoIcm9sbGJhY2sYAiABKAgiSAoZVGVybWluYXRlSW5zdGFuY2VSZXNwb25zZRIrCgZzdGF0dXMYASABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cyItChZSZXN0YXJ0SW5zdGFuY2VSZXF1ZXN0EhMKC2luc3RhbmNlX2lkGAEgASgJIkYKF1Jlc3RhcnRJbnN0YW5jZVJlc3BvbnNlEisKBnN0YXR1cxgBIAEoDjIbLmNydXpmbG93LnYxLkluc3RhbmNlU3RhdHVzIksKEFNlbmRFdmVudFJlcXVlc3QSEwoLaW5zdGFuY2VfaWQYASABKAkSDAoEdHlwZRgCIAEoCRIUCgxwYXlsb2FkX2pzb24YAyABKAkiEwoRU2VuZEV2ZW50UmVzcG9uc2UiFgoUTGlzdFdvcmtmbG93c1JlcXVlc3QiQQoVTGlzdFdvcmtmbG93c1Jlc3BvbnNlEigKCXdvcmtmbG93cxgBIAMoCzIVLmNydXpmbG93LnYxLldvcmtmbG93Ij0KCFdvcmtmbG93EgwKBG5hbWUYASABKAkSDwoHYmluZGluZxgCIAEoCRISCgpjbGFzc19uYW1lGAMgASgJIqcBChVDb3VudEluc3RhbmNlc1JlcXVlc3QSEAoId29ya2Zsb3cYASABKAkSMwoPY3JlYXRlX3RpbWVfbWluGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9jcmVhdGVfdGltZV9tYXgYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmxvb2t1cF9rZXkYBCABKAkiUwoWQ291bnRJbnN0YW5jZXNSZXNwb25zZRIqCgZjb3VudHMYASADKAsyGi5jcnV6Zmxvdy52MS5JbnN0YW5jZUNvdW50Eg0KBXRvdGFsGAIgASgDIl0KDUluc3RhbmNlQ291bnQSEAoId29ya2Zsb3cYASABKAkSKwoGc3RhdHVzGAIgASgOMhsuY3J1emZsb3cudjEuSW5zdGFuY2VTdGF0dXMSDQoFY291bnQYAyABKAMiEgoQR2V0Q2FsbGVyUmVxdWVzdCJkChFHZXRDYWxsZXJSZXNwb25zZRIVCg1hdXRoX3JlcXVpcmVkGAEgASgIEhIKCnRva2VuX25hbWUYAiABKAkSEQoJcmVhZF9vbmx5GAMgASgIEhEKCXdvcmtmbG93cxgEIAMoCSKzAwoIU2NoZWR1bGUSEwoLc2NoZWR1bGVfaWQYASABKAkSEAoId29ya2Zsb3cYAiABKAkSDAoEY3JvbhgDIAEoCRIQCgh0aW1lem9uZRgEIAEoCRITCgtwYXJhbXNfanNvbhgFIAEoCRIsCghjYXRjaF91cBgGIAEoDjIaLmNydXpmbG93LnYxLkNhdGNoVXBQb2xpY3kSDgoGcGF1c2VkGAcgASgIEisKBm9yaWdpbhgIIAEoDjIbLmNydXpmbG93LnYxLlNjaGVkdWxlT3JpZ2luEjEKDWxhc3RfZHVlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGxhc3RfaW5zdGFuY2VfaWQYCiABKAkSMQoNbmV4dF9kdWVfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLY3JlYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJAChVDcmVhdGVTY2hlZHVsZVJlcXVlc3QSJwoIc2NoZWR1bGUYASABKAsyFS5jcnV6Zmxvdy52MS5TY2hlZHVsZSJBChZDcmVhdGVTY2hlZHVsZVJlc3BvbnNlEicKCHNjaGVkdWxlGAEgASgLMhUuY3J1emZsb3cudjEuU2NoZWR1bGUiKQoSR2V0U2NoZWR1bGVSZXF1ZXN0EhMKC3NjaGVkdWxlX2lkGAEgASgJIj4KE0dldFNjaGVkdWxlUmVzcG9uc2USJwoIc2NoZWR1bGUYASABKAsyFS5jcnV6Zmxvdy52MS5TY2hlZHVsZSJPChRMaXN0U2NoZWR1bGVzUmVxdWVzdBIQCgh3b3JrZmxvdxgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJaChVMaXN0U2NoZWR1bGVzUmVzcG9uc2USKAoJc2NoZWR1bGVzGAEgAygLMhUuY3J1emZsb3cudjEuU2NoZWR1bGUSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIisKFFBhdXNlU2NoZWR1bGVSZXF1ZXN0EhMKC3NjaGVkdWxlX2lkGAEgASgJIkAKFVBhdXNlU2NoZWR1bGVSZXNwb25zZRInCghzY2hlZHVsZRgBIAEoCzIVLmNydXpmbG93LnYxLlNjaGVkdWxlIiwKFVJlc3VtZVNjaGVkdWxlUmVxdWVzdBITCgtzY2hlZHVsZV9pZBgBIAEoCSJBChZSZXN1bWVTY2hlZHVsZVJlc3BvbnNlEicKCHNjaGVkdWxlGAEgASgLMhUuY3J1emZsb3cudjEuU2NoZWR1bGUiLAoVRGVsZXRlU2NoZWR1bGVSZXF1ZXN0EhMKC3NjaGVkdWxlX2lkGAEgASgJIhgKFkRlbGV0ZVNjaGVkdWxlUmVzcG9uc2UiLQoWVHJpZ2dlclNjaGVkdWxlUmVxdWVzdBITCgtzY2hlZHVsZV9pZBgBIAEoCSJbChdUcmlnZ2VyU2NoZWR1bGVSZXNwb25zZRITCgtpbnN0YW5jZV9pZBgBIAEoCRIrCgZzdGF0dXMYAiABKA4yGy5jcnV6Zmxvdy52MS5JbnN0YW5jZVN0YXR1cyrCAgoOSW5zdGFuY2VTdGF0dXMSHwobSU5TVEFOQ0VfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGgoWSU5TVEFOQ0VfU1RBVFVTX1FVRVVFRBABEhsKF0lOU1RBTkNFX1NUQVRVU19SVU5OSU5HEAISGgoWSU5TVEFOQ0VfU1RBVFVTX1BBVVNFRBADEhsKF0lOU1RBTkNFX1NUQVRVU19XQUlUSU5HEAQSJQohSU5TVEFOQ0VfU1RBVFVTX1dBSVRJTkdfRk9SX1BBVVNFEAUSHAoYSU5TVEFOQ0VfU1RBVFVTX0NPTVBMRVRFEAYSGwoXSU5TVEFOQ0VfU1RBVFVTX0VSUk9SRUQQBxIeChpJTlNUQU5DRV9TVEFUVVNfVEVSTUlOQVRFRBAIEhsKF0lOU1RBTkNFX1NUQVRVU19VTktOT1dOEAkqdQoKU3RlcFN0YXR1cxIbChdTVEVQX1NUQVRVU19VTlNQRUNJRklFRBAAEhcKE1NURVBfU1RBVFVTX1JVTk5JTkcQARIZChVTVEVQX1NUQVRVU19TVUNDRUVERUQQAhIWChJTVEVQX1NUQVRVU19GQUlMRUQQAyqXAQoIU3RlcEtpbmQSGQoVU1RFUF9LSU5EX1VOU1BFQ0lGSUVEEAASEAoMU1RFUF9LSU5EX0RPEAESEwoPU1RFUF9LSU5EX1NMRUVQEAISHAoYU1RFUF9LSU5EX1dBSVRfRk9SX0VWRU5UEAMSEwoPU1RFUF9LSU5EX0NISUxEEAQSFgoSU1RFUF9LSU5EX1JPTExCQUNLEAUqZAoNQ2F0Y2hVcFBvbGljeRIfChtDQVRDSF9VUF9QT0xJQ1lfVU5TUEVDSUZJRUQQABIYChRDQVRDSF9VUF9QT0xJQ1lfU0tJUBABEhgKFENBVENIX1VQX1BPTElDWV9PTkNFEAIqZgoOU2NoZWR1bGVPcmlnaW4SHwobU0NIRURVTEVfT1JJR0lOX1VOU1BFQ0lGSUVEEAASGgoWU0NIRURVTEVfT1JJR0lOX0NPTkZJRxABEhcKE1NDSEVEVUxFX09SSUdJTl9BUEkQAjLODgoPV29ya2Zsb3dTZXJ2aWNlElkKDkNyZWF0ZUluc3RhbmNlEiIuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VSZXF1ZXN0GiMuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VSZXNwb25zZRJcCg9DcmVhdGVJbnN0YW5jZXMSIy5jcnV6Zmxvdy52MS5DcmVhdGVJbnN0YW5jZXNSZXF1ZXN0GiQuY3J1emZsb3cudjEuQ3JlYXRlSW5zdGFuY2VzUmVzcG9uc2USSgoJR2V0U3RhdHVzEh0uY3J1emZsb3cudjEuR2V0U3RhdHVzUmVxdWVzdBoeLmNydXpmbG93LnYxLkdldFN0YXR1c1Jlc3BvbnNlElgKDVdhdGNoSW5zdGFuY2USIS5jcnV6Zmxvdy52MS5XYXRjaEluc3RhbmNlUmVxdWVzdBoiLmNydXpmbG93LnYxLldhdGNoSW5zdGFuY2VSZXNwb25zZTABElMKDFdhaXRJbnN0YW5jZRIgLmNydXpmbG93LnYxLldhaXRJbnN0YW5jZVJlcXVlc3QaIS5jcnV6Zmxvdy52MS5XYWl0SW5zdGFuY2VSZXNwb25zZRJWCg1MaXN0SW5zdGFuY2VzEiEuY3J1emZsb3cudjEuTGlzdEluc3RhbmNlc1JlcXVlc3QaIi5jcnV6Zmxvdy52MS5MaXN0SW5zdGFuY2VzUmVzcG9uc2USVgoNUGF1c2VJbnN0YW5jZRIhLmNydXpmbG93LnYxLlBhdXNlSW5zdGFuY2VSZXF1ZXN0GiIuY3J1emZsb3cudjEuUGF1c2VJbnN0YW5jZVJlc3BvbnNlElkKDlJlc3VtZUluc3RhbmNlEiIuY3J1emZsb3cudjEuUmVzdW1lSW5zdGFuY2VSZXF1ZXN0GiMuY3J1emZsb3cudjEuUmVzdW1lSW5zdGFuY2VSZXNwb25zZRJiChFUZXJtaW5hdGVJbnN0YW5jZRIlLmNydXpmbG93LnYxLlRlcm1pbmF0ZUluc3RhbmNlUmVxdWVzdBomLmNydXpmbG93LnYxLlRlcm1pbmF0ZUluc3RhbmNlUmVzcG9uc2USXAoPUmVzdGFydEluc3RhbmNlEiMuY3J1emZsb3cudjEuUmVzdGFydEluc3RhbmNlUmVxdWVzdBokLmNydXpmbG93LnYxLlJlc3RhcnRJbnN0YW5jZVJlc3BvbnNlEkoKCVNlbmRFdmVudBIdLmNydXpmbG93LnYxLlNlbmRFdmVudFJlcXVlc3QaHi5jcnV6Zmxvdy52MS5TZW5kRXZlbnRSZXNwb25zZRJWCg1MaXN0V29ya2Zsb3dzEiEuY3J1emZsb3cudjEuTGlzdFdvcmtmbG93c1JlcXVlc3QaIi5jcnV6Zmxvdy52MS5MaXN0V29ya2Zsb3dzUmVzcG9uc2USWQoOQ291bnRJbnN0YW5jZXMSIi5jcnV6Zmxvdy52MS5Db3VudEluc3RhbmNlc1JlcXVlc3QaIy5jcnV6Zmxvdy52MS5Db3VudEluc3RhbmNlc1Jlc3BvbnNlEkoKCUdldENhbGxlchIdLmNydXpmbG93LnYxLkdldENhbGxlclJlcXVlc3QaHi5jcnV6Zmxvdy52MS5HZXRDYWxsZXJSZXNwb25zZRJZCg5DcmVhdGVTY2hlZHVsZRIiLmNydXpmbG93LnYxLkNyZWF0ZVNjaGVkdWxlUmVxdWVzdBojLmNydXpmbG93LnYxLkNyZWF0ZVNjaGVkdWxlUmVzcG9uc2USUAoLR2V0U2NoZWR1bGUSHy5jcnV6Zmxvdy52MS5HZXRTY2hlZHVsZVJlcXVlc3QaIC5jcnV6Zmxvdy52MS5HZXRTY2hlZHVsZVJlc3BvbnNlElYKDUxpc3RTY2hlZHVsZXMSIS5jcnV6Zmxvdy52MS5MaXN0U2NoZWR1bGVzUmVxdWVzdBoiLmNydXpmbG93LnYxLkxpc3RTY2hlZHVsZXNSZXNwb25zZRJWCg1QYXVzZVNjaGVkdWxlEiEuY3J1emZsb3cudjEuUGF1c2VTY2hlZHVsZVJlcXVlc3QaIi5jcnV6Zmxvdy52MS5QYXVzZVNjaGVkdWxlUmVzcG9uc2USWQoOUmVzdW1lU2NoZWR1bGUSIi5jcnV6Zmxvdy52MS5SZXN1bWVTY2hlZHVsZVJlcXVlc3QaIy5jcnV6Zmxvdy52MS5SZXN1bWVTY2hlZHVsZVJlc3BvbnNlElkKDkRlbGV0ZVNjaGVkdWxlEiIuY3J1emZsb3cudjEuRGVsZXRlU2NoZWR1bGVSZXF1ZXN0GiMuY3J1emZsb3cudjEuRGVsZXRlU2NoZWR1bGVSZXNwb25zZRJcCg9UcmlnZ2VyU2NoZWR1bGUSIy5jcnV6Zmxvdy52MS5UcmlnZ2VyU2NoZWR1bGVSZXF1ZXN0GiQuY3J1emZsb3cudjEuVHJpZ2dlclNjaGVkdWxlUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Error names an error the way Python does: the exception class and its text.
@@ -303,6 +303,15 @@ export type Instance = Message<"cruzflow.v1.Instance"> & {
    * @generated from field: string schedule_id = 18;
    */
   scheduleId: string;
+
+  /**
+   * Output only. The stored size of the instance's params, step results and
+   * output against the limit each must stay within, so that a payload that
+   * grows shows before the server refuses it.
+   *
+   * @generated from field: cruzflow.v1.PayloadSizes payloads = 21;
+   */
+  payloads?: PayloadSizes | undefined;
 };
 
 /**
@@ -311,6 +320,64 @@ export type Instance = Message<"cruzflow.v1.Instance"> & {
  */
 export const InstanceSchema: GenMessage<Instance> = /*@__PURE__*/
   messageDesc(file_cruzflow_v1_workflows, 5);
+
+/**
+ * PayloadSizes: how many bytes of JSON an instance stores, counted as stored
+ * (the UTF-8 bytes of params_json, output_json and each Step.output_json).
+ * Each of params, an event payload, a step result and the output must stay
+ * within limit_bytes on its own; the total has no limit of its own.
+ *
+ * @generated from message cruzflow.v1.PayloadSizes
+ */
+export type PayloadSizes = Message<"cruzflow.v1.PayloadSizes"> & {
+  /**
+   * The params' stored JSON (params_json).
+   *
+   * @generated from field: int64 params_bytes = 1;
+   */
+  paramsBytes: bigint;
+
+  /**
+   * The output's stored JSON (output_json); 0 until COMPLETE.
+   *
+   * @generated from field: int64 output_bytes = 2;
+   */
+  outputBytes: bigint;
+
+  /**
+   * The largest step result among the message's steps (see
+   * Step.output_size_bytes); 0 when it carries no steps (ListInstances,
+   * WaitInstance without include_steps).
+   *
+   * @generated from field: int64 largest_step_bytes = 3;
+   */
+  largestStepBytes: bigint;
+
+  /**
+   * params_bytes, output_bytes and every step result of the message's steps,
+   * added up: what the instance's payloads take in the store.
+   *
+   * @generated from field: int64 total_bytes = 4;
+   */
+  totalBytes: bigint;
+
+  /**
+   * The server's limits.max_payload_bytes: the most that params, an event
+   * payload, a step result or the output may hold. A step whose result is
+   * larger fails (StepResultError); params or an event payload larger are
+   * refused with INVALID_ARGUMENT; an output larger errors the instance.
+   *
+   * @generated from field: int64 limit_bytes = 5;
+   */
+  limitBytes: bigint;
+};
+
+/**
+ * Describes the message cruzflow.v1.PayloadSizes.
+ * Use `create(PayloadSizesSchema)` to create a new message.
+ */
+export const PayloadSizesSchema: GenMessage<PayloadSizes> = /*@__PURE__*/
+  messageDesc(file_cruzflow_v1_workflows, 6);
 
 /**
  * Step is one `step.do` of an instance.
@@ -403,6 +470,16 @@ export type Step = Message<"cruzflow.v1.Step"> & {
    * @generated from field: string child_instance_id = 13;
    */
   childInstanceId: string;
+
+  /**
+   * Output only. The stored size of the step's result (output_json) in bytes;
+   * 0 until SUCCEEDED. An event wait's result is the event it took (its type,
+   * payload and time), so it is a little larger than the payload sent. The
+   * limit it must stay within: Instance.payloads.limit_bytes.
+   *
+   * @generated from field: int64 output_size_bytes = 14;
+   */
+  outputSizeBytes: bigint;
 };
 
 /**
@@ -410,7 +487,7 @@ export type Step = Message<"cruzflow.v1.Step"> & {
  * Use `create(StepSchema)` to create a new message.
  */
 export const StepSchema: GenMessage<Step> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 6);
+  messageDesc(file_cruzflow_v1_workflows, 7);
 
 /**
  * @generated from message cruzflow.v1.WatchInstanceRequest
@@ -435,7 +512,7 @@ export type WatchInstanceRequest = Message<"cruzflow.v1.WatchInstanceRequest"> &
  * Use `create(WatchInstanceRequestSchema)` to create a new message.
  */
 export const WatchInstanceRequestSchema: GenMessage<WatchInstanceRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 7);
+  messageDesc(file_cruzflow_v1_workflows, 8);
 
 /**
  * WatchInstanceResponse carries one event of the instance's durable event log.
@@ -501,7 +578,7 @@ export type WatchInstanceResponse = Message<"cruzflow.v1.WatchInstanceResponse">
  * Use `create(WatchInstanceResponseSchema)` to create a new message.
  */
 export const WatchInstanceResponseSchema: GenMessage<WatchInstanceResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 8);
+  messageDesc(file_cruzflow_v1_workflows, 9);
 
 /**
  * StatusChanged: the instance entered a new status. For COMPLETE it carries
@@ -531,7 +608,7 @@ export type StatusChanged = Message<"cruzflow.v1.StatusChanged"> & {
  * Use `create(StatusChangedSchema)` to create a new message.
  */
 export const StatusChangedSchema: GenMessage<StatusChanged> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 9);
+  messageDesc(file_cruzflow_v1_workflows, 10);
 
 /**
  * StepStarted: an attempt of a step began.
@@ -555,7 +632,7 @@ export type StepStarted = Message<"cruzflow.v1.StepStarted"> & {
  * Use `create(StepStartedSchema)` to create a new message.
  */
 export const StepStartedSchema: GenMessage<StepStarted> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 10);
+  messageDesc(file_cruzflow_v1_workflows, 11);
 
 /**
  * AttemptFailed: an attempt failed and the step will be retried.
@@ -594,7 +671,7 @@ export type AttemptFailed = Message<"cruzflow.v1.AttemptFailed"> & {
  * Use `create(AttemptFailedSchema)` to create a new message.
  */
 export const AttemptFailedSchema: GenMessage<AttemptFailed> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 11);
+  messageDesc(file_cruzflow_v1_workflows, 12);
 
 /**
  * StepSucceeded: a step's result is durably stored.
@@ -623,7 +700,7 @@ export type StepSucceeded = Message<"cruzflow.v1.StepSucceeded"> & {
  * Use `create(StepSucceededSchema)` to create a new message.
  */
 export const StepSucceededSchema: GenMessage<StepSucceeded> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 12);
+  messageDesc(file_cruzflow_v1_workflows, 13);
 
 /**
  * StepFailed: a step failed for good and its error was raised into `run`.
@@ -652,7 +729,7 @@ export type StepFailed = Message<"cruzflow.v1.StepFailed"> & {
  * Use `create(StepFailedSchema)` to create a new message.
  */
 export const StepFailedSchema: GenMessage<StepFailed> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 13);
+  messageDesc(file_cruzflow_v1_workflows, 14);
 
 /**
  * StepRef identifies a step within a run.
@@ -686,7 +763,7 @@ export type StepRef = Message<"cruzflow.v1.StepRef"> & {
  * Use `create(StepRefSchema)` to create a new message.
  */
 export const StepRefSchema: GenMessage<StepRef> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 14);
+  messageDesc(file_cruzflow_v1_workflows, 15);
 
 /**
  * @generated from message cruzflow.v1.WaitInstanceRequest
@@ -718,7 +795,7 @@ export type WaitInstanceRequest = Message<"cruzflow.v1.WaitInstanceRequest"> & {
  * Use `create(WaitInstanceRequestSchema)` to create a new message.
  */
 export const WaitInstanceRequestSchema: GenMessage<WaitInstanceRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 15);
+  messageDesc(file_cruzflow_v1_workflows, 16);
 
 /**
  * @generated from message cruzflow.v1.WaitInstanceResponse
@@ -737,7 +814,7 @@ export type WaitInstanceResponse = Message<"cruzflow.v1.WaitInstanceResponse"> &
  * Use `create(WaitInstanceResponseSchema)` to create a new message.
  */
 export const WaitInstanceResponseSchema: GenMessage<WaitInstanceResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 16);
+  messageDesc(file_cruzflow_v1_workflows, 17);
 
 /**
  * @generated from message cruzflow.v1.CreateInstancesRequest
@@ -756,7 +833,7 @@ export type CreateInstancesRequest = Message<"cruzflow.v1.CreateInstancesRequest
  * Use `create(CreateInstancesRequestSchema)` to create a new message.
  */
 export const CreateInstancesRequestSchema: GenMessage<CreateInstancesRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 17);
+  messageDesc(file_cruzflow_v1_workflows, 18);
 
 /**
  * @generated from message cruzflow.v1.CreateInstancesResponse
@@ -775,7 +852,7 @@ export type CreateInstancesResponse = Message<"cruzflow.v1.CreateInstancesRespon
  * Use `create(CreateInstancesResponseSchema)` to create a new message.
  */
 export const CreateInstancesResponseSchema: GenMessage<CreateInstancesResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 18);
+  messageDesc(file_cruzflow_v1_workflows, 19);
 
 /**
  * @generated from message cruzflow.v1.ListInstancesRequest
@@ -850,7 +927,7 @@ export type ListInstancesRequest = Message<"cruzflow.v1.ListInstancesRequest"> &
  * Use `create(ListInstancesRequestSchema)` to create a new message.
  */
 export const ListInstancesRequestSchema: GenMessage<ListInstancesRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 19);
+  messageDesc(file_cruzflow_v1_workflows, 20);
 
 /**
  * @generated from message cruzflow.v1.ListInstancesResponse
@@ -876,7 +953,7 @@ export type ListInstancesResponse = Message<"cruzflow.v1.ListInstancesResponse">
  * Use `create(ListInstancesResponseSchema)` to create a new message.
  */
 export const ListInstancesResponseSchema: GenMessage<ListInstancesResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 20);
+  messageDesc(file_cruzflow_v1_workflows, 21);
 
 /**
  * @generated from message cruzflow.v1.PauseInstanceRequest
@@ -893,7 +970,7 @@ export type PauseInstanceRequest = Message<"cruzflow.v1.PauseInstanceRequest"> &
  * Use `create(PauseInstanceRequestSchema)` to create a new message.
  */
 export const PauseInstanceRequestSchema: GenMessage<PauseInstanceRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 21);
+  messageDesc(file_cruzflow_v1_workflows, 22);
 
 /**
  * @generated from message cruzflow.v1.PauseInstanceResponse
@@ -912,7 +989,7 @@ export type PauseInstanceResponse = Message<"cruzflow.v1.PauseInstanceResponse">
  * Use `create(PauseInstanceResponseSchema)` to create a new message.
  */
 export const PauseInstanceResponseSchema: GenMessage<PauseInstanceResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 22);
+  messageDesc(file_cruzflow_v1_workflows, 23);
 
 /**
  * @generated from message cruzflow.v1.ResumeInstanceRequest
@@ -929,7 +1006,7 @@ export type ResumeInstanceRequest = Message<"cruzflow.v1.ResumeInstanceRequest">
  * Use `create(ResumeInstanceRequestSchema)` to create a new message.
  */
 export const ResumeInstanceRequestSchema: GenMessage<ResumeInstanceRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 23);
+  messageDesc(file_cruzflow_v1_workflows, 24);
 
 /**
  * @generated from message cruzflow.v1.ResumeInstanceResponse
@@ -948,7 +1025,7 @@ export type ResumeInstanceResponse = Message<"cruzflow.v1.ResumeInstanceResponse
  * Use `create(ResumeInstanceResponseSchema)` to create a new message.
  */
 export const ResumeInstanceResponseSchema: GenMessage<ResumeInstanceResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 24);
+  messageDesc(file_cruzflow_v1_workflows, 25);
 
 /**
  * @generated from message cruzflow.v1.TerminateInstanceRequest
@@ -974,7 +1051,7 @@ export type TerminateInstanceRequest = Message<"cruzflow.v1.TerminateInstanceReq
  * Use `create(TerminateInstanceRequestSchema)` to create a new message.
  */
 export const TerminateInstanceRequestSchema: GenMessage<TerminateInstanceRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 25);
+  messageDesc(file_cruzflow_v1_workflows, 26);
 
 /**
  * @generated from message cruzflow.v1.TerminateInstanceResponse
@@ -993,7 +1070,7 @@ export type TerminateInstanceResponse = Message<"cruzflow.v1.TerminateInstanceRe
  * Use `create(TerminateInstanceResponseSchema)` to create a new message.
  */
 export const TerminateInstanceResponseSchema: GenMessage<TerminateInstanceResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 26);
+  messageDesc(file_cruzflow_v1_workflows, 27);
 
 /**
  * @generated from message cruzflow.v1.RestartInstanceRequest
@@ -1010,7 +1087,7 @@ export type RestartInstanceRequest = Message<"cruzflow.v1.RestartInstanceRequest
  * Use `create(RestartInstanceRequestSchema)` to create a new message.
  */
 export const RestartInstanceRequestSchema: GenMessage<RestartInstanceRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 27);
+  messageDesc(file_cruzflow_v1_workflows, 28);
 
 /**
  * @generated from message cruzflow.v1.RestartInstanceResponse
@@ -1029,7 +1106,7 @@ export type RestartInstanceResponse = Message<"cruzflow.v1.RestartInstanceRespon
  * Use `create(RestartInstanceResponseSchema)` to create a new message.
  */
 export const RestartInstanceResponseSchema: GenMessage<RestartInstanceResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 28);
+  messageDesc(file_cruzflow_v1_workflows, 29);
 
 /**
  * @generated from message cruzflow.v1.SendEventRequest
@@ -1060,7 +1137,7 @@ export type SendEventRequest = Message<"cruzflow.v1.SendEventRequest"> & {
  * Use `create(SendEventRequestSchema)` to create a new message.
  */
 export const SendEventRequestSchema: GenMessage<SendEventRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 29);
+  messageDesc(file_cruzflow_v1_workflows, 30);
 
 /**
  * @generated from message cruzflow.v1.SendEventResponse
@@ -1073,7 +1150,7 @@ export type SendEventResponse = Message<"cruzflow.v1.SendEventResponse"> & {
  * Use `create(SendEventResponseSchema)` to create a new message.
  */
 export const SendEventResponseSchema: GenMessage<SendEventResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 30);
+  messageDesc(file_cruzflow_v1_workflows, 31);
 
 /**
  * @generated from message cruzflow.v1.ListWorkflowsRequest
@@ -1086,7 +1163,7 @@ export type ListWorkflowsRequest = Message<"cruzflow.v1.ListWorkflowsRequest"> &
  * Use `create(ListWorkflowsRequestSchema)` to create a new message.
  */
 export const ListWorkflowsRequestSchema: GenMessage<ListWorkflowsRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 31);
+  messageDesc(file_cruzflow_v1_workflows, 32);
 
 /**
  * @generated from message cruzflow.v1.ListWorkflowsResponse
@@ -1103,7 +1180,7 @@ export type ListWorkflowsResponse = Message<"cruzflow.v1.ListWorkflowsResponse">
  * Use `create(ListWorkflowsResponseSchema)` to create a new message.
  */
 export const ListWorkflowsResponseSchema: GenMessage<ListWorkflowsResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 32);
+  messageDesc(file_cruzflow_v1_workflows, 33);
 
 /**
  * Workflow is a workflow class the server hosts.
@@ -1138,7 +1215,7 @@ export type Workflow = Message<"cruzflow.v1.Workflow"> & {
  * Use `create(WorkflowSchema)` to create a new message.
  */
 export const WorkflowSchema: GenMessage<Workflow> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 33);
+  messageDesc(file_cruzflow_v1_workflows, 34);
 
 /**
  * @generated from message cruzflow.v1.CountInstancesRequest
@@ -1178,7 +1255,7 @@ export type CountInstancesRequest = Message<"cruzflow.v1.CountInstancesRequest">
  * Use `create(CountInstancesRequestSchema)` to create a new message.
  */
 export const CountInstancesRequestSchema: GenMessage<CountInstancesRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 34);
+  messageDesc(file_cruzflow_v1_workflows, 35);
 
 /**
  * @generated from message cruzflow.v1.CountInstancesResponse
@@ -1205,7 +1282,7 @@ export type CountInstancesResponse = Message<"cruzflow.v1.CountInstancesResponse
  * Use `create(CountInstancesResponseSchema)` to create a new message.
  */
 export const CountInstancesResponseSchema: GenMessage<CountInstancesResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 35);
+  messageDesc(file_cruzflow_v1_workflows, 36);
 
 /**
  * InstanceCount is how many instances of a workflow are in a status.
@@ -1234,7 +1311,7 @@ export type InstanceCount = Message<"cruzflow.v1.InstanceCount"> & {
  * Use `create(InstanceCountSchema)` to create a new message.
  */
 export const InstanceCountSchema: GenMessage<InstanceCount> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 36);
+  messageDesc(file_cruzflow_v1_workflows, 37);
 
 /**
  * @generated from message cruzflow.v1.GetCallerRequest
@@ -1247,7 +1324,7 @@ export type GetCallerRequest = Message<"cruzflow.v1.GetCallerRequest"> & {
  * Use `create(GetCallerRequestSchema)` to create a new message.
  */
 export const GetCallerRequestSchema: GenMessage<GetCallerRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 37);
+  messageDesc(file_cruzflow_v1_workflows, 38);
 
 /**
  * @generated from message cruzflow.v1.GetCallerResponse
@@ -1290,7 +1367,7 @@ export type GetCallerResponse = Message<"cruzflow.v1.GetCallerResponse"> & {
  * Use `create(GetCallerResponseSchema)` to create a new message.
  */
 export const GetCallerResponseSchema: GenMessage<GetCallerResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 38);
+  messageDesc(file_cruzflow_v1_workflows, 39);
 
 /**
  * Schedule creates an instance of a workflow at each due time of a cron
@@ -1399,7 +1476,7 @@ export type Schedule = Message<"cruzflow.v1.Schedule"> & {
  * Use `create(ScheduleSchema)` to create a new message.
  */
 export const ScheduleSchema: GenMessage<Schedule> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 39);
+  messageDesc(file_cruzflow_v1_workflows, 40);
 
 /**
  * @generated from message cruzflow.v1.CreateScheduleRequest
@@ -1418,7 +1495,7 @@ export type CreateScheduleRequest = Message<"cruzflow.v1.CreateScheduleRequest">
  * Use `create(CreateScheduleRequestSchema)` to create a new message.
  */
 export const CreateScheduleRequestSchema: GenMessage<CreateScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 40);
+  messageDesc(file_cruzflow_v1_workflows, 41);
 
 /**
  * @generated from message cruzflow.v1.CreateScheduleResponse
@@ -1435,7 +1512,7 @@ export type CreateScheduleResponse = Message<"cruzflow.v1.CreateScheduleResponse
  * Use `create(CreateScheduleResponseSchema)` to create a new message.
  */
 export const CreateScheduleResponseSchema: GenMessage<CreateScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 41);
+  messageDesc(file_cruzflow_v1_workflows, 42);
 
 /**
  * @generated from message cruzflow.v1.GetScheduleRequest
@@ -1452,7 +1529,7 @@ export type GetScheduleRequest = Message<"cruzflow.v1.GetScheduleRequest"> & {
  * Use `create(GetScheduleRequestSchema)` to create a new message.
  */
 export const GetScheduleRequestSchema: GenMessage<GetScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 42);
+  messageDesc(file_cruzflow_v1_workflows, 43);
 
 /**
  * @generated from message cruzflow.v1.GetScheduleResponse
@@ -1469,7 +1546,7 @@ export type GetScheduleResponse = Message<"cruzflow.v1.GetScheduleResponse"> & {
  * Use `create(GetScheduleResponseSchema)` to create a new message.
  */
 export const GetScheduleResponseSchema: GenMessage<GetScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 43);
+  messageDesc(file_cruzflow_v1_workflows, 44);
 
 /**
  * @generated from message cruzflow.v1.ListSchedulesRequest
@@ -1502,7 +1579,7 @@ export type ListSchedulesRequest = Message<"cruzflow.v1.ListSchedulesRequest"> &
  * Use `create(ListSchedulesRequestSchema)` to create a new message.
  */
 export const ListSchedulesRequestSchema: GenMessage<ListSchedulesRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 44);
+  messageDesc(file_cruzflow_v1_workflows, 45);
 
 /**
  * @generated from message cruzflow.v1.ListSchedulesResponse
@@ -1528,7 +1605,7 @@ export type ListSchedulesResponse = Message<"cruzflow.v1.ListSchedulesResponse">
  * Use `create(ListSchedulesResponseSchema)` to create a new message.
  */
 export const ListSchedulesResponseSchema: GenMessage<ListSchedulesResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 45);
+  messageDesc(file_cruzflow_v1_workflows, 46);
 
 /**
  * @generated from message cruzflow.v1.PauseScheduleRequest
@@ -1545,7 +1622,7 @@ export type PauseScheduleRequest = Message<"cruzflow.v1.PauseScheduleRequest"> &
  * Use `create(PauseScheduleRequestSchema)` to create a new message.
  */
 export const PauseScheduleRequestSchema: GenMessage<PauseScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 46);
+  messageDesc(file_cruzflow_v1_workflows, 47);
 
 /**
  * @generated from message cruzflow.v1.PauseScheduleResponse
@@ -1562,7 +1639,7 @@ export type PauseScheduleResponse = Message<"cruzflow.v1.PauseScheduleResponse">
  * Use `create(PauseScheduleResponseSchema)` to create a new message.
  */
 export const PauseScheduleResponseSchema: GenMessage<PauseScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 47);
+  messageDesc(file_cruzflow_v1_workflows, 48);
 
 /**
  * @generated from message cruzflow.v1.ResumeScheduleRequest
@@ -1579,7 +1656,7 @@ export type ResumeScheduleRequest = Message<"cruzflow.v1.ResumeScheduleRequest">
  * Use `create(ResumeScheduleRequestSchema)` to create a new message.
  */
 export const ResumeScheduleRequestSchema: GenMessage<ResumeScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 48);
+  messageDesc(file_cruzflow_v1_workflows, 49);
 
 /**
  * @generated from message cruzflow.v1.ResumeScheduleResponse
@@ -1596,7 +1673,7 @@ export type ResumeScheduleResponse = Message<"cruzflow.v1.ResumeScheduleResponse
  * Use `create(ResumeScheduleResponseSchema)` to create a new message.
  */
 export const ResumeScheduleResponseSchema: GenMessage<ResumeScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 49);
+  messageDesc(file_cruzflow_v1_workflows, 50);
 
 /**
  * @generated from message cruzflow.v1.DeleteScheduleRequest
@@ -1613,7 +1690,7 @@ export type DeleteScheduleRequest = Message<"cruzflow.v1.DeleteScheduleRequest">
  * Use `create(DeleteScheduleRequestSchema)` to create a new message.
  */
 export const DeleteScheduleRequestSchema: GenMessage<DeleteScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 50);
+  messageDesc(file_cruzflow_v1_workflows, 51);
 
 /**
  * @generated from message cruzflow.v1.DeleteScheduleResponse
@@ -1626,7 +1703,7 @@ export type DeleteScheduleResponse = Message<"cruzflow.v1.DeleteScheduleResponse
  * Use `create(DeleteScheduleResponseSchema)` to create a new message.
  */
 export const DeleteScheduleResponseSchema: GenMessage<DeleteScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 51);
+  messageDesc(file_cruzflow_v1_workflows, 52);
 
 /**
  * @generated from message cruzflow.v1.TriggerScheduleRequest
@@ -1643,7 +1720,7 @@ export type TriggerScheduleRequest = Message<"cruzflow.v1.TriggerScheduleRequest
  * Use `create(TriggerScheduleRequestSchema)` to create a new message.
  */
 export const TriggerScheduleRequestSchema: GenMessage<TriggerScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 52);
+  messageDesc(file_cruzflow_v1_workflows, 53);
 
 /**
  * @generated from message cruzflow.v1.TriggerScheduleResponse
@@ -1669,7 +1746,7 @@ export type TriggerScheduleResponse = Message<"cruzflow.v1.TriggerScheduleRespon
  * Use `create(TriggerScheduleResponseSchema)` to create a new message.
  */
 export const TriggerScheduleResponseSchema: GenMessage<TriggerScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cruzflow_v1_workflows, 53);
+  messageDesc(file_cruzflow_v1_workflows, 54);
 
 /**
  * InstanceStatus is the lifecycle state of a workflow instance.
