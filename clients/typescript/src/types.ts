@@ -100,6 +100,27 @@ export interface StepInfo {
   readonly eventType: string | undefined;
   /** For a child step: the child instance's id. */
   readonly childId: string | undefined;
+  /**
+   * The stored size of the step's result, in bytes of JSON; 0 until it
+   * succeeded. It must stay within {@link PayloadSizes.limitBytes}.
+   */
+  readonly outputBytes: number;
+}
+
+/**
+ * How many bytes of JSON an instance stores, against the server's limit
+ * (`limits.max_payload_bytes`), which params, each event payload, each step
+ * result and the output must each stay within.
+ */
+export interface PayloadSizes {
+  readonly paramsBytes: number;
+  /** 0 until the instance is complete. */
+  readonly outputBytes: number;
+  /** The largest step result; 0 in listings, which carry no steps. */
+  readonly largestStepBytes: number;
+  /** Params, output and every step result added up (steps: as above). */
+  readonly totalBytes: number;
+  readonly limitBytes: number;
 }
 
 /**
@@ -148,6 +169,11 @@ export interface InstanceInfo<Params = unknown, Output = unknown> {
   readonly concurrencyKey: string | undefined;
   /** The schedule that created the instance; `undefined` when a caller did. */
   readonly scheduleId: string | undefined;
+  /**
+   * The stored size of the params, step results and output against the
+   * limit; `undefined` from a server too old to report it.
+   */
+  readonly payloads: PayloadSizes | undefined;
 }
 
 /** Which step a {@link WatchEvent} is about. */
