@@ -464,7 +464,9 @@ def test_payload_sizes_are_shown_against_the_limit_and_warned_of_near_it(
         ("sizes-79", _blob(int(0.79 * limit))),
         ("sizes-81", _blob(int(0.81 * limit))),
     ]:
-        api("CreateInstance", {"workflow": "quick", "instanceId": instance_id, "paramsJson": params})
+        api(
+            "CreateInstance", {"workflow": "quick", "instanceId": instance_id, "paramsJson": params}
+        )
         done = api.wait_status(instance_id, "complete")
         assert done["payloads"]["paramsBytes"] == str(len(params))
         assert done["payloads"]["limitBytes"] == str(limit)
