@@ -31,7 +31,7 @@ import grpc
 import pytest
 
 from cruzflow.server import cli, render
-from cruzflow.server.render import ErrorView, EventView, InstanceView, StepView
+from cruzflow.server.render import ErrorView, EventView, InstanceView, SizesView, StepView
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1.workflows_pb2_grpc import WorkflowServiceStub
 from tests.conftest import ALL_WORKFLOWS
@@ -766,6 +766,52 @@ def test_the_live_view_and_its_redraw() -> None:
     assert screen.frame(["x"]).startswith("\x1b[3F\x1b[J")
     coloured = render.Style(color=True).status("errored")
     assert coloured == "\x1b[31merrored\x1b[0m" and render.strip_ansi(coloured) == "errored"
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1024, "1 KiB"), (1536, "1.5 KiB"), (1048576, "1 MiB")],
+)
+def test_sizes_read_well(n: int, text: str) -> None:
+    assert render.size(n) == text
+
+
+def test_status_shows_payload_sizes_against_the_limit_and_flags_one_near_it() -> None:
+    limit = 1024 * 1024
+    big = int(0.85 * limit)
+    view = InstanceView(
+        "i",
+        "wf",
+        "complete",
+        create_time=T0,
+        end_time=T0,
+        payloads=SizesView(22, 41, big, 22 + 41 + 7 + big, limit),
+        steps=[
+            StepView(0, "small", status="succeeded", attempts=1, output_bytes=7),
+            StepView(1, "big", status="succeeded", attempts=1, output_bytes=big),
+        ],
+    )
+    lines = render.instance_lines(view, T0)
+    payloads = next(line for line in lines if line.startswith("payloads"))
+    assert payloads.endswith(
+        "params 22 B, output 41 B, largest step 870.4 KiB (85%); limit 1 MiB each"
+    )
+    assert lines[-2].endswith("succeeded  1 attempt")  # far from the limit: no size shown
+    assert lines[-1].endswith("1 attempt  result 870.4 KiB (85% of the 1 MiB limit)")
+    coloured = render.instance_lines(view, T0, render.Style(color=True))
+    assert "\x1b[33mlargest step 870.4 KiB (85%)\x1b[0m" in "\n".join(coloured)
+    # Below 80 % nothing is flagged; a listing (no steps) shows no step part.
+    view.payloads = SizesView(22, 0, 7, 29, limit)
+    assert render.payloads_text(view.payloads) == "params 22 B, largest step 7 B; limit 1 MiB each"
+    assert render.payloads_text(view.payloads, steps=False) == "params 22 B; limit 1 MiB each"
+    assert view.to_json(with_steps=False)["payloads"] == {
+        "params_bytes": 22,
+        "output_bytes": 0,
+        "largest_step_bytes": 7,
+        "total_bytes": 29,
+        "limit_bytes": limit,
+    }
+    assert view.steps[1].to_json()["output_bytes"] == big
 
 
 def test_schedules_list_trigger_pause_resume_delete(run: Run, server: ServerProcess) -> None:

@@ -397,6 +397,51 @@ async def test_repeated_step_names_are_separate_steps(server: Server) -> None:
     ]
 
 
+async def test_status_gives_the_stored_size_of_every_payload(make_server: ServerFactory) -> None:
+    # Non-ASCII text: sizes are the stored UTF-8 bytes, not characters.
+    server = await make_server(limits={"max_payload_bytes": BIG})
+    await create(server, "approval", '{"who": "Zoë", "timeout": "1 minute"}', "sizes")
+
+    async def waiting() -> bool:
+        return any(s.name == "approval" for s in (await status(server, "sizes")).steps)
+
+    await eventually(waiting)
+    early = await status(server, "sizes")
+    assert early.payloads.output_bytes == 0
+    assert [s.output_size_bytes for s in early.steps] == [len(b"null"), 0]
+    await server.stub.SendEvent(
+        pb.SendEventRequest(instance_id="sizes", type="approval", payload_json='{"ok": "sí"}')
+    )
+    await watch(server, "sizes")
+    done = await status(server, "sizes")
+    assert done.status == COMPLETE
+    record = await server.service.store.get_instance("sizes")
+    stored = await server.service.store.get_steps("sizes")
+    assert record is not None and record.params is not None and record.output is not None
+    results = [len(s.output or b"") for s in stored]
+    # The event wait's result is the event taken, so it counts as a step result.
+    assert [s.name for s in done.steps] == ["request", "approval", "apply"]
+    assert [s.output_size_bytes for s in done.steps] == results
+    assert results[1] == len(done.steps[1].output_json.encode()) > len('{"ok": "sí"}')
+    assert done.payloads == pb.PayloadSizes(
+        params_bytes=len(record.params),
+        output_bytes=len(record.output),
+        largest_step_bytes=max(results),
+        total_bytes=len(record.params) + len(record.output) + sum(results),
+        limit_bytes=BIG,
+    )
+    assert done.payloads.params_bytes == len(done.params_json.encode()) != len(done.params_json)
+    assert done.payloads.output_bytes == len(done.output_json.encode())
+    # A listing carries no steps, so only params, output and the limit.
+    (listed,) = (await server.stub.ListInstances(pb.ListInstancesRequest())).instances
+    assert listed.payloads == pb.PayloadSizes(
+        params_bytes=len(record.params),
+        output_bytes=len(record.output),
+        total_bytes=len(record.params) + len(record.output),
+        limit_bytes=BIG,
+    )
+
+
 async def test_status_of_unknown_and_bad_ids(server: Server) -> None:
     error = await rpc_error(status(server, "nobody-home"))
     assert_names_field(error, NOT_FOUND, "instance_id")

@@ -80,3 +80,31 @@ export function fromLocalInput(text: string): Date | undefined {
   const date = new Date(text);
   return Number.isNaN(date.getTime()) ? undefined : date;
 }
+
+/** A byte count in binary units, as the CLI writes it: "512 B", "1.2 KiB", "1 MiB". */
+export function bytes(n: number): string {
+  if (n < 1024) {
+    return `${n} B`;
+  }
+  let value = n / 1024;
+  let unit = "KiB";
+  for (const bigger of ["MiB", "GiB"]) {
+    if (value < 1023.95) {
+      break;
+    }
+    value /= 1024;
+    unit = bigger;
+  }
+  return `${value.toFixed(1).replace(/\.0$/, "")} ${unit}`;
+}
+
+/**
+ * The share of limits.max_payload_bytes from which a payload is flagged: it
+ * still fits, but one that keeps growing will soon be refused.
+ */
+export const NEAR_LIMIT = 0.8;
+
+/** Whether a payload of `n` bytes is within sight of `limit`. */
+export function nearLimit(n: number, limit: number): boolean {
+  return limit > 0 && n >= NEAR_LIMIT * limit;
+}

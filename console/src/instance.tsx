@@ -11,11 +11,12 @@ import {
   isFinished,
   type InstanceInfo,
   type InstanceStatus,
+  type PayloadSizes,
   type StepInfo,
   type WatchEvent,
 } from "@cruzflow/client";
 import { describe } from "./api";
-import { ago, json, span, when } from "./format";
+import { ago, bytes, json, nearLimit, span, when } from "./format";
 import type { Session } from "./main";
 import { TimelineChart } from "./chart";
 import { Alert, Dialog, Status } from "./ui";
@@ -302,22 +303,27 @@ export function InstancePage({ session, id }: { session: Session; id: string }) 
           )}
         </div>
       )}
+      <PayloadWarning info={info} />
       <h2>Timeline</h2>
       <TimelineChart events={events} info={info} now={now} />
       <div class="payloads">
         <div>
-          <h2>Params</h2>
+          <h2>
+            Params <Size bytes={info.payloads?.paramsBytes} sizes={info.payloads} testId="params-size" />
+          </h2>
           <pre data-testid="params">{json(info.params)}</pre>
         </div>
         {info.status === "complete" && (
           <div>
-            <h2>Output</h2>
+            <h2>
+              Output <Size bytes={info.payloads?.outputBytes} sizes={info.payloads} testId="output-size" />
+            </h2>
             <pre data-testid="output">{json(info.output)}</pre>
           </div>
         )}
       </div>
       <h2>Steps</h2>
-      <StepsTable steps={info.steps} now={now} />
+      <StepsTable steps={info.steps} now={now} sizes={info.payloads} />
       <details class="events">
         <summary>
           Event log <span class="muted">({events.length} events)</span>
@@ -328,11 +334,66 @@ export function InstancePage({ session, id }: { session: Session; id: string }) 
   );
 }
 
+/**
+ * A stored payload's size against limits.max_payload_bytes ("53 B of 1 MiB"),
+ * marked once it is near the limit; nothing from a server that does not
+ * report sizes.
+ */
+function Size(props: { bytes: number | undefined; sizes: PayloadSizes | undefined; testId: string }) {
+  const { bytes: n, sizes } = props;
+  if (n === undefined || sizes === undefined) {
+    return null;
+  }
+  const near = nearLimit(n, sizes.limitBytes);
+  const share = Math.round((n / sizes.limitBytes) * 100);
+  return (
+    <span
+      class={`size${near ? " near" : ""}`}
+      data-testid={props.testId}
+      data-near={near ? "true" : "false"}
+      title={`${n.toLocaleString("en")} bytes of JSON stored; limits.max_payload_bytes is ${sizes.limitBytes.toLocaleString("en")}`}
+    >
+      {near && "⚠ "}
+      {bytes(n)} of {bytes(sizes.limitBytes)}
+      {near && ` (${share}%)`}
+    </span>
+  );
+}
+
+/** A warning above the page while params, a step result or the output is near the limit. */
+function PayloadWarning({ info }: { info: InstanceInfo }) {
+  const sizes = info.payloads;
+  if (sizes === undefined) {
+    return null;
+  }
+  const near: string[] = [];
+  if (nearLimit(sizes.paramsBytes, sizes.limitBytes)) {
+    near.push(`params (${bytes(sizes.paramsBytes)})`);
+  }
+  for (const s of info.steps) {
+    if (nearLimit(s.outputBytes, sizes.limitBytes)) {
+      near.push(`the result of step ${stepLabel(s)} (${bytes(s.outputBytes)})`);
+    }
+  }
+  if (nearLimit(sizes.outputBytes, sizes.limitBytes)) {
+    near.push(`the output (${bytes(sizes.outputBytes)})`);
+  }
+  if (near.length === 0) {
+    return null;
+  }
+  return (
+    <div class="payload-warning" role="status" data-testid="payload-warning">
+      ⚠ Near the payload limit of {bytes(sizes.limitBytes)} (limits.max_payload_bytes): {near.join(", ")}. A payload
+      past it is refused and a step returning one fails; store large data elsewhere and pass a reference.
+    </div>
+  );
+}
+
 export function stepLabel(step: { name: string; occurrence: number }): string {
   return step.occurrence > 1 ? `${step.name} #${step.occurrence}` : step.name;
 }
 
-function StepsTable({ steps, now }: { steps: readonly StepInfo[]; now: number }) {
+function StepsTable({ steps, now, sizes }: { steps: readonly StepInfo[]; now: number; sizes: PayloadSizes | undefined }) {
   if (steps.length === 0) {
     return <p class="muted">No steps yet in this run.</p>;
   }
@@ -348,6 +409,7 @@ function StepsTable({ steps, now }: { steps: readonly StepInfo[]; now: number })
           <th>Started</th>
           <th>Took</th>
           <th>Result</th>
+          {sizes && <th>Size</th>}
         </tr>
       </thead>
       <tbody>
@@ -391,6 +453,11 @@ function StepsTable({ steps, now }: { steps: readonly StepInfo[]; now: number })
                 </span>
               )}
             </td>
+            {sizes && (
+              <td class="num">
+                {s.status === "succeeded" && <Size bytes={s.outputBytes} sizes={sizes} testId="step-size" />}
+              </td>
+            )}
           </tr>
         ))}
       </tbody>

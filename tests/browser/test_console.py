@@ -446,3 +446,51 @@ def test_the_workflows_page_counts_and_failure_rate(
     screenshot(page, "console-instances.png", tmp_path, full_page=False)
     for done in ("ticks-3", "ticks-4", "expense-2"):
         api("TerminateInstance", {"instanceId": done})
+
+
+def _blob(size: int) -> str:
+    """Compact JSON params of exactly ``size`` bytes (what the server stores)."""
+    text = json.dumps({"blob": ""}, separators=(",", ":"))
+    return json.dumps({"blob": "x" * (size - len(text))}, separators=(",", ":"))
+
+
+def test_payload_sizes_are_shown_against_the_limit_and_warned_of_near_it(
+    page: Page, api: Api, base: str
+) -> None:
+    limit = 1024 * 1024  # the server's default limits.max_payload_bytes
+    # "quick" returns its params: params, step result and output are one size.
+    for instance_id, params in [
+        ("sizes-small", '{"n":1}'),
+        ("sizes-79", _blob(int(0.79 * limit))),
+        ("sizes-81", _blob(int(0.81 * limit))),
+    ]:
+        api(
+            "CreateInstance", {"workflow": "quick", "instanceId": instance_id, "paramsJson": params}
+        )
+        done = api.wait_status(instance_id, "complete")
+        assert done["payloads"]["paramsBytes"] == str(len(params))
+        assert done["payloads"]["limitBytes"] == str(limit)
+
+    page.goto(f"{base}/#/instances/sizes-small")
+    for test_id in ("params-size", "output-size", "step-size"):
+        expect(page.get_by_test_id(test_id)).to_have_text("7 B of 1 MiB")
+        expect(page.get_by_test_id(test_id)).to_have_attribute("data-near", "false")
+    expect(page.get_by_test_id("payload-warning")).to_have_count(0)
+
+    # Just under 80 % of the limit: sizes, no warning.
+    page.goto(f"{base}/#/instances/sizes-79")
+    expect(page.get_by_test_id("params-size")).to_have_text("809 KiB of 1 MiB")
+    expect(page.get_by_test_id("step-size")).to_have_attribute("data-near", "false")
+    expect(page.get_by_test_id("payload-warning")).to_have_count(0)
+
+    # Past 80 %: each size is marked, and the page says which payloads and why.
+    page.goto(f"{base}/#/instances/sizes-81")
+    for test_id in ("params-size", "output-size", "step-size"):
+        expect(page.get_by_test_id(test_id)).to_have_text("⚠ 829.4 KiB of 1 MiB (81%)")
+        expect(page.get_by_test_id(test_id)).to_have_attribute("data-near", "true")
+    warning = page.get_by_test_id("payload-warning")
+    expect(warning).to_contain_text("Near the payload limit of 1 MiB (limits.max_payload_bytes)")
+    expect(warning).to_contain_text(
+        "params (829.4 KiB), the result of step only (829.4 KiB), the output (829.4 KiB)"
+    )
+    assert page.errors == []  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ from cruzflow.client import (
     InvalidArgument,
     NewInstance,
     NotFound,
+    PayloadSizes,
     ResourceExhausted,
     ResultTimeout,
     StepKind,
@@ -90,6 +91,16 @@ async def test_create_then_result_and_status(client: Client) -> None:
         assert step.error is None
         assert step.start_time is not None and step.end_time is not None
         assert step.event_type is None
+        assert step.output_bytes == len(f'{{"n":{n}}}')
+    # Sizes of the stored JSON, against the server's default limit of 1 MiB.
+    assert info.payloads == PayloadSizes(
+        params_bytes=len('{"user":"ada","n":1.5}'),
+        output_bytes=len('{"sum":6,"params":{"user":"ada","n":1.5}}'),
+        largest_step_bytes=len('{"n":1}'),
+        total_bytes=22 + 41 + 3 * 7,
+        limit_bytes=1024 * 1024,
+    )
+    assert info.payloads.fullest == 41 / (1024 * 1024)
 
 
 async def test_create_without_params_or_id(client: Client) -> None:

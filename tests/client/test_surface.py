@@ -29,6 +29,7 @@ def test_exports_are_pinned_and_documented() -> None:
         "InvalidArgument",
         "NewInstance",
         "NotFound",
+        "PayloadSizes",
         "PermissionDenied",
         "RepairInfo",
         "ResourceExhausted",

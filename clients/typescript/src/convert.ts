@@ -14,6 +14,7 @@ import type {
   InstanceCounts,
   InstanceInfo,
   InstanceStatus,
+  PayloadSizes,
   RepairInfo,
   ScheduleInfo,
   StepInfo,
@@ -125,6 +126,20 @@ function step(value: pb.Step): StepInfo {
     nextAttemptTime: date(value.nextAttemptTime),
     eventType: value.eventType || undefined,
     childId: value.childInstanceId || undefined,
+    outputBytes: Number(value.outputSizeBytes),
+  };
+}
+
+function payloads(value: pb.PayloadSizes | undefined): PayloadSizes | undefined {
+  if (value === undefined) {
+    return undefined;
+  }
+  return {
+    paramsBytes: Number(value.paramsBytes),
+    outputBytes: Number(value.outputBytes),
+    largestStepBytes: Number(value.largestStepBytes),
+    totalBytes: Number(value.totalBytes),
+    limitBytes: Number(value.limitBytes),
   };
 }
 
@@ -163,6 +178,7 @@ export function instance<P, O>(value: pb.Instance | undefined): InstanceInfo<P, 
     concurrencyKey: value.concurrencyKey || undefined,
     scheduleId: value.scheduleId || undefined,
     repairs: value.repairs.map(repair),
+    payloads: payloads(value.payloads),
   };
 }
 

@@ -108,6 +108,27 @@ export interface StepInfo {
   readonly eventType: string | undefined;
   /** For a child step: the child instance's id. */
   readonly childId: string | undefined;
+  /**
+   * The stored size of the step's result, in bytes of JSON; 0 until it
+   * succeeded. It must stay within {@link PayloadSizes.limitBytes}.
+   */
+  readonly outputBytes: number;
+}
+
+/**
+ * How many bytes of JSON an instance stores, against the server's limit
+ * (`limits.max_payload_bytes`), which params, each event payload, each step
+ * result and the output must each stay within.
+ */
+export interface PayloadSizes {
+  readonly paramsBytes: number;
+  /** 0 until the instance is complete. */
+  readonly outputBytes: number;
+  /** The largest step result; 0 in listings, which carry no steps. */
+  readonly largestStepBytes: number;
+  /** Params, output and every step result added up (steps: as above). */
+  readonly totalBytes: number;
+  readonly limitBytes: number;
 }
 
 /**
@@ -158,6 +179,11 @@ export interface InstanceInfo<Params = unknown, Output = unknown> {
   readonly scheduleId: string | undefined;
   /** Its audited repairs and restarts from a step, oldest first; empty in listings. */
   readonly repairs: readonly RepairInfo[];
+  /**
+   * The stored size of the params, step results and output against the
+   * limit; `undefined` from a server too old to report it.
+   */
+  readonly payloads: PayloadSizes | undefined;
 }
 
 /**

@@ -87,6 +87,17 @@ for (const transport of TRANSPORTS) {
       );
       assert.deepEqual(info.steps[2]?.output, { plan: "pro" });
       assert.ok(info.lastSequence > 8);
+      // Sizes of the stored JSON (UTF-8 bytes), against the default limit of 1 MiB.
+      const bytes = (value: unknown): number => Buffer.byteLength(JSON.stringify(value));
+      assert.equal(info.steps[2]?.outputBytes, bytes({ plan: "pro" }));
+      const results = info.steps.map((s) => s.outputBytes);
+      assert.deepEqual(info.payloads, {
+        paramsBytes: bytes(params),
+        outputBytes: bytes(output),
+        largestStepBytes: Math.max(...results),
+        totalBytes: bytes(params) + bytes(output) + results.reduce((a, b) => a + b, 0),
+        limitBytes: 1024 * 1024,
+      });
       // get() finds it by id, for its own workflow only.
       assert.equal((await onboarding.get(id)).id, id);
     });

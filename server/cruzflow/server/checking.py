@@ -126,7 +126,9 @@ async def export_instance(engine: Any, instance_id: str) -> dict[str, Any]:
         after = page[-1].seq
     return {
         "format": EXPORT_FORMAT,
-        "instance": json_format.MessageToDict(convert.instance(record, steps)),
+        "instance": json_format.MessageToDict(
+            convert.instance(record, steps, engine.limits.max_payload_bytes)
+        ),
         "events": events,
     }
 

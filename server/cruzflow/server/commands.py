@@ -33,6 +33,7 @@ from cruzflow.client import (
     InstanceStatus,
     InstanceStatusInfo,
     InvalidArgument,
+    PayloadSizes,
     PermissionDenied,
     ScheduleInfo,
     StepInfo,
@@ -44,7 +45,14 @@ from cruzflow.client import (
     tls_credentials,
 )
 from cruzflow.server import render
-from cruzflow.server.render import ErrorView, EventView, InstanceView, StepView, WorkflowView
+from cruzflow.server.render import (
+    ErrorView,
+    EventView,
+    InstanceView,
+    SizesView,
+    StepView,
+    WorkflowView,
+)
 
 # The exit codes, documented in `cruzflow --help` (cli.EPILOG).
 EXIT_OK = 0
@@ -577,6 +585,19 @@ def step_view(step: StepInfo) -> StepView:
         error=_error(step.error),
         next_attempt_time=step.next_attempt_time,
         event_type=step.event_type or "",
+        output_bytes=step.output_bytes,
+    )
+
+
+def _sizes(sizes: PayloadSizes | None) -> SizesView | None:
+    if sizes is None:
+        return None
+    return SizesView(
+        sizes.params_bytes,
+        sizes.output_bytes,
+        sizes.largest_step_bytes,
+        sizes.total_bytes,
+        sizes.limit_bytes,
     )
 
 
@@ -599,6 +620,7 @@ def instance_view(info: InstanceStatusInfo) -> InstanceView:
         steps=[step_view(s) for s in info.steps],
         priority=info.priority,
         concurrency_key=info.concurrency_key or "",
+        payloads=_sizes(info.payloads),
     )
 
 

@@ -62,6 +62,33 @@ def traceback_lines(error: ErrorView | None, indent: str, style: Style) -> list[
     return [style.paint(indent + line, "2") for line in error.traceback.rstrip().splitlines()]
 
 
+NEAR_LIMIT = 0.8
+"""The share of limits.max_payload_bytes from which a payload is flagged: it
+still fits, but one that keeps growing will soon be refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class SizesView:
+    """The stored size of an instance's payloads (bytes of JSON) against the
+    limit that params, each step result and the output must each stay within."""
+
+    params: int
+    output: int
+    largest_step: int
+    total: int
+    limit: int
+
+    def to_json(self) -> dict[str, int]:
+        """The sizes as a JSON object, named as in the proto's PayloadSizes."""
+        return {
+            "params_bytes": self.params,
+            "output_bytes": self.output,
+            "largest_step_bytes": self.largest_step,
+            "total_bytes": self.total,
+            "limit_bytes": self.limit,
+        }
+
+
 @dataclass(slots=True)
 class StepView:
     """One step of an instance as the CLI shows it."""
@@ -79,6 +106,7 @@ class StepView:
     error: ErrorView | None = None  # the last failed attempt's
     next_attempt_time: datetime | None = None
     event_type: str = ""
+    output_bytes: int = 0  # the stored size of its result
 
     def to_json(self) -> dict[str, Any]:
         """The step as a JSON object (times as RFC 3339 UTC strings)."""
@@ -94,6 +122,7 @@ class StepView:
             "output": self.output,
             "error": error_json(self.error),
             "next_attempt_time": iso(self.next_attempt_time),
+            "output_bytes": self.output_bytes,
         }
         if self.event_type:
             out["event_type"] = self.event_type
@@ -120,6 +149,7 @@ class InstanceView:
     start_time: datetime | None = None  # the current run's: the creation or the last restart
     priority: int = 0  # orders the instances waiting for a concurrency slot
     concurrency_key: str = ""  # the key whose slot it takes (a workflow limited per key)
+    payloads: SizesView | None = None  # None when the server does not report them
 
     @property
     def final(self) -> bool:
@@ -143,6 +173,8 @@ class InstanceView:
             "lookup_key": self.lookup_key or None,
             "last_sequence": self.last_sequence,
         }
+        if self.payloads is not None:
+            out["payloads"] = self.payloads.to_json()
         if with_steps:
             out["steps"] = [step.to_json() for step in self.steps]
         return out
@@ -287,6 +319,23 @@ def json_doc(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
 
 
+def size(n: int) -> str:
+    """A byte count for people, in binary units: ``512 B``, ``1.2 KiB``, ``1 MiB``."""
+    if n < 1024:
+        return f"{n} B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if value < 1023.95:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f}".removesuffix(".0") + f" {unit}"
+
+
+def near_limit(n: int, limit: int) -> bool:
+    """Whether a payload of ``n`` bytes is within sight of ``limit`` (NEAR_LIMIT)."""
+    return limit > 0 and n >= NEAR_LIMIT * limit
+
+
 def attempts_word(n: int) -> str:
     """``1 attempt``, ``3 attempts``."""
     return f"{n} attempt" if n == 1 else f"{n} attempts"
@@ -358,16 +407,36 @@ def strip_ansi(text: str) -> str:
 # --- one instance, for people -----------------------------------------------
 
 
+def payloads_text(sizes: SizesView, style: Style = PLAIN, *, steps: bool = True) -> str:
+    """``params 22 B, output 41 B, largest step 7 B; limit 1 MiB each``; a part
+    near the limit is marked with its share of it (``params 900 KiB (88%)``). ``steps`` adds the largest
+    step result; the output shows once there is one."""
+    parts = [("params", sizes.params)]
+    if sizes.output:
+        parts.append(("output", sizes.output))
+    if steps and sizes.largest_step:
+        parts.append(("largest step", sizes.largest_step))
+    shown = []
+    for label, n in parts:
+        text = f"{label} {size(n)}"
+        if near_limit(n, sizes.limit):
+            text = style.paint(f"{text} ({n / sizes.limit:.0%})", "33")
+        shown.append(text)
+    return f"{', '.join(shown)}; limit {size(sizes.limit)} each"
+
+
 def step_line(
     step: StepView,
     now: datetime,
     style: Style = PLAIN,
     name_width: int = 0,
     instance_status: str = "running",
+    payload_limit: int = 0,
 ) -> str:
     """One step: mark, name, status, attempts, how long, and what it waits on or
     failed with. ``instance_status`` tells a step that is still going from one
-    whose instance was paused or has ended meanwhile."""
+    whose instance was paused or has ended meanwhile; a result near
+    ``payload_limit`` (limits.max_payload_bytes) is flagged with its size."""
     name = step.name if step.occurrence <= 1 else f"{step.name} #{step.occurrence}"
     ended = instance_status in FINAL_STATUSES and step.status == "running"
     paused = instance_status in ("paused", "waitingForPause") and step.status == "running"
@@ -396,6 +465,14 @@ def step_line(
             text = f"times out in {duration(left)}" if left > 0 else "times out now"
         # A paused instance does nothing until resumed; then the same times hold.
         parts.append(f"{text}, once resumed" if paused else text)
+    if near_limit(step.output_bytes, payload_limit):
+        share = step.output_bytes / payload_limit
+        parts.append(
+            style.paint(
+                f"result {size(step.output_bytes)} ({share:.0%} of the {size(payload_limit)} limit)",
+                "33",
+            )
+        )
     text = f"{style.step_mark(step)} {name.ljust(name_width)}  {'  '.join(parts)}"
     if step.error is not None:
         label = "error" if step.status == "failed" else "last error"
@@ -434,6 +511,8 @@ def instance_lines(view: InstanceView, now: datetime, style: Style = PLAIN) -> l
     rows.append(("params", compact_json(view.params, 200)))
     if view.status == "complete":
         rows.append(("output", compact_json(view.output, 400)))
+    if view.payloads is not None:
+        rows.append(("payloads", payloads_text(view.payloads, style, steps=bool(view.steps))))
     if view.error is not None:
         rows.append(("error", style.paint(str(view.error), "31")))
     width = max(len(key) for key, _ in rows)
@@ -447,7 +526,8 @@ def instance_lines(view: InstanceView, now: datetime, style: Style = PLAIN) -> l
         lines.append(f"steps ({len(view.steps)})")
         name_width = max(len(_step_name(s)) for s in view.steps)
         for s in view.steps:
-            lines.append("  " + step_line(s, now, style, name_width, view.status))
+            limit = view.payloads.limit if view.payloads is not None else 0
+            lines.append("  " + step_line(s, now, style, name_width, view.status, limit))
             # A step's traceback, unless it is the one shown with the instance's error.
             if s.error is not None and s.error.traceback != shown:
                 lines += traceback_lines(s.error, "      ", style)

@@ -17,6 +17,7 @@ from cruzflow.client._types import (
     InstanceCounts,
     InstanceStatus,
     InstanceStatusInfo,
+    PayloadSizes,
     RepairInfo,
     ScheduleInfo,
     StepInfo,
@@ -123,6 +124,20 @@ def step(message: pb.Step) -> StepInfo:
         next_attempt_time=_time(message, "next_attempt_time"),
         event_type=message.event_type or None,
         child_id=message.child_instance_id or None,
+        output_bytes=message.output_size_bytes,
+    )
+
+
+def _payloads(message: pb.Instance) -> PayloadSizes | None:
+    if not message.HasField("payloads"):
+        return None
+    sizes = message.payloads
+    return PayloadSizes(
+        params_bytes=sizes.params_bytes,
+        output_bytes=sizes.output_bytes,
+        largest_step_bytes=sizes.largest_step_bytes,
+        total_bytes=sizes.total_bytes,
+        limit_bytes=sizes.limit_bytes,
     )
 
 
@@ -149,6 +164,7 @@ def instance(message: pb.Instance) -> InstanceStatusInfo:
         concurrency_key=message.concurrency_key or None,
         schedule_id=message.schedule_id or None,
         repairs=tuple(repair(r) for r in message.repairs),
+        payloads=_payloads(message),
     )
 
 

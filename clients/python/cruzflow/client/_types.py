@@ -21,6 +21,7 @@ __all__ = [
     "InstancePage",
     "InstanceStatus",
     "InstanceStatusInfo",
+    "PayloadSizes",
     "StepInfo",
     "StepKind",
     "StepRef",
@@ -138,6 +139,32 @@ class StepInfo:
     """For an event wait: the event type it waits for."""
     child_id: str | None = None
     """For a child step: the child instance's id."""
+    output_bytes: int = 0
+    """The stored size of the step's result, in bytes of JSON; 0 until it
+    succeeded. It must stay within ``PayloadSizes.limit_bytes``."""
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadSizes:
+    """How many bytes of JSON an instance stores, against the server's limit
+    (``limits.max_payload_bytes``), which params, each event payload, each
+    step result and the output must each stay within."""
+
+    params_bytes: int
+    output_bytes: int
+    """0 until the instance is complete."""
+    largest_step_bytes: int
+    """The largest step result; 0 in listings, which carry no steps."""
+    total_bytes: int
+    """Params, output and every step result added up (steps: as above)."""
+    limit_bytes: int
+
+    @property
+    def fullest(self) -> float:
+        """The largest of params, output and the step results as a share of the
+        limit: 0.8 means one of them is at 80 % of what the server accepts."""
+        largest = max(self.params_bytes, self.output_bytes, self.largest_step_bytes)
+        return largest / self.limit_bytes if self.limit_bytes else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +240,9 @@ class InstanceStatusInfo:
     repairs: tuple[RepairInfo, ...] = field(default=())
     """Its audited repairs and restarts from a step, oldest first (the newest
     100; ``watch`` has them all); empty in listings."""
+    payloads: PayloadSizes | None = None
+    """The stored size of the params, step results and output against the
+    limit; ``None`` from a server too old to report it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -377,6 +377,7 @@ class Instance(_message.Message):
     CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     SCHEDULE_ID_FIELD_NUMBER: _builtins.int
     REPAIRS_FIELD_NUMBER: _builtins.int
+    PAYLOADS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     workflow: _builtins.str
     status: Global___InstanceStatus.ValueType
@@ -438,6 +439,13 @@ class Instance(_message.Message):
         RestartInstance from a step or with a reason), oldest first.
         """
 
+    @_builtins.property
+    def payloads(self) -> Global___PayloadSizes:
+        """Output only. The stored size of the instance's params, step results and
+        output against the limit each must stay within, so that a payload that
+        grows shows before the server refuses it.
+        """
+
     def __init__(
         self,
         *,
@@ -461,14 +469,66 @@ class Instance(_message.Message):
         concurrency_key: _builtins.str = ...,
         schedule_id: _builtins.str = ...,
         repairs: _abc.Iterable[Global___Repair] | None = ...,
+        payloads: Global___PayloadSizes | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time", "update_time", b"update_time", "wake_time", b"wake_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "payloads", b"payloads", "start_time", b"start_time", "update_time", b"update_time", "wake_time", b"wake_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "priority", b"priority", "repairs", b"repairs", "schedule_id", b"schedule_id", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "instance_id", b"instance_id", "last_sequence", b"last_sequence", "lookup_key", b"lookup_key", "output_json", b"output_json", "params_json", b"params_json", "parent_id", b"parent_id", "payloads", b"payloads", "priority", b"priority", "repairs", b"repairs", "schedule_id", b"schedule_id", "start_time", b"start_time", "status", b"status", "steps", b"steps", "trace_id", b"trace_id", "update_time", b"update_time", "wake_time", b"wake_time", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Instance: _TypeAlias = Instance  # noqa: Y015
+
+@_typing.final
+class PayloadSizes(_message.Message):
+    """PayloadSizes: how many bytes of JSON an instance stores, counted as stored
+    (the UTF-8 bytes of params_json, output_json and each Step.output_json).
+    Each of params, an event payload, a step result and the output must stay
+    within limit_bytes on its own; the total has no limit of its own.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARAMS_BYTES_FIELD_NUMBER: _builtins.int
+    OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
+    LARGEST_STEP_BYTES_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    LIMIT_BYTES_FIELD_NUMBER: _builtins.int
+    params_bytes: _builtins.int
+    """The params' stored JSON (params_json)."""
+    output_bytes: _builtins.int
+    """The output's stored JSON (output_json); 0 until COMPLETE."""
+    largest_step_bytes: _builtins.int
+    """The largest step result among the message's steps (see
+    Step.output_size_bytes); 0 when it carries no steps (ListInstances,
+    WaitInstance without include_steps).
+    """
+    total_bytes: _builtins.int
+    """params_bytes, output_bytes and every step result of the message's steps,
+    added up: what the instance's payloads take in the store.
+    """
+    limit_bytes: _builtins.int
+    """The server's limits.max_payload_bytes: the most that params, an event
+    payload, a step result or the output may hold. A step whose result is
+    larger fails (StepResultError); params or an event payload larger are
+    refused with INVALID_ARGUMENT; an output larger errors the instance.
+    """
+    def __init__(
+        self,
+        *,
+        params_bytes: _builtins.int = ...,
+        output_bytes: _builtins.int = ...,
+        largest_step_bytes: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+        limit_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["largest_step_bytes", b"largest_step_bytes", "limit_bytes", b"limit_bytes", "output_bytes", b"output_bytes", "params_bytes", b"params_bytes", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PayloadSizes: _TypeAlias = PayloadSizes  # noqa: Y015
 
 @_typing.final
 class Step(_message.Message):
@@ -489,6 +549,7 @@ class Step(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     EVENT_TYPE_FIELD_NUMBER: _builtins.int
     CHILD_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    OUTPUT_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The step name given to step.do."""
     occurrence: _builtins.int
@@ -505,6 +566,12 @@ class Step(_message.Message):
     """For an event wait: the event type it waits for."""
     child_instance_id: _builtins.str
     """For a child step: the child instance's id."""
+    output_size_bytes: _builtins.int
+    """Output only. The stored size of the step's result (output_json) in bytes;
+    0 until SUCCEEDED. An event wait's result is the event it took (its type,
+    payload and time), so it is a little larger than the payload sent. The
+    limit it must stay within: Instance.payloads.limit_bytes.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -537,10 +604,11 @@ class Step(_message.Message):
         kind: Global___StepKind.ValueType = ...,
         event_type: _builtins.str = ...,
         child_instance_id: _builtins.str = ...,
+        output_size_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "next_attempt_time", b"next_attempt_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "child_instance_id", b"child_instance_id", "end_time", b"end_time", "error", b"error", "event_type", b"event_type", "index", b"index", "kind", b"kind", "name", b"name", "next_attempt_time", b"next_attempt_time", "occurrence", b"occurrence", "output_json", b"output_json", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "child_instance_id", b"child_instance_id", "end_time", b"end_time", "error", b"error", "event_type", b"event_type", "index", b"index", "kind", b"kind", "name", b"name", "next_attempt_time", b"next_attempt_time", "occurrence", b"occurrence", "output_json", b"output_json", "output_size_bytes", b"output_size_bytes", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

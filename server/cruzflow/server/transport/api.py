@@ -77,6 +77,7 @@ class WorkflowApi:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._payload_limit = engine.limits.max_payload_bytes
 
     async def CreateInstance(self, request: pb.CreateInstanceRequest) -> pb.CreateInstanceResponse:
         instance_id, status = await self._engine.create(
@@ -106,7 +107,7 @@ class WorkflowApi:
 
     async def GetStatus(self, request: pb.GetStatusRequest) -> pb.GetStatusResponse:
         record, steps = await self._engine.get(request.instance_id)
-        message = convert.instance(record, steps)
+        message = convert.instance(record, steps, self._payload_limit)
         message.repairs.extend(convert.repair_of(e) for e in await self._engine.repairs(record))
         return pb.GetStatusResponse(instance=message)
 
@@ -121,7 +122,9 @@ class WorkflowApi:
             convert.seconds(request.timeout, "timeout") if request.HasField("timeout") else None
         )
         record, steps = await self._engine.wait(request.instance_id, timeout, request.include_steps)
-        return pb.WaitInstanceResponse(instance=convert.instance(record, steps))
+        return pb.WaitInstanceResponse(
+            instance=convert.instance(record, steps, self._payload_limit)
+        )
 
     async def ListInstances(self, request: pb.ListInstancesRequest) -> pb.ListInstancesResponse:
         created_min, created_max = _created(request)
@@ -137,7 +140,8 @@ class WorkflowApi:
             schedule_id=request.schedule_id,
         )
         return pb.ListInstancesResponse(
-            instances=[convert.instance(record, []) for record in page], next_page_token=token
+            instances=[convert.instance(record, [], self._payload_limit) for record in page],
+            next_page_token=token,
         )
 
     async def PauseInstance(self, request: pb.PauseInstanceRequest) -> pb.PauseInstanceResponse:

@@ -67,7 +67,26 @@ def _error(name: str | None, message: str | None, traceback: str | None = None) 
     return pb.Error(name=name, message=message or "", traceback=traceback or "")
 
 
-def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
+def _size(data: bytes | None) -> int:
+    return len(data) if data is not None else 0
+
+
+def payloads(record: InstanceRecord, steps: list[StepRecord], limit: int) -> pb.PayloadSizes:
+    """The stored sizes of the instance's params, output and the given steps'
+    results, against ``limit`` (limits.max_payload_bytes)."""
+    params, output = _size(record.params), _size(record.output)
+    results = [_size(s.output) for s in steps]
+    return pb.PayloadSizes(
+        params_bytes=params,
+        output_bytes=output,
+        largest_step_bytes=max(results, default=0),
+        total_bytes=params + output + sum(results),
+        limit_bytes=limit,
+    )
+
+
+def instance(record: InstanceRecord, steps: list[StepRecord], limit: int) -> pb.Instance:
+    """``limit`` is limits.max_payload_bytes, reported beside the payloads' sizes."""
     return pb.Instance(
         instance_id=record.id,
         workflow=record.workflow,
@@ -88,6 +107,7 @@ def instance(record: InstanceRecord, steps: list[StepRecord]) -> pb.Instance:
         priority=record.priority,
         concurrency_key=record.concurrency_key or "",
         schedule_id=record.schedule_id or "",
+        payloads=payloads(record, steps, limit),
     )
 
 
@@ -125,6 +145,7 @@ def step(record: StepRecord) -> pb.Step:
         # The store keeps a child step's child id where an event wait's type goes.
         event_type=(record.event_type or "") if record.kind != StepKind.CHILD else "",
         child_instance_id=(record.event_type or "") if record.kind == StepKind.CHILD else "",
+        output_size_bytes=_size(record.output),
     )
 
 
