@@ -184,6 +184,19 @@ def by_id(draw: st.DrawFn, message: type[Message], ids: st.SearchStrategy[str] =
 
 
 @st.composite
+def repair_instance(draw: st.DrawFn) -> Message:
+    # Ids no instance has, as for RestartInstance: a repair is obeyed.
+    return pb.RepairInstanceRequest(
+        instance_id=draw(IDS_NOT_KNOWN),
+        step=draw(st.one_of(st.just(""), st.just("step-1"), TEXT)),
+        occurrence=draw(st.one_of(st.integers(-2, 3), INT32)),
+        output_json=draw(JSON_TEXT),
+        retry=draw(st.booleans()),
+        reason=draw(st.one_of(st.just(""), TEXT)),
+    )
+
+
+@st.composite
 def watch_instance(draw: st.DrawFn) -> Message:
     return pb.WatchInstanceRequest(instance_id=draw(IDS), after_sequence=draw(SEQUENCES))
 
@@ -318,6 +331,7 @@ RPCS: dict[str, RequestStrategy] = {
     "ResumeInstance": lambda _: by_id(pb.ResumeInstanceRequest),
     "TerminateInstance": lambda _: by_id(pb.TerminateInstanceRequest),
     "RestartInstance": lambda _: by_id(pb.RestartInstanceRequest, IDS_NOT_KNOWN),
+    "RepairInstance": lambda _: repair_instance(),
     "SendEvent": lambda _: send_event(),
     "ListWorkflows": lambda _: list_workflows(),
     "CountInstances": lambda _: count_instances(),
