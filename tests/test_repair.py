@@ -296,6 +296,19 @@ async def test_the_cli_repairs_and_restarts_from_a_step(
     assert Mends.calls == {"fetch": 1, "charge": 2, "ship": 2}
     reasons = [r.reason for r in (await _status(server, instance_id)).repairs]
     assert reasons == ["paid at the desk", "charge for real"]
+    # status and watch show the audit: what was done, by whom, and why.
+    code, out = await asyncio.to_thread(_cli, server, capsys, "status", instance_id)
+    assert code == 0, out
+    assert (
+        'set the output of \'charge\' to {"charged": 5} (by anonymous): "paid at the desk"' in out
+    )
+    assert "restart from 'charge' (by anonymous): \"charge for real\"" in out
+    code, out = await asyncio.to_thread(_cli, server, capsys, "watch", instance_id)
+    assert code == 0, out
+    repaired = [line for line in out.splitlines() if "repaired:" in line]
+    assert len(repaired) == 2 and '(by anonymous): "paid at the desk"' in repaired[0]
+    code, out = await asyncio.to_thread(_cli, server, capsys, "--json", "status", instance_id)
+    assert [r["reason"] for r in json.loads(out)["repairs"]] == reasons
 
 
 @pytest.mark.grpc_only

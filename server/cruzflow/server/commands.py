@@ -35,6 +35,7 @@ from cruzflow.client import (
     InvalidArgument,
     PayloadSizes,
     PermissionDenied,
+    RepairInfo,
     ScheduleInfo,
     StepInfo,
     Unauthenticated,
@@ -621,7 +622,19 @@ def instance_view(info: InstanceStatusInfo) -> InstanceView:
         priority=info.priority,
         concurrency_key=info.concurrency_key or "",
         payloads=_sizes(info.payloads),
+        repairs=[_repair_view(r) for r in info.repairs],
     )
+
+
+def _repair_view(info: RepairInfo) -> render.RepairView:
+    step = None
+    if info.step is not None:
+        step = (
+            info.step.name
+            if info.step.occurrence <= 1
+            else f"{info.step.name} #{info.step.occurrence}"
+        )
+    return render.RepairView(info.time, info.actor, info.reason, info.action, step, info.output)
 
 
 def event_view(event: WatchEvent) -> EventView:
@@ -641,6 +654,8 @@ def event_view(event: WatchEvent) -> EventView:
     view.has_output = view.kind == "step_succeeded" or (
         view.kind == "status_changed" and view.status == "complete"
     )
+    if event.repair is not None:
+        view.repair = _repair_view(event.repair)
     if event.step is not None:
         view.step_index = event.step.index
         view.step_name = event.step.name

@@ -150,6 +150,7 @@ class InstanceView:
     priority: int = 0  # orders the instances waiting for a concurrency slot
     concurrency_key: str = ""  # the key whose slot it takes (a workflow limited per key)
     payloads: SizesView | None = None  # None when the server does not report them
+    repairs: list[RepairView] = field(default_factory=list)  # audited, oldest first
 
     @property
     def final(self) -> bool:
@@ -175,8 +176,41 @@ class InstanceView:
         }
         if self.payloads is not None:
             out["payloads"] = self.payloads.to_json()
+        if self.repairs:
+            out["repairs"] = [r.to_json() for r in self.repairs]
         if with_steps:
             out["steps"] = [step.to_json() for step in self.steps]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RepairView:
+    """One audited change of an instance's steps (RepairInstance, or a restart
+    from a step or with a reason)."""
+
+    time: datetime | None
+    actor: str
+    reason: str
+    action: str  # "set_output", "retry" or "restart"
+    step: str | None  # the step's name (with #N past its first occurrence)
+    output: Any = None
+
+    def text(self) -> str:
+        """``set the output of 'charge' (by ops): "wrong amount"``."""
+        what = {
+            "set_output": f"set the output of {self.step!r} to {compact_json(self.output, 80)}",
+            "retry": f"retry {self.step!r}",
+            "restart": f"restart from {self.step!r}" if self.step else "restart",
+        }.get(self.action, self.action)
+        return f"{what} (by {self.actor}): {json.dumps(self.reason, ensure_ascii=False)}"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "time": iso(self.time), "actor": self.actor, "reason": self.reason,
+            "action": self.action, "step": self.step,
+        }  # fmt: skip
+        if self.action == "set_output":
+            out["output"] = self.output
         return out
 
 
@@ -204,6 +238,7 @@ class EventView:
     attempt: int = 0
     next_attempt_time: datetime | None = None
     retry_delay: float | None = None  # seconds
+    repair: RepairView | None = None  # repaired
 
     @property
     def final(self) -> bool:
@@ -224,6 +259,9 @@ class EventView:
                 out["output"] = self.output
             if self.error is not None:
                 out["error"] = self.error.to_json()
+            return out
+        if self.repair is not None:
+            out["repair"] = self.repair.to_json()
             return out
         out["step"] = {
             "index": self.step_index,
@@ -515,6 +553,7 @@ def instance_lines(view: InstanceView, now: datetime, style: Style = PLAIN) -> l
         rows.append(("payloads", payloads_text(view.payloads, style, steps=bool(view.steps))))
     if view.error is not None:
         rows.append(("error", style.paint(str(view.error), "31")))
+    rows += [("repaired", f"{local_time(r.time)}  {r.text()}") for r in view.repairs]
     width = max(len(key) for key, _ in rows)
     lines = []
     for key, value in rows:
@@ -598,6 +637,8 @@ def event_line(event: EventView, took: float | None = None) -> str:
         return head + f"{what} {name} succeeded{after}  output {compact_json(event.output, 200)}"
     if event.kind == "step_failed":
         return head + f"{what} {name} failed{after}: {event.error}"
+    if event.repair is not None:
+        return head + f"repaired: {event.repair.text()}"
     return head + event.kind
 
 
