@@ -782,6 +782,9 @@ class InstanceHandle:
 
     async def status(self, *, timeout: float | None = None) -> InstanceStatusInfo:
         """The instance's durable status, with its steps so far."""
+        return _convert.instance(await self._get_status(timeout))
+
+    async def _get_status(self, timeout: float | None) -> pb.Instance:
         client = self._client
         response = await client._unary(
             client._rpc().GetStatus,
@@ -790,7 +793,8 @@ class InstanceHandle:
             retry=client.retry,
             instance_id=self._id,
         )
-        return _convert.instance(response.instance)
+        instance: pb.Instance = response.instance
+        return instance
 
     async def export(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The instance's whole history as JSON-ready data: its status with
@@ -799,14 +803,7 @@ class InstanceHandle:
         HTTP/JSON show them). ``cruzflow export`` writes it to a file, and
         ``cruzflow.testing.WorkflowTestEnv.replay`` replays it against code."""
         client = self._client
-        response = await client._unary(
-            client._rpc().GetStatus,
-            pb.GetStatusRequest(instance_id=self._id),
-            timeout=client._deadline(timeout),
-            retry=client.retry,
-            instance_id=self._id,
-        )
-        instance = response.instance
+        instance = await self._get_status(timeout)
         events: list[dict[str, Any]] = []
         if instance.last_sequence:
             call = client._rpc().WatchInstance(

@@ -188,7 +188,7 @@ class Sandbox:
                 StepAt(exc.index, KIND_WORDS[exc.kind], exc.name, exc.occurrence),
                 str(exc.error_message),
             )
-        raise _Stop()
+        raise _Stop() from None
 
     async def _not_done(self, index: int, name: str, kind: StepKind) -> Any:
         """The code reached a step the history has not done: the live run goes
@@ -334,13 +334,14 @@ async def replay(
 def _result(history: History, sandbox: Sandbox, task: asyncio.Task[Any]) -> ReplayResult:
     replayed = len(sandbox.consumed)
     base = (history.instance_id, history.workflow)
+    # Taken first, so that no task is left with an exception never retrieved.
+    exc = None if task.cancelled() else task.exception()
     if sandbox.divergence is not None:
         return ReplayResult(*base, "diverged", replayed, divergence=sandbox.divergence)
     output: Any = None
     error: tuple[str, str] | None = None
     outcome = "waiting"
     if not task.cancelled():
-        exc = task.exception()
         if exc is None:
             outcome, output = "completed", task.result()
         elif isinstance(exc, StepFailedError | FatalWorkflowError):
