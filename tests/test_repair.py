@@ -16,8 +16,9 @@ import pytest
 
 from cruzflow.client import Client, EventKind, FailedPrecondition, InvalidArgument, SyncClient
 from cruzflow.server import cli
+from cruzflow.server.engine.errors import FailedPrecondition as ServiceFailedPrecondition
 from cruzflow.v1 import workflows_pb2 as pb
-from tests.conftest import BOTH, Server, ServerFactory, eventually
+from tests.conftest import BOTH, EngineFactory, Server, ServerFactory, eventually, finished
 from tests.workflows import Blocks, Mends
 
 TRANSPORTS = BOTH
@@ -342,3 +343,23 @@ def _sync_part(address: str, instance_id: str) -> None:
         assert [r.action for r in handle.status().repairs] == [
             "set_output", "restart", "restart",
         ]  # fmt: skip
+
+
+async def test_a_call_this_server_does_not_know_is_refused_not_taken_for_a_restart(
+    make_engine: EngineFactory,
+) -> None:
+    """A command recorded by a newer server (another replica on a shared store)
+    with a kind this one does not know is refused: before, any unknown kind
+    was done as a restart, which would rerun every finished step."""
+    engine = await make_engine()
+    instance_id, _ = await engine.create("three-steps", "", "{}")
+    before = await finished(engine, instance_id)
+    _, steps = await engine.get(instance_id)
+    with pytest.raises(ServiceFailedPrecondition, match="does not know the 'mend-v9' call"):
+        async with engine.controls.hold(instance_id) as run:
+            await engine.controls._do('mend-v9:{"step": "one"}', run)
+    after, steps_after = await engine.get(instance_id)
+    assert (after.status, after.output, after.run_started_at) == (
+        before.status, before.output, before.run_started_at,
+    )  # fmt: skip
+    assert steps_after == steps

@@ -370,7 +370,14 @@ class Controls:
             if repair.action is RepairAction.RESTART:
                 return await self._restart(run, repair)
             return await self._repair(run, repair)
-        return await self._restart(run)
+        if kind == "restart":
+            return await self._restart(run)
+        # Recorded by a newer server (a call this one does not know): refused,
+        # never taken for another call.
+        raise FailedPrecondition(
+            f"this server does not know the {kind.partition(':')[0]!r} call; upgrade it to the "
+            f"version of the server that asked"
+        )
 
     async def _pause(self, run: Run) -> InstanceStatus:
         status = run.status
