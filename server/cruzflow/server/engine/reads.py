@@ -55,7 +55,21 @@ class Reads:
             raise InvalidArgument(f"timeout: must not be negative, got {timeout:g} s")
         sub = self.subscribe(instance_id, "WaitInstance")
         try:
-            record = await self._core.record(instance_id)
+            core = self._core
+            run = None if core.shared else core.live.get(instance_id)
+            if run is not None and not run.status.finished:
+                # Held here and not finished: its final event (published
+                # after this subscription, as it is not even written yet)
+                # brings all that changes, so the record it was loaded with
+                # serves as the base, without a read. (On a shared store
+                # another server may have moved it on: read it there.)
+                record = dataclasses.replace(
+                    run.record, status=run.status, last_seq=run.seq,
+                    run_started_at=run.run_started_at,
+                )  # fmt: skip
+            else:
+                run = None
+                record = await core.record(instance_id)
             try:
                 async with asyncio.timeout(timeout):
                     while not record.status.finished:
@@ -84,6 +98,8 @@ class Reads:
                                 wake_at=None,
                                 last_seq=event.seq,
                             )
+                            if run is not None:  # a restart may have moved it
+                                record.run_started_at = run.run_started_at
             except TimeoutError:
                 record = await self._core.store.get_instance(instance_id) or record
         finally:

@@ -47,7 +47,8 @@ class Run:
         "abandon", "busy", "claimed", "compensations", "core", "created_at", "ended", "error",
         "gate", "held", "id", "idle", "last_write", "next_index", "occurrences", "params",
         "parent_id",
-        "parked", "pause_requested", "poked", "pokes", "queued", "replay", "replay_names",
+        "parked", "pause_requested", "poked", "pokes", "queued", "record", "replay",
+        "replay_names",
         "resumed", "run_started_at", "seq", "span", "spec", "status", "stirred", "strays",
         "task", "terminating", "trace_parent", "versions",
     )  # fmt: skip
@@ -56,6 +57,9 @@ class Run:
         self, core: Core, record: InstanceRecord, spec: WorkflowSpec, resumed: bool
     ) -> None:
         self.core = core
+        # As loaded or created: the fields no run changes (params, lookup key,
+        # parent...) for a reply built without a read (Reads.wait).
+        self.record = record
         self.id = record.id
         self.spec = spec
         self.params = record.params
