@@ -32,6 +32,10 @@ MAX_WATCHED = 1000
 # A WatchInstances message holds about this many bytes of events at most (one
 # larger event goes alone): under the 4 MiB other gRPC clients receive by default.
 _MESSAGE_BUDGET = 2 * 1024 * 1024
+# A WatchInstances stream's queue holds this many events per instance it follows
+# (at least QUEUE_BOUND): past it, the instances whose events were dropped are
+# re-read from the store.
+_QUEUE_PER_INSTANCE = 64
 
 
 class Reads:
@@ -176,7 +180,7 @@ class Reads:
                 f"streams and WaitInstance calls); follow fewer, close streams you no longer "
                 f"need, or retry later with backoff"
             )
-        sub = hub.subscribe_many(ids, max(QUEUE_BOUND, 64 * len(ids)))
+        sub = hub.subscribe_many(ids, max(QUEUE_BOUND, _QUEUE_PER_INSTANCE * len(ids)))
         try:
             # Every id is checked before any event goes out: a refusal sends none.
             records: list[InstanceRecord] = []
