@@ -57,7 +57,8 @@ POSTGRES_SUITES := tests/test_engine.py tests/test_lifecycle.py tests/test_grpc_
   tests/test_child_workflows.py tests/e2e/test_child_workflows_crash.py \
   tests/test_concurrency.py tests/e2e/test_concurrency_crash.py tests/test_rollback.py \
   tests/test_schedules.py tests/client/test_schedules_client.py tests/e2e/test_schedules_crash.py \
-  tests/test_replay_check.py tests/test_repair.py
+  tests/test_replay_check.py tests/test_repair.py tests/test_watch_many.py \
+  tests/e2e/test_watch_many_crash.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -324,6 +324,52 @@ async def test_a_read_only_token_reads_but_cannot_change_anything(
         assert (await client.instance(instance).status()).id == instance
 
 
+async def test_a_workflow_token_watches_many_of_its_workflows_only(
+    start: Start, tokens: Tokens
+) -> None:
+    """WatchInstances is a read: a read-only token may call it; a token limited
+    to workflows gets another workflow's instance as not found, in the words of
+    an id that does not exist, and none of the events of its own."""
+    node = await start()
+    admin, approver, watcher = (
+        bearer(tokens.admin),
+        bearer(tokens.approver),
+        bearer(tokens.watcher),
+    )
+    await node.stub.CreateInstance(create("three-steps", "other-1"), metadata=admin)
+    await node.stub.CreateInstance(create("approval", "mine-1"), metadata=approver)
+    await node.stub.CreateInstance(create("approval", "mine-2"), metadata=approver)
+
+    async def watch_many(ids: list[str], metadata: Metadata) -> tuple[Any, str, int]:
+        request = pb.WatchInstancesRequest(instances=[pb.WatchCursor(instance_id=i) for i in ids])
+        events = 0
+        try:
+            call = node.stub.WatchInstances(request, metadata=metadata, timeout=30)
+            async for message in call:
+                events += len(message.events)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details() or "", events
+        return grpc.StatusCode.OK, "", events
+
+    hidden = await watch_many(["mine-1", "other-1"], watcher)
+    missing = await watch_many(["mine-1", "no-such"], watcher)
+    assert hidden == (NOT_FOUND, missing[1].replace("no-such", "other-1"), 0)
+    assert missing[1] == (
+        "instances[1].instance_id: no instance 'no-such'; check the id CreateInstance returned"
+    )
+    # The engine's own words for an id that does not exist, through an unlimited token.
+    assert await watch_many(["mine-1", "no-such"], admin) == missing
+    bad = await watch_many(["mine-1", "bad id!"], watcher)
+    assert bad[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad[1].startswith("instances[1].instance_id: ")
+    # Its own: the read-only watcher token follows both to their end.
+    for instance_id in ("mine-1", "mine-2"):
+        event = pb.SendEventRequest(instance_id=instance_id, type="approval")
+        assert await node.code("SendEvent", event, approver) == (OK, "")
+    code, _, events = await watch_many(["mine-1", "mine-2"], watcher)
+    assert code == OK and events > 2
+
+
 async def test_a_workflow_token_sees_and_changes_only_its_workflows(
     start: Start, tokens: Tokens, side_file: Path
 ) -> None:

@@ -202,6 +202,18 @@ def watch_instance(draw: st.DrawFn) -> Message:
 
 
 @st.composite
+def watch_instances(draw: st.DrawFn) -> Message:
+    cursor = st.builds(
+        lambda instance_id, after: pb.WatchCursor(instance_id=instance_id, after_sequence=after),
+        IDS,
+        SEQUENCES,
+    )
+    if draw(st.integers(0, 9)) == 0:  # past the limit of 1,000
+        return pb.WatchInstancesRequest(instances=[draw(cursor)] * 1001)
+    return pb.WatchInstancesRequest(instances=draw(st.lists(cursor, max_size=4)))
+
+
+@st.composite
 def wait_instance(draw: st.DrawFn) -> Message:
     request = pb.WaitInstanceRequest(instance_id=draw(IDS), include_steps=draw(st.booleans()))
     if draw(st.booleans()):
@@ -325,6 +337,7 @@ RPCS: dict[str, RequestStrategy] = {
     "CreateInstances": lambda _: create_instances(),
     "GetStatus": lambda _: by_id(pb.GetStatusRequest),
     "WatchInstance": lambda _: watch_instance(),
+    "WatchInstances": lambda _: watch_instances(),
     "WaitInstance": lambda _: wait_instance(),
     "ListInstances": list_instances,
     "PauseInstance": lambda _: by_id(pb.PauseInstanceRequest),
@@ -347,7 +360,7 @@ RPCS: dict[str, RequestStrategy] = {
     "DeleteSchedule": lambda _: by_schedule(pb.DeleteScheduleRequest),
     "TriggerSchedule": lambda _: by_schedule(pb.TriggerScheduleRequest),
 }
-STREAMING = {"WatchInstance"}
+STREAMING = {"WatchInstance", "WatchInstances"}
 
 
 def test_every_rpc_is_fuzzed() -> None:

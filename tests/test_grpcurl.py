@@ -110,6 +110,7 @@ async def test_list_services(server: Server) -> None:
             "TriggerSchedule",
             "WaitInstance",
             "WatchInstance",
+            "WatchInstances",
         )
     ]
 

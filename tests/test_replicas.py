@@ -98,6 +98,32 @@ async def test_a_watch_on_one_server_sees_every_event_of_a_run_on_the_other(
     assert done.status is InstanceStatus.COMPLETE
 
 
+async def test_a_watch_many_on_one_server_sees_every_event_of_runs_on_the_other(
+    start: Start,
+) -> None:
+    """WatchInstances on B of instances A runs: B's hub is only nudged, and
+    each nudged instance is read back from the store, once and in order."""
+    a = await start()
+    b = await start()
+    Blocks.gate = asyncio.Event()
+    ids = [(await a.create("blocks", f"many-{i}"))[0] for i in range(4)]
+    seen: dict[str, list[int]] = {}
+
+    async def follow() -> None:
+        async for batch in b.watch_many([(i, 0) for i in ids]):
+            for event in batch:
+                seen.setdefault(event.instance_id, []).append(event.seq)
+
+    watcher = asyncio.create_task(follow())
+    await eventually(lambda: asyncio.sleep(0, all(len(seen.get(i, [])) >= 2 for i in ids)))
+    Blocks.gate.set()
+    await asyncio.wait_for(watcher, 20)
+    for instance_id in ids:
+        record, _ = await a.get(instance_id)
+        assert record.status is InstanceStatus.COMPLETE
+        assert seen[instance_id] == list(range(1, record.last_seq + 1))
+
+
 async def test_an_event_sent_through_either_server_reaches_the_wait(start: Start) -> None:
     a = await start()
     b = await start()

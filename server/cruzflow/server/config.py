@@ -341,7 +341,7 @@ class TokenSection(_Strict):
     file: str | None = None
     """A file holding the token (surrounding whitespace is ignored), relative path."""
     access: Literal["read", "write"]
-    """read: GetStatus, WatchInstance, WaitInstance, ListInstances, ListWorkflows only;
+    """read: GetStatus, WatchInstance(s), WaitInstance, ListInstances, ListWorkflows only;
     write: every method. Required, so that each token's power is stated."""
     workflows: list[str] | None = Field(None, min_length=1)
     """Only the instances of these workflows (hosted here); default all."""

@@ -82,7 +82,14 @@ _STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 _ROW_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 # The read RPCs, left out of server spans with rpc_spans = "writes".
-_READS = ("GetStatus", "WaitInstance", "WatchInstance", "ListInstances", "ListWorkflows")
+_READS = (
+    "GetStatus",
+    "WaitInstance",
+    "WatchInstance",
+    "WatchInstances",
+    "ListInstances",
+    "ListWorkflows",
+)
 # Services that never get server spans: health checks, reflection.
 _UNTRACED = ("/grpc.health.", "/grpc.reflection.")
 # (name, unit, description, attribute keys) of the counters kept as tallies.
@@ -752,7 +759,7 @@ class Settings:
     """"none" (the default): no server spans, and the runs' spans sit directly
     under the caller's span (its traceparent is still read on creates and
     SendEvent); "writes": server spans for all but the reads (GetStatus,
-    WaitInstance, WatchInstance, ListInstances, ListWorkflows); "all": for
+    WaitInstance, WatchInstance(s), ListInstances, ListWorkflows); "all": for
     every RPC. The standard gRPC instrumentation that makes them costs tens of
     microseconds a call, even for calls it leaves out (README, Performance)."""
     logs: str | None = None

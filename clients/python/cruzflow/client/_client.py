@@ -247,6 +247,83 @@ class Client:
         """A handle on the instance ``id`` (no call is made; see ``WorkflowBinding.get``)."""
         return InstanceHandle(self, _check_text(id, "instance_id"))
 
+    def watch_many(
+        self,
+        instances: Mapping[str, int] | Iterable[str | InstanceHandle | tuple[str, int]],
+        *,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[WatchEvent, None]:
+        """Every event of several instances (up to 1,000), as they happen, in
+        one stream (WatchInstances), ending once every one has reached a final
+        status. Those of each instance come in order; the instances' events
+        interleave as they happen.
+
+        ``instances`` are ids or handles (followed from their first event), or
+        ``(id, after_sequence)`` pairs or a mapping of id to the sequence to
+        resume after. A stream cut by the network or a server stop or restart
+        is opened again with each instance's last sequence received, so no
+        event is missed or repeated (as ``InstanceHandle.watch``); it gives up
+        (raising :class:`Unavailable`) after ``Client(reconnect=...)`` attempts
+        in a row that brought no event. ``timeout`` bounds the whole watch
+        (:class:`DeadlineExceeded`). To stop early, ``break`` out of
+        ``async with contextlib.aclosing(...)`` so the stream is closed at once.
+        """
+        return self._watch_many(_cursors(instances), _check_timeout(timeout))
+
+    async def _watch_many(
+        self, lasts: dict[str, int], limit: float | None
+    ) -> AsyncGenerator[WatchEvent, None]:
+        policy = self.reconnect
+        loop = asyncio.get_running_loop()
+        deadline = None if limit is None else loop.time() + limit
+        failures = 0
+        while lasts:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(
+                    f"watch of {len(lasts)} instances ended by its timeout before their end",
+                    code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                )
+            call = self._rpc().WatchInstances(
+                pb.WatchInstancesRequest(
+                    instances=[
+                        pb.WatchCursor(instance_id=instance_id, after_sequence=last)
+                        for instance_id, last in lasts.items()
+                    ]
+                ),
+                timeout=remaining,
+                metadata=self._metadata,
+            )
+            try:
+                async for message in call:
+                    for item in message.events:
+                        last = lasts.get(item.instance_id)
+                        if last is None or item.sequence <= last:
+                            continue
+                        event = _convert.event(item)
+                        failures = 0
+                        if event.is_final:
+                            # Ended: a reconnection no longer asks for it (it may
+                            # be purged by then).
+                            del lasts[event.instance_id]
+                        else:
+                            lasts[event.instance_id] = event.sequence
+                        yield event
+                return
+            except asyncio.CancelledError:
+                self._raise_if_closed_under(None)
+                raise
+            except grpc.aio.AioRpcError as exc:
+                failures += 1
+                if policy is None or self._closed or not policy.retries(exc.code(), failures):
+                    raise from_rpc_error(exc, None) from exc
+            finally:
+                call.cancel()
+            pause = policy.backoff(failures)
+            if deadline is not None:
+                pause = min(pause, max(0.0, deadline - loop.time()))
+            await asyncio.sleep(pause)
+
     # -------------------------------------------------------------- reads
     async def list_workflows(self, *, timeout: float | None = None) -> list[WorkflowInfo]:
         """The workflows the server hosts."""
@@ -549,6 +626,44 @@ class Client:
         return channel is not None and (
             channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
         )
+
+
+def _cursors(
+    instances: Mapping[str, int] | Iterable[str | InstanceHandle | tuple[str, int]],
+) -> dict[str, int]:
+    """``Client.watch_many``'s instances as id -> sequence to resume after."""
+    if isinstance(instances, str | bytes):
+        raise InvalidArgument(
+            f"instances: expected ids, handles or (id, after_sequence) pairs, not one string "
+            f"({instances!r}); pass [{instances!r}] to follow one instance"
+        )
+    items = instances.items() if isinstance(instances, Mapping) else instances
+    cursors: dict[str, int] = {}
+    for index, item in enumerate(items):
+        if isinstance(item, InstanceHandle):
+            instance_id, after = item.id, 0
+        elif isinstance(item, str):
+            instance_id, after = item, 0
+        elif isinstance(item, tuple) and len(item) == 2:
+            instance_id, after = item
+        else:
+            raise InvalidArgument(
+                f"instances[{index}]: expected an id, a handle or an (id, after_sequence) "
+                f"pair, got {item!r}"
+            )
+        _check_text(instance_id, f"instances[{index}] id")
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise InvalidArgument(
+                f"instances[{index}] after_sequence: must be an int of 0 or more, got {after!r}"
+            )
+        if instance_id in cursors:
+            raise InvalidArgument(
+                f"instances[{index}]: {instance_id!r} is listed already; list each instance once"
+            )
+        cursors[instance_id] = after
+    if not cursors:
+        raise InvalidArgument("instances: at least one instance to watch is required")
+    return cursors
 
 
 def _statuses(

@@ -156,6 +156,20 @@ class SyncClient:
         """See :meth:`Client.instance`."""
         return SyncInstanceHandle(self._client.instance(id), self._loop)
 
+    def watch_many(
+        self,
+        instances: Mapping[str, int] | Iterable[str | SyncInstanceHandle | tuple[str, int]],
+        *,
+        timeout: float | None = None,
+    ) -> Generator[WatchEvent, None, None]:
+        """See :meth:`Client.watch_many`; a plain iterator (``close()`` it to stop early)."""
+        given = (
+            instances
+            if isinstance(instances, Mapping | str | bytes)
+            else [item.id if isinstance(item, SyncInstanceHandle) else item for item in instances]
+        )
+        return self._loop.iterate(self._client.watch_many(given, timeout=timeout))
+
     def list_workflows(self, *, timeout: float | None = None) -> list[WorkflowInfo]:
         """See :meth:`Client.list_workflows`."""
         return self._loop.run(self._client.list_workflows(timeout=timeout))

@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .workflows_pb2 import CountInstancesRequest, CountInstancesResponse, CreateInstanceRequest, CreateInstanceResponse, CreateInstancesRequest, CreateInstancesResponse, CreateScheduleRequest, CreateScheduleResponse, DeleteScheduleRequest, DeleteScheduleResponse, GetCallerRequest, GetCallerResponse, GetScheduleRequest, GetScheduleResponse, GetStatusRequest, GetStatusResponse, ListInstancesRequest, ListInstancesResponse, ListSchedulesRequest, ListSchedulesResponse, ListWorkflowsRequest, ListWorkflowsResponse, PauseInstanceRequest, PauseInstanceResponse, PauseScheduleRequest, PauseScheduleResponse, RepairInstanceRequest, RepairInstanceResponse, RestartInstanceRequest, RestartInstanceResponse, ResumeInstanceRequest, ResumeInstanceResponse, ResumeScheduleRequest, ResumeScheduleResponse, SendEventRequest, SendEventResponse, TerminateInstanceRequest, TerminateInstanceResponse, TriggerScheduleRequest, TriggerScheduleResponse, WaitInstanceRequest, WaitInstanceResponse, WatchInstanceRequest, WatchInstanceResponse
+from .workflows_pb2 import CountInstancesRequest, CountInstancesResponse, CreateInstanceRequest, CreateInstanceResponse, CreateInstancesRequest, CreateInstancesResponse, CreateScheduleRequest, CreateScheduleResponse, DeleteScheduleRequest, DeleteScheduleResponse, GetCallerRequest, GetCallerResponse, GetScheduleRequest, GetScheduleResponse, GetStatusRequest, GetStatusResponse, ListInstancesRequest, ListInstancesResponse, ListSchedulesRequest, ListSchedulesResponse, ListWorkflowsRequest, ListWorkflowsResponse, PauseInstanceRequest, PauseInstanceResponse, PauseScheduleRequest, PauseScheduleResponse, RepairInstanceRequest, RepairInstanceResponse, RestartInstanceRequest, RestartInstanceResponse, ResumeInstanceRequest, ResumeInstanceResponse, ResumeScheduleRequest, ResumeScheduleResponse, SendEventRequest, SendEventResponse, TerminateInstanceRequest, TerminateInstanceResponse, TriggerScheduleRequest, TriggerScheduleResponse, WaitInstanceRequest, WaitInstanceResponse, WatchInstanceRequest, WatchInstanceResponse, WatchInstancesRequest, WatchInstancesResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -69,6 +69,14 @@ class WorkflowService(Protocol):
         """
         WatchInstance streams every durable change of an instance in order, from
         just after `after_sequence`, and ends after the instance's terminal event.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def watch_instances(self, request: WatchInstancesRequest, ctx: RequestContext[WatchInstancesRequest, WatchInstancesResponse], /) -> AsyncIterator[WatchInstancesResponse]:
+        """
+        WatchInstances follows up to 1,000 instances in one stream, each from its
+        own cursor: the events ready together come in one message, in order per
+        instance, and the stream ends once every instance has reached its end.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -252,6 +260,17 @@ class WorkflowServiceASGIApplication(ConnectASGIApplication[WorkflowService]):
                         stream_type=StreamType.SERVER_STREAM,
                     ),
                     function=svc.watch_instance,
+                ),
+                "/cruzflow.v1.WorkflowService/WatchInstances": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="WatchInstances",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=WatchInstancesRequest,
+                        output=WatchInstancesResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=svc.watch_instances,
                 ),
                 "/cruzflow.v1.WorkflowService/WaitInstance": Endpoint.unary(
                     method=MethodInfo(
@@ -585,6 +604,31 @@ class WorkflowServiceClient(ConnectClient):
                 service_name="cruzflow.v1.WorkflowService",
                 input=WatchInstanceRequest,
                 output=WatchInstanceResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def watch_instances(
+        self,
+        request: WatchInstancesRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[WatchInstancesResponse]:
+        """
+        WatchInstances follows up to 1,000 instances in one stream, each from its
+        own cursor: the events ready together come in one message, in order per
+        instance, and the stream ends once every instance has reached its end.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="WatchInstances",
+                service_name="cruzflow.v1.WorkflowService",
+                input=WatchInstancesRequest,
+                output=WatchInstancesResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.SERVER_STREAM,
             ),
@@ -1056,6 +1100,14 @@ class WorkflowServiceSync(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def watch_instances(self, request: WatchInstancesRequest, ctx: RequestContext[WatchInstancesRequest, WatchInstancesResponse], /) -> Iterator[WatchInstancesResponse]:
+        """
+        WatchInstances follows up to 1,000 instances in one stream, each from its
+        own cursor: the events ready together come in one message, in order per
+        instance, and the stream ends once every instance has reached its end.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     def wait_instance(self, request: WaitInstanceRequest, ctx: RequestContext[WaitInstanceRequest, WaitInstanceResponse], /) -> WaitInstanceResponse:
         """
         WaitInstance answers once the instance has reached a final status
@@ -1234,6 +1286,17 @@ class WorkflowServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.SERVER_STREAM,
                     ),
                     function=service.watch_instance,
+                ),
+                "/cruzflow.v1.WorkflowService/WatchInstances": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="WatchInstances",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=WatchInstancesRequest,
+                        output=WatchInstancesResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=service.watch_instances,
                 ),
                 "/cruzflow.v1.WorkflowService/WaitInstance": EndpointSync.unary(
                     method=MethodInfo(
@@ -1567,6 +1630,31 @@ class WorkflowServiceClientSync(ConnectClientSync):
                 service_name="cruzflow.v1.WorkflowService",
                 input=WatchInstanceRequest,
                 output=WatchInstanceResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def watch_instances(
+        self,
+        request: WatchInstancesRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> Iterator[WatchInstancesResponse]:
+        """
+        WatchInstances follows up to 1,000 instances in one stream, each from its
+        own cursor: the events ready together come in one message, in order per
+        instance, and the stream ends once every instance has reached its end.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="WatchInstances",
+                service_name="cruzflow.v1.WorkflowService",
+                input=WatchInstancesRequest,
+                output=WatchInstancesResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.SERVER_STREAM,
             ),

@@ -640,6 +640,79 @@ class WatchInstanceRequest(_message.Message):
 Global___WatchInstanceRequest: _TypeAlias = WatchInstanceRequest  # noqa: Y015
 
 @_typing.final
+class WatchCursor(_message.Message):
+    """WatchCursor names one instance of a WatchInstances call and where to resume it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    after_sequence: _builtins.int
+    """As WatchInstanceRequest.after_sequence: 0 streams from the first event."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "instance_id", b"instance_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCursor: _TypeAlias = WatchCursor  # noqa: Y015
+
+@_typing.final
+class WatchInstancesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchCursor]:
+        """The instances to follow, each listed once: 1 to 1,000 of them."""
+
+    def __init__(
+        self,
+        *,
+        instances: _abc.Iterable[Global___WatchCursor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchInstancesRequest: _TypeAlias = WatchInstancesRequest  # noqa: Y015
+
+@_typing.final
+class WatchInstancesResponse(_message.Message):
+    """WatchInstancesResponse carries the events that were ready together, of one
+    or more of the instances: those of each instance in sequence order, each
+    event once over the stream. An instance's last message holds its final
+    event; resume a cut stream with each instance's last sequence received.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchInstanceResponse]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___WatchInstanceResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchInstancesResponse: _TypeAlias = WatchInstancesResponse  # noqa: Y015
+
+@_typing.final
 class WatchInstanceResponse(_message.Message):
     """WatchInstanceResponse carries one event of the instance's durable event log."""
 

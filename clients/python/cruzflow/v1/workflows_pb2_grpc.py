@@ -59,6 +59,11 @@ class WorkflowServiceStub:
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.WatchInstanceRequest.SerializeToString,
                 response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.WatchInstanceResponse.FromString,
                 _registered_method=True)
+        self.WatchInstances = channel.unary_stream(
+                '/cruzflow.v1.WorkflowService/WatchInstances',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.WatchInstancesRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.WatchInstancesResponse.FromString,
+                _registered_method=True)
         self.WaitInstance = channel.unary_unary(
                 '/cruzflow.v1.WorkflowService/WaitInstance',
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceRequest.SerializeToString,
@@ -185,6 +190,15 @@ class WorkflowServiceServicer:
     def WatchInstance(self, request, context):
         """WatchInstance streams every durable change of an instance in order, from
         just after `after_sequence`, and ends after the instance's terminal event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchInstances(self, request, context):
+        """WatchInstances follows up to 1,000 instances in one stream, each from its
+        own cursor: the events ready together come in one message, in order per
+        instance, and the stream ends once every instance has reached its end.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -353,6 +367,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.WatchInstance,
                     request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.WatchInstanceRequest.FromString,
                     response_serializer=cruzflow_dot_v1_dot_workflows__pb2.WatchInstanceResponse.SerializeToString,
+            ),
+            'WatchInstances': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchInstances,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.WatchInstancesRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.WatchInstancesResponse.SerializeToString,
             ),
             'WaitInstance': grpc.unary_unary_rpc_method_handler(
                     servicer.WaitInstance,
@@ -558,6 +577,33 @@ class WorkflowService:
             '/cruzflow.v1.WorkflowService/WatchInstance',
             cruzflow_dot_v1_dot_workflows__pb2.WatchInstanceRequest.SerializeToString,
             cruzflow_dot_v1_dot_workflows__pb2.WatchInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/WatchInstances',
+            cruzflow_dot_v1_dot_workflows__pb2.WatchInstancesRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.WatchInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,11 @@ class WorkflowServiceStub:
     """WatchInstance streams every durable change of an instance in order, from
     just after `after_sequence`, and ends after the instance's terminal event.
     """
+    WatchInstances: _grpc.UnaryStreamMultiCallable[_workflows_pb2.WatchInstancesRequest, _workflows_pb2.WatchInstancesResponse]
+    """WatchInstances follows up to 1,000 instances in one stream, each from its
+    own cursor: the events ready together come in one message, in order per
+    instance, and the stream ends once every instance has reached its end.
+    """
     WaitInstance: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.WaitInstanceRequest, _workflows_pb2.WaitInstanceResponse]
     """WaitInstance answers once the instance has reached a final status
     (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
@@ -139,6 +144,11 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     WatchInstance: _aio.UnaryStreamMultiCallable[_workflows_pb2.WatchInstanceRequest, _workflows_pb2.WatchInstanceResponse]  # type: ignore[assignment]
     """WatchInstance streams every durable change of an instance in order, from
     just after `after_sequence`, and ends after the instance's terminal event.
+    """
+    WatchInstances: _aio.UnaryStreamMultiCallable[_workflows_pb2.WatchInstancesRequest, _workflows_pb2.WatchInstancesResponse]  # type: ignore[assignment]
+    """WatchInstances follows up to 1,000 instances in one stream, each from its
+    own cursor: the events ready together come in one message, in order per
+    instance, and the stream ends once every instance has reached its end.
     """
     WaitInstance: _aio.UnaryUnaryMultiCallable[_workflows_pb2.WaitInstanceRequest, _workflows_pb2.WaitInstanceResponse]  # type: ignore[assignment]
     """WaitInstance answers once the instance has reached a final status
@@ -248,6 +258,17 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_workflows_pb2.WatchInstanceResponse], _abc.AsyncIterator[_workflows_pb2.WatchInstanceResponse]]:
         """WatchInstance streams every durable change of an instance in order, from
         just after `after_sequence`, and ends after the instance's terminal event.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchInstances(
+        self,
+        request: _workflows_pb2.WatchInstancesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_workflows_pb2.WatchInstancesResponse], _abc.AsyncIterator[_workflows_pb2.WatchInstancesResponse]]:
+        """WatchInstances follows up to 1,000 instances in one stream, each from its
+        own cursor: the events ready together come in one message, in order per
+        instance, and the stream ends once every instance has reached its end.
         """
 
     @_abc_1.abstractmethod

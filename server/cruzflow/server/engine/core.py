@@ -106,8 +106,8 @@ def exists_message(instance_id: str) -> str:
     )
 
 
-def not_found_message(instance_id: str) -> str:
-    return f"instance_id: no instance {instance_id!r}; check the id CreateInstance returned"
+def not_found_message(instance_id: str, field: str = "instance_id") -> str:
+    return f"{field}: no instance {instance_id!r}; check the id CreateInstance returned"
 
 
 class Core:

@@ -1,4 +1,4 @@
-"""Reads: GetStatus, WaitInstance, WatchInstance, ListInstances and CountInstances.
+"""Reads: GetStatus, WaitInstance, WatchInstance(s), ListInstances and CountInstances.
 
 Reads go to the store. A watcher follows an instance's durable event log:
 it catches up from the store, then takes events from the hub as they are
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from cruzflow.server.engine import listing
-from cruzflow.server.engine.core import Core
-from cruzflow.server.engine.errors import InvalidArgument, ResourceExhausted, Unavailable
-from cruzflow.server.engine.hub import Subscription
+from cruzflow.server.engine.core import Core, not_found_message
+from cruzflow.server.engine.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from cruzflow.server.engine.hub import QUEUE_BOUND, MultiSubscription, Subscription
 from cruzflow.server.records import (
     EventKind,
     EventRecord,
@@ -27,6 +27,15 @@ from cruzflow.server.records import (
 _READ_PAGE = 512
 # The audit entries GetStatus shows (the newest); WatchInstance streams them all.
 _AUDIT_SHOWN = 100
+MAX_WATCHED = 1000
+"""The instances one WatchInstances call may follow."""
+# A WatchInstances message holds about this many bytes of events at most (one
+# larger event goes alone): under the 4 MiB other gRPC clients receive by default.
+_MESSAGE_BUDGET = 2 * 1024 * 1024
+# A WatchInstances stream's queue holds this many events per instance it follows
+# (at least QUEUE_BOUND): past it, the instances whose events were dropped are
+# re-read from the store.
+_QUEUE_PER_INSTANCE = 64
 
 
 class Reads:
@@ -169,6 +178,157 @@ class Reads:
         finally:
             self._core.hub.unsubscribe(sub)
 
+    async def watch_many(
+        self, cursors: Sequence[tuple[str, int]]
+    ) -> AsyncIterator[list[EventRecord]]:
+        """Every durable event after each (instance id, after sequence) of
+        ``cursors``, live, in lists of those ready together (in order per
+        instance), until every instance has ended. Each instance counts as a
+        watcher (limits.max_watchers) until its end; one queue, bounded by
+        their number, feeds them all."""
+        ids = self._check_cursors(cursors)
+        limit = self._core.limits.max_watchers
+        hub = self._core.hub
+        if hub.count + len(ids) > limit:
+            raise ResourceExhausted(
+                f"WatchInstances: following {len(ids)} instances would pass "
+                f"limits.max_watchers ({limit}, {hub.count} followed now by WatchInstance(s) "
+                f"streams and WaitInstance calls); follow fewer, close streams you no longer "
+                f"need, or retry later with backoff"
+            )
+        sub = hub.subscribe_many(ids, max(QUEUE_BOUND, _QUEUE_PER_INSTANCE * len(ids)))
+        try:
+            # Every id is checked before any event goes out: a refusal sends none.
+            records: list[InstanceRecord] = []
+            for i, (instance_id, after_seq) in enumerate(cursors):
+                record = await self._core.store.get_instance(instance_id)
+                if record is None:
+                    raise NotFound(not_found_message(instance_id, f"instances[{i}].instance_id"))
+                if after_seq > record.last_seq:
+                    raise InvalidArgument(
+                        f"instances[{i}].after_sequence: {after_seq} is past the newest event "
+                        f"({record.last_seq}) of instance {instance_id!r}; pass the last "
+                        f"sequence you received, or 0"
+                    )
+                records.append(record)
+            # The cursor of each instance not yet ended.
+            lasts: dict[str, int] = {}
+            out: list[EventRecord] = []
+            weight = 0
+            for (instance_id, after_seq), record in zip(cursors, records, strict=True):
+                lasts[instance_id] = after_seq
+                caught = len(out)
+                # A restart can follow an end: only the newest end ends it here.
+                await self._catch_up(instance_id, lasts, out, sub, record.last_seq)
+                last = lasts.get(instance_id)
+                if last is not None and record.status.finished and last >= record.last_seq:
+                    self._ended(instance_id, lasts, sub)
+                weight += sum(_size(event) for event in out[caught:])
+                if weight >= _MESSAGE_BUDGET:
+                    for batch in _batches(out):
+                        yield batch
+                    out, weight = [], 0
+            queue = sub.queue
+            while lasts:
+                if out:
+                    for batch in _batches(out):
+                        yield batch
+                    out = []
+                    if not lasts:
+                        break
+                ready = [await queue.get()]
+                while not queue.empty():
+                    ready.append(queue.get_nowait())
+                if sub.closed:
+                    raise Unavailable(
+                        "the server is shutting down; watch again with each instance's "
+                        "after_sequence the last sequence you received of it"
+                    )
+                missed = sub.missed
+                assert missed is not None
+                for event in ready:
+                    assert event is not None  # only close() queues None, and sets closed
+                    instance_id = event.instance_id
+                    last = lasts.get(instance_id)
+                    # None: ended, or a nudge (whose instance is in missed).
+                    if last is None or event.seq <= last:
+                        continue
+                    if event.seq > last + 1:
+                        missed.add(instance_id)  # a gap: the store has what was dropped
+                        continue
+                    out.append(event)
+                    lasts[instance_id] = event.seq
+                    if is_final(event):
+                        self._ended(instance_id, lasts, sub)
+                if missed:
+                    behind = [instance_id for instance_id in missed if instance_id in lasts]
+                    missed.clear()
+                    for instance_id in behind:
+                        await self._catch_up(instance_id, lasts, out, sub, 0)
+            if out:
+                for batch in _batches(out):
+                    yield batch
+        finally:
+            hub.unsubscribe(sub)
+
+    def _check_cursors(self, cursors: Sequence[tuple[str, int]]) -> list[str]:
+        if not cursors:
+            raise InvalidArgument(
+                "instances: required; list the instances to follow, each with the "
+                "after_sequence to resume after (0: from the first event)"
+            )
+        if len(cursors) > MAX_WATCHED:
+            raise InvalidArgument(
+                f"instances: {len(cursors)} listed, at most {MAX_WATCHED} per call; split them "
+                f"over several WatchInstances calls"
+            )
+        seen: dict[str, int] = {}
+        for i, (instance_id, after_seq) in enumerate(cursors):
+            try:
+                self._core.check_id(instance_id)
+            except InvalidArgument as exc:
+                problem = str(exc).partition(": ")[2]
+                raise InvalidArgument(f"instances[{i}].instance_id: {problem}") from None
+            if after_seq < 0:
+                raise InvalidArgument(
+                    f"instances[{i}].after_sequence: must be 0 or more, got {after_seq}"
+                )
+            first = seen.setdefault(instance_id, i)
+            if first != i:
+                raise InvalidArgument(
+                    f"instances[{i}].instance_id: {instance_id!r} is listed already "
+                    f"(instances[{first}]); list each instance once"
+                )
+        return list(seen)
+
+    async def _catch_up(
+        self,
+        instance_id: str,
+        lasts: dict[str, int],
+        out: list[EventRecord],
+        sub: MultiSubscription,
+        newest: int,
+    ) -> None:
+        """Append the stored events of an instance after its cursor to ``out``,
+        up to its end: a final event at or past ``newest`` (the newest sequence
+        when the watch began; 0 when catching up on events the feed dropped)."""
+        last = lasts[instance_id]
+        while True:
+            events = await self._core.store.read_events(instance_id, last, _READ_PAGE)
+            for event in events:
+                out.append(event)
+                last = lasts[instance_id] = event.seq
+                if is_final(event) and last >= newest:
+                    self._ended(instance_id, lasts, sub)
+                    return
+            if len(events) < _READ_PAGE:
+                return
+
+    def _ended(self, instance_id: str, lasts: dict[str, int], sub: MultiSubscription) -> None:
+        del lasts[instance_id]
+        # Its feed no longer counts against max_watchers, nor fills the queue.
+        self._core.hub.drop(sub, instance_id)
+
     async def list_instances(
         self,
         workflow: str = "",
@@ -227,6 +387,32 @@ class Reads:
             self._core.limits.max_lookup_key_length,
         )
         return sorted(await self._core.store.count_instances(query))
+
+
+def _size(event: EventRecord) -> int:
+    """About the bytes of the event's message."""
+    size = 200 if event.payload is None else 200 + len(event.payload)
+    err = event.data.get("err")
+    if err:
+        size += sum(len(part) for part in err if isinstance(part, str))
+    return size
+
+
+def _batches(events: list[EventRecord]) -> list[list[EventRecord]]:
+    """``events`` cut into messages of about _MESSAGE_BUDGET bytes at most."""
+    batches: list[list[EventRecord]] = []
+    batch: list[EventRecord] = []
+    size = 0
+    for event in events:
+        weight = _size(event)
+        if batch and size + weight > _MESSAGE_BUDGET:
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(event)
+        size += weight
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def is_final(event: EventRecord) -> bool:

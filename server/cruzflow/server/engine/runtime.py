@@ -249,6 +249,11 @@ class Engine:
         """Every durable event of the instance after ``after_seq``, live, until its end."""
         return self.reads.watch(instance_id, after_seq)
 
+    def watch_many(self, cursors: Sequence[tuple[str, int]]) -> AsyncIterator[list[EventRecord]]:
+        """The events of several instances, each after its own sequence, in
+        batches of those ready together, until every one has ended."""
+        return self.reads.watch_many(cursors)
+
     async def list_instances(
         self,
         workflow: str = "",

@@ -117,6 +117,14 @@ class WorkflowApi:
         async for record in self._engine.watch(request.instance_id, request.after_sequence):
             yield convert.event(record)
 
+    async def WatchInstances(
+        self, request: pb.WatchInstancesRequest
+    ) -> AsyncIterator[pb.WatchInstancesResponse]:
+        cursors = [(c.instance_id, c.after_sequence) for c in request.instances]
+        event = convert.event
+        async for records in self._engine.watch_many(cursors):
+            yield pb.WatchInstancesResponse(events=[event(record) for record in records])
+
     async def WaitInstance(self, request: pb.WaitInstanceRequest) -> pb.WaitInstanceResponse:
         timeout = (
             convert.seconds(request.timeout, "timeout") if request.HasField("timeout") else None
