@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 from cruzflow.server.engine import listing
 from cruzflow.server.engine.core import Core, not_found_message
@@ -23,6 +24,9 @@ from cruzflow.server.records import (
     InstanceStatus,
     StepRecord,
 )
+
+if TYPE_CHECKING:
+    from cruzflow.server.engine.run import Run
 
 _READ_PAGE = 512
 # The audit entries GetStatus shows (the newest); WatchInstance streams them all.
@@ -55,6 +59,14 @@ class Reads:
             return []
         return await self._core.store.read_audit(record.id, _AUDIT_SHOWN)
 
+    def _held(self, instance_id: str) -> Run | None:
+        """The run of an instance held here and not finished, when this server
+        alone writes the store: then it knows all a read would (on a shared
+        store another server may have moved the instance on: read it)."""
+        core = self._core
+        run = None if core.shared else core.live.get(instance_id)
+        return run if run is not None and not run.status.finished else None
+
     async def wait(
         self, instance_id: str, timeout: float | None = None, include_steps: bool = False
     ) -> tuple[InstanceRecord, list[StepRecord]]:
@@ -64,21 +76,14 @@ class Reads:
             raise InvalidArgument(f"timeout: must not be negative, got {timeout:g} s")
         sub = self.subscribe(instance_id, "WaitInstance")
         try:
-            core = self._core
-            run = None if core.shared else core.live.get(instance_id)
-            if run is not None and not run.status.finished:
-                # Held here and not finished: its final event (published
-                # after this subscription, as it is not even written yet)
-                # brings all that changes, so the record it was loaded with
-                # serves as the base, without a read. (On a shared store
-                # another server may have moved it on: read it there.)
-                record = dataclasses.replace(
-                    run.record, status=run.status, last_seq=run.seq,
-                    run_started_at=run.run_started_at,
-                )  # fmt: skip
+            run = self._held(instance_id)
+            if run is not None:
+                # Its final event (published after this subscription, as it
+                # is not even written yet) brings all that changes: the
+                # run's record is the base, without a read.
+                record = _as_held(run)
             else:
-                run = None
-                record = await core.record(instance_id)
+                record = await self._core.record(instance_id)
             try:
                 async with asyncio.timeout(timeout):
                     while not record.status.finished:
@@ -201,7 +206,12 @@ class Reads:
             # Every id is checked before any event goes out: a refusal sends none.
             records: list[InstanceRecord] = []
             for i, (instance_id, after_seq) in enumerate(cursors):
-                record = await self._core.store.get_instance(instance_id)
+                held = self._held(instance_id)
+                record = (
+                    _as_held(held)
+                    if held is not None
+                    else await self._core.store.get_instance(instance_id)
+                )
                 if record is None:
                     raise NotFound(not_found_message(instance_id, f"instances[{i}].instance_id"))
                 if after_seq > record.last_seq:
@@ -417,3 +427,11 @@ def _batches(events: list[EventRecord]) -> list[list[EventRecord]]:
 
 def is_final(event: EventRecord) -> bool:
     return event.kind == EventKind.STATUS_CHANGED and InstanceStatus(event.data["status"]).finished
+
+
+def _as_held(run: Run) -> InstanceRecord:
+    """The record of an instance held here as its run knows it: what it was
+    loaded with, and its status, last sequence and current run's start."""
+    return dataclasses.replace(
+        run.record, status=run.status, last_seq=run.seq, run_started_at=run.run_started_at
+    )
