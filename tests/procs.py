@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,6 +61,14 @@ def write_config(
     config = directory / "cruzflow.toml"
     config.write_text("\n".join(lines) + "\n")
     return config
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for a server to be started on later)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 class ServerProcess:
@@ -130,3 +140,38 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {condition}")
         time.sleep(interval)
+
+
+class Restarts:
+    """Server processes of ``workflows`` run one after another on one config,
+    port and store: ``start`` a first, kill or stop it, ``start`` the next.
+    ``store_url``: a PostgreSQL database instead of the folder's SQLite file
+    (with a short lease, so a restarted server takes over soon)."""
+
+    def __init__(
+        self, directory: Path, workflows: Mapping[str, str], store_url: str | None = None
+    ) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        self.config = write_config(
+            directory,
+            workflows,
+            listen=self.address,
+            store_url=store_url,
+            lease_period="1 second" if store_url is not None else None,
+        )
+        self.env = {"CRUZFLOW_TEST_SIDE_FILE": str(directory / "side.txt")}
+        self.servers: list[ServerProcess] = []
+
+    async def start(self) -> None:
+        server = ServerProcess(self.config, self.env)
+        self.servers.append(server)
+        await asyncio.to_thread(server.start)
+        assert server.address == self.address
+
+    @property
+    def current(self) -> ServerProcess:
+        return self.servers[-1]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()

@@ -40,9 +40,8 @@ from cruzflow.server.app import Service
 from cruzflow.server.config import load_config
 from cruzflow.v1 import workflows_pb2 as pb
 from cruzflow.v1 import workflows_pb2_grpc as pb_grpc
-from tests.client.conftest import free_port
 from tests.conftest import ALL_WORKFLOWS, Server, eventually
-from tests.procs import write_config
+from tests.procs import free_port, write_config
 
 TIMEOUT = 30.0
 QUICK = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.02)

@@ -16,41 +16,15 @@ from pathlib import Path
 import pytest
 
 from cruzflow.client import Client, EventKind, InstanceStatus, WatchEvent
-from tests.client.conftest import free_port
 from tests.conftest import ALL_WORKFLOWS, eventually
-from tests.procs import ServerProcess, write_config
+from tests.procs import Restarts
 
 TIMEOUT = 60.0
 
 
-class Restarts:
-    """Server processes run one after another on one config, port and store."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.config = write_config(directory, ALL_WORKFLOWS, listen=self.address)
-        self.env = {"CRUZFLOW_TEST_SIDE_FILE": str(directory / "side.txt")}
-        self.servers: list[ServerProcess] = []
-
-    async def start(self) -> None:
-        server = ServerProcess(self.config, self.env)
-        self.servers.append(server)
-        await asyncio.to_thread(server.start)
-        assert server.address == self.address
-
-    @property
-    def current(self) -> ServerProcess:
-        return self.servers[-1]
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.stop()
-
-
 @pytest.fixture
 def restarts(tmp_path: Path) -> Iterator[Restarts]:
-    made = Restarts(tmp_path)
+    made = Restarts(tmp_path, ALL_WORKFLOWS)
     yield made
     made.close()
 

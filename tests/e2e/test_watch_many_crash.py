@@ -18,47 +18,15 @@ from pathlib import Path
 import pytest
 
 from cruzflow.client import Client, EventKind, InstanceStatus, WatchEvent
-from tests.client.conftest import free_port
 from tests.conftest import ALL_WORKFLOWS, ON_POSTGRES, Stores, eventually
-from tests.procs import ServerProcess, write_config
+from tests.procs import Restarts
 
 TIMEOUT = 60.0
 
 
-class Restarts:
-    """Server processes run one after another on one config, port and store."""
-
-    def __init__(self, directory: Path, store_url: str | None) -> None:
-        self.address = f"127.0.0.1:{free_port()}"
-        # On PostgreSQL: a short lease, so a restarted server takes over soon.
-        self.config = write_config(
-            directory,
-            ALL_WORKFLOWS,
-            listen=self.address,
-            store_url=store_url,
-            lease_period="1 second" if store_url is not None else None,
-        )
-        self.env = {"CRUZFLOW_TEST_SIDE_FILE": str(directory / "side.txt")}
-        self.servers: list[ServerProcess] = []
-
-    async def start(self) -> None:
-        server = ServerProcess(self.config, self.env)
-        self.servers.append(server)
-        await asyncio.to_thread(server.start)
-        assert server.address == self.address
-
-    @property
-    def current(self) -> ServerProcess:
-        return self.servers[-1]
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.stop()
-
-
 @pytest.fixture
 def restarts(tmp_path: Path, stores: Stores) -> Iterator[Restarts]:
-    made = Restarts(tmp_path, stores.url("watchmany") if ON_POSTGRES else None)
+    made = Restarts(tmp_path, ALL_WORKFLOWS, stores.url("watchmany") if ON_POSTGRES else None)
     yield made
     made.close()
 
