@@ -427,3 +427,38 @@ async def _steps_of(engine: Engine, instance_id: str) -> int:
 
 async def _gone(engine: Engine, instance_id: str) -> bool:
     return instance_id not in engine.core.runs
+
+
+@sqlite_only  # on a shared store another server may have moved it on: it is read
+async def test_waiting_for_an_instance_held_here_reads_no_record(
+    make_engine: EngineFactory, gate: asyncio.Event
+) -> None:
+    """WaitInstance's answer for an instance this server runs is its run's
+    record completed by the final event: no store read per wait (W1's only
+    one), and the same record a read afterwards gives."""
+    engine = await make_engine()
+    store = engine.store
+    reads = 0
+    get_instance = store.get_instance
+
+    async def counted(instance_id: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return await get_instance(instance_id)
+
+    store.get_instance = counted  # type: ignore[method-assign]
+    # Each instance runs (held by the gate) until every wait has subscribed.
+    ids = [(await engine.create("blocks", "", "{}"))[0] for _ in range(20)]
+    waits = [asyncio.ensure_future(engine.wait(i, 30)) for i in ids]
+
+    async def subscribed() -> bool:
+        return engine.core.hub.count == len(ids)
+
+    await eventually(subscribed)
+    gate.set()
+    waited = await asyncio.gather(*waits)
+    assert reads == 0
+    assert {r.status for r, _ in waited} == {InstanceStatus.COMPLETE}
+    store.get_instance = get_instance  # type: ignore[method-assign]
+    for instance_id, (record, _) in zip(ids, waited, strict=True):
+        assert record == await store.get_instance(instance_id)
