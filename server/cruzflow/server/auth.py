@@ -202,12 +202,13 @@ class Gate:
                         raise
                     problem = bad.message.partition(": ")[2]
                     raise Refusal(bad.code, f"{where}: {problem}") from None
-        elif name == "CreateInstance":
-            if not rule.allows(request.workflow):
+        elif name in ("CreateInstance", "RunInstance"):
+            workflow = request.workflow if name == "CreateInstance" else request.instance.workflow
+            if not rule.allows(workflow):
                 raise Refusal(
                     "PERMISSION_DENIED",
                     f"token {rule.name!r} may only create instances of {rule.allowed()}; "
-                    f"not of {request.workflow!r}",
+                    f"not of {workflow!r}",
                 )
         elif name == "CreateInstances":
             refused = [
@@ -538,6 +539,7 @@ _SCOPED = (
         "ListSchedules",
         "CreateInstance",
         "CreateInstances",
+        "RunInstance",
         "ListInstances",
         "ListWorkflows",
         "CountInstances",

@@ -568,7 +568,7 @@ class _CallerTrace(grpc.aio.ServerInterceptor):
 
     _TRACED = frozenset(
         f"/cruzflow.v1.WorkflowService/{m}"
-        for m in ("CreateInstance", "CreateInstances", "SendEvent")
+        for m in ("CreateInstance", "CreateInstances", "RunInstance", "SendEvent")
     )
 
     async def intercept_service(
@@ -605,7 +605,7 @@ class _ConnectCallerTrace:
     """``_CallerTrace`` for the Connect application: a metadata interceptor
     (the library calls ``on_start`` and ``on_end`` in the call's task)."""
 
-    _TRACED = frozenset(("CreateInstance", "CreateInstances", "SendEvent"))
+    _TRACED = frozenset(("CreateInstance", "CreateInstances", "RunInstance", "SendEvent"))
 
     async def on_start(self, ctx: Any) -> object | None:
         if ctx.method.name not in self._TRACED:

@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .workflows_pb2 import CountInstancesRequest, CountInstancesResponse, CreateInstanceRequest, CreateInstanceResponse, CreateInstancesRequest, CreateInstancesResponse, CreateScheduleRequest, CreateScheduleResponse, DeleteScheduleRequest, DeleteScheduleResponse, GetCallerRequest, GetCallerResponse, GetScheduleRequest, GetScheduleResponse, GetStatusRequest, GetStatusResponse, ListInstancesRequest, ListInstancesResponse, ListSchedulesRequest, ListSchedulesResponse, ListWorkflowsRequest, ListWorkflowsResponse, PauseInstanceRequest, PauseInstanceResponse, PauseScheduleRequest, PauseScheduleResponse, RepairInstanceRequest, RepairInstanceResponse, RestartInstanceRequest, RestartInstanceResponse, ResumeInstanceRequest, ResumeInstanceResponse, ResumeScheduleRequest, ResumeScheduleResponse, SendEventRequest, SendEventResponse, TerminateInstanceRequest, TerminateInstanceResponse, TriggerScheduleRequest, TriggerScheduleResponse, WaitInstanceRequest, WaitInstanceResponse, WatchInstanceRequest, WatchInstanceResponse, WatchInstancesRequest, WatchInstancesResponse
+from .workflows_pb2 import CountInstancesRequest, CountInstancesResponse, CreateInstanceRequest, CreateInstanceResponse, CreateInstancesRequest, CreateInstancesResponse, CreateScheduleRequest, CreateScheduleResponse, DeleteScheduleRequest, DeleteScheduleResponse, GetCallerRequest, GetCallerResponse, GetScheduleRequest, GetScheduleResponse, GetStatusRequest, GetStatusResponse, ListInstancesRequest, ListInstancesResponse, ListSchedulesRequest, ListSchedulesResponse, ListWorkflowsRequest, ListWorkflowsResponse, PauseInstanceRequest, PauseInstanceResponse, PauseScheduleRequest, PauseScheduleResponse, RepairInstanceRequest, RepairInstanceResponse, RestartInstanceRequest, RestartInstanceResponse, ResumeInstanceRequest, ResumeInstanceResponse, ResumeScheduleRequest, ResumeScheduleResponse, RunInstanceRequest, RunInstanceResponse, SendEventRequest, SendEventResponse, TerminateInstanceRequest, TerminateInstanceResponse, TriggerScheduleRequest, TriggerScheduleResponse, WaitInstanceRequest, WaitInstanceResponse, WatchInstanceRequest, WatchInstanceResponse, WatchInstancesRequest, WatchInstancesResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -85,6 +85,15 @@ class WorkflowService(Protocol):
         WaitInstance answers once the instance has reached a final status
         (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
         its status at that moment: the long-poll form of GetStatus.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def run_instance(self, request: RunInstanceRequest, ctx: RequestContext[RunInstanceRequest, RunInstanceResponse], /) -> RunInstanceResponse:
+        """
+        RunInstance is CreateInstance and WaitInstance in one round trip: it
+        creates the instance (durably, as CreateInstance) and answers once it is
+        final, or once `timeout` has passed with its status then (the instance
+        goes on; follow it with WaitInstance). Refused as CreateInstance is.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -282,6 +291,17 @@ class WorkflowServiceASGIApplication(ConnectASGIApplication[WorkflowService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.wait_instance,
+                ),
+                "/cruzflow.v1.WorkflowService/RunInstance": Endpoint.unary(
+                    method=MethodInfo(
+                        name="RunInstance",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=RunInstanceRequest,
+                        output=RunInstanceResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.run_instance,
                 ),
                 "/cruzflow.v1.WorkflowService/ListInstances": Endpoint.unary(
                     method=MethodInfo(
@@ -654,6 +674,32 @@ class WorkflowServiceClient(ConnectClient):
                 service_name="cruzflow.v1.WorkflowService",
                 input=WaitInstanceRequest,
                 output=WaitInstanceResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def run_instance(
+        self,
+        request: RunInstanceRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RunInstanceResponse:
+        """
+        RunInstance is CreateInstance and WaitInstance in one round trip: it
+        creates the instance (durably, as CreateInstance) and answers once it is
+        final, or once `timeout` has passed with its status then (the instance
+        goes on; follow it with WaitInstance). Refused as CreateInstance is.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RunInstance",
+                service_name="cruzflow.v1.WorkflowService",
+                input=RunInstanceRequest,
+                output=RunInstanceResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),
@@ -1116,6 +1162,15 @@ class WorkflowServiceSync(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def run_instance(self, request: RunInstanceRequest, ctx: RequestContext[RunInstanceRequest, RunInstanceResponse], /) -> RunInstanceResponse:
+        """
+        RunInstance is CreateInstance and WaitInstance in one round trip: it
+        creates the instance (durably, as CreateInstance) and answers once it is
+        final, or once `timeout` has passed with its status then (the instance
+        goes on; follow it with WaitInstance). Refused as CreateInstance is.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     def list_instances(self, request: ListInstancesRequest, ctx: RequestContext[ListInstancesRequest, ListInstancesResponse], /) -> ListInstancesResponse:
         """
         ListInstances lists instances, newest first, filtered and paginated.
@@ -1308,6 +1363,17 @@ class WorkflowServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.wait_instance,
+                ),
+                "/cruzflow.v1.WorkflowService/RunInstance": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="RunInstance",
+                        service_name="cruzflow.v1.WorkflowService",
+                        input=RunInstanceRequest,
+                        output=RunInstanceResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.run_instance,
                 ),
                 "/cruzflow.v1.WorkflowService/ListInstances": EndpointSync.unary(
                     method=MethodInfo(
@@ -1680,6 +1746,32 @@ class WorkflowServiceClientSync(ConnectClientSync):
                 service_name="cruzflow.v1.WorkflowService",
                 input=WaitInstanceRequest,
                 output=WaitInstanceResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def run_instance(
+        self,
+        request: RunInstanceRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> RunInstanceResponse:
+        """
+        RunInstance is CreateInstance and WaitInstance in one round trip: it
+        creates the instance (durably, as CreateInstance) and answers once it is
+        final, or once `timeout` has passed with its status then (the instance
+        goes on; follow it with WaitInstance). Refused as CreateInstance is.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="RunInstance",
+                service_name="cruzflow.v1.WorkflowService",
+                input=RunInstanceRequest,
+                output=RunInstanceResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

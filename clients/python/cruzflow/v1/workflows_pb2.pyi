@@ -1000,6 +1000,62 @@ class WaitInstanceResponse(_message.Message):
 Global___WaitInstanceResponse: _TypeAlias = WaitInstanceResponse  # noqa: Y015
 
 @_typing.final
+class RunInstanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    INCLUDE_STEPS_FIELD_NUMBER: _builtins.int
+    include_steps: _builtins.bool
+    """Also return the steps (one more read on the server)."""
+    @_builtins.property
+    def instance(self) -> Global___CreateInstanceRequest:
+        """The instance to create, as in CreateInstance."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Longest time to wait once it is created. Unset waits until the instance
+        is final or the call's deadline passes.
+        """
+
+    def __init__(
+        self,
+        *,
+        instance: Global___CreateInstanceRequest | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        include_steps: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_steps", b"include_steps", "instance", b"instance", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunInstanceRequest: _TypeAlias = RunInstanceRequest  # noqa: Y015
+
+@_typing.final
+class RunInstanceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def instance(self) -> Global___Instance:
+        """Output only. Its status is not final if the timeout passed first."""
+
+    def __init__(
+        self,
+        *,
+        instance: Global___Instance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunInstanceResponse: _TypeAlias = RunInstanceResponse  # noqa: Y015
+
+@_typing.final
 class CreateInstancesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

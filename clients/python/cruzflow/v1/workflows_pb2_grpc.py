@@ -69,6 +69,11 @@ class WorkflowServiceStub:
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceRequest.SerializeToString,
                 response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceResponse.FromString,
                 _registered_method=True)
+        self.RunInstance = channel.unary_unary(
+                '/cruzflow.v1.WorkflowService/RunInstance',
+                request_serializer=cruzflow_dot_v1_dot_workflows__pb2.RunInstanceRequest.SerializeToString,
+                response_deserializer=cruzflow_dot_v1_dot_workflows__pb2.RunInstanceResponse.FromString,
+                _registered_method=True)
         self.ListInstances = channel.unary_unary(
                 '/cruzflow.v1.WorkflowService/ListInstances',
                 request_serializer=cruzflow_dot_v1_dot_workflows__pb2.ListInstancesRequest.SerializeToString,
@@ -208,6 +213,16 @@ class WorkflowServiceServicer:
         """WaitInstance answers once the instance has reached a final status
         (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
         its status at that moment: the long-poll form of GetStatus.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunInstance(self, request, context):
+        """RunInstance is CreateInstance and WaitInstance in one round trip: it
+        creates the instance (durably, as CreateInstance) and answers once it is
+        final, or once `timeout` has passed with its status then (the instance
+        goes on; follow it with WaitInstance). Refused as CreateInstance is.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -377,6 +392,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.WaitInstance,
                     request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceRequest.FromString,
                     response_serializer=cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceResponse.SerializeToString,
+            ),
+            'RunInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunInstance,
+                    request_deserializer=cruzflow_dot_v1_dot_workflows__pb2.RunInstanceRequest.FromString,
+                    response_serializer=cruzflow_dot_v1_dot_workflows__pb2.RunInstanceResponse.SerializeToString,
             ),
             'ListInstances': grpc.unary_unary_rpc_method_handler(
                     servicer.ListInstances,
@@ -631,6 +651,33 @@ class WorkflowService:
             '/cruzflow.v1.WorkflowService/WaitInstance',
             cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceRequest.SerializeToString,
             cruzflow_dot_v1_dot_workflows__pb2.WaitInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cruzflow.v1.WorkflowService/RunInstance',
+            cruzflow_dot_v1_dot_workflows__pb2.RunInstanceRequest.SerializeToString,
+            cruzflow_dot_v1_dot_workflows__pb2.RunInstanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,12 @@ class WorkflowServiceStub:
     (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
     its status at that moment: the long-poll form of GetStatus.
     """
+    RunInstance: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.RunInstanceRequest, _workflows_pb2.RunInstanceResponse]
+    """RunInstance is CreateInstance and WaitInstance in one round trip: it
+    creates the instance (durably, as CreateInstance) and answers once it is
+    final, or once `timeout` has passed with its status then (the instance
+    goes on; follow it with WaitInstance). Refused as CreateInstance is.
+    """
     ListInstances: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.ListInstancesRequest, _workflows_pb2.ListInstancesResponse]
     """ListInstances lists instances, newest first, filtered and paginated."""
     PauseInstance: _grpc.UnaryUnaryMultiCallable[_workflows_pb2.PauseInstanceRequest, _workflows_pb2.PauseInstanceResponse]
@@ -154,6 +160,12 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """WaitInstance answers once the instance has reached a final status
     (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
     its status at that moment: the long-poll form of GetStatus.
+    """
+    RunInstance: _aio.UnaryUnaryMultiCallable[_workflows_pb2.RunInstanceRequest, _workflows_pb2.RunInstanceResponse]  # type: ignore[assignment]
+    """RunInstance is CreateInstance and WaitInstance in one round trip: it
+    creates the instance (durably, as CreateInstance) and answers once it is
+    final, or once `timeout` has passed with its status then (the instance
+    goes on; follow it with WaitInstance). Refused as CreateInstance is.
     """
     ListInstances: _aio.UnaryUnaryMultiCallable[_workflows_pb2.ListInstancesRequest, _workflows_pb2.ListInstancesResponse]  # type: ignore[assignment]
     """ListInstances lists instances, newest first, filtered and paginated."""
@@ -280,6 +292,18 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         """WaitInstance answers once the instance has reached a final status
         (COMPLETE, ERRORED or TERMINATED), or once `timeout` has passed, with
         its status at that moment: the long-poll form of GetStatus.
+        """
+
+    @_abc_1.abstractmethod
+    def RunInstance(
+        self,
+        request: _workflows_pb2.RunInstanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflows_pb2.RunInstanceResponse, _abc.Awaitable[_workflows_pb2.RunInstanceResponse]]:
+        """RunInstance is CreateInstance and WaitInstance in one round trip: it
+        creates the instance (durably, as CreateInstance) and answers once it is
+        final, or once `timeout` has passed with its status then (the instance
+        goes on; follow it with WaitInstance). Refused as CreateInstance is.
         """
 
     @_abc_1.abstractmethod

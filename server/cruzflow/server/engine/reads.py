@@ -68,13 +68,22 @@ class Reads:
         return run if run is not None and not run.status.finished else None
 
     async def wait(
-        self, instance_id: str, timeout: float | None = None, include_steps: bool = False
+        self,
+        instance_id: str,
+        timeout: float | None = None,
+        include_steps: bool = False,
+        *,
+        room_taken: bool = False,
     ) -> tuple[InstanceRecord, list[StepRecord]]:
-        """The instance once it is final, or as it is when ``timeout`` s have passed."""
+        """The instance once it is final, or as it is when ``timeout`` s have passed.
+        ``room_taken``: the caller checked ``room`` already (RunInstance, which
+        must not refuse for want of room once it has created the instance)."""
         self._core.check_id(instance_id)
-        if timeout is not None and timeout < 0:
-            raise InvalidArgument(f"timeout: must not be negative, got {timeout:g} s")
-        sub = self.subscribe(instance_id, "WaitInstance")
+        check_timeout(timeout)
+        if room_taken:
+            sub = self._core.hub.subscribe(instance_id)
+        else:
+            sub = self.subscribe(instance_id, "WaitInstance")
         try:
             run = self._held(instance_id)
             if run is not None:
@@ -124,6 +133,11 @@ class Reads:
     def subscribe(self, instance_id: str, what: str) -> Subscription:
         """The instance's live feed, unless limits.max_watchers feeds are open: each
         holds a bounded queue, so their number is what bounds their memory."""
+        self.room(what)
+        return self._core.hub.subscribe(instance_id)
+
+    def room(self, what: str) -> None:
+        """ResourceExhausted when limits.max_watchers feeds are open."""
         limit = self._core.limits.max_watchers
         if self._core.hub.count >= limit:
             raise ResourceExhausted(
@@ -131,7 +145,6 @@ class Reads:
                 f"this server, the most it serves at once (limits.max_watchers); close one "
                 f"you no longer need, or retry later with backoff"
             )
-        return self._core.hub.subscribe(instance_id)
 
     async def watch(self, instance_id: str, after_seq: int = 0) -> AsyncIterator[EventRecord]:
         """Every durable event of the instance after ``after_seq``, live, until its end."""
@@ -427,6 +440,12 @@ def _batches(events: list[EventRecord]) -> list[list[EventRecord]]:
 
 def is_final(event: EventRecord) -> bool:
     return event.kind == EventKind.STATUS_CHANGED and InstanceStatus(event.data["status"]).finished
+
+
+def check_timeout(timeout: float | None) -> None:
+    """InvalidArgument for a negative wait timeout."""
+    if timeout is not None and timeout < 0:
+        raise InvalidArgument(f"timeout: must not be negative, got {timeout:g} s")
 
 
 def _as_held(run: Run) -> InstanceRecord:

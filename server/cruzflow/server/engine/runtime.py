@@ -32,7 +32,7 @@ from cruzflow.server.engine.core import Core, Limits, WorkflowSpec
 from cruzflow.server.engine.hooks import EngineHooks
 from cruzflow.server.engine.journal import Journal
 from cruzflow.server.engine.observer import Observer
-from cruzflow.server.engine.reads import Reads
+from cruzflow.server.engine.reads import Reads, check_timeout
 from cruzflow.server.engine.retention import Retention
 from cruzflow.server.engine.scheduler import Scheduler
 from cruzflow.server.engine.schedules import Schedules, ScheduleSpec
@@ -244,6 +244,28 @@ class Engine:
     ) -> tuple[InstanceRecord, list[StepRecord]]:
         """The instance once it is final, or as it is when ``timeout`` s have passed."""
         return await self.reads.wait(instance_id, timeout, include_steps)
+
+    async def run(
+        self,
+        workflow: str,
+        instance_id: str = "",
+        params: str | bytes = b"",
+        lookup_key: str = "",
+        priority: int = 0,
+        concurrency_key: str = "",
+        *,
+        timeout: float | None = None,
+        include_steps: bool = False,
+    ) -> tuple[InstanceRecord, list[StepRecord]]:
+        """``create``, then ``wait`` (RunInstance). What would refuse the wait
+        (a bad timeout, no room for one more waiter) refuses before anything is
+        created, so a refusal never leaves an instance the caller was not told of."""
+        check_timeout(timeout)
+        self.reads.room("RunInstance")
+        instance_id, _ = await self.admission.create(
+            workflow, instance_id, params, lookup_key, priority, concurrency_key
+        )
+        return await self.reads.wait(instance_id, timeout, include_steps, room_taken=True)
 
     def watch(self, instance_id: str, after_seq: int = 0) -> AsyncIterator[EventRecord]:
         """Every durable event of the instance after ``after_seq``, live, until its end."""

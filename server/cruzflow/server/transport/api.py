@@ -134,6 +134,25 @@ class WorkflowApi:
             instance=convert.instance(record, steps, self._payload_limit)
         )
 
+    async def RunInstance(self, request: pb.RunInstanceRequest) -> pb.RunInstanceResponse:
+        timeout = (
+            convert.seconds(request.timeout, "timeout") if request.HasField("timeout") else None
+        )
+        new = request.instance
+        record, steps = await self._engine.run(
+            new.workflow,
+            new.instance_id,
+            new.params_json,
+            new.lookup_key,
+            new.priority,
+            new.concurrency_key,
+            timeout=timeout,
+            include_steps=request.include_steps,
+        )
+        return pb.RunInstanceResponse(
+            instance=convert.instance(record, steps, self._payload_limit)
+        )
+
     async def ListInstances(self, request: pb.ListInstancesRequest) -> pb.ListInstancesResponse:
         created_min, created_max = _created(request)
         page, token = await self._engine.list_instances(
