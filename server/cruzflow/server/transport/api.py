@@ -149,9 +149,7 @@ class WorkflowApi:
             timeout=timeout,
             include_steps=request.include_steps,
         )
-        return pb.RunInstanceResponse(
-            instance=convert.instance(record, steps, self._payload_limit)
-        )
+        return pb.RunInstanceResponse(instance=convert.instance(record, steps, self._payload_limit))
 
     async def ListInstances(self, request: pb.ListInstancesRequest) -> pb.ListInstancesResponse:
         created_min, created_max = _created(request)
