@@ -301,6 +301,7 @@ async def test_a_read_only_token_reads_but_cannot_change_anything(
     for method, change in (
         ("CreateInstance", create("approval")),
         ("CreateInstances", pb.CreateInstancesRequest(requests=[create("approval")])),
+        ("RunInstance", pb.RunInstanceRequest(instance=create("three-steps", "ro-2"))),
         ("PauseInstance", pb.PauseInstanceRequest(instance_id=instance)),
         ("ResumeInstance", pb.ResumeInstanceRequest(instance_id=instance)),
         ("TerminateInstance", pb.TerminateInstanceRequest(instance_id=instance)),
@@ -385,6 +386,12 @@ async def test_a_workflow_token_sees_and_changes_only_its_workflows(
     code, details = await node.code("CreateInstance", create("three-steps"), approver)
     assert code == DENIED
     assert details == "token 'approver' may only create instances of approval; not of 'three-steps'"
+    ran = pb.RunInstanceRequest(instance=create("three-steps", "not-run"))
+    code, details = await node.code("RunInstance", ran, approver)
+    assert code == DENIED
+    assert details == "token 'approver' may only create instances of approval; not of 'three-steps'"
+    missing_run = await node.code("GetStatus", pb.GetStatusRequest(instance_id="not-run"), admin)
+    assert missing_run[0] == NOT_FOUND
     batch = pb.CreateInstancesRequest(requests=[create("approval"), create("three-steps")])
     code, details = await node.code("CreateInstances", batch, approver)
     assert code == DENIED and "not requests[1] ('three-steps')" in details

@@ -223,6 +223,16 @@ def wait_instance(draw: st.DrawFn) -> Message:
     return request
 
 
+@st.composite
+def run_instance(draw: st.DrawFn) -> Message:
+    request = pb.RunInstanceRequest(instance=_create(draw), include_steps=draw(st.booleans()))
+    if draw(st.booleans()):
+        duration = draw(durations())
+        request.timeout.seconds = duration["seconds"]
+        request.timeout.nanos = duration["nanos"]
+    return request
+
+
 def _created_bounds(
     draw: st.DrawFn, request: pb.ListInstancesRequest | pb.CountInstancesRequest
 ) -> None:
@@ -339,6 +349,7 @@ RPCS: dict[str, RequestStrategy] = {
     "WatchInstance": lambda _: watch_instance(),
     "WatchInstances": lambda _: watch_instances(),
     "WaitInstance": lambda _: wait_instance(),
+    "RunInstance": lambda _: run_instance(),
     "ListInstances": list_instances,
     "PauseInstance": lambda _: by_id(pb.PauseInstanceRequest),
     "ResumeInstance": lambda _: by_id(pb.ResumeInstanceRequest),
@@ -541,6 +552,8 @@ def stored_ids(rpc: str, responses: list[bytes]) -> set[str]:
         }
     if rpc == "TriggerSchedule":
         return {pb.TriggerScheduleResponse.FromString(r).instance_id for r in responses}
+    if rpc == "RunInstance":
+        return {pb.RunInstanceResponse.FromString(r).instance.instance_id for r in responses}
     return set()
 
 

@@ -930,6 +930,109 @@ async def test_wait_instance_rejects_bad_requests(server: Server) -> None:
     assert "timeout" in (info.value.details() or "")
 
 
+# ------------------------------------------------------------ RunInstance
+async def test_run_instance_creates_and_answers_once_final(server: Server) -> None:
+    answer = await server.stub.RunInstance(
+        pb.RunInstanceRequest(
+            instance=pb.CreateInstanceRequest(
+                workflow="three-steps", params_json='{"n": 2}', instance_id="run-1"
+            ),
+            include_steps=True,
+        ),
+        timeout=TIMEOUT,
+    )
+    final = answer.instance
+    assert (final.instance_id, final.status) == ("run-1", COMPLETE)
+    assert [s.name for s in final.steps] == ["one", "two", "three"]
+    # Built without a read, it must equal what the store says.
+    assert final == await status(server, "run-1")
+    bare = await server.stub.RunInstance(
+        pb.RunInstanceRequest(instance=pb.CreateInstanceRequest(workflow="three-steps"))
+    )
+    assert bare.instance.status == COMPLETE and not bare.instance.steps
+    assert bare.instance.instance_id not in ("", "run-1")
+    # A taken id is refused as CreateInstance refuses it, and the instance is untouched.
+    error = await rpc_error(
+        server.stub.RunInstance(
+            pb.RunInstanceRequest(
+                instance=pb.CreateInstanceRequest(workflow="three-steps", instance_id="run-1")
+            )
+        )
+    )
+    assert error.code() == ALREADY_EXISTS, error.details()
+    assert (await status(server, "run-1")) == final
+
+
+async def test_run_instance_answers_at_its_timeout_and_the_instance_goes_on(
+    server: Server, gate: asyncio.Event
+) -> None:
+    from google.protobuf.duration_pb2 import Duration
+
+    early = await server.stub.RunInstance(
+        pb.RunInstanceRequest(
+            instance=pb.CreateInstanceRequest(workflow="blocks", instance_id="slow"),
+            timeout=Duration(nanos=50_000_000),
+        ),
+        timeout=TIMEOUT,
+    )
+    assert early.instance.status == RUNNING
+    gate.set()
+    waited = await server.stub.WaitInstance(
+        pb.WaitInstanceRequest(instance_id="slow"), timeout=TIMEOUT
+    )
+    assert json.loads(waited.instance.output_json) == "released"
+
+
+async def test_run_instance_refusals_create_nothing(make_server: ServerFactory) -> None:
+    from google.protobuf.duration_pb2 import Duration
+
+    server = await make_server(limits={"max_watchers": 1})
+
+    def request(**fields: Any) -> pb.RunInstanceRequest:
+        return pb.RunInstanceRequest(
+            instance=pb.CreateInstanceRequest(workflow="three-steps", instance_id="r"), **fields
+        )
+
+    bad_timeout = await rpc_error(server.stub.RunInstance(request(timeout=Duration(seconds=-1))))
+    assert_names_field(bad_timeout, INVALID, "timeout")
+    unknown = await rpc_error(
+        server.stub.RunInstance(
+            pb.RunInstanceRequest(instance=pb.CreateInstanceRequest(workflow="nope"))
+        )
+    )
+    assert_names_field(unknown, NOT_FOUND, "workflow")
+    bad_params = await rpc_error(
+        server.stub.RunInstance(
+            pb.RunInstanceRequest(
+                instance=pb.CreateInstanceRequest(workflow="three-steps", params_json="{")
+            )
+        )
+    )
+    assert_names_field(bad_params, INVALID, "params_json")
+    # The one watcher this server takes is busy: refused before the create.
+    hub = server.service.engine.core.hub
+    await server.stub.CreateInstance(pb.CreateInstanceRequest(workflow="approval", instance_id="w"))
+    waiting = asyncio.ensure_future(
+        server.stub.WaitInstance(
+            pb.WaitInstanceRequest(instance_id="w", timeout=Duration(seconds=1)), timeout=TIMEOUT
+        )
+    )
+
+    async def watchers(count: int) -> bool:
+        return hub.count == count
+
+    await eventually(lambda: watchers(1))
+    full = await rpc_error(server.stub.RunInstance(request()))
+    assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, full.details()
+    assert "(limits.max_watchers)" in (full.details() or "")
+    assert await stored_instances(server) == ["w"]
+    await waiting
+    await eventually(lambda: watchers(0))
+    served = await server.stub.RunInstance(request(), timeout=TIMEOUT)
+    assert served.instance.status == COMPLETE
+    assert await stored_instances(server) == ["w", "r"]
+
+
 # ------------------------------------------------------------ CountInstances
 def _counted(response: pb.CountInstancesResponse) -> list[tuple[str, str, int]]:
     return [(c.workflow, pb.InstanceStatus.Name(c.status)[16:], c.count) for c in response.counts]

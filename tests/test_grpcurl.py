@@ -105,6 +105,7 @@ async def test_list_services(server: Server) -> None:
             "RestartInstance",
             "ResumeInstance",
             "ResumeSchedule",
+            "RunInstance",
             "SendEvent",
             "TerminateInstance",
             "TriggerSchedule",
@@ -312,6 +313,17 @@ async def test_wait_instance(server: Server) -> None:
     )
     assert waited["instance"]["status"] == "INSTANCE_STATUS_COMPLETE"
     assert json.loads(waited["instance"]["output_json"])["sum"] == 6
+
+
+async def test_run_instance(server: Server) -> None:
+    ran = await call(
+        server,
+        "RunInstance",
+        '{"instance": {"workflow": "three-steps", "instance_id": "ran-1"}, "timeout": "30s"}',
+    )
+    assert ran["instance"]["instance_id"] == "ran-1"
+    assert ran["instance"]["status"] == "INSTANCE_STATUS_COMPLETE"
+    assert json.loads(ran["instance"]["output_json"])["sum"] == 6
 
 
 async def test_lifecycle_calls(server: Server) -> None:

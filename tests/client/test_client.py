@@ -330,6 +330,32 @@ async def test_result_times_out_then_the_instance_goes_on(
     assert await handle.result(timeout=TIMEOUT) == "released"
 
 
+async def test_run_creates_and_returns_the_result_in_one_call(
+    client: Client, gate: asyncio.Event
+) -> None:
+    assert await client.workflow("three-steps").run({"r": 1}, id="ran", lookup_key="lk") == {
+        "sum": 6,
+        "params": {"r": 1},
+    }
+    info = await client.instance("ran").status()
+    assert (info.status, info.lookup_key) == (InstanceStatus.COMPLETE, "lk")
+    with pytest.raises(WorkflowFailed) as failed:
+        await client.workflow("raises").run(timeout=TIMEOUT)
+    assert (failed.value.error_name, failed.value.error_message) == (
+        "ValueError",
+        "bad input row 7",
+    )
+    with pytest.raises(ResultTimeout) as waited:
+        await client.workflow("blocks").run(id="run-slow", timeout=0.2)
+    assert (waited.value.instance_id, waited.value.status) == ("run-slow", InstanceStatus.RUNNING)
+    gate.set()
+    assert await client.instance("run-slow").result(timeout=TIMEOUT) == "released"
+    with pytest.raises(InvalidArgument, match="timeout"):
+        await client.workflow("three-steps").run(timeout=-1)
+    with pytest.raises(WorkflowNotFound):
+        await client.workflow("no-such").run()
+
+
 async def test_terminate_then_result_raises_terminated(client: Client, gate: asyncio.Event) -> None:
     handle = await client.workflow("blocks").create(id="doomed")
     await eventually(lambda: step_running(client, "doomed", "wait"), TIMEOUT)

@@ -252,6 +252,29 @@ async def test_create_with_an_id_survives_a_lost_answer(tapped: tuple[Client, Ta
     assert (await handles[1].result(timeout=TIMEOUT))["params"] == [1]
 
 
+async def test_run_with_an_id_survives_a_lost_answer(tapped: tuple[Client, Tap]) -> None:
+    client, tap = tapped
+    binding = client.workflow("three-steps")
+    tap.lose["RunInstance"] = 1
+    assert await binding.run({"k": 1}, id="run-lost", timeout=TIMEOUT) == {
+        "sum": 6,
+        "params": {"k": 1},
+    }
+    # The retry met the instance the first attempt stored, knew it for ours
+    # and waited for it: one instance, run once.
+    assert tap.calls["RunInstance"] == 2
+    steps = (await client.instance("run-lost").status()).steps
+    assert [s.attempts for s in steps] == [1, 1, 1]
+    # Somebody else's instance under that id is refused, retry or not.
+    with pytest.raises(InstanceAlreadyExists):
+        await binding.run({"k": 2}, id="run-lost")
+    # Without an id nothing is retried.
+    tap.lose["RunInstance"] = 1
+    with pytest.raises(Unavailable):
+        await binding.run({"k": 3}, lookup_key="run-anonymous")
+    assert len([i async for i in client.list_instances(lookup_key="run-anonymous")]) == 1
+
+
 async def test_controls_survive_a_lost_answer(
     tapped: tuple[Client, Tap], gate: asyncio.Event
 ) -> None:

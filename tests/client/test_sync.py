@@ -35,6 +35,7 @@ async def test_sync_client_runs_every_call(server: Server) -> None:
             assert "three-steps" in {w.name for w in client.list_workflows()}
             binding = client.workflow("three-steps")
             assert binding.name == "three-steps"
+            assert binding.run({"s": 0}, timeout=TIMEOUT) == {"sum": 6, "params": {"s": 0}}
             handle = binding.create({"s": 1}, id="sync-1", lookup_key="sync")
             assert handle.result(timeout=TIMEOUT) == {"sum": 6, "params": {"s": 1}}
             events = list(handle.watch())

@@ -729,17 +729,7 @@ class WorkflowBinding:
         """
         if if_exists not in ("error", "return"):
             raise InvalidArgument(f"if_exists: must be 'error' or 'return', got {if_exists!r}")
-        if id is not None:
-            _check_text(id, "id")
-        params_json = _convert.encode_json(params, "params")
-        request = pb.CreateInstanceRequest(
-            workflow=self._name,
-            instance_id=id or "",
-            params_json=params_json,
-            lookup_key=lookup_key or "",
-            priority=priority,
-            concurrency_key=concurrency_key or "",
-        )
+        request = self._create_request(params, id, lookup_key, priority, concurrency_key)
         client = self._client
         retried = False
 
@@ -761,16 +751,97 @@ class WorkflowBinding:
             if if_exists == "error" and not retried:
                 raise
             existing = await self._existing(id, timeout)
-            if existing is not None and existing.workflow == self._name:
-                if if_exists == "return":
-                    return InstanceHandle(client, id)
-                # Our own earlier attempt may have stored it before its answer was lost.
-                if existing.params == _convert.decode_json(params_json) and (
-                    existing.lookup_key == (lookup_key or None)
-                ):
-                    return InstanceHandle(client, id)
+            if (
+                existing is not None
+                and existing.workflow == self._name
+                and (if_exists == "return" or _stored_by(existing, request))
+            ):
+                return InstanceHandle(client, id)
             raise
         return InstanceHandle(client, response.instance_id)
+
+    async def run(
+        self,
+        params: Any = None,
+        *,
+        id: str | None = None,
+        lookup_key: str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Create an instance and return what its ``run`` returned, in one
+        round trip (``RunInstance``): ``create`` and ``result`` together.
+
+        Takes ``create``'s arguments and raises as ``result`` does:
+        :class:`WorkflowFailed` if the instance ended errored,
+        :class:`WorkflowTerminated` if it was terminated, and
+        :class:`ResultTimeout` (with the instance's id, which goes on
+        running) if ``timeout`` seconds pass first; ``None`` waits as long
+        as it takes. The instance is durably stored before it runs, as with
+        ``create``. With an ``id`` the call is retried on ``UNAVAILABLE``,
+        and a retry that finds the instance stored by an earlier attempt
+        waits for it; a taken ``id`` otherwise raises :class:`InstanceAlreadyExists`.
+        """
+        _check_wait_timeout(timeout)
+        request = pb.RunInstanceRequest(
+            instance=self._create_request(params, id, lookup_key, priority, concurrency_key)
+        )
+        client = self._client
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        request.timeout.FromTimedelta(timedelta(seconds=_poll(loop, deadline)))
+        retried = False
+
+        def note_retry() -> None:
+            nonlocal retried
+            retried = True
+
+        try:
+            response = await client._unary(
+                client._rpc().RunInstance,
+                request,
+                timeout=None if client.timeout is None else _LONG_POLL + client.timeout,
+                retry=client.retry if id else None,
+                instance_id=id,
+                on_retry=note_retry,
+            )
+        except InstanceAlreadyExists:
+            assert id is not None  # only a chosen id can be taken
+            existing = await self._existing(id, timeout) if retried else None
+            if existing is None or not _stored_by(existing, request.instance):
+                raise
+            # Our own earlier attempt stored it before its answer was lost.
+            info = existing
+        else:
+            info = _convert.instance(response.instance)
+        handle = InstanceHandle(client, info.id)
+        if not info.status.finished:
+            if deadline is not None and loop.time() >= deadline:
+                assert timeout is not None
+                raise ResultTimeout(info.id, timeout, info.status)
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            info = await handle.wait(remaining)
+        return handle._outcome(info)
+
+    def _create_request(
+        self,
+        params: Any,
+        id: str | None,
+        lookup_key: str | None,
+        priority: int,
+        concurrency_key: str | None,
+    ) -> pb.CreateInstanceRequest:
+        if id is not None:
+            _check_text(id, "id")
+        return pb.CreateInstanceRequest(
+            workflow=self._name,
+            instance_id=id or "",
+            params_json=_convert.encode_json(params, "params"),
+            lookup_key=lookup_key or "",
+            priority=priority,
+            concurrency_key=concurrency_key or "",
+        )
 
     async def create_batch(
         self,
@@ -852,6 +923,31 @@ class WorkflowBinding:
             return await self._client.instance(id).status(timeout=timeout)
         except InstanceNotFound:
             return None  # purged in the meantime
+
+
+def _stored_by(existing: InstanceStatusInfo, request: pb.CreateInstanceRequest) -> bool:
+    """Whether ``existing`` is what ``request`` would have stored: an earlier
+    attempt of the same call may have stored it before its answer was lost."""
+    return (
+        existing.workflow == request.workflow
+        and existing.params == _convert.decode_json(request.params_json)
+        and existing.lookup_key == (request.lookup_key or None)
+    )
+
+
+def _check_wait_timeout(timeout: float | None) -> None:
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+    ):
+        raise InvalidArgument(f"timeout: must be 0 or more seconds, or None; got {timeout!r}")
+
+
+def _poll(loop: asyncio.AbstractEventLoop, deadline: float | None) -> float:
+    """How long one long poll may wait on the server: at most _LONG_POLL, and
+    no longer than the deadline (loop time) leaves."""
+    if deadline is None:
+        return _LONG_POLL
+    return max(0.0, min(_LONG_POLL, deadline - loop.time()))
 
 
 def _new_instance(item: NewInstance | Mapping[str, Any], index: int) -> NewInstance:
@@ -1141,21 +1237,15 @@ class InstanceHandle:
         terminated), without its steps; whatever the outcome, nothing is raised
         for it. Raises :class:`ResultTimeout` if ``timeout`` seconds pass first
         (``None``: wait as long as it takes)."""
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
-        ):
-            raise InvalidArgument(f"timeout: must be 0 or more seconds, or None; got {timeout!r}")
+        _check_wait_timeout(timeout)
         client = self._client
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         rpc_deadline = None if client.timeout is None else _LONG_POLL + client.timeout
 
         def request() -> pb.WaitInstanceRequest:
-            poll = _LONG_POLL
-            if deadline is not None:
-                poll = max(0.0, min(poll, deadline - loop.time()))
             message = pb.WaitInstanceRequest(instance_id=self._id)
-            message.timeout.FromTimedelta(timedelta(seconds=poll))
+            message.timeout.FromTimedelta(timedelta(seconds=_poll(loop, deadline)))
             return message
 
         while True:
@@ -1180,7 +1270,10 @@ class InstanceHandle:
         it ended errored, :class:`WorkflowTerminated` if it was terminated,
         and :class:`ResultTimeout` if ``timeout`` seconds pass first.
         """
-        info = await self.wait(timeout)
+        return self._outcome(await self.wait(timeout))
+
+    def _outcome(self, info: InstanceStatusInfo) -> Any:
+        """The output of a final instance, or the error its end raises."""
         if info.status is InstanceStatus.COMPLETE:
             return info.output
         if info.status is InstanceStatus.ERRORED:

@@ -353,6 +353,28 @@ class SyncWorkflowBinding:
         )
         return SyncInstanceHandle(handle, self._loop)
 
+    def run(
+        self,
+        params: Any = None,
+        *,
+        id: str | None = None,
+        lookup_key: str | None = None,
+        priority: int = 0,
+        concurrency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """See :meth:`WorkflowBinding.run`."""
+        return self._loop.run(
+            self._binding.run(
+                params,
+                id=id,
+                lookup_key=lookup_key,
+                priority=priority,
+                concurrency_key=concurrency_key,
+                timeout=timeout,
+            )
+        )
+
     def create_batch(
         self, items: Iterable[NewInstance | Mapping[str, Any]], *, timeout: float | None = None
     ) -> list[SyncInstanceHandle]:
