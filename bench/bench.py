@@ -561,27 +561,26 @@ class Tally:
 
 
 async def one_workflow(
-    stub: Stub, number: int, timeout: float, watch: bool, waiter: Stub | None = None
+    stub: Stub, number: int, timeout: float, how: str = "wait", waiter: Stub | None = None
 ) -> str | None:
-    """Create one instance on ``stub`` and wait for its end on ``waiter`` (the
-    same by default): WaitInstance, or a WatchInstance stream when ``watch``;
-    None when it COMPLETEd."""
+    """One instance, submitted to ``stub`` and followed to its end on ``waiter``
+    (the same by default); ``how``: "wait" (CreateInstance, then WaitInstance),
+    "watch" (CreateInstance, then a WatchInstance stream) or "run" (one
+    RunInstance on ``stub``, which must then be the waiter). None when it
+    COMPLETEd."""
     waiter = stub if waiter is None else waiter
+    new = pb.CreateInstanceRequest(workflow=WORKFLOW, params_json=f'{{"n":{number}}}')
     try:
-        created = await stub.CreateInstance(
-            pb.CreateInstanceRequest(workflow=WORKFLOW, params_json=f'{{"n":{number}}}'),
-            timeout=timeout,
-        )
-        if not watch:
+        if how == "run":
+            assert waiter is stub, "RunInstance waits where it creates"
+            ran = await stub.RunInstance(pb.RunInstanceRequest(instance=new), timeout=timeout)
+            return _problem(ran.instance, number)
+        created = await stub.CreateInstance(new, timeout=timeout)
+        if how == "wait":
             waited = await waiter.WaitInstance(
                 pb.WaitInstanceRequest(instance_id=created.instance_id), timeout=timeout
             )
-            status = waited.instance.status
-            if status != pb.INSTANCE_STATUS_COMPLETE:
-                return f"ended {pb.InstanceStatus.Name(status)}"
-            if json.loads(waited.instance.output_json)["params"].get("n") != number:
-                return "wrong output"
-            return None
+            return _problem(waited.instance, number)
         succeeded = 0
         final = pb.INSTANCE_STATUS_UNSPECIFIED
         call = waiter.WatchInstance(
@@ -599,6 +598,15 @@ async def one_workflow(
         return f"ended {pb.InstanceStatus.Name(final)}"
     if succeeded != STEPS_PER_WORKFLOW:
         return f"{succeeded} steps succeeded"
+    return None
+
+
+def _problem(instance: pb.Instance, number: int) -> str | None:
+    """What is wrong with the final answer for workflow ``number``; None if nothing."""
+    if instance.status != pb.INSTANCE_STATUS_COMPLETE:
+        return f"ended {pb.InstanceStatus.Name(instance.status)}"
+    if json.loads(instance.output_json)["params"].get("n") != number:
+        return "wrong output"
     return None
 
 
@@ -678,10 +686,10 @@ async def run_many(
     first: int,
     timeout: float,
     tally: Tally,
-    watch: bool = False,
+    how: str = "wait",
 ) -> None:
     """``count`` workflows, at most ``concurrency`` in flight, each on the stubs
-    ``pick`` gives its number."""
+    ``pick`` gives its number, followed as ``how`` says (see one_workflow)."""
     issued = 0
 
     async def worker() -> None:
@@ -690,7 +698,9 @@ async def run_many(
             number = first + issued
             issued += 1
             stub, waiter = pick(number)
-            problem = await one_workflow(stub, number, timeout, watch, waiter)
+            problem = await one_workflow(
+                stub, number, timeout, how, stub if how == "run" else waiter
+            )
             if problem is None:
                 tally.ok += 1
             else:
@@ -700,12 +710,18 @@ async def run_many(
 
 
 async def run_sequential(
-    pick: Pick, count: int, first: int, timeout: float, tally: Tally, latencies_ms: list[float]
+    pick: Pick,
+    count: int,
+    first: int,
+    timeout: float,
+    tally: Tally,
+    latencies_ms: list[float],
+    how: str = "run",
 ) -> None:
     for number in range(first, first + count):
         stub, waiter = pick(number)
         start = time.perf_counter()
-        problem = await one_workflow(stub, number, timeout, False, waiter)
+        problem = await one_workflow(stub, number, timeout, how, waiter)
         elapsed = time.perf_counter() - start
         if problem is None:
             tally.ok += 1
@@ -863,19 +879,18 @@ class Bench:
             result["total_cpu_ms_per_wf"] = _per(cpu + pg_cpu + client, done, 1000)
         return result
 
-    async def w1(
-        self, watch: bool = False, label: str = "", watch_many: bool = False
-    ) -> dict[str, Any]:
+    async def w1(self, how: str = "wait", label: str = "") -> dict[str, Any]:
         """N workflows submitted at once, a bounded number in flight; followed
-        with WaitInstance, a WatchInstance stream each (``watch``), or a
-        WatchInstances stream per batch of WATCH_BATCH (``watch_many``)."""
+        with WaitInstance (``how="wait"``), a WatchInstance stream each
+        ("watch"), a WatchInstances stream per batch of WATCH_BATCH
+        ("watch-many"), or submitted and awaited with one RunInstance ("run")."""
         o = self.opts
-        name = ("W1 watch-many" if watch_many else "W1 watch" if watch else "W1") + label
+        name = ("W1" if how == "wait" else f"W1 {how}") + label
 
         def work(count: int, first: int, tally: Tally) -> Awaitable[None]:
-            if watch_many:
+            if how == "watch-many":
                 return run_batches(self.spread, count, o.concurrency, first, o.rpc_timeout, tally)
-            return run_many(self.spread, count, o.concurrency, first, o.rpc_timeout, tally, watch)
+            return run_many(self.spread, count, o.concurrency, first, o.rpc_timeout, tally, how)
 
         first = self._take(o.warmup)
         await self.bounded(f"{name} warm-up", work(o.warmup, first, self.warm))
@@ -894,7 +909,7 @@ class Bench:
             **result,
             "server_rss_mb": round(sum(rss), 1),
         }
-        if watch_many:
+        if how == "watch-many":
             figures["watch_batch"] = WATCH_BATCH
         if len(self.servers) > 1:
             figures["servers"] = len(self.servers)
@@ -906,13 +921,16 @@ class Bench:
             figures["servers_rss_mb"] = [round(r, 1) for r in rss]
         return figures
 
-    async def w2(self, label: str = "") -> dict[str, Any]:
-        """M workflows one at a time: submit-to-result latency."""
+    async def w2(self, label: str = "", how: str = "run") -> dict[str, Any]:
+        """M workflows one at a time: submit-to-result latency, with one
+        RunInstance each (``how="run"``, as the peers' W2 calls), or
+        CreateInstance then WaitInstance ("wait")."""
         o = self.opts
+        label = label if how == "run" else f" create+wait{label}"
         first = self._take(o.warmup)
         await self.bounded(
             f"W2{label} warm-up",
-            run_sequential(self.alternate, o.warmup, first, o.rpc_timeout, self.warm, []),
+            run_sequential(self.alternate, o.warmup, first, o.rpc_timeout, self.warm, [], how),
         )
         tally = Tally()
         self.tallies.append(tally)
@@ -921,7 +939,7 @@ class Bench:
         result = await self.measured(
             f"W2{label}",
             tally,
-            run_sequential(self.alternate, o.m, first, o.rpc_timeout, tally, lat),
+            run_sequential(self.alternate, o.m, first, o.rpc_timeout, tally, lat, how),
         )
         lat.sort()
 
@@ -1020,9 +1038,11 @@ async def drive(
             db,
         )
         w1 = await bench.w1()
-        w1_watch = await bench.w1(watch=True)
-        w1_watch_many = await bench.w1(watch_many=True)
+        w1_watch = await bench.w1("watch")
+        w1_watch_many = await bench.w1("watch-many")
+        w1_run = await bench.w1("run")
         w2 = await bench.w2()
+        w2_create_wait = await bench.w2(how="wait")
         w4 = await bench.w4() if opts.w4 else None
         if http_stubs:
             bench.stubs = cast("list[list[Stub]]", http_stubs)
@@ -1045,7 +1065,9 @@ async def drive(
         "w1": w1,
         "w1_watch": w1_watch,
         "w1_watch_many": w1_watch_many,
+        "w1_run": w1_run,
         "w2": w2,
+        "w2_create_wait": w2_create_wait,
         **({"w4": w4} if w4 is not None else {}),
         **http,
         "warmup_failed": bench.warm.failed,
@@ -1148,6 +1170,13 @@ def summary(report: dict[str, Any]) -> Iterator[str]:
             f"[target >= 90%: {'met' if share >= 0.9 else 'MISSED'}], "
             f"server CPU {wm['server_cpu_ms_per_wf']} ms/wf"
         )
+    wr = report.get("w1_run")
+    if wr is not None:
+        yield (
+            f"W1 with one RunInstance per workflow (create and wait in one call): "
+            f"{wr['workflows_per_s']:.0f} workflows/s, server CPU {wr['server_cpu_ms_per_wf']} "
+            f"ms/wf"
+        )
     hw1, hw2, h2w1 = report.get("w1_http"), report.get("w2_http"), report.get("w1_http2")
     if hw1 is not None and hw2 is not None and h2w1 is not None:
         grpc_rate = w1["workflows_per_s"] or 1
@@ -1162,9 +1191,15 @@ def summary(report: dict[str, Any]) -> Iterator[str]:
         )
         yield f"W2 over HTTP/1.1 JSON: p50 {hw2['p50_ms']} ms, p99 {hw2['p99_ms']} ms"
     yield (
-        f"W2 {w2['completed']}/{w2['m']} one at a time: p50 {w2['p50_ms']} ms, "
-        f"p99 {w2['p99_ms']} ms, mean {w2['mean_ms']} ms{target2}"
+        f"W2 {w2['completed']}/{w2['m']} one at a time, a RunInstance each: p50 "
+        f"{w2['p50_ms']} ms, p99 {w2['p99_ms']} ms, mean {w2['mean_ms']} ms{target2}"
     )
+    wc = report.get("w2_create_wait")
+    if wc is not None:
+        yield (
+            f"   with CreateInstance then WaitInstance instead: p50 {wc['p50_ms']} ms, "
+            f"p99 {wc['p99_ms']} ms"
+        )
     if "spread" in w2:
         yield f"   {w2['spread']}"
     yield (

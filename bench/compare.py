@@ -88,8 +88,12 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
         "w2_p50_ms": report["w2"]["p50_ms"],
         "report": report,
     }
-    # Over HTTP/JSON (Connect), when the bench ran those phases.
+    # The other ways to follow a workflow, and HTTP/JSON (Connect), when the bench ran them.
     for key, phase, figure in (
+        ("w1_run_wf_per_s", "w1_run", "workflows_per_s"),
+        ("w1_watch_many_wf_per_s", "w1_watch_many", "workflows_per_s"),
+        ("w1_server_cpu_ms_per_wf", "w1", "server_cpu_ms_per_wf"),
+        ("w2_create_wait_p50_ms", "w2_create_wait", "p50_ms"),
         ("w1_http_wf_per_s", "w1_http", "workflows_per_s"),
         ("w1_http2_wf_per_s", "w1_http2", "workflows_per_s"),
         ("w2_http_p50_ms", "w2_http", "p50_ms"),
@@ -164,7 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
         rounds.append({"ours": mine, "theirs": peer, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    keys = ("w1_wf_per_s", "w2_p50_ms", "w1_http_wf_per_s", "w1_http2_wf_per_s", "w2_http_p50_ms")
+    keys = (
+        "w1_wf_per_s",
+        "w2_p50_ms",
+        "w1_run_wf_per_s",
+        "w1_watch_many_wf_per_s",
+        "w1_server_cpu_ms_per_wf",
+        "w2_create_wait_p50_ms",
+        "w1_http_wf_per_s",
+        "w1_http2_wf_per_s",
+        "w2_http_p50_ms",
+    )
     medians = {
         side: {
             key: _median([r[side].get(key) for r in rounds])
@@ -181,6 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             medians["ours"].get("w2_p50_ms"), medians["theirs"].get("w2_p50_ms")
         ),
     }
+    if "w1_run_wf_per_s" in medians["ours"]:
+        ratios["w1_run_over_theirs"] = _ratio(
+            medians["ours"]["w1_run_wf_per_s"], medians["theirs"].get("w1_wf_per_s")
+        )
+    if "w2_create_wait_p50_ms" in medians["ours"]:
+        ratios["w2_create_wait_p50_over_theirs"] = _ratio(
+            medians["ours"]["w2_create_wait_p50_ms"], medians["theirs"].get("w2_p50_ms")
+        )
     if "w1_http_wf_per_s" in medians["ours"]:
         # Each round's HTTP W1 against its own gRPC W1 (the same server, minutes
         # apart), then the median: the drift between rounds cancels out.
