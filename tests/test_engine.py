@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -192,9 +193,9 @@ async def test_one_workflow_alone_costs_one_sqlite_commit_per_step_plus_create(
     engine = await make_engine()
     statements: list[str] = []
     writer = engine.store._writer  # type: ignore[attr-defined]
-    await writer.set_trace_callback(statements.append)
+    await writer.call(sqlite3.Connection.set_trace_callback, statements.append)
     await finished(engine, (await engine.create("three-steps"))[0])
-    await writer.set_trace_callback(None)
+    await writer.call(sqlite3.Connection.set_trace_callback, None)
     commits = sum(1 for s in statements if s == "COMMIT")
     # create, step one, step two, step three together with the completion.
     assert commits == 4

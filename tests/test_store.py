@@ -483,10 +483,12 @@ async def test_store_is_durable_wal_full(tmp_path: Path) -> None:
     await store.open()
     writer = store._writer
     assert writer is not None
-    async with writer.execute("PRAGMA journal_mode") as cur:
-        assert (await cur.fetchone()) == ("wal",)
-    async with writer.execute("PRAGMA synchronous") as cur:
-        assert (await cur.fetchone()) == (2,)  # FULL
+
+    def pragma(conn: sqlite3.Connection, name: str) -> object:
+        return conn.execute(f"PRAGMA {name}").fetchone()
+
+    assert await writer.call(pragma, "journal_mode") == ("wal",)
+    assert await writer.call(pragma, "synchronous") == (2,)  # FULL
     await store.close()
 
 

@@ -1,9 +1,11 @@
 """The embedded checkpoint store: one SQLite file in WAL mode, fsynced on commit.
 
 One writer connection applies each group-committed batch in one
-``BEGIN IMMEDIATE`` transaction with one ``executemany`` per kind of row, so a
-batch costs a handful of awaits however many instances it carries. Reads go
-through a second connection, which WAL lets run beside the writer.
+``BEGIN IMMEDIATE`` transaction with one ``executemany`` per kind of row. It
+lives on a thread of its own, where the whole batch (every statement and the
+commit) runs as one call: a batch costs the event loop one await however many
+rows it carries. Reads go through a second connection (aiosqlite), which WAL
+lets run beside the writer.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
 
@@ -552,13 +555,63 @@ _TRANSIENT: dict[int, tuple[str, str]] = {
 _REOPEN = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN})
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _Writer:
+    """The writer connection, on a thread of its own. ``call`` runs a function
+    of the connection there: a batch's statements and its commit in one hop
+    from the event loop and back. aiosqlite's connection makes each statement
+    a hop of its own; a checkpoint of three writes and a commit measured
+    0.33-0.40 ms that way against 0.16 ms in one call (an fsync is about 0.1)."""
+
+    def __init__(self, pool: ThreadPoolExecutor, conn: sqlite3.Connection) -> None:
+        self._pool = pool
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, path: Path, synchronous: str) -> _Writer:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="cruzflow-sqlite-writer")
+
+        def connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(path, isolation_level="IMMEDIATE")
+            try:
+                conn.execute("PRAGMA busy_timeout = 5000")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA synchronous = {synchronous}")
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(pool, connect)
+        except BaseException:
+            pool.shutdown(wait=False)
+            raise
+        return cls(pool, conn)
+
+    async def call(
+        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **_: P.kwargs
+    ) -> T:
+        """``fn(connection, *args)`` on the writer's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, self._conn, *args)
+
+    async def close(self) -> None:
+        try:
+            await self.call(sqlite3.Connection.close)
+        finally:
+            self._pool.shutdown(wait=False)
+
+
 class SqliteStore:
     """The ``Store`` on one SQLite file. One server process owns the file."""
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
         self._synchronous = synchronous
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: _Writer | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
         # Signs page tokens; read (or made) by open.
@@ -574,13 +627,13 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         try:
-            self._writer = await self._connect(isolation_level="IMMEDIATE")
+            self._writer = await self._connect_writer()
             try:
-                await self._migrate(self._writer)
+                await self._writer.call(self._migrate)
             except sqlite3.Error as exc:
                 raise self._fault("cannot migrate the store", exc) from exc
-            self._page_token_key = await self._secret(self._writer, "page_token_key")
-            self._reader = await self._connect(isolation_level=None)
+            self._page_token_key = await self._secret("page_token_key")
+            self._reader = await self._connect()
         except BaseException:
             await self.close()
             raise
@@ -624,10 +677,17 @@ class SqliteStore:
             ) from None
         self._lock_fd = fd
 
-    async def _connect(self, isolation_level: str | None) -> aiosqlite.Connection:
+    async def _connect_writer(self) -> _Writer:
+        try:
+            return await _Writer.open(self.path, self._synchronous)
+        except sqlite3.Error as exc:
+            raise self._fault("cannot open the store", exc) from exc
+
+    async def _connect(self) -> aiosqlite.Connection:
+        """A reader connection (autocommit: each read sees the latest commit)."""
         conn: aiosqlite.Connection | None = None
         try:
-            conn = await aiosqlite.connect(self.path, isolation_level=isolation_level)
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
             await conn.execute("PRAGMA busy_timeout = 5000")
             await conn.execute("PRAGMA journal_mode = WAL")
             await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
@@ -638,9 +698,9 @@ class SqliteStore:
             raise self._fault("cannot open the store", exc) from exc
         return conn
 
-    async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        async with conn.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """On the writer's thread."""
+        row = conn.execute("PRAGMA user_version").fetchone()
         version = row[0] if row else 0
         if version > len(MIGRATIONS):
             raise StoreError(
@@ -648,29 +708,34 @@ class SqliteStore:
                 f"({len(MIGRATIONS)}); run a newer cruzflow"
             )
         for number in range(version, len(MIGRATIONS)):
-            await conn.executescript(
+            conn.executescript(
                 f"BEGIN IMMEDIATE; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;"
             )
             log.info("store %s migrated to schema version %d", self.path, number + 1)
 
-    async def _secret(self, conn: aiosqlite.Connection, name: str) -> bytes:
+    async def _secret(self, name: str) -> bytes:
         """The 32 random bytes stored under ``name``, made on first use. Run
         before any batch: the writer connection holds no transaction yet."""
-        select = "SELECT value FROM meta WHERE key = ?"
-        try:
-            rows = list(await conn.execute_fetchall(select, (name,)))
+
+        def read_or_make(conn: sqlite3.Connection) -> bytes:
+            select = "SELECT value FROM meta WHERE key = ?"
+            rows = conn.execute(select, (name,)).fetchall()
             if not rows:
                 # Written once only: a store that is read-only or locked at a
                 # later start still opens, serves reads and recovers by itself.
-                await conn.execute(
+                conn.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
                     (name, secrets.token_bytes(32)),
                 )
-                await conn.commit()
-                rows = list(await conn.execute_fetchall(select, (name,)))
+                conn.commit()
+                rows = conn.execute(select, (name,)).fetchall()
+            return bytes(rows[0][0])
+
+        assert self._writer is not None
+        try:
+            return await self._writer.call(read_or_make)
         except sqlite3.Error as exc:
             raise self._fault(f"cannot read or make the store's {name}", exc) from exc
-        return bytes(rows[0][0])
 
     def page_token_key(self) -> bytes:
         assert self._page_token_key is not None, "store is not open"
@@ -688,184 +753,24 @@ class SqliteStore:
     # ---------------------------------------------------------------- write
     async def apply(self, batch: Batch, lease: Lease) -> dict[str, Refusal]:
         # One server per file (the lock file): the lease is always this
-        # server's, so no write is fenced. Ids are reserved by the engine
-        # before a create; a taken one is still told apart here, so that it
-        # is refused alone and the rest of the batch lands.
-        conn = await self._writable()
+        # server's, so no write is fenced.
+        writer = await self._writable()
+        plan = _plan(batch)
         try:
-            await self._write(conn, batch)
-            return {}
-        except sqlite3.IntegrityError as exc:
-            with contextlib.suppress(sqlite3.Error):
-                await conn.rollback()
-            taken = await self._taken(conn, batch) if batch.new_instances else set()
-            if not taken:
-                raise await self._failed(exc) from exc
-            rest = batch.without(taken)
-            try:
-                await self._write(conn, rest)
-            except sqlite3.Error as again:
-                raise await self._failed(again) from again
-            batch.purged = rest.purged
-            batch.promoted, batch.gate_retry = rest.promoted, rest.gate_retry
-            return dict.fromkeys(taken, Refusal.CONFLICT)
+            return await writer.call(_apply, batch, plan)
         except sqlite3.Error as exc:
-            raise await self._failed(exc) from exc
+            raise self._failed(exc) from exc
 
-    async def _taken(self, conn: aiosqlite.Connection, batch: Batch) -> set[str]:
-        """The ids of the batch's new instances that are stored already."""
-        ids = [r.id for r in batch.new_instances]
-        taken: set[str] = set()
-        for at in range(0, len(ids), 500):
-            chunk = ids[at : at + 500]
-            rows = await conn.execute_fetchall(
-                f"SELECT id FROM instances WHERE id IN ({', '.join('?' * len(chunk))})", chunk
-            )
-            taken.update(row[0] for row in rows)
-        return taken
-
-    async def _failed(self, exc: sqlite3.Error) -> StoreError:
-        """The StoreError for a failed write, after rolling it back: nothing of
-        the batch stays applied, so retrying the same batch is safe."""
-        conn = self._writer
-        if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                await conn.rollback()
+    def _failed(self, exc: sqlite3.Error) -> StoreError:
+        """The StoreError for a failed write (``_apply`` rolled it back: nothing
+        of the batch stays applied, so retrying the same batch is safe)."""
         fault = self._fault("commit failed", exc)
         code = getattr(exc, "sqlite_errorcode", 0)
         if (code & 0xFF) in _REOPEN or fault.cause == "read-only":
             self._reconnect_after = fault
         return fault
 
-    async def _write(self, conn: aiosqlite.Connection, batch: Batch) -> None:
-        """Every write of ``batch`` in one transaction, committed."""
-        # isolation_level IMMEDIATE: the first statement opens BEGIN IMMEDIATE.
-        if batch.new_instances:
-            await conn.executemany(
-                _INSERT_INSTANCE,
-                [
-                    (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
-                     r.error_message, r.created_at, r.updated_at, r.ended_at,
-                     r.lookup_key, r.wake_at, r.trace_parent, r.error_traceback,
-                     r.run_started_at, r.parent_id, r.abandon, r.priority, r.concurrency_key,
-                     r.gate)
-                    for r in batch.new_instances
-                ],
-            )  # fmt: skip
-            scheduled = [(r.schedule_id, r.id) for r in batch.new_instances if r.schedule_id]
-            if scheduled:
-                await conn.executemany(_SET_SCHEDULE, scheduled)
-        if batch.instance_updates:
-            await conn.executemany(
-                _UPDATE_INSTANCE,
-                [
-                    (int(u.status), u.output, u.error_name, u.error_message, u.updated_at,
-                     u.ended_at, u.wake_at, u.error_traceback, u.run_started_at, u.id)
-                    for u in batch.instance_updates.values()
-                ],
-            )  # fmt: skip
-        if batch.cleared_steps:
-            await conn.executemany(_CLEAR_STEPS, [(i,) for i in batch.cleared_steps])
-        if batch.steps:
-            await conn.executemany(
-                _UPSERT_STEP,
-                [
-                    (s.instance_id, s.index, s.name, s.occurrence, int(s.status), s.attempts,
-                     s.started_at, s.ended_at, s.output, s.error_name, s.error_message,
-                     s.next_attempt_at, int(s.kind), s.event_type, s.error_traceback)
-                    for s in batch.steps.values()
-                ],
-            )  # fmt: skip
-        if batch.events:
-            dumps = json.dumps
-            await conn.executemany(
-                _INSERT_EVENT,
-                [
-                    (e.instance_id, e.seq, e.at, int(e.kind),
-                     dumps(e.data, separators=(",", ":")), e.payload)
-                    for e in batch.events
-                ],
-            )  # fmt: skip
-        if batch.inbox:
-            await conn.executemany(
-                _INSERT_INBOX,
-                [(e.instance_id, e.type, e.payload, e.at, e.trace_parent) for e in batch.inbox],
-            )
-        if batch.consumed:
-            await conn.executemany(
-                _CONSUME_INBOX,
-                [(step, event) for event, (_, step) in batch.consumed.items()],
-            )
-        purged = 0
-        if batch.purge:
-            # Last, so a write of this batch that revived an instance keeps it.
-            targets = list(batch.purge.items())
-            for sql in _PURGE_CHILDREN:
-                await conn.executemany(sql, targets)
-            purged = (await conn.executemany(_PURGE_INSTANCE, targets)).rowcount
-        if batch.gate_hold:
-            await conn.executemany(_GATE_HOLD, [(i,) for i in batch.gate_hold])
-        promoted: list[str] = []
-        retry: list[tuple[str, str, int]] = []
-        if batch.gate_ids or batch.gate_keys or batch.gate_sweep:
-            promoted, retry = await self._open_gates(conn, batch)
-        await conn.commit()
-        batch.purged = purged
-        batch.promoted, batch.gate_retry = promoted, retry
-
-    async def _open_gates(
-        self, conn: aiosqlite.Connection, batch: Batch
-    ) -> tuple[list[str], list[tuple[str, str, int]]]:
-        """Let through as many instances waiting for a slot of each key the batch
-        names as its limits allow, in its transaction (this file has one
-        writer, so nothing else counts meanwhile). Returns the instances let
-        through, and the keys a rate limit holds back with when to look again."""
-        keys: set[tuple[str, str]] = set(batch.gate_keys)
-        ids = list(batch.gate_ids)
-        for at in range(0, len(ids), 500):
-            chunk = ids[at : at + 500]
-            rows = await conn.execute_fetchall(
-                "SELECT DISTINCT workflow, concurrency_key FROM instances"
-                f" WHERE id IN ({', '.join('?' * len(chunk))}) AND gate IS NOT NULL",
-                chunk,
-            )
-            keys.update((r[0], r[1]) for r in rows)
-        if batch.gate_sweep:
-            rows = await conn.execute_fetchall(_GATE_WAITING_KEYS)
-            keys.update((r[0], r[1]) for r in rows)
-        now = int(time.time() * 1000)
-        promoted: list[str] = []
-        retry: list[tuple[str, str, int]] = []
-        for workflow, key in sorted(keys):
-            gate = batch.gates.get(workflow, UNGATED)
-            free = _UNBOUNDED
-            if gate.limit is not None:
-                counted = await conn.execute_fetchall(_GATE_HOLDERS, (workflow, key))
-                holders = next(iter(counted))[0]
-                free = gate.limit - holders
-            starts: list[Any] = []
-            if gate.starts is not None:
-                starts = list(
-                    await conn.execute_fetchall(
-                        _GATE_STARTS, (workflow, key, now - gate.per_ms, gate.starts)
-                    )
-                )
-                free = min(free, gate.starts - len(starts))
-            if free > 0:
-                rows = list(
-                    await conn.execute_fetchall(_GATE_LET_THROUGH, (workflow, key, free, now))
-                )
-                promoted.extend(r[0] for r in rows)
-                starts[:0] = [(now,)] * len(rows)
-            if gate.starts is not None and len(starts) >= gate.starts:
-                waiting = await conn.execute_fetchall(_GATE_ANY_WAITING, (workflow, key))
-                if waiting:
-                    # The window frees a start once its oldest start in the
-                    # window leaves it.
-                    retry.append((workflow, key, starts[gate.starts - 1][0] + gate.per_ms + 1))
-        return promoted, retry
-
-    async def _writable(self) -> aiosqlite.Connection:
+    async def _writable(self) -> _Writer:
         """The writer connection; after a read-only fault, new connections once the
         files can be written again (until then the same fault, without churn)."""
         fault = self._reconnect_after
@@ -890,8 +795,8 @@ class SqliteStore:
             self._reader = self._writer = None
             # A failure here is a transient StoreError too: the journal tries again,
             # and reads fail with it until then.
-            self._writer = await self._connect(isolation_level="IMMEDIATE")
-            self._reader = await self._connect(isolation_level=None)
+            self._writer = await self._connect_writer()
+            self._reader = await self._connect()
         finally:
             self._reconnected = None
             ready.set()
@@ -1178,3 +1083,190 @@ class SqliteStore:
             " THEN ?2 ELSE last_instance_id END WHERE id = ?3",
             (cursor_at, instance_id, schedule_id),
         )
+
+
+# ------------------------------------------------- the writer thread
+def _apply(conn: sqlite3.Connection, batch: Batch, plan: Plan) -> dict[str, Refusal]:
+    """Every write of ``batch`` in one transaction, committed; on the writer's
+    thread. Ids are reserved by the engine before a create; a taken one is
+    still told apart here, so that it is refused alone and the rest of the
+    batch lands. On an error the transaction is rolled back, then it is raised."""
+    try:
+        try:
+            _write(conn, batch, plan)
+            return {}
+        except sqlite3.IntegrityError:
+            conn.rollback()
+            taken = _taken(conn, batch) if batch.new_instances else set()
+            if not taken:
+                raise
+        rest = batch.without(taken)
+        _write(conn, rest, _plan(rest))
+        batch.purged = rest.purged
+        batch.promoted, batch.gate_retry = rest.promoted, rest.gate_retry
+        return dict.fromkeys(taken, Refusal.CONFLICT)
+    except sqlite3.Error:
+        with contextlib.suppress(sqlite3.Error):
+            conn.rollback()
+        raise
+
+
+def _taken(conn: sqlite3.Connection, batch: Batch) -> set[str]:
+    """The ids of the batch's new instances that are stored already."""
+    ids = [r.id for r in batch.new_instances]
+    taken: set[str] = set()
+    for at in range(0, len(ids), 500):
+        chunk = ids[at : at + 500]
+        rows = conn.execute(
+            f"SELECT id FROM instances WHERE id IN ({', '.join('?' * len(chunk))})", chunk
+        ).fetchall()
+        taken.update(row[0] for row in rows)
+    return taken
+
+
+def _fetchall(conn: sqlite3.Connection, sql: str, args: Any = ()) -> list[Any]:
+    return conn.execute(sql, args).fetchall()
+
+
+Plan = list[tuple[str, list[tuple[Any, ...]]]]
+"""A batch's row writes: each statement with its rows, in order."""
+
+
+def _plan(batch: Batch) -> Plan:
+    """The rows of ``batch`` as statements, but its purges and gates. Made on
+    the event loop: building them is the Python work of a commit, and on the
+    writer's thread it would hold the GIL against the loop (sqlite3 lets go of
+    it while it runs a statement)."""
+    plan: Plan = []
+    if batch.new_instances:
+        plan.append((
+            _INSERT_INSTANCE,
+            [
+                (r.id, r.workflow, int(r.status), r.params, r.output, r.error_name,
+                 r.error_message, r.created_at, r.updated_at, r.ended_at,
+                 r.lookup_key, r.wake_at, r.trace_parent, r.error_traceback,
+                 r.run_started_at, r.parent_id, r.abandon, r.priority, r.concurrency_key,
+                 r.gate)
+                for r in batch.new_instances
+            ],
+        ))  # fmt: skip
+        scheduled = [(r.schedule_id, r.id) for r in batch.new_instances if r.schedule_id]
+        if scheduled:
+            plan.append((_SET_SCHEDULE, scheduled))
+    if batch.instance_updates:
+        plan.append((
+            _UPDATE_INSTANCE,
+            [
+                (int(u.status), u.output, u.error_name, u.error_message, u.updated_at,
+                 u.ended_at, u.wake_at, u.error_traceback, u.run_started_at, u.id)
+                for u in batch.instance_updates.values()
+            ],
+        ))  # fmt: skip
+    if batch.cleared_steps:
+        plan.append((_CLEAR_STEPS, [(i,) for i in batch.cleared_steps]))
+    if batch.steps:
+        plan.append((
+            _UPSERT_STEP,
+            [
+                (s.instance_id, s.index, s.name, s.occurrence, int(s.status), s.attempts,
+                 s.started_at, s.ended_at, s.output, s.error_name, s.error_message,
+                 s.next_attempt_at, int(s.kind), s.event_type, s.error_traceback)
+                for s in batch.steps.values()
+            ],
+        ))  # fmt: skip
+    if batch.events:
+        dumps = json.dumps
+        plan.append((
+            _INSERT_EVENT,
+            [
+                (e.instance_id, e.seq, e.at, int(e.kind),
+                 dumps(e.data, separators=(",", ":")), e.payload)
+                for e in batch.events
+            ],
+        ))  # fmt: skip
+    if batch.inbox:
+        plan.append(
+            (
+                _INSERT_INBOX,
+                [(e.instance_id, e.type, e.payload, e.at, e.trace_parent) for e in batch.inbox],
+            )
+        )
+    if batch.consumed:
+        plan.append(
+            (_CONSUME_INBOX, [(step, event) for event, (_, step) in batch.consumed.items()])
+        )
+    return plan
+
+
+def _write(conn: sqlite3.Connection, batch: Batch, plan: Plan) -> None:
+    """Every write of ``batch`` in one transaction, committed; ``plan`` is
+    ``_plan(batch)``."""
+    # isolation_level IMMEDIATE: the first statement opens BEGIN IMMEDIATE.
+    for sql, rows in plan:
+        conn.executemany(sql, rows)
+    purged = 0
+    if batch.purge:
+        # Last, so a write of this batch that revived an instance keeps it.
+        targets = list(batch.purge.items())
+        for sql in _PURGE_CHILDREN:
+            conn.executemany(sql, targets)
+        purged = (conn.executemany(_PURGE_INSTANCE, targets)).rowcount
+    if batch.gate_hold:
+        conn.executemany(_GATE_HOLD, [(i,) for i in batch.gate_hold])
+    promoted: list[str] = []
+    retry: list[tuple[str, str, int]] = []
+    if batch.gate_ids or batch.gate_keys or batch.gate_sweep:
+        promoted, retry = _open_gates(conn, batch)
+    conn.commit()
+    batch.purged = purged
+    batch.promoted, batch.gate_retry = promoted, retry
+
+
+def _open_gates(
+    conn: sqlite3.Connection, batch: Batch
+) -> tuple[list[str], list[tuple[str, str, int]]]:
+    """Let through as many instances waiting for a slot of each key the batch
+    names as its limits allow, in its transaction (this file has one
+    writer, so nothing else counts meanwhile). Returns the instances let
+    through, and the keys a rate limit holds back with when to look again."""
+    keys: set[tuple[str, str]] = set(batch.gate_keys)
+    ids = list(batch.gate_ids)
+    for at in range(0, len(ids), 500):
+        chunk = ids[at : at + 500]
+        rows = _fetchall(
+            conn,
+            "SELECT DISTINCT workflow, concurrency_key FROM instances"
+            f" WHERE id IN ({', '.join('?' * len(chunk))}) AND gate IS NOT NULL",
+            chunk,
+        )
+        keys.update((r[0], r[1]) for r in rows)
+    if batch.gate_sweep:
+        rows = _fetchall(conn, _GATE_WAITING_KEYS)
+        keys.update((r[0], r[1]) for r in rows)
+    now = int(time.time() * 1000)
+    promoted: list[str] = []
+    retry: list[tuple[str, str, int]] = []
+    for workflow, key in sorted(keys):
+        gate = batch.gates.get(workflow, UNGATED)
+        free = _UNBOUNDED
+        if gate.limit is not None:
+            counted = _fetchall(conn, _GATE_HOLDERS, (workflow, key))
+            holders = next(iter(counted))[0]
+            free = gate.limit - holders
+        starts: list[Any] = []
+        if gate.starts is not None:
+            starts = list(
+                _fetchall(conn, _GATE_STARTS, (workflow, key, now - gate.per_ms, gate.starts))
+            )
+            free = min(free, gate.starts - len(starts))
+        if free > 0:
+            rows = list(_fetchall(conn, _GATE_LET_THROUGH, (workflow, key, free, now)))
+            promoted.extend(r[0] for r in rows)
+            starts[:0] = [(now,)] * len(rows)
+        if gate.starts is not None and len(starts) >= gate.starts:
+            waiting = _fetchall(conn, _GATE_ANY_WAITING, (workflow, key))
+            if waiting:
+                # The window frees a start once its oldest start in the
+                # window leaves it.
+                retry.append((workflow, key, starts[gate.starts - 1][0] + gate.per_ms + 1))
+    return promoted, retry
