@@ -229,9 +229,13 @@ def _about_error(run: Run, step: str, attempt: int, traceback: str | None) -> di
     return about
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+"""One encoder for every step result: json.dumps with arguments makes one per call."""
+
+
 def to_json(value: Any) -> bytes:
     """Compact JSON bytes; TypeError, ValueError or RecursionError if it isn't JSON."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def _ms() -> int:
