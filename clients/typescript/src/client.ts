@@ -65,10 +65,11 @@ export interface ClientOptions {
    *
    * - reads (`status`, `get`, `listInstances`, `listWorkflows`, `countInstances`,
    *   `caller`) always;
-   * - `create` and `createMany` only when every instance has an `id` (a lost
-   *   answer to a create without one may hide an instance that was stored). An
-   *   `AlreadyExists` answer to such a retry is success when the instance found
-   *   has the same workflow, params and lookup key;
+   * - `create`, `createMany` and `run` only when every instance has an `id`
+   *   (a lost answer to a create without one may hide an instance that was
+   *   stored). An `AlreadyExists` answer to such a retry is success when the
+   *   instance found has the same workflow, params and lookup key (`run` then
+   *   waits for it);
    * - `pause`, `resume` and `terminate`; a `FailedPrecondition` answer to a
    *   retry is success when the instance is already where the call would have
    *   put it;
@@ -77,8 +78,8 @@ export interface ClientOptions {
    */
   retry?: Partial<RetryPolicy> | null | undefined;
   /**
-   * The policy of `watch()` and `wait()`/`result()`, which outlive server
-   * restarts; by default they give up after 30 failed reconnections in a row
+   * The policy of `watch()`, `watchMany()` and `wait()`/`result()`, which
+   * outlive server restarts; by default they give up after 30 failed reconnections in a row
    * ({@link DEFAULT_RECONNECT}). `null`: they fail at the first cut.
    */
   reconnect?: Partial<RetryPolicy> | null | undefined;
@@ -202,6 +203,36 @@ export interface WatchOptions {
   signal?: AbortSignal | undefined;
 }
 
+/**
+ * One instance of `client.watchMany` and where to resume it. An
+ * {@link InstanceHandle} is one too (from its first event).
+ */
+export interface WatchCursor {
+  /** The instance id. */
+  readonly id: string;
+  /** Resume after this sequence number (0, the default: from the first event). */
+  readonly afterSequence?: number | undefined;
+}
+
+/** Options of `client.watchMany`. */
+export interface WatchManyOptions {
+  /** Bounds the whole watch: {@link DeadlineExceeded} once it has passed. */
+  timeoutMs?: number | undefined;
+  /** Ends the watch: the iteration then throws a `CruzflowError` with `Code.Canceled`. */
+  signal?: AbortSignal | undefined;
+}
+
+/**
+ * Options of `WorkflowBinding.run` and `runInfo`: those of `create` (but
+ * `ifExists`), and `timeoutMs` and `signal` as `InstanceHandle.wait`'s.
+ */
+export interface RunOptions
+  extends WaitOptions,
+    Pick<CreateOptions, "id" | "lookupKey" | "priority" | "concurrencyKey"> {}
+
+/** The most instances one `watchMany` (one WatchInstances stream) follows. */
+export const MAX_WATCHED = 1000;
+
 const DEFAULT_TIMEOUT_MS = 10_000;
 // How long one WaitInstance long-poll may last on the server; wait() polls
 // again until the instance is final or its own timeout passes. Short enough
@@ -229,6 +260,102 @@ function checkTimeout(value: unknown, what: string): number | null {
 
 function sameJson(a: unknown, b: unknown): boolean {
   return JSON.stringify(a) === JSON.stringify(b);
+}
+
+function show(value: unknown): string {
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return String(value);
+  }
+}
+
+/** A wait's `timeoutMs` (0 or more; `undefined`: no end) as the time it ends. */
+function waitDeadline(timeoutMs: unknown): number | null {
+  if (timeoutMs === undefined) {
+    return null;
+  }
+  if (typeof timeoutMs !== "number" || !(timeoutMs >= 0)) {
+    throw new InvalidArgument(`timeoutMs: must be 0 or more milliseconds, got ${String(timeoutMs)}`);
+  }
+  return Date.now() + timeoutMs;
+}
+
+/** How long one long poll (WaitInstance, RunInstance) may wait on the server. */
+function pollMs(deadline: number | null): number {
+  return deadline === null ? LONG_POLL_MS : Math.max(0, Math.min(LONG_POLL_MS, deadline - Date.now()));
+}
+
+/**
+ * `client.watchMany`'s instances as id -> sequence to resume after, checked
+ * as the server would (before any call): 1 to {@link MAX_WATCHED}, each once.
+ */
+function cursors(instances: unknown): Map<string, number> {
+  const expected = "ids, handles or { id, afterSequence } cursors";
+  if (typeof instances === "string") {
+    throw new InvalidArgument(
+      `instances: expected ${expected}, not one string (${show(instances)}); ` +
+        `pass [${show(instances)}] to follow one instance`,
+    );
+  }
+  if (typeof instances !== "object" || instances === null || !(Symbol.iterator in instances)) {
+    throw new InvalidArgument(
+      `instances: expected an array of ${expected}, or a Map of id to sequence, got ${show(instances)}`,
+    );
+  }
+  const items: Iterable<unknown> =
+    instances instanceof Map
+      ? [...(instances as Map<unknown, unknown>)].map(([id, afterSequence]) => ({ id, afterSequence }))
+      : (instances as Iterable<unknown>);
+  const out = new Map<string, number>();
+  let index = 0;
+  for (const item of items) {
+    let id: unknown;
+    let after: unknown = 0;
+    if (typeof item === "string") {
+      id = item;
+    } else if (typeof item === "object" && item !== null && "id" in item) {
+      id = item.id;
+      after = (item as { afterSequence?: unknown }).afterSequence ?? 0;
+    } else {
+      throw new InvalidArgument(
+        `instances[${index}]: expected an id, a handle or an { id, afterSequence } cursor, got ${show(item)}`,
+      );
+    }
+    const text = checkText(id, `instances[${index}].id`);
+    if (typeof after !== "number" || !Number.isSafeInteger(after) || after < 0) {
+      throw new InvalidArgument(
+        `instances[${index}].afterSequence: must be an integer of 0 or more, got ${show(after)}`,
+      );
+    }
+    if (out.has(text)) {
+      throw new InvalidArgument(`instances[${index}]: '${text}' is listed already; list each instance once`);
+    }
+    out.set(text, after);
+    index += 1;
+  }
+  if (out.size === 0) {
+    throw new InvalidArgument("instances: at least one instance to watch is required");
+  }
+  if (out.size > MAX_WATCHED) {
+    throw new InvalidArgument(
+      `instances: ${out.size} listed, at most ${MAX_WATCHED} per watchMany (one WatchInstances ` +
+        `stream); split them over several watchMany calls`,
+    );
+  }
+  return out;
+}
+
+/** What `result()` and `run()` give for a final instance: its output, or the error of its end. */
+function outcome<Output>(info: InstanceInfo<unknown, Output>): Output {
+  if (info.status === "complete") {
+    return info.output as Output;
+  }
+  if (info.status === "errored") {
+    const error = info.error;
+    throw new WorkflowFailed(info.id, error?.name ?? "UnknownError", error?.message ?? "", error?.traceback);
+  }
+  throw new WorkflowTerminated(info.id);
 }
 
 /**
@@ -277,6 +404,116 @@ export class Client {
   /** A handle on the instance `id` (no call is made; see `WorkflowBinding.get`). */
   instance<Params = unknown, Output = unknown>(id: string): InstanceHandle<Params, Output> {
     return new InstanceHandle(this, checkText(id, "instanceId"));
+  }
+
+  /**
+   * Every event of several instances (1 to {@link MAX_WATCHED}) as they
+   * happen, in one stream (WatchInstances), ending once every one has
+   * reached its end. Those of each instance come in order, each once; the
+   * instances' events interleave as they happen:
+   *
+   * ```ts
+   * for await (const event of client.watchMany(["order-1", "order-2"])) {
+   *   if (event.kind === "statusChanged" && event.isFinal) console.log(event.instanceId, event.status);
+   * }
+   * ```
+   *
+   * `instances` are ids or handles (followed from their first event),
+   * `{ id, afterSequence }` cursors, or a `Map` of id to the sequence to
+   * resume after; they are checked at once (an empty list, an id listed
+   * twice, more than {@link MAX_WATCHED}: {@link InvalidArgument}), before
+   * any call. A stream cut by the network or a server stop or restart is
+   * opened again with each instance's last sequence received, leaving out
+   * those whose last event was final, so no event is missed or repeated (as
+   * `InstanceHandle.watch`); it gives up (throwing {@link Unavailable}) after
+   * the client's `reconnect` attempts in a row that brought no event.
+   * `timeoutMs` bounds the whole watch ({@link DeadlineExceeded}); `break`
+   * closes the stream.
+   */
+  watchMany<Output = unknown>(
+    instances: Iterable<string | WatchCursor> | ReadonlyMap<string, number>,
+    options: WatchManyOptions = {},
+  ): AsyncGenerator<WatchEvent<Output>, void, undefined> {
+    const open = cursors(instances);
+    const limit = options.timeoutMs === undefined ? null : checkTimeout(options.timeoutMs, "timeoutMs");
+    return this.#watchMany<Output>(open, limit, options.signal);
+  }
+
+  async *#watchMany<Output>(
+    open: Map<string, number>,
+    limit: number | null,
+    signal: AbortSignal | undefined,
+  ): AsyncGenerator<WatchEvent<Output>, void, undefined> {
+    const policy = this.reconnect;
+    const deadline = limit === null ? null : Date.now() + limit;
+    const timedOut = (cause?: unknown): DeadlineExceeded =>
+      new DeadlineExceeded(`watchMany ended by its timeout with ${open.size} instances not ended yet`, {
+        code: Code.DeadlineExceeded,
+        cause,
+      });
+    // The last sequence yielded of every instance; `open` holds those whose
+    // last event is not final: what a reconnection asks for (an instance that
+    // ended may be purged by then).
+    const lasts = new Map(open);
+    let failures = 0;
+    while (open.size > 0) {
+      const remaining = deadline === null ? null : deadline - Date.now();
+      if (remaining !== null && remaining <= 0) {
+        throw timedOut();
+      }
+      // Our own controller, so that leaving the loop (a break, a throw)
+      // closes the stream at once.
+      const stop = new AbortController();
+      const onAbort = (): void => stop.abort(signal?.reason);
+      signal?.addEventListener("abort", onAbort, { once: true });
+      if (signal?.aborted) {
+        stop.abort(signal.reason);
+      }
+      try {
+        const request = {
+          instances: [...open].map(([instanceId, last]) => ({ instanceId, afterSequence: BigInt(last) })),
+        };
+        const stream = this.rpc.watchInstances(request, this.callOptions({ signal: stop.signal }, remaining));
+        for await (const message of stream) {
+          for (const item of message.events) {
+            const last = lasts.get(item.instanceId);
+            if (last === undefined || Number(item.sequence) <= last) {
+              continue;
+            }
+            const event = convert.event<Output>(item);
+            lasts.set(event.instanceId, event.sequence);
+            if (event.kind === "statusChanged" && event.isFinal) {
+              open.delete(event.instanceId);
+            } else {
+              // Also after a final event: a restart may follow an end.
+              open.set(event.instanceId, event.sequence);
+            }
+            failures = 0;
+            yield event;
+          }
+        }
+        return;
+      } catch (reason) {
+        const error = this.mapError(reason, signal);
+        failures += 1;
+        if (error.code === Code.DeadlineExceeded && deadline !== null && Date.now() >= deadline) {
+          throw timedOut(error);
+        }
+        if (!retries(policy, error, failures, signal)) {
+          throw error;
+        }
+      } finally {
+        signal?.removeEventListener("abort", onAbort);
+        stop.abort();
+      }
+      let pause = backoffMs(policy as RetryPolicy, failures);
+      if (deadline !== null) {
+        pause = Math.min(pause, Math.max(0, deadline - Date.now()));
+      }
+      await sleep(pause, signal).catch(() => {
+        throw aborted(signal);
+      });
+    }
   }
 
   /** The workflows the server hosts. */
@@ -566,6 +803,87 @@ export class WorkflowBinding<Params = unknown, Output = unknown> {
       }
       throw error;
     }
+  }
+
+  /**
+   * Creates an instance and waits for its end, in one round trip
+   * (RunInstance): what its `run` returned. Throws as `create` does for a
+   * refused create, and as `InstanceHandle.result` does for the outcome:
+   * {@link WorkflowFailed} if it ended errored, {@link WorkflowTerminated} if
+   * it was terminated, {@link ResultTimeout} (naming the instance, which goes
+   * on) if `timeoutMs` passes first:
+   *
+   * ```ts
+   * const output = await client.workflow("onboarding-workflow").run(params, { id: "onboarding-42", timeoutMs: 60_000 });
+   * ```
+   *
+   * With an `id` it is retried on `Unavailable` as `create` is, and so
+   * outlives a server restart: a retry that finds the instance stored by an
+   * earlier attempt (same workflow, params and lookup key) waits for it.
+   * Without one it is not retried (a lost answer may hide a stored instance).
+   */
+  async run(params?: Params, options: RunOptions = {}): Promise<Output> {
+    return outcome(await this.runInfo(params, options));
+  }
+
+  /**
+   * As {@link run}, but resolves to the instance's final status (without its
+   * steps) whatever its outcome, as `InstanceHandle.wait` does; throws
+   * {@link ResultTimeout} if `timeoutMs` passes first.
+   */
+  async runInfo(params?: Params, options: RunOptions = {}): Promise<InstanceInfo<Params, Output>> {
+    const client = this.#client;
+    const { id, lookupKey, priority, concurrencyKey, timeoutMs, signal } = options;
+    const deadline = waitDeadline(timeoutMs);
+    if (id !== undefined) {
+      checkText(id, "id");
+    }
+    const instance = {
+      workflow: this.name,
+      instanceId: id ?? "",
+      paramsJson: convert.encodeJson(params, "params"),
+      lookupKey: lookupKey ?? "",
+      priority: priority ?? 0,
+      concurrencyKey: concurrencyKey ?? "",
+    };
+    let retried = false;
+    let info: InstanceInfo<Params, Output>;
+    try {
+      const response = await client.unary(
+        // Each attempt waits what is left of timeoutMs, 30 s at most.
+        (o) => client.rpc.runInstance({ instance, timeout: durationFromMs(pollMs(deadline)) }, o),
+        { signal },
+        id ? client.retry : null,
+        {
+          instanceId: id,
+          onRetry: () => (retried = true),
+          timeoutMs: client.timeoutMs === null ? null : LONG_POLL_MS + client.timeoutMs,
+        },
+      );
+      info = convert.instance<Params, Output>(response.instance);
+    } catch (error) {
+      if (!(error instanceof InstanceAlreadyExists) || id === undefined || !retried) {
+        throw error;
+      }
+      // Only our own earlier attempt, whose answer was lost, counts.
+      const existing = await this.existing(id, { signal });
+      if (
+        existing === undefined ||
+        existing.workflow !== this.name ||
+        !sameJson(existing.params, convert.decodeJson(instance.paramsJson)) ||
+        existing.lookupKey !== (lookupKey || undefined)
+      ) {
+        throw error;
+      }
+      info = existing as InstanceInfo<Params, Output>;
+    }
+    if (isFinished(info.status)) {
+      return info;
+    }
+    if (deadline !== null && Date.now() >= deadline) {
+      throw new ResultTimeout(info.id, timeoutMs as number, info.status);
+    }
+    return new InstanceHandle<Params, Output>(client, info.id).waitUntil(deadline, timeoutMs, signal);
   }
 
   /**
@@ -886,20 +1204,21 @@ export class InstanceHandle<Params = unknown, Output = unknown> {
    * the instance across server restarts (the client's `reconnect` policy).
    */
   async wait(options: WaitOptions = {}): Promise<InstanceInfo<Params, Output>> {
-    const { timeoutMs } = options;
-    if (timeoutMs !== undefined && (typeof timeoutMs !== "number" || !(timeoutMs >= 0))) {
-      throw new InvalidArgument(`timeoutMs: must be 0 or more milliseconds, got ${String(timeoutMs)}`);
-    }
+    return this.waitUntil(waitDeadline(options.timeoutMs), options.timeoutMs, options.signal);
+  }
+
+  /** @internal wait() until `deadline` (`null`: none), which is `timeoutMs` from its start. */
+  async waitUntil(
+    deadline: number | null,
+    timeoutMs: number | undefined,
+    signal: AbortSignal | undefined,
+  ): Promise<InstanceInfo<Params, Output>> {
     const client = this.#client;
-    const deadline = timeoutMs === undefined ? null : Date.now() + timeoutMs;
     const rpcTimeout = client.timeoutMs === null ? null : LONG_POLL_MS + client.timeoutMs;
     for (;;) {
       const response = await client.unary(
-        (o) => {
-          const poll = deadline === null ? LONG_POLL_MS : Math.max(0, Math.min(LONG_POLL_MS, deadline - Date.now()));
-          return client.rpc.waitInstance({ instanceId: this.id, timeout: durationFromMs(poll) }, o);
-        },
-        { signal: options.signal },
+        (o) => client.rpc.waitInstance({ instanceId: this.id, timeout: durationFromMs(pollMs(deadline)) }, o),
+        { signal },
         client.reconnect,
         { instanceId: this.id, timeoutMs: rpcTimeout },
       );
@@ -920,20 +1239,7 @@ export class InstanceHandle<Params = unknown, Output = unknown> {
    * {@link ResultTimeout} if `timeoutMs` passes first.
    */
   async result(options: WaitOptions = {}): Promise<Output> {
-    const info = await this.wait(options);
-    if (info.status === "complete") {
-      return info.output as Output;
-    }
-    if (info.status === "errored") {
-      const error = info.error;
-      throw new WorkflowFailed(
-        this.id,
-        error?.name ?? "UnknownError",
-        error?.message ?? "",
-        error?.traceback,
-      );
-    }
-    throw new WorkflowTerminated(this.id);
+    return outcome(await this.wait(options));
   }
 
   /**

@@ -20,6 +20,7 @@ import { Client, type ClientOptions } from "./client.js";
 export {
   Client,
   InstanceHandle,
+  MAX_WATCHED,
   WorkflowBinding,
   type CallOptions,
   type ClientOptions,
@@ -28,8 +29,11 @@ export {
   type NewInstance,
   type RepairOptions,
   type RestartOptions,
+  type RunOptions,
   type ScheduleOptions,
   type WaitOptions,
+  type WatchCursor,
+  type WatchManyOptions,
   type WatchOptions,
 } from "./client.js";
 export * from "./errors.js";

@@ -41,8 +41,9 @@ export const DEFAULT_RETRY: RetryPolicy = Object.freeze({
 });
 
 /**
- * The policy of `watch()` and `wait()`/`result()`, which outlive a server
- * restart: up to 30 failed reconnections in a row (about 50 s of trying).
+ * The policy of `watch()`, `watchMany()` and `wait()`/`result()`, which
+ * outlive a server restart: up to 30 failed reconnections in a row (about
+ * 50 s of trying).
  */
 export const DEFAULT_RECONNECT: RetryPolicy = Object.freeze({
   ...DEFAULT_RETRY,

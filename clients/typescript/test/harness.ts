@@ -9,6 +9,7 @@ import { mkdtempSync, rmSync, writeFileSync, openSync, closeSync, readFileSync }
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import type { Interceptor } from "@connectrpc/connect";
 import { createClient, type Client, type ClientOptions } from "../src/index.js";
 import { createGrpcClient } from "../src/node.js";
 
@@ -188,7 +189,10 @@ export class Server {
   }
 
   /** A client on this server over `transport`; closed by `close()`. */
-  client(transport: TransportName, options: ClientOptions = {}): Client {
+  client(
+    transport: TransportName,
+    options: ClientOptions & { interceptors?: Interceptor[] | undefined } = {},
+  ): Client {
     if (transport === "grpc") {
       const client = createGrpcClient({ baseUrl: this.grpcUrl, ...options });
       this.#clients.push(client);
