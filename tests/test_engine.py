@@ -194,11 +194,23 @@ async def test_one_workflow_alone_costs_one_sqlite_commit_per_step_plus_create(
     statements: list[str] = []
     writer = engine.store._writer  # type: ignore[attr-defined]
     await writer.call(sqlite3.Connection.set_trace_callback, statements.append)
+    calls = 0
+    call = writer.call
+
+    async def counted(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await call(*args)
+
+    writer.call = counted
     await finished(engine, (await engine.create("three-steps"))[0])
+    del writer.call
     await writer.call(sqlite3.Connection.set_trace_callback, None)
     commits = sum(1 for s in statements if s == "COMMIT")
     # create, step one, step two, step three together with the completion.
     assert commits == 4
+    # Each commit, with its statements, is one hop to the writer's thread.
+    assert calls == 4
     # Each commit writes a few rows; none reads.
     assert not [s for s in statements if s.lstrip().upper().startswith("SELECT")]
     assert len(statements) <= 4 * 6
