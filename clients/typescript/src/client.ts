@@ -759,21 +759,11 @@ export class WorkflowBinding<Params = unknown, Output = unknown> {
    */
   async create(params?: Params, options: CreateOptions = {}): Promise<InstanceHandle<Params, Output>> {
     const client = this.#client;
-    const { id, lookupKey, priority, concurrencyKey, ifExists = "error" } = options;
+    const { id, lookupKey, ifExists = "error" } = options;
     if (ifExists !== "error" && ifExists !== "return") {
       throw new InvalidArgument(`ifExists: must be "error" or "return", got ${JSON.stringify(ifExists)}`);
     }
-    if (id !== undefined) {
-      checkText(id, "id");
-    }
-    const request = {
-      workflow: this.name,
-      instanceId: id ?? "",
-      paramsJson: convert.encodeJson(params, "params"),
-      lookupKey: lookupKey ?? "",
-      priority: priority ?? 0,
-      concurrencyKey: concurrencyKey ?? "",
-    };
+    const request = this.#createRequest(params, options);
     let retried = false;
     try {
       const response = await client.unary(
@@ -805,6 +795,22 @@ export class WorkflowBinding<Params = unknown, Output = unknown> {
     }
   }
 
+  /** The CreateInstance message of `create` and `run`; throws for a bad id or params. */
+  #createRequest(params: Params | undefined, options: RunOptions | CreateOptions) {
+    const { id, lookupKey, priority, concurrencyKey } = options;
+    if (id !== undefined) {
+      checkText(id, "id");
+    }
+    return {
+      workflow: this.name,
+      instanceId: id ?? "",
+      paramsJson: convert.encodeJson(params, "params"),
+      lookupKey: lookupKey ?? "",
+      priority: priority ?? 0,
+      concurrencyKey: concurrencyKey ?? "",
+    };
+  }
+
   /**
    * Creates an instance and waits for its end, in one round trip
    * (RunInstance): what its `run` returned. Throws as `create` does for a
@@ -833,19 +839,9 @@ export class WorkflowBinding<Params = unknown, Output = unknown> {
    */
   async runInfo(params?: Params, options: RunOptions = {}): Promise<InstanceInfo<Params, Output>> {
     const client = this.#client;
-    const { id, lookupKey, priority, concurrencyKey, timeoutMs, signal } = options;
+    const { id, lookupKey, timeoutMs, signal } = options;
     const deadline = waitDeadline(timeoutMs);
-    if (id !== undefined) {
-      checkText(id, "id");
-    }
-    const instance = {
-      workflow: this.name,
-      instanceId: id ?? "",
-      paramsJson: convert.encodeJson(params, "params"),
-      lookupKey: lookupKey ?? "",
-      priority: priority ?? 0,
-      concurrencyKey: concurrencyKey ?? "",
-    };
+    const instance = this.#createRequest(params, options);
     let retried = false;
     let info: InstanceInfo<Params, Output>;
     try {

@@ -731,11 +731,7 @@ class WorkflowBinding:
             raise InvalidArgument(f"if_exists: must be 'error' or 'return', got {if_exists!r}")
         request = self._create_request(params, id, lookup_key, priority, concurrency_key)
         client = self._client
-        retried = False
-
-        def note_retry() -> None:
-            nonlocal retried
-            retried = True
+        retried = _Retried()
 
         try:
             response = await client._unary(
@@ -744,11 +740,11 @@ class WorkflowBinding:
                 timeout=client._deadline(timeout),
                 retry=client.retry if id else None,
                 instance_id=id,
-                on_retry=note_retry,
+                on_retry=retried,
             )
         except InstanceAlreadyExists:
             assert id is not None  # only a chosen id can be taken
-            if if_exists == "error" and not retried:
+            if if_exists == "error" and not retried.seen:
                 raise
             existing = await self._existing(id, timeout)
             if (
@@ -791,11 +787,7 @@ class WorkflowBinding:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         request.timeout.FromTimedelta(timedelta(seconds=_poll(loop, deadline)))
-        retried = False
-
-        def note_retry() -> None:
-            nonlocal retried
-            retried = True
+        retried = _Retried()
 
         try:
             response = await client._unary(
@@ -804,11 +796,11 @@ class WorkflowBinding:
                 timeout=None if client.timeout is None else _LONG_POLL + client.timeout,
                 retry=client.retry if id else None,
                 instance_id=id,
-                on_retry=note_retry,
+                on_retry=retried,
             )
         except InstanceAlreadyExists:
             assert id is not None  # only a chosen id can be taken
-            existing = await self._existing(id, timeout) if retried else None
+            existing = await self._existing(id, timeout) if retried.seen else None
             if existing is None or not _stored_by(existing, request.instance):
                 raise
             # Our own earlier attempt stored it before its answer was lost.
@@ -871,11 +863,7 @@ class WorkflowBinding:
         ]
         client = self._client
         all_ids = bool(news) and all(new.id for new in news)
-        retried = False
-
-        def note_retry() -> None:
-            nonlocal retried
-            retried = True
+        retried = _Retried()
 
         try:
             response = await client._unary(
@@ -883,10 +871,10 @@ class WorkflowBinding:
                 pb.CreateInstancesRequest(requests=requests),
                 timeout=client._deadline(timeout),
                 retry=client.retry if all_ids else None,
-                on_retry=note_retry,
+                on_retry=retried,
             )
         except InstanceAlreadyExists:
-            if not retried:
+            if not retried.seen:
                 raise
             # All or none: if an earlier attempt stored the batch, every item is ours.
             for request in requests:
@@ -923,6 +911,19 @@ class WorkflowBinding:
             return await self._client.instance(id).status(timeout=timeout)
         except InstanceNotFound:
             return None  # purged in the meantime
+
+
+class _Retried:
+    """A call's ``on_retry``: whether the client has sent it again (an earlier
+    attempt may then have done its work before its answer was lost)."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self) -> None:
+        self.seen = True
 
 
 def _stored_by(existing: InstanceStatusInfo, request: pb.CreateInstanceRequest) -> bool:
@@ -1300,11 +1301,7 @@ class InstanceHandle:
         instance is where the call would put it, that is success.
         """
         client = self._client
-        retried = False
-
-        def note_retry() -> None:
-            nonlocal retried
-            retried = True
+        retried = _Retried()
 
         try:
             response = await client._unary(
@@ -1313,10 +1310,10 @@ class InstanceHandle:
                 timeout=client._deadline(timeout),
                 retry=client.retry,
                 instance_id=self._id,
-                on_retry=note_retry,
+                on_retry=retried,
             )
         except FailedPrecondition:
-            if retried:
+            if retried.seen:
                 current = (await self.status(timeout=timeout)).status
                 if reached(current):
                     return current
