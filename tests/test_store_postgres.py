@@ -661,7 +661,8 @@ async def _fill(server: PostgresServer, database: str, finished: int) -> None:
 
 def _literal(value: Any) -> str:
     if isinstance(value, list):
-        return "'{" + ",".join(str(int(v)) for v in value) + "}'"
+        items = (f'"{v}"' if isinstance(v, str) else str(int(v)) for v in value)
+        return "'{" + ",".join(items) + "}'"
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
     return str(int(value))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -145,6 +146,50 @@ async def test_many_instances_created_and_watched_at_once(server: Server) -> Non
     for result in results:
         assert len(result) == 20
         assert all(seqs == list(range(1, 9)) for seqs in result.values()), result
+
+
+async def test_catching_up_many_instances_reads_the_store_a_few_times(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """600 ended instances (none held in memory) from their first event: their
+    records and events come in batched reads, not two reads per instance, and
+    one with a long history (restarted 9 times: 80 events) comes whole."""
+    ids: list[str] = []
+    for _ in range(6):
+        created = await server.stub.CreateInstances(
+            pb.CreateInstancesRequest(
+                requests=[pb.CreateInstanceRequest(workflow="three-steps")] * 100
+            ),
+            timeout=TIMEOUT,
+        )
+        ids += [c.instance_id for c in created.instances]
+    for instance_id in ids:
+        await server.stub.WaitInstance(pb.WaitInstanceRequest(instance_id=instance_id))
+    long = ids[300]
+    for _ in range(9):
+        await server.stub.RestartInstance(pb.RestartInstanceRequest(instance_id=long))
+        await server.stub.WaitInstance(pb.WaitInstanceRequest(instance_id=long))
+    newest = await last_sequence(server, long)
+    assert newest == 80
+    store = server.service.store
+    reads: Counter[str] = Counter()
+
+    def counting(name: str, read: Any) -> Any:
+        async def counted(*args: Any) -> Any:
+            reads[name] += 1
+            return await read(*args)
+
+        return counted
+
+    for name in ("get_instance", "get_instances", "read_events", "read_events_many"):
+        monkeypatch.setattr(store, name, counting(name, getattr(store, name)))
+    got = per_instance(await watch_many(server, [(i, 0) for i in ids]))
+    assert set(got) == set(ids)
+    for instance_id, events in got.items():
+        want = list(range(1, (newest if instance_id == long else 8) + 1))
+        assert [e.sequence for e in events] == want, instance_id
+    # 250 instances a query; the long history goes on alone past its first 64 events.
+    assert reads == {"get_instances": 3, "read_events_many": 3, "read_events": 1}, reads
 
 
 async def test_each_cursor_resumes_exactly(server: Server) -> None:

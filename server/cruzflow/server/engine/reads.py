@@ -24,11 +24,15 @@ from cruzflow.server.records import (
     InstanceStatus,
     StepRecord,
 )
+from cruzflow.server.store.base import READ_BATCH
 
 if TYPE_CHECKING:
     from cruzflow.server.engine.run import Run
 
 _READ_PAGE = 512
+# Events of each instance read at once when catching up many (an instance with
+# more is then read on its own, _READ_PAGE at a time).
+_BATCH_EACH = 64
 # The audit entries GetStatus shows (the newest); WatchInstance streams them all.
 _AUDIT_SHOWN = 100
 MAX_WATCHED = 1000
@@ -217,14 +221,12 @@ class Reads:
         sub = hub.subscribe_many(ids, max(QUEUE_BOUND, _QUEUE_PER_INSTANCE * len(ids)))
         try:
             # Every id is checked before any event goes out: a refusal sends none.
+            # As held now: a run may finish (and stop being held) during the read.
+            held = {i: _as_held(run) for i in ids if (run := self._held(i)) is not None}
+            stored = await self._records([i for i in ids if i not in held])
             records: list[InstanceRecord] = []
             for i, (instance_id, after_seq) in enumerate(cursors):
-                held = self._held(instance_id)
-                record = (
-                    _as_held(held)
-                    if held is not None
-                    else await self._core.store.get_instance(instance_id)
-                )
+                record = held.get(instance_id) or stored.get(instance_id)
                 if record is None:
                     raise NotFound(not_found_message(instance_id, f"instances[{i}].instance_id"))
                 if after_seq > record.last_seq:
@@ -235,17 +237,31 @@ class Reads:
                     )
                 records.append(record)
             # The cursor of each instance not yet ended.
-            lasts: dict[str, int] = {}
+            lasts: dict[str, int] = dict(cursors)
             out: list[EventRecord] = []
             weight = 0
-            for (instance_id, after_seq), record in zip(cursors, records, strict=True):
-                lasts[instance_id] = after_seq
+            # Caught up READ_BATCH instances a query, the first _BATCH_EACH
+            # events of each; an instance with more goes on alone.
+            for at in range(0, len(cursors), READ_BATCH):
+                chunk = list(
+                    zip(cursors[at : at + READ_BATCH], records[at : at + READ_BATCH], strict=True)
+                )
+                events = await self._core.store.read_events_many(
+                    [cursor for cursor, _ in chunk], _BATCH_EACH
+                )
                 caught = len(out)
-                # A restart can follow an end: only the newest end ends it here.
-                await self._catch_up(instance_id, lasts, out, sub, record.last_seq)
-                last = lasts.get(instance_id)
-                if last is not None and record.status.finished and last >= record.last_seq:
-                    self._ended(instance_id, lasts, sub)
+                by_instance: dict[str, list[EventRecord]] = {}
+                for read in events:
+                    by_instance.setdefault(read.instance_id, []).append(read)
+                for (instance_id, _), record in chunk:
+                    mine = by_instance.get(instance_id, [])
+                    # A restart can follow an end: only the newest end ends it here.
+                    self._take(instance_id, mine, lasts, out, sub, record.last_seq)
+                    if instance_id in lasts and len(mine) == _BATCH_EACH:
+                        await self._catch_up(instance_id, lasts, out, sub, record.last_seq)
+                    last = lasts.get(instance_id)
+                    if last is not None and record.status.finished and last >= record.last_seq:
+                        self._ended(instance_id, lasts, sub)
                 weight += sum(_size(event) for event in out[caught:])
                 if weight >= _MESSAGE_BUDGET:
                     for batch in _batches(out):
@@ -335,17 +351,36 @@ class Reads:
         """Append the stored events of an instance after its cursor to ``out``,
         up to its end: a final event at or past ``newest`` (the newest sequence
         when the watch began; 0 when catching up on events the feed dropped)."""
-        last = lasts[instance_id]
-        while True:
-            events = await self._core.store.read_events(instance_id, last, _READ_PAGE)
-            for event in events:
-                out.append(event)
-                last = lasts[instance_id] = event.seq
-                if is_final(event) and last >= newest:
-                    self._ended(instance_id, lasts, sub)
-                    return
+        while instance_id in lasts:
+            events = await self._core.store.read_events(instance_id, lasts[instance_id], _READ_PAGE)
+            self._take(instance_id, events, lasts, out, sub, newest)
             if len(events) < _READ_PAGE:
                 return
+
+    def _take(
+        self,
+        instance_id: str,
+        events: list[EventRecord],
+        lasts: dict[str, int],
+        out: list[EventRecord],
+        sub: MultiSubscription,
+        newest: int,
+    ) -> None:
+        """Append ``events`` (read from the store, after the instance's cursor)
+        to ``out`` up to its end: a final event at or past ``newest``."""
+        for event in events:
+            out.append(event)
+            lasts[instance_id] = event.seq
+            if is_final(event) and event.seq >= newest:
+                self._ended(instance_id, lasts, sub)
+                return
+
+    async def _records(self, instance_ids: list[str]) -> dict[str, InstanceRecord]:
+        """The stored records of ``instance_ids``, READ_BATCH a query."""
+        found: dict[str, InstanceRecord] = {}
+        for at in range(0, len(instance_ids), READ_BATCH):
+            found.update(await self._core.store.get_instances(instance_ids[at : at + READ_BATCH]))
+        return found
 
     def _ended(self, instance_id: str, lasts: dict[str, int], sub: MultiSubscription) -> None:
         del lasts[instance_id]

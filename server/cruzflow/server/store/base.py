@@ -10,7 +10,7 @@ notifications between servers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from cruzflow.server.records import (
@@ -49,6 +49,10 @@ class StoreError(Exception):
 HELD_ELSEWHERE = "held by another server"
 """The ``cause`` of the StoreError ``claim_one`` raises for an instance another
 live lease holds."""
+
+
+READ_BATCH = 250
+"""The most instances one ``get_instances`` or ``read_events_many`` takes."""
 
 
 class Store(Protocol):
@@ -154,6 +158,18 @@ class Store(Protocol):
 
     async def read_events(self, instance_id: str, after_seq: int, limit: int) -> list[EventRecord]:
         """Up to ``limit`` events with ``seq > after_seq``, in order."""
+
+    async def get_instances(self, instance_ids: Sequence[str]) -> dict[str, InstanceRecord]:
+        """What ``get_instance`` gives for each of ``instance_ids`` (at most
+        READ_BATCH) that is stored, by id: one query for them all."""
+
+    async def read_events_many(
+        self, cursors: Sequence[tuple[str, int]], limit_each: int
+    ) -> list[EventRecord]:
+        """For each (instance id, sequence) of ``cursors`` (at most READ_BATCH,
+        ids distinct), up to ``limit_each`` of its events after that sequence,
+        in one query: the first instance's in order, then the next one's (an
+        instance given ``limit_each`` of them may have more)."""
 
     async def read_audit(self, instance_id: str, limit: int) -> list[EventRecord]:
         """The newest ``limit`` of the instance's REPAIRED events, oldest first

@@ -31,7 +31,7 @@ import socket
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -54,7 +54,7 @@ from cruzflow.server.records import (
     ScheduleRecord,
     StepRecord,
 )
-from cruzflow.server.store.base import HELD_ELSEWHERE, StoreError
+from cruzflow.server.store.base import HELD_ELSEWHERE, READ_BATCH, StoreError
 from cruzflow.server.store.rows import event_of, inbox_of, instance_of, schedule_of, step_of
 
 log = logging.getLogger("cruzflow.store")
@@ -833,6 +833,16 @@ _READ_EVENTS = (
     "SELECT instance_id, seq, at, kind, data::text, payload FROM events"
     " WHERE instance_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
 )
+_GET_INSTANCES = _GET_INSTANCE.replace("WHERE i.id = $1", "WHERE i.id = ANY($1::text[])")
+# Up to $3 events after each cursor, in cursor order: a range of the events'
+# primary key per cursor; the sort is of those few rows only.
+_READ_EVENTS_MANY = (
+    "SELECT x.instance_id, x.seq, x.at, x.kind, x.data, x.payload"
+    " FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS c(id, after, pos)"
+    " CROSS JOIN LATERAL (SELECT e.instance_id, e.seq, e.at, e.kind, e.data::text AS data,"
+    " e.payload FROM events e WHERE e.instance_id = c.id AND e.seq > c.after"
+    " ORDER BY e.seq LIMIT $3) x ORDER BY c.pos, x.seq"
+)
 _TAKE_INBOX = (
     "SELECT id, instance_id, type, payload, at, trace_parent FROM inbox"
     " WHERE instance_id = $1 AND type = $2 AND consumed_by IS NULL ORDER BY id LIMIT $3"
@@ -964,6 +974,8 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "get_instance": (_GET_INSTANCE, ("x",)),
     "get_steps": (_GET_STEPS, ("x",)),
     "read_events": (_READ_EVENTS, ("x", 0, 10)),
+    "get_instances": (_GET_INSTANCES, (["x", "y"],)),
+    "read_events_many": (_READ_EVENTS_MANY, (["x", "y"], [0, 3], 10)),
     "read_audit": (_READ_AUDIT, ("x", 10)),
     "take_inbox": (_TAKE_INBOX, ("x", "t", 1)),
     "due_wakes": (_DUE_WAKES, (0, 10)),
@@ -1532,6 +1544,28 @@ class PostgresStore:
         record = instance_of(tuple(rows[0])[:-1])
         record.audited = bool(rows[0][-1])
         return record
+
+    async def get_instances(self, instance_ids: Sequence[str]) -> dict[str, InstanceRecord]:
+        assert len(instance_ids) <= READ_BATCH
+        if not instance_ids:
+            return {}
+        found = {}
+        for row in await self._fetch(_GET_INSTANCES, list(instance_ids)):
+            record = instance_of(tuple(row)[:-1])
+            record.audited = bool(row[-1])
+            found[record.id] = record
+        return found
+
+    async def read_events_many(
+        self, cursors: Sequence[tuple[str, int]], limit_each: int
+    ) -> list[EventRecord]:
+        assert len(cursors) <= READ_BATCH
+        if not cursors:
+            return []
+        ids = [instance_id for instance_id, _ in cursors]
+        afters = [after_seq for _, after_seq in cursors]
+        rows = await self._fetch(_READ_EVENTS_MANY, ids, afters, limit_each)
+        return [event_of(r) for r in rows]
 
     async def read_audit(self, instance_id: str, limit: int) -> list[EventRecord]:
         rows = await self._fetch(_READ_AUDIT, instance_id, limit)

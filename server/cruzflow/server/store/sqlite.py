@@ -19,7 +19,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -44,7 +44,7 @@ from cruzflow.server.records import (
     ScheduleRecord,
     StepRecord,
 )
-from cruzflow.server.store.base import StoreError
+from cruzflow.server.store.base import READ_BATCH, StoreError
 from cruzflow.server.store.rows import event_of, inbox_of, instance_of, schedule_of, step_of
 
 log = logging.getLogger("cruzflow.store")
@@ -316,6 +316,20 @@ _READ_EVENTS = (
     " WHERE instance_id = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
 
+
+def _get_instances(count: int) -> str:
+    """``_GET_INSTANCE`` for ``count`` ids at once."""
+    return _GET_INSTANCE.replace("WHERE i.id = ?", f"WHERE i.id IN ({', '.join('?' * count)})")
+
+
+def _read_events_many(count: int) -> str:
+    """``_READ_EVENTS`` for ``count`` instances in one statement: a range of the
+    events' primary key each (a join and one ORDER BY would sort every event
+    of them all, however long their histories, to give the first few)."""
+    one = f"SELECT * FROM ({_READ_EVENTS})"
+    return " UNION ALL ".join([one] * count)
+
+
 # ---- listing: newest first, keyset-paginated on pk (creation order).
 _FAR = 2**63 - 1
 _LIST_COLUMNS = f"i.pk, {_INSTANCE_COLUMNS}"
@@ -479,6 +493,8 @@ HOT_QUERIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "get_instance": (_GET_INSTANCE, ("x",)),
     "get_steps": (_GET_STEPS, ("x",)),
     "read_events": (_READ_EVENTS, ("x", 0, 10)),
+    "get_instances": (_get_instances(2), ("x", "y")),
+    "read_events_many": (_read_events_many(2), ("x", 0, 10, "y", 3, 10)),
     "read_audit": (_READ_AUDIT, ("x", 10)),
     "update_instance": (_UPDATE_INSTANCE, (1, None, None, None, 0, None, None, None, None, "x")),
     "upsert_step": (
@@ -859,6 +875,35 @@ class SqliteStore:
         record = instance_of(rows[0][:-1])
         record.audited = bool(rows[0][-1])
         return record
+
+    async def get_instances(self, instance_ids: Sequence[str]) -> dict[str, InstanceRecord]:
+        assert len(instance_ids) <= READ_BATCH
+        if not instance_ids:
+            return {}
+        rows = await self._fetch(_get_instances(len(instance_ids)), tuple(instance_ids))
+        found = {}
+        for row in rows:
+            record = instance_of(row[:-1])
+            record.audited = bool(row[-1])
+            found[record.id] = record
+        return found
+
+    async def read_events_many(
+        self, cursors: Sequence[tuple[str, int]], limit_each: int
+    ) -> list[EventRecord]:
+        assert len(cursors) <= READ_BATCH
+        if not cursors:
+            return []
+        args: list[Any] = []
+        for instance_id, after_seq in cursors:
+            args += (instance_id, after_seq, limit_each)
+        rows = await self._fetch(_read_events_many(len(cursors)), tuple(args))
+        # In cursor order, each instance's by sequence (a compound select has
+        # no order of its own without an ORDER BY, and this one needs none).
+        position = {instance_id: i for i, (instance_id, _) in enumerate(cursors)}
+        events = [event_of(r) for r in rows]
+        events.sort(key=lambda e: (position[e.instance_id], e.seq))
+        return events
 
     async def read_audit(self, instance_id: str, limit: int) -> list[EventRecord]:
         rows = await self._fetch(_READ_AUDIT, (instance_id, limit))
