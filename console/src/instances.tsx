@@ -2,11 +2,22 @@
  * The instances: newest first, filtered by workflow, status, lookup key and
  * creation time, paged with the server's page tokens, with the count of each
  * status for the same filters. Two calls per view (ListInstances and
- * CountInstances), repeated every few seconds while the tab is visible.
+ * CountInstances), repeated every few seconds while the tab is visible and
+ * "live" is checked. While it is, the unfinished instances on the page are
+ * followed with one WatchInstances stream (`client.watchMany`), so that
+ * their rows change as their events happen, between two refreshes.
  */
 
 import { useEffect, useMemo, useRef, useState } from "preact/hooks";
-import { INSTANCE_STATUSES, type InstanceInfo, type InstanceStatus, type WorkflowInfo } from "@cruzflow/client";
+import {
+  INSTANCE_STATUSES,
+  isFinished,
+  type Client,
+  type InstanceInfo,
+  type InstanceStatus,
+  type WatchEvent,
+  type WorkflowInfo,
+} from "@cruzflow/client";
 import { countInstances, describe, type Counts } from "./api";
 import { ago, fromLocalInput, span, STATUS_WORDS, toLocalInput, when } from "./format";
 import type { Session } from "./main";
@@ -117,6 +128,7 @@ export function InstancesPage({ session, query }: { session: Session; query: URL
     void load(false);
   }, [filters, pageToken]);
   usePoll(() => void load(true), REFRESH_MS, live);
+  const { rows, following } = useFollow(client, page?.instances, live);
 
   const go = (next: Partial<Filters>): void => {
     window.location.hash = href({ ...filters, ...next });
@@ -144,7 +156,11 @@ export function InstancesPage({ session, query }: { session: Session; query: URL
         >
           <input name="instanceId" type="search" placeholder="Open an instance by id" aria-label="Instance id" />
         </form>
-        <label class="live">
+        <label
+          class="live"
+          data-following={following}
+          title={following ? `Following ${following} unfinished instance${following === 1 ? "" : "s"}` : ""}
+        >
           <input type="checkbox" checked={live} onChange={(e) => setLive(e.currentTarget.checked)} /> live
         </label>
       </div>
@@ -240,13 +256,13 @@ export function InstancesPage({ session, query }: { session: Session; query: URL
           </tr>
         </thead>
         <tbody>
-          {page?.instances.map((i) => (
+          {rows?.map((i) => (
             <tr key={i.id} data-instance={i.id}>
               <td>
                 <a href={`#/instances/${encodeURIComponent(i.id)}`}>{i.id}</a>
               </td>
               <td>{i.workflow}</td>
-              <td>
+              <td title={`updated ${when(i.updateTime, true)}`}>
                 <Status status={i.status} />
               </td>
               <td>{i.lookupKey ?? ""}</td>
@@ -280,4 +296,141 @@ function ranFor(i: InstanceInfo): string {
   }
   const end = i.endTime?.getTime() ?? Date.now();
   return span(Math.max(0, end - start.getTime())) + (i.endTime ? "" : " so far");
+}
+
+// How long events gather before the rows are drawn again.
+const FLUSH_MS = 50;
+
+interface Stream {
+  readonly stop: AbortController;
+  /** The instances it follows whose final event has not come yet. */
+  readonly open: Set<string>;
+}
+
+/**
+ * The page's rows, each as the newest of the list's answer and the events
+ * followed since. While `live`, the unfinished instances of `listed` are
+ * followed with one WatchInstances stream from the sequence the list saw.
+ * It is kept while the list brings no instance it does not follow and it
+ * follows none that left the page; else it is aborted and another opened
+ * for the new set. It ends by itself once every one has ended. A stream
+ * that fails is left for the next refresh to open again: the list still
+ * refreshes meanwhile.
+ */
+function useFollow(
+  client: Client,
+  listed: readonly InstanceInfo[] | undefined,
+  live: boolean,
+): { rows: readonly InstanceInfo[] | undefined; following: number } {
+  // The rows as the events left them, while newer than the list's answer.
+  const folded = useRef(new Map<string, InstanceInfo>());
+  const latest = useRef(new Map<string, InstanceInfo>());
+  const stream = useRef<Stream | undefined>();
+  const [following, setFollowing] = useState(0);
+  const [, setDrawn] = useState(0);
+
+  useEffect(
+    () => () => {
+      const current = stream.current;
+      stream.current = undefined;
+      current?.stop.abort();
+    },
+    [],
+  );
+
+  useEffect(() => {
+    const byId = new Map((listed ?? []).map((i) => [i.id, i]));
+    latest.current = byId;
+    for (const [id, row] of folded.current) {
+      const answer = byId.get(id);
+      if (answer === undefined || answer.lastSequence >= row.lastSequence) {
+        folded.current.delete(id);
+      }
+    }
+    const wanted = [...byId.values()]
+      .map((i) => newer(i, folded.current.get(i.id)))
+      .filter((i) => !isFinished(i.status));
+    const current = stream.current;
+    if (
+      live &&
+      current !== undefined &&
+      wanted.every((i) => current.open.has(i.id)) &&
+      [...current.open].every((id) => byId.has(id))
+    ) {
+      return;
+    }
+    stream.current = undefined;
+    current?.stop.abort();
+    if (!live || wanted.length === 0) {
+      setFollowing(0);
+      return;
+    }
+    const mine: Stream = { stop: new AbortController(), open: new Set(wanted.map((i) => i.id)) };
+    stream.current = mine;
+    setFollowing(mine.open.size);
+    // The rows are drawn again at most every FLUSH_MS, however many events
+    // come; events that came just before an abort are still drawn.
+    let flush: number | undefined;
+    const draw = (): void => {
+      flush = undefined;
+      if (stream.current === mine) {
+        setFollowing(mine.open.size);
+      }
+      setDrawn((n) => n + 1);
+    };
+    (async () => {
+      try {
+        const cursors = wanted.map((i) => ({ id: i.id, afterSequence: i.lastSequence }));
+        for await (const event of client.watchMany(cursors, { signal: mine.stop.signal })) {
+          // As the client counts them: a restart may follow an end.
+          if (event.kind === "statusChanged" && event.isFinal) {
+            mine.open.delete(event.instanceId);
+          } else {
+            mine.open.add(event.instanceId);
+          }
+          // An event the list's answer has seen already is skipped, and one
+          // of an instance no longer on the page is dropped.
+          const answer = latest.current.get(event.instanceId);
+          const row = answer && newer(answer, folded.current.get(event.instanceId));
+          if (row !== undefined && event.sequence > row.lastSequence) {
+            folded.current.set(event.instanceId, fold(row, event));
+          }
+          flush ??= window.setTimeout(draw, FLUSH_MS);
+        }
+      } catch {
+        // Aborted for another set, or a cut the client's reconnections did
+        // not mend: the next refresh opens another stream.
+      } finally {
+        if (stream.current === mine) {
+          stream.current = undefined;
+          setFollowing(0);
+        }
+      }
+    })();
+  }, [listed, live]);
+
+  return { rows: listed?.map((i) => newer(i, folded.current.get(i.id))), following };
+}
+
+/** Of the list's row and the events' row of one instance, the one that has seen more events. */
+function newer(a: InstanceInfo, b: InstanceInfo | undefined): InstanceInfo {
+  return b !== undefined && b.lastSequence > a.lastSequence ? b : a;
+}
+
+/**
+ * A row with one more event: what a listing shows of it (the status, the
+ * update time, the end), as `cruzflow watch` folds events into its view.
+ */
+function fold(row: InstanceInfo, event: WatchEvent): InstanceInfo {
+  const moved = { ...row, lastSequence: event.sequence, updateTime: event.time ?? row.updateTime };
+  if (event.kind !== "statusChanged") {
+    return moved;
+  }
+  return {
+    ...moved,
+    status: event.status,
+    endTime: event.isFinal ? (event.time ?? row.endTime) : undefined,
+    ...(event.status === "complete" && { output: event.output }),
+    ...(event.error !== undefined && { error: event.error }),
+  };
 }
