@@ -19,7 +19,7 @@ from tests.procs import wait_for
 if (reason := missing()) is not None:
     pytest.skip(reason, allow_module_level=True)
 
-from playwright.sync_api import BrowserContext, Page, expect
+from playwright.sync_api import BrowserContext, Page, Route, expect
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
@@ -130,6 +130,163 @@ def test_the_list_filters_pages_counts_and_refreshes(
     api("CreateInstance", {"workflow": "quick", "instanceId": "live-1", "lookupKey": "batch-live"})
     expect(page.locator('tr[data-instance="live-1"]')).to_be_visible()
     expect(page.locator('tr[data-instance="live-1"] .status')).to_have_attribute(
+        "data-status", "complete"
+    )
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def waiting_expense(api: Api, instance_id: str, key: str) -> None:
+    """An expense instance waiting for its approval, with the lookup key ``key``."""
+    api(
+        "CreateInstance",
+        {
+            "workflow": "expense",
+            "instanceId": instance_id,
+            "lookupKey": key,
+            "paramsJson": '{"sleep_ms": 10}',
+        },
+    )
+    api.wait_status(instance_id, "waiting")
+
+
+def approve(api: Api, instance_id: str) -> None:
+    api(
+        "SendEvent", {"instanceId": instance_id, "type": "approval", "payloadJson": '{"by": "ana"}'}
+    )
+
+
+def until(page: Page, condition: Any, timeout: float = 10.0) -> None:
+    """Wait for ``condition()`` while Playwright runs: its route handlers and
+    listeners only run while one of its calls does (time.sleep stops them)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        page.wait_for_timeout(20)
+
+
+def rpc_calls(page: Page) -> list[str]:
+    """The API methods the page calls, in order, as they are sent."""
+    calls: list[str] = []
+    page.on(
+        "request",
+        lambda r: calls.append(r.url.rsplit("/", 1)[-1]) if "WorkflowService" in r.url else None,
+    )
+    return calls
+
+
+def test_the_list_follows_its_unfinished_instances_as_their_events_happen(
+    page: Page, api: Api, base: str
+) -> None:
+    key = "batch-follow"
+    waiting_expense(api, "follow-1", key)
+    calls = rpc_calls(page)
+    page.goto(f"{base}/#/instances?key={key}")
+    live = page.locator("label.live")
+    row1 = page.locator('tr[data-instance="follow-1"]')
+    expect(row1.locator(".status")).to_have_attribute("data-status", "waiting")
+    # The unfinished instance on the page is followed by one WatchInstances.
+    expect(live).to_have_attribute("data-following", "1")
+    until(page, lambda: "WatchInstances" in calls)
+
+    # A refresh brings a new unfinished one: the stream is opened again for both.
+    waiting_expense(api, "follow-2", key)
+    row2 = page.locator('tr[data-instance="follow-2"]')
+    expect(row2.locator(".status")).to_have_attribute("data-status", "waiting")
+    expect(live).to_have_attribute("data-following", "2")
+    until(page, lambda: calls.count("WatchInstances") == 2)
+
+    # From now on every refresh answers with this list, where both still
+    # wait: a row that changes can only have changed by the stream's events.
+    stale = api("ListInstances", {"lookupKey": key, "pageSize": 50})
+    assert {i["status"] for i in stale["instances"]} == {"INSTANCE_STATUS_WAITING"}
+    served: list[str] = []
+
+    def frozen(route: Route) -> None:
+        served.append(route.request.url)
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(stale))
+
+    page.route("**/cruzflow.v1.WorkflowService/ListInstances", frozen)
+    until(page, lambda: len(served) >= 1)
+    expect(row1.locator(".status")).to_have_attribute("data-status", "waiting")
+    assert "so far" in (row1.locator("td").nth(5).text_content() or "")
+
+    approve(api, "follow-1")
+    expect(row1.locator(".status")).to_have_attribute("data-status", "complete", timeout=5_000)
+    # Its end came with the event too: the time it ran for stops growing.
+    expect(row1.locator("td").nth(5)).not_to_contain_text("so far")
+    expect(live).to_have_attribute("data-following", "1")
+    # Later refreshes, older than the events, do not move the row back.
+    seen = len(served)
+    until(page, lambda: len(served) >= seen + 2)
+    expect(row1.locator(".status")).to_have_attribute("data-status", "complete")
+    expect(row2.locator(".status")).to_have_attribute("data-status", "waiting")
+
+    approve(api, "follow-2")
+    expect(row2.locator(".status")).to_have_attribute("data-status", "complete", timeout=5_000)
+    # Both ended: the stream ended by itself, and no refresh opens another
+    # (the stale answers still list both as waiting).
+    expect(live).to_have_attribute("data-following", "0")
+    seen = len(served)
+    until(page, lambda: len(served) >= seen + 2)
+    assert calls.count("WatchInstances") == 2
+    assert api.status("follow-1")["status"] == "INSTANCE_STATUS_COMPLETE"
+    page.unroute("**/cruzflow.v1.WorkflowService/ListInstances")
+
+    # With "live" off, nothing is followed (nor refreshed) ...
+    waiting_expense(api, "follow-3", key)
+    row3 = page.locator('tr[data-instance="follow-3"]')
+    expect(row3.locator(".status")).to_have_attribute("data-status", "waiting")
+    expect(live).to_have_attribute("data-following", "1")
+    aborted: list[str] = []
+    page.on(
+        "requestfailed",
+        lambda r: aborted.append(r.url) if r.url.endswith("/WatchInstances") else None,
+    )
+    live.locator("input").uncheck()
+    expect(live).to_have_attribute("data-following", "0")
+    until(page, lambda: len(aborted) == 1)
+    watches = calls.count("WatchInstances")
+    approve(api, "follow-3")
+    api.wait_status("follow-3", "complete")
+    page.wait_for_timeout(500)
+    expect(row3.locator(".status")).to_have_attribute("data-status", "waiting")
+    assert calls.count("WatchInstances") == watches
+    # ... and back on, the stream brings what was missed at once.
+    lists = calls.count("ListInstances")
+    live.locator("input").check()
+    expect(row3.locator(".status")).to_have_attribute("data-status", "complete")
+    assert calls.count("ListInstances") == lists
+    assert calls.count("WatchInstances") == watches + 1
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_failing_stream_leaves_the_list_to_its_refreshes(page: Page, api: Api, base: str) -> None:
+    key = "batch-cut"
+    waiting_expense(api, "cut-1", key)
+    refused: list[str] = []
+
+    def refuse(route: Route) -> None:
+        refused.append(route.request.url)
+        route.fulfill(status=403, content_type="text/plain", body="no streams here")
+
+    page.route("**/cruzflow.v1.WorkflowService/WatchInstances", refuse)
+    page.goto(f"{base}/#/instances?key={key}")
+    row = page.locator('tr[data-instance="cut-1"]')
+    expect(row.locator(".status")).to_have_attribute("data-status", "waiting")
+    # Every refresh opens it again, and the page shows no error for it.
+    until(page, lambda: len(refused) >= 2)
+    expect(page.locator(".alert")).to_have_count(0)
+    # The refreshes still bring the changes.
+    approve(api, "cut-1")
+    expect(row.locator(".status")).to_have_attribute("data-status", "complete")
+    expect(page.locator("label.live")).to_have_attribute("data-following", "0")
+
+    # Once streams are allowed again, the next refresh follows the new one.
+    page.unroute("**/cruzflow.v1.WorkflowService/WatchInstances")
+    waiting_expense(api, "cut-2", key)
+    expect(page.locator("label.live")).to_have_attribute("data-following", "1")
+    approve(api, "cut-2")
+    expect(page.locator('tr[data-instance="cut-2"] .status')).to_have_attribute(
         "data-status", "complete"
     )
     assert page.errors == []  # type: ignore[attr-defined]
