@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import type { Interceptor } from "@connectrpc/connect";
-import { createClient, type Client, type ClientOptions } from "../src/index.js";
+import { createClient, type Client, type ClientOptions, type WatchEvent } from "../src/index.js";
 import { createGrpcClient } from "../src/node.js";
 
 /** The repository's root (this file is built to clients/typescript/build/test/). */
@@ -254,6 +254,23 @@ export async function closedPort(): Promise<number> {
 }
 
 /** A unique id for an instance of one test. */
+/** Each event as a short line: "3 stepSucceeded one#1", "8 status complete". */
+export function summary(events: readonly WatchEvent[]): string[] {
+  return events.map((e) => {
+    switch (e.kind) {
+      case "statusChanged":
+        return `${e.sequence} status ${e.status}`;
+      case "stepStarted":
+      case "stepSucceeded":
+      case "stepFailed":
+      case "attemptFailed":
+        return `${e.sequence} ${e.kind} ${e.step.name}#${e.attempt}`;
+      default:
+        return `${e.sequence} ${e.kind}`;
+    }
+  });
+}
+
 export function uniqueId(prefix: string): string {
   return `${prefix}-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
 }

@@ -22,23 +22,7 @@ import {
   type WatchEvent,
 } from "../src/index.js";
 import type { WatchInstancesRequest } from "../src/gen/cruzflow/v1/workflows_pb.js";
-import { Server, TRANSPORTS, eventually, uniqueId } from "./harness.js";
-
-function summary(events: readonly WatchEvent[]): string[] {
-  return events.map((e) => {
-    switch (e.kind) {
-      case "statusChanged":
-        return `${e.sequence} status ${e.status}`;
-      case "stepStarted":
-      case "stepSucceeded":
-      case "stepFailed":
-      case "attemptFailed":
-        return `${e.sequence} ${e.kind} ${e.step.name}#${e.attempt}`;
-      default:
-        return `${e.sequence} ${e.kind}`;
-    }
-  });
-}
+import { Server, TRANSPORTS, eventually, summary, uniqueId } from "./harness.js";
 
 /** The events by instance, in the order they came. */
 function byInstance(events: readonly WatchEvent[]): Map<string, WatchEvent[]> {

@@ -6,23 +6,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { Code, CruzflowError, type WatchEvent } from "../src/index.js";
-import { Server, TRANSPORTS, uniqueId } from "./harness.js";
-
-function summary(events: readonly WatchEvent[]): string[] {
-  return events.map((e) => {
-    switch (e.kind) {
-      case "statusChanged":
-        return `${e.sequence} status ${e.status}`;
-      case "stepStarted":
-      case "stepSucceeded":
-      case "stepFailed":
-      case "attemptFailed":
-        return `${e.sequence} ${e.kind} ${e.step.name}#${e.attempt}`;
-      default:
-        return `${e.sequence} ${e.kind}`;
-    }
-  });
-}
+import { Server, TRANSPORTS, summary, uniqueId } from "./harness.js";
 
 for (const transport of TRANSPORTS) {
   describe(`watch and restarts over ${transport}`, () => {
