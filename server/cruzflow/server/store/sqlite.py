@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -571,7 +571,6 @@ _TRANSIENT: dict[int, tuple[str, str]] = {
 _REOPEN = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN})
 
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -608,9 +607,7 @@ class _Writer:
             raise
         return cls(pool, conn)
 
-    async def call(
-        self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **_: P.kwargs
-    ) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(connection, *args)`` on the writer's thread."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, self._conn, *args)
 
