@@ -68,6 +68,13 @@ def malformed(type_name: str, problem: str, *, json: bool = False) -> str:
     return f"request: not a valid {type_name} message ({problem}); {how}"
 
 
+def _new(request: pb.CreateInstanceRequest) -> NewInstance:
+    """A create request's fields as the engine takes them (CreateInstance,
+    CreateInstances' items, RunInstance's instance)."""
+    r = request
+    return (r.workflow, r.instance_id, r.params_json, r.lookup_key, r.priority, r.concurrency_key)
+
+
 def _status(value: int) -> pb.InstanceStatus.ValueType:
     return pb.InstanceStatus.ValueType(int(value))
 
@@ -80,24 +87,13 @@ class WorkflowApi:
         self._payload_limit = engine.limits.max_payload_bytes
 
     async def CreateInstance(self, request: pb.CreateInstanceRequest) -> pb.CreateInstanceResponse:
-        instance_id, status = await self._engine.create(
-            request.workflow,
-            request.instance_id,
-            request.params_json,
-            request.lookup_key,
-            request.priority,
-            request.concurrency_key,
-        )
+        instance_id, status = await self._engine.create(*_new(request))
         return pb.CreateInstanceResponse(instance_id=instance_id, status=_status(status))
 
     async def CreateInstances(
         self, request: pb.CreateInstancesRequest
     ) -> pb.CreateInstancesResponse:
-        items: list[NewInstance] = [
-            (r.workflow, r.instance_id, r.params_json, r.lookup_key, r.priority, r.concurrency_key)
-            for r in request.requests
-        ]
-        created = await self._engine.create_many(items)
+        created = await self._engine.create_many([_new(r) for r in request.requests])
         return pb.CreateInstancesResponse(
             instances=[
                 pb.CreateInstanceResponse(instance_id=instance_id, status=_status(status))
@@ -138,16 +134,8 @@ class WorkflowApi:
         timeout = (
             convert.seconds(request.timeout, "timeout") if request.HasField("timeout") else None
         )
-        new = request.instance
         record, steps = await self._engine.run(
-            new.workflow,
-            new.instance_id,
-            new.params_json,
-            new.lookup_key,
-            new.priority,
-            new.concurrency_key,
-            timeout=timeout,
-            include_steps=request.include_steps,
+            *_new(request.instance), timeout=timeout, include_steps=request.include_steps
         )
         return pb.RunInstanceResponse(instance=convert.instance(record, steps, self._payload_limit))
 
